@@ -1,0 +1,22 @@
+"""ckpt_ext: activation checkpointing of pre-LN transformer blocks with the recompute fused into backward kernels.
+
+Importing the package registers the ``ckpt_ext::*`` ops; it never imports triton nor initializes CUDA.
+"""
+
+from . import ops  # noqa: F401  (registers the op graph)
+from .apply import apply_checkpointing
+from .backend import get_backend, set_backend
+from .block import FusedCheckpointBlock, TransformerBlock
+from .policies import POLICIES, retained_bytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POLICIES",
+    "FusedCheckpointBlock",
+    "TransformerBlock",
+    "apply_checkpointing",
+    "get_backend",
+    "retained_bytes",
+    "set_backend",
+]

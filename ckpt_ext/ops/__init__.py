@@ -1,0 +1,20 @@
+"""The ``ckpt_ext::*`` op graph. Importing this package registers every op (schema, fake, autograd, FLOP formula)."""
+
+from .attention import attention_bwd, attention_fwd
+from .dropout import dropout_add
+from .ffn import ffn_recompute, gelu_linear_wgrad, linear_gelu_bwd
+from .gelu import bias_gelu, gelu_bwd
+from .layer_norm import layer_norm_bwd, layer_norm_fwd
+
+__all__ = [
+    "attention_bwd",
+    "attention_fwd",
+    "bias_gelu",
+    "dropout_add",
+    "ffn_recompute",
+    "gelu_bwd",
+    "gelu_linear_wgrad",
+    "layer_norm_bwd",
+    "layer_norm_fwd",
+    "linear_gelu_bwd",
+]

@@ -1,0 +1,43 @@
+"""The ``cpp``/``cuda`` backends: route graph ops to the C++ extension's kernel ops (``torch.ops.ckpt_ext.<op>_kernel``).
+
+Importing this module loads ckpt_ext._C (its TORCH_LIBRARY block declares the kernel ops' schemas) and registers a fake
+kernel for each, reusing the graph op's fake, so the kernel ops pass opcheck and trace under FakeTensorMode too.
+IMPLS maps graph-op name -> callable with the graph op's signature; attention uses aten's fused CPU kernel.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch._library.custom_ops import CustomOpDef
+
+from . import attention, dropout, ffn, gelu, layer_norm, native_attention
+
+importlib.import_module("ckpt_ext._C")
+
+_GRAPH_OPS: dict[str, CustomOpDef] = {
+    "layer_norm_fwd": layer_norm.layer_norm_fwd,
+    "layer_norm_bwd": layer_norm.layer_norm_bwd,
+    "bias_gelu": gelu.bias_gelu,
+    "gelu_bwd": gelu.gelu_bwd,
+    "dropout_add": dropout.dropout_add,
+    "ffn_recompute": ffn.ffn_recompute,
+    "linear_gelu_bwd": ffn.linear_gelu_bwd,
+    "gelu_linear_wgrad": ffn.gelu_linear_wgrad,
+    "attention_fwd": attention.attention_fwd,
+    "attention_bwd": attention.attention_bwd,
+}
+
+IMPLS = {
+    "attention_fwd": native_attention.attention_fwd,
+    "attention_bwd": native_attention.attention_bwd,
+}
+
+KERNEL_OPS = []
+for _name, _graph_op in _GRAPH_OPS.items():
+    if hasattr(torch.ops.ckpt_ext, f"{_name}_kernel"):
+        _kernel_op = getattr(torch.ops.ckpt_ext, f"{_name}_kernel").default
+        torch.library.register_fake(f"ckpt_ext::{_name}_kernel", _graph_op._abstract_fn)
+        IMPLS[_name] = _kernel_op
+        KERNEL_OPS.append(_kernel_op)

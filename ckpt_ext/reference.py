@@ -1,0 +1,290 @@
+"""Reference math for every ``ckpt_ext::*`` op, in plain PyTorch.
+
+This file is the definition of what each op computes. Tests compare every backend against it (in float64 where
+it matters) and the ``reference`` backend runs it as the kernel of each op. All functions work in float32 (float64 when
+the input is float64) and return outputs in the documented dtypes.
+
+Shapes: N rows (= B*T), d = model width, H = FFN hidden width, h = heads, dh = d // h.
+
+Dropout masks come from a counter-based hash, not from torch's RNG: element ``i`` of a tensor dropped with ``seed``
+is kept iff ``hash32(i, seed) >> 8 >= floor(p * 2**24)``. Every backend (C++, CUDA, Triton) computes the same integer
+hash, so a recomputed region reproduces the forward's mask exactly from ``seed`` alone and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_M32 = 0xFFFFFFFF
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+GELU_TANH_COEF = 0.044715
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """float64 stays float64 (gradcheck); every other floating dtype computes and keeps statistics in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- dropout hash
+def _mul32(h: Tensor, c: int) -> Tensor:
+    """(h * c) mod 2**32 for int64 h in [0, 2**32), split in 16-bit halves so that no product overflows int64."""
+    lo = (h * (c & 0xFFFF)) & _M32
+    hi = ((h * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 tensors holding uint32 values."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def seed_key(seed: int) -> int:
+    """The per-seed 32-bit key mixed into every element's hash (same formula in C++, CUDA and Triton)."""
+    return int(fmix32(torch.tensor([(seed ^ 0x9E3779B9) & _M32], dtype=torch.int64)).item())
+
+
+def dropout_threshold(p: float) -> int:
+    return int(p * 16777216.0)
+
+
+def dropout_keep_mask(numel: int, p: float, seed: int, device=None) -> Tensor:
+    """Boolean keep-mask of ``numel`` elements (flat, row-major): keep iff fmix32(fmix32(i ^ key) + key) >> 8 >= thr."""
+    key = seed_key(seed)
+    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    h = fmix32((fmix32(idx ^ key) + key) & _M32)
+    return (h >> 8) >= dropout_threshold(p)
+
+
+def dropout_add(x: Tensor, residual: Optional[Tensor], p: float, seed: int) -> Tensor:
+    """out = x * keep / (1 - p) (+ residual); computed in fp32, returned in result_type(x, residual).
+
+    Its own adjoint: the gradient of x is ``dropout_add(grad, None, p, seed)``, the gradient of residual is grad.
+    """
+    out_dtype = x.dtype if residual is None else torch.result_type(x, residual)
+    cdt = compute_dtype(x) if out_dtype != torch.float64 else torch.float64
+    y = x.to(cdt, copy=True)
+    if p > 0.0:
+        keep = dropout_keep_mask(x.numel(), p, seed, x.device).view(x.shape)
+        y = torch.where(keep, y * (1.0 / (1.0 - p)), torch.zeros((), dtype=cdt, device=x.device))
+    if residual is not None:
+        y = y + residual.to(cdt)
+    return y.to(out_dtype)
+
+
+# -------------------------------------------------------------------------------------------------- LayerNorm
+def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x: (N, d) -> y (N, d) in x.dtype, mean (N,), rstd (N,) in float32 (float64 for float64 x)."""
+    cdt = compute_dtype(x)
+    xf = x.to(cdt)
+    mean = xf.mean(dim=1)
+    var = (xf - mean[:, None]).square().mean(dim=1)
+    rstd = torch.rsqrt(var + eps)
+    y = (xf - mean[:, None]) * rstd[:, None] * weight.to(cdt) + bias.to(cdt)
+    return y.to(x.dtype), mean, rstd
+
+
+def layer_norm_apply(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Rebuild the LayerNorm output from x and saved statistics: (N, d) in x.dtype."""
+    cdt = compute_dtype(x)
+    y = (x.to(cdt) - mean[:, None]) * rstd[:, None] * weight.to(cdt) + bias.to(cdt)
+    return y.to(x.dtype)
+
+
+def layer_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    dresidual: Optional[Tensor],
+    emit_y: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """VJP of LayerNorm, rebuilding x̂ = (x - mean) * rstd from the saved statistics.
+
+    dx = rstd * (g - mean(g) - x̂ * mean(g * x̂)) with g = dy * weight, plus dresidual if given (in x.dtype).
+    dweight = Σ_rows dy * x̂, dbias = Σ_rows dy (in weight.dtype). y = x̂ * weight + bias if emit_y else an empty tensor.
+    """
+    cdt = compute_dtype(x)
+    xhat = (x.to(cdt) - mean[:, None]) * rstd[:, None]
+    dyf = dy.to(cdt)
+    g = dyf * weight.to(cdt)
+    c1 = (g * xhat).mean(dim=1, keepdim=True)
+    c2 = g.mean(dim=1, keepdim=True)
+    dx = (g - c2 - xhat * c1) * rstd[:, None]
+    if dresidual is not None:
+        dx = dx + dresidual.to(cdt)
+    dweight = (dyf * xhat).sum(dim=0).to(weight.dtype)
+    dbias = dyf.sum(dim=0).to(bias.dtype)
+    if emit_y:
+        y = (xhat * weight.to(cdt) + bias.to(cdt)).to(x.dtype)
+    else:
+        y = x.new_empty((0,))
+    return dx.to(x.dtype), dweight, dbias, y
+
+
+# ------------------------------------------------------------------------------------------------------- GELU
+def _check_approximate(approximate: str) -> None:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' (erf GELU) or 'tanh', got {approximate!r}")
+
+
+def gelu_and_grad(u: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
+    """(gelu(u), gelu'(u)) in u's compute dtype. tanh form written with sigmoid: 0.5(1 + tanh z) = sigmoid(2z)."""
+    _check_approximate(approximate)
+    if approximate == "tanh":
+        z = _SQRT_2_OVER_PI * (u + GELU_TANH_COEF * u * u * u)
+        s = torch.sigmoid(2.0 * z)
+        dz = _SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEF * u * u)
+        return u * s, s + u * 2.0 * s * (1.0 - s) * dz
+    cdf = 0.5 * (1.0 + torch.erf(u * _INV_SQRT_2))
+    pdf = torch.exp(-0.5 * u * u) * _INV_SQRT_2PI
+    return u * cdf, cdf + u * pdf
+
+
+def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+    """gelu(x + bias): (N, H) in x.dtype."""
+    cdt = compute_dtype(x)
+    u = x.to(cdt) if bias is None else x.to(cdt) + bias.to(cdt)
+    return gelu_and_grad(u, approximate)[0].to(x.dtype)
+
+
+def gelu_bwd(da: Tensor, u: Tensor, approximate: str) -> Tensor:
+    """dU = dA * gelu'(u), recomputed from the pre-activation u: (N, H) in u.dtype."""
+    cdt = compute_dtype(u)
+    return (da.to(cdt) * gelu_and_grad(u.to(cdt), approximate)[1]).to(u.dtype)
+
+
+# --------------------------------------------------------------------------------- fused FFN recompute / backward
+def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Matrix product in the inputs' common dtype (bf16 stays bf16, as a GPU GEMM with fp32 accumulation would)."""
+    dt = torch.promote_types(a.dtype, b.dtype)
+    return (a.to(dt) @ b.to(dt)).to(out_dtype)
+
+
+def ffn_recompute(
+    x1: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    da: Tensor,
+    approximate: str,
+) -> tuple[Tensor, Tensor]:
+    """The ffn/block recompute: u = LN(x1; mean, rstd) @ w1ᵀ + b1, then a = gelu(u) and dU = gelu'(u) * dA.
+
+    x1: (N, d), w1: (H, d), da: (N, H) -> a (N, H), du (N, H), both in da.dtype. u never leaves the kernel.
+    """
+    y = layer_norm_apply(x1, mean, rstd, ln_weight, ln_bias)  # (N, d), only inside the kernel on a GPU
+    u = _mm(y.to(da.dtype), w1.t(), da.dtype)
+    cdt = compute_dtype(da)
+    u = u.to(cdt) + b1.to(cdt)
+    a, g = gelu_and_grad(u, approximate)
+    return a.to(da.dtype), (da.to(cdt) * g).to(da.dtype)
+
+
+def linear_gelu_bwd(dy: Tensor, w2: Tensor, u: Tensor, approximate: str) -> Tensor:
+    """dU = (dY @ w2) * gelu'(u): dy (N, d), w2 (d, H), u (N, H) -> (N, H) in u.dtype (GELU' in the GEMM epilogue)."""
+    da = _mm(dy, w2, torch.float64 if u.dtype == torch.float64 else torch.float32)
+    return (da * gelu_and_grad(u.to(da.dtype), approximate)[1]).to(u.dtype)
+
+
+def gelu_linear_wgrad(dy: Tensor, u: Tensor, approximate: str) -> Tensor:
+    """dW2 = dYᵀ @ gelu(u): dy (N, d), u (N, H) -> (d, H) in dy.dtype (GELU in the GEMM prologue)."""
+    a = gelu_and_grad(u.to(compute_dtype(u)), approximate)[0].to(u.dtype)
+    return _mm(dy.t(), a, dy.dtype)
+
+
+# -------------------------------------------------------------------------------------------------- attention
+def _split_heads(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """qkv (B, T, 3d) -> q, k, v each (B, h, T, dh) views; head i = columns i*dh:(i+1)*dh of each third."""
+    b, t, three_d = qkv.shape
+    d = three_d // 3
+    q, k, v = qkv.view(b, t, 3, n_heads, d // n_heads).unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _scores(q: Tensor, k: Tensor, causal: bool, attn_mask: Optional[Tensor]) -> Tensor:
+    """S = q kᵀ / sqrt(dh) (+ attn_mask, -inf above the diagonal if causal): (B, h, T, T)."""
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if attn_mask is not None:
+        s = s + attn_mask.to(s.dtype) if attn_mask.dtype != torch.bool else s.masked_fill(~attn_mask, float("-inf"))
+    if causal:
+        t_q, t_k = s.shape[-2], s.shape[-1]
+        above = torch.ones(t_q, t_k, dtype=torch.bool, device=s.device).triu(1)
+        s = s.masked_fill(above, float("-inf"))
+    return s
+
+
+def _attention_probs(qkv, n_heads, causal, dropout_p, seed, attn_mask):
+    cdt = compute_dtype(qkv)
+    q, k, v = (t.to(cdt) for t in _split_heads(qkv, n_heads))
+    s = _scores(q, k, causal, attn_mask)
+    lse = torch.logsumexp(s, dim=-1)  # (B, h, T)
+    p = torch.exp(s - lse[..., None])
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(p.numel(), dropout_p, seed, p.device).view(p.shape)
+        pd = torch.where(keep, p * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=cdt, device=p.device))
+    else:
+        keep, pd = None, p
+    return q, k, v, p, pd, keep, lse
+
+
+def attention_fwd(
+    qkv: Tensor, n_heads: int, causal: bool, dropout_p: float, seed: int, attn_mask: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention on packed qkv (B, T, 3d) -> out (B, T, d) in qkv.dtype, lse (B, h, T) float32/float64.
+
+    Attention-probability dropout uses the hash mask over the flat (B, h, T, T) index.
+    """
+    b, t, three_d = qkv.shape
+    q, k, v, p, pd, keep, lse = _attention_probs(qkv, n_heads, causal, dropout_p, seed, attn_mask)
+    out = (pd @ v).transpose(1, 2).reshape(b, t, three_d // 3)
+    return out.to(qkv.dtype), lse
+
+
+def attention_bwd(
+    dout: Tensor,
+    qkv: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    n_heads: int,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    attn_mask: Optional[Tensor],
+) -> Tensor:
+    """VJP of attention_fwd: dqkv (B, T, 3d) in qkv.dtype. P is rebuilt from the scores and lse, never stored."""
+    b, t, three_d = qkv.shape
+    cdt = compute_dtype(qkv)
+    q, k, v = (x.to(cdt) for x in _split_heads(qkv, n_heads))
+    p = torch.exp(_scores(q, k, causal, attn_mask) - lse.to(cdt)[..., None])  # (B, h, T, T)
+    scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(p.numel(), dropout_p, seed, p.device).view(p.shape)
+        pd = torch.where(keep, p * scale, torch.zeros((), dtype=cdt, device=p.device))
+    else:
+        keep, pd = None, p
+    do = dout.to(cdt).view(b, t, n_heads, -1).transpose(1, 2)  # (B, h, T, dh)
+    dv = pd.transpose(-1, -2) @ do
+    dpd = do @ v.transpose(-1, -2)
+    dp = dpd if keep is None else torch.where(keep, dpd * scale, torch.zeros((), dtype=cdt, device=p.device))
+    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+    ds = torch.nan_to_num(ds)
+    sm = q.shape[-1] ** -0.5
+    dq = (ds @ k) * sm
+    dk = (ds.transpose(-1, -2) @ q) * sm
+    dqkv = torch.stack([dq, dk, dv], dim=2)  # (B, h, 3, T, dh)
+    return dqkv.permute(0, 3, 2, 1, 4).reshape(b, t, three_d).to(qkv.dtype)
