@@ -1,0 +1,44 @@
+# ckpt_ext: `make demo` (main job) and `make test` (all CPU lanes) install what they need into .venv.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+PIP     := $(VPY) -m pip
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.deps-stamp
+
+.PHONY: install demo test test-fast test-slow bench lint check-cuda clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+# torch: keep an installed one, else the local CPU wheel (a plain `torch` would pull a 5.5 GB CUDA build).
+$(STAMP): $(VPY) requirements-test.txt
+	$(VPY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH)
+	$(PIP) install -q -r requirements-test.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+	$(PIP) install -q --no-build-isolation -e .
+
+demo: install
+	$(VPY) -m bench.demo
+
+test: install
+	$(VPY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+test-slow: install
+	$(VPY) -m pytest -q -m slow -p no:cacheprovider
+
+bench: install
+	$(VPY) -m bench.microbench
+
+lint: install
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+
+check-cuda:
+	bash csrc/check_cuda.sh
+
+clean:
+	rm -rf build *.egg-info ckpt_ext/*.so
