@@ -1,22 +1,135 @@
-"""Build ckpt_ext._C: the C++ CPU kernels always, the CUDA kernels when CKPT_EXT_BUILD_CUDA allows (see csrc/README)."""
+"""Build ckpt_ext._C: the C++ CPU kernels always, the CUDA kernels (csrc/cuda/*.cu) when CKPT_EXT_BUILD_CUDA allows.
+
+CKPT_EXT_BUILD_CUDA = auto (default): CUDA when torch is a CUDA build and nvcc's major version equals torch's CUDA
+                      major; 1: force (fails with the reason; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" when no GPU is
+                      visible); 0: CPU only.
+CKPT_EXT_CPU_AVX2   = auto (default): compile the CPU kernels for AVX2+FMA+F16C (at::vec's 256-bit Vectorized) when
+                      the building x86-64 CPU has them; 1: always; 0: baseline ISA.
+The pip wheel of the CUDA toolkit (site-packages/nvidia/cu13/{include,lib}) is added when present. One abi3 module, no
+pybind11. Build with `pip install --no-build-isolation -e .` into an environment that already has torch and ninja.
+"""
 
 import glob
 import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
 
+import torch
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+LIMITED_API = "-DPy_LIMITED_API=0x03090000"
+
+
+def _log(msg):
+    print(f"ckpt_ext setup: {msg}", file=sys.stderr)
 
 
 def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _env(name, default="auto"):
+    value = os.environ.get(name, default).strip().lower()
+    if value not in ("auto", "0", "1"):
+        raise SystemExit(f"{name} must be auto, 0 or 1, got {value!r}")
+    return value
+
+
+def _nvidia_pip_dirs():
+    """site-packages/nvidia/cu13/{include,lib} of the pip CUDA wheels, when they exist."""
+    base = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13")
+    return [p for p in (os.path.join(base, "include"), os.path.join(base, "lib")) if os.path.isdir(p)]
+
+
+def _nvcc():
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    candidates = [os.path.join(CUDA_HOME, "bin", "nvcc")] if CUDA_HOME else []
+    candidates += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+def _nvcc_major(nvcc):
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return int(match.group(1)) if match else None
+
+
+def _cuda_decision():
+    """(build_cuda, reason)."""
+    mode = _env("CKPT_EXT_BUILD_CUDA")
+    if mode == "0":
+        return False, "CKPT_EXT_BUILD_CUDA=0"
+    problem = None
+    nvcc = _nvcc()
+    if torch.version.cuda is None:
+        problem = f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
+    elif nvcc is None:
+        problem = "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    else:
+        torch_major, nvcc_major = int(torch.version.cuda.split(".")[0]), _nvcc_major(nvcc)
+        if nvcc_major != torch_major:
+            problem = f"nvcc {nvcc} is CUDA {nvcc_major}, torch was built with CUDA {torch.version.cuda}"
+    if problem is None:
+        return True, f"torch {torch.__version__} (CUDA {torch.version.cuda}) and {nvcc} match"
+    if mode == "1":
+        raise SystemExit(f"ckpt_ext setup: CKPT_EXT_BUILD_CUDA=1 but the CUDA kernels cannot be built: {problem}")
+    return False, problem
+
+
+def _avx2_decision():
+    """(use_avx2, reason) for the CPU kernels."""
+    mode = _env("CKPT_EXT_CPU_AVX2")
+    if mode != "auto":
+        return mode == "1", f"CKPT_EXT_CPU_AVX2={mode}"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False, f"{platform.machine()} is not x86-64"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(re.findall(r"\w+", next((line for line in f if line.startswith("flags")), "")))
+    except OSError:
+        return False, "cannot read /proc/cpuinfo to check for AVX2"
+    missing = {"avx2", "fma", "f16c"} - flags
+    return not missing, "this CPU has AVX2, FMA and F16C" if not missing else f"this CPU lacks {sorted(missing)}"
+
+
 def extensions():
+    cxx = ["-O3", "-std=c++17", LIMITED_API, "-Wno-psabi", "-ffp-contract=off"]
+    use_avx2, why = _avx2_decision()
+    _log(f"CPU kernels {'with AVX2/FMA' if use_avx2 else 'for the baseline ISA'}: {why}")
+    if use_avx2:
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
-    return [CppExtension("ckpt_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)]
+    build_cuda, why = _cuda_decision()
+    _log(f"CUDA kernels {'ON' if build_cuda else 'OFF'}: {why}")
+    if not build_cuda:
+        return [CppExtension("ckpt_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)]
+
+    from torch.utils.cpp_extension import CUDAExtension
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    _log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(the visible GPUs)')}")
+    pip_dirs = _nvidia_pip_dirs()
+    if pip_dirs:
+        _log(f"adding pip CUDA dirs {pip_dirs}")
+    nvcc = ["-O3", "-std=c++17", LIMITED_API, "-DCKPT_EXT_WITH_CUDA"]
+    return [
+        CUDAExtension(
+            "ckpt_ext._C",
+            sources + _sources("csrc/cuda/*.cu"),
+            include_dirs=[p for p in pip_dirs if p.endswith("include")],
+            library_dirs=[p for p in pip_dirs if p.endswith("lib")],
+            extra_compile_args={"cxx": cxx + ["-DCKPT_EXT_WITH_CUDA"], "nvcc": nvcc},
+            py_limited_api=True,
+        )
+    ]
 
 
 setup(

@@ -1,6 +1,7 @@
 // ckpt_ext._C: declares the schemas of the extension's kernel ops (namespace ckpt_ext, suffix _kernel) once.
-// Kernels live per backend in csrc/cpu (TORCH_LIBRARY_IMPL CPU) and csrc/cuda (TORCH_LIBRARY_IMPL CUDA).
-// The module itself is empty: importing it runs the static registrations below.
+// Each schema equals that of the graph op ckpt_ext::<name> (ckpt_ext/ops/*.py), so ckpt_ext/ops/cpp_bridge.py can
+// route the graph op to its kernel op unchanged. Kernels live per backend in csrc/cpu (TORCH_LIBRARY_IMPL CPU) and
+// csrc/cuda (TORCH_LIBRARY_IMPL CUDA). The module itself is empty: importing it runs the static registrations.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -12,7 +13,10 @@ PyObject* PyInit__C(void) {
 }
 
 #ifdef CKPT_EXT_WITH_CUDA
-static int64_t cuda_version() { return CKPT_EXT_CUDA_VERSION; }
+namespace ckpt_ext {
+int64_t cuda_runtime_version();  // CUDART_VERSION the CUDA kernels were compiled with (csrc/cuda/version.cu)
+}
+static int64_t cuda_version() { return ckpt_ext::cuda_runtime_version(); }
 #else
 static int64_t cuda_version() { return -1; }
 #endif
@@ -20,4 +24,10 @@ static int64_t cuda_version() { return -1; }
 TORCH_LIBRARY(ckpt_ext, m) {
   m.def("cuda_version() -> int", &cuda_version);
   m.def("layer_norm_fwd_kernel(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_norm_bwd_kernel(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor weight, Tensor bias, "
+      "Tensor? dresidual, bool emit_y) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bias_gelu_kernel(Tensor x, Tensor? bias, str approximate) -> Tensor");
+  m.def("gelu_bwd_kernel(Tensor da, Tensor u, str approximate) -> Tensor");
+  m.def("dropout_add_kernel(Tensor x, Tensor? residual, float p, SymInt seed) -> Tensor");
 }

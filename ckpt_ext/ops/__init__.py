@@ -1,10 +1,13 @@
 """The ``ckpt_ext::*`` op graph. Importing this package registers every op (schema, fake, autograd, FLOP formula)."""
 
+from . import flops
 from .attention import attention_bwd, attention_fwd
 from .dropout import dropout_add
 from .ffn import ffn_recompute, gelu_linear_wgrad, linear_gelu_bwd
 from .gelu import bias_gelu, gelu_bwd
 from .layer_norm import layer_norm_bwd, layer_norm_fwd
+
+flops.install()
 
 __all__ = [
     "attention_bwd",

@@ -15,7 +15,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from .. import backend
 
@@ -76,19 +75,3 @@ def _backward(ctx, dout, _dlse):
 
 attention_fwd.register_autograd(_backward, setup_context=_setup)
 
-
-def _bhtd(qkv_shape, n_heads):
-    b, t, three_d = qkv_shape
-    return b, n_heads, t, three_d // 3 // n_heads
-
-
-@register_flop_formula(torch.ops.ckpt_ext.attention_fwd)
-def _attention_fwd_flops(qkv_shape, n_heads, *args, out_shape=None, **kwargs) -> int:
-    b, h, t, dh = _bhtd(qkv_shape, n_heads)
-    return 4 * b * h * t * t * dh
-
-
-@register_flop_formula(torch.ops.ckpt_ext.attention_bwd)
-def _attention_bwd_flops(dout_shape, qkv_shape, out_shape_, lse_shape, n_heads, *args, out_shape=None, **kwargs) -> int:
-    b, h, t, dh = _bhtd(qkv_shape, n_heads)
-    return 8 * b * h * t * t * dh

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from .. import backend
 
@@ -66,19 +65,3 @@ def _(dy, u, approximate):
     torch._check(dy.shape[0] == u.shape[0], lambda: "gelu_linear_wgrad: dy and u must have the same rows")
     return dy.new_empty((dy.shape[1], u.shape[1]))
 
-
-@register_flop_formula(torch.ops.ckpt_ext.ffn_recompute)
-def _ffn_recompute_flops(x1_shape, *args, out_shape=None, **kwargs) -> int:
-    n, d = x1_shape
-    h = args[4][0]  # w1 (H, d)
-    return 2 * n * d * h
-
-
-@register_flop_formula(torch.ops.ckpt_ext.linear_gelu_bwd)
-def _linear_gelu_bwd_flops(dy_shape, w2_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * dy_shape[0] * dy_shape[1] * w2_shape[1]
-
-
-@register_flop_formula(torch.ops.ckpt_ext.gelu_linear_wgrad)
-def _gelu_linear_wgrad_flops(dy_shape, u_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * dy_shape[0] * dy_shape[1] * u_shape[1]

@@ -1,0 +1,1 @@
+"""Benchmarks and the demo: ``python -m bench.demo`` (strategy table), ``python -m bench.microbench`` (per-op)."""

@@ -1,0 +1,106 @@
+"""The demo's model, a small byte-level GPT built from ckpt_ext blocks, and the checkpointing strategies applied to it.
+
+TinyGPT: token embedding (256 bytes) + learned positions -> n_layers TransformerBlocks -> final LayerNorm -> LM head
+tied to the embedding. ``make_strategy(base, name)`` deep-copies a model and applies one strategy, so every strategy
+starts from the same weights.
+
+| strategy        | what it does                                                                         | exact |
+|-----------------|--------------------------------------------------------------------------------------|-------|
+| none            | plain blocks, every activation kept                                                  | yes   |
+| ckpt_every_k    | torch.utils.checkpoint(use_reentrant=False) around every k-th block (k = 1, 2, 4)    | yes   |
+| fused_<policy>  | ckpt_ext.apply_checkpointing(model, policy) on every block (pointwise, ffn, block)   | yes   |
+All strategies compute the same math (dropout is 0 in the demo), so their losses agree up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ckpt_ext import TransformerBlock, apply_checkpointing
+from ckpt_ext.block import init_block_
+
+VOCAB = 256
+STRATEGIES = ("none", "ckpt_every_4", "ckpt_every_2", "ckpt_every_1", "fused_pointwise", "fused_ffn", "fused_block")
+LABELS = {
+    "none": "No checkpointing",
+    "ckpt_every_4": "torch ckpt, every 4th layer",
+    "ckpt_every_2": "torch ckpt, every 2nd layer",
+    "ckpt_every_1": "torch ckpt, every layer",
+    "fused_pointwise": "ckpt_ext pointwise",
+    "fused_ffn": "ckpt_ext ffn",
+    "fused_block": "ckpt_ext block",
+}
+
+
+class CheckpointedBlock(nn.Module):
+    """Runs ``block`` under torch.utils.checkpoint (non-reentrant): keeps only its input, re-runs it in backward."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+class TinyGPT(nn.Module):
+    """Byte-level GPT: (B, T) int64 tokens -> (B, T, 256) logits."""
+
+    def __init__(self, n_layers: int, d_model: int, n_heads: int, max_seq: int):
+        super().__init__()
+        self.max_seq = max_seq
+        self.tok = nn.Embedding(VOCAB, d_model)
+        self.pos = nn.Embedding(max_seq, d_model)
+        self.blocks = nn.ModuleList(TransformerBlock(d_model, n_heads) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        for emb in (self.tok, self.pos):
+            nn.init.normal_(emb.weight, std=0.02)
+        for block in self.blocks:
+            init_block_(block, std=0.02, n_layers=n_layers)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        b, t = idx.shape
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))  # (B, T, d)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x) @ self.tok.weight.t()  # (B, T, 256), head tied to the embedding
+
+    def loss(self, batch: Tensor) -> Tensor:
+        """Next-byte cross entropy on a (B, T + 1) window of the corpus."""
+        logits = self(batch[:, :-1])  # (B, T, 256)
+        return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+
+def check_strategies(names: list[str]) -> list[str]:
+    """Validate strategy names (``ckpt_every_<k>`` takes any k >= 1); raises ValueError naming the valid ones."""
+    for name in names:
+        if name not in STRATEGIES and not re.fullmatch(r"ckpt_every_[1-9][0-9]*", name):
+            raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)} (or ckpt_every_<k>)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"strategies repeat: {', '.join(names)}")
+    return names
+
+
+def label(name: str) -> str:
+    if name in LABELS:
+        return LABELS[name]
+    return f"torch ckpt, every {name.rsplit('_', 1)[1]}th layer"
+
+
+def make_strategy(base: TinyGPT, name: str) -> TinyGPT:
+    """A deep copy of ``base`` (same weights) with strategy ``name`` applied."""
+    check_strategies([name])
+    model = copy.deepcopy(base)
+    if name.startswith("ckpt_every_"):
+        every = int(name.rsplit("_", 1)[1])
+        for i in range(every - 1, len(model.blocks), every):
+            model.blocks[i] = CheckpointedBlock(model.blocks[i])
+    elif name.startswith("fused_"):
+        apply_checkpointing(model, policy=name[len("fused_") :], every=1)
+    return model

@@ -1,0 +1,49 @@
+"""The modeled H200 step-time overhead of each demo strategy, from ckpt_ext's roofline cost model (if installed).
+
+The cost model prices one transformer block's training step per checkpointing variant; a model with L blocks of
+which every k-th is checkpointed costs (L/k · t_checkpoint + (L - L/k) · t_eager) / (L · t_eager). Embedding, final
+LayerNorm and head are left out (the same for every strategy). Returns None when the model is unavailable.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+FUSED_VARIANTS = {"fused_pointwise": "pointwise", "fused_ffn": "ffn", "fused_block": "block"}
+
+
+def _roofline_module():
+    for name in ("ckpt_ext.roofline", "bench.roofline"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "step_time"):
+            return module
+    return None
+
+
+def roofline_available() -> bool:
+    return _roofline_module() is not None
+
+
+def modeled_overhead(strategy: str, n_layers: int, d_model: int, seq: int, batch: int, n_heads: int) -> Optional[float]:
+    """Modeled step time of ``strategy`` / no checkpointing on an H200 in bf16 (blocks only), or None."""
+    roofline = _roofline_module()
+    if roofline is None:
+        return None
+    shape = dict(d_model=d_model, seq=seq, batch=batch, n_heads=n_heads)
+    try:
+        eager = roofline.step_time("eager", **shape)
+        if strategy == "none":
+            return 1.0
+        if strategy in FUSED_VARIANTS:
+            return roofline.step_time(FUSED_VARIANTS[strategy], **shape) / eager
+        if strategy.startswith("ckpt_every_"):
+            wrapped = n_layers // int(strategy.rsplit("_", 1)[1])
+            ckpt = roofline.step_time("checkpoint", **shape)
+            return (wrapped * ckpt + (n_layers - wrapped) * eager) / (n_layers * eager)
+    except Exception:  # noqa: BLE001  (a cost model still being written must not break the demo)
+        return None
+    return None

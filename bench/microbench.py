@@ -1,0 +1,157 @@
+"""``make bench`` / ``python -m bench.microbench``: each op of the block's op graph vs torch eager (and torch.compile).
+
+For every ``ckpt_ext::*`` op (bench.micro_cases), forward and backward, times our op and the torch code doing the same
+job: median and 20/80% quantiles (triton.testing.do_bench on GPU, a perf_counter loop on CPU), effective GB/s and
+TFLOP/s from the op's counted bytes (inputs + outputs) and FLOPs (the same numerator for every provider), and the
+modeled H200 roofline time next to them. Appends long-format rows to <out>/microbench.csv, draws <out>/<family>.png
+per op family, prints a table. CPU by default (under 5 minutes); ``--device cuda`` on a GPU; ``--compile`` adds
+torch.compile (slow to compile on a small CPU, so off by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+import ckpt_ext
+from ckpt_ext.backend import concrete_backend
+
+from .demo import positive_int
+from .micro_cases import Shape, build_cases, known_names, select
+from .micro_report import Result, append_csv, plot_family, table
+from .micro_timing import roofline_seconds, time_fn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def name_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known_names()]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown op {', '.join(unknown)}; choose from {', '.join(known_names())}")
+    return names
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.microbench",
+        description="Time each ckpt_ext op (forward and backward) against torch eager and optionally torch.compile; "
+        "report GB/s, TFLOP/s and the modeled H200 roofline time; append to a long-format CSV and plot.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--batch", type=positive_int, default=4, help="B")
+    p.add_argument("--seq", type=positive_int, default=256, help="T")
+    p.add_argument("--d-model", type=positive_int, default=256, help="d")
+    p.add_argument("--heads", type=positive_int, default=4, help="h (must divide --d-model)")
+    p.add_argument("--hidden", type=positive_int, default=None, help="FFN width H (default 4 × d)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--ops", type=name_list, default=[], help="comma-separated ops or families (default: all)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the eager code (slow on CPU)")
+    p.add_argument("--min-time", type=positive_float, default=0.25, help="seconds of timed calls per measurement")
+    p.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for microbench.csv and plots")
+    p.add_argument("--seed", type=int, default=0, help="seed for the inputs")
+    p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
+    return p
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.d_model % args.heads:
+        parser.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
+    if not args.device.startswith(("cpu", "cuda")):
+        parser.error(f"--device must be cpu or cuda[:i], got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to torch (torch.cuda.is_available() is False)")
+    args.hidden = args.hidden or 4 * args.d_model
+    args.dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    return args
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions_string(device: torch.device) -> str:
+    parts = [f"ckpt_ext {ckpt_ext.__version__}", f"backend {concrete_backend(device.type)}"]
+    parts.append(f"torch {torch.__version__}")
+    try:
+        import triton
+
+        parts.append(f"triton {triton.__version__}")
+    except ImportError:
+        pass
+    return "; ".join(parts)
+
+
+def _providers(case, compile_: bool) -> list[tuple[str, object]]:
+    fn, args = case.ours
+    out = [("ckpt_ext", lambda: fn(*args))]
+    efn, eargs = case.eager
+    out.append(("eager", lambda: efn(*eargs)))
+    if compile_ and case.compilable:
+        cfn = torch.compile(efn, dynamic=False)
+        out.append(("compile", lambda: cfn(*eargs)))
+    return out
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    device = torch.device(args.device)
+    shape = Shape(args.batch, args.seq, args.d_model, args.heads, args.hidden)
+    cases = select(build_cases(shape, device, args.dtype, args.seed), args.ops)
+    n_meas = sum(2 + (args.compile and c.compilable) for c in cases)
+    results = []
+    with tqdm(total=n_meas, desc="microbench", unit="case", disable=args.no_progress) as bar:
+        for case in cases:
+            roof = roofline_seconds(case.flops, case.nbytes)
+            for provider, call in _providers(case, args.compile):
+                bar.set_postfix_str(f"{case.op} {case.mode} {provider}")
+                t = time_fn(call, device, args.min_time)
+                results.append(Result(case.op, case.family, case.mode, provider, str(shape), t.median, t.q20, t.q80,
+                                      case.nbytes, case.flops, roof))  # fmt: skip
+                bar.update()
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    results = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / "microbench.csv"
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    dtype = str(args.dtype).replace("torch.", "")
+    append_csv(csv_path, results, device_name(device), f"{versions_string(device)}; {dtype}", stamp)
+    plots = []
+    for family in dict.fromkeys(r.family for r in results):
+        path = args.out / f"{family}.png"
+        plot_family(path, family, [r for r in results if r.family == family], device_name(device))
+        plots.append(path)
+    md = table(results)
+    sys.stdout.write(f"\nckpt_ext op microbenchmarks ({results[0].shape if results else ''}, {dtype}, "
+                     f"{device_name(device)})\n\n{md}\n\nappended to {csv_path}; plots in {args.out}\n")  # fmt: skip
+    return dict(results=results, csv=csv_path, plots=plots, table=md)
+
+
+if __name__ == "__main__":
+    main()

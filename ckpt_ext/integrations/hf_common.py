@@ -1,0 +1,142 @@
+"""Shared machinery of the Hugging Face adapters: class swapping, the fused-or-fallback decision, masks.
+
+A converted layer keeps its identity: ``layer.__class__`` becomes a subclass ``Fused<Layer>`` of its own class (the
+pattern FSDP2's ``fully_shard`` uses), so ``isinstance`` checks, submodules, parameters and ``state_dict()`` keys are
+untouched. The subclass's ``forward`` asks the family adapter for the layer's parameter tensors (views and
+concatenations of the original parameters, never copies held across calls) and runs ``ckpt_ext.block.fused_block``
+when a training graph is being built; anything else (no_grad, generation with a filled KV cache, attention outputs,
+head masks, cross-attention, hooks on the bypassed submodules) runs the original forward.
+
+Masks: a 4-D mask broadcastable to (B, h, T, T) (bool keep-mask or additive float, as Hugging Face builds for eager and
+SDPA) or a 2-D (B, T) padding mask becomes one additive float32 mask with ``finfo(float32).min`` at masked positions
+(a finite value: rows that padding masks completely stay finite, as in Hugging Face's eager attention). A mask that
+masks nothing beyond causality becomes None, so the fast unmasked kernels run. The conversion of the last mask object
+seen is cached, so the layers of one forward share one tensor (one (B, 1, T, T) buffer, not one per layer).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger("ckpt_ext.integrations")
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(message)
+
+
+class FusedLayerMixin:
+    """Placed first in the MRO of ``Fused<Layer>``; ``_ckpt_adapter`` is set on each generated class."""
+
+    _ckpt_adapter = None
+
+    # nn.Module.__call__, not GradientCheckpointingLayer.__call__: the fused path already checkpoints, and wrapping it
+    # in torch.utils.checkpoint as well would recompute the block twice.
+    __call__ = nn.Module.__call__
+
+    def forward(self, *args, **kwargs):
+        original = super().forward  # the model's own forward (FusedLayerMixin is first in the MRO)
+        return self._ckpt_adapter.forward(self, original, args, kwargs)
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def fused_class(cls: type, adapter) -> type:
+    """The cached ``Fused<cls>`` subclass; registered in this module so that pickling by reference finds it."""
+    if issubclass(cls, FusedLayerMixin):
+        return cls
+    if cls not in _FUSED_CLASSES:
+        name = f"Fused{cls.__name__}"
+        new = type(name, (FusedLayerMixin, cls), {"_ckpt_adapter": adapter, "__module__": __name__})
+        new.__qualname__ = name
+        globals()[name] = new
+        _FUSED_CLASSES[cls] = new
+    return _FUSED_CLASSES[cls]
+
+
+def unfused_class(cls: type) -> Optional[type]:
+    """The model's own class behind a generated Fused<Layer> class; None for any other class (e.g. FSDP's wrappers)."""
+    return next((orig for orig, new in _FUSED_CLASSES.items() if new is cls), None)
+
+
+def needs_graph(x: Tensor, params) -> bool:
+    """True when autograd will record this call: the only case where checkpointing saves anything."""
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p is not None and p.requires_grad for p in params)
+
+
+def is_intercepted(module: nn.Module) -> bool:
+    """True when ``module`` has hooks or an instance-level forward (e.g. HF's output recorders): it must really run."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return True
+    own = module.__dict__.get("forward")
+    return own is not None and getattr(own, "__func__", None) is not type(module).forward
+
+
+def any_intercepted(modules) -> bool:
+    return any(is_intercepted(m) for m in modules if m is not None)
+
+
+class _MaskCache:
+    """Single-entry cache: the converted form of the last mask object seen (weakly referenced)."""
+
+    def __init__(self):
+        self.key: Optional[tuple] = None
+        self.ref: Optional[weakref.ref] = None
+        self.value: Optional[Tensor] = None
+
+    def get(self, mask: Tensor, key: tuple, build: Callable[[], Optional[Tensor]]) -> Optional[Tensor]:
+        if self.ref is not None and self.ref() is mask and self.key == key:
+            return self.value
+        self.value = build()
+        self.ref, self.key = weakref.ref(mask), key
+        return self.value
+
+
+_MASKS = _MaskCache()
+
+
+def additive_mask(mask: Optional[Tensor], seq: int, causal: bool) -> Optional[Tensor]:
+    """HF attention mask -> additive float32 mask broadcastable to (B, 1, T, T), or None when it masks nothing.
+
+    mask: None, (B, T_kv) padding mask (1 = keep), or 4-D (B|1, 1|h, T, T_kv) bool keep-mask / additive float.
+    Columns beyond T are cut (HF may size the key axis for a cache). With ``causal`` the check for "masks nothing"
+    ignores the positions causality masks anyway.
+    """
+    if mask is None:
+        return None
+    key = (seq, causal, mask.shape, mask.dtype, mask._version)
+    return _MASKS.get(mask, key, lambda: _build_additive(mask, seq, causal))
+
+
+def _build_additive(mask: Tensor, seq: int, causal: bool) -> Optional[Tensor]:
+    with torch.no_grad():
+        if mask.dim() == 2:
+            keep = mask[:, None, None, :seq].bool()
+        elif mask.dim() == 4:
+            m = mask[..., :seq]
+            keep = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        else:
+            raise ValueError(f"unsupported attention mask of shape {tuple(mask.shape)}; expected (B, T) or 4-D")
+        if mask.dim() == 4 and mask.dtype != torch.bool:
+            additive = mask[..., :seq].float().clamp_min(torch.finfo(torch.float32).min)
+        else:
+            additive = torch.zeros(keep.shape, dtype=torch.float32, device=mask.device)
+            additive.masked_fill_(~keep, torch.finfo(torch.float32).min)
+        relevant = keep
+        if causal:
+            lower = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
+            relevant = keep | ~lower
+        if bool(relevant.all()) and (mask.dim() != 4 or mask.dtype == torch.bool or bool((additive[keep] == 0).all())):
+            return None
+        return additive

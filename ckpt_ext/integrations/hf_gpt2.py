@@ -1,0 +1,130 @@
+"""Hugging Face GPT-2 (``GPT2Block``) adapter: transformers 4.57 and 5.x.
+
+GPT2Block(x) = x1 + Dropout(c_proj(gelu_new(c_fc(ln_2(x1))))),  x1 = x + Dropout(attn.c_proj(causal_attn(c_attn(ln_1(x)))))
+with Conv1D layers (weight [in, out], y = x @ W + b): the fused block gets the views ``W.t()`` (out, in), no copies.
+c_attn's output is q | k | v with heads contiguous inside each (B, T, 3d), the layout ckpt_ext's attention reads.
+Attention scale 1/sqrt(dh) (``scale_attn_weights``), probabilities dropped with ``attn_pdrop``, both residual branches
+with ``resid_pdrop``, LayerNorm eps ``layer_norm_epsilon``, ``gelu_new`` = GELU's tanh form.
+
+Fused path: autograd records the call, no attention weights or head mask are requested, no cross-attention input,
+attention implementation eager or sdpa, and no KV cache with earlier tokens for this layer. A cache that is still
+empty (``use_cache=True`` is GPT-2's default, also while training) is left unfilled, as Hugging Face's own gradient
+checkpointing does. Everything else (generate, no_grad, output_attentions, ...) runs the original forward.
+Return value: 4.57 blocks return a tuple (hidden_states,); 5.x blocks return the tensor.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..block import fused_block
+from ..functional import BlockConfig
+from .hf_common import additive_mask, any_intercepted, needs_graph, warn_once
+
+GELU_FORMS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+FUSED_ATTENTION = ("eager", "sdpa")
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+class GPT2Adapter:
+    name = "GPT-2 (GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel, GPT2For*)"
+
+    def layer_classes(self) -> tuple[type, ...]:
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+        return (GPT2Block,)
+
+    def check(self, layer) -> None:
+        """Raise ValueError for a configuration the fused block does not compute."""
+        cfg, attn = layer.attn.config, layer.attn
+        problems = []
+        if getattr(cfg, "add_cross_attention", False) or hasattr(layer, "crossattention"):
+            problems.append("add_cross_attention=True (cross-attention sits between the block's halves)")
+        if not getattr(cfg, "scale_attn_weights", True):
+            problems.append("scale_attn_weights=False (the fused attention scales by 1/sqrt(head_dim))")
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+            problems.append("scale_attn_by_inverse_layer_idx=True")
+        if cfg.activation_function not in GELU_FORMS:
+            problems.append(f"activation_function={cfg.activation_function!r} (supported: {', '.join(GELU_FORMS)})")
+        if getattr(attn, "pruned_heads", None) or attn.split_size != attn.embed_dim:
+            problems.append("pruned attention heads")
+        if abs(getattr(attn, "scaling", attn.head_dim**-0.5) - attn.head_dim**-0.5) > 1e-12:
+            problems.append(f"attention scaling {attn.scaling} != 1/sqrt(head_dim)")
+        if not (layer.ln_1.elementwise_affine and layer.ln_2.elementwise_affine) or layer.ln_1.eps != layer.ln_2.eps:
+            problems.append("LayerNorms without affine parameters or with different eps")
+        if problems:
+            raise ValueError("GPT2Block cannot be fused: " + "; ".join(problems))
+
+    def params(self, layer):
+        a, m = layer.attn, layer.mlp
+        return (
+            layer.ln_1.weight, layer.ln_1.bias, a.c_attn.weight.t(), a.c_attn.bias, a.c_proj.weight.t(), a.c_proj.bias,
+            layer.ln_2.weight, layer.ln_2.bias, m.c_fc.weight.t(), m.c_fc.bias, m.c_proj.weight.t(), m.c_proj.bias,
+        )  # fmt: skip
+
+    def block_config(self, layer) -> BlockConfig:
+        cfg = layer.attn.config
+        p_attn = cfg.attn_pdrop if layer.training else 0.0
+        p = cfg.resid_pdrop if layer.training else 0.0
+        seed = int(torch.randint(0, 2**31 - 8, (1,)).item()) if (p > 0.0 or p_attn > 0.0) else 0
+        return BlockConfig(layer.attn.num_heads, True, layer.ln_1.eps, GELU_FORMS[cfg.activation_function], p_attn,
+                           p, seed, layer._ckpt_policy)  # fmt: skip
+
+    def forward(self, layer, original, args, kwargs):
+        bound = _bind(original, args, kwargs)
+        x = bound["hidden_states"]
+        params = self.params(layer)
+        if not self._can_fuse(layer, bound, params):
+            return original(*args, **kwargs)
+        mask = bound.get("attention_mask")
+        mask = additive_mask(mask, x.shape[1], causal=True)
+        out = fused_block(x, params, self.block_config(layer), mask)
+        return (out,) if "output_attentions" in inspect.signature(original).parameters else out
+
+    def _can_fuse(self, layer, bound: dict, params) -> bool:
+        x = bound["hidden_states"]
+        if not needs_graph(x, params):
+            return False
+        extra = bound.get("kwargs", {})
+        if bound.get("output_attentions") or extra.get("output_attentions"):
+            return False
+        if bound.get("head_mask") is not None or bound.get("encoder_hidden_states") is not None:
+            return False
+        mask = bound.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() in (2, 4)):
+            return False
+        impl = getattr(layer.attn.config, "_attn_implementation", "eager")
+        if impl not in FUSED_ATTENTION:
+            warn_once(f"gpt2-impl-{impl}", f"ckpt_ext: GPT-2 attention implementation {impl!r} is not fused; "
+                      f"use one of {FUSED_ATTENTION} (model.set_attn_implementation) to train with fused checkpointing")  # fmt: skip
+            return False
+        if any_intercepted((layer.ln_1, layer.attn, layer.ln_2, layer.mlp)):
+            return False
+        cache = next((bound[k] for k in _CACHE_ARGS if bound.get(k) is not None), None)
+        cache = cache if cache is not None else next((extra[k] for k in _CACHE_ARGS if extra.get(k) is not None), None)
+        if cache is not None:
+            if _cached_tokens(cache, layer.attn.layer_idx) > 0:
+                return False
+            warn_once("gpt2-cache", "ckpt_ext: fused GPT-2 blocks do not fill the KV cache while training (as with "
+                      "Hugging Face's gradient checkpointing); pass use_cache=False to silence this")  # fmt: skip
+        return True
+
+
+def _bind(original, args, kwargs) -> dict:
+    """Name the call's arguments after the original forward's signature (which differs between versions)."""
+    sig = inspect.signature(original)
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _cached_tokens(cache, layer_idx) -> int:
+    if isinstance(cache, tuple):
+        return int(cache[0].shape[-2]) if len(cache) and isinstance(cache[0], torch.Tensor) else 0
+    inner = getattr(cache, "self_attention_cache", cache)
+    try:
+        return int(inner.get_seq_length(layer_idx or 0))
+    except (TypeError, IndexError, AttributeError):
+        return int(inner.get_seq_length())

@@ -1,0 +1,79 @@
+"""``apply_fused_checkpointing(model, policy="ffn", every=1) -> int``: fused checkpointing for Hugging Face models.
+
+Finds the transformer layers of every registered family (``FAMILIES``: GPT-2's GPT2Block, ViT's ViTLayer) in module
+order and converts the ``every``-th, 2·``every``-th, ... of them (every=1: all) in place, by swapping each layer's class
+for a ``Fused<Layer>`` subclass (hf_common.py). Parameters, submodules and ``state_dict()`` keys do not change, so
+saving, loading, optimizers, DDP and FSDP2 see the same model. Calling it again updates the policy of converted
+layers (they count as converted). Each family adapter (hf_gpt2.py, hf_vit.py) provides:
+
+    layer_classes() -> classes to convert        check(layer) -> raises ValueError for configs it cannot fuse
+    forward(layer, original_forward, args, kwargs) -> the layer's output (fused, or the original forward)
+
+``remove_fused_checkpointing(model)`` restores the original classes. transformers is imported only when called.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..policies import get_policy
+from .hf_common import FusedLayerMixin, fused_class, unfused_class
+from .hf_gpt2 import GPT2Adapter
+from .hf_vit import ViTAdapter
+
+FAMILIES = (GPT2Adapter(), ViTAdapter())
+
+
+def supported() -> str:
+    return "; ".join(f.name for f in FAMILIES)
+
+
+def _family_layers(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """(layer, adapter) for every layer of a registered family, in module order."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ImportError("apply_fused_checkpointing needs transformers (pip install 'ckpt_ext[hf]')") from e
+    classes = [(adapter, adapter.layer_classes()) for adapter in FAMILIES]
+    found = []
+    for module in model.modules():
+        for adapter, layer_classes in classes:
+            if isinstance(module, layer_classes):
+                found.append((module, adapter))
+                break
+    return found
+
+
+def apply_fused_checkpointing(model: nn.Module, policy: str = "ffn", every: int = 1) -> int:
+    """Convert layers in place; returns how many layers now run fused checkpointing with ``policy``."""
+    get_policy(policy)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    layers = _family_layers(model)
+    if not layers:
+        raise TypeError(f"apply_fused_checkpointing: {type(model).__name__} has no supported transformer layers; "
+                        f"supported model families: {supported()}")  # fmt: skip
+    chosen = [(layer, adapter) for i, (layer, adapter) in enumerate(layers, start=1) if i % every == 0]
+    for layer, adapter in chosen:
+        adapter.check(layer)
+    for layer, adapter in chosen:
+        if not isinstance(layer, FusedLayerMixin):
+            layer.__class__ = fused_class(type(layer), adapter)
+        layer._ckpt_policy = policy
+    return len(chosen)
+
+
+def remove_fused_checkpointing(model: nn.Module) -> int:
+    """Undo apply_fused_checkpointing (restores each converted layer's own class); returns how many were restored.
+
+    Layers whose class was swapped again afterwards (e.g. by FSDP2's fully_shard) are left as they are."""
+    restored = 0
+    for module in model.modules():
+        original = unfused_class(type(module))
+        if original is not None:
+            module.__class__ = original
+            module.__dict__.pop("_ckpt_policy", None)
+            restored += 1
+    return restored

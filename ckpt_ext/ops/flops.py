@@ -1,0 +1,93 @@
+"""FLOP formulas of the ops that multiply matrices, for torch.utils.flop_counter.FlopCounterMode.
+
+ffn_recompute, linear_gelu_bwd, gelu_linear_wgrad: 2·N·d·H each. attention_fwd: 4·B·h·T²·dh, attention_bwd:
+8·B·h·T²·dh (torch's SDPA convention, causal not halved).
+
+torch.utils.flop_counter imports triton when it is first imported, and ckpt_ext promises not to import triton at import
+time. So the formulas are registered the moment torch.utils.flop_counter is imported by anyone (a post-import hook on
+the meta path), or at once if it already is.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+
+import torch
+
+_MODULE = "torch.utils.flop_counter"
+
+
+def _bhtd(qkv_shape, n_heads):
+    b, t, three_d = qkv_shape
+    return b, n_heads, t, three_d // 3 // n_heads
+
+
+def ffn_recompute_flops(x1_shape, mean_shape, rstd_shape, lnw_shape, lnb_shape, w1_shape, *args, out_shape=None,
+                        **kwargs) -> int:  # fmt: skip
+    n, d = x1_shape
+    return 2 * n * d * w1_shape[0]
+
+
+def linear_gelu_bwd_flops(dy_shape, w2_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * dy_shape[0] * dy_shape[1] * w2_shape[1]
+
+
+def gelu_linear_wgrad_flops(dy_shape, u_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * dy_shape[0] * dy_shape[1] * u_shape[1]
+
+
+def attention_fwd_flops(qkv_shape, n_heads, *args, out_shape=None, **kwargs) -> int:
+    b, h, t, dh = _bhtd(qkv_shape, n_heads)
+    return 4 * b * h * t * t * dh
+
+
+def attention_bwd_flops(dout_shape, qkv_shape, o_shape, lse_shape, n_heads, *args, out_shape=None, **kwargs) -> int:
+    b, h, t, dh = _bhtd(qkv_shape, n_heads)
+    return 8 * b * h * t * t * dh
+
+
+def _register() -> None:
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    ops = torch.ops.ckpt_ext
+    for packet, formula in (
+        (ops.ffn_recompute, ffn_recompute_flops),
+        (ops.linear_gelu_bwd, linear_gelu_bwd_flops),
+        (ops.gelu_linear_wgrad, gelu_linear_wgrad_flops),
+        (ops.attention_fwd, attention_fwd_flops),
+        (ops.attention_bwd, attention_bwd_flops),
+    ):
+        if packet not in flop_registry:
+            register_flop_formula(packet)(formula)
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Finds torch.utils.flop_counter through the normal finders, then registers our formulas once it has run."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _MODULE:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+            _register()
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+def install() -> None:
+    if _MODULE in sys.modules:
+        _register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())

@@ -1,0 +1,81 @@
+// Residual + dropout with a hash mask reproducible from the seed, on CPU (reference.dropout_add).
+//
+// dropout_add_kernel(x (...), residual (...)?, p, seed) -> out (...) in result_type(x, residual):
+//   out[i] = (keep(i) ? x[i] / (1 - p) : 0) + residual[i],  keep = math::dropout_keep (csrc/common/ckpt_math.h),
+// i the flat row-major index. Computed in fp32 (fp64 for fp64 outputs); the inputs are first brought to the output
+// dtype, which is exact (it is at least as wide as each). Per chunk of kChunk elements the scale-or-zero factors are
+// computed by a plain uint32 loop (compiler-vectorized), then applied with Vectorized<float>. The output is always a
+// fresh tensor, also for p == 0.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../common/ckpt_math.h"
+#include "vec_io.h"
+
+namespace ckpt_ext {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 256;
+
+template <typename T>
+void dropout_add_range(const T* x, const T* res, T* out, int64_t start, int64_t len, uint32_t key, uint32_t thr,
+                       bool drop, acc_type<T> scale) {
+  using acc_t = acc_type<T>;
+  acc_t factor[kChunk];
+  for (int64_t c = 0; c < len; c += kChunk) {
+    const int64_t m = std::min(kChunk, len - c);
+    for (int64_t t = 0; t < m; ++t) {
+      factor[t] = (!drop || math::dropout_keep(start + c + t, key, thr)) ? scale : acc_t(0);
+    }
+    const T* xc = x + c;
+    const T* rc = res ? res + c : nullptr;
+    T* oc = out + c;
+    const int64_t mv = kVectorized<T> ? m - m % kW : 0;
+    if constexpr (kVectorized<T>) {
+      for (int64_t t = 0; t < mv; t += kW) {
+        Vec v = load_f(xc + t) * Vec::loadu(factor + t);
+        if (rc) v += load_f(rc + t);
+        store_f(oc + t, v);
+      }
+    }
+    for (int64_t t = mv; t < m; ++t) {
+      acc_t v = static_cast<acc_t>(xc[t]) * factor[t];
+      if (rc) v += static_cast<acc_t>(rc[t]);
+      oc[t] = static_cast<T>(v);
+    }
+  }
+}
+
+at::Tensor dropout_add_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual, double p, int64_t seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_add_kernel: p must be in [0, 1), got ", p);
+  const bool has_res = residual.has_value() && residual->defined();
+  TORCH_CHECK(!has_res || residual->sizes() == x.sizes(), "dropout_add_kernel: residual must have x's shape");
+  const auto out_dtype = has_res ? at::result_type(x, *residual) : x.scalar_type();
+  const at::Tensor xc = as_contig(x, out_dtype);
+  const at::Tensor rc = has_res ? as_contig(*residual, out_dtype) : at::Tensor();
+  at::Tensor out = at::empty(x.sizes(), xc.options());
+  const int64_t numel = x.numel();
+  if (numel == 0) return out;
+  const uint32_t key = math::seed_key(seed), thr = math::dropout_threshold(p);
+  const bool drop = p > 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "dropout_add_kernel", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const acc_t scale = drop ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(1);
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* rp = has_res ? rc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, numel, 1 << 15, [&](int64_t begin, int64_t end) {
+      dropout_add_range<scalar_t>(xp + begin, rp ? rp + begin : nullptr, op + begin, begin, end - begin, key, thr,
+                                  drop, scale);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ckpt_ext, CPU, m) { m.impl("dropout_add_kernel", &dropout_add_cpu); }
+
+}  // namespace cpu
+}  // namespace ckpt_ext

@@ -1,0 +1,61 @@
+// Helpers shared by the CPU kernels: fp32 vector loads/stores from any storage dtype, dtype plumbing, row chunking.
+//
+// Every kernel computes in acc_t = float (double for float64 tensors). Vectorized<float> holds kW floats; 16-bit
+// inputs are widened on load (load_f) and narrowed on store (store_f). float64 rows take the scalar loops only.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+namespace ckpt_ext {
+namespace cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Whether rows of T run the Vectorized<float> loop (everything but float64).
+template <typename T>
+constexpr bool kVectorized = !std::is_same_v<T, double>;
+
+template <typename T>
+inline Vec load_f(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec out;
+    at::vec::load_to_float<T>(p, out);
+    return out;
+  }
+}
+
+template <typename T>
+inline void store_f(T* p, const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, kW);
+  }
+}
+
+// Horizontal sum of a Vectorized<float> (fixed lane order: deterministic).
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// t as a contiguous tensor of dtype `dtype` (no copy when it already is one).
+inline at::Tensor as_contig(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+
+// The dtype acc_t of a tensor of `dtype`: float64 stays float64, everything else computes in float32.
+inline at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Rows per parallel task so that each task touches about 64 KiB of one row stream (at least one row).
+inline int64_t row_grain(int64_t d) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(d, 1)); }
+
+}  // namespace cpu
+}  // namespace ckpt_ext

@@ -1,0 +1,106 @@
+"""Compile every Triton kernel for a GPU target without a GPU, and report its shared memory and register use.
+
+    python -m ckpt_ext.kernels.compile_check [--arch 90] [--all-configs]
+
+Each kernel is compiled from its AST (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``) with
+16-bit signatures (fp16 and bf16 activations/weights, fp32 statistics), once per GELU form, for the largest autotune
+config of the target's list (every config with --all-configs). Must run WITHOUT TRITON_INTERPRET=1 (the
+interpreter replaces @triton.jit functions); exits non-zero if any kernel fails to compile. Prints one line per
+compile: ``kernel dtype variant shared=<bytes> regs=<n> spills=<n> warps=<n> stages=<n>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _jobs(arch: int, all_configs: bool):
+    """(name, jit fn, signature, constexprs, options) for every kernel × dtype × variant to compile."""
+    from . import dropout, ffn_pointwise, ffn_recompute, layer_norm, pointwise
+    from .matmul_configs import SM80, SM90
+
+    tile_configs = SM90 if arch >= 90 else SM80
+    tile_configs = tile_configs if all_configs else tile_configs[:1]
+    for dt in ("fp16", "bf16"):
+        p, f32 = f"*{dt}", "*fp32"
+        row = {"BLOCK_D": 1024}
+        yield ("layer_norm_fwd", layer_norm.layer_norm_fwd_kernel,
+               dict(X=p, W=p, B=p, Y=p, MEAN=f32, RSTD=f32, stride_x="i32", d="i32", eps="fp32", BLOCK_D="constexpr"),
+               row, {"num_warps": 4})  # fmt: skip
+        yield ("layer_norm_bwd", layer_norm.layer_norm_bwd_kernel,
+               dict(DY=p, X=p, MEAN=f32, RSTD=f32, W=p, B=p, DRES=p, DX=p, Y=p, DW_PART=f32, DB_PART=f32,
+                    n_rows="i32", d="i32", stride_x="i32", rows_per_program="i32", HAS_DRES="constexpr",
+                    EMIT_Y="constexpr", BLOCK_D="constexpr"),
+               {"HAS_DRES": True, "EMIT_Y": True, "BLOCK_D": 1024}, {"num_warps": 4})  # fmt: skip
+        for tanh in (False, True):
+            gelu = {"APPROX_TANH": tanh, "BLOCK": 1024}
+            yield ("bias_gelu", pointwise.bias_gelu_kernel,
+                   dict(X=p, BIAS=p, Y=p, numel="i32", H="i32", HAS_BIAS="constexpr", APPROX_TANH="constexpr",
+                        BLOCK="constexpr"), {"HAS_BIAS": True, **gelu}, {"num_warps": 4})  # fmt: skip
+            yield ("gelu_bwd", pointwise.gelu_bwd_kernel,
+                   dict(DA=p, U=p, DU=p, numel="i32", APPROX_TANH="constexpr", BLOCK="constexpr"), gelu,
+                   {"num_warps": 4})  # fmt: skip
+        yield ("dropout_add", dropout.dropout_add_kernel,
+               dict(X=p, RES=p, OUT=p, numel="i32", key="i32", threshold="i32", scale="fp32", HAS_RES="constexpr",
+                    APPLY_DROPOUT="constexpr", BLOCK="constexpr"),
+               {"HAS_RES": True, "APPLY_DROPOUT": True, "BLOCK": 1024}, {"num_warps": 4})  # fmt: skip
+        for cfg in tile_configs:
+            for tanh in (False, True):
+                const = {**cfg.kwargs, "APPROX_TANH": tanh, "UPCAST": False}
+                opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                tiles = {k: "constexpr" for k in const}
+                yield ("ffn_recompute", ffn_recompute.ffn_recompute_kernel,
+                       dict(X1=p, MEAN=f32, RSTD=f32, LN_W=p, LN_B=p, W1=p, B1=p, DA=p, A_OUT=p, DU_OUT=p, M="i32",
+                            N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_wk="i32", stride_dm="i32",
+                            **tiles), const, opts)  # fmt: skip
+                yield ("linear_gelu_bwd", ffn_pointwise.linear_gelu_bwd_kernel,
+                       dict(DY=p, W2=p, U=p, DU=p, M="i32", N="i32", K="i32", stride_dym="i32", stride_dyk="i32",
+                            stride_wk="i32", stride_wn="i32", stride_um="i32", **tiles), const, opts)  # fmt: skip
+                yield ("gelu_linear_wgrad", ffn_pointwise.gelu_linear_wgrad_kernel,
+                       dict(DY=p, U=p, DW=p, M="i32", N="i32", K="i32", stride_dyk="i32", stride_dym="i32",
+                            stride_uk="i32", **tiles), const, opts)  # fmt: skip
+
+
+def _variant(const: dict) -> str:
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "APPROX_TANH", "BLOCK_D")
+    return ",".join(f"{k}={const[k]}" for k in keys if k in const)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--all-configs", action="store_true")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the interpreter cannot compile kernels)", file=sys.stderr)
+        return 2
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    for name, fn, signature, const, opts in _jobs(args.arch, args.all_configs):
+        dtype = next(v for v in signature.values() if v.startswith("*") and v != "*fp32")[1:]
+        start = time.perf_counter()
+        try:
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=const), target=target,
+                                      options=opts)  # fmt: skip
+        except Exception as exc:  # report every failing kernel, not only the first
+            failures += 1
+            print(f"FAILED {name} {dtype} {_variant(const)}: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        md = compiled.metadata
+        regs = getattr(compiled, "n_regs", None)
+        spills = getattr(compiled, "n_spills", None)
+        print(f"{name} {dtype} {_variant(const)} shared={md.shared} regs={regs} spills={spills} "
+              f"warps={md.num_warps} stages={md.num_stages} sm={args.arch} ({time.perf_counter() - start:.1f}s)",
+              flush=True)  # fmt: skip
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The pointwise policy's FFN backward matmuls: GELU' fused into the dA epilogue, GELU into the dW2 prologue.
+
+linear_gelu_bwd_kernel   du (M, N) = (dy (M, K) @ w2 (K, N)) · gelu'(u (M, N))      M = rows, K = d, N = H
+    epilogue loads the saved u tile; dA never reaches memory.          bytes = dy + w2 + u + du
+gelu_linear_wgrad_kernel dw2 (M, N) = dyᵀ (M, K) @ gelu(u) (K, N)                   M = d, K = rows, N = H
+    prologue applies GELU to each u tile (rounded to u's dtype, as the kept a would be); a never reaches memory.
+Operands are read through their strides (a transposed w2 or dy costs no copy). UPCAST: see ffn_recompute.
+"""
+
+import triton
+import triton.language as tl
+
+from .ffn_recompute import tile_ids
+from .gelu_math import gelu_and_grad
+from .matmul_configs import AUTOTUNE, configs
+
+
+@triton.jit
+def linear_gelu_bwd_kernel(
+    DY,  # (M, K) strides (stride_dym, stride_dyk): gradient of the FC2 output (after dropout)
+    W2,  # (K, N) strides (stride_wk, stride_wn): FC2 weight (d, H), possibly a transposed view
+    U,  # (M, N) row stride stride_um, unit column stride: saved pre-activation
+    DU,  # (M, N) contiguous, u.dtype
+    M,
+    N,
+    K,
+    stride_dym,
+    stride_dyk,
+    stride_wk,
+    stride_wn,
+    stride_um,
+    APPROX_TANH: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    rm64 = rm.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        a = tl.load(DY + rm64[:, None] * stride_dym + kk[None, :] * stride_dyk, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # fmt: skip
+        b = tl.load(W2 + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)  # fmt: skip
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    mask = m_ok[:, None] & n_ok[None, :]
+    u = tl.load(U + rm64[:, None] * stride_um + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    _, grad = gelu_and_grad(u, APPROX_TANH)
+    tl.store(DU + rm64[:, None] * N + rn[None, :], (acc * grad).to(DU.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gelu_linear_wgrad_kernel(
+    DY,  # (K, M) strides (stride_dyk, stride_dym): gradient of the FC2 output, read transposed
+    U,  # (K, N) row stride stride_uk, unit column stride: saved pre-activation
+    DW,  # (M, N) contiguous, dy.dtype: FC2 weight gradient (d, H)
+    M,
+    N,
+    K,
+    stride_dyk,
+    stride_dym,
+    stride_uk,
+    APPROX_TANH: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = (k0 + rk).to(tl.int64)
+        k_ok = kk < K
+        a = tl.load(DY + kk[None, :] * stride_dyk + rm[:, None] * stride_dym, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # fmt: skip
+        u = tl.load(U + kk[:, None] * stride_uk + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        act, _ = gelu_and_grad(u.to(tl.float32), APPROX_TANH)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), act, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, act.to(u.dtype), acc)
+    mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(DW + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(DW.dtype.element_ty), mask=mask)
+
+
+linear_gelu_bwd_autotuned = triton.autotune(configs=configs(), **AUTOTUNE)(linear_gelu_bwd_kernel)
+gelu_linear_wgrad_autotuned = triton.autotune(configs=configs(), **AUTOTUNE)(gelu_linear_wgrad_kernel)

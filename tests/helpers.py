@@ -1,0 +1,48 @@
+"""Shared test helpers: blocks with copied weights, float64 references, the tolerance rule."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ckpt_ext import FusedCheckpointBlock, TransformerBlock
+from ckpt_ext.block import init_block_
+
+
+def make_block(d, heads=4, *, dtype=torch.float32, seed=0, **kwargs) -> TransformerBlock:
+    torch.manual_seed(seed)
+    blk = TransformerBlock(d, heads, **kwargs)
+    init_block_(blk, std=0.2)
+    with torch.no_grad():  # non-trivial LayerNorm affine parameters so their gradients are exercised
+        for ln in (blk.ln_1, blk.ln_2):
+            ln.weight.add_(0.1 * torch.randn_like(ln.weight))
+            if ln.bias is not None:
+                ln.bias.add_(0.1 * torch.randn_like(ln.bias))
+    return blk.to(dtype)
+
+
+def run_step(module, x, grad, **kwargs):
+    """(output, dx, grads of every parameter in named_parameters order)."""
+    x = x.detach().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out = module(x, **kwargs)
+    out.backward(grad)
+    return [out.detach(), x.grad] + [p.grad for _, p in module.named_parameters()]
+
+
+def fused_copy(block: TransformerBlock, policy: str, dtype=None) -> FusedCheckpointBlock:
+    blk = copy.deepcopy(block)
+    if dtype is not None:
+        blk = blk.to(dtype)
+    return FusedCheckpointBlock.from_block(blk, policy=policy)
+
+
+def assert_within_torch_error(ours, torch_same_dtype, ref64, factor=3.0, atol=1e-6, names=None):
+    """Tolerance rule: |ours - ref64| <= factor * max|torch - ref64| + atol, element-wise bound, per tensor."""
+    for i, (a, b, r) in enumerate(zip(ours, torch_same_dtype, ref64)):
+        torch_err = (b.double() - r).abs().max().item()
+        torch.testing.assert_close(
+            a.double(), r, rtol=0.0, atol=factor * torch_err + atol,
+            msg=lambda m, i=i: f"{names[i] if names else i}: {m} (torch's own error {torch_err:.3g})",
+        )  # fmt: skip

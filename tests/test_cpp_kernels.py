@@ -1,0 +1,202 @@
+"""The C++ CPU kernels (csrc/cpu) against the reference math: opcheck, parity at awkward shapes, bit-exact dropout
+masks, bitwise-deterministic LayerNorm weight gradients, and the whole FusedCheckpointBlock under set_backend("cpp").
+
+Parity rule (flash-attention style): our error against a float64 reference is at most 3x the error of the reference
+math run in the test dtype, plus a small atol.
+"""
+
+import pytest
+import torch
+
+import ckpt_ext
+from ckpt_ext import backend, reference
+
+pytestmark = pytest.mark.skipif(not backend.cpp_available(), reason="ckpt_ext._C is not built")
+if backend.cpp_available():
+    from ckpt_ext.ops import cpp_bridge  # registers the kernel ops' fake kernels
+
+K = torch.ops.ckpt_ext
+SHAPES = [(1, 72), (7, 200), (1000, 1000)]
+DTYPES = [torch.float32, torch.bfloat16]
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _assert_parity(ours, ref_dt, ref64, dtype, factor=3.0):
+    """max |ours - ref64| <= factor * max |ref_dt - ref64| + atol, and ours has ref_dt's dtype and shape."""
+    assert ours.dtype == ref_dt.dtype and ours.shape == ref_dt.shape
+    if ours.numel() == 0:
+        return
+    ref_err = (ref_dt.double() - ref64.double()).abs().max().item()
+    torch.testing.assert_close(ours.double(), ref64.double(), atol=factor * ref_err + ATOL[dtype], rtol=0)
+
+
+def _run_both(fn, *args):
+    """fn on the inputs as given and on float64 copies of the floating ones."""
+    up = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    return fn(*args), fn(*up)
+
+
+def _ln_inputs(n, d, dtype):
+    x = (torch.randn(n, d) * 2 + 0.5).to(dtype)
+    return x, torch.randn(d).to(dtype), torch.randn(d).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d", SHAPES)
+def test_layer_norm_fwd(n, d, dtype):
+    x, w, b = _ln_inputs(n, d, dtype)
+    ours = K.layer_norm_fwd_kernel(x, w, b, 1e-5)
+    ref, ref64 = _run_both(reference.layer_norm_fwd, x, w, b, 1e-5)
+    for o, r, r64 in zip(ours, ref, ref64):
+        _assert_parity(o, r, r64, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d", SHAPES)
+@pytest.mark.parametrize("with_residual, emit_y", [(False, False), (True, True)])
+def test_layer_norm_bwd(n, d, dtype, with_residual, emit_y):
+    x, w, b = _ln_inputs(n, d, dtype)
+    _, mean, rstd = reference.layer_norm_fwd(x, w, b, 1e-5)
+    dy = torch.randn(n, d).to(dtype)
+    dres = torch.randn(n, d).to(dtype) if with_residual else None
+    ours = K.layer_norm_bwd_kernel(dy, x, mean, rstd, w, b, dres, emit_y)
+    ref, ref64 = _run_both(reference.layer_norm_bwd, dy, x, mean, rstd, w, b, dres, emit_y)
+    for o, r, r64 in zip(ours, ref, ref64):
+        _assert_parity(o, r, r64, dtype)
+
+
+def test_layer_norm_bwd_noncontiguous_and_mixed_dtypes():
+    x, w, b = _ln_inputs(33, 80, torch.bfloat16)
+    _, mean, rstd = reference.layer_norm_fwd(x, w, b, 1e-5)
+    dy = torch.randn(80, 33).t()  # float32, transposed
+    dres = torch.randn(33, 80)
+    ours = K.layer_norm_bwd_kernel(dy, x, mean, rstd, w, b, dres, True)
+    ref = reference.layer_norm_bwd(dy, x, mean, rstd, w, b, dres, True)
+    for o, r in zip(ours, ref):
+        assert o.dtype == r.dtype
+        torch.testing.assert_close(o, r, atol=2e-2, rtol=2e-2)
+
+
+def test_layer_norm_bwd_weight_grads_are_bitwise_deterministic():
+    x, w, b = _ln_inputs(3001, 384, torch.float32)
+    _, mean, rstd = reference.layer_norm_fwd(x, w, b, 1e-5)
+    dy = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, threads, 1, threads):
+            torch.set_num_threads(t)
+            runs.append(K.layer_norm_bwd_kernel(dy, x, mean, rstd, w, b, None, False)[1:3])
+    finally:
+        torch.set_num_threads(threads)
+    for dw, db in runs[1:]:
+        assert torch.equal(dw, runs[0][0]) and torch.equal(db, runs[0][1])
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, h", SHAPES)
+def test_gelu(n, h, dtype, approximate):
+    x = (torch.randn(n, h) * 3).to(dtype)
+    bias = torch.randn(h).to(dtype)
+    for bb in (bias, None):
+        ours = K.bias_gelu_kernel(x, bb, approximate)
+        _assert_parity(ours, *_run_both(reference.bias_gelu, x, bb, approximate), dtype)
+    da = torch.randn(n, h).to(dtype)
+    ours = K.gelu_bwd_kernel(da, x, approximate)
+    _assert_parity(ours, *_run_both(reference.gelu_bwd, da, x, approximate), dtype)
+
+
+def test_gelu_bwd_float32_grad_of_bfloat16_preactivation():
+    u = torch.randn(5, 77).to(torch.bfloat16)
+    da = torch.randn(5, 77)
+    torch.testing.assert_close(K.gelu_bwd_kernel(da, u, "none"), reference.gelu_bwd(da, u, "none"), atol=0, rtol=0)
+
+
+def test_gelu_rejects_unknown_approximate():
+    with pytest.raises(RuntimeError, match="approximate"):
+        K.bias_gelu_kernel(torch.randn(2, 3), None, "sigmoid")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 9, -3])
+def test_dropout_mask_bit_exact(p, seed):
+    numel = 4099
+    ones = torch.ones(numel)
+    kept = K.dropout_add_kernel(ones, None, p, seed) != 0
+    assert torch.equal(kept, reference.dropout_keep_mask(numel, p, seed))
+
+
+@pytest.mark.parametrize("dtype, res_dtype", [(torch.float32, None), (torch.bfloat16, torch.bfloat16),
+                                              (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+def test_dropout_add_values(dtype, res_dtype):
+    x = torch.randn(7, 200).to(dtype)
+    res = None if res_dtype is None else torch.randn(200, 7).t().to(res_dtype)
+    ours = K.dropout_add_kernel(x, res, 0.3, 11)
+    ref = reference.dropout_add(x, res, 0.3, 11)
+    assert ours.dtype == ref.dtype
+    torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+
+
+def test_dropout_add_never_aliases():
+    x = torch.randn(4, 8)
+    out = K.dropout_add_kernel(x, None, 0.0, 1)
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+
+
+# ------------------------------------------------------------------------------------------------------ opcheck
+def _op_samples():
+    x, w, b = _ln_inputs(6, 40, torch.float32)
+    _, mean, rstd = reference.layer_norm_fwd(x, w, b, 1e-5)
+    dy = torch.randn_like(x)
+    return {
+        "layer_norm_fwd": [(x, w, b, 1e-5), (x.double(), w.double(), b.double(), 1e-6)],
+        "layer_norm_bwd": [(dy, x, mean, rstd, w, b, None, False), (dy, x, mean, rstd, w, b, dy.clone(), True)],
+        "bias_gelu": [(x, w, "none"), (x.bfloat16(), None, "tanh")],
+        "gelu_bwd": [(dy, x, "tanh"), (dy.bfloat16(), x.bfloat16(), "none")],
+        "dropout_add": [(x, dy, 0.25, 5), (x.bfloat16(), None, 0.0, 3)],
+    }
+
+
+def test_every_kernel_op_has_samples():
+    assert {op._schema.name.split("::")[1].removesuffix("_kernel") for op in cpp_bridge.KERNEL_OPS} == set(_op_samples())
+
+
+@pytest.mark.parametrize("name", sorted(_op_samples()))
+def test_opcheck_kernel_op(name):
+    op = getattr(K, f"{name}_kernel").default
+    assert op in cpp_bridge.KERNEL_OPS
+    for args in _op_samples()[name]:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", sorted(_op_samples()))
+def test_opcheck_graph_op_cpp_backend(name):
+    op = getattr(K, name).default
+    grad_ok = name in ("layer_norm_fwd", "bias_gelu", "dropout_add")
+    with ckpt_ext.set_backend("cpp"):
+        for args in _op_samples()[name]:
+            if grad_ok:
+                args = tuple(a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                             for a in args)  # fmt: skip
+            torch.library.opcheck(op, args)
+
+
+# ------------------------------------------------------------------------------------------------- whole block
+@pytest.mark.parametrize("policy", sorted(ckpt_ext.POLICIES))
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_block_cpp_matches_reference(policy, dropout):
+    torch.manual_seed(1)
+    block = ckpt_ext.FusedCheckpointBlock(48, 4, policy=policy, dropout=dropout, activation="gelu_tanh")
+    x = torch.randn(2, 9, 48)
+    results = {}
+    for name in ("reference", "cpp"):
+        block.zero_grad()
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(123)
+        with ckpt_ext.set_backend(name):
+            out = block(xg)
+            out.backward(torch.ones_like(out) + out.detach())
+        results[name] = [out.detach(), xg.grad] + [p.grad.clone() for p in block.parameters()]
+    for ours, ref in zip(results["cpp"], results["reference"]):
+        torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)

@@ -1,0 +1,105 @@
+"""``python -m bench.demo`` at a tiny size: every strategy reported, outputs written, numbers finite, losses equal."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import demo, demo_measure
+from bench.demo_model import STRATEGIES, label
+from bench.demo_report import pareto_front
+
+TINY = ["--layers", "4", "--d-model", "32", "--heads", "2", "--seq", "16", "--batch", "2", "--steps", "3",
+        "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, demo.main([*TINY, "--out", str(out)])
+
+
+def test_table_has_every_strategy(tiny_run, capsys):
+    out, result = tiny_run
+    assert [r.name for r in result["rows"]] == list(STRATEGIES)
+    md = (out / "strategies.md").read_text(encoding="utf-8")
+    assert md.startswith("# Checkpointing Strategy Comparison")
+    for name in STRATEGIES:
+        assert f"| {label(name)} |" in md
+        assert f"| {label(name)} |" in result["table"]
+
+
+def test_png_written(tiny_run):
+    out, _ = tiny_run
+    assert (out / "strategies.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_numbers_finite_and_memory_ordered(tiny_run):
+    _, result = tiny_run
+    rows = {r.name: r for r in result["rows"]}
+    for r in rows.values():
+        for v in (r.act_bytes, r.saved_pct, r.recompute_x, r.step_s, r.step_x, r.tokens_per_s, r.final_loss):
+            assert math.isfinite(v)
+        assert r.step_s > 0 and r.act_bytes > 0
+    assert rows["ckpt_every_1"].act_bytes < rows["ckpt_every_2"].act_bytes < rows["none"].act_bytes
+    kept = [rows[n].act_bytes for n in ("fused_block", "fused_ffn", "fused_pointwise", "none")]
+    assert kept == sorted(kept) and len(set(kept)) == 4
+    assert rows["ckpt_every_1"].recompute_x > 0.5  # re-runs (almost) every block's forward
+
+
+def test_exact_strategies_give_equal_losses(tiny_run):
+    _, result = tiny_run
+    base = result["losses"]["none"]
+    for name, losses in result["losses"].items():
+        assert losses == pytest.approx(base, rel=1e-4), name
+
+
+def test_baseline_always_added(tmp_path):
+    result = demo.main([*TINY, "--steps", "2", "--strategies", "fused_block", "--out", str(tmp_path)])
+    assert [r.name for r in result["rows"]] == ["none", "fused_block"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "positive integer"),
+        (["--layers", "two"], "positive integer"),
+        (["--strategies", "ckpt_every_3,bogus"], "unknown strategy 'bogus'"),
+        (["--d-model", "30", "--heads", "4"], "must divide"),
+        (["--budget", "lots"], "expected a size"),
+        (["--frobnicate"], "unrecognized arguments"),
+    ],
+)
+def test_bad_flags_exit_with_argparse_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err
+
+
+def test_memory_size_units():
+    assert demo.memory_size("24GiB") == 24 * 2**30
+    assert demo.memory_size("500MB") == 500 * 10**6
+    assert demo.memory_size("1.5gib") == int(1.5 * 2**30)
+    assert demo.memory_size("4096") == 4096
+
+
+def test_largest_batch_search(monkeypatch):
+    probes = []
+
+    def fake_peak(factory, batch, seq, device):
+        probes.append(batch)
+        return None if batch > 50 else 100 * batch  # OOM above 50
+
+    monkeypatch.setattr(demo_measure, "cuda_step_peak", fake_peak)
+    assert demo_measure.largest_batch(None, 16, budget=1000, device="cuda", start=8) == 10
+    assert demo_measure.largest_batch(None, 16, budget=10**9, device="cuda", start=3) == 50
+    assert demo_measure.largest_batch(None, 16, budget=50, device="cuda", start=8) == 0
+    assert len(probes) < 30
+
+
+def test_pareto_front():
+    pts = [(0.0, 10.0), (5.0, 5.0), (6.0, 7.0), (20.0, 0.5), (30.0, 0.5)]
+    assert pareto_front(pts) == [0, 1, 3]
