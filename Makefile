@@ -27,8 +27,9 @@ demo: install
 test: install
 	$(VPY) -m pytest -q -m "not slow" -p no:cacheprovider
 
+# pytest exits 5 when no test carries the marker: not a failure for this lane.
 test-slow: install
-	$(VPY) -m pytest -q -m slow -p no:cacheprovider
+	$(VPY) -m pytest -q -m slow -p no:cacheprovider || [ $$? -eq 5 ]
 
 bench: install
 	$(VPY) -m bench.microbench

@@ -3,8 +3,8 @@
 CKPT_EXT_BUILD_CUDA = auto (default): CUDA when torch is a CUDA build and nvcc's major version equals torch's CUDA
                       major; 1: force (fails with the reason; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" when no GPU is
                       visible); 0: CPU only.
-CKPT_EXT_CPU_AVX2   = auto (default): compile the CPU kernels for AVX2+FMA+F16C (at::vec's 256-bit Vectorized) when
-                      the building x86-64 CPU has them; 1: always; 0: baseline ISA.
+CKPT_EXT_CPU_ISA    = auto (default): compile the CPU kernels' at::vec code for the widest of avx512 / avx2 the building
+                      x86-64 CPU supports (as ATen dispatches at run time); or force avx512 | avx2 | default.
 The pip wheel of the CUDA toolkit (site-packages/nvidia/cu13/{include,lib}) is added when present. One abi3 module, no
 pybind11. Build with `pip install --no-build-isolation -e .` into an environment that already has torch and ninja.
 """
@@ -83,28 +83,40 @@ def _cuda_decision():
     return False, problem
 
 
-def _avx2_decision():
-    """(use_avx2, reason) for the CPU kernels."""
-    mode = _env("CKPT_EXT_CPU_AVX2")
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
+               "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "default": [],
+}
+ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}, "avx2": {"avx2", "fma", "f16c"}}
+
+
+def _isa_decision():
+    """(isa, reason): the at::vec instruction set the CPU kernels are compiled for."""
+    mode = os.environ.get("CKPT_EXT_CPU_ISA", "auto").strip().lower()
+    if mode in ISA_FLAGS:
+        return mode, f"CKPT_EXT_CPU_ISA={mode}"
     if mode != "auto":
-        return mode == "1", f"CKPT_EXT_CPU_AVX2={mode}"
+        raise SystemExit(f"CKPT_EXT_CPU_ISA must be auto, {', '.join(ISA_FLAGS)}; got {mode!r}")
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False, f"{platform.machine()} is not x86-64"
+        return "default", f"{platform.machine()} is not x86-64"
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(re.findall(r"\w+", next((line for line in f if line.startswith("flags")), "")))
     except OSError:
-        return False, "cannot read /proc/cpuinfo to check for AVX2"
-    missing = {"avx2", "fma", "f16c"} - flags
-    return not missing, "this CPU has AVX2, FMA and F16C" if not missing else f"this CPU lacks {sorted(missing)}"
+        return "default", "cannot read /proc/cpuinfo"
+    for isa, needs in ISA_NEEDS.items():
+        if needs <= flags:
+            return isa, f"the building CPU has {', '.join(sorted(needs))}"
+    return "default", "the building CPU lacks AVX2/FMA/F16C"
 
 
 def extensions():
     cxx = ["-O3", "-std=c++17", LIMITED_API, "-Wno-psabi", "-ffp-contract=off"]
-    use_avx2, why = _avx2_decision()
-    _log(f"CPU kernels {'with AVX2/FMA' if use_avx2 else 'for the baseline ISA'}: {why}")
-    if use_avx2:
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    isa, why = _isa_decision()
+    _log(f"CPU kernels for ISA {isa}: {why}")
+    cxx += ISA_FLAGS[isa]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     build_cuda, why = _cuda_decision()
     _log(f"CUDA kernels {'ON' if build_cuda else 'OFF'}: {why}")

@@ -139,30 +139,40 @@ def _check_approximate(approximate: str) -> None:
         raise ValueError(f"approximate must be 'none' (erf GELU) or 'tanh', got {approximate!r}")
 
 
-def gelu_and_grad(u: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
-    """(gelu(u), gelu'(u)) in u's compute dtype. tanh form written with sigmoid: 0.5(1 + tanh z) = sigmoid(2z)."""
+def gelu(u: Tensor, approximate: str) -> Tensor:
+    """gelu(u) in u's dtype: u·Φ(u), or 0.5u(1 + tanh z) = u·sigmoid(2z) with z = √(2/π)(u + 0.044715u³)."""
     _check_approximate(approximate)
     if approximate == "tanh":
-        z = _SQRT_2_OVER_PI * (u + GELU_TANH_COEF * u * u * u)
-        s = torch.sigmoid(2.0 * z)
+        return u * torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (u + GELU_TANH_COEF * u * u * u))
+    return u * (0.5 * (1.0 + torch.erf(u * _INV_SQRT_2)))
+
+
+def gelu_grad(u: Tensor, approximate: str) -> Tensor:
+    """gelu'(u): Φ(u) + u·φ(u), or s + 2u·s(1-s)·dz/du with s = sigmoid(2z) (tanh written with sigmoid)."""
+    _check_approximate(approximate)
+    if approximate == "tanh":
+        s = torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (u + GELU_TANH_COEF * u * u * u))
         dz = _SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEF * u * u)
-        return u * s, s + u * 2.0 * s * (1.0 - s) * dz
-    cdf = 0.5 * (1.0 + torch.erf(u * _INV_SQRT_2))
-    pdf = torch.exp(-0.5 * u * u) * _INV_SQRT_2PI
-    return u * cdf, cdf + u * pdf
+        return s + u * 2.0 * s * (1.0 - s) * dz
+    return 0.5 * (1.0 + torch.erf(u * _INV_SQRT_2)) + u * torch.exp(-0.5 * u * u) * _INV_SQRT_2PI
+
+
+def gelu_and_grad(u: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
+    """(gelu(u), gelu'(u)) in u's dtype."""
+    return gelu(u, approximate), gelu_grad(u, approximate)
 
 
 def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     """gelu(x + bias): (N, H) in x.dtype."""
     cdt = compute_dtype(x)
     u = x.to(cdt) if bias is None else x.to(cdt) + bias.to(cdt)
-    return gelu_and_grad(u, approximate)[0].to(x.dtype)
+    return gelu(u, approximate).to(x.dtype)
 
 
 def gelu_bwd(da: Tensor, u: Tensor, approximate: str) -> Tensor:
     """dU = dA * gelu'(u), recomputed from the pre-activation u: (N, H) in u.dtype."""
     cdt = compute_dtype(u)
-    return (da.to(cdt) * gelu_and_grad(u.to(cdt), approximate)[1]).to(u.dtype)
+    return (da.to(cdt) * gelu_grad(u.to(cdt), approximate)).to(u.dtype)
 
 
 # --------------------------------------------------------------------------------- fused FFN recompute / backward
@@ -198,12 +208,12 @@ def ffn_recompute(
 def linear_gelu_bwd(dy: Tensor, w2: Tensor, u: Tensor, approximate: str) -> Tensor:
     """dU = (dY @ w2) * gelu'(u): dy (N, d), w2 (d, H), u (N, H) -> (N, H) in u.dtype (GELU' in the GEMM epilogue)."""
     da = _mm(dy, w2, torch.float64 if u.dtype == torch.float64 else torch.float32)
-    return (da * gelu_and_grad(u.to(da.dtype), approximate)[1]).to(u.dtype)
+    return (da * gelu_grad(u.to(da.dtype), approximate)).to(u.dtype)
 
 
 def gelu_linear_wgrad(dy: Tensor, u: Tensor, approximate: str) -> Tensor:
     """dW2 = dYᵀ @ gelu(u): dy (N, d), u (N, H) -> (d, H) in dy.dtype (GELU in the GEMM prologue)."""
-    a = gelu_and_grad(u.to(compute_dtype(u)), approximate)[0].to(u.dtype)
+    a = gelu(u.to(compute_dtype(u)), approximate).to(u.dtype)
     return _mm(dy.t(), a, dy.dtype)
 
 

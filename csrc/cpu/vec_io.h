@@ -1,7 +1,8 @@
 // Helpers shared by the CPU kernels: fp32 vector loads/stores from any storage dtype, dtype plumbing, row chunking.
 //
 // Every kernel computes in acc_t = float (double for float64 tensors). Vectorized<float> holds kW floats; 16-bit
-// inputs are widened on load (load_f) and narrowed on store (store_f). float64 rows take the scalar loops only.
+// inputs are widened on load (load_f) and narrowed on store (store_f, one 128/256-bit store under
+// AVX2/AVX512). float64 rows take the scalar loops only.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -38,9 +39,22 @@ template <typename T>
 inline void store_f(T* p, const Vec& v) {
   if constexpr (std::is_same_v<T, float>) {
     v.store(p);
-  } else {
-    at::vec::convert_from_float<T>(v, v).store(p, kW);
+    return;
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    const __m256i h = std::is_same_v<T, c10::BFloat16> ? at::vec::cvtfp32_bf16(__m512(v)) : at::vec::cvtfp32_fp16(__m512(v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    const __m128i h = std::is_same_v<T, c10::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v)) : at::vec::cvtfp32_fp16(__m256(v));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+    return;
+  }
+#endif
+  if constexpr (!std::is_same_v<T, float>) at::vec::convert_from_float<T>(v, v).store(p, kW);
 }
 
 // Horizontal sum of a Vectorized<float> (fixed lane order: deterministic).

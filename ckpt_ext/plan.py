@@ -1,0 +1,71 @@
+"""``python -m ckpt_ext.plan``: the seed's strategy table for one model and memory budget, then the recommendation.
+
+    python -m ckpt_ext.plan --d-model 1024 --layers 24 --heads 16 --seq 1024 --batch 32 --gpu-memory 24GiB
+
+Rows: no checkpointing, torch.utils.checkpoint on every 4th / 2nd / every layer, each ckpt_ext policy on all layers;
+columns: activation memory, peak (model state + activations + one layer's recompute workspace), modeled step-time
+overhead vs. no checkpointing, fits. The recommendation is ``planner.plan(...)`` (a per-layer mix of policies).
+The assumptions (bytes per value, 16 bytes of model state per parameter, roofline time model) are in planner.py.
+
+Importing this module (rather than running it) makes the module itself callable as ``planner.plan``, so that
+``ckpt_ext.plan(...)`` keeps working even after ``import ckpt_ext.plan`` rebinds the package attribute to the module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+
+from .planner import DTYPES, evaluate, gib, make_shape, parse_memory, plan, strategies
+
+
+def table(d_model, n_layers, n_heads, seq_len, batch, memory_budget, dtype="bf16", mlp_ratio=4.0) -> str:
+    shape = make_shape(d_model, n_layers, n_heads, seq_len, batch, dtype, mlp_ratio)
+    budget = parse_memory(memory_budget)
+    lines = [
+        f"model: d_model={d_model}, {n_layers} layers, {n_heads} heads, seq {seq_len}, batch {batch}, {shape.dtype}, "
+        f"mlp_ratio {mlp_ratio:g}; budget {gib(budget)}",
+        f"model state (fp32 weights + grads + Adam, 16 B/param, embeddings excluded): {gib(shape.state_bytes)}",
+        "",
+        f"{'strategy':<34}{'activations':>14}{'peak':>14}{'overhead':>10}  fits",
+    ]
+    for label, kinds in strategies(shape):
+        p = evaluate(shape, kinds, budget)
+        lines.append(f"{label:<34}{gib(p.activation_bytes):>14}{gib(p.peak_bytes):>14}{p.overhead:>+10.1%}  "
+                     f"{'yes' if p.fits else 'no'}")  # fmt: skip
+    best = plan(d_model, n_layers, n_heads, seq_len, batch, budget, dtype, mlp_ratio)
+    lines += ["", ("recommendation: " if best.fits else "") + best.message]
+    if best.fits:
+        note = "  (eager: leave the block unconverted)" if "eager" in best.policies else ""
+        lines.append(f"layers: {best.layout()}{note}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ckpt_ext.plan", description=__doc__.split("\n")[0])
+    ap.add_argument("--d-model", type=int, required=True)
+    ap.add_argument("--layers", type=int, required=True)
+    ap.add_argument("--heads", type=int, required=True)
+    ap.add_argument("--seq", type=int, required=True)
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--gpu-memory", required=True, help="e.g. 24GiB, 80GB, or bytes")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--mlp-ratio", type=float, default=4.0)
+    a = ap.parse_args(argv)
+    try:
+        print(table(a.d_model, a.layers, a.heads, a.seq, a.batch, a.gpu_memory, a.dtype, a.mlp_ratio))
+    except ValueError as e:
+        ap.error(str(e))
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return plan(*args, **kwargs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+else:
+    sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,260 @@
+"""The memory-budget planner: per-layer checkpointing policies that minimize step time within a GPU memory budget.
+
+``plan(d_model, n_layers, n_heads, seq_len, batch, memory_budget, dtype="bf16", mlp_ratio=4.0) -> Plan``
+
+Memory model (bytes; N = batch * seq_len tokens, H = mlp_ratio * d_model):
+  per layer      x (the block input, N*d residual-stream values) + policies.retained_bytes(kind) of the policy table;
+                 torch eager = the "none" row (measured equal on CPU), a torch-checkpointed block keeps only x.
+  workspace      backward rebuilds one layer at a time: the largest set of tensors one layer's kind rebuilds
+                 (what "none" keeps minus what it keeps; all of it for torch checkpointing).
+  model state    STATE_BYTES_PER_PARAM = 16 bytes per block parameter: fp32 master weights, fp32 grads and Adam's
+                 two fp32 moments (mixed precision keeps fp32 master weights). Embeddings, the LM head and their
+                 logits are not counted: the planner does not know the vocabulary.
+  peak           model state + activations of all layers + workspace; a plan fits when peak <= memory_budget.
+dtype: "bf16"/"fp16" = autocast training (residual stream and LayerNorm outputs fp32, act_bytes=4; matmul outputs
+16-bit, matmul_bytes=2; statistics fp32); "fp32": everything 4 bytes.
+
+Time model: ckpt_ext.roofline.step_time(kind, ...) per layer (modeled seconds of one fwd+bwd of one block on an
+H200); overhead = sum over layers / (n_layers * step_time("eager")) - 1.
+
+Search: layers are identical, so a plan is a count of layers per policy; every composition of n_layers into the four
+policies is scored (O(n_layers^3) cheap sums) and the fastest that fits wins (ties: less memory). The
+"keep everything" choice is our "none" policy, or torch "eager" (block left unconverted) when that models faster.
+Heavier checkpointing goes to the first layers in the returned list.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Union
+
+import torch
+
+from .policies import POLICIES, retained_bytes, tensor_bytes
+
+STATE_BYTES_PER_PARAM = 16
+DTYPES = {
+    "fp32": (torch.float32, dict(act_bytes=4, matmul_bytes=4, stat_bytes=4)),
+    "bf16": (torch.bfloat16, dict(act_bytes=4, matmul_bytes=2, stat_bytes=4)),
+    "fp16": (torch.float16, dict(act_bytes=4, matmul_bytes=2, stat_bytes=4)),
+}
+TORCH_KINDS = ("eager", "checkpoint")
+ORDER = ("checkpoint", "block", "ffn", "pointwise", "none", "eager")  # heaviest checkpointing first
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}  # fmt: skip
+
+
+def parse_memory(value: Union[int, float, str]) -> int:
+    """Bytes from an int/float or a string: "24GiB", "80GB", "512 MiB", "24G" (bare K/M/G/T are binary)."""
+    if isinstance(value, bool):
+        raise TypeError("memory_budget must be bytes (int) or a string such as '24GiB'")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ValueError(f"memory_budget must be positive, got {value}")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"cannot read memory size {value!r}; use bytes or e.g. '24GiB', '80GB', '512MiB'")
+    return parse_memory(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Shape:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    seq_len: int
+    batch: int
+    dtype: str = "bf16"
+    mlp_ratio: float = 4.0
+
+    @property
+    def hidden(self) -> int:
+        return int(self.mlp_ratio * self.d_model)
+
+    @property
+    def params_per_layer(self) -> int:
+        d, h = self.d_model, self.hidden
+        return 4 * d * d + 2 * d * h + (3 * d + d + h + d) + 4 * d  # weights, biases, two LayerNorms
+
+    @property
+    def state_bytes(self) -> int:
+        return STATE_BYTES_PER_PARAM * self.params_per_layer * self.n_layers
+
+    def _bytes(self, policy: str) -> int:
+        sizes = DTYPES[self.dtype][1]
+        return retained_bytes(policy, self.batch, self.seq_len, self.d_model, self.n_heads, self.hidden, **sizes)
+
+    def layer_bytes(self, kind: str) -> int:
+        """Activation bytes one layer of ``kind`` (a policy, "eager" or "checkpoint") keeps, its input included."""
+        x = tensor_bytes("x", self.batch, self.seq_len, self.d_model, self.n_heads, self.hidden,
+                         **DTYPES[self.dtype][1])  # fmt: skip
+        if kind == "checkpoint":
+            return x
+        return x + self._bytes("none" if kind == "eager" else kind)
+
+    def workspace_bytes(self, kind: str) -> int:
+        """Bytes one layer of ``kind`` rebuilds during its backward."""
+        if kind == "checkpoint":
+            return self._bytes("none")
+        return 0 if kind == "eager" else self._bytes("none") - self._bytes(kind)
+
+    def step_time(self, kind: str) -> float:
+        return _step_time(kind, self.d_model, self.seq_len, self.batch, self.n_heads, self.dtype, self.mlp_ratio)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A per-layer assignment and what it costs. ``fits`` is False when even the leanest plan exceeds the budget."""
+
+    policies: tuple[str, ...]
+    activation_bytes: int
+    workspace_bytes: int
+    state_bytes: int
+    overhead: float
+    budget_bytes: int
+    fits: bool
+    message: str = field(default="", compare=False)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.state_bytes + self.activation_bytes + self.workspace_bytes
+
+    def layout(self) -> str:
+        """Run-length form of ``policies``: "0-22 pointwise, 23 eager"."""
+        runs, start = [], 0
+        for i in range(1, len(self.policies) + 1):
+            if i == len(self.policies) or self.policies[i] != self.policies[start]:
+                span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+                runs.append(f"{span} {self.policies[start]}")
+                start = i
+        return ", ".join(runs)
+
+    def summary(self) -> str:
+        counts = {k: self.policies.count(k) for k in ORDER if k in self.policies}
+        return ", ".join(f"{k} x{n}" for k, n in counts.items())
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def evaluate(shape: Shape, kinds, budget: int) -> Plan:
+    """Memory and modeled overhead of one per-layer assignment (policies and/or torch kinds)."""
+    kinds = tuple(kinds)
+    if len(kinds) != shape.n_layers:
+        raise ValueError(f"expected {shape.n_layers} per-layer kinds, got {len(kinds)}")
+    act = sum(shape.layer_bytes(k) for k in kinds)
+    work = max(shape.workspace_bytes(k) for k in kinds)
+    overhead = round(sum(shape.step_time(k) for k in kinds) / (shape.n_layers * shape.step_time("eager")) - 1.0, 9)
+    fits = shape.state_bytes + act + work <= budget
+    return Plan(kinds, act, work, shape.state_bytes, overhead, budget, fits)
+
+
+def plan(
+    d_model: int,
+    n_layers: int,
+    n_heads: int,
+    seq_len: int,
+    batch: int,
+    memory_budget: Union[int, float, str],
+    dtype: str = "bf16",
+    mlp_ratio: float = 4.0,
+) -> Plan:
+    """The per-layer policies with the least modeled overhead whose peak memory fits ``memory_budget``."""
+    shape = make_shape(d_model, n_layers, n_heads, seq_len, batch, dtype, mlp_ratio)
+    budget = parse_memory(memory_budget)
+    keep_all = "eager" if shape.step_time("eager") < shape.step_time("none") else "none"
+    options = ("block", "ffn", "pointwise", keep_all)
+    mem = [shape.layer_bytes(k) for k in options]
+    work = [shape.workspace_bytes(k) for k in options]
+    time = [shape.step_time(k) for k in options]
+    best = leanest = None  # (key, counts)
+    for counts in _compositions(n_layers, len(options)):
+        peak = shape.state_bytes + sum(n * m for n, m in zip(counts, mem)) + max(w for n, w in zip(counts, work) if n)
+        t = sum(n * x for n, x in zip(counts, time))
+        if leanest is None or peak < leanest[0][1]:
+            leanest = ((t, peak), counts)
+        if peak <= budget and (best is None or (t, peak) < best[0]):
+            best = ((t, peak), counts)
+    counts = (best if best is not None else leanest)[1]
+    return _with_message(evaluate(shape, [k for k, n in zip(options, counts) for _ in range(n)], budget), shape)
+
+
+def strategies(shape: Shape) -> list[tuple[str, tuple[str, ...]]]:
+    """The seed article's strategies for this model: (label, per-layer kinds)."""
+    n = shape.n_layers
+    rows = [("no checkpointing (torch)", ("eager",) * n)]
+    for k in (4, 2):
+        rows.append((f"every {k}th layer (torch)".replace("2th", "2nd"), tuple(
+            "checkpoint" if i % k == 0 else "eager" for i in range(1, n + 1))))  # fmt: skip
+    rows.append(("every layer, block-level (torch)", ("checkpoint",) * n))
+    rows += [(f"ckpt_ext policy={p}", (p,) * n) for p in POLICIES]
+    return rows
+
+
+def make_shape(d_model, n_layers, n_heads, seq_len, batch, dtype="bf16", mlp_ratio=4.0) -> Shape:
+    dtype = _dtype_name(dtype)
+    for name, v in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads), ("seq_len", seq_len),
+                    ("batch", batch)):  # fmt: skip
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if d_model % n_heads:
+        raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model})")
+    if mlp_ratio <= 0:
+        raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
+    return Shape(d_model, n_layers, n_heads, seq_len, batch, dtype, float(mlp_ratio))
+
+
+def _dtype_name(dtype) -> str:
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", "float32": "fp32",
+             "bfloat16": "bf16", "float16": "fp16"}  # fmt: skip
+    name = names.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return name
+
+
+def _compositions(total: int, parts: int):
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total + 1):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
+def _with_message(p: Plan, shape: Shape) -> Plan:
+    if p.fits:
+        msg = (f"{p.summary()}: activations {gib(p.activation_bytes)}, peak {gib(p.peak_bytes)} of "
+               f"{gib(p.budget_bytes)}, modeled overhead {p.overhead:+.1%}")  # fmt: skip
+    else:
+        msg = (f"budget cannot be met: {gib(p.budget_bytes)} < {gib(p.peak_bytes)} needed by the leanest plan "
+               f"({p.summary()}: model state {gib(p.state_bytes)} + activations {gib(p.activation_bytes)} + "
+               f"workspace {gib(p.workspace_bytes)}); reduce batch or sequence length, or shard (FSDP)")  # fmt: skip
+    return Plan(p.policies, p.activation_bytes, p.workspace_bytes, p.state_bytes, p.overhead, p.budget_bytes, p.fits,
+                msg)  # fmt: skip
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _load_step_time():
+    """ckpt_ext.roofline.step_time, imported on first use (tests replace this function with a stub)."""
+    from .roofline import step_time
+
+    return step_time
+
+
+@lru_cache(maxsize=None)
+def _cached_step_time(loader, kind, d_model, seq, batch, n_heads, dtype, mlp_ratio) -> float:
+    return float(loader()(kind, d_model, seq, batch, n_heads, dtype=DTYPES[dtype][0], mlp_ratio=mlp_ratio))
+
+
+def _step_time(kind, d_model, seq, batch, n_heads, dtype, mlp_ratio) -> float:
+    if kind not in POLICIES and kind not in TORCH_KINDS:
+        raise ValueError(f"unknown layer kind {kind!r}")
+    return _cached_step_time(_load_step_time, kind, d_model, seq, batch, n_heads, dtype, mlp_ratio)

@@ -1,0 +1,77 @@
+// Residual + dropout with the seed-reproducible hash mask on CUDA (math::dropout_keep, csrc/common/ckpt_math.h).
+//
+// dropout_add_kernel(x (...), residual (...)?, p, seed) -> out = keep(i) ? x[i] / (1 - p) : 0 (+ residual[i]),
+// i the flat row-major index, dtype result_type(x, residual); inputs are first brought to that dtype (exact).
+// Grid-stride loop in packs of V elements (16-byte accesses when aligned); always a fresh output tensor.
+#include <torch/library.h>
+
+#include "../common/ckpt_math.h"
+#include "cuda_utils.cuh"
+
+namespace ckpt_ext {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, int V>
+__global__ void dropout_add_kernel(const T* __restrict__ x, const T* __restrict__ res, T* __restrict__ out,
+                                   int64_t numel, uint32_t key, uint32_t thr, bool drop, acc_type<T> scale) {
+  using acc_t = acc_type<T>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * V;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel; i += stride) {
+    const Pack<T, V> xp = load_pack<T, V>(x + i);
+    Pack<T, V> rp;
+    if (res) rp = load_pack<T, V>(res + i);
+    Pack<T, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const bool keep = !drop || math::dropout_keep(i + k, key, thr);
+      acc_t v = keep ? static_cast<acc_t>(xp.v[k]) * scale : acc_t(0);
+      if (res) v += static_cast<acc_t>(rp.v[k]);
+      o.v[k] = static_cast<T>(v);
+    }
+    store_pack<T, V>(out + i, o);
+  }
+}
+
+at::Tensor dropout_add_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, double p, int64_t seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_add_kernel: p must be in [0, 1), got ", p);
+  const bool has_res = residual.has_value() && residual->defined();
+  TORCH_CHECK(!has_res || residual->sizes() == x.sizes(), "dropout_add_kernel: residual must have x's shape");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto out_dtype = has_res ? at::result_type(x, *residual) : x.scalar_type();
+  const at::Tensor xc = as_contig(x, out_dtype);
+  const at::Tensor rc = has_res ? as_contig(*residual, out_dtype) : at::Tensor();
+  at::Tensor out = at::empty(x.sizes(), xc.options());
+  const int64_t numel = x.numel();
+  if (numel == 0) return out;
+  const uint32_t key = math::seed_key(seed), thr = math::dropout_threshold(p);
+  const bool drop = p > 0.0;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "dropout_add_kernel", [&] {
+    using acc_t = acc_type<scalar_t>;
+    constexpr int V = kPack<scalar_t>;
+    const acc_t scale = drop ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(1);
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* rp = has_res ? rc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int v = packable<scalar_t>(numel, {xp, rp, op}) ? V : 1;
+    const int64_t blocks = std::min<int64_t>((numel / v + kThreads - 1) / kThreads, 65536);
+    const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, blocks));
+    if (v == V) {
+      dropout_add_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(xp, rp, op, numel, key, thr, drop, scale);
+    } else {
+      dropout_add_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(xp, rp, op, numel, key, thr, drop, scale);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ckpt_ext, CUDA, m) { m.impl("dropout_add_kernel", &dropout_add_cuda); }
+
+}  // namespace cuda
+}  // namespace ckpt_ext
