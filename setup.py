@@ -131,7 +131,7 @@ def extensions():
     pip_dirs = _nvidia_pip_dirs()
     if pip_dirs:
         _log(f"adding pip CUDA dirs {pip_dirs}")
-    nvcc = ["-O3", "-std=c++17", LIMITED_API, "-DCKPT_EXT_WITH_CUDA"]
+    nvcc = ["-O3", "-std=c++20", LIMITED_API, "-DCKPT_EXT_WITH_CUDA"]
     return [
         CUDAExtension(
             "ckpt_ext._C",

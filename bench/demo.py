@@ -12,13 +12,15 @@ Writes <out>/strategies.md and <out>/strategies.png. The default size finishes i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import platform
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from tqdm import tqdm
@@ -65,6 +67,18 @@ def strategy_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """torch's CPU thread count set to ``n`` (0: unchanged) for the block, restored after."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.demo",
@@ -89,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=memory_size, default="24GiB", help="memory budget for the max-batch search (cuda)")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for strategies.md and strategies.png")
     p.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the batch order")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=150.0,
+        help="wall-clock budget: training stops early (same steps for every strategy) when the next round would end "
+        "past it; 0 disables",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     return p
 
@@ -96,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.d_model % args.heads:
         parser.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
     if not args.device.startswith(("cpu", "cuda")):
@@ -104,15 +128,28 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA device is available to torch (torch.cuda.is_available() is False)")
     if args.lr <= 0 or not math.isfinite(args.lr):
         parser.error(f"--lr must be a positive number, got {args.lr}")
+    if args.max_seconds < 0 or not math.isfinite(args.max_seconds):
+        parser.error(f"--max-seconds must be >= 0, got {args.max_seconds}")
     if "none" not in args.strategies:
         args.strategies = ["none", *args.strategies]
     return args
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else platform's guess, with the core count."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def versions(device: str) -> dict[str, str]:
-    dev = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or "cpu")
+    dev = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name()
     return {
-        "device": f"{device} ({dev}), {torch.get_num_threads()} torch threads",
+        "device": f"{device} ({dev})",
         "ckpt_ext backend": f"{ckpt_ext.get_backend()} -> {concrete_backend(torch.device(device).type)}",
         "versions": f"ckpt_ext {ckpt_ext.__version__}, torch {torch.__version__}, python {platform.python_version()}",
         "platform": platform.platform(),
@@ -120,7 +157,7 @@ def versions(device: str) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Measure every strategy; returns {"rows": [Row], "losses": {name: [loss per step]}, "table": str, ...}."""
+    """Measure every strategy; returns {"rows": [Row], "losses"/"seconds": {name: [per step]}, "steps", "elapsed"}."""
     started = time.perf_counter()
     device, names = args.device, args.strategies
     torch.manual_seed(args.seed)
@@ -140,8 +177,10 @@ def run(args: argparse.Namespace) -> dict:
     bar.set_description("train")
     bar.set_postfix_str("round-robin")
     trainers = {n: measure.Trainer(models[n], args.lr, device) for n in names}
-    losses, seconds = measure.train_round_robin(trainers, batches, on_step=bar.update)
+    deadline = started + args.max_seconds if args.max_seconds > 0 else None
+    losses, seconds = measure.train_round_robin(trainers, batches, on_step=bar.update, deadline=deadline)
     bar.close()
+    steps_run = len(losses["none"])
 
     steps_s = {n: measure.median_step(seconds[n]) for n in names}
     peaks: dict[str, Optional[int]] = {}
@@ -173,18 +212,18 @@ def run(args: argparse.Namespace) -> dict:
                 max_batch=max_batch.get(n),
             )
         )
-    return dict(rows=rows, losses=losses, seconds=seconds, elapsed=time.perf_counter() - started)
+    return dict(rows=rows, losses=losses, seconds=seconds, steps=steps_run, elapsed=time.perf_counter() - started)
 
 
-def notes(args: argparse.Namespace, rows: list[Row], elapsed: float) -> list[str]:
+def notes(args: argparse.Namespace, rows: list[Row], steps: int, elapsed: float) -> list[str]:
     out = [
         "Activations kept: bytes the autograd graph holds after one forward (tokens -> loss), measured with "
         "ckpt_ext.measure.retained_activation_bytes; weights, gradients and optimizer state excluded.",
         "Recompute: FLOPs of one training step minus the baseline's, in units of one forward of the whole model "
         "(FlopCounterMode, recompute inside backward included).",
-        f"Step time: median of {max(args.steps - 1, 1)} training steps (forward, backward, AdamW) per strategy, "
+        f"Step time: median of {max(steps - 1, 1)} training steps (forward, backward, AdamW) per strategy, "
         "interleaved round-robin in one run; tokens/s = batch × seq / step time.",
-        f"Final loss after {args.steps} steps on identical weights and batches; every strategy computes the same "
+        f"Final loss after {steps} steps on identical weights and batches; every strategy computes the same "
         f"math, so losses differ only by float rounding (largest relative difference "
         f"{max(r.loss_rel_diff for r in rows):.1e}).",
     ]
@@ -200,18 +239,22 @@ def notes(args: argparse.Namespace, rows: list[Row], elapsed: float) -> list[str
         )
     elif torch.device(args.device).type == "cpu":
         out.append("On CPU the fused ops run the C++ backend (`auto`); CPU step times need not carry over to a GPU.")
+    if steps < args.steps:
+        out.append(f"Training stopped after {steps} of {args.steps} steps: --max-seconds {args.max_seconds:g} reached.")
     out.append(f"Total run time {elapsed:.0f} s.")
     return out
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
-    result = run(args)
+    with cpu_threads(args.threads):
+        result = run(args)
     rows = result["rows"]
     shape = f"{args.layers} layers, d={args.d_model}, {args.heads} heads, T={args.seq}, batch {args.batch}"
     md_table = table(rows, cuda=args.device.startswith("cuda"), budget=args.budget)
-    note_lines = notes(args, rows, result["elapsed"])
-    config = {"model": f"byte-level GPT, {shape}", "steps": args.steps, "lr": args.lr, "seed": args.seed,
+    note_lines = notes(args, rows, result["steps"], result["elapsed"])
+    config = {"model": f"byte-level GPT, {shape}", "steps": f"{result['steps']} of {args.steps}", "lr": args.lr,
+              "seed": args.seed, "torch threads": args.threads or torch.get_num_threads(),
               "strategies": ", ".join(args.strategies), **versions(args.device)}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     write_markdown(args.out / "strategies.md", TITLE, md_table, config, note_lines)

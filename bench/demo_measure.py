@@ -73,23 +73,31 @@ class Trainer:
 
 
 def train_round_robin(
-    trainers: dict[str, Trainer], batches: list[Tensor], on_step: Optional[Callable[[], None]] = None
+    trainers: dict[str, Trainer],
+    batches: list[Tensor],
+    on_step: Optional[Callable[[], None]] = None,
+    deadline: Optional[float] = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Train every strategy on the same batches, interleaved step by step so drift hits all alike.
 
     Returns (losses, seconds) per strategy, one entry per step. The strategy order rotates every step so no
-    strategy always runs right after the same neighbour.
+    strategy always runs right after the same neighbour. With ``deadline`` (a time.perf_counter() value), stops
+    after the first round past 2 whose successor would end after it: every strategy always runs the same steps.
     """
     names = list(trainers)
     losses: dict[str, list[float]] = {n: [] for n in names}
     seconds: dict[str, list[float]] = {n: [] for n in names}
     for i, batch in enumerate(batches):
+        round_start = time.perf_counter()
         for name in names[i % len(names) :] + names[: i % len(names)]:
             loss, dt = trainers[name].step(batch)
             losses[name].append(loss)
             seconds[name].append(dt)
             if on_step is not None:
                 on_step()
+        now = time.perf_counter()
+        if deadline is not None and i >= 2 and now + (now - round_start) > deadline:
+            break
     return losses, seconds
 
 

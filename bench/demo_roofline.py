@@ -14,14 +14,11 @@ FUSED_VARIANTS = {"fused_pointwise": "pointwise", "fused_ffn": "ffn", "fused_blo
 
 
 def _roofline_module():
-    for name in ("ckpt_ext.roofline", "bench.roofline"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "step_time"):
-            return module
-    return None
+    try:
+        module = importlib.import_module("ckpt_ext.roofline")
+    except ImportError:
+        return None
+    return module if hasattr(module, "step_time") else None
 
 
 def roofline_available() -> bool:

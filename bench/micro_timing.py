@@ -2,7 +2,8 @@
 
 GPU: ``triton.testing.do_bench`` (L2 flushed between calls, CUDA events) with quantiles 0.5 / 0.2 / 0.8.
 CPU: a perf_counter loop, one sample per call after warm-up, until ``min_time`` seconds and ``min_reps`` samples.
-Roofline: max(FLOPs / 788 TFLOP/s, bytes / 4.3 TB/s) + 3 µs, the H200 ceilings the project's cost model uses.
+Roofline: max(FLOPs / 788 TFLOP/s, bytes / 4.3 TB/s) + 3 µs on an H200, priced by ckpt_ext.roofline.price (the
+project's cost model) when it is importable, else by the same formula here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ class Timing:
 
 
 def roofline_seconds(flops: int, nbytes: int) -> float:
-    return max(flops / H200_FLOPS, nbytes / H200_BYTES) + LAUNCH_S
+    try:
+        from ckpt_ext.roofline import price
+    except ImportError:
+        return max(flops / H200_FLOPS, nbytes / H200_BYTES) + LAUNCH_S
+    return price(flops, nbytes)
 
 
 def _quantile(sorted_samples: list[float], q: float) -> float:

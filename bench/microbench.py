@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import sys
 from pathlib import Path
 from typing import Optional
@@ -23,7 +22,7 @@ from tqdm import tqdm
 import ckpt_ext
 from ckpt_ext.backend import concrete_backend
 
-from .demo import positive_int
+from .demo import cpu_name, cpu_threads, positive_int
 from .micro_cases import Shape, build_cases, known_names, select
 from .micro_report import Result, append_csv, plot_family, table
 from .micro_timing import roofline_seconds, time_fn
@@ -68,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=positive_float, default=0.25, help="seconds of timed calls per measurement")
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for microbench.csv and plots")
     p.add_argument("--seed", type=int, default=0, help="seed for the inputs")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
     return p
 
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.d_model % args.heads:
         parser.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
     if not args.device.startswith(("cpu", "cuda")):
@@ -89,7 +91,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
 
 
 def versions_string(device: torch.device) -> str:
@@ -104,13 +106,18 @@ def versions_string(device: torch.device) -> str:
     return "; ".join(parts)
 
 
+def _compiled(fn):
+    """torch.compile of a plain Python wrapper (some eager callables are aten op packets, not functions)."""
+    return torch.compile(lambda *a: fn(*a), dynamic=False)
+
+
 def _providers(case, compile_: bool) -> list[tuple[str, object]]:
     fn, args = case.ours
     out = [("ckpt_ext", lambda: fn(*args))]
     efn, eargs = case.eager
     out.append(("eager", lambda: efn(*eargs)))
     if compile_ and case.compilable:
-        cfn = torch.compile(efn, dynamic=False)
+        cfn = _compiled(efn)
         out.append(("compile", lambda: cfn(*eargs)))
     return out
 
@@ -126,30 +133,39 @@ def run(args: argparse.Namespace) -> list[Result]:
             roof = roofline_seconds(case.flops, case.nbytes)
             for provider, call in _providers(case, args.compile):
                 bar.set_postfix_str(f"{case.op} {case.mode} {provider}")
-                t = time_fn(call, device, args.min_time)
+                try:
+                    t = time_fn(call, device, args.min_time)
+                except Exception as err:  # noqa: BLE001  (a failed torch.compile must not lose the other results)
+                    if provider != "compile":
+                        raise
+                    bar.write(f"skipped {case.op} {case.mode} compile: {type(err).__name__}: {err}".splitlines()[0])
+                    continue
+                finally:
+                    bar.update()
                 results.append(Result(case.op, case.family, case.mode, provider, str(shape), t.median, t.q20, t.q80,
                                       case.nbytes, case.flops, roof))  # fmt: skip
-                bar.update()
     return results
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    results = run(args)
+    with cpu_threads(args.threads):
+        results = run(args)
+        name = device_name(device)
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "microbench.csv"
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     dtype = str(args.dtype).replace("torch.", "")
-    append_csv(csv_path, results, device_name(device), f"{versions_string(device)}; {dtype}", stamp)
+    append_csv(csv_path, results, name, f"{versions_string(device)}; {dtype}", stamp)
     plots = []
     for family in dict.fromkeys(r.family for r in results):
         path = args.out / f"{family}.png"
-        plot_family(path, family, [r for r in results if r.family == family], device_name(device))
+        plot_family(path, family, [r for r in results if r.family == family], name)
         plots.append(path)
     md = table(results)
     sys.stdout.write(f"\nckpt_ext op microbenchmarks ({results[0].shape if results else ''}, {dtype}, "
-                     f"{device_name(device)})\n\n{md}\n\nappended to {csv_path}; plots in {args.out}\n")  # fmt: skip
+                     f"{name})\n\n{md}\n\nappended to {csv_path}; plots in {args.out}\n")  # fmt: skip
     return dict(results=results, csv=csv_path, plots=plots, table=md)
 
 

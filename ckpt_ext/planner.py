@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Union
 
 import torch
@@ -148,7 +148,8 @@ def evaluate(shape: Shape, kinds, budget: int) -> Plan:
         raise ValueError(f"expected {shape.n_layers} per-layer kinds, got {len(kinds)}")
     act = sum(shape.layer_bytes(k) for k in kinds)
     work = max(shape.workspace_bytes(k) for k in kinds)
-    overhead = round(sum(shape.step_time(k) for k in kinds) / (shape.n_layers * shape.step_time("eager")) - 1.0, 9)
+    ratio = sum(shape.step_time(k) for k in kinds) / (shape.n_layers * shape.step_time("eager"))
+    overhead = round(ratio - 1.0, 9) + 0.0  # no "-0.0%" from rounding noise
     fits = shape.state_bytes + act + work <= budget
     return Plan(kinds, act, work, shape.state_bytes, overhead, budget, fits)
 
@@ -249,7 +250,7 @@ def _load_step_time():
     return step_time
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cached_step_time(loader, kind, d_model, seq, batch, n_heads, dtype, mlp_ratio) -> float:
     return float(loader()(kind, d_model, seq, batch, n_heads, dtype=DTYPES[dtype][0], mlp_ratio=mlp_ratio))
 

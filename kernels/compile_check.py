@@ -6,9 +6,9 @@ Each kernel is compiled from its AST (``triton.compile(ASTSource(...), target=GP
 16-bit signatures (fp16 and bf16 activations/weights, fp32 statistics), once per GELU form, for the largest autotune
 config of the target's list (every config with --all-configs). Arguments are specialized the way the JIT does for
 the usual layouts (nn.Linear weights, contiguous activations): unit strides become the constant 1, and pointers,
-other strides and the d/H dimensions carry 16-divisibility, so the compile sees the kernel the GPU will run. Must run WITHOUT TRITON_INTERPRET=1 (the
-interpreter replaces @triton.jit functions); exits non-zero if any kernel fails to compile. Prints one line per
-compile: ``kernel dtype variant shared=<bytes> warps=<n> stages=<n> sm=<arch>``.
+other strides and the d/H dimensions carry 16-divisibility, so the compile sees the kernel the GPU will run.
+Must run WITHOUT TRITON_INTERPRET=1 (the interpreter replaces @triton.jit functions); exits non-zero if any kernel
+fails to compile. Prints one line per compile: ``kernel dtype variant shared=<bytes> warps=<n> stages=<n> sm=<arch>``.
 """
 
 from __future__ import annotations

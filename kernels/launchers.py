@@ -45,7 +45,7 @@ def _upcast(*tensors) -> bool:
     return interpreting() or len(dtypes) > 1 or torch.float32 in dtypes
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=16)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

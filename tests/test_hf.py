@@ -146,6 +146,18 @@ def test_gpt2_inference_paths_fall_back(fused_calls):
     torch.testing.assert_close(first.logits, ref(ids[:, :8]).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_hf_gradient_checkpointing_does_not_recompute_twice(fused_calls):
+    ref = gpt2()
+    model = copy.deepcopy(ref)
+    apply_fused_checkpointing(model, policy="ffn")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask, labels = lm_batch("right")
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    ref(ids, attention_mask=mask, labels=labels).loss.backward()
+    assert len(fused_calls) == 2  # a torch.utils.checkpoint around the layers would have called them again
+    assert_grads_match(model, ref)
+
+
 @pytest.mark.skipif(TF5, reason="transformers 5 removed output_attentions from GPT-2")
 def test_gpt2_output_attentions_fall_back(fused_calls):
     model = gpt2("eager")

@@ -10,15 +10,15 @@ head masks, cross-attention, hooks on the bypassed submodules) runs the original
 Masks: a 4-D mask broadcastable to (B, h, T, T) (bool keep-mask or additive float, as Hugging Face builds for eager and
 SDPA) or a 2-D (B, T) padding mask becomes one additive float32 mask with ``finfo(float32).min`` at masked positions
 (a finite value: rows that padding masks completely stay finite, as in Hugging Face's eager attention). A mask that
-masks nothing beyond causality becomes None, so the fast unmasked kernels run. The conversion of the last mask object
-seen is cached, so the layers of one forward share one tensor (one (B, 1, T, T) buffer, not one per layer).
+masks nothing beyond causality becomes None, so the fast unmasked kernels run. The conversion is cached on the mask
+tensor object itself, so the layers of one forward share one (B, 1, T, T) buffer (not one per layer) and it is freed
+with the model's mask.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +38,15 @@ class FusedLayerMixin:
 
     _ckpt_adapter = None
 
-    # nn.Module.__call__, not GradientCheckpointingLayer.__call__: the fused path already checkpoints, and wrapping it
-    # in torch.utils.checkpoint as well would recompute the block twice.
-    __call__ = nn.Module.__call__
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Always False: Hugging Face's checkpointing (GradientCheckpointingLayer) would wrap the fused block in
+        torch.utils.checkpoint and recompute it twice. Setting it (gradient_checkpointing_enable) is ignored."""
+        return False
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value) -> None:
+        pass
 
     def forward(self, *args, **kwargs):
         original = super().forward  # the model's own forward (FusedLayerMixin is first in the MRO)
@@ -87,25 +93,6 @@ def any_intercepted(modules) -> bool:
     return any(is_intercepted(m) for m in modules if m is not None)
 
 
-class _MaskCache:
-    """Single-entry cache: the converted form of the last mask object seen (weakly referenced)."""
-
-    def __init__(self):
-        self.key: Optional[tuple] = None
-        self.ref: Optional[weakref.ref] = None
-        self.value: Optional[Tensor] = None
-
-    def get(self, mask: Tensor, key: tuple, build: Callable[[], Optional[Tensor]]) -> Optional[Tensor]:
-        if self.ref is not None and self.ref() is mask and self.key == key:
-            return self.value
-        self.value = build()
-        self.ref, self.key = weakref.ref(mask), key
-        return self.value
-
-
-_MASKS = _MaskCache()
-
-
 def additive_mask(mask: Optional[Tensor], seq: int, causal: bool) -> Optional[Tensor]:
     """HF attention mask -> additive float32 mask broadcastable to (B, 1, T, T), or None when it masks nothing.
 
@@ -115,8 +102,12 @@ def additive_mask(mask: Optional[Tensor], seq: int, causal: bool) -> Optional[Te
     """
     if mask is None:
         return None
-    key = (seq, causal, mask.shape, mask.dtype, mask._version)
-    return _MASKS.get(mask, key, lambda: _build_additive(mask, seq, causal))
+    key = (seq, causal, mask._version)
+    cached = getattr(mask, "_ckpt_additive", None)
+    if cached is None or cached[0] != key:
+        cached = (key, _build_additive(mask, seq, causal))
+        mask._ckpt_additive = cached  # lives exactly as long as the model's mask tensor
+    return cached[1]
 
 
 def _build_additive(mask: Tensor, seq: int, causal: bool) -> Optional[Tensor]:

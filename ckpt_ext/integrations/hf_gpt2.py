@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 (``GPT2Block``) adapter: transformers 4.57 and 5.x.
 
-GPT2Block(x) = x1 + Dropout(c_proj(gelu_new(c_fc(ln_2(x1))))),  x1 = x + Dropout(attn.c_proj(causal_attn(c_attn(ln_1(x)))))
+GPT2Block(x) = x1 + Dropout(mlp.c_proj(gelu_new(mlp.c_fc(ln_2(x1))))),
+           x1 = x + Dropout(attn.c_proj(causal_attention(attn.c_attn(ln_1(x)))))
 with Conv1D layers (weight [in, out], y = x @ W + b): the fused block gets the views ``W.t()`` (out, in), no copies.
 c_attn's output is q | k | v with heads contiguous inside each (B, T, 3d), the layout ckpt_ext's attention reads.
 Attention scale 1/sqrt(dh) (``scale_attn_weights``), probabilities dropped with ``attn_pdrop``, both residual branches
@@ -15,6 +16,7 @@ Return value: 4.57 blocks return a tuple (hidden_states,); 5.x blocks return the
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -81,7 +83,7 @@ class GPT2Adapter:
         mask = bound.get("attention_mask")
         mask = additive_mask(mask, x.shape[1], causal=True)
         out = fused_block(x, params, self.block_config(layer), mask)
-        return (out,) if "output_attentions" in inspect.signature(original).parameters else out
+        return (out,) if "output_attentions" in bound else out
 
     def _can_fuse(self, layer, bound: dict, params) -> bool:
         x = bound["hidden_states"]
@@ -97,8 +99,8 @@ class GPT2Adapter:
             return False
         impl = getattr(layer.attn.config, "_attn_implementation", "eager")
         if impl not in FUSED_ATTENTION:
-            warn_once(f"gpt2-impl-{impl}", f"ckpt_ext: GPT-2 attention implementation {impl!r} is not fused; "
-                      f"use one of {FUSED_ATTENTION} (model.set_attn_implementation) to train with fused checkpointing")  # fmt: skip
+            msg = f"ckpt_ext: GPT-2 attention implementation {impl!r} runs unfused; use one of {FUSED_ATTENTION}"
+            warn_once(f"gpt2-impl-{impl}", msg)
             return False
         if any_intercepted((layer.ln_1, layer.attn, layer.ln_2, layer.mlp)):
             return False
@@ -112,12 +114,25 @@ class GPT2Adapter:
         return True
 
 
+@functools.lru_cache(maxsize=64)
+def _signature(func) -> inspect.Signature:
+    return inspect.signature(func)
+
+
 def _bind(original, args, kwargs) -> dict:
-    """Name the call's arguments after the original forward's signature (which differs between versions)."""
-    sig = inspect.signature(original)
-    bound = sig.bind(*args, **kwargs)
+    """Name the call's arguments after the original forward's signature (which differs between versions).
+
+    The signature is cached per function (``original.__func__``), not per bound method, so no layer is kept alive."""
+    func = getattr(original, "__func__", None)
+    if func is None:
+        bound = _signature(original).bind(*args, **kwargs)
+    else:
+        bound = _signature(func).bind(original.__self__, *args, **kwargs)
     bound.apply_defaults()
-    return dict(bound.arguments)
+    named = dict(bound.arguments)
+    if func is not None:
+        named.pop(next(iter(_signature(func).parameters)))
+    return named
 
 
 def _cached_tokens(cache, layer_idx) -> int:

@@ -22,6 +22,12 @@ inline at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDou
 
 inline at::Tensor as_contig(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
+// A type as a value, to pick template arguments inside AT_DISPATCH lambdas.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
 template <typename T>
 constexpr int kPack = 16 / sizeof(T) > 0 ? 16 / sizeof(T) : 1;
 

@@ -122,7 +122,7 @@ at::Tensor gelu_bwd_cuda(const at::Tensor& da, const at::Tensor& u, c10::string_
         vec ? launch(gelu_bwd_kernel<scalar_t, D, V, false>, V) : launch(gelu_bwd_kernel<scalar_t, D, 1, false>, 1);
       }
     };
-    da_same ? run(c10::guts::type_identity<scalar_t>{}) : run(c10::guts::type_identity<acc_t>{});
+    da_same ? run(TypeTag<scalar_t>{}) : run(TypeTag<acc_t>{});
   });
   return out;
 }

@@ -195,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
       };
       vec ? launch(layer_norm_bwd_kernel<scalar_t, G, V>, V) : launch(layer_norm_bwd_kernel<scalar_t, G, 1>, 1);
     };
-    same ? run(c10::guts::type_identity<scalar_t>{}) : run(c10::guts::type_identity<acc_t>{});
+    same ? run(TypeTag<scalar_t>{}) : run(TypeTag<acc_t>{});
     if (d > 0) {
       const int threads = 256;
       sum_partials_kernel<acc_t><<<static_cast<unsigned>((2 * d + threads - 1) / threads), threads, 0, stream>>>(

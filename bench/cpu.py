@@ -1,0 +1,103 @@
+"""CPU benchmark of the C++ kernels (`python -m bench.cpu`, from the repo root; not a test).
+
+Part 1: each ckpt_ext C++ kernel op against torch's own CPU op on the same inputs, at N = 8192 rows, d = 768 / 1024
+(H = 4d for the GELU ops), fp32 and bf16: LayerNorm forward (F.layer_norm), LayerNorm backward (autograd through
+F.layer_norm), GELU backward (aten.gelu_backward, erf and tanh), bias + GELU (F.gelu(x + b)), residual + dropout
+(F.dropout(x) + r). Ratio = torch time / ours (> 1: ours faster).
+Part 2: one training step (forward + backward) of a block, d = 256, T = 256, B = 8, 4 heads, dropout 0.1, per
+ckpt_ext policy on the `cpp` backend, against TransformerBlock and torch.utils.checkpoint(use_reentrant=False) on it.
+Medians of torch.utils.benchmark's blocked_autorange, with 2 threads (CKPT_EXT_BENCH_THREADS overrides).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+from torch.utils.checkpoint import checkpoint
+
+import ckpt_ext
+from ckpt_ext.block import init_block_
+
+K = torch.ops.ckpt_ext
+MIN_RUN_S = 0.4
+
+
+def _ms(fn) -> float:
+    fn()
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=MIN_RUN_S).median * 1e3
+
+
+def _op_cases(n: int, d: int, dtype: torch.dtype):
+    """(name, ours, torch's) closures on shared inputs."""
+    x = torch.randn(n, d, dtype=dtype)
+    w, b = torch.randn(d, dtype=dtype), torch.randn(d, dtype=dtype)
+    dy = torch.randn(n, d, dtype=dtype)
+    _, mean, rstd = K.layer_norm_fwd_kernel(x, w, b, 1e-5)
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    yg = F.layer_norm(xg, (d,), wg, bg, 1e-5)
+    u = torch.randn(n, 4 * d, dtype=dtype)
+    du, b4 = torch.randn_like(u), torch.randn(4 * d, dtype=dtype)
+    return [
+        ("layer_norm fwd", lambda: K.layer_norm_fwd_kernel(x, w, b, 1e-5), lambda: F.layer_norm(x, (d,), w, b, 1e-5)),
+        ("layer_norm bwd", lambda: K.layer_norm_bwd_kernel(dy, x, mean, rstd, w, b, None, False),
+         lambda: torch.autograd.grad(yg, (xg, wg, bg), dy, retain_graph=True)),
+        ("gelu bwd (erf)", lambda: K.gelu_bwd_kernel(du, u, "none"),
+         lambda: torch.ops.aten.gelu_backward(du, u, approximate="none")),
+        ("gelu bwd (tanh)", lambda: K.gelu_bwd_kernel(du, u, "tanh"),
+         lambda: torch.ops.aten.gelu_backward(du, u, approximate="tanh")),
+        ("bias+gelu (erf)", lambda: K.bias_gelu_kernel(u, b4, "none"), lambda: F.gelu(u + b4)),
+        ("dropout+add", lambda: K.dropout_add_kernel(x, dy, 0.1, 7), lambda: F.dropout(x, 0.1) + dy),
+    ]  # fmt: skip
+
+
+def bench_ops() -> None:
+    print(f"{'op':<18}{'dtype':<10}{'N x d':<13}{'ours ms':>9}{'torch ms':>10}{'torch/ours':>12}")
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, d in ((8192, 768), (8192, 1024)):
+            for name, ours, theirs in _op_cases(n, d, dtype):
+                a, b = _ms(ours), _ms(theirs)
+                dt = str(dtype).removeprefix("torch.")
+                print(f"{name:<18}{dt:<10}{f'{n}x{d}':<13}{a:>9.2f}{b:>10.2f}{b / a:>11.2f}x")
+
+
+def _step(module, x, use_checkpoint: bool = False):
+    def run():
+        xg = x.detach().requires_grad_()
+        out = checkpoint(module, xg, use_reentrant=False) if use_checkpoint else module(xg)
+        out.backward(torch.ones_like(out))
+
+    return run
+
+
+def bench_block(batch: int = 8, seq: int = 256, d_model: int = 256, n_heads: int = 4, dropout: float = 0.1) -> None:
+    torch.manual_seed(0)
+    block = ckpt_ext.TransformerBlock(d_model, n_heads, dropout=dropout)
+    init_block_(block)
+    x = torch.randn(batch, seq, d_model)
+    base = _ms(_step(block, x))
+    ckpt = _ms(_step(block, x, use_checkpoint=True))
+    print(f"\nblock step fwd+bwd, B={batch} T={seq} d={d_model} heads={n_heads} dropout={dropout}, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'variant':<34}{'ms':>9}{'vs TransformerBlock':>22}{'vs torch checkpoint':>22}")
+    print(f"{'TransformerBlock':<34}{base:>9.2f}{1.0:>21.2f}x{ckpt / base:>21.2f}x")
+    print(f"{'torch.utils.checkpoint (non-reent.)':<34}{ckpt:>9.2f}{base / ckpt:>21.2f}x{1.0:>21.2f}x")
+    with ckpt_ext.set_backend("cpp"):
+        for policy in ckpt_ext.POLICIES:
+            fused = ckpt_ext.FusedCheckpointBlock.from_block(block, policy=policy)
+            t = _ms(_step(fused, x))
+            print(f"{'cpp policy=' + policy:<34}{t:>9.2f}{base / t:>21.2f}x{ckpt / t:>21.2f}x")
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("CKPT_EXT_BENCH_THREADS", "2")))
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads\n")  # fmt: skip
+    bench_ops()
+    bench_block()
+
+
+if __name__ == "__main__":
+    main()

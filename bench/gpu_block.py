@@ -1,0 +1,95 @@
+"""Time one block's training step per variant, side by side in one run, with peak and retained memory.
+
+    python -m bench.gpu_block [--device cuda|cpu]
+
+Variants: eager TransformerBlock, torch.utils.checkpoint (non-reentrant, reentrant), torch selective checkpointing
+(matmuls + attention saved), and FusedCheckpointBlock per policy on the triton backend, all sharing one block's
+parameters. Shapes (bf16 parameters and input): d=768 T=1024 B=8 h=12 and d=2048 T=2048 B=4 h=16 (cpu smoke mode:
+d=72 T=7 B=2 h=4, fp32, interpreter). Per row: step ms (forward + backward), ratios to eager / checkpoint /
+reentrant, the roofline model's overhead for the same variant, torch.cuda.max_memory_allocated over one step above
+the parameters and input, and the bytes still allocated after forward (kept for backward), both in MiB and in
+multiples of the input's bytes. Writes gpu_block.csv / .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import ckpt_ext
+from ckpt_ext import roofline
+from ckpt_ext.block import init_block_
+
+from .gpu_common import device_name, time_ms, write_tables
+
+MiB = 2**20
+
+
+def _variant_fn(variant: str, block):
+    from ckpt_ext.roofline import _forward_fn
+
+    return _forward_fn(variant, block)
+
+
+def _memory(fn, x, grad, device: str) -> tuple[int, int]:
+    """(peak bytes over one step, bytes kept after forward), both above what was allocated before the step."""
+    if device != "cuda":
+        return 0, 0
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn(x)
+    kept = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+    out.backward(grad)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, kept
+
+
+def run(device: str) -> list[dict]:
+    if device == "cuda":
+        shapes, dtype = ((768, 1024, 8, 12), (2048, 2048, 4, 16)), torch.bfloat16
+    else:
+        shapes, dtype = ((72, 7, 2, 4),), torch.float32
+    rows = []
+    for d, t, b, h in shapes:
+        block = ckpt_ext.TransformerBlock(d, h).to(device=device, dtype=dtype)
+        init_block_(block)
+        x = torch.randn(b, t, d, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(b, t, d, device=device, dtype=dtype)
+        times = {}
+        for variant in roofline.VARIANTS:
+            fn = _variant_fn(variant, block)
+            with ckpt_ext.set_backend("triton"):
+                step = lambda: fn(x).backward(grad)  # noqa: B023 (used within this iteration only)
+                times[variant] = time_ms(step, device)
+                peak, kept = _memory(fn, x, grad, device)
+            block.zero_grad(set_to_none=True)
+            x.grad = None
+            rows.append(dict(shape=f"d={d} T={t} B={b} h={h}", variant=variant, step_ms=times[variant],
+                             peak_mib=peak / MiB, kept_mib=kept / MiB,
+                             kept_x_input=kept / (x.numel() * x.element_size()),
+                             modeled_overhead=roofline.overhead(variant, d, t, b, h, dtype=dtype)))  # fmt: skip
+        for row in rows[-len(roofline.VARIANTS) :]:
+            row["vs_eager"] = row["step_ms"] / times["eager"]
+            row["vs_checkpoint"] = row["step_ms"] / times["checkpoint"]
+            row["vs_reentrant"] = row["step_ms"] / times["checkpoint_reentrant"]
+            print(row, flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("gpu_block --device cpu needs TRITON_INTERPRET=1")
+    rows = run(args.device)
+    md = write_tables("gpu_block", rows, f"Block step per variant on {device_name(args.device)}")
+    print(f"wrote {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Shared plumbing of the GPU check: where results go, how a callable is timed, how tables are written.
+
+Timing: on CUDA ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, median in ms); on CPU (the
+``--device cpu`` smoke mode that checks this script's plumbing without a GPU) a perf_counter median over a few calls.
+Results: ``$OUT`` if set, else bench/results/; each tool writes ``<name>.csv`` (one row per measurement) and
+``<name>.md`` (the same rows as a markdown table).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+PEAK_FLOPS = 788e12  # H200 bf16 dense matmul measured with torch, FLOP/s
+PEAK_BYTES_PER_S = 4.3e12  # H200 device-to-device copy measured with torch, B/s
+
+
+def out_dir() -> Path:
+    path = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def time_ms(fn: Callable[[], object], device: str, reps: int = 5) -> float:
+    """Median milliseconds of one call of ``fn``."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu (plumbing smoke run, timings meaningless)"
+
+
+def write_tables(name: str, rows: list[dict], title: str) -> Path:
+    """rows -> <out>/<name>.csv and <out>/<name>.md; returns the markdown path."""
+    out = out_dir()
+    keys = list(rows[0]) if rows else []
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"## {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
+    md = out / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,262 @@
+"""A roofline cost model of one block's training step, for machines without a GPU.
+
+One forward + backward of one pre-LN block (parameters and input requiring grad) runs under FakeTensorMode on CPU
+fake tensors (no compute; fake CUDA tensors cannot run backward without a GPU). A TorchDispatchMode records every op
+that reaches the dispatcher, ``ckpt_ext::*`` ops as one kernel each, with
+    flops   torch.utils.flop_counter's formulas (incl. the ones ckpt_ext registers for its ops; CPU SDPA kernels are
+            priced like the CUDA ones),
+    bytes   every tensor argument read (at most its storage) + every output written; ops whose outputs alias an
+            input (view, t, transpose, detach, _unsafe_view, ...), bare allocations and metadata queries cost nothing,
+and prices it at max(flops / PEAK_FLOPS, bytes / PEAK_BYTES_PER_S) + LAUNCH_S (H200 ceilings measured with torch:
+bf16 matmul and device-to-device copy). The step time is the sum over ops; overhead is relative to "eager".
+
+Variants: "eager" (TransformerBlock), "checkpoint" / "checkpoint_reentrant" (torch.utils.checkpoint, use_reentrant
+False / True), "selective" (torch selective checkpointing saving matmul and attention outputs), and the
+FusedCheckpointBlock policies "none", "pointwise", "ffn", "block". Retained memory: bytes of the storages created
+during forward that are still alive after it (the graph's saved tensors, the block output excluded).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+PEAK_FLOPS = 788e12
+PEAK_BYTES_PER_S = 4.3e12
+LAUNCH_S = 3e-6
+
+TORCH_VARIANTS = ("eager", "checkpoint", "checkpoint_reentrant", "selective")
+POLICY_VARIANTS = ("none", "pointwise", "ffn", "block")
+VARIANTS = TORCH_VARIANTS + POLICY_VARIANTS
+FREE_OPS = ("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh",
+            "_local_scalar_dense")  # fmt: skip
+
+
+@dataclass
+class OpCost:
+    name: str
+    flops: int
+    bytes: int
+    seconds: float
+    phase: str = "forward"  # "forward" or "backward"
+
+
+@dataclass
+class StepTrace:
+    ops: list[OpCost] = field(default_factory=list)
+    retained_bytes: int = 0
+    input_bytes: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return sum(op.seconds for op in self.ops)
+
+    @property
+    def flops(self) -> int:
+        return sum(op.flops for op in self.ops)
+
+    @property
+    def bytes(self) -> int:
+        return sum(op.bytes for op in self.ops)
+
+
+def price(flops: float, nbytes: float) -> float:
+    return max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES_PER_S) + LAUNCH_S
+
+
+def _sdpa_cpu_fwd_flops(q, k, v, *args, out_val=None, **kwargs) -> int:
+    b, h, t, dh = q.shape
+    return 4 * b * h * t * k.shape[2] * dh
+
+
+def _sdpa_cpu_bwd_flops(grad_out, q, k, v, *args, out_val=None, **kwargs) -> int:
+    b, h, t, dh = q.shape
+    return 8 * b * h * t * k.shape[2] * dh
+
+
+def _flop_formula(packet):
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    if packet == aten._scaled_dot_product_flash_attention_for_cpu:
+        return _sdpa_cpu_fwd_flops
+    if packet == aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        return _sdpa_cpu_bwd_flops
+    return flop_registry.get(packet)
+
+
+def _is_view_or_free(func) -> bool:
+    if func._overloadpacket.__name__ in FREE_OPS:
+        return True
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+def _read_bytes(t: torch.Tensor) -> int:
+    nbytes = t.numel() * t.element_size()
+    try:
+        return min(nbytes, t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError):
+        return nbytes
+
+
+class CostRecorder(TorchDispatchMode):
+    """Records each dispatched op's FLOPs, bytes and modeled time, and the storages forward creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[OpCost] = []
+        self.phase = "forward"
+        self.created: dict[int, tuple] = {}  # storage key -> (weakref, nbytes), forward only
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if _is_view_or_free(func):
+            return out
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outs:  # metadata queries (prim::device, sizes): no kernel
+            return out
+        nbytes = sum(_read_bytes(t) for t in ins) + sum(t.numel() * t.element_size() for t in outs)
+        formula = _flop_formula(func._overloadpacket)
+        flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+        name = f"{func._overloadpacket._qualified_op_name}"
+        self.ops.append(OpCost(name, flops, nbytes, price(flops, nbytes), self.phase))
+        if self.phase == "forward":
+            from torch.multiprocessing.reductions import StorageWeakRef
+
+            for t in outs:
+                storage = t.untyped_storage()
+                self.created[id(storage)] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+    def alive_bytes(self, exclude: tuple = ()) -> int:
+        skip = {id(t.untyped_storage()) for t in exclude}
+        seen, total = set(), 0
+        for key, (ref, nbytes) in self.created.items():
+            if ref.expired() or key in skip or ref.cdata in seen:
+                continue
+            seen.add(ref.cdata)
+            total += nbytes
+        return total
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    save = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._scaled_dot_product_flash_attention.default,
+            aten._scaled_dot_product_efficient_attention.default,
+            aten._scaled_dot_product_flash_attention_for_cpu.default}  # fmt: skip
+
+    def policy(ctx, func, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if func in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def _forward_fn(variant: str, block):
+    from torch.utils.checkpoint import checkpoint
+
+    from .block import FusedCheckpointBlock
+
+    if variant == "eager":
+        return block
+    if variant == "checkpoint":
+        return lambda x: checkpoint(block, x, use_reentrant=False)
+    if variant == "checkpoint_reentrant":
+        return lambda x: checkpoint(block, x, use_reentrant=True)
+    if variant == "selective":
+        return lambda x: checkpoint(block, x, use_reentrant=False, context_fn=_selective_context)
+    if variant in POLICY_VARIANTS:
+        return FusedCheckpointBlock.from_block(block, policy=variant)
+    raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """module.to(dtype) for fake parameters (Module.to cannot swap fake tensors): re-wrap each parameter."""
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            setattr(sub, name, torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
+    return module
+
+
+@functools.lru_cache(maxsize=64)
+def _trace(variant, d_model, seq, batch, n_heads, dtype, mlp_ratio, activation) -> StepTrace:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .block import TransformerBlock
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        block = _cast(TransformerBlock(d_model, n_heads, mlp_ratio=mlp_ratio, activation=activation), dtype)
+        x = torch.empty(batch, seq, d_model, dtype=dtype, requires_grad=True)
+        grad = torch.empty(batch, seq, d_model, dtype=dtype)
+        fn = _forward_fn(variant, block)
+        recorder = CostRecorder()
+        with recorder:
+            out = fn(x)
+            retained = recorder.alive_bytes(exclude=(out,))
+            recorder.phase = "backward"
+            out.backward(grad)
+    return StepTrace(recorder.ops, retained, x.numel() * x.element_size())
+
+
+def trace_step(variant: str, d_model: int, seq: int, batch: int, n_heads: int, dtype: torch.dtype = torch.bfloat16,
+               mlp_ratio: float = 4.0, activation: str = "gelu") -> list[OpCost]:  # fmt: skip
+    """Every op of one forward + backward of one block under ``variant``, with FLOPs, bytes and modeled seconds."""
+    return list(_trace(variant, d_model, seq, batch, n_heads, dtype, mlp_ratio, activation).ops)
+
+
+def step_trace(variant: str, d_model: int, seq: int, batch: int, n_heads: int, dtype: torch.dtype = torch.bfloat16,
+               mlp_ratio: float = 4.0, activation: str = "gelu") -> StepTrace:  # fmt: skip
+    """The full trace: ops, retained bytes (storages from forward alive after it) and the input's bytes."""
+    return _trace(variant, d_model, seq, batch, n_heads, dtype, mlp_ratio, activation)
+
+
+def step_time(variant: str, *args, **kwargs) -> float:
+    """Modeled seconds of one forward + backward of one block (arguments as trace_step)."""
+    return step_trace(variant, *args, **kwargs).seconds
+
+
+def overhead(variant: str, *args, baseline: str = "eager", **kwargs) -> float:
+    """Modeled step-time overhead of ``variant`` relative to ``baseline`` (0.24 = 24% slower)."""
+    return step_time(variant, *args, **kwargs) / step_time(baseline, *args, **kwargs) - 1.0
+
+
+def retained_memory(variant: str, d_model: int, seq: int, batch: int, n_heads: int,
+                    dtype: torch.dtype = torch.bfloat16, mlp_ratio: float = 4.0, activation: str = "gelu",
+                    measured: bool = False) -> int:  # fmt: skip
+    """Activation bytes kept for backward beyond the input: policies.retained_bytes for ckpt_ext policies (unless
+    ``measured``), the measured forward storages alive after forward for torch variants."""
+    if variant in POLICY_VARIANTS and not measured:
+        from .policies import retained_bytes
+
+        size = torch.empty((), dtype=dtype).element_size()
+        hidden = int(mlp_ratio * d_model)
+        return retained_bytes(variant, batch, seq, d_model, n_heads, hidden, act_bytes=size, matmul_bytes=size,
+                              stat_bytes=4)  # fmt: skip
+    return step_trace(variant, d_model, seq, batch, n_heads, dtype, mlp_ratio, activation).retained_bytes
+
+
+def summarize(ops: list[OpCost], phase: Optional[str] = None) -> dict[str, tuple[int, float]]:
+    """op name -> (count, seconds), optionally for one phase: where a variant's time goes."""
+    table: dict[str, tuple[int, float]] = {}
+    for op in ops:
+        if phase is None or op.phase == phase:
+            count, secs = table.get(op.name, (0, 0.0))
+            table[op.name] = (count + 1, secs + op.seconds)
+    return table
+
+
+__all__ = [
+    "LAUNCH_S", "PEAK_BYTES_PER_S", "PEAK_FLOPS", "VARIANTS", "OpCost", "StepTrace", "overhead", "price",
+    "retained_memory", "step_time", "step_trace", "summarize", "trace_step",
+]  # fmt: skip
