@@ -7,6 +7,7 @@ from . import ops  # noqa: F401  (registers the op graph)
 from .apply import apply_checkpointing
 from .backend import get_backend, set_backend
 from .block import FusedCheckpointBlock, TransformerBlock
+from .planner import plan
 from .policies import POLICIES, retained_bytes
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "TransformerBlock",
     "apply_checkpointing",
     "get_backend",
+    "plan",
     "retained_bytes",
     "set_backend",
 ]

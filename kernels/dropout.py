@@ -21,7 +21,7 @@ def fmix32(h):
     return h
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key", "threshold"])
 def dropout_add_kernel(
     X,  # (numel,) contiguous: branch to drop
     RES,  # (numel,) contiguous: residual (read only when HAS_RES)

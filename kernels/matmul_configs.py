@@ -60,9 +60,13 @@ def prune_for_device(configs, named_args, **kwargs):
     if len(configs) <= 1 or not torch.cuda.is_available():
         return configs
     major, _ = torch.cuda.get_device_capability()
-    wanted = SM90 if major >= 9 else SM80
-    kept = [c for c in configs if any(c is w for w in wanted)]
+    wanted = {_key(c) for c in (SM90 if major >= 9 else SM80)}
+    kept = [c for c in configs if _key(c) in wanted]
     return kept or configs
+
+
+def _key(config) -> tuple:
+    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
 
 
 AUTOTUNE = dict(key=["M", "N", "K"], prune_configs_by={"early_config_prune": prune_for_device})

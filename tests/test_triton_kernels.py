@@ -197,3 +197,14 @@ def test_graph_ops_route_to_triton():
     with ckpt_ext.set_backend("triton"):
         y, mean, rstd = torch.ops.ckpt_ext.layer_norm_fwd(x, w, b, 1e-5)
     assert_matches_reference((y, mean, rstd), reference.layer_norm_fwd, x, w, b, 1e-5)
+
+
+def test_autotune_configs_follow_the_device(monkeypatch):
+    from ckpt_ext.kernels import matmul_configs as mc
+
+    every = list(mc.SM90 + mc.SM80)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, wanted in (((9, 0), mc.SM90), ((8, 0), mc.SM80), ((8, 9), mc.SM80), ((10, 0), mc.SM90)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert [mc._key(c) for c in mc.prune_for_device(every, {})] == [mc._key(c) for c in wanted]
+    assert len(mc.configs()) == 1  # the interpreter runs a single config
