@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 import ckpt_ext
 from ckpt_ext.block import init_block_
+from ckpt_ext.ops import cpp_bridge  # noqa: F401  (loads ckpt_ext._C: the *_kernel ops)
 
 K = torch.ops.ckpt_ext
 MIN_RUN_S = 0.4

@@ -127,8 +127,15 @@ def test_dropout_mask_bit_exact(p, seed):
     assert torch.equal(kept, reference.dropout_keep_mask(numel, p, seed))
 
 
-@pytest.mark.parametrize("dtype, res_dtype", [(torch.float32, None), (torch.bfloat16, torch.bfloat16),
-                                              (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+@pytest.mark.parametrize(
+    "dtype, res_dtype",
+    [
+        (torch.float32, None),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
 def test_dropout_add_values(dtype, res_dtype):
     x = torch.randn(7, 200).to(dtype)
     res = None if res_dtype is None else torch.randn(200, 7).t().to(res_dtype)
@@ -159,7 +166,8 @@ def _op_samples():
 
 
 def test_every_kernel_op_has_samples():
-    assert {op._schema.name.split("::")[1].removesuffix("_kernel") for op in cpp_bridge.KERNEL_OPS} == set(_op_samples())
+    names = {op._schema.name.split("::")[1].removesuffix("_kernel") for op in cpp_bridge.KERNEL_OPS}
+    assert names == set(_op_samples())
 
 
 @pytest.mark.parametrize("name", sorted(_op_samples()))

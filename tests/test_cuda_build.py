@@ -26,8 +26,8 @@ pytestmark = [
 
 def _nvcc_cmd(src: str, obj: str) -> list[str]:
     includes = [f"-I{p}" for p in include_paths()]
-    return [NVCC, "-c", "-arch=sm_90", "-std=c++20", "-O1", "-DCKPT_EXT_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-            "-Xcompiler", "-fPIC", *includes, src, "-o", obj]  # fmt: skip
+    defines = ["-DCKPT_EXT_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
+    return [NVCC, "-c", "-arch=sm_90", "-std=c++20", "-O1", *defines, "-Xcompiler", "-fPIC", *includes, src, "-o", obj]
 
 
 def test_there_are_cuda_sources():
