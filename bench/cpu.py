@@ -4,6 +4,10 @@ Part 1: each ckpt_ext C++ kernel op against torch's own CPU op on the same input
 (H = 4d for the GELU ops), fp32 and bf16: LayerNorm forward (F.layer_norm), LayerNorm backward (autograd through
 F.layer_norm), GELU backward (aten.gelu_backward, erf and tanh), bias + GELU (F.gelu(x + b)), residual + dropout
 (F.dropout(x) + r). Ratio = torch time / ours (> 1: ours faster).
+Part 1b: the fused FFN ops at the block's shape (N = 2048, d = 256, H = 1024) against the same math in torch ops:
+ffn_recompute (F.layer_norm, F.linear, F.gelu, aten.gelu_backward), linear_gelu_bwd (mm + gelu_backward),
+gelu_linear_wgrad (F.gelu + mm). Ours and torch's are timed interleaved (A B A B, best median of each) since the
+machine is shared.
 Part 2: one training step (forward + backward) of a block, d = 256, T = 256, B = 8, 4 heads, dropout 0.1, per
 ckpt_ext policy on the `cpp` backend, against TransformerBlock and torch.utils.checkpoint(use_reentrant=False) on it.
 Medians of torch.utils.benchmark's blocked_autorange, with 2 threads (CKPT_EXT_BENCH_THREADS overrides).
@@ -29,6 +33,44 @@ MIN_RUN_S = 0.4
 def _ms(fn) -> float:
     fn()
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=MIN_RUN_S).median * 1e3
+
+
+def _pair_ms(ours, theirs, rounds: int = 2) -> tuple[float, float]:
+    """Best-of-rounds medians of ours and theirs, measured alternately so that load drift hits both alike."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(_ms(ours))
+        b.append(_ms(theirs))
+    return min(a), min(b)
+
+
+def _ffn_cases(n: int, d: int, h: int, dtype: torch.dtype):
+    """(name, ours, torch's) closures for the fused FFN ops, erf GELU."""
+    x1, lw, lb = torch.randn(n, d, dtype=dtype), torch.randn(d, dtype=dtype), torch.randn(d, dtype=dtype)
+    _, mean, rstd = K.layer_norm_fwd_kernel(x1, lw, lb, 1e-5)
+    w1, b1 = torch.randn(h, d, dtype=dtype) * d**-0.5, torch.randn(h, dtype=dtype)
+    w2 = torch.randn(d, h, dtype=dtype) * h**-0.5
+    da, u, dy = torch.randn(n, h, dtype=dtype), torch.randn(n, h, dtype=dtype), torch.randn(n, d, dtype=dtype)
+
+    def torch_recompute():
+        uu = F.linear(F.layer_norm(x1, (d,), lw, lb, 1e-5), w1, b1)
+        return F.gelu(uu), torch.ops.aten.gelu_backward(da, uu)
+
+    return [
+        ("ffn_recompute", lambda: K.ffn_recompute_kernel(x1, mean, rstd, lw, lb, w1, b1, da, "none"), torch_recompute),
+        ("linear_gelu_bwd", lambda: K.linear_gelu_bwd_kernel(dy, w2, u, "none"),
+         lambda: torch.ops.aten.gelu_backward(dy @ w2, u)),
+        ("gelu_linear_wgrad", lambda: K.gelu_linear_wgrad_kernel(dy, u, "none"), lambda: dy.t() @ F.gelu(u)),
+    ]  # fmt: skip
+
+
+def bench_ffn_ops(n: int = 2048, d: int = 256, h: int = 1024) -> None:
+    print(f"\n{'fused FFN op':<20}{'dtype':<10}{'N x d x H':<16}{'ours ms':>9}{'torch ms':>10}{'torch/ours':>12}")
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, ours, theirs in _ffn_cases(n, d, h, dtype):
+            a, b = _pair_ms(ours, theirs)
+            dt = str(dtype).removeprefix("torch.")
+            print(f"{name:<20}{dt:<10}{f'{n}x{d}x{h}':<16}{a:>9.2f}{b:>10.2f}{b / a:>11.2f}x")
 
 
 def _op_cases(n: int, d: int, dtype: torch.dtype):
@@ -59,7 +101,7 @@ def bench_ops() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for n, d in ((8192, 768), (8192, 1024)):
             for name, ours, theirs in _op_cases(n, d, dtype):
-                a, b = _ms(ours), _ms(theirs)
+                a, b = _pair_ms(ours, theirs)
                 dt = str(dtype).removeprefix("torch.")
                 print(f"{name:<18}{dt:<10}{f'{n}x{d}':<13}{a:>9.2f}{b:>10.2f}{b / a:>11.2f}x")
 
@@ -78,8 +120,7 @@ def bench_block(batch: int = 8, seq: int = 256, d_model: int = 256, n_heads: int
     block = ckpt_ext.TransformerBlock(d_model, n_heads, dropout=dropout)
     init_block_(block)
     x = torch.randn(batch, seq, d_model)
-    base = _ms(_step(block, x))
-    ckpt = _ms(_step(block, x, use_checkpoint=True))
+    base, ckpt = _pair_ms(_step(block, x), _step(block, x, use_checkpoint=True))
     print(f"\nblock step fwd+bwd, B={batch} T={seq} d={d_model} heads={n_heads} dropout={dropout}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print(f"{'variant':<34}{'ms':>9}{'vs TransformerBlock':>22}{'vs torch checkpoint':>22}")
@@ -88,8 +129,9 @@ def bench_block(batch: int = 8, seq: int = 256, d_model: int = 256, n_heads: int
     with ckpt_ext.set_backend("cpp"):
         for policy in ckpt_ext.POLICIES:
             fused = ckpt_ext.FusedCheckpointBlock.from_block(block, policy=policy)
-            t = _ms(_step(fused, x))
-            print(f"{'cpp policy=' + policy:<34}{t:>9.2f}{base / t:>21.2f}x{ckpt / t:>21.2f}x")
+            # checkpoint is re-timed next to each policy: the ratio compares runs made under the same load.
+            t, ckpt_pair = _pair_ms(_step(fused, x), _step(block, x, use_checkpoint=True))
+            print(f"{'cpp policy=' + policy:<34}{t:>9.2f}{base / t:>21.2f}x{ckpt_pair / t:>21.2f}x")
 
 
 def main() -> None:
@@ -97,6 +139,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads\n")  # fmt: skip
     bench_ops()
+    bench_ffn_ops()
     bench_block()
 
 

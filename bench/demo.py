@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=positive_int, default=256, help="model width")
     p.add_argument("--heads", type=positive_int, default=4, help="attention heads (must divide --d-model)")
     p.add_argument("--seq", type=positive_int, default=256, help="sequence length in bytes")
-    p.add_argument("--batch", type=positive_int, default=2, help="sequences per step")
+    p.add_argument("--batch", type=positive_int, default=4, help="sequences per step")
     p.add_argument("--steps", type=positive_int, default=16, help="training steps per strategy (first is warm-up)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     p.add_argument(
@@ -106,11 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-seconds",
         type=float,
-        default=150.0,
+        default=120.0,
         help="wall-clock budget: training stops early (same steps for every strategy) when the next round would end "
         "past it; 0 disables",
     )
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 keeps CPU timings stable when cores are shared (OpenMP threads stall waiting for "
+        "a descheduled sibling), 0 = torch's default",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     return p
 

@@ -91,6 +91,17 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _label_offsets(xs: list[float], ys: list[float]) -> list[int]:
+    """Vertical label offsets (points) that step labels of nearby points apart so they do not overlap."""
+    span_x = (max(xs) - min(xs)) or 1.0
+    span_y = (max(ys) - min(ys)) or 1.0
+    offsets: list[int] = []
+    for i in range(len(xs)):
+        near = sum(1 for j in range(i) if abs(xs[i] - xs[j]) < 0.25 * span_x and abs(ys[i] - ys[j]) < 0.05 * span_y)
+        offsets.append(4 - 12 * near)
+    return offsets
+
+
 def plot(path: Path, rows: list[Row], title: str) -> None:
     """Activation memory kept vs step-time overhead, one labeled point per strategy, Pareto front as a step line."""
     import matplotlib
@@ -102,11 +113,12 @@ def plot(path: Path, rows: list[Row], title: str) -> None:
     ys = [r.act_bytes / 2**20 for r in rows]  # MiB kept
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     ax.scatter(xs, ys, s=40, color="tab:blue", zorder=3)
-    for x, y, r in zip(xs, ys, rows):
-        ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    for (x, y), r, dy in zip(zip(xs, ys), rows, _label_offsets(xs, ys)):
+        ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8)
     front = pareto_front(list(zip(xs, ys)))
     ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="tab:red", lw=1.2,
             label="Pareto front (less memory and less time)", zorder=2)  # fmt: skip
+    ax.margins(x=0.2, y=0.08)
     ax.set_xlabel("step-time overhead vs no checkpointing (%)")
     ax.set_ylabel("activation memory kept (MiB)")
     ax.set_title(title, fontsize=10)

@@ -27,12 +27,6 @@ from .gpu_common import device_name, time_ms, write_tables
 MiB = 2**20
 
 
-def _variant_fn(variant: str, block):
-    from ckpt_ext.roofline import _forward_fn
-
-    return _forward_fn(variant, block)
-
-
 def _memory(fn, x, grad, device: str) -> tuple[int, int]:
     """(peak bytes over one step, bytes kept after forward), both above what was allocated before the step."""
     if device != "cuda":
@@ -60,7 +54,7 @@ def run(device: str) -> list[dict]:
         grad = torch.randn(b, t, d, device=device, dtype=dtype)
         times = {}
         for variant in roofline.VARIANTS:
-            fn = _variant_fn(variant, block)
+            fn = roofline.forward_fn(variant, block)
             with ckpt_ext.set_backend("triton"):
                 step = lambda: fn(x).backward(grad)  # noqa: B023 (used within this iteration only)
                 times[variant] = time_ms(step, device)

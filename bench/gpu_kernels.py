@@ -25,8 +25,9 @@ def _nbytes(*tensors) -> int:
 
 def cases(n: int, d: int, h: int, dtype: torch.dtype, device: str):
     """(name, triton fn, eager fn, reference fn, flops, bytes) per op."""
-    from ckpt_ext import reference as R
     from ckpt_ext.kernels import launchers as L
+
+    from ckpt_ext import reference as R
 
     g = torch.Generator(device=device).manual_seed(0)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=device) * scale).to(dtype)
@@ -43,7 +44,8 @@ def cases(n: int, d: int, h: int, dtype: torch.dtype, device: str):
            lambda: (torch.ops.aten.native_layer_norm_backward(dy, x, (d,), mean[:, None], rstd[:, None], w, b,
                                                               [True, True, True])[0] + res,
                     F.layer_norm(x, (d,), w, b, 1e-5)),
-           lambda: R.layer_norm_bwd(dy, x, mean, rstd, w, b, res, True), 0, _nbytes(dy, x, res, x, x) + 8 * n)  # fmt: skip
+           lambda: R.layer_norm_bwd(dy, x, mean, rstd, w, b, res, True), 0,
+           _nbytes(dy, x, res, x, x) + 8 * n)  # fmt: skip
     yield ("bias_gelu", lambda: L.bias_gelu(u, b1, "tanh"), lambda: F.gelu(u + b1, approximate="tanh"),
            lambda: R.bias_gelu(u, b1, "tanh"), 0, 2 * _nbytes(u))  # fmt: skip
     yield ("gelu_bwd", lambda: L.gelu_bwd(da, u, "tanh"),
@@ -53,7 +55,8 @@ def cases(n: int, d: int, h: int, dtype: torch.dtype, device: str):
            lambda: R.dropout_add(x, res, 0.1, 1234), 0, 3 * _nbytes(x))  # fmt: skip
     yield ("ffn_recompute", lambda: L.ffn_recompute(x, mean, rstd, w, b, w1, b1, da, "tanh"),
            lambda: _eager_ffn_recompute(x, w, b, w1, b1, da),
-           lambda: R.ffn_recompute(x, mean, rstd, w, b, w1, b1, da, "tanh"), mm, _nbytes(x, w1) + 3 * _nbytes(da))  # fmt: skip
+           lambda: R.ffn_recompute(x, mean, rstd, w, b, w1, b1, da, "tanh"), mm,
+           _nbytes(x, w1) + 3 * _nbytes(da))  # fmt: skip
     yield ("linear_gelu_bwd", lambda: L.linear_gelu_bwd(dy, w2, u, "tanh"),
            lambda: torch.ops.aten.gelu_backward(dy @ w2, u, approximate="tanh"),
            lambda: R.linear_gelu_bwd(dy, w2, u, "tanh"), mm, _nbytes(dy, w2) + 2 * _nbytes(u))  # fmt: skip

@@ -64,10 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--ops", type=name_list, default=[], help="comma-separated ops or families (default: all)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the eager code (slow on CPU)")
-    p.add_argument("--min-time", type=positive_float, default=0.25, help="seconds of timed calls per measurement")
+    p.add_argument("--min-time", type=positive_float, default=0.5, help="seconds of timed calls per measurement")
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for microbench.csv and plots")
     p.add_argument("--seed", type=int, default=0, help="seed for the inputs")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 keeps CPU timings stable when cores are shared (OpenMP threads stall waiting for "
+        "a descheduled sibling), 0 = torch's default",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
     return p
 

@@ -161,7 +161,8 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def _forward_fn(variant: str, block):
+def forward_fn(variant: str, block):
+    """x -> out of one block under ``variant`` (FusedCheckpointBlock variants share ``block``'s parameters)."""
     from torch.utils.checkpoint import checkpoint
 
     from .block import FusedCheckpointBlock
@@ -199,7 +200,7 @@ def _trace(variant, d_model, seq, batch, n_heads, dtype, mlp_ratio, activation) 
         block = _cast(TransformerBlock(d_model, n_heads, mlp_ratio=mlp_ratio, activation=activation), dtype)
         x = torch.empty(batch, seq, d_model, dtype=dtype, requires_grad=True)
         grad = torch.empty(batch, seq, d_model, dtype=dtype)
-        fn = _forward_fn(variant, block)
+        fn = forward_fn(variant, block)
         recorder = CostRecorder()
         with recorder:
             out = fn(x)

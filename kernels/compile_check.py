@@ -4,9 +4,10 @@
 
 Each kernel is compiled from its AST (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``) with
 16-bit signatures (fp16 and bf16 activations/weights, fp32 statistics), once per GELU form, for the largest autotune
-config of the target's list (every config with --all-configs). Arguments are specialized the way the JIT does for
-the usual layouts (nn.Linear weights, contiguous activations): unit strides become the constant 1, and pointers,
-other strides and the d/H dimensions carry 16-divisibility, so the compile sees the kernel the GPU will run.
+config of the target's list (every config with --all-configs); the matmuls also in fp32 (UPCAST, ieee dots).
+Arguments are specialized the way the JIT does for the usual layouts (nn.Linear weights, contiguous activations):
+unit strides become the constant 1, and pointers, other strides and the d/H dimensions carry 16-divisibility, so
+the compile sees the kernel the GPU will run.
 Must run WITHOUT TRITON_INTERPRET=1 (the interpreter replaces @triton.jit functions); exits non-zero if any kernel
 fails to compile. Prints one line per compile: ``kernel dtype variant shared=<bytes> warps=<n> stages=<n> sm=<arch>``.
 """
@@ -21,8 +22,8 @@ import time
 
 def _jobs(arch: int, all_configs: bool):
     """(name, jit fn, signature, constexprs, options) for every kernel × dtype × variant to compile."""
-    from . import dropout, ffn_pointwise, ffn_recompute, layer_norm, pointwise
-    from .matmul_configs import SM80, SM90
+    from . import dropout, layer_norm, pointwise
+    from .matmul_configs import SINGLE, SM80, SM90
 
     tile_configs = SM90 if arch >= 90 else SM80
     tile_configs = tile_configs if all_configs else tile_configs[:1]
@@ -51,19 +52,27 @@ def _jobs(arch: int, all_configs: bool):
                {"HAS_RES": True, "APPLY_DROPOUT": True, "BLOCK": 1024}, {"num_warps": 4})  # fmt: skip
         for cfg in tile_configs:
             for tanh in (False, True):
-                const = {**cfg.kwargs, "APPROX_TANH": tanh, "UPCAST": False}
-                opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-                tiles = {k: "constexpr" for k in const}
-                yield ("ffn_recompute", ffn_recompute.ffn_recompute_kernel,
-                       dict(X1=p, MEAN=f32, RSTD=f32, LN_W=p, LN_B=p, W1=p, B1=p, DA=p, A_OUT=p, DU_OUT=p, M="i32",
-                            N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_wk="i32", stride_dm="i32",
-                            **tiles), const, opts)  # fmt: skip
-                yield ("linear_gelu_bwd", ffn_pointwise.linear_gelu_bwd_kernel,
-                       dict(DY=p, W2=p, U=p, DU=p, M="i32", N="i32", K="i32", stride_dym="i32", stride_dyk="i32",
-                            stride_wk="i32", stride_wn="i32", stride_um="i32", **tiles), const, opts)  # fmt: skip
-                yield ("gelu_linear_wgrad", ffn_pointwise.gelu_linear_wgrad_kernel,
-                       dict(DY=p, U=p, DW=p, M="i32", N="i32", K="i32", stride_dyk="i32", stride_dym="i32",
-                            stride_uk="i32", **tiles), const, opts)  # fmt: skip
+                yield from _matmul_jobs(p, cfg, tanh, upcast=False)
+    yield from _matmul_jobs("*fp32", SINGLE[0], False, upcast=True)
+
+
+def _matmul_jobs(p: str, cfg, tanh: bool, upcast: bool):
+    from . import ffn_pointwise, ffn_recompute
+
+    f32 = "*fp32"
+    const = {**cfg.kwargs, "APPROX_TANH": tanh, "UPCAST": upcast}
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    tiles = {k: "constexpr" for k in const}
+    yield ("ffn_recompute", ffn_recompute.ffn_recompute_kernel,
+           dict(X1=p, MEAN=f32, RSTD=f32, LN_W=p, LN_B=p, W1=p, B1=p, DA=p, A_OUT=p, DU_OUT=p, M="i32", N="i32",
+                K="i32", stride_xm="i32", stride_wn="i32", stride_wk="i32", stride_dm="i32", **tiles),
+           const, opts)  # fmt: skip
+    yield ("linear_gelu_bwd", ffn_pointwise.linear_gelu_bwd_kernel,
+           dict(DY=p, W2=p, U=p, DU=p, M="i32", N="i32", K="i32", stride_dym="i32", stride_dyk="i32",
+                stride_wk="i32", stride_wn="i32", stride_um="i32", **tiles), const, opts)  # fmt: skip
+    yield ("gelu_linear_wgrad", ffn_pointwise.gelu_linear_wgrad_kernel,
+           dict(DY=p, U=p, DW=p, M="i32", N="i32", K="i32", stride_dyk="i32", stride_dym="i32", stride_uk="i32",
+                **tiles), const, opts)  # fmt: skip
 
 
 UNIT_STRIDES = {
@@ -88,7 +97,7 @@ def specialize(name: str, fn, signature: dict, const: dict):
 
 
 def _variant(const: dict) -> str:
-    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "APPROX_TANH", "BLOCK_D")
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "APPROX_TANH", "UPCAST", "BLOCK_D")
     return ",".join(f"{k}={const[k]}" for k in keys if k in const)
 
 
@@ -107,7 +116,7 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     for name, fn, signature, const, opts in _jobs(args.arch, args.all_configs):
-        dtype = next(v for v in signature.values() if v.startswith("*") and v != "*fp32")[1:]
+        dtype = next((v for v in signature.values() if v.startswith("*") and v != "*fp32"), "*fp32")[1:]
         signature, const, attrs = specialize(name, fn, signature, const)
         start = time.perf_counter()
         try:

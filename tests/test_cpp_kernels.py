@@ -1,5 +1,7 @@
 """The C++ CPU kernels (csrc/cpu) against the reference math: opcheck, parity at awkward shapes, bit-exact dropout
-masks, bitwise-deterministic LayerNorm weight gradients, and the whole FusedCheckpointBlock under set_backend("cpp").
+masks, bitwise-deterministic LayerNorm weight gradients, the fused FFN ops (ffn_recompute, linear_gelu_bwd,
+gelu_linear_wgrad: rows 1/7/1000, d 72/200, H not a multiple of 8/16, strided weights, both GELU forms, fp32/bf16,
+fp64 end to end, fp16) and the whole FusedCheckpointBlock under set_backend("cpp") for every policy.
 
 Parity rule (flash-attention style): our error against a float64 reference is at most 3x the error of the reference
 math run in the test dtype, plus a small atol.
@@ -151,12 +153,108 @@ def test_dropout_add_never_aliases():
     assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
 
 
+# -------------------------------------------------------------------------------------------------- fused FFN
+FFN_SHAPES = [(1, 72, 200), (7, 200, 72), (1000, 72, 200), (7, 72, 37)]  # (N, d, H); 200, 72, 37 % 16 != 0
+
+
+def _strided(w, strided):
+    """w itself, or the same values through a column-major view (w.t().contiguous().t(), as a Conv1D weight)."""
+    return w.t().contiguous().t() if strided else w
+
+
+def _ffn_inputs(n, d, h, dtype, strided=False):
+    x1, lw, lb = _ln_inputs(n, d, dtype)
+    _, mean, rstd = reference.layer_norm_fwd(x1, lw, lb, 1e-5)
+    w1 = _strided((torch.randn(h, d) * d**-0.5).to(dtype), strided)
+    b1 = torch.randn(h).to(dtype)
+    da = torch.randn(n, h).to(dtype)
+    return x1, mean, rstd, lw, lb, w1, b1, da
+
+
+def _assert_fresh(outs, inputs):
+    ptrs = {t.data_ptr() for t in inputs if isinstance(t, torch.Tensor) and t.numel()}
+    assert all(o.data_ptr() not in ptrs for o in outs if o.numel())
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d, h", FFN_SHAPES)
+def test_ffn_recompute(n, d, h, dtype, approximate, strided):
+    args = (*_ffn_inputs(n, d, h, dtype, strided), approximate)
+    ours = K.ffn_recompute_kernel(*args)
+    ref, ref64 = _run_both(reference.ffn_recompute, *args)
+    for o, r, r64 in zip(ours, ref, ref64):
+        _assert_parity(o, r, r64, dtype, factor=4.0)
+    _assert_fresh(ours, args)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d, h", FFN_SHAPES)
+def test_linear_gelu_bwd_and_wgrad(n, d, h, dtype, approximate, strided):
+    dy = torch.randn(n, d).to(dtype)
+    w2 = _strided((torch.randn(d, h) * h**-0.5).to(dtype), strided)
+    u = (torch.randn(n, h) * 2).to(dtype)
+    ours = K.linear_gelu_bwd_kernel(dy, w2, u, approximate)
+    _assert_parity(ours, *_run_both(reference.linear_gelu_bwd, dy, w2, u, approximate), dtype, factor=4.0)
+    dyt = _strided(dy, strided)  # a transposed-layout dy too
+    ours_w = K.gelu_linear_wgrad_kernel(dyt, u, approximate)
+    _assert_parity(ours_w, *_run_both(reference.gelu_linear_wgrad, dyt, u, approximate), dtype, factor=4.0)
+    _assert_fresh([ours, ours_w], (dy, w2, u))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_ffn_ops_float64_end_to_end(approximate):
+    args = (*_ffn_inputs(9, 40, 52, torch.float64, strided=True), approximate)
+    for o, r in zip(K.ffn_recompute_kernel(*args), reference.ffn_recompute(*args)):
+        assert o.dtype == torch.float64
+        torch.testing.assert_close(o, r, atol=1e-12, rtol=1e-12)
+    dy, w2, u = torch.randn(9, 40, dtype=torch.float64), torch.randn(40, 52, dtype=torch.float64), args[7]
+    for ours, ref in (
+        (K.linear_gelu_bwd_kernel(dy, w2, u, approximate), reference.linear_gelu_bwd(dy, w2, u, approximate)),
+        (K.gelu_linear_wgrad_kernel(dy, u, approximate), reference.gelu_linear_wgrad(dy, u, approximate)),
+    ):
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_ffn_ops_float16():
+    args = (*_ffn_inputs(7, 72, 40, torch.float16), "none")
+    for o, r in zip(K.ffn_recompute_kernel(*args), reference.ffn_recompute(*args)):
+        assert o.dtype == torch.float16
+        torch.testing.assert_close(o, r, atol=2e-2, rtol=2e-2)
+    dy, w2, u = torch.randn(7, 72).half(), torch.randn(72, 40).half() * 0.1, args[7]
+    ours, ref = K.linear_gelu_bwd_kernel(dy, w2, u, "tanh"), reference.linear_gelu_bwd(dy, w2, u, "tanh")
+    torch.testing.assert_close(ours, ref, atol=2e-2, rtol=2e-2)
+    ours, ref = K.gelu_linear_wgrad_kernel(dy, u, "tanh"), reference.gelu_linear_wgrad(dy, u, "tanh")
+    torch.testing.assert_close(ours, ref, atol=5e-2, rtol=2e-2)
+
+
+def test_ffn_recompute_bfloat16_under_float32_statistics():
+    """Autocast's case: x1 float32 (the residual stream), weights and dA bfloat16: a, dU come back in bfloat16."""
+    x1, mean, rstd, lw, lb, w1, b1, da = _ffn_inputs(33, 72, 200, torch.float32)
+    args = (x1, mean, rstd, lw, lb, w1.bfloat16(), b1.bfloat16(), da.bfloat16(), "tanh")
+    ours = K.ffn_recompute_kernel(*args)
+    ref, ref64 = _run_both(reference.ffn_recompute, *args)
+    for o, r, r64 in zip(ours, ref, ref64):
+        _assert_parity(o, r, r64, torch.bfloat16, factor=4.0)
+
+
 # ------------------------------------------------------------------------------------------------------ opcheck
 def _op_samples():
     x, w, b = _ln_inputs(6, 40, torch.float32)
     _, mean, rstd = reference.layer_norm_fwd(x, w, b, 1e-5)
     dy = torch.randn_like(x)
+    ffn = _ffn_inputs(6, 40, 24, torch.float32)
+    ffn_bf = _ffn_inputs(6, 40, 24, torch.bfloat16, strided=True)
+    u = torch.randn(6, 24)
+    w2 = torch.randn(24, 40).t()
     return {
+        "ffn_recompute": [(*ffn, "none"), (*ffn_bf, "tanh")],
+        "linear_gelu_bwd": [(dy, w2, u, "tanh"), (dy.bfloat16(), w2.bfloat16(), u.bfloat16(), "none")],
+        "gelu_linear_wgrad": [(dy, u, "none"), (dy.bfloat16(), u.bfloat16(), "tanh")],
         "layer_norm_fwd": [(x, w, b, 1e-5), (x.double(), w.double(), b.double(), 1e-6)],
         "layer_norm_bwd": [(dy, x, mean, rstd, w, b, None, False), (dy, x, mean, rstd, w, b, dy.clone(), True)],
         "bias_gelu": [(x, w, "none"), (x.bfloat16(), None, "tanh")],
@@ -192,10 +290,10 @@ def test_opcheck_graph_op_cpp_backend(name):
 
 # ------------------------------------------------------------------------------------------------- whole block
 @pytest.mark.parametrize("policy", sorted(ckpt_ext.POLICIES))
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_block_cpp_matches_reference(policy, dropout):
+@pytest.mark.parametrize("dropout, activation", [(0.0, "gelu_tanh"), (0.2, "gelu_tanh"), (0.2, "gelu")])
+def test_block_cpp_matches_reference(policy, dropout, activation):
     torch.manual_seed(1)
-    block = ckpt_ext.FusedCheckpointBlock(48, 4, policy=policy, dropout=dropout, activation="gelu_tanh")
+    block = ckpt_ext.FusedCheckpointBlock(48, 4, policy=policy, dropout=dropout, activation=activation)
     x = torch.randn(2, 9, 48)
     results = {}
     for name in ("reference", "cpp"):

@@ -3,14 +3,16 @@
 // bias_gelu_kernel(x (..., H), bias (H,)?, approximate) -> gelu(x + bias) (..., H) in x.dtype
 // gelu_bwd_kernel(da (...), u (...), approximate)       -> da * gelu'(u)   (...)    in u.dtype
 // Math (erf and tanh forms): csrc/common/ckpt_math.h; here the same formulas on Vectorized<float> (Sleef erf/exp),
-// the scalar tails and fp64 use ckpt_math.h directly. With a bias the tensor is walked row by row (H per row),
-// without one as a flat array in chunks; at::parallel_for over rows/chunks.
+// the scalar tails and fp64 use ckpt_math.h directly. Hot loops move 2 * kW values per step (load2_f/store2_f: one
+// whole Vectorized<bf16/fp16> load + conversion, not two half-width ones). With a bias the tensor is walked row by
+// row (H per row), without one as a flat array in chunks; at::parallel_for over rows/chunks.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <string>
 
 #include "../common/ckpt_math.h"
+#include "gelu_vec.h"
 #include "vec_io.h"
 
 namespace ckpt_ext {
@@ -19,37 +21,23 @@ namespace {
 
 constexpr int64_t kFlatGrain = 1 << 15;
 
-template <bool kTanh>
-inline Vec gelu_vec(const Vec& u) {
-  if constexpr (kTanh) {
-    const Vec z = Vec(float(math::kSqrt2OverPi)) * at::vec::fmadd(Vec(float(math::kTanhCoef)) * u * u, u, u);
-    return u / (Vec(1.f) + (z * Vec(-2.f)).exp());
-  } else {
-    return u * Vec(0.5f) * (Vec(1.f) + (u * Vec(float(math::kInvSqrt2))).erf());
-  }
-}
-
-template <bool kTanh>
-inline Vec gelu_grad_vec(const Vec& u) {
-  const Vec u2 = u * u;
-  if constexpr (kTanh) {
-    const Vec z = Vec(float(math::kSqrt2OverPi)) * at::vec::fmadd(Vec(float(math::kTanhCoef)) * u2, u, u);
-    const Vec s = Vec(1.f) / (Vec(1.f) + (z * Vec(-2.f)).exp());
-    const Vec dz = Vec(float(math::kSqrt2OverPi)) * at::vec::fmadd(Vec(float(3.0 * math::kTanhCoef)), u2, Vec(1.f));
-    return at::vec::fmadd(Vec(2.f) * u * s * (Vec(1.f) - s), dz, s);
-  } else {
-    const Vec cdf = Vec(0.5f) * (Vec(1.f) + (u * Vec(float(math::kInvSqrt2))).erf());
-    return at::vec::fmadd(u * (u2 * Vec(-0.5f)).exp(), Vec(float(math::kInvSqrt2Pi)), cdf);
-  }
-}
-
 // out[j] = gelu(x[j] + bias[j]) for j < len; bias may be nullptr.
 template <typename T, bool kTanh>
 void bias_gelu_range(const T* x, const acc_type<T>* bias, T* out, int64_t len) {
   using acc_t = acc_type<T>;
   const int64_t lv = kVectorized<T> ? len - len % kW : 0;
   if constexpr (kVectorized<T>) {
-    for (int64_t j = 0; j < lv; j += kW) {
+    int64_t j = 0;
+    for (; j + 2 * kW <= lv; j += 2 * kW) {
+      Vec u0, u1;
+      load2_f(x + j, u0, u1);
+      if (bias) {
+        u0 += Vec::loadu(bias + j);
+        u1 += Vec::loadu(bias + j + kW);
+      }
+      store2_f(out + j, gelu_vec<kTanh>(u0), gelu_vec<kTanh>(u1));
+    }
+    for (; j < lv; j += kW) {
       const Vec u = bias ? load_f(x + j) + Vec::loadu(bias + j) : load_f(x + j);
       store_f(out + j, gelu_vec<kTanh>(u));
     }
@@ -66,17 +54,18 @@ void gelu_bwd_range(const D* da, const T* u, T* out, int64_t len) {
   using acc_t = acc_type<T>;
   const int64_t lv = kVectorized<T> ? len - len % kW : 0;
   if constexpr (kVectorized<T>) {
-    for (int64_t j = 0; j < lv; j += kW) store_f(out + j, load_f(da + j) * gelu_grad_vec<kTanh>(load_f(u + j)));
+    int64_t j = 0;
+    for (; j + 2 * kW <= lv; j += 2 * kW) {
+      Vec u0, u1, d0, d1;
+      load2_f(u + j, u0, u1);
+      load2_f(da + j, d0, d1);
+      store2_f(out + j, d0 * gelu_grad_vec<kTanh>(u0), d1 * gelu_grad_vec<kTanh>(u1));
+    }
+    for (; j < lv; j += kW) store_f(out + j, load_f(da + j) * gelu_grad_vec<kTanh>(load_f(u + j)));
   }
   for (int64_t j = lv; j < len; ++j) {
     out[j] = static_cast<T>(static_cast<acc_t>(da[j]) * math::gelu_grad<acc_t>(static_cast<acc_t>(u[j]), kTanh));
   }
-}
-
-bool parse_approximate(c10::string_view approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh", "approximate must be 'none' or 'tanh', got '",
-              std::string(approximate), "'");
-  return approximate == "tanh";
 }
 
 at::Tensor bias_gelu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view approximate) {

@@ -1,0 +1,244 @@
+// Fused FFN backward ops on CPU (reference.ffn_recompute / linear_gelu_bwd / gelu_linear_wgrad). CPU GEMMs have no
+// epilogue hook, so each op is at::mm plus ONE vectorized pass that does all the pointwise work around it.
+//
+// ffn_recompute_kernel(x1 (N, d), mean (N,), rstd (N,), ln_w (d,), ln_b (d,), w1 (H, d), b1 (H,), da (N, H), approx)
+//   -> a (N, H), du (N, H) in T = da.dtype.
+//   1. y = (x1 - mean) * rstd * ln_w + ln_b in T, rows in parallel                 scratch (N, d) T
+//   2. u = at::mm(y, w1ᵀ) in T; w1 is read through its strides (w1ᵀ of a row-major or transposed weight is a view)
+//   3. epilogue over rows: u += b1; a = gelu(u) written over u's buffer (which becomes the output a);
+//      du = gelu'(u) * da. fp32 math (fp64 for fp64), one erf/exp per value shared by gelu and gelu'.
+// linear_gelu_bwd_kernel(dy (N, d), w2 (d, H), u (N, H), approx) -> du (N, H) in u.dtype
+//   m = at::mm(dy, w2) in promote(dy, w2) (bf16 stays bf16, as the reference); du = m * gelu'(u) in fp32, in place
+//   over m when m already has u's dtype (else m is widened to fp32, exactly, and du is a fresh tensor).
+// gelu_linear_wgrad_kernel(dy (N, d), u (N, H), approx) -> dW2 = dyᵀ @ gelu(u) (d, H) in dy.dtype
+//   a = gelu(u) in u.dtype in one flat pass, then at::mm(dyᵀ, a) in promote(dy, u).
+// Outputs are always fresh tensors (never an input). Inputs of another dtype than T are first brought to T, or to
+// fp32 when T is 16-bit and they are wider (so nothing is rounded twice). fp64 runs the scalar loops end to end.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../common/ckpt_math.h"
+#include "gelu_vec.h"
+#include "vec_io.h"
+
+namespace ckpt_ext {
+namespace cpu {
+namespace {
+
+constexpr int64_t kFlatGrain = 1 << 15;
+
+// t contiguous in dtype `dt` when it has it, else in acc_dtype(dt) (exact for every widening we meet).
+at::Tensor same_or_acc(const at::Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt ? t.contiguous() : as_contig(t, acc_dtype(dt));
+}
+
+// y[i, :] = (x[i, :] - mean[i]) * rstd[i] * w + b for rows [begin, end); X is T or acc_t.
+template <typename T, typename X>
+void ln_apply_rows(const X* x, const acc_type<T>* mean, const acc_type<T>* rstd, const acc_type<T>* w,
+                   const acc_type<T>* b, T* y, int64_t d, int64_t begin, int64_t end) {
+  using acc_t = acc_type<T>;
+  const int64_t dv = kVectorized<T> ? d - d % kW : 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const X* xr = x + i * d;
+    T* yr = y + i * d;
+    const acc_t mu = mean[i], r = rstd[i];
+    if constexpr (kVectorized<T>) {
+      const Vec vmu(mu), vr(r);
+      for (int64_t j = 0; j < dv; j += kW) {
+        const Vec xhat = (load_f(xr + j) - vmu) * vr;
+        store_f(yr + j, at::vec::fmadd(xhat, Vec::loadu(w + j), Vec::loadu(b + j)));
+      }
+    }
+    for (int64_t j = dv; j < d; ++j) yr[j] = static_cast<T>((static_cast<acc_t>(xr[j]) - mu) * r * w[j] + b[j]);
+  }
+}
+
+// The ffn_recompute epilogue on one row of H: u = ua[j] + b1[j]; ua[j] = gelu(u); du[j] = gelu'(u) * da[j].
+template <typename T, bool kTanh>
+void ffn_epilogue_row(T* ua, const acc_type<T>* b1, const T* da, T* du, int64_t h) {
+  using acc_t = acc_type<T>;
+  int64_t j = 0;
+  if constexpr (kVectorized<T>) {
+    for (; j + 2 * kW <= h; j += 2 * kW) {
+      Vec u0, u1, d0, d1;
+      load2_f(ua + j, u0, u1);
+      load2_f(da + j, d0, d1);
+      const auto [a0, g0] = gelu_and_grad_vec<kTanh>(u0 + Vec::loadu(b1 + j));
+      const auto [a1, g1] = gelu_and_grad_vec<kTanh>(u1 + Vec::loadu(b1 + j + kW));
+      store2_f(ua + j, a0, a1);
+      store2_f(du + j, g0 * d0, g1 * d1);
+    }
+    for (; j + kW <= h; j += kW) {
+      const auto [a, g] = gelu_and_grad_vec<kTanh>(load_f(ua + j) + Vec::loadu(b1 + j));
+      store_f(du + j, g * load_f(da + j));
+      store_f(ua + j, a);
+    }
+  }
+  for (; j < h; ++j) {
+    const acc_t u = static_cast<acc_t>(ua[j]) + b1[j];
+    ua[j] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
+    du[j] = static_cast<T>(math::gelu_grad<acc_t>(u, kTanh) * static_cast<acc_t>(da[j]));
+  }
+}
+
+// out[j] = m[j] * gelu'(u[j]) for j < len; out may be m itself (in place). M is T or acc_t.
+template <typename T, typename M, bool kTanh>
+void dgelu_mul_range(const M* m, const T* u, T* out, int64_t len) {
+  using acc_t = acc_type<T>;
+  int64_t j = 0;
+  if constexpr (kVectorized<T>) {
+    for (; j + 2 * kW <= len; j += 2 * kW) {
+      Vec u0, u1, m0, m1;
+      load2_f(u + j, u0, u1);
+      load2_f(m + j, m0, m1);
+      store2_f(out + j, m0 * gelu_grad_vec<kTanh>(u0), m1 * gelu_grad_vec<kTanh>(u1));
+    }
+    for (; j + kW <= len; j += kW) store_f(out + j, load_f(m + j) * gelu_grad_vec<kTanh>(load_f(u + j)));
+  }
+  for (; j < len; ++j) {
+    out[j] = static_cast<T>(static_cast<acc_t>(m[j]) * math::gelu_grad<acc_t>(static_cast<acc_t>(u[j]), kTanh));
+  }
+}
+
+// out[j] = gelu(u[j]) for j < len.
+template <typename T, bool kTanh>
+void gelu_range(const T* u, T* out, int64_t len) {
+  using acc_t = acc_type<T>;
+  int64_t j = 0;
+  if constexpr (kVectorized<T>) {
+    for (; j + 2 * kW <= len; j += 2 * kW) {
+      Vec u0, u1;
+      load2_f(u + j, u0, u1);
+      store2_f(out + j, gelu_vec<kTanh>(u0), gelu_vec<kTanh>(u1));
+    }
+    for (; j + kW <= len; j += kW) store_f(out + j, gelu_vec<kTanh>(load_f(u + j)));
+  }
+  for (; j < len; ++j) out[j] = static_cast<T>(math::gelu<acc_t>(static_cast<acc_t>(u[j]), kTanh));
+}
+
+// Calls f(std::integral_constant<bool, tanh_form>) so the form is a compile-time constant of the loops.
+template <typename F>
+void with_form(bool tanh_form, F&& f) {
+  tanh_form ? f(std::true_type{}) : f(std::false_type{});
+}
+
+std::tuple<at::Tensor, at::Tensor> ffn_recompute_cpu(const at::Tensor& x1, const at::Tensor& mean,
+                                                     const at::Tensor& rstd, const at::Tensor& ln_weight,
+                                                     const at::Tensor& ln_bias, const at::Tensor& w1,
+                                                     const at::Tensor& b1, const at::Tensor& da,
+                                                     c10::string_view approximate) {
+  const bool tanh_form = parse_approximate(approximate);
+  TORCH_CHECK(x1.dim() == 2 && w1.dim() == 2 && da.dim() == 2, "ffn_recompute_kernel: x1, w1, da must be 2-D");
+  const int64_t n = x1.size(0), d = x1.size(1), h = w1.size(0);
+  TORCH_CHECK(w1.size(1) == d, "ffn_recompute_kernel: w1 must be (H, d=", d, "), got ", w1.sizes());
+  TORCH_CHECK(da.size(0) == n && da.size(1) == h, "ffn_recompute_kernel: da must be (N, H) = (", n, ", ", h, ")");
+  TORCH_CHECK(b1.numel() == h && mean.numel() == n && rstd.numel() == n && ln_weight.numel() == d &&
+                  ln_bias.numel() == d,
+              "ffn_recompute_kernel: b1 must be (H,), mean/rstd (N,), ln_weight/ln_bias (d,)");
+  const auto dt = da.scalar_type(), acc = acc_dtype(dt);
+  const at::Tensor xc = same_or_acc(x1, dt), dac = da.contiguous();
+  const at::Tensor mc = as_contig(mean, acc), rc = as_contig(rstd, acc);
+  const at::Tensor wc = as_contig(ln_weight, acc), bc = as_contig(ln_bias, acc), b1c = as_contig(b1, acc);
+  at::Tensor y = at::empty({n, d}, dac.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "ffn_recompute_kernel", [&] {
+    using acc_t = acc_type<scalar_t>;
+    auto run = [&](const auto* xp) {
+      at::parallel_for(0, n, row_grain(d), [&](int64_t begin, int64_t end) {
+        ln_apply_rows<scalar_t>(xp, mc.const_data_ptr<acc_t>(), rc.const_data_ptr<acc_t>(), wc.const_data_ptr<acc_t>(),
+                                bc.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(), d, begin, end);
+      });
+    };
+    xc.scalar_type() == dt ? run(xc.const_data_ptr<scalar_t>()) : run(xc.const_data_ptr<acc_t>());
+  });
+  at::Tensor a = at::mm(y, w1.t().to(dt));  // (N, H): u, then a in place
+  y.reset();
+  at::Tensor du = at::empty({n, h}, dac.options());
+  if (n == 0 || h == 0) return {a, du};
+  TORCH_INTERNAL_ASSERT(a.is_contiguous());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "ffn_recompute_kernel", [&] {
+    using acc_t = acc_type<scalar_t>;
+    scalar_t* ap = a.mutable_data_ptr<scalar_t>();
+    scalar_t* dup = du.mutable_data_ptr<scalar_t>();
+    const scalar_t* dap = dac.const_data_ptr<scalar_t>();
+    const acc_t* bp = b1c.const_data_ptr<acc_t>();
+    with_form(tanh_form, [&](auto tanh_tag) {
+      constexpr bool kTanh = decltype(tanh_tag)::value;
+      at::parallel_for(0, n, row_grain(h), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          ffn_epilogue_row<scalar_t, kTanh>(ap + i * h, bp, dap + i * h, dup + i * h, h);
+        }
+      });
+    });
+  });
+  return {a, du};
+}
+
+at::Tensor linear_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u,
+                               c10::string_view approximate) {
+  const bool tanh_form = parse_approximate(approximate);
+  TORCH_CHECK(dy.dim() == 2 && w2.dim() == 2 && u.dim() == 2, "linear_gelu_bwd_kernel: dy, w2, u must be 2-D");
+  TORCH_CHECK(dy.size(1) == w2.size(0) && w2.size(1) == u.size(1) && dy.size(0) == u.size(0),
+              "linear_gelu_bwd_kernel: shape mismatch, dy ", dy.sizes(), " w2 ", w2.sizes(), " u ", u.sizes());
+  const auto dt = u.scalar_type();
+  const auto mm_dt = at::promote_types(dy.scalar_type(), w2.scalar_type());
+  at::Tensor m = at::mm(dy.to(mm_dt), w2.to(mm_dt));  // (N, H), fresh
+  const at::Tensor uc = u.contiguous();
+  const bool in_place = mm_dt == dt;
+  if (!in_place) m = m.to(acc_dtype(dt));
+  TORCH_INTERNAL_ASSERT(m.is_contiguous());
+  at::Tensor out = in_place ? m : at::empty(u.sizes(), uc.options());
+  const int64_t numel = u.numel();
+  if (numel == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "linear_gelu_bwd_kernel", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* up = uc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    auto run = [&](const auto* mp) {
+      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
+      with_form(tanh_form, [&](auto tanh_tag) {
+        constexpr bool kTanh = decltype(tanh_tag)::value;
+        at::parallel_for(0, numel, kFlatGrain, [&](int64_t begin, int64_t end) {
+          dgelu_mul_range<scalar_t, M, kTanh>(mp + begin, up + begin, op + begin, end - begin);
+        });
+      });
+    };
+    in_place ? run(m.const_data_ptr<scalar_t>()) : run(m.const_data_ptr<acc_t>());
+  });
+  return out;
+}
+
+at::Tensor gelu_linear_wgrad_cpu(const at::Tensor& dy, const at::Tensor& u, c10::string_view approximate) {
+  const bool tanh_form = parse_approximate(approximate);
+  TORCH_CHECK(dy.dim() == 2 && u.dim() == 2 && dy.size(0) == u.size(0),
+              "gelu_linear_wgrad_kernel: dy (N, d) and u (N, H) must be 2-D with the same rows");
+  const at::Tensor uc = u.contiguous();
+  at::Tensor a = at::empty(u.sizes(), uc.options());
+  const int64_t numel = u.numel();
+  if (numel > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "gelu_linear_wgrad_kernel", [&] {
+      const scalar_t* up = uc.const_data_ptr<scalar_t>();
+      scalar_t* ap = a.mutable_data_ptr<scalar_t>();
+      with_form(tanh_form, [&](auto tanh_tag) {
+        constexpr bool kTanh = decltype(tanh_tag)::value;
+        at::parallel_for(0, numel, kFlatGrain, [&](int64_t begin, int64_t end) {
+          gelu_range<scalar_t, kTanh>(up + begin, ap + begin, end - begin);
+        });
+      });
+    });
+  }
+  const auto mm_dt = at::promote_types(dy.scalar_type(), u.scalar_type());
+  return at::mm(dy.t().to(mm_dt), a.to(mm_dt)).to(dy.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ckpt_ext, CPU, m) {
+  m.impl("ffn_recompute_kernel", &ffn_recompute_cpu);
+  m.impl("linear_gelu_bwd_kernel", &linear_gelu_bwd_cpu);
+  m.impl("gelu_linear_wgrad_kernel", &gelu_linear_wgrad_cpu);
+}
+
+}  // namespace cpu
+}  // namespace ckpt_ext
