@@ -90,7 +90,9 @@ def check_strategies(names: list[str]) -> list[str]:
 def label(name: str) -> str:
     if name in LABELS:
         return LABELS[name]
-    return f"torch ckpt, every {name.rsplit('_', 1)[1]}th layer"
+    k = int(name.rsplit("_", 1)[1])
+    suffix = "th" if k % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"torch ckpt, every {k}{suffix} layer"
 
 
 def make_strategy(base: TinyGPT, name: str) -> TinyGPT:

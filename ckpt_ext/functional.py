@@ -4,12 +4,14 @@ Forward (x: (B, T, d) viewed as (N, d), N = B*T; H = FFN hidden):
     y1, m1, r1 = layer_norm_fwd(x)                  qkv = y1 @ Wqkvᵀ + bqkv               (N, 3d)
     o, lse = attention_fwd(qkv)                     x1 = dropout_add(o @ Wpᵀ + bp, x)      (N, d)
     y2, m2, r2 = layer_norm_fwd(x1)                 u = y2 @ W1ᵀ + b1, a = bias_gelu(u)    (N, H)
+                        (ffn, block keep no u: a = linear_bias_gelu(y2, W1, b1), GELU in FC1's epilogue)
     out = dropout_add(a @ W2ᵀ + b2, x1)
 Backward (dY = d out; df = dropout_add(dY, None) replays the residual dropout mask from its seed):
     none       dA = df @ W2, dU = gelu_bwd(dA, u), dW2 = dfᵀ @ a
     pointwise  dU = linear_gelu_bwd(df, W2, u) (GELU' in the GEMM epilogue), dW2 = gelu_linear_wgrad(df, u) (GELU in
                the prologue)
-    ffn, block dA = df @ W2; a, dU = ffn_recompute(x1, m2, r2, ..., dA) (LN2 → FC1 → GELU, GELU' fused), dW2 = dfᵀ @ a
+    ffn, block a, dU, db1 = ffn_recompute(x1, m2, r2, ..., df, W2): FC1 (LN2 in its prologue) and dA = df @ W2 share
+               one output tile, GELU/GELU'·dA/Σ dU in the epilogue; dW2 = dfᵀ @ a
     then       dY2 = dU @ W1; dx1, dγ2, dβ2, y2 = layer_norm_bwd(dY2, x1, m2, r2, dresidual=dY, emit_y); dW1 = dUᵀ @ y2
     and the attention half the same way (dW_qkv = dqkvᵀ @ y1 with y1 emitted by LN1's backward).
 ``block`` first replays the attention half's forward from x and the saved statistics. What each policy saves is
@@ -66,13 +68,27 @@ def attention_half(x: Tensor, shape: tuple[int, int], p: dict, cfg: BlockConfig,
 
 
 def ffn_half(x1: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, dict]:
-    """x1 (N, d) -> out (N, d) and ln2_out, ln2 stats, fc1_out (N, H), gelu_out (N, H)."""
+    """x1 (N, d) -> out (N, d) and ln2_out, ln2 stats, fc1_out (N, H) if the policy keeps it, gelu_out (N, H).
+
+    Policies that do not keep u (ffn, block) run FC1 with bias + GELU in its epilogue, so u is never written.
+    """
     ln2_w, ln2_b = _ln_params(p["ln2_w"], p["ln2_b"], x1.shape[1], x1)
     y2, m2, r2 = ops.layer_norm_fwd(x1, ln2_w, ln2_b, cfg.eps)
-    u = F.linear(y2, p["w_fc"], p["b_fc"])  # (N, H)
-    a = ops.bias_gelu(u, None, cfg.approximate)  # (N, H)
+    acts = {"ln2_out": y2, "ln2_stats": (m2, r2)}
+    if "fc1_out" in get_policy(cfg.policy).keeps:
+        u = F.linear(y2, p["w_fc"], p["b_fc"])  # (N, H)
+        a = ops.bias_gelu(u, None, cfg.approximate)  # (N, H)
+        acts["fc1_out"] = u
+    else:
+        ac = _AutocastState(x1.device.type)
+        a = ops.linear_bias_gelu(ac.mm(y2), ac.mm(p["w_fc"]), _opt(ac.mm, p["b_fc"]), cfg.approximate)  # (N, H)
+    acts["gelu_out"] = a
     out = ops.dropout_add(F.linear(a, p["w_fc2"], p["b_fc2"]), x1, cfg.dropout, cfg.seed + 2)
-    return out, {"ln2_out": y2, "ln2_stats": (m2, r2), "fc1_out": u, "gelu_out": a}
+    return out, acts
+
+
+def _opt(fn, t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else fn(t)
 
 
 def block_forward(x: Tensor, shape, params: dict, cfg: BlockConfig, attn_mask: Optional[Tensor]) -> tuple[Tensor, dict]:
@@ -133,16 +149,18 @@ def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, a
         da = torch.matmul(df, p["w_fc2"])  # (N, H)
         du = ops.gelu_bwd(da, acts["fc1_out"], cfg.approximate)
         g["w_fc2"] = torch.matmul(df.t(), acts["gelu_out"])
+        g["b_fc"] = _sum_rows(du, p["b_fc"])
     elif policy == "pointwise":
         du = ops.linear_gelu_bwd(ac.mm(df), ac.mm(p["w_fc2"]), acts["fc1_out"], cfg.approximate)
         g["w_fc2"] = ops.gelu_linear_wgrad(ac.mm(df), acts["fc1_out"], cfg.approximate)
+        g["b_fc"] = _sum_rows(du, p["b_fc"])
+        g["b_fc"] = _sum_rows(du, p["b_fc"])
     else:
-        da = torch.matmul(df, p["w_fc2"])  # (N, H)
-        a, du = ops.ffn_recompute(x1, m2, r2, ln2_w, ln2_b, ac.mm(p["w_fc"]), ac.mm(_bias(p["b_fc"], p["w_fc"])),
-                                  ac.mm(da), cfg.approximate)  # fmt: skip
+        a, du, db1 = ops.ffn_recompute(x1, m2, r2, ln2_w, ln2_b, ac.mm(p["w_fc"]), ac.mm(_bias(p["b_fc"], p["w_fc"])),
+                                       ac.mm(df), ac.mm(p["w_fc2"]), cfg.approximate)  # fmt: skip
         g["w_fc2"] = torch.matmul(df.t(), a)
-        del a, da
-    g["b_fc"] = _sum_rows(du, p["b_fc"])
+        g["b_fc"] = None if p["b_fc"] is None else db1.to(p["b_fc"].dtype)
+        del a
     dy2 = torch.matmul(du, p["w_fc"])  # (N, d)
     dx1, g["ln2_w"], g["ln2_b"], y2 = ops.layer_norm_bwd(
         dy2.contiguous(), x1, m2, r2, ln2_w, ln2_b, dout, policy != "none"

@@ -190,19 +190,34 @@ def ffn_recompute(
     ln_bias: Tensor,
     w1: Tensor,
     b1: Tensor,
-    da: Tensor,
+    dy: Tensor,
+    w2: Tensor,
     approximate: str,
-) -> tuple[Tensor, Tensor]:
-    """The ffn/block recompute: u = LN(x1; mean, rstd) @ w1ᵀ + b1, then a = gelu(u) and dU = gelu'(u) * dA.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ffn/block recompute, two GEMMs sharing one output tile (both reduce over d):
+    u = LN(x1; mean, rstd) @ w1ᵀ + b1 and dA = dy @ w2, then a = gelu(u), dU = gelu'(u) * dA, db1 = Σ_rows dU.
 
-    x1: (N, d), w1: (H, d), da: (N, H) -> a (N, H), du (N, H), both in da.dtype. u never leaves the kernel.
+    x1: (N, d), w1: (H, d), dy: (N, d), w2: (d, H) -> a (N, H), du (N, H) in dy.dtype, db1 (H,) fp32 (fp64 for fp64).
+    Neither u, the LN output nor dA leaves the kernel; dA and dU stay fp32 until du is stored.
     """
+    cdt = compute_dtype(dy)
     y = layer_norm_apply(x1, mean, rstd, ln_weight, ln_bias)  # (N, d), only inside the kernel on a GPU
-    u = _mm(y.to(da.dtype), w1.t(), da.dtype)
-    cdt = compute_dtype(da)
-    u = u.to(cdt) + b1.to(cdt)
-    a, g = gelu_and_grad(u, approximate)
-    return a.to(da.dtype), (da.to(cdt) * g).to(da.dtype)
+    u = _mm(y.to(dy.dtype), w1.t(), cdt) + b1.to(cdt)  # (N, H)
+    da = _mm(dy, w2, cdt)  # (N, H)
+    du = da * gelu_grad(u, approximate)
+    return gelu(u, approximate).to(dy.dtype), du.to(dy.dtype), du.sum(dim=0)
+
+
+def linear_bias_gelu(x: Tensor, w: Tensor, b: Optional[Tensor], approximate: str) -> Tensor:
+    """a = gelu(x @ wᵀ + b) with bias and GELU in the GEMM epilogue: x (N, K), w (H, K) -> (N, H) in x.dtype.
+
+    The ffn/block forward: neither policy keeps u, so it never reaches memory.
+    """
+    cdt = compute_dtype(x)
+    u = _mm(x, w.t(), cdt)
+    if b is not None:
+        u = u + b.to(cdt)
+    return gelu(u, approximate).to(x.dtype)
 
 
 def linear_gelu_bwd(dy: Tensor, w2: Tensor, u: Tensor, approximate: str) -> Tensor:

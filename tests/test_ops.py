@@ -33,9 +33,11 @@ def sample_calls(requires_grad=False):
                               True)),  # fmt: skip
         (ops.dropout_add, (u, None, 0.3, 17)),
         (ops.dropout_add, (u, torch.randn(n, h, requires_grad=requires_grad), 0.0, 0)),
-        (ops.ffn_recompute, (x.detach(), mean, rstd, w.detach(), b.detach(), w1, b1, torch.randn(n, h), "tanh")),
+        (ops.ffn_recompute, (x.detach(), mean, rstd, w.detach(), b.detach(), w1, b1, torch.randn(n, d), w2, "tanh")),
         (ops.ffn_recompute, (x.detach(), mean, rstd, w.detach(), b.detach(), w1.t().contiguous().t(), b1,
-                             torch.randn(n, h), "none")),  # fmt: skip
+                             torch.randn(n, d), w2.t().contiguous().t(), "none")),  # fmt: skip
+        (ops.linear_bias_gelu, (x.detach(), w1, b1, "tanh")),
+        (ops.linear_bias_gelu, (x.detach(), w1.t().contiguous().t(), None, "none")),
         (ops.linear_gelu_bwd, (torch.randn(n, d), w2, u.detach(), "none")),
         (ops.gelu_linear_wgrad, (torch.randn(n, d), u.detach(), "tanh")),
         (ops.attention_fwd, (qkv, heads, True, 0.0, 0, None)),
@@ -91,11 +93,12 @@ def test_fused_backward_ops_match_autograd_of_forward_math(approx):
     a = torch.nn.functional.gelu(u, approximate=approx)
     f = a @ w2.t()
     du_ref, = torch.autograd.grad(f, u, dy)
-    da = dy @ w2
     with ckpt_ext.set_backend("reference"):
-        a_ours, du_ours = ops.ffn_recompute(x1, mean, rstd, lw, lb, w1, b1, da, approx)
+        a_ours, du_ours, db1 = ops.ffn_recompute(x1, mean, rstd, lw, lb, w1, b1, dy, w2, approx)
         torch.testing.assert_close(a_ours, a.detach())
         torch.testing.assert_close(du_ours, du_ref)
+        torch.testing.assert_close(db1, du_ref.sum(0))
+        torch.testing.assert_close(ops.linear_bias_gelu(y, w1, b1, approx), a.detach())
         torch.testing.assert_close(ops.linear_gelu_bwd(dy, w2, u.detach(), approx), du_ref)
         torch.testing.assert_close(ops.gelu_linear_wgrad(dy, u.detach(), approx), dy.t() @ a.detach())
         xr, lwr, lbr = (t.clone().requires_grad_(True) for t in (x1, lw, lb))
@@ -128,8 +131,10 @@ def test_flop_formulas_registered():
     x1, lw, lb = _ln_inputs(n, d)
     _, mean, rstd = ops.layer_norm_fwd(x1, lw, lb, 1e-5)
     with FlopCounterMode(display=False) as counter:
-        ops.ffn_recompute(x1, mean, rstd, lw, lb, torch.randn(h, d), torch.randn(h), torch.randn(n, h), "none")
+        ops.ffn_recompute(x1, mean, rstd, lw, lb, torch.randn(h, d), torch.randn(h), torch.randn(n, d),
+                          torch.randn(d, h), "none")
+        ops.linear_bias_gelu(x1, torch.randn(h, d), None, "tanh")
         ops.linear_gelu_bwd(torch.randn(n, d), torch.randn(d, h), torch.randn(n, h), "none")
         ops.gelu_linear_wgrad(torch.randn(n, d), torch.randn(n, h), "none")
         ops.attention_fwd(torch.randn(2, 5, 3 * d), 4, True, 0.0, 0, None)
-    assert counter.get_total_flops() == 3 * 2 * n * d * h + 4 * 2 * 4 * 5 * 5 * (d // 4)
+    assert counter.get_total_flops() == 5 * 2 * n * d * h + 4 * 2 * 4 * 5 * 5 * (d // 4)

@@ -6,7 +6,7 @@ attention_bwd(dout (B, T, d), qkv, out, lse, n_heads, causal, dropout_p, seed, a
 q|k|v are the three thirds of qkv's last dim, head i = columns i*dh:(i+1)*dh of each. Probability dropout uses the
 hash mask (reproducible from seed). attn_mask is additive (float) or keep (bool), broadcastable to (B, h, T, T).
 Kernels: reference math always works; without dropout and mask, CPU runs aten's flash kernel for CPU (see cpp_bridge).
-FLOPs follow torch's SDPA convention: forward 4·B·h·T²·dh, backward 8·B·h·T²·dh (causal not halved).
+FLOPs follow torch's SDPA convention: forward 4·B·h·T²·dh, backward 10·B·h·T²·dh (causal not halved).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ IMPLS maps graph-op name -> callable with the graph op's signature; attention us
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 from torch._library.custom_ops import CustomOpDef
@@ -23,6 +24,7 @@ _GRAPH_OPS: dict[str, CustomOpDef] = {
     "gelu_bwd": gelu.gelu_bwd,
     "dropout_add": dropout.dropout_add,
     "ffn_recompute": ffn.ffn_recompute,
+    "linear_bias_gelu": ffn.linear_bias_gelu,
     "linear_gelu_bwd": ffn.linear_gelu_bwd,
     "gelu_linear_wgrad": ffn.gelu_linear_wgrad,
     "attention_fwd": attention.attention_fwd,
@@ -34,10 +36,21 @@ IMPLS = {
     "attention_bwd": native_attention.attention_bwd,
 }
 
+def _signature(schema) -> list[tuple[str, str]]:
+    """(name, type) of each argument and the return types: what must agree between a kernel op and its graph op."""
+    return [(a.name, str(a.type)) for a in schema.arguments] + [("->", str(r.type)) for r in schema.returns]
+
+
 KERNEL_OPS = []
+STALE = []  # kernel ops built from an older schema than the graph op's: not routed (rebuild the extension)
 for _name, _graph_op in _GRAPH_OPS.items():
     if hasattr(torch.ops.ckpt_ext, f"{_name}_kernel"):
         _kernel_op = getattr(torch.ops.ckpt_ext, f"{_name}_kernel").default
+        if _signature(_kernel_op._schema) != _signature(_graph_op._opoverload._schema):
+            warnings.warn(f"ckpt_ext._C's {_name}_kernel does not match ckpt_ext::{_name}'s schema (stale build?); "
+                          f"{_name} runs the reference math until the extension is rebuilt", stacklevel=1)  # fmt: skip
+            STALE.append(_name)
+            continue
         torch.library.register_fake(f"ckpt_ext::{_name}_kernel", _graph_op._abstract_fn)
         IMPLS[_name] = _kernel_op
         KERNEL_OPS.append(_kernel_op)

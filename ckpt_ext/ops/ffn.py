@@ -1,8 +1,13 @@
 """Fused FFN backward ops: the matmuls whose prologue/epilogue rebuild what the policy did not keep.
 
-ffn_recompute(x1 (N, d), mean (N,), rstd (N,), ln_w (d,), ln_b (d,), w1 (H, d), b1 (H,), da (N, H), approximate)
-    -> a (N, H), du (N, H) in da.dtype.   ffn/block policies: LN2 in the FC1 prologue, bias + GELU + GELU' * dA in its
-    epilogue; u = LN2(x1) @ w1ᵀ + b1 never reaches memory.                                       FLOPs: 2·N·d·H
+ffn_recompute(x1 (N, d), mean (N,), rstd (N,), ln_w (d,), ln_b (d,), w1 (H, d), b1 (H,), dy (N, d), w2 (d, H),
+              approximate) -> a (N, H), du (N, H) in dy.dtype, db1 (H,) fp32
+    ffn/block policies: two GEMMs on one output tile (both reduce over d): u = LN2(x1) @ w1ᵀ + b1 with LN2 in the
+    prologue, and dA = dy @ w2; epilogue a = gelu(u), du = gelu'(u) * dA and db1's partial column sums. Neither u
+    nor dA reaches memory.                                                                        FLOPs: 4·N·d·H
+linear_bias_gelu(x (N, K), w (H, K), b (H,)?, approximate) -> gelu(x @ wᵀ + b) (N, H) x.dtype
+    ffn/block forward: bias + GELU in FC1's epilogue; u is not kept by these policies, so it is never written.
+                                                                                                  FLOPs: 2·N·K·H
 linear_gelu_bwd(dy (N, d), w2 (d, H), u (N, H), approximate) -> du = (dy @ w2) * gelu'(u)  (N, H) u.dtype
     pointwise policy: GELU' in the dA GEMM's epilogue.                                            FLOPs: 2·N·d·H
 gelu_linear_wgrad(dy (N, d), u (N, H), approximate) -> dW2 = dyᵀ @ gelu(u)  (d, H) dy.dtype
@@ -11,6 +16,8 @@ Weights may be strided views (e.g. a transposed Conv1D weight); kernels read the
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -27,20 +34,37 @@ def ffn_recompute(
     ln_bias: Tensor,
     w1: Tensor,
     b1: Tensor,
-    da: Tensor,
+    dy: Tensor,
+    w2: Tensor,
     approximate: str,
-) -> tuple[Tensor, Tensor]:
-    return backend.kernel("ffn_recompute", x1.device.type)(x1, mean, rstd, ln_weight, ln_bias, w1, b1, da, approximate)
+) -> tuple[Tensor, Tensor, Tensor]:
+    return backend.kernel("ffn_recompute", x1.device.type)(
+        x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximate
+    )
 
 
 @ffn_recompute.register_fake
-def _(x1, mean, rstd, ln_weight, ln_bias, w1, b1, da, approximate):
+def _(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximate):
     n, d = x1.shape
     h = w1.shape[0]
     torch._check(w1.shape == (h, d), lambda: f"ffn_recompute: w1 must be (H, d={d}), got {tuple(w1.shape)}")
-    torch._check(da.shape == (n, h), lambda: f"ffn_recompute: da must be (N, H) = ({n}, {h}), got {tuple(da.shape)}")
+    torch._check(dy.shape == (n, d), lambda: f"ffn_recompute: dy must be (N, d) = ({n}, {d}), got {tuple(dy.shape)}")
+    torch._check(w2.shape == (d, h), lambda: f"ffn_recompute: w2 must be (d, H) = ({d}, {h}), got {tuple(w2.shape)}")
     torch._check(b1.shape == (h,), lambda: "ffn_recompute: b1 must be (H,)")
-    return da.new_empty((n, h)), da.new_empty((n, h))
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    return dy.new_empty((n, h)), dy.new_empty((n, h)), dy.new_empty((h,), dtype=acc)
+
+
+@torch.library.custom_op("ckpt_ext::linear_bias_gelu", mutates_args=())
+def linear_bias_gelu(x: Tensor, w: Tensor, b: Optional[Tensor], approximate: str) -> Tensor:
+    return backend.kernel("linear_bias_gelu", x.device.type)(x, w, b, approximate)
+
+
+@linear_bias_gelu.register_fake
+def _(x, w, b, approximate):
+    torch._check(x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], lambda: "linear_bias_gelu: x (N, K), w (H, K)")
+    torch._check(b is None or b.shape == (w.shape[0],), lambda: "linear_bias_gelu: b must be (H,)")
+    return x.new_empty((x.shape[0], w.shape[0]))
 
 
 @torch.library.custom_op("ckpt_ext::linear_gelu_bwd", mutates_args=())

@@ -1,7 +1,7 @@
 """FLOP formulas of the ops that multiply matrices, for torch.utils.flop_counter.FlopCounterMode.
 
-ffn_recompute, linear_gelu_bwd, gelu_linear_wgrad: 2·N·d·H each. attention_fwd: 4·B·h·T²·dh, attention_bwd:
-8·B·h·T²·dh (torch's SDPA convention, causal not halved).
+ffn_recompute: 4·N·d·H (FC1 and the dA GEMM); linear_bias_gelu, linear_gelu_bwd, gelu_linear_wgrad: 2·N·d·H. attention_fwd: 4·B·h·T²·dh, attention_bwd:
+10·B·h·T²·dh (torch's SDPA convention, causal not halved).
 
 torch.utils.flop_counter imports triton when it is first imported, and ckpt_ext promises not to import triton at import
 time. So the formulas are registered the moment torch.utils.flop_counter is imported by anyone (a post-import hook on
@@ -26,7 +26,11 @@ def _bhtd(qkv_shape, n_heads):
 def ffn_recompute_flops(x1_shape, mean_shape, rstd_shape, lnw_shape, lnb_shape, w1_shape, *args, out_shape=None,
                         **kwargs) -> int:  # fmt: skip
     n, d = x1_shape
-    return 2 * n * d * w1_shape[0]
+    return 4 * n * d * w1_shape[0]  # u = LN(x1) @ w1ᵀ and dA = dy @ w2
+
+
+def linear_bias_gelu_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape[0] * x_shape[1] * w_shape[0]
 
 
 def linear_gelu_bwd_flops(dy_shape, w2_shape, *args, out_shape=None, **kwargs) -> int:
@@ -44,7 +48,7 @@ def attention_fwd_flops(qkv_shape, n_heads, *args, out_shape=None, **kwargs) -> 
 
 def attention_bwd_flops(dout_shape, qkv_shape, o_shape, lse_shape, n_heads, *args, out_shape=None, **kwargs) -> int:
     b, h, t, dh = _bhtd(qkv_shape, n_heads)
-    return 8 * b * h * t * t * dh
+    return 10 * b * h * t * t * dh  # dV, dP, dQ, dK and the rebuilt scores, as torch counts SDPA's backward
 
 
 def _register() -> None:
@@ -54,6 +58,7 @@ def _register() -> None:
     for packet, formula in (
         (ops.ffn_recompute, ffn_recompute_flops),
         (ops.linear_gelu_bwd, linear_gelu_bwd_flops),
+        (ops.linear_bias_gelu, linear_bias_gelu_flops),
         (ops.gelu_linear_wgrad, gelu_linear_wgrad_flops),
         (ops.attention_fwd, attention_fwd_flops),
         (ops.attention_bwd, attention_bwd_flops),
