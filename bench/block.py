@@ -42,7 +42,7 @@ def _step(fn, x, g):
 def _time_interleaved(variants: dict, x, g, repeats: int) -> dict:
     """Median seconds per step; variants run round-robin so drift hits them all alike."""
     times = {name: [] for name in variants}
-    for name, fn in variants.items():  # warm-up
+    for fn in variants.values():  # warm-up
         _step(fn, x, g)
     for _ in range(repeats):
         for name, fn in variants.items():
@@ -84,7 +84,7 @@ def run(d_model=256, n_heads=8, seq=256, batch=8, repeats=7, threads=None) -> li
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| variant | retained (× input) | table | FLOPs (× none) | step ms | × TransformerBlock | × torch checkpoint |"
+    head = "| variant | retained (× input) | table | FLOPs (× none) | step ms | × TransformerBlock | × torch ckpt |"
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         table = "" if r["table"] is None else f"{r['table']:.3f}"

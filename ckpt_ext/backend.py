@@ -5,10 +5,10 @@ The op graph never changes; a backend only chooses the implementation an op's ke
 | backend     | CPU tensors                                   | CUDA tensors                                   |
 |-------------|-----------------------------------------------|------------------------------------------------|
 | `reference` | ckpt_ext.reference (plain PyTorch)            | ckpt_ext.reference                             |
-| `cpp`       | csrc/cpu kernels (`torch.ops.ckpt_ext.*_kernel`) | csrc/cuda kernels (same ops)                |
+| `cpp`       | csrc/cpu kernels (`ckpt_ext::*_kernel` ops)   | csrc/cuda kernels (same ops)                   |
 | `cuda`      | csrc kernels (their CPU registration)         | csrc/cuda kernels                              |
 | `triton`    | Triton kernels, only under TRITON_INTERPRET=1 | Triton kernels (ckpt_ext.kernels)              |
-| `auto`      | `cpp` if built, else `reference`              | `triton` if installed, else `cuda` if built, else `reference` |
+| `auto`      | `cpp` if built, else `reference`              | `triton`, else `cuda` if built, else reference |
 
 An op a backend does not implement runs the reference math (itself aten calls on the same device); `implements()`
 tells which ops each backend covers. Select with ``set_backend(name)`` (also a context manager) or the environment
@@ -60,7 +60,7 @@ class set_backend:
 
 
 # ------------------------------------------------------------------------------------------------ availability
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpp_available() -> bool:
     try:
         importlib.import_module("ckpt_ext._C")
@@ -69,7 +69,7 @@ def cpp_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_ext_available() -> bool:
     if not cpp_available():
         return False
@@ -78,7 +78,7 @@ def cuda_ext_available() -> bool:
     return int(torch.ops.ckpt_ext.cuda_version()) >= 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     try:
         importlib.import_module("triton")

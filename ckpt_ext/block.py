@@ -180,4 +180,3 @@ def init_block_(block: TransformerBlock, std: float = 0.02, n_layers: int = 1) -
             nn.init.zeros_(lin.bias)
     for lin in (block.attn.proj, block.mlp.proj):
         lin.weight.data.mul_(1.0 / math.sqrt(2 * n_layers))
-

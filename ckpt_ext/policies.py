@@ -18,12 +18,12 @@ planner price the same table. Tensor names (N = B*T rows, d = width, H = FFN hid
 | fc1_out     | (N, H)      | u, FFN pre-activation                     |
 | gelu_out    | (N, H)      | a = gelu(u)                               |
 
-| policy    | keeps (beyond x)                                       | rebuilt inside backward kernels                        |
-|-----------|--------------------------------------------------------|--------------------------------------------------------|
-| none      | everything above                                       | nothing                                                 |
-| pointwise | ln*_stats, qkv, attn_out, attn_lse, x1, fc1_out        | ln1_out, ln2_out (LN backward), gelu_out (dW2 prologue), gelu' (dA epilogue) |
-| ffn       | ln*_stats, qkv, attn_out, attn_lse, x1                 | + fc1_out and gelu_out in one kernel (LN2 → FC1 → GELU, GELU')  |
-| block     | ln*_stats                                              | + the attention half (ln1_out, qkv, attention, x1) before the FFN backward |
+| policy    | keeps (beyond x)                                | rebuilt inside backward kernels                        |
+|-----------|-------------------------------------------------|--------------------------------------------------------|
+| none      | everything above                                | nothing                                                |
+| pointwise | ln*_stats, qkv, attn_out, attn_lse, x1, fc1_out | ln*_out (LN backward), gelu_out (dW2 prologue), gelu'  |
+| ffn       | ln*_stats, qkv, attn_out, attn_lse, x1          | + fc1_out, gelu_out in one kernel (LN2 → FC1 → GELU)   |
+| block     | ln*_stats                                       | + the attention half (ln1_out, qkv, attention, x1)     |
 FC2's output is never kept nor recomputed: backward does not need it.
 """
 
@@ -106,6 +106,4 @@ def tensor_bytes(
 def retained_bytes(policy: str, batch: int, seq: int, d_model: int, n_heads: int, hidden: int, **dtype_bytes) -> int:
     """Activation bytes one block keeps for backward beyond its input x, from the table above."""
     keeps = get_policy(policy).keeps
-    return sum(
-        tensor_bytes(t, batch, seq, d_model, n_heads, hidden, **dtype_bytes) for t in keeps if t != "x"
-    )
+    return sum(tensor_bytes(t, batch, seq, d_model, n_heads, hidden, **dtype_bytes) for t in keeps if t != "x")

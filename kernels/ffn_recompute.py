@@ -1,20 +1,25 @@
-"""The ffn/block recompute kernel: LN2 in the FC1 prologue, bias + GELU + GELU'·dA in its epilogue.
+"""The ffn/block recompute kernel: two GEMMs on one output tile, LN2 in the FC1 prologue, GELU/GELU' in the epilogue.
 
-For x1 (M, K), w1 (N, K) with any strides, da (M, N), with M = rows, K = d, N = H:
-    prologue, per K-step:  y = (x1 - mean) · rstd · ln_w + ln_b         fp32, (BLOCK_M, BLOCK_K) tile in registers
-    main loop:             acc += y @ w1ᵀ                               fp32 accumulate
-    epilogue:              u = acc + b1;  a = gelu(u);  du = gelu'(u) · da  → a, du (M, N) in da.dtype
-Neither the LN output nor u = LN(x1) @ w1ᵀ + b1 ever reaches memory: bytes = x1 + w1 + da + a + du.
+For x1 (M, K), w1 (N, K), dy (M, K), w2 (K, N) with any weight strides, with M = rows, K = d, N = H, both GEMMs
+reduce over K = d and produce the same (BLOCK_M, BLOCK_N) tile, so one K-loop carries two fp32 accumulators:
+    prologue, per K-step:  y = (x1 - mean) · rstd · ln_w + ln_b           fp32, (BLOCK_M, BLOCK_K) tile in registers
+    main loop:             acc_u += y @ w1ᵀ;   acc_da += dy @ w2         fp32 accumulate
+    epilogue:              u = acc_u + b1;  a = gelu(u);  du = gelu'(u) · acc_da
+                           → a, du (M, N) in dy.dtype;  db1_part[pid_m, :] = Σ_rows du (fp32, before rounding)
+Neither the LN output, u nor dA reaches memory: bytes = x1 + w1 + dy + w2 + a + du + grid_m·N·4.
+db1 is deterministic (no atomics): each program writes its own column partial sums into row pid_m of an fp32
+(grid_m, N) scratch that the launcher reduces. Every autotune config of this kernel must share one BLOCK_M, so that
+the scratch's shape is known before tuning and every row is rewritten by whichever config runs.
 UPCAST (constexpr): load operands as fp32 and run fp32 dots (fp32 inputs, mixed dtypes, and always under the
 interpreter, whose bf16 dots are wrong); otherwise the LN tile is cast to w1's 16-bit dtype for tensor-core dots.
-Programs walk output tiles in GROUP_M-row super-groups so that neighbouring programs share w1 tiles in L2.
+Programs walk output tiles in GROUP_M-row super-groups so that neighbouring programs share weight tiles in L2.
 """
 
 import triton
 import triton.language as tl
 
 from .gelu_math import gelu_and_grad
-from .matmul_configs import AUTOTUNE, configs
+from .matmul_configs import DUAL_AUTOTUNE, dual_configs
 
 
 @triton.jit
@@ -38,18 +43,22 @@ def ffn_recompute_kernel(
     RSTD,  # (M,) fp32 LN2 rstd
     LN_W,  # (K,) LN2 weight
     LN_B,  # (K,) LN2 bias
-    W1,  # (N, K) strides (stride_wn, stride_wk): FC1 weight, possibly a transposed view
+    W1,  # (N, K) strides (stride_w1n, stride_w1k): FC1 weight (H, d), possibly a transposed view
     B1,  # (N,) FC1 bias
-    DA,  # (M, N) row stride stride_dm, unit column stride: gradient of a = gelu(u)
-    A_OUT,  # (M, N) contiguous, da.dtype: a = gelu(u)
-    DU_OUT,  # (M, N) contiguous, da.dtype: du = gelu'(u) · da
+    DY,  # (M, K) row stride stride_dym, unit column stride: gradient of the FC2 output (after dropout)
+    W2,  # (K, N) strides (stride_w2k, stride_w2n): FC2 weight (d, H), possibly a transposed view
+    A_OUT,  # (M, N) contiguous, dy.dtype: a = gelu(u)
+    DU_OUT,  # (M, N) contiguous, dy.dtype: du = gelu'(u) · dA
+    DB1_PART,  # (cdiv(M, BLOCK_M), N) contiguous fp32: per-row-block column sums of du
     M,
     N,
     K,
     stride_xm,
-    stride_wn,
-    stride_wk,
-    stride_dm,
+    stride_w1n,
+    stride_w1k,
+    stride_dym,
+    stride_w2k,
+    stride_w2n,
     APPROX_TANH: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -66,27 +75,34 @@ def ffn_recompute_kernel(
     rm64 = rm.to(tl.int64)
     mean = tl.load(MEAN + rm, mask=m_ok, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + rm, mask=m_ok, other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_da = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
-        x = tl.load(X1 + rm64[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        mk = m_ok[:, None] & k_ok[None, :]
+        kn = k_ok[:, None] & n_ok[None, :]
+        x = tl.load(X1 + rm64[:, None] * stride_xm + kk[None, :], mask=mk, other=0.0)
         lw = tl.load(LN_W + kk, mask=k_ok, other=0.0).to(tl.float32)
         lb = tl.load(LN_B + kk, mask=k_ok, other=0.0).to(tl.float32)
         y = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
-        w = tl.load(W1 + rn[None, :] * stride_wn + kk[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0)  # fmt: skip
+        w1 = tl.load(W1 + rn[None, :] * stride_w1n + kk[:, None] * stride_w1k, mask=kn, other=0.0)
+        g = tl.load(DY + rm64[:, None] * stride_dym + kk[None, :], mask=mk, other=0.0)
+        w2 = tl.load(W2 + kk[:, None] * stride_w2k + rn[None, :] * stride_w2n, mask=kn, other=0.0)
         if UPCAST:
-            acc = tl.dot(y, w.to(tl.float32), acc, input_precision="ieee")
+            acc_u = tl.dot(y, w1.to(tl.float32), acc_u, input_precision="ieee")
+            acc_da = tl.dot(g.to(tl.float32), w2.to(tl.float32), acc_da, input_precision="ieee")
         else:
-            acc = tl.dot(y.to(w.dtype), w, acc)
+            acc_u = tl.dot(y.to(w1.dtype), w1, acc_u)
+            acc_da = tl.dot(g, w2, acc_da)
     b1 = tl.load(B1 + rn, mask=n_ok, other=0.0).to(tl.float32)
-    act, grad = gelu_and_grad(acc + b1[None, :], APPROX_TANH)
+    act, grad = gelu_and_grad(acc_u + b1[None, :], APPROX_TANH)
     mask = m_ok[:, None] & n_ok[None, :]
-    da = tl.load(DA + rm64[:, None] * stride_dm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    du = tl.where(mask, grad * acc_da, 0.0)
     out = rm64[:, None] * N + rn[None, :]
     tl.store(A_OUT + out, act.to(A_OUT.dtype.element_ty), mask=mask)
-    tl.store(DU_OUT + out, (grad * da).to(DU_OUT.dtype.element_ty), mask=mask)
+    tl.store(DU_OUT + out, du.to(DU_OUT.dtype.element_ty), mask=mask)
+    tl.store(DB1_PART + pid_m.to(tl.int64) * N + rn, tl.sum(du, axis=0), mask=n_ok)
 
 
-ffn_recompute_autotuned = triton.autotune(configs=configs(), **AUTOTUNE)(ffn_recompute_kernel)
+ffn_recompute_autotuned = triton.autotune(configs=dual_configs(), **DUAL_AUTOTUNE)(ffn_recompute_kernel)

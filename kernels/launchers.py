@@ -21,6 +21,7 @@ from ckpt_ext.ops import native_attention
 from .dropout import dropout_add_kernel
 from .ffn_pointwise import gelu_linear_wgrad_autotuned, linear_gelu_bwd_autotuned
 from .ffn_recompute import ffn_recompute_autotuned
+from .linear_gelu import linear_bias_gelu_autotuned
 from .layer_norm import layer_norm_bwd_kernel, layer_norm_fwd_kernel
 from .matmul_configs import interpreting
 from .pointwise import bias_gelu_kernel, gelu_bwd_kernel
@@ -150,20 +151,37 @@ def dropout_add(x, residual, p, seed):
 
 
 # ----------------------------------------------------------------------------------------------- fused FFN
-def ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, da, approximate):
+def ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximate):
     reference._check_approximate(approximate)
-    if not _covered(x1, ln_weight, ln_bias, w1, b1, da) or mean.dtype != torch.float32:
-        return reference.ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, da, approximate)
-    x1, da = _rows(x1), _rows(da)
+    if not _covered(x1, ln_weight, ln_bias, w1, b1, dy, w2) or mean.dtype != torch.float32:
+        return reference.ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximate)
+    x1, dy = _rows(x1), _rows(dy)
     m, k = x1.shape
     n = w1.shape[0]
-    a = torch.empty((m, n), dtype=da.dtype, device=da.device)
-    du = torch.empty((m, n), dtype=da.dtype, device=da.device)
+    (block_m,) = {c.kwargs["BLOCK_M"] for c in ffn_recompute_autotuned.configs}
+    a = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
+    du = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
+    db1_part = torch.empty((triton.cdiv(m, block_m), n), dtype=torch.float32, device=dy.device)
     ffn_recompute_autotuned[_matmul_grid(m, n)](
-        x1, mean.contiguous(), rstd.contiguous(), ln_weight, ln_bias, w1, b1, da, a, du, m, n, k, x1.stride(0),
-        w1.stride(0), w1.stride(1), da.stride(0), APPROX_TANH=approximate == "tanh", UPCAST=_upcast(w1, da),
+        x1, mean.contiguous(), rstd.contiguous(), ln_weight, ln_bias, w1, b1, dy, w2, a, du, db1_part, m, n, k,
+        x1.stride(0), w1.stride(0), w1.stride(1), dy.stride(0), w2.stride(0), w2.stride(1),
+        APPROX_TANH=approximate == "tanh", UPCAST=_upcast(w1, dy, w2),
     )  # fmt: skip
-    return a, du
+    return a, du, db1_part.sum(dim=0)
+
+
+def linear_bias_gelu(x, w, b, approximate):
+    reference._check_approximate(approximate)
+    if not _covered(x, w, b):
+        return reference.linear_bias_gelu(x, w, b, approximate)
+    m, k = x.shape
+    n = w.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    linear_bias_gelu_autotuned[_matmul_grid(m, n)](
+        x, w, b if b is not None else w, out, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        HAS_BIAS=b is not None, APPROX_TANH=approximate == "tanh", UPCAST=_upcast(x, w),
+    )  # fmt: skip
+    return out
 
 
 def linear_gelu_bwd(dy, w2, u, approximate):
@@ -203,6 +221,7 @@ IMPLS = {
     "gelu_bwd": gelu_bwd,
     "dropout_add": dropout_add,
     "ffn_recompute": ffn_recompute,
+    "linear_bias_gelu": linear_bias_gelu,
     "linear_gelu_bwd": linear_gelu_bwd,
     "gelu_linear_wgrad": gelu_linear_wgrad,
     "attention_fwd": native_attention.attention_fwd,

@@ -4,6 +4,11 @@ Tiles (BLOCK_M × BLOCK_N output, BLOCK_K reduction step), warps and pipeline st
 - sm_90 (H100/H200, 228 KB shared memory): 128×256×64 / 8 warps / 3 stages at most (~144 KB of 16-bit tiles).
 - sm_80 (A100, 164 KB): BLOCK_K 32 with 3-4 stages keeps the pipeline under ~100 KB.
 Both lists are handed to autotune; ``prune_for_device`` keeps the ones for the running device's generation.
+Dual-GEMM kernels (ffn_recompute: two fp32 accumulators, four operand tiles per K-step) get their own lists
+(``DUAL_*``): the accumulators double the registers, so tiles stop at 128×128 with 8 warps (2 × 64 fp32 registers
+per thread), and a stage holds twice the operand bytes (128×128×64 16-bit: 64 KB per stage, 3 stages = 192 KB on
+sm_90; BLOCK_K 32 halves that for sm_80). They all share BLOCK_M = DUAL_BLOCK_M, which sizes the launcher's
+per-row-block db1 scratch before the tuner has picked a config.
 Configs whose fp32 tiles overflow shared memory fail to launch and are skipped by autotune's benchmark.
 Under TRITON_INTERPRET=1 autotune fails with more than one config, so one tiny config (the smallest tl.dot tile)
 is used instead: the interpreter runs programs one by one and its cost grows with their count, not their size.
@@ -40,6 +45,20 @@ SM80 = (
 INTERPRETER = (_config(16, 32, 32, 4, 1),)
 SINGLE = (_config(64, 128, 32, 4, 3),)  # fits fp32 operands on sm_80 and sm_90 too
 
+DUAL_BLOCK_M = 128
+DUAL_SM90 = (
+    _config(DUAL_BLOCK_M, 128, 64, 8, 3),
+    _config(DUAL_BLOCK_M, 128, 32, 8, 4),
+    _config(DUAL_BLOCK_M, 64, 64, 8, 3),
+    _config(DUAL_BLOCK_M, 64, 32, 4, 3),  # fits fp32 operands: 48 KB per stage
+)
+DUAL_SM80 = (
+    _config(DUAL_BLOCK_M, 128, 32, 8, 3),
+    _config(DUAL_BLOCK_M, 64, 32, 8, 3),
+    _config(DUAL_BLOCK_M, 64, 32, 4, 3),
+)
+DUAL_SINGLE = (_config(DUAL_BLOCK_M, 64, 32, 4, 3),)
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -53,16 +72,33 @@ def configs() -> list:
     return list(SM90 + SM80)
 
 
-def prune_for_device(configs, named_args, **kwargs):
-    """early_config_prune hook: the sm_90 list on Hopper and newer, the sm_80 list on Ampere/Ada."""
-    import torch
+def dual_configs() -> list:
+    """Configs of the dual-GEMM kernels (all with one BLOCK_M; the interpreter's tiny tile under TRITON_INTERPRET)."""
+    if interpreting():
+        return list(INTERPRETER)
+    if os.environ.get("CKPT_EXT_TRITON_AUTOTUNE", "1") == "0":
+        return list(DUAL_SINGLE)
+    unique = {_key(c): c for c in DUAL_SM90 + DUAL_SM80}
+    return list(unique.values())
 
-    if len(configs) <= 1 or not torch.cuda.is_available():
-        return configs
-    major, _ = torch.cuda.get_device_capability()
-    wanted = {_key(c) for c in (SM90 if major >= 9 else SM80)}
-    kept = [c for c in configs if _key(c) in wanted]
-    return kept or configs
+
+def pruner(sm90, sm80):
+    """An early_config_prune hook keeping ``sm90`` on Hopper and newer, ``sm80`` on Ampere/Ada."""
+
+    def prune(configs, named_args, **kwargs):
+        import torch
+
+        if len(configs) <= 1 or not torch.cuda.is_available():
+            return configs
+        major, _ = torch.cuda.get_device_capability()
+        wanted = {_key(c) for c in (sm90 if major >= 9 else sm80)}
+        kept = [c for c in configs if _key(c) in wanted]
+        return kept or configs
+
+    return prune
+
+
+prune_for_device = pruner(SM90, SM80)
 
 
 def _key(config) -> tuple:
@@ -70,3 +106,4 @@ def _key(config) -> tuple:
 
 
 AUTOTUNE = dict(key=["M", "N", "K"], prune_configs_by={"early_config_prune": prune_for_device})
+DUAL_AUTOTUNE = dict(key=["M", "N", "K"], prune_configs_by={"early_config_prune": pruner(DUAL_SM90, DUAL_SM80)})

@@ -44,5 +44,5 @@ def assert_within_torch_error(ours, torch_same_dtype, ref64, factor=3.0, atol=1e
         torch_err = (b.double() - r).abs().max().item()
         torch.testing.assert_close(
             a.double(), r, rtol=0.0, atol=factor * torch_err + atol,
-            msg=lambda m, i=i: f"{names[i] if names else i}: {m} (torch's own error {torch_err:.3g})",
+            msg=lambda m, i=i, e=torch_err: f"{names[i] if names else i}: {m} (torch's own error {e:.3g})",
         )  # fmt: skip

@@ -11,6 +11,7 @@ from torch import nn
 
 import ckpt_ext
 from ckpt_ext import FusedCheckpointBlock, TransformerBlock, apply_checkpointing, set_backend
+
 from helpers import make_block, run_step
 
 

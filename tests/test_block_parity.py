@@ -8,6 +8,7 @@ import torch
 
 import ckpt_ext
 from ckpt_ext import FusedCheckpointBlock
+
 from helpers import assert_within_torch_error, fused_copy, make_block, run_step
 
 POLICIES = ["none", "pointwise", "ffn", "block"]

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ckpt_ext import FusedCheckpointBlock, policies, retained_bytes
 from ckpt_ext.measure import count_flops, retained_activation_bytes, training_step
+
 from helpers import make_block
 
 B, T, D, HEADS = 2, 64, 128, 4

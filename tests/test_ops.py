@@ -29,13 +29,28 @@ def sample_calls(requires_grad=False):
     calls = [
         (ops.layer_norm_fwd, (x, w, b, 1e-5)),
         (ops.layer_norm_bwd, (torch.randn(n, d), x.detach(), mean, rstd, w.detach(), b.detach(), None, False)),
-        (ops.layer_norm_bwd, (torch.randn(n, d), x.detach(), mean, rstd, w.detach(), b.detach(), torch.randn(n, d),
-                              True)),  # fmt: skip
+        (
+            ops.layer_norm_bwd,
+            (torch.randn(n, d), x.detach(), mean, rstd, w.detach(), b.detach(), torch.randn(n, d), True),
+        ),  # fmt: skip
         (ops.dropout_add, (u, None, 0.3, 17)),
         (ops.dropout_add, (u, torch.randn(n, h, requires_grad=requires_grad), 0.0, 0)),
         (ops.ffn_recompute, (x.detach(), mean, rstd, w.detach(), b.detach(), w1, b1, torch.randn(n, d), w2, "tanh")),
-        (ops.ffn_recompute, (x.detach(), mean, rstd, w.detach(), b.detach(), w1.t().contiguous().t(), b1,
-                             torch.randn(n, d), w2.t().contiguous().t(), "none")),  # fmt: skip
+        (
+            ops.ffn_recompute,
+            (
+                x.detach(),
+                mean,
+                rstd,
+                w.detach(),
+                b.detach(),
+                w1.t().contiguous().t(),
+                b1,
+                torch.randn(n, d),
+                w2.t().contiguous().t(),
+                "none",
+            ),
+        ),  # fmt: skip
         (ops.linear_bias_gelu, (x.detach(), w1, b1, "tanh")),
         (ops.linear_bias_gelu, (x.detach(), w1.t().contiguous().t(), None, "none")),
         (ops.linear_gelu_bwd, (torch.randn(n, d), w2, u.detach(), "none")),
@@ -72,11 +87,12 @@ def test_gradcheck_differentiable_ops_float64():
     with ckpt_ext.set_backend("reference"):
         assert torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm_fwd(x, w, b, 1e-5)[0], (x, w, b))
         for approx in APPROX:
-            assert torch.autograd.gradcheck(lambda u, bias: ops.bias_gelu(u, bias, approx), (u, bias))
+            assert torch.autograd.gradcheck(lambda u, bias, a=approx: ops.bias_gelu(u, bias, a), (u, bias))
         res = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda u, r: ops.dropout_add(u, r, 0.4, 3), (u, res))
         for causal, p, m in [(True, 0.0, None), (False, 0.3, mask), (True, 0.2, mask)]:
-            assert torch.autograd.gradcheck(lambda q: ops.attention_fwd(q, 2, causal, p, 9, m)[0], (qkv,))
+            fn = lambda q, c=causal, p=p, m=m: ops.attention_fwd(q, 2, c, p, 9, m)[0]  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (qkv,))
 
 
 @pytest.mark.parametrize("approx", APPROX)
@@ -92,7 +108,7 @@ def test_fused_backward_ops_match_autograd_of_forward_math(approx):
     u = (y @ w1.t() + b1).requires_grad_(True)
     a = torch.nn.functional.gelu(u, approximate=approx)
     f = a @ w2.t()
-    du_ref, = torch.autograd.grad(f, u, dy)
+    (du_ref,) = torch.autograd.grad(f, u, dy)
     with ckpt_ext.set_backend("reference"):
         a_ours, du_ours, db1 = ops.ffn_recompute(x1, mean, rstd, lw, lb, w1, b1, dy, w2, approx)
         torch.testing.assert_close(a_ours, a.detach())
@@ -131,8 +147,9 @@ def test_flop_formulas_registered():
     x1, lw, lb = _ln_inputs(n, d)
     _, mean, rstd = ops.layer_norm_fwd(x1, lw, lb, 1e-5)
     with FlopCounterMode(display=False) as counter:
-        ops.ffn_recompute(x1, mean, rstd, lw, lb, torch.randn(h, d), torch.randn(h), torch.randn(n, d),
-                          torch.randn(d, h), "none")
+        ops.ffn_recompute(
+            x1, mean, rstd, lw, lb, torch.randn(h, d), torch.randn(h), torch.randn(n, d), torch.randn(d, h), "none"
+        )
         ops.linear_bias_gelu(x1, torch.randn(h, d), None, "tanh")
         ops.linear_gelu_bwd(torch.randn(n, d), torch.randn(d, h), torch.randn(n, h), "none")
         ops.gelu_linear_wgrad(torch.randn(n, d), torch.randn(n, h), "none")

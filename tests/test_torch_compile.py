@@ -5,6 +5,7 @@ import torch
 
 import ckpt_ext
 from ckpt_ext import FusedCheckpointBlock
+
 from helpers import make_block, run_step
 
 

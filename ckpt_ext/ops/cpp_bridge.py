@@ -1,4 +1,4 @@
-"""The ``cpp``/``cuda`` backends: route graph ops to the C++ extension's kernel ops (``torch.ops.ckpt_ext.<op>_kernel``).
+"""The ``cpp``/``cuda`` backends: route graph ops to the C++ extension's kernel ops (``ckpt_ext::<op>_kernel``).
 
 Importing this module loads ckpt_ext._C (its TORCH_LIBRARY block declares the kernel ops' schemas) and registers a fake
 kernel for each, reusing the graph op's fake, so the kernel ops pass opcheck and trace under FakeTensorMode too.
@@ -35,6 +35,7 @@ IMPLS = {
     "attention_fwd": native_attention.attention_fwd,
     "attention_bwd": native_attention.attention_bwd,
 }
+
 
 def _signature(schema) -> list[tuple[str, str]]:
     """(name, type) of each argument and the return types: what must agree between a kernel op and its graph op."""

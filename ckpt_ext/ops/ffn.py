@@ -62,7 +62,9 @@ def linear_bias_gelu(x: Tensor, w: Tensor, b: Optional[Tensor], approximate: str
 
 @linear_bias_gelu.register_fake
 def _(x, w, b, approximate):
-    torch._check(x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], lambda: "linear_bias_gelu: x (N, K), w (H, K)")
+    torch._check(
+        x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], lambda: "linear_bias_gelu: x (N, K), w (H, K)"
+    )
     torch._check(b is None or b.shape == (w.shape[0],), lambda: "linear_bias_gelu: b must be (H,)")
     return x.new_empty((x.shape[0], w.shape[0]))
 
@@ -88,4 +90,3 @@ def gelu_linear_wgrad(dy: Tensor, u: Tensor, approximate: str) -> Tensor:
 def _(dy, u, approximate):
     torch._check(dy.shape[0] == u.shape[0], lambda: "gelu_linear_wgrad: dy and u must have the same rows")
     return dy.new_empty((dy.shape[1], u.shape[1]))
-

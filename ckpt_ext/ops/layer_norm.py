@@ -31,9 +31,11 @@ def _(x, weight, bias, eps):
     torch._check(x.dim() == 2, lambda: f"layer_norm_fwd: x must be (N, d), got {tuple(x.shape)}")
     torch._check(weight.shape == (x.shape[1],) and bias.shape == (x.shape[1],), lambda: "weight/bias must be (d,)")
     n = x.shape[0]
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
-        (n,), dtype=_stats_dtype(x)
-    ), x.new_empty((n,), dtype=_stats_dtype(x))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((n,), dtype=_stats_dtype(x)),
+        x.new_empty((n,), dtype=_stats_dtype(x)),
+    )
 
 
 @torch.library.custom_op("ckpt_ext::layer_norm_bwd", mutates_args=())
