@@ -25,9 +25,8 @@ def _nbytes(*tensors) -> int:
 
 def cases(n: int, d: int, h: int, dtype: torch.dtype, device: str):
     """(name, triton fn, eager fn, reference fn, flops, bytes) per op."""
-    from ckpt_ext.kernels import launchers as L
-
     from ckpt_ext import reference as R
+    from ckpt_ext.kernels import launchers as L
 
     g = torch.Generator(device=device).manual_seed(0)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=device) * scale).to(dtype)
@@ -53,10 +52,13 @@ def cases(n: int, d: int, h: int, dtype: torch.dtype, device: str):
            3 * _nbytes(u))  # fmt: skip
     yield ("dropout_add", lambda: L.dropout_add(x, res, 0.1, 1234), lambda: F.dropout(x, 0.1) + res,
            lambda: R.dropout_add(x, res, 0.1, 1234), 0, 3 * _nbytes(x))  # fmt: skip
-    yield ("ffn_recompute", lambda: L.ffn_recompute(x, mean, rstd, w, b, w1, b1, da, "tanh"),
-           lambda: _eager_ffn_recompute(x, w, b, w1, b1, da),
-           lambda: R.ffn_recompute(x, mean, rstd, w, b, w1, b1, da, "tanh"), mm,
-           _nbytes(x, w1) + 3 * _nbytes(da))  # fmt: skip
+    yield ("ffn_recompute", lambda: L.ffn_recompute(x, mean, rstd, w, b, w1, b1, dy, w2, "tanh"),
+           lambda: _eager_ffn_recompute(x, w, b, w1, b1, dy, w2),
+           lambda: R.ffn_recompute(x, mean, rstd, w, b, w1, b1, dy, w2, "tanh"), 2 * mm,
+           _nbytes(x, w1, dy, w2) + 2 * _nbytes(da) + 4 * h)  # fmt: skip
+    yield ("linear_bias_gelu", lambda: L.linear_bias_gelu(x, w1, b1, "tanh"),
+           lambda: F.gelu(F.linear(x, w1, b1), approximate="tanh"), lambda: R.linear_bias_gelu(x, w1, b1, "tanh"),
+           mm, _nbytes(x, w1, da))  # fmt: skip
     yield ("linear_gelu_bwd", lambda: L.linear_gelu_bwd(dy, w2, u, "tanh"),
            lambda: torch.ops.aten.gelu_backward(dy @ w2, u, approximate="tanh"),
            lambda: R.linear_gelu_bwd(dy, w2, u, "tanh"), mm, _nbytes(dy, w2) + 2 * _nbytes(u))  # fmt: skip
@@ -65,10 +67,11 @@ def cases(n: int, d: int, h: int, dtype: torch.dtype, device: str):
            _nbytes(dy, u, w2))  # fmt: skip
 
 
-def _eager_ffn_recompute(x, w, b, w1, b1, da):
-    """What torch checkpointing runs for the same result: LN, FC1, GELU, GELU backward as separate kernels."""
+def _eager_ffn_recompute(x, w, b, w1, b1, dy, w2):
+    """What torch checkpointing runs for the same result: LN, FC1, GELU, the dA GEMM, GELU backward, db1 sum."""
     u = F.linear(F.layer_norm(x, (x.shape[1],), w, b, 1e-5), w1, b1)
-    return F.gelu(u, approximate="tanh"), torch.ops.aten.gelu_backward(da, u, approximate="tanh")
+    du = torch.ops.aten.gelu_backward(dy @ w2, u, approximate="tanh")
+    return F.gelu(u, approximate="tanh"), du, du.float().sum(dim=0)
 
 
 def _max_err(ours, ref) -> float:

@@ -32,7 +32,7 @@ TORCH_LIBRARY(ckpt_ext, m) {
   m.def("dropout_add_kernel(Tensor x, Tensor? residual, float p, SymInt seed) -> Tensor");
   m.def(
       "ffn_recompute_kernel(Tensor x1, Tensor mean, Tensor rstd, Tensor ln_weight, Tensor ln_bias, Tensor w1, "
-      "Tensor b1, Tensor da, str approximate) -> (Tensor, Tensor)");
+      "Tensor b1, Tensor dy, Tensor w2, str approximate) -> (Tensor, Tensor, Tensor)");
   m.def("linear_gelu_bwd_kernel(Tensor dy, Tensor w2, Tensor u, str approximate) -> Tensor");
   m.def("gelu_linear_wgrad_kernel(Tensor dy, Tensor u, str approximate) -> Tensor");
 }

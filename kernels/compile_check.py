@@ -4,7 +4,8 @@
 
 Each kernel is compiled from its AST (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``) with
 16-bit signatures (fp16 and bf16 activations/weights, fp32 statistics), once per GELU form, for the largest autotune
-config of the target's list (every config with --all-configs); the matmuls also in fp32 (UPCAST, ieee dots).
+config of the target's list (every config with --all-configs; the dual-GEMM ffn_recompute uses the DUAL_* lists);
+the matmuls also in fp32 (UPCAST, ieee dots, the CKPT_EXT_TRITON_AUTOTUNE=0 config).
 Arguments are specialized the way the JIT does for the usual layouts (nn.Linear weights, contiguous activations):
 unit strides become the constant 1, and pointers, other strides and the d/H dimensions carry 16-divisibility, so
 the compile sees the kernel the GPU will run.
@@ -23,10 +24,12 @@ import time
 def _jobs(arch: int, all_configs: bool):
     """(name, jit fn, signature, constexprs, options) for every kernel × dtype × variant to compile."""
     from . import dropout, layer_norm, pointwise
-    from .matmul_configs import SINGLE, SM80, SM90
+    from .matmul_configs import DUAL_SINGLE, DUAL_SM80, DUAL_SM90, SINGLE, SM80, SM90
 
     tile_configs = SM90 if arch >= 90 else SM80
+    dual_tile_configs = DUAL_SM90 if arch >= 90 else DUAL_SM80
     tile_configs = tile_configs if all_configs else tile_configs[:1]
+    dual_tile_configs = dual_tile_configs if all_configs else dual_tile_configs[:1]
     for dt in ("fp16", "bf16"):
         p, f32 = f"*{dt}", "*fp32"
         row = {"BLOCK_D": 1024}
@@ -50,23 +53,37 @@ def _jobs(arch: int, all_configs: bool):
                dict(X=p, RES=p, OUT=p, numel="i32", key="i32", threshold="i32", scale="fp32", HAS_RES="constexpr",
                     APPLY_DROPOUT="constexpr", BLOCK="constexpr"),
                {"HAS_RES": True, "APPLY_DROPOUT": True, "BLOCK": 1024}, {"num_warps": 4})  # fmt: skip
-        for cfg in tile_configs:
-            for tanh in (False, True):
+        for tanh in (False, True):
+            for cfg in dual_tile_configs:
+                yield _dual_matmul_job(p, cfg, tanh, upcast=False)
+            for cfg in tile_configs:
                 yield from _matmul_jobs(p, cfg, tanh, upcast=False)
+    yield _dual_matmul_job("*fp32", DUAL_SINGLE[0], False, upcast=True)
     yield from _matmul_jobs("*fp32", SINGLE[0], False, upcast=True)
 
 
-def _matmul_jobs(p: str, cfg, tanh: bool, upcast: bool):
-    from . import ffn_pointwise, ffn_recompute
+def _dual_matmul_job(p: str, cfg, tanh: bool, upcast: bool):
+    from . import ffn_recompute
 
     f32 = "*fp32"
     const = {**cfg.kwargs, "APPROX_TANH": tanh, "UPCAST": upcast}
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return ("ffn_recompute", ffn_recompute.ffn_recompute_kernel,
+            dict(X1=p, MEAN=f32, RSTD=f32, LN_W=p, LN_B=p, W1=p, B1=p, DY=p, W2=p, A_OUT=p, DU_OUT=p, DB1_PART=f32,
+                 M="i32", N="i32", K="i32", stride_xm="i32", stride_w1n="i32", stride_w1k="i32", stride_dym="i32",
+                 stride_w2k="i32", stride_w2n="i32", **{k: "constexpr" for k in const}),
+            const, opts)  # fmt: skip
+
+
+def _matmul_jobs(p: str, cfg, tanh: bool, upcast: bool):
+    from . import ffn_pointwise, linear_gelu
+
+    const = {**cfg.kwargs, "APPROX_TANH": tanh, "UPCAST": upcast}
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     tiles = {k: "constexpr" for k in const}
-    yield ("ffn_recompute", ffn_recompute.ffn_recompute_kernel,
-           dict(X1=p, MEAN=f32, RSTD=f32, LN_W=p, LN_B=p, W1=p, B1=p, DA=p, A_OUT=p, DU_OUT=p, M="i32", N="i32",
-                K="i32", stride_xm="i32", stride_wn="i32", stride_wk="i32", stride_dm="i32", **tiles),
-           const, opts)  # fmt: skip
+    yield ("linear_bias_gelu", linear_gelu.linear_bias_gelu_kernel,
+           dict(X=p, W=p, B=p, OUT=p, M="i32", N="i32", K="i32", stride_xm="i32", stride_xk="i32", stride_wn="i32",
+                stride_wk="i32", HAS_BIAS="constexpr", **tiles), {"HAS_BIAS": True, **const}, opts)  # fmt: skip
     yield ("linear_gelu_bwd", ffn_pointwise.linear_gelu_bwd_kernel,
            dict(DY=p, W2=p, U=p, DU=p, M="i32", N="i32", K="i32", stride_dym="i32", stride_dyk="i32",
                 stride_wk="i32", stride_wn="i32", stride_um="i32", **tiles), const, opts)  # fmt: skip
@@ -76,7 +93,8 @@ def _matmul_jobs(p: str, cfg, tanh: bool, upcast: bool):
 
 
 UNIT_STRIDES = {
-    "ffn_recompute": ("stride_wk",),
+    "ffn_recompute": ("stride_w1k", "stride_w2n"),
+    "linear_bias_gelu": ("stride_xk", "stride_wk"),
     "linear_gelu_bwd": ("stride_dyk", "stride_wn"),
     "gelu_linear_wgrad": ("stride_dym",),
 }

@@ -21,8 +21,8 @@ from ckpt_ext.ops import native_attention
 from .dropout import dropout_add_kernel
 from .ffn_pointwise import gelu_linear_wgrad_autotuned, linear_gelu_bwd_autotuned
 from .ffn_recompute import ffn_recompute_autotuned
-from .linear_gelu import linear_bias_gelu_autotuned
 from .layer_norm import layer_norm_bwd_kernel, layer_norm_fwd_kernel
+from .linear_gelu import linear_bias_gelu_autotuned
 from .matmul_configs import interpreting
 from .pointwise import bias_gelu_kernel, gelu_bwd_kernel
 

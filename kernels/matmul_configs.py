@@ -6,9 +6,10 @@ Tiles (BLOCK_M × BLOCK_N output, BLOCK_K reduction step), warps and pipeline st
 Both lists are handed to autotune; ``prune_for_device`` keeps the ones for the running device's generation.
 Dual-GEMM kernels (ffn_recompute: two fp32 accumulators, four operand tiles per K-step) get their own lists
 (``DUAL_*``): the accumulators double the registers, so tiles stop at 128×128 with 8 warps (2 × 64 fp32 registers
-per thread), and a stage holds twice the operand bytes (128×128×64 16-bit: 64 KB per stage, 3 stages = 192 KB on
-sm_90; BLOCK_K 32 halves that for sm_80). They all share BLOCK_M = DUAL_BLOCK_M, which sizes the launcher's
-per-row-block db1 scratch before the tuner has picked a config.
+per thread), and a stage holds up to twice the operand bytes. Shared memory compiled for bf16 (the LN-prologue x1
+tile is staged through registers): sm_90 128×128×64/3 stages 176.5 KB, 128×128×32/4 120 KB, 128×64×64/3 128 KB,
+128×64×32/3 64 KB (112 KB with fp32 operands); sm_80 128×128×32/3 64 KB, 128×64×32/3 48 KB. They all share
+BLOCK_M = DUAL_BLOCK_M, which sizes the launcher's per-row-block db1 scratch before the tuner has picked a config.
 Configs whose fp32 tiles overflow shared memory fail to launch and are skipped by autotune's benchmark.
 Under TRITON_INTERPRET=1 autotune fails with more than one config, so one tiny config (the smallest tl.dot tile)
 is used instead: the interpreter runs programs one by one and its cost grows with their count, not their size.

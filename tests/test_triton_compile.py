@@ -22,6 +22,7 @@ KERNELS = (
     "gelu_bwd",
     "dropout_add",
     "ffn_recompute",
+    "linear_bias_gelu",
     "linear_gelu_bwd",
     "gelu_linear_wgrad",
 )

@@ -142,19 +142,52 @@ def test_ffn_recompute(L, device, dtype, approximate, n, d, h, transposed):
     x1, lw, lb, mean, rstd = _ln_inputs(n, d, dtype, device)
     w1 = _weight((h, d), dtype, device, transposed)
     b1 = torch.randn(h, dtype=dtype, device=device)
-    da = torch.randn(n, h, dtype=dtype, device=device)
-    out = L.ffn_recompute(x1, mean, rstd, lw, lb, w1, b1, da, approximate)
-    assert_matches_reference(out, reference.ffn_recompute, x1, mean, rstd, lw, lb, w1, b1, da, approximate)
+    dy = torch.randn(n, d, dtype=dtype, device=device)
+    w2 = _weight((d, h), dtype, device, transposed)
+    a, du, db1 = out = L.ffn_recompute(x1, mean, rstd, lw, lb, w1, b1, dy, w2, approximate)
+    assert db1.dtype == torch.float32 and a.dtype == du.dtype == dtype
+    assert_matches_reference(out, reference.ffn_recompute, x1, mean, rstd, lw, lb, w1, b1, dy, w2, approximate)
 
 
 def test_ffn_recompute_mixed_dtypes(L):
-    """Under autocast the LN input stays fp32 while the weights and dA are 16-bit."""
+    """Under autocast the LN input stays fp32 while the weights and dY are 16-bit."""
     x1, lw, lb, mean, rstd = _ln_inputs(7, 72, torch.float32, "cpu")
     w1 = _weight((200, 72), torch.bfloat16, "cpu", True)
     b1 = torch.randn(200, dtype=torch.bfloat16)
-    da = torch.randn(7, 200, dtype=torch.bfloat16)
-    out = L.ffn_recompute(x1, mean, rstd, lw, lb, w1, b1, da, "tanh")
-    assert_matches_reference(out, reference.ffn_recompute, x1, mean, rstd, lw, lb, w1, b1, da, "tanh")
+    dy = torch.randn(7, 72, dtype=torch.bfloat16)
+    w2 = _weight((72, 200), torch.bfloat16, "cpu", False)
+    out = L.ffn_recompute(x1, mean, rstd, lw, lb, w1, b1, dy, w2, "tanh")
+    assert_matches_reference(out, reference.ffn_recompute, x1, mean, rstd, lw, lb, w1, b1, dy, w2, "tanh")
+
+
+def test_ffn_recompute_db1_is_deterministic(L):
+    """db1 comes from per-row-block partial sums (no atomics): two runs agree bit for bit."""
+    x1, lw, lb, mean, rstd = _ln_inputs(40, 72, torch.float32, "cpu")
+    w1, w2 = _weight((100, 72), torch.float32, "cpu", False), _weight((72, 100), torch.float32, "cpu", True)
+    b1, dy = torch.randn(100), torch.randn(40, 72)
+    first = L.ffn_recompute(x1, mean, rstd, lw, lb, w1, b1, dy, w2, "none")
+    second = L.ffn_recompute(x1, mean, rstd, lw, lb, w1, b1, dy, w2, "none")
+    for f, s in zip(first, second):
+        assert torch.equal(f, s)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("n,k,h,transposed,with_bias", [(1, 72, 200, False, True), (33, 72, 200, True, True),
+                                                         (7, 200, 72, True, False)])  # fmt: skip
+def test_linear_bias_gelu(L, device, dtype, approximate, n, k, h, transposed, with_bias):
+    x = torch.randn(n, k, dtype=dtype, device=device)
+    w = _weight((h, k), dtype, device, transposed) * 5
+    b = torch.randn(h, dtype=dtype, device=device) if with_bias else None
+    out = L.linear_bias_gelu(x, w, b, approximate)
+    assert_matches_reference(out, reference.linear_bias_gelu, x, w, b, approximate)
+
+
+def test_linear_bias_gelu_strided_input(L):
+    x = torch.randn(72, 9).t()
+    w, b = _weight((200, 72), torch.float32, "cpu", True), torch.randn(200)
+    assert_matches_reference(L.linear_bias_gelu(x, w, b, "tanh"), reference.linear_bias_gelu, x, w, b, "tanh")
 
 
 @pytest.mark.parametrize("device", _devices())
@@ -191,7 +224,7 @@ def test_graph_ops_route_to_triton():
     import ckpt_ext
     from ckpt_ext import backend
 
-    assert {"ffn_recompute", "layer_norm_bwd", "dropout_add"} <= backend.implements("triton")
+    assert {"ffn_recompute", "linear_bias_gelu", "layer_norm_bwd", "dropout_add"} <= backend.implements("triton")
     x = torch.randn(7, 72)
     w, b = torch.randn(72), torch.randn(72)
     with ckpt_ext.set_backend("triton"):

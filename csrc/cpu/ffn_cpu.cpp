@@ -1,12 +1,14 @@
 // Fused FFN backward ops on CPU (reference.ffn_recompute / linear_gelu_bwd / gelu_linear_wgrad). CPU GEMMs have no
 // epilogue hook, so each op is at::mm plus ONE vectorized pass that does all the pointwise work around it.
 //
-// ffn_recompute_kernel(x1 (N, d), mean (N,), rstd (N,), ln_w (d,), ln_b (d,), w1 (H, d), b1 (H,), da (N, H), approx)
-//   -> a (N, H), du (N, H) in T = da.dtype.
+// ffn_recompute_kernel(x1 (N, d), mean (N,), rstd (N,), ln_w (d,), ln_b (d,), w1 (H, d), b1 (H,), dy (N, d),
+//                      w2 (d, H), approx) -> a (N, H), du (N, H) in T = dy.dtype, db1 (H,) fp32 (fp64 for fp64)
 //   1. y = (x1 - mean) * rstd * ln_w + ln_b in T, rows in parallel                 scratch (N, d) T
-//   2. u = at::mm(y, w1ᵀ) in T; w1 is read through its strides (w1ᵀ of a row-major or transposed weight is a view)
-//   3. epilogue over rows: u += b1; a = gelu(u) written over u's buffer (which becomes the output a);
-//      du = gelu'(u) * da. fp32 math (fp64 for fp64), one erf/exp per value shared by gelu and gelu'.
+//   2. u = at::mm(y, w1ᵀ), dA = at::mm(dy, w2), both (N, H) in T; weights read through their strides (views)
+//   3. epilogue over fixed 32-row chunks: u += b1; a = gelu(u) over u's buffer (which becomes the output a);
+//      du = gelu'(u) * dA over dA's buffer (the output du); fp32 math (fp64 for fp64), one erf/exp per value shared
+//      by gelu and gelu'; per-chunk column sums of the unrounded du, then summed over chunks in order (db1 is
+//      bitwise independent of the thread count).
 // linear_gelu_bwd_kernel(dy (N, d), w2 (d, H), u (N, H), approx) -> du (N, H) in u.dtype
 //   m = at::mm(dy, w2) in promote(dy, w2) (bf16 stays bf16, as the reference); du = m * gelu'(u) in fp32, in place
 //   over m when m already has u's dtype (else m is widened to fp32, exactly, and du is a fresh tensor).
@@ -17,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "../common/ckpt_math.h"
@@ -55,31 +58,39 @@ void ln_apply_rows(const X* x, const acc_type<T>* mean, const acc_type<T>* rstd,
   }
 }
 
-// The ffn_recompute epilogue on one row of H: u = ua[j] + b1[j]; ua[j] = gelu(u); du[j] = gelu'(u) * da[j].
+// The ffn_recompute epilogue on one row of H: u = ua[j] + b1[j]; ua[j] = gelu(u); g = gelu'(u) * dd[j];
+// dd[j] = g; colsum[j] += g (unrounded).
 template <typename T, bool kTanh>
-void ffn_epilogue_row(T* ua, const acc_type<T>* b1, const T* da, T* du, int64_t h) {
+void ffn_epilogue_row(T* ua, const acc_type<T>* b1, T* dd, acc_type<T>* colsum, int64_t h) {
   using acc_t = acc_type<T>;
   int64_t j = 0;
   if constexpr (kVectorized<T>) {
     for (; j + 2 * kW <= h; j += 2 * kW) {
       Vec u0, u1, d0, d1;
       load2_f(ua + j, u0, u1);
-      load2_f(da + j, d0, d1);
+      load2_f(dd + j, d0, d1);
       const auto [a0, g0] = gelu_and_grad_vec<kTanh>(u0 + Vec::loadu(b1 + j));
       const auto [a1, g1] = gelu_and_grad_vec<kTanh>(u1 + Vec::loadu(b1 + j + kW));
+      const Vec du0 = g0 * d0, du1 = g1 * d1;
       store2_f(ua + j, a0, a1);
-      store2_f(du + j, g0 * d0, g1 * d1);
+      store2_f(dd + j, du0, du1);
+      (Vec::loadu(colsum + j) + du0).store(colsum + j);
+      (Vec::loadu(colsum + j + kW) + du1).store(colsum + j + kW);
     }
     for (; j + kW <= h; j += kW) {
       const auto [a, g] = gelu_and_grad_vec<kTanh>(load_f(ua + j) + Vec::loadu(b1 + j));
-      store_f(du + j, g * load_f(da + j));
+      const Vec du = g * load_f(dd + j);
       store_f(ua + j, a);
+      store_f(dd + j, du);
+      (Vec::loadu(colsum + j) + du).store(colsum + j);
     }
   }
   for (; j < h; ++j) {
     const acc_t u = static_cast<acc_t>(ua[j]) + b1[j];
+    const acc_t du = math::gelu_grad<acc_t>(u, kTanh) * static_cast<acc_t>(dd[j]);
     ua[j] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
-    du[j] = static_cast<T>(math::gelu_grad<acc_t>(u, kTanh) * static_cast<acc_t>(da[j]));
+    dd[j] = static_cast<T>(du);
+    colsum[j] += du;
   }
 }
 
@@ -124,24 +135,27 @@ void with_form(bool tanh_form, F&& f) {
   tanh_form ? f(std::true_type{}) : f(std::false_type{});
 }
 
-std::tuple<at::Tensor, at::Tensor> ffn_recompute_cpu(const at::Tensor& x1, const at::Tensor& mean,
-                                                     const at::Tensor& rstd, const at::Tensor& ln_weight,
-                                                     const at::Tensor& ln_bias, const at::Tensor& w1,
-                                                     const at::Tensor& b1, const at::Tensor& da,
-                                                     c10::string_view approximate) {
+constexpr int64_t kSumRows = 32;  // rows per db1 partial: fixed, so db1 does not depend on the thread count
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cpu(
+    const at::Tensor& x1, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& ln_weight,
+    const at::Tensor& ln_bias, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& dy, const at::Tensor& w2,
+    c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
-  TORCH_CHECK(x1.dim() == 2 && w1.dim() == 2 && da.dim() == 2, "ffn_recompute_kernel: x1, w1, da must be 2-D");
+  TORCH_CHECK(x1.dim() == 2 && w1.dim() == 2 && dy.dim() == 2 && w2.dim() == 2,
+              "ffn_recompute_kernel: x1, w1, dy, w2 must be 2-D");
   const int64_t n = x1.size(0), d = x1.size(1), h = w1.size(0);
   TORCH_CHECK(w1.size(1) == d, "ffn_recompute_kernel: w1 must be (H, d=", d, "), got ", w1.sizes());
-  TORCH_CHECK(da.size(0) == n && da.size(1) == h, "ffn_recompute_kernel: da must be (N, H) = (", n, ", ", h, ")");
+  TORCH_CHECK(dy.size(0) == n && dy.size(1) == d, "ffn_recompute_kernel: dy must be (N, d) = (", n, ", ", d, ")");
+  TORCH_CHECK(w2.size(0) == d && w2.size(1) == h, "ffn_recompute_kernel: w2 must be (d, H) = (", d, ", ", h, ")");
   TORCH_CHECK(b1.numel() == h && mean.numel() == n && rstd.numel() == n && ln_weight.numel() == d &&
                   ln_bias.numel() == d,
               "ffn_recompute_kernel: b1 must be (H,), mean/rstd (N,), ln_weight/ln_bias (d,)");
-  const auto dt = da.scalar_type(), acc = acc_dtype(dt);
-  const at::Tensor xc = same_or_acc(x1, dt), dac = da.contiguous();
+  const auto dt = dy.scalar_type(), acc = acc_dtype(dt);
+  const at::Tensor xc = same_or_acc(x1, dt);
   const at::Tensor mc = as_contig(mean, acc), rc = as_contig(rstd, acc);
   const at::Tensor wc = as_contig(ln_weight, acc), bc = as_contig(ln_bias, acc), b1c = as_contig(b1, acc);
-  at::Tensor y = at::empty({n, d}, dac.options());
+  at::Tensor y = at::empty({n, d}, dy.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "ffn_recompute_kernel", [&] {
     using acc_t = acc_type<scalar_t>;
     auto run = [&](const auto* xp) {
@@ -154,25 +168,41 @@ std::tuple<at::Tensor, at::Tensor> ffn_recompute_cpu(const at::Tensor& x1, const
   });
   at::Tensor a = at::mm(y, w1.t().to(dt));  // (N, H): u, then a in place
   y.reset();
-  at::Tensor du = at::empty({n, h}, dac.options());
-  if (n == 0 || h == 0) return {a, du};
-  TORCH_INTERNAL_ASSERT(a.is_contiguous());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "ffn_recompute_kernel", [&] {
-    using acc_t = acc_type<scalar_t>;
-    scalar_t* ap = a.mutable_data_ptr<scalar_t>();
-    scalar_t* dup = du.mutable_data_ptr<scalar_t>();
-    const scalar_t* dap = dac.const_data_ptr<scalar_t>();
-    const acc_t* bp = b1c.const_data_ptr<acc_t>();
-    with_form(tanh_form, [&](auto tanh_tag) {
-      constexpr bool kTanh = decltype(tanh_tag)::value;
-      at::parallel_for(0, n, row_grain(h), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          ffn_epilogue_row<scalar_t, kTanh>(ap + i * h, bp, dap + i * h, dup + i * h, h);
-        }
+  at::Tensor du = at::mm(dy, w2.to(dt));  // (N, H): dA, then du in place
+  const int64_t chunks = (n + kSumRows - 1) / kSumRows;
+  at::Tensor partial = at::zeros({std::max<int64_t>(chunks, 1), h}, dy.options().dtype(acc));
+  if (n > 0 && h > 0) {
+    TORCH_INTERNAL_ASSERT(a.is_contiguous() && du.is_contiguous());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "ffn_recompute_kernel", [&] {
+      using acc_t = acc_type<scalar_t>;
+      scalar_t* ap = a.mutable_data_ptr<scalar_t>();
+      scalar_t* dup = du.mutable_data_ptr<scalar_t>();
+      acc_t* pp = partial.mutable_data_ptr<acc_t>();
+      const acc_t* bp = b1c.const_data_ptr<acc_t>();
+      with_form(tanh_form, [&](auto tanh_tag) {
+        constexpr bool kTanh = decltype(tanh_tag)::value;
+        at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(h) / kSumRows), [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) {
+            for (int64_t i = c * kSumRows; i < std::min(n, (c + 1) * kSumRows); ++i) {
+              ffn_epilogue_row<scalar_t, kTanh>(ap + i * h, bp, dup + i * h, pp + c * h, h);
+            }
+          }
+        });
       });
     });
+  }
+  at::Tensor db1 = at::empty({h}, dy.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "ffn_recompute_kernel_db1", [&] {
+    const scalar_t* pp = partial.const_data_ptr<scalar_t>();
+    scalar_t* op = db1.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, h, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) op[j] = 0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t j = begin; j < end; ++j) op[j] += pp[c * h + j];
+      }
+    });
   });
-  return {a, du};
+  return {a, du, db1};
 }
 
 at::Tensor linear_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u,
