@@ -5,7 +5,7 @@ Part 1: each ckpt_ext C++ kernel op against torch's own CPU op on the same input
 F.layer_norm), GELU backward (aten.gelu_backward, erf and tanh), bias + GELU (F.gelu(x + b)), residual + dropout
 (F.dropout(x) + r). Ratio = torch time / ours (> 1: ours faster).
 Part 1b: the fused FFN ops at the block's shape (N = 2048, d = 256, H = 1024) against the same math in torch ops:
-ffn_recompute (F.layer_norm, F.linear, F.gelu, aten.gelu_backward), linear_gelu_bwd (mm + gelu_backward),
+ffn_recompute (F.layer_norm, F.linear, dy @ w2, F.gelu, aten.gelu_backward, sum), linear_gelu_bwd (mm + gelu_backward),
 gelu_linear_wgrad (F.gelu + mm). Ours and torch's are timed interleaved (A B A B, best median of each) since the
 machine is shared.
 Part 2: one training step (forward + backward) of a block, d = 256, T = 256, B = 8, 4 heads, dropout 0.1, per
@@ -50,14 +50,16 @@ def _ffn_cases(n: int, d: int, h: int, dtype: torch.dtype):
     _, mean, rstd = K.layer_norm_fwd_kernel(x1, lw, lb, 1e-5)
     w1, b1 = torch.randn(h, d, dtype=dtype) * d**-0.5, torch.randn(h, dtype=dtype)
     w2 = torch.randn(d, h, dtype=dtype) * h**-0.5
-    da, u, dy = torch.randn(n, h, dtype=dtype), torch.randn(n, h, dtype=dtype), torch.randn(n, d, dtype=dtype)
+    u, dy = torch.randn(n, h, dtype=dtype), torch.randn(n, d, dtype=dtype)
 
     def torch_recompute():
         uu = F.linear(F.layer_norm(x1, (d,), lw, lb, 1e-5), w1, b1)
-        return F.gelu(uu), torch.ops.aten.gelu_backward(da, uu)
+        du = torch.ops.aten.gelu_backward(dy @ w2, uu)
+        return F.gelu(uu), du, du.float().sum(0)
 
     return [
-        ("ffn_recompute", lambda: K.ffn_recompute_kernel(x1, mean, rstd, lw, lb, w1, b1, da, "none"), torch_recompute),
+        ("ffn_recompute", lambda: K.ffn_recompute_kernel(x1, mean, rstd, lw, lb, w1, b1, dy, w2, "none"),
+         torch_recompute),
         ("linear_gelu_bwd", lambda: K.linear_gelu_bwd_kernel(dy, w2, u, "none"),
          lambda: torch.ops.aten.gelu_backward(dy @ w2, u)),
         ("gelu_linear_wgrad", lambda: K.gelu_linear_wgrad_kernel(dy, u, "none"), lambda: dy.t() @ F.gelu(u)),

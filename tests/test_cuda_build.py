@@ -7,7 +7,7 @@ device code, sm_90 SASS + PTX), two at a time, largest file first so that the tw
 
 Time: nvcc spends nearly all of it parsing headers (cudafe++, cicc and the host compiler each parse the whole
 translation unit; ptxas is < 1 s), so csrc/cuda/cuda_utils.cuh includes only the ATen headers the kernels use instead
-of <ATen/ATen.h> (every op's declaration). That took this test from ~230 s to ~75 s on 2 busy cores without changing
+of <ATen/ATen.h> (every op's declaration). That took this test from ~150-230 s to ~50-75 s on 2 busy cores, not changing
 what it compiles: every .cu file, on its own, for sm_90.
 """
 
