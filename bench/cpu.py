@@ -5,9 +5,9 @@ Part 1: each ckpt_ext C++ kernel op against torch's own CPU op on the same input
 F.layer_norm), GELU backward (aten.gelu_backward, erf and tanh), bias + GELU (F.gelu(x + b)), residual + dropout
 (F.dropout(x) + r). Ratio = torch time / ours (> 1: ours faster).
 Part 1b: the fused FFN ops at the block's shape (N = 2048, d = 256, H = 1024) against the same math in torch ops:
-ffn_recompute (F.layer_norm, F.linear, dy @ w2, F.gelu, aten.gelu_backward, sum), linear_gelu_bwd (mm + gelu_backward),
-gelu_linear_wgrad (F.gelu + mm). Ours and torch's are timed interleaved (A B A B, best median of each) since the
-machine is shared.
+ffn_recompute (F.layer_norm, F.linear, dy @ w2, F.gelu, aten.gelu_backward, sum), linear_bias_gelu (F.gelu(F.linear)),
+linear_gelu_bwd (mm + gelu_backward), gelu_linear_wgrad (F.gelu + mm). Ours and torch's are timed interleaved (A B A B,
+best median of each) since the machine is shared.
 Part 2: one training step (forward + backward) of a block, d = 256, T = 256, B = 8, 4 heads, dropout 0.1, per
 ckpt_ext policy on the `cpp` backend, against TransformerBlock and torch.utils.checkpoint(use_reentrant=False) on it.
 Medians of torch.utils.benchmark's blocked_autorange, with 2 threads (CKPT_EXT_BENCH_THREADS overrides).
@@ -60,6 +60,8 @@ def _ffn_cases(n: int, d: int, h: int, dtype: torch.dtype):
     return [
         ("ffn_recompute", lambda: K.ffn_recompute_kernel(x1, mean, rstd, lw, lb, w1, b1, dy, w2, "none"),
          torch_recompute),
+        ("linear_bias_gelu", lambda: K.linear_bias_gelu_kernel(x1, w1, b1, "none"),
+         lambda: F.gelu(F.linear(x1, w1, b1))),
         ("linear_gelu_bwd", lambda: K.linear_gelu_bwd_kernel(dy, w2, u, "none"),
          lambda: torch.ops.aten.gelu_backward(dy @ w2, u)),
         ("gelu_linear_wgrad", lambda: K.gelu_linear_wgrad_kernel(dy, u, "none"), lambda: dy.t() @ F.gelu(u)),

@@ -88,9 +88,14 @@ def _eager_attention_bwd(qkv: Tensor, n_heads: int, dout: Tensor) -> Callable[[]
     return lambda: torch.autograd.grad(out, (qkv,), dout, retain_graph=True)
 
 
-def _ffn_recompute_eager(x1, ln_w, ln_b, w1, b1, da):
+def _ffn_recompute_eager(x1, ln_w, ln_b, w1, b1, dy, w2):
     u = F.linear(F.layer_norm(x1, (x1.shape[-1],), ln_w, ln_b, EPS), w1, b1)  # (N, H)
-    return F.gelu(u), torch.ops.aten.gelu_backward(da, u)
+    du = torch.ops.aten.gelu_backward(dy @ w2, u)  # (N, H)
+    return F.gelu(u), du, du.sum(0)
+
+
+def _linear_bias_gelu_eager(x, w, b):
+    return F.gelu(F.linear(x, w, b))  # (N, H)
 
 
 def _linear_gelu_bwd_eager(dy, w2, u):
@@ -146,8 +151,10 @@ def build_cases(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
         Case("dropout_add", "dropout_add", "bwd", (ops.dropout_add, (dy_d, None, DROPOUT_P, 1234)),
              (_dropout_bwd_eager, (dy_d, drop_mask)), True),
         Case("ffn_recompute", "ffn", "bwd",
-             (ops.ffn_recompute, (x, mean, rstd, ln_w, ln_b, w1, b1, da, "none")),
-             (_ffn_recompute_eager, (x, ln_w, ln_b, w1, b1, da)), True),
+             (ops.ffn_recompute, (x, mean, rstd, ln_w, ln_b, w1, b1, dy_d, w2, "none")),
+             (_ffn_recompute_eager, (x, ln_w, ln_b, w1, b1, dy_d, w2)), True),
+        Case("linear_bias_gelu", "ffn", "fwd", (ops.linear_bias_gelu, (x, w1, b1, "none")),
+             (_linear_bias_gelu_eager, (x, w1, b1)), True),
         Case("linear_gelu_bwd", "ffn", "bwd", (ops.linear_gelu_bwd, (dy_d, w2, u, "none")),
              (_linear_gelu_bwd_eager, (dy_d, w2, u)), True),
         Case("gelu_linear_wgrad", "ffn", "bwd", (ops.gelu_linear_wgrad, (dy_d, u, "none")),
@@ -170,5 +177,5 @@ def select(cases: list[Case], names: list[str]) -> list[Case]:
 
 def known_names() -> list[str]:
     ops_ = ["layer_norm_fwd", "layer_norm_bwd", "bias_gelu", "gelu_bwd", "dropout_add", "ffn_recompute",
-            "linear_gelu_bwd", "gelu_linear_wgrad", "attention_fwd", "attention_bwd"]  # fmt: skip
+            "linear_bias_gelu", "linear_gelu_bwd", "gelu_linear_wgrad", "attention_fwd", "attention_bwd"]  # fmt: skip
     return ops_ + ["layer_norm", "gelu", "ffn", "attention"]

@@ -70,13 +70,15 @@ def price(flops: float, nbytes: float) -> float:
 
 
 def _sdpa_cpu_fwd_flops(q, k, v, *args, out_val=None, **kwargs) -> int:
-    b, h, t, dh = q.shape
-    return 4 * b * h * t * k.shape[2] * dh
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(q.shape, k.shape, v.shape)
 
 
 def _sdpa_cpu_bwd_flops(grad_out, q, k, v, *args, out_val=None, **kwargs) -> int:
-    b, h, t, dh = q.shape
-    return 8 * b * h * t * k.shape[2] * dh
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape)
 
 
 def _flop_formula(packet):

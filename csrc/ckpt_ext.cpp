@@ -33,6 +33,7 @@ TORCH_LIBRARY(ckpt_ext, m) {
   m.def(
       "ffn_recompute_kernel(Tensor x1, Tensor mean, Tensor rstd, Tensor ln_weight, Tensor ln_bias, Tensor w1, "
       "Tensor b1, Tensor dy, Tensor w2, str approximate) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_bias_gelu_kernel(Tensor x, Tensor w, Tensor? b, str approximate) -> Tensor");
   m.def("linear_gelu_bwd_kernel(Tensor dy, Tensor w2, Tensor u, str approximate) -> Tensor");
   m.def("gelu_linear_wgrad_kernel(Tensor dy, Tensor u, str approximate) -> Tensor");
 }

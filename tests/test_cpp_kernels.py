@@ -1,7 +1,8 @@
 """The C++ CPU kernels (csrc/cpu) against the reference math: opcheck, parity at awkward shapes, bit-exact dropout
-masks, bitwise-deterministic LayerNorm weight gradients, the fused FFN ops (ffn_recompute, linear_gelu_bwd,
-gelu_linear_wgrad: rows 1/7/1000, d 72/200, H not a multiple of 8/16, strided weights, both GELU forms, fp32/bf16,
-fp64 end to end, fp16) and the whole FusedCheckpointBlock under set_backend("cpp") for every policy.
+masks, bitwise-deterministic LayerNorm weight gradients, the fused FFN ops (ffn_recompute, linear_bias_gelu,
+linear_gelu_bwd, gelu_linear_wgrad: rows 1/7/1000, d 72/200, H not a multiple of 8/16, strided weights, both GELU
+forms, with and without bias, fp32/bf16, fp64 end to end, fp16, mixed dtypes) and the whole FusedCheckpointBlock under
+set_backend("cpp") for every policy.
 
 Parity rule (flash-attention style): our error against a float64 reference is at most 3x the error of the reference
 math run in the test dtype, plus a small atol.
@@ -206,6 +207,42 @@ def test_linear_gelu_bwd_and_wgrad(n, d, h, dtype, approximate, strided):
     _assert_fresh([ours, ours_w], (dy, w2, u))
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d, h", FFN_SHAPES)
+def test_linear_bias_gelu(n, d, h, dtype, approximate, strided, with_bias):
+    x = (torch.randn(n, d) * 2).to(dtype)
+    w = _strided((torch.randn(h, d) * d**-0.5).to(dtype), strided)
+    b = torch.randn(h).to(dtype) if with_bias else None
+    ours = K.linear_bias_gelu_kernel(x, w, b, approximate)
+    _assert_parity(ours, *_run_both(reference.linear_bias_gelu, x, w, b, approximate), dtype, factor=4.0)
+    _assert_fresh([ours], (x, w, b))
+
+
+def test_linear_bias_gelu_float64_float16_and_mixed_dtypes():
+    x, b = torch.randn(9, 40, dtype=torch.float64), None
+    w = _strided(torch.randn(52, 40, dtype=torch.float64), True)
+    for approximate in ("none", "tanh"):
+        for bias in (b, torch.randn(52, dtype=torch.float64)):
+            ours = K.linear_bias_gelu_kernel(x, w, bias, approximate)
+            assert ours.dtype == torch.float64
+            ref = reference.linear_bias_gelu(x, w, bias, approximate)
+            torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    xh, wh, bh = x.half(), w.half(), torch.randn(52).half()
+    ours, ref = K.linear_bias_gelu_kernel(xh, wh, bh, "tanh"), reference.linear_bias_gelu(xh, wh, bh, "tanh")
+    assert ours.dtype == torch.float16
+    torch.testing.assert_close(ours, ref, atol=2e-2, rtol=2e-2)
+    # autocast-like mixes: bf16 activations with fp32 weights (fp32 GEMM, bf16 out), fp32 x with a bf16 bias
+    for xm, wm, bm in ((x.bfloat16(), w.float(), bh.float()), (x.float(), w.float(), bh.bfloat16())):
+        ours, ref = K.linear_bias_gelu_kernel(xm, wm, bm, "none"), reference.linear_bias_gelu(xm, wm, bm, "none")
+        assert ours.dtype == xm.dtype
+        torch.testing.assert_close(ours, ref, atol=1e-2, rtol=1e-2)
+    empty = K.linear_bias_gelu_kernel(torch.randn(0, 40), torch.randn(52, 40), None, "none")
+    assert empty.shape == (0, 52)
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_ffn_ops_float64_end_to_end(approximate):
     args = (*_ffn_inputs(9, 40, 52, torch.float64, strided=True), approximate)
@@ -252,10 +289,12 @@ def _op_samples():
     ffn_bf = _ffn_inputs(70, 40, 24, torch.bfloat16, strided=True)
     u = torch.randn(6, 24)
     w2 = torch.randn(24, 40).t()
+    w1 = torch.randn(40, 24).t()  # (24, 40) strided
     return {
         "ffn_recompute": [(*ffn, "none"), (*ffn_bf, "tanh")],
         "linear_gelu_bwd": [(dy, w2, u, "tanh"), (dy.bfloat16(), w2.bfloat16(), u.bfloat16(), "none")],
         "gelu_linear_wgrad": [(dy, u, "none"), (dy.bfloat16(), u.bfloat16(), "tanh")],
+        "linear_bias_gelu": [(x, w1, ffn[6], "tanh"), (ffn_bf[0], ffn_bf[5], None, "none")],
         "layer_norm_fwd": [(x, w, b, 1e-5), (x.double(), w.double(), b.double(), 1e-6)],
         "layer_norm_bwd": [(dy, x, mean, rstd, w, b, None, False), (dy, x, mean, rstd, w, b, dy.clone(), True)],
         "bias_gelu": [(x, w, "none"), (x.bfloat16(), None, "tanh")],

@@ -38,7 +38,7 @@ def _nvcc_cmd(src: str, obj: str) -> list[str]:
 
 def test_there_are_cuda_sources():
     names = {os.path.basename(p) for p in CU_FILES}
-    assert {"layer_norm_cuda.cu", "gelu_cuda.cu", "dropout_cuda.cu"} <= names
+    assert {"layer_norm_cuda.cu", "gelu_cuda.cu", "dropout_cuda.cu", "ffn_cuda.cu"} <= names
 
 
 def test_every_cu_file_compiles_for_sm90(tmp_path):

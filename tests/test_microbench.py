@@ -26,8 +26,8 @@ TINY = [
     "1",
     "--no-progress",
 ]
-OPS = {"layer_norm_fwd", "layer_norm_bwd", "bias_gelu", "gelu_bwd", "dropout_add", "ffn_recompute", "linear_gelu_bwd",
-       "gelu_linear_wgrad", "attention_fwd", "attention_bwd"}  # fmt: skip
+OPS = {"layer_norm_fwd", "layer_norm_bwd", "bias_gelu", "gelu_bwd", "dropout_add", "ffn_recompute", "linear_bias_gelu",
+       "linear_gelu_bwd", "gelu_linear_wgrad", "attention_fwd", "attention_bwd"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

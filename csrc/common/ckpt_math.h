@@ -98,5 +98,21 @@ CKPT_HD acc_t gelu_grad(acc_t u, bool tanh_form) {
   return cdf + u * exp_(acc_t(-0.5) * u * u) * acc_t(kInvSqrt2Pi);
 }
 
+// gelu(u), with gelu'(u) in *grad: one erf (or one exp) shared by both (the fused FFN epilogues).
+template <typename acc_t>
+CKPT_HD acc_t gelu_and_grad(acc_t u, bool tanh_form, acc_t* grad) {
+  const acc_t u2 = u * u;
+  if (tanh_form) {
+    const acc_t z = acc_t(kSqrt2OverPi) * (u + acc_t(kTanhCoef) * u2 * u);
+    const acc_t s = acc_t(1) / (acc_t(1) + exp_(acc_t(-2) * z));
+    const acc_t dz = acc_t(kSqrt2OverPi) * (acc_t(1) + acc_t(3.0 * kTanhCoef) * u2);
+    *grad = s + acc_t(2) * u * s * (acc_t(1) - s) * dz;
+    return u * s;
+  }
+  const acc_t cdf = acc_t(0.5) * (acc_t(1) + erf_(u * acc_t(kInvSqrt2)));
+  *grad = cdf + u * exp_(acc_t(-0.5) * u2) * acc_t(kInvSqrt2Pi);
+  return u * cdf;
+}
+
 }  // namespace math
 }  // namespace ckpt_ext

@@ -9,6 +9,10 @@
 //      du = gelu'(u) * dA over dA's buffer (the output du); fp32 math (fp64 for fp64), one erf/exp per value shared
 //      by gelu and gelu'; per-chunk column sums of the unrounded du, then summed over chunks in order (db1 is
 //      bitwise independent of the thread count).
+// linear_bias_gelu_kernel(x (N, K), w (H, K), b (H,)?, approx) -> a = gelu(x @ wᵀ + b) (N, H) in x.dtype
+//   m = at::mm(x, wᵀ) in promote(x, w) (bf16 stays bf16, as the reference; w read through its strides), then ONE
+//   row-parallel pass: a = gelu(m + b) in fp32 (fp64 for fp64), in place over m when m already has x's dtype (else m
+//   is brought to fp32 and a is a fresh tensor). u = m + b is never written.
 // linear_gelu_bwd_kernel(dy (N, d), w2 (d, H), u (N, H), approx) -> du (N, H) in u.dtype
 //   m = at::mm(dy, w2) in promote(dy, w2) (bf16 stays bf16, as the reference); du = m * gelu'(u) in fp32, in place
 //   over m when m already has u's dtype (else m is widened to fp32, exactly, and du is a fresh tensor).
@@ -20,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 
 #include "../common/ckpt_math.h"
@@ -129,6 +134,32 @@ void gelu_range(const T* u, T* out, int64_t len) {
   for (; j < len; ++j) out[j] = static_cast<T>(math::gelu<acc_t>(static_cast<acc_t>(u[j]), kTanh));
 }
 
+// out[j] = gelu(m[j] + b[j]) for j < len (b may be nullptr); out may be m itself (in place). M is T or acc_t.
+template <typename T, typename M, bool kTanh>
+void bias_gelu_row(const M* m, const acc_type<T>* b, T* out, int64_t len) {
+  using acc_t = acc_type<T>;
+  int64_t j = 0;
+  if constexpr (kVectorized<T>) {
+    for (; j + 2 * kW <= len; j += 2 * kW) {
+      Vec u0, u1;
+      load2_f(m + j, u0, u1);
+      if (b != nullptr) {
+        u0 += Vec::loadu(b + j);
+        u1 += Vec::loadu(b + j + kW);
+      }
+      store2_f(out + j, gelu_vec<kTanh>(u0), gelu_vec<kTanh>(u1));
+    }
+    for (; j + kW <= len; j += kW) {
+      const Vec u = b != nullptr ? load_f(m + j) + Vec::loadu(b + j) : load_f(m + j);
+      store_f(out + j, gelu_vec<kTanh>(u));
+    }
+  }
+  for (; j < len; ++j) {
+    const acc_t u = static_cast<acc_t>(m[j]) + (b != nullptr ? b[j] : acc_t(0));
+    out[j] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
+  }
+}
+
 // Calls f(std::integral_constant<bool, tanh_form>) so the form is a compile-time constant of the loops.
 template <typename F>
 void with_form(bool tanh_form, F&& f) {
@@ -205,6 +236,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cpu(
   return {a, du, db1};
 }
 
+at::Tensor linear_bias_gelu_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                c10::string_view approximate) {
+  const bool tanh_form = parse_approximate(approximate);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_bias_gelu_kernel: x must be (N, K) and ",
+              "w (H, K), got x ", x.sizes(), " w ", w.sizes());
+  const bool has_bias = b.has_value() && b->defined();
+  const int64_t n = x.size(0), h = w.size(0);
+  TORCH_CHECK(!has_bias || (b->dim() == 1 && b->size(0) == h), "linear_bias_gelu_kernel: b must be (H,) = (", h,
+              ",)");
+  const auto dt = x.scalar_type(), acc = acc_dtype(dt);
+  const auto mm_dt = at::promote_types(dt, w.scalar_type());
+  at::Tensor m = at::mm(x.to(mm_dt), w.t().to(mm_dt));  // (N, H), fresh
+  if (mm_dt != dt && mm_dt != acc) m = m.to(acc);
+  const bool in_place = m.scalar_type() == dt;
+  if (!m.is_contiguous()) m = m.contiguous();
+  at::Tensor out = in_place ? m : at::empty({n, h}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (n == 0 || h == 0) return out;
+  const at::Tensor bc = has_bias ? as_contig(*b, acc) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "linear_bias_gelu_kernel", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const acc_t* bp = has_bias ? bc.const_data_ptr<acc_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    auto run = [&](const auto* mp) {
+      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
+      with_form(tanh_form, [&](auto tanh_tag) {
+        constexpr bool kTanh = decltype(tanh_tag)::value;
+        at::parallel_for(0, n, row_grain(h), [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) bias_gelu_row<scalar_t, M, kTanh>(mp + i * h, bp, op + i * h, h);
+        });
+      });
+    };
+    in_place ? run(m.const_data_ptr<scalar_t>()) : run(m.const_data_ptr<acc_t>());
+  });
+  return out;
+}
+
 at::Tensor linear_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u,
                                c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
@@ -266,6 +333,7 @@ at::Tensor gelu_linear_wgrad_cpu(const at::Tensor& dy, const at::Tensor& u, c10:
 
 TORCH_LIBRARY_IMPL(ckpt_ext, CPU, m) {
   m.impl("ffn_recompute_kernel", &ffn_recompute_cpu);
+  m.impl("linear_bias_gelu_kernel", &linear_bias_gelu_cpu);
   m.impl("linear_gelu_bwd_kernel", &linear_gelu_bwd_cpu);
   m.impl("gelu_linear_wgrad_kernel", &gelu_linear_wgrad_cpu);
 }

@@ -1,0 +1,294 @@
+// Fused FFN ops on CUDA (reference.ffn_recompute / linear_bias_gelu / linear_gelu_bwd / gelu_linear_wgrad): the GEMMs
+// are at::mm (cuBLAS, fp32 accumulation for 16-bit), the pointwise work around them one small kernel each, on the
+// current stream, fp32 math (fp64 for fp64), formulas from csrc/common/ckpt_math.h. Same dtype rules as the CPU
+// kernels (csrc/cpu/ffn_cpu.cpp), outputs always fresh tensors.
+//
+// ffn_recompute_kernel -> a, du (N, H) in T = dy.dtype, db1 (H,) fp32 (fp64 for fp64)
+//   1. ln_apply_kernel: one block per row, y = (x1 - mean) * rstd * ln_w + ln_b in T (stats given, fp32)
+//   2. u = at::mm(y, w1ᵀ), dA = at::mm(dy, w2)
+//   3. ffn_epilogue_kernel: block (column tile, 32-row chunk); thread j walks its chunk's rows in order:
+//      u += b1; a = gelu(u) over u's buffer; du = gelu'(u) dA over dA's buffer; partial[chunk, j] = Σ du (unrounded)
+//   4. column_sum_kernel: db1[j] = Σ_chunk partial[chunk, j] in chunk order. No atomics: db1 is deterministic.
+// linear_bias_gelu_kernel: m = at::mm(x, wᵀ) in promote(x, w); a = gelu(m + b) in place when m has x's dtype.
+// linear_gelu_bwd_kernel:  m = at::mm(dy, w2) in promote(dy, w2); du = m * gelu'(u), in place when m has u's dtype.
+// gelu_linear_wgrad_kernel: a = gelu(u) in u.dtype, then at::mm(dyᵀ, a) in promote(dy, u), cast to dy.dtype.
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <type_traits>
+
+#include "../common/ckpt_math.h"
+#include "cuda_utils.cuh"
+
+namespace ckpt_ext {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kSumRows = 32;  // rows per db1 partial: fixed, so db1 does not depend on the launch shape
+
+inline unsigned flat_grid(int64_t numel) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((numel + kThreads - 1) / kThreads, 65536)));
+}
+
+bool parse_approximate(c10::string_view approximate) {
+  TORCH_CHECK(approximate == "none" || approximate == "tanh", "approximate must be 'none' or 'tanh', got '",
+              std::string(approximate), "'");
+  return approximate == "tanh";
+}
+
+// Calls f(std::integral_constant<bool, tanh_form>) so the form is a compile-time constant of the kernels.
+template <typename F>
+void with_form(bool tanh_form, F&& f) {
+  tanh_form ? f(std::true_type{}) : f(std::false_type{});
+}
+
+// y[row, :] = (x[row, :] - mean[row]) * rstd[row] * w + b; one block per row. X is T or acc_t.
+template <typename T, typename X>
+__global__ void ln_apply_kernel(const X* __restrict__ x, const acc_type<T>* __restrict__ mean,
+                                const acc_type<T>* __restrict__ rstd, const acc_type<T>* __restrict__ w,
+                                const acc_type<T>* __restrict__ b, T* __restrict__ y, int64_t d) {
+  using acc_t = acc_type<T>;
+  const int64_t row = blockIdx.x;
+  const X* xr = x + row * d;
+  T* yr = y + row * d;
+  const acc_t mu = mean[row], r = rstd[row];
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    yr[j] = static_cast<T>((static_cast<acc_t>(xr[j]) - mu) * r * w[j] + b[j]);
+  }
+}
+
+// The ffn_recompute epilogue: a (u in, gelu(u + b1) out) and du (dA in, gelu'(u + b1) dA out), both (n, h) in place;
+// partial[c, j] = the unrounded Σ du over chunk c's rows, in row order.
+template <typename T, bool kTanh>
+__global__ void ffn_epilogue_kernel(T* __restrict__ a, const acc_type<T>* __restrict__ b1, T* __restrict__ du,
+                                    acc_type<T>* __restrict__ partial, int64_t n, int64_t h, int64_t chunks) {
+  using acc_t = acc_type<T>;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= h) return;
+  const acc_t bj = b1[j];
+  for (int64_t c = blockIdx.y; c < chunks; c += gridDim.y) {
+    const int64_t end = n < (c + 1) * kSumRows ? n : (c + 1) * kSumRows;
+    acc_t s = 0;
+    for (int64_t i = c * kSumRows; i < end; ++i) {
+      const int64_t idx = i * h + j;
+      acc_t g;
+      const acc_t av = math::gelu_and_grad<acc_t>(static_cast<acc_t>(a[idx]) + bj, kTanh, &g);
+      const acc_t dv = g * static_cast<acc_t>(du[idx]);
+      a[idx] = static_cast<T>(av);
+      du[idx] = static_cast<T>(dv);
+      s += dv;
+    }
+    partial[c * h + j] = s;
+  }
+}
+
+// out[j] = Σ_c partial[c, j] for c = 0, 1, ... in order.
+template <typename acc_t>
+__global__ void column_sum_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ out, int64_t chunks,
+                                  int64_t h) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= h) return;
+  acc_t s = 0;
+  for (int64_t c = 0; c < chunks; ++c) s += partial[c * h + j];
+  out[j] = s;
+}
+
+// out[i] = gelu(m[i] + b[i % h]) (b may be nullptr); out may be m (in place). M is T or acc_t.
+template <typename T, typename M, bool kTanh>
+__global__ void bias_gelu_flat_kernel(const M* m, const acc_type<T>* __restrict__ b, T* out, int64_t numel,
+                                      int64_t h) {
+  using acc_t = acc_type<T>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    const acc_t u = static_cast<acc_t>(m[i]) + (b != nullptr ? b[i % h] : acc_t(0));
+    out[i] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
+  }
+}
+
+// out[i] = m[i] * gelu'(u[i]); out may be m (in place). M is T or acc_t.
+template <typename T, typename M, bool kTanh>
+__global__ void dgelu_mul_kernel(const M* m, const T* __restrict__ u, T* out, int64_t numel) {
+  using acc_t = acc_type<T>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    out[i] = static_cast<T>(static_cast<acc_t>(m[i]) * math::gelu_grad<acc_t>(static_cast<acc_t>(u[i]), kTanh));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cuda(
+    const at::Tensor& x1, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& ln_weight,
+    const at::Tensor& ln_bias, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& dy, const at::Tensor& w2,
+    c10::string_view approximate) {
+  const bool tanh_form = parse_approximate(approximate);
+  TORCH_CHECK(x1.dim() == 2 && w1.dim() == 2 && dy.dim() == 2 && w2.dim() == 2,
+              "ffn_recompute_kernel: x1, w1, dy, w2 must be 2-D");
+  const int64_t n = x1.size(0), d = x1.size(1), h = w1.size(0);
+  TORCH_CHECK(w1.size(1) == d, "ffn_recompute_kernel: w1 must be (H, d=", d, "), got ", w1.sizes());
+  TORCH_CHECK(dy.size(0) == n && dy.size(1) == d, "ffn_recompute_kernel: dy must be (N, d) = (", n, ", ", d, ")");
+  TORCH_CHECK(w2.size(0) == d && w2.size(1) == h, "ffn_recompute_kernel: w2 must be (d, H) = (", d, ", ", h, ")");
+  TORCH_CHECK(b1.numel() == h && mean.numel() == n && rstd.numel() == n && ln_weight.numel() == d &&
+                  ln_bias.numel() == d,
+              "ffn_recompute_kernel: b1 must be (H,), mean/rstd (N,), ln_weight/ln_bias (d,)");
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const auto dt = dy.scalar_type(), acc = acc_dtype(dt);
+  const at::Tensor xc = x1.scalar_type() == dt ? x1.contiguous() : as_contig(x1, acc);
+  const at::Tensor mc = as_contig(mean, acc), rc = as_contig(rstd, acc);
+  const at::Tensor wc = as_contig(ln_weight, acc), bc = as_contig(ln_bias, acc), b1c = as_contig(b1, acc);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor y = at::empty({n, d}, dy.options().memory_format(at::MemoryFormat::Contiguous));
+  if (n > 0 && d > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "ffn_recompute_kernel", [&] {
+      using acc_t = acc_type<scalar_t>;
+      auto run = [&](const auto* xp) {
+        using X = std::remove_cv_t<std::remove_pointer_t<decltype(xp)>>;
+        ln_apply_kernel<scalar_t, X><<<static_cast<unsigned>(n), row_threads(d, 1), 0, stream>>>(
+            xp, mc.const_data_ptr<acc_t>(), rc.const_data_ptr<acc_t>(), wc.const_data_ptr<acc_t>(),
+            bc.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(), d);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      xc.scalar_type() == dt ? run(xc.const_data_ptr<scalar_t>()) : run(xc.const_data_ptr<acc_t>());
+    });
+  }
+  at::Tensor a = at::mm(y, w1.t().to(dt));  // (N, H): u, then a in place
+  y.reset();
+  at::Tensor du = at::mm(dy, w2.to(dt));  // (N, H): dA, then du in place
+  const int64_t chunks = (n + kSumRows - 1) / kSumRows;
+  at::Tensor partial = at::empty({std::max<int64_t>(chunks, 1), h}, dy.options().dtype(acc));
+  at::Tensor db1 = at::empty({h}, dy.options().dtype(acc));
+  if (h > 0) {
+    TORCH_INTERNAL_ASSERT(a.is_contiguous() && du.is_contiguous());
+    const unsigned col_blocks = static_cast<unsigned>((h + kThreads - 1) / kThreads);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "ffn_recompute_kernel", [&] {
+      using acc_t = acc_type<scalar_t>;
+      if (n > 0) {
+        with_form(tanh_form, [&](auto tanh_tag) {
+          constexpr bool kTanh = decltype(tanh_tag)::value;
+          const dim3 grid(col_blocks, static_cast<unsigned>(std::min<int64_t>(chunks, 65535)));
+          ffn_epilogue_kernel<scalar_t, kTanh><<<grid, kThreads, 0, stream>>>(
+              a.mutable_data_ptr<scalar_t>(), b1c.const_data_ptr<acc_t>(), du.mutable_data_ptr<scalar_t>(),
+              partial.mutable_data_ptr<acc_t>(), n, h, chunks);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      }
+      column_sum_kernel<acc_t><<<col_blocks, kThreads, 0, stream>>>(partial.const_data_ptr<acc_t>(),
+                                                                     db1.mutable_data_ptr<acc_t>(), chunks, h);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {a, du, db1};
+}
+
+at::Tensor linear_bias_gelu_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                 c10::string_view approximate) {
+  const bool tanh_form = parse_approximate(approximate);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_bias_gelu_kernel: x must be (N, K) and ",
+              "w (H, K), got x ", x.sizes(), " w ", w.sizes());
+  const bool has_bias = b.has_value() && b->defined();
+  const int64_t n = x.size(0), h = w.size(0);
+  TORCH_CHECK(!has_bias || (b->dim() == 1 && b->size(0) == h), "linear_bias_gelu_kernel: b must be (H,) = (", h,
+              ",)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dt = x.scalar_type(), acc = acc_dtype(dt);
+  const auto mm_dt = c10::promoteTypes(dt, w.scalar_type());
+  at::Tensor m = at::mm(x.to(mm_dt), w.t().to(mm_dt));  // (N, H), fresh
+  if (mm_dt != dt && mm_dt != acc) m = m.to(acc);
+  const bool in_place = m.scalar_type() == dt;
+  if (!m.is_contiguous()) m = m.contiguous();
+  at::Tensor out = in_place ? m : at::empty({n, h}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t numel = n * h;
+  if (numel == 0) return out;
+  const at::Tensor bc = has_bias ? as_contig(*b, acc) : at::Tensor();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "linear_bias_gelu_kernel", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const acc_t* bp = has_bias ? bc.const_data_ptr<acc_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    auto run = [&](const auto* mp) {
+      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
+      with_form(tanh_form, [&](auto tanh_tag) {
+        constexpr bool kTanh = decltype(tanh_tag)::value;
+        bias_gelu_flat_kernel<scalar_t, M, kTanh><<<flat_grid(numel), kThreads, 0, stream>>>(mp, bp, op, numel, h);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    };
+    in_place ? run(m.const_data_ptr<scalar_t>()) : run(m.const_data_ptr<acc_t>());
+  });
+  return out;
+}
+
+at::Tensor linear_gelu_bwd_cuda(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u,
+                                c10::string_view approximate) {
+  const bool tanh_form = parse_approximate(approximate);
+  TORCH_CHECK(dy.dim() == 2 && w2.dim() == 2 && u.dim() == 2, "linear_gelu_bwd_kernel: dy, w2, u must be 2-D");
+  TORCH_CHECK(dy.size(1) == w2.size(0) && w2.size(1) == u.size(1) && dy.size(0) == u.size(0),
+              "linear_gelu_bwd_kernel: shape mismatch, dy ", dy.sizes(), " w2 ", w2.sizes(), " u ", u.sizes());
+  const c10::cuda::CUDAGuard guard(u.device());
+  const auto dt = u.scalar_type();
+  const auto mm_dt = c10::promoteTypes(dy.scalar_type(), w2.scalar_type());
+  at::Tensor m = at::mm(dy.to(mm_dt), w2.to(mm_dt));  // (N, H), fresh
+  const at::Tensor uc = u.contiguous();
+  const bool in_place = mm_dt == dt;
+  if (!in_place) m = m.to(acc_dtype(dt));
+  if (!m.is_contiguous()) m = m.contiguous();
+  at::Tensor out = in_place ? m : at::empty(u.sizes(), uc.options());
+  const int64_t numel = u.numel();
+  if (numel == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "linear_gelu_bwd_kernel", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* up = uc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    auto run = [&](const auto* mp) {
+      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
+      with_form(tanh_form, [&](auto tanh_tag) {
+        constexpr bool kTanh = decltype(tanh_tag)::value;
+        dgelu_mul_kernel<scalar_t, M, kTanh><<<flat_grid(numel), kThreads, 0, stream>>>(mp, up, op, numel);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    };
+    in_place ? run(m.const_data_ptr<scalar_t>()) : run(m.const_data_ptr<acc_t>());
+  });
+  return out;
+}
+
+at::Tensor gelu_linear_wgrad_cuda(const at::Tensor& dy, const at::Tensor& u, c10::string_view approximate) {
+  const bool tanh_form = parse_approximate(approximate);
+  TORCH_CHECK(dy.dim() == 2 && u.dim() == 2 && dy.size(0) == u.size(0),
+              "gelu_linear_wgrad_kernel: dy (N, d) and u (N, H) must be 2-D with the same rows");
+  const c10::cuda::CUDAGuard guard(u.device());
+  const at::Tensor uc = u.contiguous();
+  at::Tensor a = at::empty(u.sizes(), uc.options());
+  const int64_t numel = u.numel();
+  if (numel > 0) {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "gelu_linear_wgrad_kernel", [&] {
+      using acc_t = acc_type<scalar_t>;
+      const scalar_t* up = uc.const_data_ptr<scalar_t>();
+      scalar_t* ap = a.mutable_data_ptr<scalar_t>();
+      with_form(tanh_form, [&](auto tanh_tag) {
+        constexpr bool kTanh = decltype(tanh_tag)::value;
+        bias_gelu_flat_kernel<scalar_t, scalar_t, kTanh>
+            <<<flat_grid(numel), kThreads, 0, stream>>>(up, static_cast<const acc_t*>(nullptr), ap, numel, 1);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  const auto mm_dt = c10::promoteTypes(dy.scalar_type(), u.scalar_type());
+  return at::mm(dy.t().to(mm_dt), a.to(mm_dt)).to(dy.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ckpt_ext, CUDA, m) {
+  m.impl("ffn_recompute_kernel", &ffn_recompute_cuda);
+  m.impl("linear_bias_gelu_kernel", &linear_bias_gelu_cuda);
+  m.impl("linear_gelu_bwd_kernel", &linear_gelu_bwd_cuda);
+  m.impl("gelu_linear_wgrad_kernel", &gelu_linear_wgrad_cuda);
+}
+
+}  // namespace cuda
+}  // namespace ckpt_ext
