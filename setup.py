@@ -121,7 +121,7 @@ def _isa_decision():
 
 
 def extensions():
-    cxx = ["-O3", "-std=c++17", LIMITED_API, "-Wno-psabi", "-ffp-contract=off"]
+    cxx = ["-O3", "-std=c++20", LIMITED_API, "-Wno-psabi", "-ffp-contract=off"]
     isa, why = _isa_decision()
     _log(f"CPU kernels for ISA {isa}: {why}")
     cxx += ISA_FLAGS[isa]

@@ -2,10 +2,10 @@
 
 Forward (x: (B, T, d) viewed as (N, d), N = B*T; H = FFN hidden):
     y1, m1, r1 = layer_norm_fwd(x)                  qkv = y1 @ Wqkvᵀ + bqkv               (N, 3d)
-    o, lse = attention_fwd(qkv)                     x1 = dropout_add(o @ Wpᵀ + bp, x)      (N, d)
+    o, lse = attention_fwd(qkv)                     x1 = linear_dropout_add(o, Wp, bp, x)  (N, d)
     y2, m2, r2 = layer_norm_fwd(x1)                 u = y2 @ W1ᵀ + b1, a = bias_gelu(u)    (N, H)
                         (ffn, block keep no u: a = linear_bias_gelu(y2, W1, b1), GELU in FC1's epilogue)
-    out = dropout_add(a @ W2ᵀ + b2, x1)
+    out = linear_dropout_add(a, W2, b2, x1)  (bias, dropout and residual add in the GEMM epilogue)
 Backward (dY = d out; df = dropout_add(dY, None) replays the residual dropout mask from its seed):
     none       dA = df @ W2, dU = gelu_bwd(dA, u), dW2 = dfᵀ @ a
     pointwise  dU = linear_gelu_bwd(df, W2, u) (GELU' in the GEMM epilogue), dW2 = gelu_linear_wgrad(df, u) (GELU in
@@ -63,7 +63,8 @@ def attention_half(x: Tensor, shape: tuple[int, int], p: dict, cfg: BlockConfig,
     qkv = F.linear(y1, p["w_qkv"], p["b_qkv"])  # (N, 3d)
     o, lse = ops.attention_fwd(qkv.view(b, t, 3 * d), cfg.n_heads, cfg.causal, cfg.attn_dropout, cfg.seed, attn_mask)
     o = o.view(b * t, d)
-    x1 = ops.dropout_add(F.linear(o, p["w_proj"], p["b_proj"]), x, cfg.dropout, cfg.seed + 1)
+    ac = _AutocastState(x.device.type)
+    x1 = ops.linear_dropout_add(ac.mm(o), ac.mm(p["w_proj"]), _opt(ac.mm, p["b_proj"]), x, cfg.dropout, cfg.seed + 1)
     return {"ln1_out": y1, "ln1_stats": (m1, r1), "qkv": qkv, "attn_out": o, "attn_lse": lse, "x1": x1}
 
 
@@ -72,6 +73,7 @@ def ffn_half(x1: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, dict]:
 
     Policies that do not keep u (ffn, block) run FC1 with bias + GELU in its epilogue, so u is never written.
     """
+    ac = _AutocastState(x1.device.type)
     ln2_w, ln2_b = _ln_params(p["ln2_w"], p["ln2_b"], x1.shape[1], x1)
     y2, m2, r2 = ops.layer_norm_fwd(x1, ln2_w, ln2_b, cfg.eps)
     acts = {"ln2_out": y2, "ln2_stats": (m2, r2)}
@@ -80,10 +82,9 @@ def ffn_half(x1: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, dict]:
         a = ops.bias_gelu(u, None, cfg.approximate)  # (N, H)
         acts["fc1_out"] = u
     else:
-        ac = _AutocastState(x1.device.type)
         a = ops.linear_bias_gelu(ac.mm(y2), ac.mm(p["w_fc"]), _opt(ac.mm, p["b_fc"]), cfg.approximate)  # (N, H)
     acts["gelu_out"] = a
-    out = ops.dropout_add(F.linear(a, p["w_fc2"], p["b_fc2"]), x1, cfg.dropout, cfg.seed + 2)
+    out = ops.linear_dropout_add(ac.mm(a), ac.mm(p["w_fc2"]), _opt(ac.mm, p["b_fc2"]), x1, cfg.dropout, cfg.seed + 2)
     return out, acts
 
 

@@ -81,6 +81,20 @@ def dropout_add(x: Tensor, residual: Optional[Tensor], p: float, seed: int) -> T
     return y.to(out_dtype)
 
 
+def linear_dropout_add(x: Tensor, w: Tensor, b: Optional[Tensor], residual: Tensor, p: float, seed: int) -> Tensor:
+    """out = residual + dropout(x @ wᵀ + b): x (N, K), w (d, K), residual (N, d) -> (N, d) in residual.dtype.
+
+    The projection's epilogue: bias, the hash dropout mask of the flat (N, d) index (same mask as
+    ``dropout_add(x @ wᵀ + b, residual, p, seed)``) and the residual add, so the projection output is never written.
+    The product is rounded to x's dtype before the epilogue, as a GEMM storing x.dtype would.
+    """
+    cdt = compute_dtype(x)
+    y = _mm(x, w.t(), cdt)
+    if b is not None:
+        y = y + b.to(cdt)
+    return dropout_add(y.to(x.dtype), residual, p, seed).to(residual.dtype)
+
+
 # -------------------------------------------------------------------------------------------------- LayerNorm
 def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """x: (N, d) -> y (N, d) in x.dtype, mean (N,), rstd (N,) in float32 (float64 for float64 x)."""

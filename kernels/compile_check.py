@@ -3,9 +3,10 @@
     python -m ckpt_ext.kernels.compile_check [--arch 90] [--all-configs]
 
 Each kernel is compiled from its AST (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``) with
-16-bit signatures (fp16 and bf16 activations/weights, fp32 statistics), once per GELU form, for the largest autotune
-config of the target's list (every config with --all-configs; the dual-GEMM ffn_recompute uses the DUAL_* lists);
-the matmuls also in fp32 (UPCAST, ieee dots, the CKPT_EXT_TRITON_AUTOTUNE=0 config).
+16-bit signatures (fp16 and bf16 activations/weights, fp32 statistics), once per GELU form (linear_dropout_add, which
+has none, once), for the largest autotune config of the target's list (every config with --all-configs; the dual-GEMM
+ffn_recompute uses the DUAL_* lists); the matmuls also in fp32 (UPCAST, ieee dots, the CKPT_EXT_TRITON_AUTOTUNE=0
+config).
 Arguments are specialized the way the JIT does for the usual layouts (nn.Linear weights, contiguous activations):
 unit strides become the constant 1, and pointers, other strides and the d/H dimensions carry 16-divisibility, so
 the compile sees the kernel the GPU will run.
@@ -58,8 +59,24 @@ def _jobs(arch: int, all_configs: bool):
                 yield _dual_matmul_job(p, cfg, tanh, upcast=False)
             for cfg in tile_configs:
                 yield from _matmul_jobs(p, cfg, tanh, upcast=False)
+        for cfg in tile_configs:
+            yield _dropout_matmul_job(p, cfg, upcast=False)
     yield _dual_matmul_job("*fp32", DUAL_SINGLE[0], False, upcast=True)
     yield from _matmul_jobs("*fp32", SINGLE[0], False, upcast=True)
+    yield _dropout_matmul_job("*fp32", SINGLE[0], upcast=True)
+
+
+def _dropout_matmul_job(p: str, cfg, upcast: bool):
+    """linear_dropout_add (no GELU form): x, w, b, residual and out all in ``p``, bias and dropout on."""
+    from . import linear_dropout_add
+
+    const = {**cfg.kwargs, "HAS_BIAS": True, "APPLY_DROPOUT": True, "UPCAST": upcast}
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return ("linear_dropout_add", linear_dropout_add.linear_dropout_add_kernel,
+            dict(X=p, W=p, B=p, RES=p, OUT=p, M="i32", N="i32", K="i32", stride_xm="i32", stride_xk="i32",
+                 stride_wn="i32", stride_wk="i32", stride_rm="i32", key="i32", threshold="i32", scale="fp32",
+                 **{k: "constexpr" for k in const}),
+            const, opts)  # fmt: skip
 
 
 def _dual_matmul_job(p: str, cfg, tanh: bool, upcast: bool):
@@ -95,6 +112,7 @@ def _matmul_jobs(p: str, cfg, tanh: bool, upcast: bool):
 UNIT_STRIDES = {
     "ffn_recompute": ("stride_w1k", "stride_w2n"),
     "linear_bias_gelu": ("stride_xk", "stride_wk"),
+    "linear_dropout_add": ("stride_xk", "stride_wk"),
     "linear_gelu_bwd": ("stride_dyk", "stride_wn"),
     "gelu_linear_wgrad": ("stride_dym",),
 }
@@ -115,7 +133,7 @@ def specialize(name: str, fn, signature: dict, const: dict):
 
 
 def _variant(const: dict) -> str:
-    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "APPROX_TANH", "UPCAST", "BLOCK_D")
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "APPROX_TANH", "APPLY_DROPOUT", "UPCAST", "BLOCK_D")
     return ",".join(f"{k}={const[k]}" for k in keys if k in const)
 
 

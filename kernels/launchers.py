@@ -22,6 +22,7 @@ from .dropout import dropout_add_kernel
 from .ffn_pointwise import gelu_linear_wgrad_autotuned, linear_gelu_bwd_autotuned
 from .ffn_recompute import ffn_recompute_autotuned
 from .layer_norm import layer_norm_bwd_kernel, layer_norm_fwd_kernel
+from .linear_dropout_add import linear_dropout_add_autotuned
 from .linear_gelu import linear_bias_gelu_autotuned
 from .matmul_configs import interpreting
 from .pointwise import bias_gelu_kernel, gelu_bwd_kernel
@@ -184,6 +185,21 @@ def linear_bias_gelu(x, w, b, approximate):
     return out
 
 
+def linear_dropout_add(x, w, b, residual, p, seed):
+    m, k = x.shape
+    n = w.shape[0]
+    if not _covered(x, w, b, residual) or m * n >= (1 << 32):
+        return reference.linear_dropout_add(x, w, b, residual, p, seed)
+    residual = _rows(residual)
+    out = torch.empty((m, n), dtype=residual.dtype, device=residual.device)
+    linear_dropout_add_autotuned[_matmul_grid(m, n)](
+        x, w, b if b is not None else w, residual, out, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        residual.stride(0), _as_int32(reference.seed_key(seed)), reference.dropout_threshold(p), 1.0 / (1.0 - p),
+        HAS_BIAS=b is not None, APPLY_DROPOUT=p > 0.0, UPCAST=_upcast(x, w),
+    )  # fmt: skip
+    return out
+
+
 def linear_gelu_bwd(dy, w2, u, approximate):
     reference._check_approximate(approximate)
     if not _covered(dy, w2, u):
@@ -222,6 +238,7 @@ IMPLS = {
     "dropout_add": dropout_add,
     "ffn_recompute": ffn_recompute,
     "linear_bias_gelu": linear_bias_gelu,
+    "linear_dropout_add": linear_dropout_add,
     "linear_gelu_bwd": linear_gelu_bwd,
     "gelu_linear_wgrad": gelu_linear_wgrad,
     "attention_fwd": native_attention.attention_fwd,

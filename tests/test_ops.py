@@ -52,6 +52,8 @@ def sample_calls(requires_grad=False):
             ),
         ),  # fmt: skip
         (ops.linear_bias_gelu, (x.detach(), w1, b1, "tanh")),
+        (ops.linear_dropout_add, (u, w2, torch.randn(d, requires_grad=requires_grad), x, 0.3, 11)),
+        (ops.linear_dropout_add, (u, w2.t().contiguous().t(), None, x, 0.0, 0)),
         (ops.linear_bias_gelu, (x.detach(), w1.t().contiguous().t(), None, "none")),
         (ops.linear_gelu_bwd, (torch.randn(n, d), w2, u.detach(), "none")),
         (ops.gelu_linear_wgrad, (torch.randn(n, d), u.detach(), "tanh")),
@@ -90,6 +92,11 @@ def test_gradcheck_differentiable_ops_float64():
             assert torch.autograd.gradcheck(lambda u, bias, a=approx: ops.bias_gelu(u, bias, a), (u, bias))
         res = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda u, r: ops.dropout_add(u, r, 0.4, 3), (u, res))
+        w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+        r5 = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+        for p in (0.0, 0.4):
+            fn = lambda u, w, b, r, p=p: ops.linear_dropout_add(u, w, b, r, p, 7)  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (u, w, bias[:5].detach().requires_grad_(True), r5))
         for causal, p, m in [(True, 0.0, None), (False, 0.3, mask), (True, 0.2, mask)]:
             fn = lambda q, c=causal, p=p, m=m: ops.attention_fwd(q, 2, c, p, 9, m)[0]  # noqa: E731
             assert torch.autograd.gradcheck(fn, (qkv,))
@@ -151,7 +158,8 @@ def test_flop_formulas_registered():
             x1, mean, rstd, lw, lb, torch.randn(h, d), torch.randn(h), torch.randn(n, d), torch.randn(d, h), "none"
         )
         ops.linear_bias_gelu(x1, torch.randn(h, d), None, "tanh")
+        ops.linear_dropout_add(torch.randn(n, h), torch.randn(d, h), None, x1, 0.1, 3)
         ops.linear_gelu_bwd(torch.randn(n, d), torch.randn(d, h), torch.randn(n, h), "none")
         ops.gelu_linear_wgrad(torch.randn(n, d), torch.randn(n, h), "none")
         ops.attention_fwd(torch.randn(2, 5, 3 * d), 4, True, 0.0, 0, None)
-    assert counter.get_total_flops() == 5 * 2 * n * d * h + 4 * 2 * 4 * 5 * 5 * (d // 4)
+    assert counter.get_total_flops() == 6 * 2 * n * d * h + 4 * 2 * 4 * 5 * 5 * (d // 4)

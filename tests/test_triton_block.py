@@ -58,12 +58,12 @@ def test_block_matches_reference_cuda(policy, dtype, atol, rtol):
 
 
 def test_block_runs_the_fused_kernels(monkeypatch):
-    """policy "ffn" on the triton backend reaches the Triton FC1 (linear_bias_gelu), ffn_recompute and LayerNorm
-    launchers."""
+    """policy "ffn" on the triton backend reaches the Triton FC1 (linear_bias_gelu), the projection/FC2 epilogue GEMM
+    (linear_dropout_add), ffn_recompute and LayerNorm launchers."""
     from ckpt_ext.kernels import launchers
 
     calls = []
-    for name in ("linear_bias_gelu", "ffn_recompute", "layer_norm_bwd"):
+    for name in ("linear_bias_gelu", "linear_dropout_add", "ffn_recompute", "layer_norm_bwd"):
         impl = launchers.IMPLS[name]
         monkeypatch.setitem(launchers.IMPLS, name, lambda *a, _f=impl, _n=name: calls.append(_n) or _f(*a))
     block = ckpt_ext.FusedCheckpointBlock(72, 4, policy="ffn")
@@ -71,4 +71,5 @@ def test_block_runs_the_fused_kernels(monkeypatch):
     with ckpt_ext.set_backend("triton"):
         block(x).sum().backward()
     assert calls.count("linear_bias_gelu") == 1 and calls.count("ffn_recompute") == 1
+    assert calls.count("linear_dropout_add") == 2  # attention projection and FC2
     assert calls.count("layer_norm_bwd") == 2

@@ -23,6 +23,7 @@ KERNELS = (
     "dropout_add",
     "ffn_recompute",
     "linear_bias_gelu",
+    "linear_dropout_add",
     "linear_gelu_bwd",
     "gelu_linear_wgrad",
 )

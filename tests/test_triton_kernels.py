@@ -190,6 +190,55 @@ def test_linear_bias_gelu_strided_input(L):
     assert_matches_reference(L.linear_bias_gelu(x, w, b, "tanh"), reference.linear_bias_gelu, x, w, b, "tanh")
 
 
+def _assert_same_mask(out, x, w, b, res, p, seed):
+    """Dropped elements hold exactly the residual; kept elements whose projection is not tiny moved off it."""
+    n, d = out.shape
+    keep = reference.dropout_keep_mask(n * d, p, seed, out.device).view(n, d)
+    base = res.to(out.dtype)
+    assert torch.equal(out[~keep], base[~keep])
+    y = x.double() @ w.double().t() + (0.0 if b is None else b.double())
+    assert (out != base)[keep & (y.abs() > 0.05)].all()
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,d,p,with_bias,transposed", [(1, 72, 50, 0.3, True, False), (7, 200, 72, 0.0, False, True),
+                                                           (33, 72, 200, 0.3, False, True)])  # fmt: skip
+def test_linear_dropout_add(L, device, dtype, n, k, d, p, with_bias, transposed):
+    x = torch.randn(n, k, dtype=dtype, device=device)
+    w = _weight((d, k), dtype, device, transposed)
+    b = torch.randn(d, dtype=dtype, device=device) if with_bias else None
+    res = torch.randn(n, d, dtype=dtype, device=device)
+    seed = 2**31 - 17
+    out = L.linear_dropout_add(x, w, b, res, p, seed)
+    assert out.dtype == dtype and out.shape == (n, d) and out.data_ptr() != res.data_ptr()
+    _assert_same_mask(out, x, w, b, res, p, seed)
+    assert_matches_reference(out, reference.linear_dropout_add, x, w, b, res, p, seed)
+
+
+@pytest.mark.parametrize("x_dtype,res_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+def test_linear_dropout_add_mixed_dtypes(L, x_dtype, res_dtype):
+    """Under autocast the projection runs in bf16 while the residual stream stays fp32 (out in residual.dtype)."""
+    x = torch.randn(33, 72, dtype=x_dtype)
+    w, b = _weight((50, 72), x_dtype, "cpu", True), torch.randn(50, dtype=x_dtype)
+    res = torch.randn(33, 50, dtype=res_dtype)
+    out = L.linear_dropout_add(x, w, b, res, 0.3, 5)
+    assert out.dtype == res_dtype
+    _assert_same_mask(out, x, w, b, res, 0.3, 5)
+    assert_matches_reference(out, reference.linear_dropout_add, x, w, b, res, 0.3, 5)
+
+
+def test_linear_dropout_add_strided_inputs_and_fallbacks(L):
+    x, res = torch.randn(200, 7).t(), torch.randn(7, 150)[:, :50]
+    w, b = _weight((50, 200), torch.float32, "cpu", True), torch.randn(50)
+    out = L.linear_dropout_add(x, w, b, res, 0.3, 2**40 + 3)
+    ref = reference.linear_dropout_add(x, w, b, res, 0.3, 2**40 + 3)
+    _assert_same_mask(out, x, w, b, res, 0.3, 2**40 + 3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for args in ((x.double(), w.double(), b.double(), res.double()), (x[:0], w, b, res[:0])):
+        torch.testing.assert_close(L.linear_dropout_add(*args, 0.3, 1), reference.linear_dropout_add(*args, 0.3, 1))
+
+
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("approximate", APPROX)
@@ -224,7 +273,8 @@ def test_graph_ops_route_to_triton():
     import ckpt_ext
     from ckpt_ext import backend
 
-    assert {"ffn_recompute", "linear_bias_gelu", "layer_norm_bwd", "dropout_add"} <= backend.implements("triton")
+    wanted = {"ffn_recompute", "linear_bias_gelu", "linear_dropout_add", "layer_norm_bwd", "dropout_add"}
+    assert wanted <= backend.implements("triton")
     x = torch.randn(7, 72)
     w, b = torch.randn(72), torch.randn(72)
     with ckpt_ext.set_backend("triton"):

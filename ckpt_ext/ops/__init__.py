@@ -3,7 +3,7 @@
 from . import flops
 from .attention import attention_bwd, attention_fwd
 from .dropout import dropout_add
-from .ffn import ffn_recompute, gelu_linear_wgrad, linear_bias_gelu, linear_gelu_bwd
+from .ffn import ffn_recompute, gelu_linear_wgrad, linear_bias_gelu, linear_dropout_add, linear_gelu_bwd
 from .gelu import bias_gelu, gelu_bwd
 from .layer_norm import layer_norm_bwd, layer_norm_fwd
 
@@ -20,5 +20,6 @@ __all__ = [
     "layer_norm_bwd",
     "layer_norm_fwd",
     "linear_bias_gelu",
+    "linear_dropout_add",
     "linear_gelu_bwd",
 ]

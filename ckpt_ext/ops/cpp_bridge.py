@@ -25,6 +25,7 @@ _GRAPH_OPS: dict[str, CustomOpDef] = {
     "dropout_add": dropout.dropout_add,
     "ffn_recompute": ffn.ffn_recompute,
     "linear_bias_gelu": ffn.linear_bias_gelu,
+    "linear_dropout_add": ffn.linear_dropout_add,
     "linear_gelu_bwd": ffn.linear_gelu_bwd,
     "gelu_linear_wgrad": ffn.gelu_linear_wgrad,
     "attention_fwd": attention.attention_fwd,
@@ -55,3 +56,13 @@ for _name, _graph_op in _GRAPH_OPS.items():
         torch.library.register_fake(f"ckpt_ext::{_name}_kernel", _graph_op._abstract_fn)
         IMPLS[_name] = _kernel_op
         KERNEL_OPS.append(_kernel_op)
+
+
+def _linear_dropout_add(x, w, b, residual, p, seed):
+    """No GEMM epilogue hook on CPU: aten's addmm, then the C++ dropout + residual kernel (same numerics as reference)."""
+    y = torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+    return IMPLS["dropout_add"](y, residual, p, seed).to(residual.dtype)
+
+
+if "dropout_add" in IMPLS and "linear_dropout_add" not in IMPLS:
+    IMPLS["linear_dropout_add"] = _linear_dropout_add

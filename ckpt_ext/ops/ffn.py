@@ -5,6 +5,9 @@ ffn_recompute(x1 (N, d), mean (N,), rstd (N,), ln_w (d,), ln_b (d,), w1 (H, d), 
     ffn/block policies: two GEMMs on one output tile (both reduce over d): u = LN2(x1) @ w1ᵀ + b1 with LN2 in the
     prologue, and dA = dy @ w2; epilogue a = gelu(u), du = gelu'(u) * dA and db1's partial column sums. Neither u
     nor dA reaches memory.                                                                        FLOPs: 4·N·d·H
+linear_dropout_add(x (N, K), w (d, K), b (d,)?, residual (N, d), p, seed) -> residual + dropout(x @ wᵀ + b)
+    (N, d) residual.dtype: bias, hash-mask dropout and the residual add in the GEMM epilogue (attention proj, FC2);
+    the projection output never reaches memory.                                                   FLOPs: 2·N·K·d
 linear_bias_gelu(x (N, K), w (H, K), b (H,)?, approximate) -> gelu(x @ wᵀ + b) (N, H) x.dtype
     ffn/block forward: bias + GELU in FC1's epilogue; u is not kept by these policies, so it is never written.
                                                                                                   FLOPs: 2·N·K·H
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
+from .dropout import dropout_add
 
 
 @torch.library.custom_op("ckpt_ext::ffn_recompute", mutates_args=())
@@ -90,3 +94,37 @@ def gelu_linear_wgrad(dy: Tensor, u: Tensor, approximate: str) -> Tensor:
 def _(dy, u, approximate):
     torch._check(dy.shape[0] == u.shape[0], lambda: "gelu_linear_wgrad: dy and u must have the same rows")
     return dy.new_empty((dy.shape[1], u.shape[1]))
+
+
+@torch.library.custom_op("ckpt_ext::linear_dropout_add", mutates_args=())
+def linear_dropout_add(x: Tensor, w: Tensor, b: Optional[Tensor], residual: Tensor, p: float, seed: int) -> Tensor:
+    return backend.kernel("linear_dropout_add", x.device.type)(x, w, b, residual, p, seed)
+
+
+@linear_dropout_add.register_fake
+def _(x, w, b, residual, p, seed):
+    torch._check(
+        x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], lambda: "linear_dropout_add: x (N, K), w (d, K)"
+    )
+    torch._check(residual.shape == (x.shape[0], w.shape[0]), lambda: "linear_dropout_add: residual must be (N, d)")
+    torch._check(0.0 <= p < 1.0, lambda: f"linear_dropout_add: p must be in [0, 1), got {p}")
+    return torch.empty_like(residual, memory_format=torch.contiguous_format)
+
+
+def _setup_linear_dropout_add(ctx, inputs, output):
+    x, w, b, residual, p, seed = inputs
+    ctx.p, ctx.seed, ctx.has_bias = p, seed, b is not None
+    ctx.save_for_backward(x, w)
+
+
+def _backward_linear_dropout_add(ctx, grad):
+    """d residual = grad; d (x wᵀ + b) = dropout_add(grad) with the same mask; then the linear layer's VJP."""
+    x, w = ctx.saved_tensors
+    grad = grad.contiguous()
+    dlin = dropout_add(grad, None, ctx.p, ctx.seed) if ctx.p > 0.0 else grad
+    dlin = dlin.to(x.dtype)
+    db = dlin.sum(dim=0).to(w.dtype) if ctx.has_bias else None
+    return dlin @ w.to(x.dtype), (dlin.t() @ x).to(w.dtype), db, grad, None, None
+
+
+linear_dropout_add.register_autograd(_backward_linear_dropout_add, setup_context=_setup_linear_dropout_add)

@@ -1,6 +1,6 @@
 """FLOP formulas of the ops that multiply matrices, for torch.utils.flop_counter.FlopCounterMode.
 
-ffn_recompute: 4·N·d·H (FC1 and the dA GEMM); linear_bias_gelu, linear_gelu_bwd, gelu_linear_wgrad: 2·N·d·H.
+ffn_recompute: 4·N·d·H (FC1 and the dA GEMM); linear_bias_gelu, linear_dropout_add, linear_gelu_bwd, gelu_linear_wgrad: 2·N·K·out.
 attention_fwd: 4·B·h·T²·dh, attention_bwd: 10·B·h·T²·dh (torch's SDPA convention, causal not halved).
 
 torch.utils.flop_counter imports triton when it is first imported, and ckpt_ext promises not to import triton at import
@@ -33,6 +33,9 @@ def linear_bias_gelu_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) ->
     return 2 * x_shape[0] * x_shape[1] * w_shape[0]
 
 
+linear_dropout_add_flops = linear_bias_gelu_flops  # 2·N·K·out for both epilogue-fused linears
+
+
 def linear_gelu_bwd_flops(dy_shape, w2_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * dy_shape[0] * dy_shape[1] * w2_shape[1]
 
@@ -59,6 +62,7 @@ def _register() -> None:
         (ops.ffn_recompute, ffn_recompute_flops),
         (ops.linear_gelu_bwd, linear_gelu_bwd_flops),
         (ops.linear_bias_gelu, linear_bias_gelu_flops),
+        (ops.linear_dropout_add, linear_dropout_add_flops),
         (ops.gelu_linear_wgrad, gelu_linear_wgrad_flops),
         (ops.attention_fwd, attention_fwd_flops),
         (ops.attention_bwd, attention_bwd_flops),
