@@ -86,13 +86,10 @@ def linear_dropout_add(x: Tensor, w: Tensor, b: Optional[Tensor], residual: Tens
 
     The projection's epilogue: bias, the hash dropout mask of the flat (N, d) index (same mask as
     ``dropout_add(x @ wᵀ + b, residual, p, seed)``) and the residual add, so the projection output is never written.
-    The product is rounded to x's dtype before the epilogue, as a GEMM storing x.dtype would.
+    x @ wᵀ + b is rounded once to x's dtype (a GEMM with a bias epilogue storing x.dtype), then dropped out in fp32.
     """
-    cdt = compute_dtype(x)
-    y = _mm(x, w.t(), cdt)
-    if b is not None:
-        y = y + b.to(cdt)
-    return dropout_add(y.to(x.dtype), residual, p, seed).to(residual.dtype)
+    y = torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))  # (N, d)
+    return dropout_add(y, residual, p, seed).to(residual.dtype)
 
 
 # -------------------------------------------------------------------------------------------------- LayerNorm

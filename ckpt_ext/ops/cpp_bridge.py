@@ -59,7 +59,7 @@ for _name, _graph_op in _GRAPH_OPS.items():
 
 
 def _linear_dropout_add(x, w, b, residual, p, seed):
-    """No GEMM epilogue hook on CPU: aten's addmm, then the C++ dropout + residual kernel (same numerics as reference)."""
+    """No GEMM epilogue hook on CPU: aten's addmm, then the C++ dropout + residual kernel (reference numerics)."""
     y = torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
     return IMPLS["dropout_add"](y, residual, p, seed).to(residual.dtype)
 

@@ -1,6 +1,7 @@
 """FLOP formulas of the ops that multiply matrices, for torch.utils.flop_counter.FlopCounterMode.
 
-ffn_recompute: 4·N·d·H (FC1 and the dA GEMM); linear_bias_gelu, linear_dropout_add, linear_gelu_bwd, gelu_linear_wgrad: 2·N·K·out.
+ffn_recompute: 4·N·d·H (FC1 and the dA GEMM); linear_bias_gelu, linear_dropout_add, linear_gelu_bwd and
+gelu_linear_wgrad: 2·N·K·out.
 attention_fwd: 4·B·h·T²·dh, attention_bwd: 10·B·h·T²·dh (torch's SDPA convention, causal not halved).
 
 torch.utils.flop_counter imports triton when it is first imported, and ckpt_ext promises not to import triton at import
