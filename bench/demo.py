@@ -79,6 +79,29 @@ def cpu_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """``--threads`` (torch CPU threads), shared with bench.microbench."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 keeps CPU timings stable when cores are shared (OpenMP threads stall waiting for "
+        "a descheduled sibling), 0 = torch's default",
+    )
+
+
+def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Errors out on a bad --threads, --heads not dividing --d-model, or an unknown/unavailable --device."""
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.d_model % args.heads:
+        parser.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
+    if not args.device.startswith(("cpu", "cuda")):
+        parser.error(f"--device must be cpu or cuda[:i], got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to torch (torch.cuda.is_available() is False)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.demo",
@@ -110,13 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="wall-clock budget: training stops early (same steps for every strategy) when the next round would end "
         "past it; 0 disables",
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads; 1 keeps CPU timings stable when cores are shared (OpenMP threads stall waiting for "
-        "a descheduled sibling), 0 = torch's default",
-    )
+    add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     return p
 
@@ -124,14 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
-    if args.d_model % args.heads:
-        parser.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
-    if not args.device.startswith(("cpu", "cuda")):
-        parser.error(f"--device must be cpu or cuda[:i], got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available to torch (torch.cuda.is_available() is False)")
+    check_common_args(parser, args)
     if args.lr <= 0 or not math.isfinite(args.lr):
         parser.error(f"--lr must be a positive number, got {args.lr}")
     if args.max_seconds < 0 or not math.isfinite(args.max_seconds):

@@ -13,16 +13,13 @@ multiples of the input's bytes. Writes gpu_block.csv / .md.
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 
 import ckpt_ext
 from ckpt_ext import roofline
 from ckpt_ext.block import init_block_
 
-from .gpu_common import device_name, time_ms, write_tables
+from .gpu_common import cli_main, time_ms
 
 MiB = 2**20
 
@@ -74,15 +71,7 @@ def run(device: str) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("gpu_block --device cpu needs TRITON_INTERPRET=1")
-    rows = run(args.device)
-    md = write_tables("gpu_block", rows, f"Block step per variant on {device_name(args.device)}")
-    print(f"wrote {md}")
-    return 0
+    return cli_main("gpu_block", __doc__.splitlines()[0], run, "Block step per variant", argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Results: ``$OUT`` if set, else bench/results/; each tool writes ``<name>.csv`` (
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import statistics
@@ -59,6 +60,20 @@ def write_tables(name: str, rows: list[dict], title: str) -> Path:
     md = out / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+def cli_main(name: str, description: str, run: Callable[[str], list[dict]], title: str, argv=None) -> int:
+    """The command line of a GPU check tool: ``--device`` (cuda when available; cpu only under TRITON_INTERPRET=1),
+    ``run(device)`` rows written as <out>/<name>.csv and .md with ``title`` on the device."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit(f"{name} --device cpu needs TRITON_INTERPRET=1")
+    rows = run(args.device)
+    md = write_tables(name, rows, f"{title} on {device_name(args.device)}")
+    print(f"wrote {md}")
+    return 0
 
 
 def _fmt(v) -> str:

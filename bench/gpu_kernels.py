@@ -10,13 +10,10 @@ ceilings, the speedup over eager and the max abs error against ckpt_ext.referenc
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 import torch.nn.functional as F
 
-from .gpu_common import PEAK_BYTES_PER_S, PEAK_FLOPS, device_name, time_ms, write_tables
+from .gpu_common import PEAK_BYTES_PER_S, PEAK_FLOPS, cli_main, time_ms
 
 
 def _nbytes(*tensors) -> int:
@@ -97,15 +94,7 @@ def run(device: str) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("gpu_kernels --device cpu needs TRITON_INTERPRET=1")
-    rows = run(args.device)
-    md = write_tables("gpu_kernels", rows, f"Triton kernels vs torch eager on {device_name(args.device)}")
-    print(f"wrote {md}")
-    return 0
+    return cli_main("gpu_kernels", __doc__.splitlines()[0], run, "Triton kernels vs torch eager", argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from tqdm import tqdm
 import ckpt_ext
 from ckpt_ext.backend import concrete_backend
 
-from .demo import cpu_name, cpu_threads, positive_int
+from .demo import add_threads_option, check_common_args, cpu_name, cpu_threads, positive_int
 from .micro_cases import Shape, build_cases, known_names, select
 from .micro_report import Result, append_csv, plot_family, table
 from .micro_timing import roofline_seconds, time_fn
@@ -67,13 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=positive_float, default=0.5, help="seconds of timed calls per measurement")
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for microbench.csv and plots")
     p.add_argument("--seed", type=int, default=0, help="seed for the inputs")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads; 1 keeps CPU timings stable when cores are shared (OpenMP threads stall waiting for "
-        "a descheduled sibling), 0 = torch's default",
-    )
+    add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
     return p
 
@@ -81,14 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
-    if args.d_model % args.heads:
-        parser.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
-    if not args.device.startswith(("cpu", "cuda")):
-        parser.error(f"--device must be cpu or cuda[:i], got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available to torch (torch.cuda.is_available() is False)")
+    check_common_args(parser, args)
     args.hidden = args.hidden or 4 * args.d_model
     args.dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     return args

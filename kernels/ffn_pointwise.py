@@ -4,15 +4,16 @@ linear_gelu_bwd_kernel   du (M, N) = (dy (M, K) @ w2 (K, N)) · gelu'(u (M, N)) 
     epilogue loads the saved u tile; dA never reaches memory.          bytes = dy + w2 + u + du
 gelu_linear_wgrad_kernel dw2 (M, N) = dyᵀ (M, K) @ gelu(u) (K, N)                   M = d, K = rows, N = H
     prologue applies GELU to each u tile (rounded to u's dtype, as the kept a would be); a never reaches memory.
-Operands are read through their strides (a transposed w2 or dy costs no copy). UPCAST: see ffn_recompute.
+Operands are read through their strides (a transposed w2 or dy costs no copy). Tile order, operand loads and
+the UPCAST dot from matmul_tiles.
 """
 
 import triton
 import triton.language as tl
 
-from .ffn_recompute import tile_ids
 from .gelu_math import gelu_and_grad
 from .matmul_configs import AUTOTUNE, configs
+from .matmul_tiles import k_slice, load_a, load_b, matmul_tile, mma, tile_offsets
 
 
 @triton.jit
@@ -36,25 +37,10 @@ def linear_gelu_bwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
+    _, rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm64 = rm.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        a = tl.load(DY + rm64[:, None] * stride_dym + kk[None, :] * stride_dyk, mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)  # fmt: skip
-        b = tl.load(W2 + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0)  # fmt: skip
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+    acc = matmul_tile(DY, W2, rm64, rn, m_ok, n_ok, K, stride_dym, stride_dyk, stride_wk, stride_wn, UPCAST, BLOCK_M,
+                      BLOCK_N, BLOCK_K)  # fmt: skip
     mask = m_ok[:, None] & n_ok[None, :]
     u = tl.load(U + rm64[:, None] * stride_um + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     _, grad = gelu_and_grad(u, APPROX_TANH)
@@ -79,24 +65,17 @@ def gelu_linear_wgrad_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
+    _pid_m, rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = (k0 + rk).to(tl.int64)
-        k_ok = kk < K
-        a = tl.load(DY + kk[None, :] * stride_dyk + rm[:, None] * stride_dym, mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)  # fmt: skip
-        u = tl.load(U + kk[:, None] * stride_uk + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        kk, k_ok = k_slice(k0, K, BLOCK_K)
+        kk = kk.to(tl.int64)
+        a = load_a(DY, rm, kk, stride_dym, stride_dyk, m_ok, k_ok)
+        u = load_b(U, kk, rn, stride_uk, 1, k_ok, n_ok)
         act, _ = gelu_and_grad(u.to(tl.float32), APPROX_TANH)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), act, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, act.to(u.dtype), acc)
+        if not UPCAST:
+            act = act.to(u.dtype)
+        acc = mma(a, act, acc, UPCAST)
     mask = m_ok[:, None] & n_ok[None, :]
     tl.store(DW + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(DW.dtype.element_ty), mask=mask)
 

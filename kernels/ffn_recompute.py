@@ -12,7 +12,8 @@ db1 is deterministic (no atomics): each program writes its own column partial su
 the scratch's shape is known before tuning and every row is rewritten by whichever config runs.
 UPCAST (constexpr): load operands as fp32 and run fp32 dots (fp32 inputs, mixed dtypes, and always under the
 interpreter, whose bf16 dots are wrong); otherwise the LN tile is cast to w1's 16-bit dtype for tensor-core dots.
-Programs walk output tiles in GROUP_M-row super-groups so that neighbouring programs share weight tiles in L2.
+Programs walk output tiles in GROUP_M-row super-groups (matmul_tiles.tile_ids) so that neighbouring programs share
+weight tiles in L2; operand loads and the UPCAST dot are matmul_tiles helpers too.
 """
 
 import triton
@@ -20,20 +21,7 @@ import triton.language as tl
 
 from .gelu_math import gelu_and_grad
 from .matmul_configs import DUAL_AUTOTUNE, dual_configs
-
-
-@triton.jit
-def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped ordering of the 1-D launch grid: (pid_m, pid_n) of this program's output tile."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * grid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    return pid_m, pid_n
+from .matmul_tiles import k_slice, load_a, load_b, mma, tile_offsets
 
 
 @triton.jit
@@ -66,35 +54,25 @@ def ffn_recompute_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
+    pid_m, rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm64 = rm.to(tl.int64)
     mean = tl.load(MEAN + rm, mask=m_ok, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + rm, mask=m_ok, other=0.0).to(tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_da = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        mk = m_ok[:, None] & k_ok[None, :]
-        kn = k_ok[:, None] & n_ok[None, :]
-        x = tl.load(X1 + rm64[:, None] * stride_xm + kk[None, :], mask=mk, other=0.0)
+        kk, k_ok = k_slice(k0, K, BLOCK_K)
+        x = load_a(X1, rm64, kk, stride_xm, 1, m_ok, k_ok)
         lw = tl.load(LN_W + kk, mask=k_ok, other=0.0).to(tl.float32)
         lb = tl.load(LN_B + kk, mask=k_ok, other=0.0).to(tl.float32)
         y = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
-        w1 = tl.load(W1 + rn[None, :] * stride_w1n + kk[:, None] * stride_w1k, mask=kn, other=0.0)
-        g = tl.load(DY + rm64[:, None] * stride_dym + kk[None, :], mask=mk, other=0.0)
-        w2 = tl.load(W2 + kk[:, None] * stride_w2k + rn[None, :] * stride_w2n, mask=kn, other=0.0)
-        if UPCAST:
-            acc_u = tl.dot(y, w1.to(tl.float32), acc_u, input_precision="ieee")
-            acc_da = tl.dot(g.to(tl.float32), w2.to(tl.float32), acc_da, input_precision="ieee")
-        else:
-            acc_u = tl.dot(y.to(w1.dtype), w1, acc_u)
-            acc_da = tl.dot(g, w2, acc_da)
+        w1 = load_b(W1, kk, rn, stride_w1k, stride_w1n, k_ok, n_ok)
+        g = load_a(DY, rm64, kk, stride_dym, 1, m_ok, k_ok)
+        w2 = load_b(W2, kk, rn, stride_w2k, stride_w2n, k_ok, n_ok)
+        if not UPCAST:
+            y = y.to(w1.dtype)
+        acc_u = mma(y, w1, acc_u, UPCAST)
+        acc_da = mma(g, w2, acc_da, UPCAST)
     b1 = tl.load(B1 + rn, mask=n_ok, other=0.0).to(tl.float32)
     act, grad = gelu_and_grad(acc_u + b1[None, :], APPROX_TANH)
     mask = m_ok[:, None] & n_ok[None, :]

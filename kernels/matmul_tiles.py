@@ -1,0 +1,100 @@
+"""Tile setup and K-loop steps shared by the fused matmul kernels, as ``@triton.jit`` helpers (inlined by Triton).
+
+tile_ids       grouped ordering of the 1-D launch grid: programs walk output tiles in GROUP_M-row super-groups so
+               that neighbouring programs share weight tiles in L2
+tile_offsets   this program's (pid_m, rows, cols, row mask, col mask) of its (BLOCK_M, BLOCK_N) output tile
+k_slice        the reduction indices of one K-step and their mask
+load_a, load_b the masked (BLOCK_M, BLOCK_K) / (BLOCK_K, BLOCK_N) operand tiles of one K-step through their
+               strides (zeros outside the masks); the offsets fixed across the K-loop are added first
+mma            acc += a @ b; UPCAST (constexpr): fp32 operands and ieee fp32 dots (fp32 inputs, mixed dtypes, and
+               always under the interpreter, whose bf16 dots are wrong); otherwise the operands' own dtype
+matmul_tile    the whole K-loop of acc (BLOCK_M, BLOCK_N) = a (M, K) @ b (K, N) in fp32, operands read through
+               their strides, for kernels with no prologue
+Every block size and UPCAST stays a constexpr parameter, so the inlined code is what a hand-written loop compiles to.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering of the 1-D launch grid: (pid_m, pid_n) of this program's output tile."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, rm, rn, m_ok, n_ok): row block, row and column indices of this program's output tile, their masks."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, rm, rn, rm < M, rn < N
+
+
+@triton.jit
+def k_slice(k0, K, BLOCK_K: tl.constexpr):
+    """(kk, k_ok): the reduction indices k0 .. k0 + BLOCK_K - 1 and which of them are < K."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    return kk, kk < K
+
+
+@triton.jit
+def load_a(A, rm, kk, stride_am, stride_ak, m_ok, k_ok):
+    """A[rm, kk] through strides (stride_am, stride_ak), 0 where a row or a k is masked off."""
+    return tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :],
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def load_b(B, kk, rn, stride_bk, stride_bn, k_ok, n_ok):
+    """B[kk, rn] through strides (stride_bk, stride_bn), 0 where a k or a column is masked off."""
+    return tl.load(B + rn[None, :] * stride_bn + kk[:, None] * stride_bk, mask=k_ok[:, None] & n_ok[None, :],
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b: fp32 operands and an ieee dot when UPCAST, else a tensor-core dot in the operands' dtype."""
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def matmul_tile(
+    A,  # (M, K) strides (stride_am, stride_ak)
+    B,  # (K, N) strides (stride_bk, stride_bn), e.g. a (N, K) weight read transposed
+    rm,  # (BLOCK_M,) rows of A (int64 where M · stride_am may pass 2³¹)
+    rn,  # (BLOCK_N,) columns of B
+    m_ok,
+    n_ok,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The fp32 (BLOCK_M, BLOCK_N) accumulator of A[rm, :] @ B[:, rn], one (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+    step per K-slice."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk, k_ok = k_slice(k0, K, BLOCK_K)
+        a = load_a(A, rm, kk, stride_am, stride_ak, m_ok, k_ok)
+        b = load_b(B, kk, rn, stride_bk, stride_bn, k_ok, n_ok)
+        acc = mma(a, b, acc, UPCAST)
+    return acc
