@@ -9,11 +9,12 @@ from ckpt_ext import FusedCheckpointBlock
 from helpers import make_block, run_step
 
 
-@pytest.mark.parametrize("policy", ["pointwise", "block"])
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compile_fullgraph_forward_backward(policy, compiler):
-    if compiler == "inductor" and policy == "pointwise":
-        pytest.skip("one inductor case is enough for the time budget; aot_eager covers every policy's graph")
+@pytest.mark.parametrize(
+    "compiler, policy",
+    [("aot_eager", "none"), ("aot_eager", "pointwise"), ("aot_eager", "ffn"), ("aot_eager", "block"),
+     ("inductor", "block")],
+)  # fmt: skip
+def test_compile_fullgraph_forward_backward(compiler, policy):
     torch._dynamo.reset()
     blk = make_block(72, 4)
     x, g = torch.randn(2, 7, 72), torch.randn(2, 7, 72)
