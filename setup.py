@@ -47,6 +47,23 @@ def _nvidia_pip_dirs():
     return [p for p in (os.path.join(base, "include"), os.path.join(base, "lib")) if os.path.isdir(p)]
 
 
+def _cudart_dir():
+    """A folder with the unversioned libcudart.so that CUDAExtension's -lcudart needs: the pip wheel ships only
+    libcudart.so.13, and CUDA_HOME may be a wrapper's prefix (nvcc in /usr/local/bin -> CUDA_HOME=/usr/local)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    roots = [CUDA_HOME] if CUDA_HOME else []
+    nvcc = _nvcc()
+    if nvcc:
+        roots.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    roots += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in roots:
+        for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+            if os.path.exists(os.path.join(root, sub, "libcudart.so")):
+                return os.path.join(root, sub)
+    return None
+
+
 def _nvcc():
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -139,13 +156,18 @@ def extensions():
     pip_dirs = _nvidia_pip_dirs()
     if pip_dirs:
         _log(f"adding pip CUDA dirs {pip_dirs}")
+    lib_dirs = [p for p in pip_dirs if p.endswith("lib")]
+    cudart = _cudart_dir()
+    if cudart:
+        _log(f"linking libcudart.so from {cudart}")
+        lib_dirs.append(cudart)
     nvcc = ["-O3", "-std=c++20", LIMITED_API, "-DCKPT_EXT_WITH_CUDA"]
     return [
         CUDAExtension(
             "ckpt_ext._C",
             sources + _sources("csrc/cuda/*.cu"),
             include_dirs=[p for p in pip_dirs if p.endswith("include")],
-            library_dirs=[p for p in pip_dirs if p.endswith("lib")],
+            library_dirs=lib_dirs,
             extra_compile_args={"cxx": cxx + ["-DCKPT_EXT_WITH_CUDA"], "nvcc": nvcc},
             py_limited_api=True,
         )
