@@ -18,8 +18,15 @@ $(STAMP): $(VPY) requirements-test.txt
 	$(PIP) install -q -r requirements-test.txt
 	touch $(STAMP)
 
-install: $(STAMP)
+# Rebuild ckpt_ext._C only when the build inputs change (editable install: Python edits need no reinstall).
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+INSTALLED    := $(VENV)/.install-stamp
+
+$(INSTALLED): $(STAMP) $(BUILD_INPUTS)
 	$(PIP) install -q --no-build-isolation -e .
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
 
 demo: install
 	$(VPY) -m bench.demo
