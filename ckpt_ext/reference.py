@@ -168,11 +168,6 @@ def gelu_grad(u: Tensor, approximate: str) -> Tensor:
     return 0.5 * (1.0 + torch.erf(u * _INV_SQRT_2)) + u * torch.exp(-0.5 * u * u) * _INV_SQRT_2PI
 
 
-def gelu_and_grad(u: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
-    """(gelu(u), gelu'(u)) in u's dtype."""
-    return gelu(u, approximate), gelu_grad(u, approximate)
-
-
 def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     """gelu(x + bias): (N, H) in x.dtype."""
     cdt = compute_dtype(x)
