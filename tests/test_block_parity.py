@@ -127,3 +127,23 @@ def test_bitwise_deterministic_grads():
         second = run_step(fused_copy(blk, policy), x, grad)
         for a, b in zip(first, second):
             assert torch.equal(a, b), policy
+
+
+@pytest.mark.parametrize("policy", ["pointwise", "block"])
+def test_backward_outside_autocast_replays_forward_autocast_state(policy):
+    """The usual loop calls backward outside `with autocast`: recompute must still run in bf16, as the forward did."""
+    blk = make_block(72, 4)
+    x, grad = torch.randn(2, 9, 72), torch.randn(2, 9, 72)
+    results = []
+    for backward_inside in (True, False):
+        fused = fused_copy(blk, policy)
+        xr = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fused(xr)
+            if backward_inside:
+                out.backward(grad)
+        if not backward_inside:
+            out.backward(grad)
+        results.append([xr.grad] + [p.grad for p in fused.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
