@@ -11,6 +11,8 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <tuple>
+
+#include "../common/host_args.h"
 #include <type_traits>
 
 namespace ckpt_ext {
@@ -86,11 +88,8 @@ inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-// t as a contiguous tensor of dtype `dtype` (no copy when it already is one).
-inline at::Tensor as_contig(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
-
-// The dtype acc_t of a tensor of `dtype`: float64 stays float64, everything else computes in float32.
-inline at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+using host::acc_dtype;
+using host::as_contig;
 
 // Rows per parallel task so that each task touches about 64 KiB of one row stream (at least one row).
 inline int64_t row_grain(int64_t d) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(d, 1)); }

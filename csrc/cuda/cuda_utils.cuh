@@ -18,15 +18,16 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../common/host_args.h"
+
 namespace ckpt_ext {
 namespace cuda {
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-inline at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
-
-inline at::Tensor as_contig(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+using host::acc_dtype;
+using host::as_contig;
 
 // A type as a value, to pick template arguments inside AT_DISPATCH lambdas.
 template <typename T>

@@ -36,11 +36,10 @@ __global__ void dropout_add_kernel(const T* __restrict__ x, const T* __restrict_
 }
 
 at::Tensor dropout_add_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, double p, int64_t seed) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_add_kernel: p must be in [0, 1), got ", p);
-  const bool has_res = residual.has_value() && residual->defined();
-  TORCH_CHECK(!has_res || residual->sizes() == x.sizes(), "dropout_add_kernel: residual must have x's shape");
+  const host::DropoutAddArgs args = host::check_dropout_add(x, residual, p);
+  const bool has_res = args.has_residual;
+  const auto out_dtype = args.out_dtype;
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto out_dtype = has_res ? at::result_type(x, *residual) : x.scalar_type();
   const at::Tensor xc = as_contig(x, out_dtype);
   const at::Tensor rc = has_res ? as_contig(*residual, out_dtype) : at::Tensor();
   at::Tensor out = at::empty(x.sizes(), xc.options());

@@ -156,12 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& dresidual, bool emit_y) {
-  TORCH_CHECK(x.dim() == 2 && dy.sizes() == x.sizes(), "layer_norm_bwd_kernel: dy and x must be the same (N, d)");
+  const bool has_res = host::check_layer_norm_bwd(dy, x, mean, rstd, weight, bias, dresidual);
   const int64_t n = x.size(0), d = x.size(1);
-  TORCH_CHECK(mean.numel() == n && rstd.numel() == n, "layer_norm_bwd_kernel: mean/rstd must be (N,)");
-  TORCH_CHECK(weight.numel() == d && bias.numel() == d, "layer_norm_bwd_kernel: weight and bias must be (d,)");
-  const bool has_res = dresidual.has_value() && dresidual->defined();
-  TORCH_CHECK(!has_res || dresidual->sizes() == x.sizes(), "layer_norm_bwd_kernel: dresidual must be (N, d)");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto xt = x.scalar_type(), acc = acc_dtype(xt);
   const bool same = dy.scalar_type() == xt && (!has_res || dresidual->scalar_type() == xt);
