@@ -4,13 +4,19 @@
 //   acc_dtype(dtype)           float64 stays float64; every other floating dtype computes in float32
 //   check_dropout_add(...)     p in [0, 1), residual shaped like x -> {has residual, output dtype}
 //   check_layer_norm_bwd(...)  dy/x (N, d), mean/rstd (N,), weight/bias (d,), dresidual (N, d) -> has dresidual
+//   parse_approximate(s)       "none" (erf GELU) -> false, "tanh" -> true, anything else an error
+//   check_ffn_recompute / check_linear_bias_gelu / check_linear_gelu_bwd / check_gelu_linear_wgrad: shapes of the
+//                              fused FFN ops (see ckpt_ext/ops/ffn.py)
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/result_type.h>
 #include <c10/util/Exception.h>
 
+#include <c10/util/string_view.h>
+
 #include <optional>
+#include <string>
 
 namespace ckpt_ext {
 namespace host {
@@ -43,6 +49,47 @@ inline bool check_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   const bool has_res = defined(dresidual);
   TORCH_CHECK(!has_res || dresidual->sizes() == x.sizes(), "layer_norm_bwd_kernel: dresidual must be (N, d)");
   return has_res;
+}
+
+inline bool parse_approximate(c10::string_view approximate) {
+  TORCH_CHECK(approximate == "none" || approximate == "tanh", "approximate must be 'none' or 'tanh', got '",
+              std::string(approximate), "'");
+  return approximate == "tanh";
+}
+
+inline void check_ffn_recompute(const at::Tensor& x1, const at::Tensor& mean, const at::Tensor& rstd,
+                                const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& w1,
+                                const at::Tensor& b1, const at::Tensor& dy, const at::Tensor& w2) {
+  TORCH_CHECK(x1.dim() == 2 && w1.dim() == 2 && dy.dim() == 2 && w2.dim() == 2,
+              "ffn_recompute_kernel: x1, w1, dy, w2 must be 2-D");
+  const int64_t n = x1.size(0), d = x1.size(1), h = w1.size(0);
+  TORCH_CHECK(w1.size(1) == d, "ffn_recompute_kernel: w1 must be (H, d=", d, "), got ", w1.sizes());
+  TORCH_CHECK(dy.size(0) == n && dy.size(1) == d, "ffn_recompute_kernel: dy must be (N, d) = (", n, ", ", d, ")");
+  TORCH_CHECK(w2.size(0) == d && w2.size(1) == h, "ffn_recompute_kernel: w2 must be (d, H) = (", d, ", ", h, ")");
+  TORCH_CHECK(b1.numel() == h && mean.numel() == n && rstd.numel() == n && ln_weight.numel() == d &&
+                  ln_bias.numel() == d,
+              "ffn_recompute_kernel: b1 must be (H,), mean/rstd (N,), ln_weight/ln_bias (d,)");
+}
+
+inline bool check_linear_bias_gelu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_bias_gelu_kernel: x must be (N, K) and ",
+              "w (H, K), got x ", x.sizes(), " w ", w.sizes());
+  const bool has_bias = defined(b);
+  const int64_t h = w.size(0);
+  TORCH_CHECK(!has_bias || (b->dim() == 1 && b->size(0) == h), "linear_bias_gelu_kernel: b must be (H,) = (", h,
+              ",)");
+  return has_bias;
+}
+
+inline void check_linear_gelu_bwd(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u) {
+  TORCH_CHECK(dy.dim() == 2 && w2.dim() == 2 && u.dim() == 2, "linear_gelu_bwd_kernel: dy, w2, u must be 2-D");
+  TORCH_CHECK(dy.size(1) == w2.size(0) && w2.size(1) == u.size(1) && dy.size(0) == u.size(0),
+              "linear_gelu_bwd_kernel: shape mismatch, dy ", dy.sizes(), " w2 ", w2.sizes(), " u ", u.sizes());
+}
+
+inline void check_gelu_linear_wgrad(const at::Tensor& dy, const at::Tensor& u) {
+  TORCH_CHECK(dy.dim() == 2 && u.dim() == 2 && dy.size(0) == u.size(0),
+              "gelu_linear_wgrad_kernel: dy (N, d) and u (N, H) must be 2-D with the same rows");
 }
 
 }  // namespace host

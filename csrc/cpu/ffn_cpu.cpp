@@ -173,15 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cpu(
     const at::Tensor& ln_bias, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& dy, const at::Tensor& w2,
     c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
-  TORCH_CHECK(x1.dim() == 2 && w1.dim() == 2 && dy.dim() == 2 && w2.dim() == 2,
-              "ffn_recompute_kernel: x1, w1, dy, w2 must be 2-D");
+  host::check_ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2);
   const int64_t n = x1.size(0), d = x1.size(1), h = w1.size(0);
-  TORCH_CHECK(w1.size(1) == d, "ffn_recompute_kernel: w1 must be (H, d=", d, "), got ", w1.sizes());
-  TORCH_CHECK(dy.size(0) == n && dy.size(1) == d, "ffn_recompute_kernel: dy must be (N, d) = (", n, ", ", d, ")");
-  TORCH_CHECK(w2.size(0) == d && w2.size(1) == h, "ffn_recompute_kernel: w2 must be (d, H) = (", d, ", ", h, ")");
-  TORCH_CHECK(b1.numel() == h && mean.numel() == n && rstd.numel() == n && ln_weight.numel() == d &&
-                  ln_bias.numel() == d,
-              "ffn_recompute_kernel: b1 must be (H,), mean/rstd (N,), ln_weight/ln_bias (d,)");
   const auto dt = dy.scalar_type(), acc = acc_dtype(dt);
   const at::Tensor xc = same_or_acc(x1, dt);
   const at::Tensor mc = as_contig(mean, acc), rc = as_contig(rstd, acc);
@@ -239,12 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cpu(
 at::Tensor linear_bias_gelu_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                                 c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_bias_gelu_kernel: x must be (N, K) and ",
-              "w (H, K), got x ", x.sizes(), " w ", w.sizes());
-  const bool has_bias = b.has_value() && b->defined();
+  const bool has_bias = host::check_linear_bias_gelu(x, w, b);
   const int64_t n = x.size(0), h = w.size(0);
-  TORCH_CHECK(!has_bias || (b->dim() == 1 && b->size(0) == h), "linear_bias_gelu_kernel: b must be (H,) = (", h,
-              ",)");
   const auto dt = x.scalar_type(), acc = acc_dtype(dt);
   const auto mm_dt = at::promote_types(dt, w.scalar_type());
   at::Tensor m = at::mm(x.to(mm_dt), w.t().to(mm_dt));  // (N, H), fresh
@@ -275,9 +264,7 @@ at::Tensor linear_bias_gelu_cpu(const at::Tensor& x, const at::Tensor& w, const 
 at::Tensor linear_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u,
                                c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
-  TORCH_CHECK(dy.dim() == 2 && w2.dim() == 2 && u.dim() == 2, "linear_gelu_bwd_kernel: dy, w2, u must be 2-D");
-  TORCH_CHECK(dy.size(1) == w2.size(0) && w2.size(1) == u.size(1) && dy.size(0) == u.size(0),
-              "linear_gelu_bwd_kernel: shape mismatch, dy ", dy.sizes(), " w2 ", w2.sizes(), " u ", u.sizes());
+  host::check_linear_gelu_bwd(dy, w2, u);
   const auto dt = u.scalar_type();
   const auto mm_dt = at::promote_types(dy.scalar_type(), w2.scalar_type());
   at::Tensor m = at::mm(dy.to(mm_dt), w2.to(mm_dt));  // (N, H), fresh
@@ -308,8 +295,7 @@ at::Tensor linear_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& w2, const
 
 at::Tensor gelu_linear_wgrad_cpu(const at::Tensor& dy, const at::Tensor& u, c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
-  TORCH_CHECK(dy.dim() == 2 && u.dim() == 2 && dy.size(0) == u.size(0),
-              "gelu_linear_wgrad_kernel: dy (N, d) and u (N, H) must be 2-D with the same rows");
+  host::check_gelu_linear_wgrad(dy, u);
   const at::Tensor uc = u.contiguous();
   at::Tensor a = at::empty(u.sizes(), uc.options());
   const int64_t numel = u.numel();

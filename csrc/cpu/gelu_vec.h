@@ -15,11 +15,7 @@
 namespace ckpt_ext {
 namespace cpu {
 
-inline bool parse_approximate(c10::string_view approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh", "approximate must be 'none' or 'tanh', got '",
-              std::string(approximate), "'");
-  return approximate == "tanh";
-}
+using host::parse_approximate;
 
 // sigmoid(2 z) of the tanh form.
 inline Vec gelu_tanh_s(const Vec& u, const Vec& u2) {

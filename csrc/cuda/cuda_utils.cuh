@@ -28,6 +28,7 @@ using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 using host::acc_dtype;
 using host::as_contig;
+using host::parse_approximate;
 
 // A type as a value, to pick template arguments inside AT_DISPATCH lambdas.
 template <typename T>

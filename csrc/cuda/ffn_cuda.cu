@@ -34,11 +34,6 @@ inline unsigned flat_grid(int64_t numel) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((numel + kThreads - 1) / kThreads, 65536)));
 }
 
-bool parse_approximate(c10::string_view approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh", "approximate must be 'none' or 'tanh', got '",
-              std::string(approximate), "'");
-  return approximate == "tanh";
-}
 
 // Calls f(std::integral_constant<bool, tanh_form>) so the form is a compile-time constant of the kernels.
 template <typename F>
@@ -124,15 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cuda(
     const at::Tensor& ln_bias, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& dy, const at::Tensor& w2,
     c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
-  TORCH_CHECK(x1.dim() == 2 && w1.dim() == 2 && dy.dim() == 2 && w2.dim() == 2,
-              "ffn_recompute_kernel: x1, w1, dy, w2 must be 2-D");
+  host::check_ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2);
   const int64_t n = x1.size(0), d = x1.size(1), h = w1.size(0);
-  TORCH_CHECK(w1.size(1) == d, "ffn_recompute_kernel: w1 must be (H, d=", d, "), got ", w1.sizes());
-  TORCH_CHECK(dy.size(0) == n && dy.size(1) == d, "ffn_recompute_kernel: dy must be (N, d) = (", n, ", ", d, ")");
-  TORCH_CHECK(w2.size(0) == d && w2.size(1) == h, "ffn_recompute_kernel: w2 must be (d, H) = (", d, ", ", h, ")");
-  TORCH_CHECK(b1.numel() == h && mean.numel() == n && rstd.numel() == n && ln_weight.numel() == d &&
-                  ln_bias.numel() == d,
-              "ffn_recompute_kernel: b1 must be (H,), mean/rstd (N,), ln_weight/ln_bias (d,)");
   const c10::cuda::CUDAGuard guard(dy.device());
   const auto dt = dy.scalar_type(), acc = acc_dtype(dt);
   const at::Tensor xc = x1.scalar_type() == dt ? x1.contiguous() : as_contig(x1, acc);
@@ -185,12 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cuda(
 at::Tensor linear_bias_gelu_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                                  c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_bias_gelu_kernel: x must be (N, K) and ",
-              "w (H, K), got x ", x.sizes(), " w ", w.sizes());
-  const bool has_bias = b.has_value() && b->defined();
+  const bool has_bias = host::check_linear_bias_gelu(x, w, b);
   const int64_t n = x.size(0), h = w.size(0);
-  TORCH_CHECK(!has_bias || (b->dim() == 1 && b->size(0) == h), "linear_bias_gelu_kernel: b must be (H,) = (", h,
-              ",)");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dt = x.scalar_type(), acc = acc_dtype(dt);
   const auto mm_dt = c10::promoteTypes(dt, w.scalar_type());
@@ -223,9 +207,7 @@ at::Tensor linear_bias_gelu_cuda(const at::Tensor& x, const at::Tensor& w, const
 at::Tensor linear_gelu_bwd_cuda(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u,
                                 c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
-  TORCH_CHECK(dy.dim() == 2 && w2.dim() == 2 && u.dim() == 2, "linear_gelu_bwd_kernel: dy, w2, u must be 2-D");
-  TORCH_CHECK(dy.size(1) == w2.size(0) && w2.size(1) == u.size(1) && dy.size(0) == u.size(0),
-              "linear_gelu_bwd_kernel: shape mismatch, dy ", dy.sizes(), " w2 ", w2.sizes(), " u ", u.sizes());
+  host::check_linear_gelu_bwd(dy, w2, u);
   const c10::cuda::CUDAGuard guard(u.device());
   const auto dt = u.scalar_type();
   const auto mm_dt = c10::promoteTypes(dy.scalar_type(), w2.scalar_type());
@@ -257,8 +239,7 @@ at::Tensor linear_gelu_bwd_cuda(const at::Tensor& dy, const at::Tensor& w2, cons
 
 at::Tensor gelu_linear_wgrad_cuda(const at::Tensor& dy, const at::Tensor& u, c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
-  TORCH_CHECK(dy.dim() == 2 && u.dim() == 2 && dy.size(0) == u.size(0),
-              "gelu_linear_wgrad_kernel: dy (N, d) and u (N, H) must be 2-D with the same rows");
+  host::check_gelu_linear_wgrad(dy, u);
   const c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor uc = u.contiguous();
   at::Tensor a = at::empty(u.sizes(), uc.options());

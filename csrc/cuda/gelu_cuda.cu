@@ -54,11 +54,6 @@ __global__ void gelu_bwd_kernel(const D* __restrict__ da, const T* __restrict__ 
   }
 }
 
-bool parse_approximate(c10::string_view approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh", "approximate must be 'none' or 'tanh', got '",
-              std::string(approximate), "'");
-  return approximate == "tanh";
-}
 
 at::Tensor bias_gelu_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
