@@ -5,7 +5,9 @@ CKPT_EXT_BUILD_CUDA = auto (default): CUDA when torch is a CUDA build and nvcc's
                       visible); 0: CPU only.
 CKPT_EXT_CPU_ISA    = auto (default): compile the CPU kernels' at::vec code for the widest of avx512 / avx2 the building
                       x86-64 CPU supports (as ATen dispatches at run time); or force avx512 | avx2 | default.
-The pip wheel of the CUDA toolkit (site-packages/nvidia/cu13/{include,lib}) is added when present. One abi3 module, no
+at::parallel_for is header code: its threads exist only when the extension is compiled and linked with the same
+threading runtime as torch (OpenMP: -fopenmp; the libgomp soname resolves to the copy torch has loaded), else every
+kernel runs on one thread. The pip wheel of the CUDA toolkit (site-packages/nvidia/cu13/{include,lib}) is added when present. One abi3 module, no
 pybind11. Build with `pip install --no-build-isolation -e .` into an environment that already has torch and ninja.
 """
 
@@ -137,16 +139,31 @@ def _isa_decision():
     return "default", "the building CPU lacks AVX2/FMA/F16C"
 
 
+def _parallel_flags():
+    """Compile and link flags that give at::parallel_for torch's threading runtime."""
+    info = torch.__config__.parallel_info()
+    if "parallel backend: OpenMP" in info and sys.platform.startswith("linux"):
+        return ["-fopenmp"], "torch's ATen parallel backend is OpenMP"
+    return [], "torch's ATen parallel backend is not OpenMP on Linux: at::parallel_for runs its native pool"
+
+
 def extensions():
     cxx = ["-O3", "-std=c++20", LIMITED_API, "-Wno-psabi", "-ffp-contract=off"]
     isa, why = _isa_decision()
     _log(f"CPU kernels for ISA {isa}: {why}")
     cxx += ISA_FLAGS[isa]
+    omp, why = _parallel_flags()
+    _log(f"threading flags {omp or 'none'}: {why}")
+    cxx += omp
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     build_cuda, why = _cuda_decision()
     _log(f"CUDA kernels {'ON' if build_cuda else 'OFF'}: {why}")
     if not build_cuda:
-        return [CppExtension("ckpt_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)]
+        return [
+            CppExtension(
+                "ckpt_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=omp, py_limited_api=True
+            )
+        ]
 
     from torch.utils.cpp_extension import CUDAExtension
 
@@ -169,6 +186,7 @@ def extensions():
             include_dirs=[p for p in pip_dirs if p.endswith("include")],
             library_dirs=lib_dirs,
             extra_compile_args={"cxx": cxx + ["-DCKPT_EXT_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=omp,
             py_limited_api=True,
         )
     ]

@@ -32,7 +32,7 @@ MIN_RUN_S = 0.4
 
 def _ms(fn) -> float:
     fn()
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=MIN_RUN_S).median * 1e3
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=MIN_RUN_S).median * 1e3
 
 
 def _pair_ms(ours, theirs, rounds: int = 2) -> tuple[float, float]:

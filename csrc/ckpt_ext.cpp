@@ -12,6 +12,10 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace ckpt_ext::cpu {
+int64_t cpu_threads_used();  // threads one at::parallel_for of this extension runs on (csrc/cpu/threads_cpu.cpp)
+}
+
 #ifdef CKPT_EXT_WITH_CUDA
 namespace ckpt_ext {
 int64_t cuda_runtime_version();  // CUDART_VERSION the CUDA kernels were compiled with (csrc/cuda/version.cu)
@@ -23,6 +27,7 @@ static int64_t cuda_version() { return -1; }
 
 TORCH_LIBRARY(ckpt_ext, m) {
   m.def("cuda_version() -> int", &cuda_version);
+  m.def("cpu_threads_used() -> int", &ckpt_ext::cpu::cpu_threads_used);
   m.def("layer_norm_fwd_kernel(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def(
       "layer_norm_bwd_kernel(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor weight, Tensor bias, "

@@ -345,3 +345,14 @@ def test_block_cpp_matches_reference(policy, dropout, activation):
         results[name] = [out.detach(), xg.grad] + [p.grad.clone() for p in block.parameters()]
     for ours, ref in zip(results["cpp"], results["reference"]):
         torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_run_on_torchs_threads(threads):
+    """at::parallel_for inside _C uses torch's thread count (it silently runs serially if built without -fopenmp)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert K.cpu_threads_used() == threads
+    finally:
+        torch.set_num_threads(before)

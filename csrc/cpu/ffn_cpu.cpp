@@ -74,8 +74,8 @@ void ffn_epilogue_row(T* ua, const acc_type<T>* b1, T* dd, acc_type<T>* colsum, 
       Vec u0, u1, d0, d1;
       load2_f(ua + j, u0, u1);
       load2_f(dd + j, d0, d1);
-      const auto [a0, g0] = gelu_and_grad_vec<kTanh>(u0 + Vec::loadu(b1 + j));
-      const auto [a1, g1] = gelu_and_grad_vec<kTanh>(u1 + Vec::loadu(b1 + j + kW));
+      const auto [a0, g0] = gelu_and_grad_vec<kTanh, T>(u0 + Vec::loadu(b1 + j));
+      const auto [a1, g1] = gelu_and_grad_vec<kTanh, T>(u1 + Vec::loadu(b1 + j + kW));
       const Vec du0 = g0 * d0, du1 = g1 * d1;
       store2_f(ua + j, a0, a1);
       store2_f(dd + j, du0, du1);
@@ -83,7 +83,7 @@ void ffn_epilogue_row(T* ua, const acc_type<T>* b1, T* dd, acc_type<T>* colsum, 
       (Vec::loadu(colsum + j + kW) + du1).store(colsum + j + kW);
     }
     for (; j + kW <= h; j += kW) {
-      const auto [a, g] = gelu_and_grad_vec<kTanh>(load_f(ua + j) + Vec::loadu(b1 + j));
+      const auto [a, g] = gelu_and_grad_vec<kTanh, T>(load_f(ua + j) + Vec::loadu(b1 + j));
       const Vec du = g * load_f(dd + j);
       store_f(ua + j, a);
       store_f(dd + j, du);
@@ -109,9 +109,9 @@ void dgelu_mul_range(const M* m, const T* u, T* out, int64_t len) {
       Vec u0, u1, m0, m1;
       load2_f(u + j, u0, u1);
       load2_f(m + j, m0, m1);
-      store2_f(out + j, m0 * gelu_grad_vec<kTanh>(u0), m1 * gelu_grad_vec<kTanh>(u1));
+      store2_f(out + j, m0 * gelu_grad_vec<kTanh, T>(u0), m1 * gelu_grad_vec<kTanh, T>(u1));
     }
-    for (; j + kW <= len; j += kW) store_f(out + j, load_f(m + j) * gelu_grad_vec<kTanh>(load_f(u + j)));
+    for (; j + kW <= len; j += kW) store_f(out + j, load_f(m + j) * gelu_grad_vec<kTanh, T>(load_f(u + j)));
   }
   for (; j < len; ++j) {
     out[j] = static_cast<T>(static_cast<acc_t>(m[j]) * math::gelu_grad<acc_t>(static_cast<acc_t>(u[j]), kTanh));
@@ -127,9 +127,9 @@ void gelu_range(const T* u, T* out, int64_t len) {
     for (; j + 2 * kW <= len; j += 2 * kW) {
       Vec u0, u1;
       load2_f(u + j, u0, u1);
-      store2_f(out + j, gelu_vec<kTanh>(u0), gelu_vec<kTanh>(u1));
+      store2_f(out + j, gelu_vec<kTanh, T>(u0), gelu_vec<kTanh, T>(u1));
     }
-    for (; j + kW <= len; j += kW) store_f(out + j, gelu_vec<kTanh>(load_f(u + j)));
+    for (; j + kW <= len; j += kW) store_f(out + j, gelu_vec<kTanh, T>(load_f(u + j)));
   }
   for (; j < len; ++j) out[j] = static_cast<T>(math::gelu<acc_t>(static_cast<acc_t>(u[j]), kTanh));
 }
@@ -147,11 +147,11 @@ void bias_gelu_row(const M* m, const acc_type<T>* b, T* out, int64_t len) {
         u0 += Vec::loadu(b + j);
         u1 += Vec::loadu(b + j + kW);
       }
-      store2_f(out + j, gelu_vec<kTanh>(u0), gelu_vec<kTanh>(u1));
+      store2_f(out + j, gelu_vec<kTanh, T>(u0), gelu_vec<kTanh, T>(u1));
     }
     for (; j + kW <= len; j += kW) {
       const Vec u = b != nullptr ? load_f(m + j) + Vec::loadu(b + j) : load_f(m + j);
-      store_f(out + j, gelu_vec<kTanh>(u));
+      store_f(out + j, gelu_vec<kTanh, T>(u));
     }
   }
   for (; j < len; ++j) {

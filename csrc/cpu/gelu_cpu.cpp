@@ -35,11 +35,11 @@ void bias_gelu_range(const T* x, const acc_type<T>* bias, T* out, int64_t len) {
         u0 += Vec::loadu(bias + j);
         u1 += Vec::loadu(bias + j + kW);
       }
-      store2_f(out + j, gelu_vec<kTanh>(u0), gelu_vec<kTanh>(u1));
+      store2_f(out + j, gelu_vec<kTanh, T>(u0), gelu_vec<kTanh, T>(u1));
     }
     for (; j < lv; j += kW) {
       const Vec u = bias ? load_f(x + j) + Vec::loadu(bias + j) : load_f(x + j);
-      store_f(out + j, gelu_vec<kTanh>(u));
+      store_f(out + j, gelu_vec<kTanh, T>(u));
     }
   }
   for (int64_t j = lv; j < len; ++j) {
@@ -59,9 +59,9 @@ void gelu_bwd_range(const D* da, const T* u, T* out, int64_t len) {
       Vec u0, u1, d0, d1;
       load2_f(u + j, u0, u1);
       load2_f(da + j, d0, d1);
-      store2_f(out + j, d0 * gelu_grad_vec<kTanh>(u0), d1 * gelu_grad_vec<kTanh>(u1));
+      store2_f(out + j, d0 * gelu_grad_vec<kTanh, T>(u0), d1 * gelu_grad_vec<kTanh, T>(u1));
     }
-    for (; j < lv; j += kW) store_f(out + j, load_f(da + j) * gelu_grad_vec<kTanh>(load_f(u + j)));
+    for (; j < lv; j += kW) store_f(out + j, load_f(da + j) * gelu_grad_vec<kTanh, T>(load_f(u + j)));
   }
   for (int64_t j = lv; j < len; ++j) {
     out[j] = static_cast<T>(static_cast<acc_t>(da[j]) * math::gelu_grad<acc_t>(static_cast<acc_t>(u[j]), kTanh));

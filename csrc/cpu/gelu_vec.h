@@ -1,12 +1,17 @@
-// GELU and its derivative on Vectorized<float> (Sleef erf/exp), shared by gelu_cpu.cpp and ffn_cpu.cpp.
+// GELU and its derivative on Vectorized<float>, shared by gelu_cpu.cpp and ffn_cpu.cpp.
 //
 // The same formulas as csrc/common/ckpt_math.h (which the scalar tails and fp64 use):
 //   erf form:  cdf = 0.5 (1 + erf(u / sqrt 2));  gelu = u cdf;  gelu' = cdf + u exp(-u^2 / 2) / sqrt(2 pi)
 //   tanh form: s = sigmoid(2 z), z = sqrt(2/pi) (u + 0.044715 u^3);  gelu = u s;  gelu' = s + 2 u s (1 - s) dz/du
-// gelu_and_grad_vec shares cdf (or s) between the two, so the fused FFN epilogue pays for one erf/exp per value.
+// erf(x) is Abramowitz & Stegun 7.1.26, erf(x) = sign(x) (1 - t P(t) exp(-x^2)), t = 1 / (1 + p |x|), |error| <=
+// 1.5e-7 (the formula of ATen's own Vectorized<float>::erf). With x = u / sqrt 2, exp(-x^2) = exp(-u^2 / 2) is the
+// density's exponential too, so gelu' and the fused (gelu, gelu') pay for one exp per value, not two.
+// Precision follows the storage type T of the result: fp32 results use Sleef's exp (1 ulp); bf16/fp16 results, which
+// keep 8/11 mantissa bits, use ATen's inline polynomial exp_u20 (about 20 fp32 ulp, far below their rounding).
 #pragma once
 
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "../common/ckpt_math.h"
@@ -17,49 +22,68 @@ namespace cpu {
 
 using host::parse_approximate;
 
+// Whether results stored as T may use the fast exp (16-bit storage types).
+template <typename T>
+constexpr bool kFastExp = !std::is_same_v<T, float> && !std::is_same_v<T, double>;
+
+template <typename T>
+inline Vec vexp(const Vec& x) {
+  if constexpr (kFastExp<T>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
 // sigmoid(2 z) of the tanh form.
+template <typename T>
 inline Vec gelu_tanh_s(const Vec& u, const Vec& u2) {
   const Vec z = Vec(float(math::kSqrt2OverPi)) * at::vec::fmadd(Vec(float(math::kTanhCoef)) * u2, u, u);
-  return Vec(1.f) / (Vec(1.f) + (z * Vec(-2.f)).exp());
+  return Vec(1.f) / (Vec(1.f) + vexp<T>(z * Vec(-2.f)));
 }
 
-inline Vec gelu_erf_cdf(const Vec& u) { return Vec(0.5f) * (Vec(1.f) + (u * Vec(float(math::kInvSqrt2))).erf()); }
+// exp(-u^2 / 2) from u^2.
+template <typename T>
+inline Vec gauss_exp(const Vec& u2) {
+  return vexp<T>(u2 * Vec(-0.5f));
+}
 
-template <bool kTanh>
+// 0.5 (1 + erf(u / sqrt 2)) given e = exp(-u^2 / 2).
+inline Vec gelu_erf_cdf(const Vec& u, const Vec& e) {
+  const Vec t = Vec(1.f) / at::vec::fmadd(Vec(0.3275911f * float(math::kInvSqrt2)), u.abs(), Vec(1.f));
+  Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+  r = at::vec::fmadd(r, t, Vec(1.421413741f));
+  r = at::vec::fmadd(r, t, Vec(-0.284496736f));
+  r = at::vec::fmadd(r, t, Vec(0.254829592f));
+  const Vec half_erf_abs = Vec(0.5f) - Vec(0.5f) * r * t * e;  // 0.5 |erf|
+  return Vec(0.5f) + (half_erf_abs ^ (u & Vec(-0.f)));          // sign of u onto 0.5 |erf|
+}
+
+// gelu(u), rounded later to T.
+template <bool kTanh, typename T>
 inline Vec gelu_vec(const Vec& u) {
-  if constexpr (kTanh) {
-    const Vec z = Vec(float(math::kSqrt2OverPi)) * at::vec::fmadd(Vec(float(math::kTanhCoef)) * u * u, u, u);
-    return u / (Vec(1.f) + (z * Vec(-2.f)).exp());
-  } else {
-    return u * Vec(0.5f) * (Vec(1.f) + (u * Vec(float(math::kInvSqrt2))).erf());
-  }
-}
-
-// gelu'(u) from s (tanh) or cdf (erf), u and u^2.
-template <bool kTanh>
-inline Vec gelu_grad_from(const Vec& u, const Vec& u2, const Vec& s_or_cdf) {
-  if constexpr (kTanh) {
-    const Vec& s = s_or_cdf;
-    const Vec dz = Vec(float(math::kSqrt2OverPi)) * at::vec::fmadd(Vec(float(3.0 * math::kTanhCoef)), u2, Vec(1.f));
-    return at::vec::fmadd(Vec(2.f) * u * s * (Vec(1.f) - s), dz, s);
-  } else {
-    // exp_u20 (2 ulp, no Sleef call) for the density: it is added to cdf <= 1, so its last bits hardly matter.
-    return at::vec::fmadd(u * (u2 * Vec(-0.5f)).exp_u20(), Vec(float(math::kInvSqrt2Pi)), s_or_cdf);
-  }
-}
-
-template <bool kTanh>
-inline Vec gelu_grad_vec(const Vec& u) {
   const Vec u2 = u * u;
-  return gelu_grad_from<kTanh>(u, u2, kTanh ? gelu_tanh_s(u, u2) : gelu_erf_cdf(u));
+  return u * (kTanh ? gelu_tanh_s<T>(u, u2) : gelu_erf_cdf(u, gauss_exp<T>(u2)));
 }
 
-// (gelu(u), gelu'(u)) with one erf (or one exp for tanh's sigmoid) shared.
-template <bool kTanh>
+// (gelu(u), gelu'(u)) with one exp shared, rounded later to T.
+template <bool kTanh, typename T>
 inline std::pair<Vec, Vec> gelu_and_grad_vec(const Vec& u) {
   const Vec u2 = u * u;
-  const Vec c = kTanh ? gelu_tanh_s(u, u2) : gelu_erf_cdf(u);
-  return {u * c, gelu_grad_from<kTanh>(u, u2, c)};
+  if constexpr (kTanh) {
+    const Vec s = gelu_tanh_s<T>(u, u2);
+    const Vec dz = Vec(float(math::kSqrt2OverPi)) * at::vec::fmadd(Vec(float(3.0 * math::kTanhCoef)), u2, Vec(1.f));
+    return {u * s, at::vec::fmadd(Vec(2.f) * u * s * (Vec(1.f) - s), dz, s)};
+  } else {
+    const Vec e = gauss_exp<T>(u2);
+    const Vec cdf = gelu_erf_cdf(u, e);
+    return {u * cdf, at::vec::fmadd(u * e, Vec(float(math::kInvSqrt2Pi)), cdf)};
+  }
+}
+
+template <bool kTanh, typename T>
+inline Vec gelu_grad_vec(const Vec& u) {
+  return gelu_and_grad_vec<kTanh, T>(u).second;
 }
 
 }  // namespace cpu
