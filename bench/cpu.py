@@ -8,13 +8,17 @@ Part 1b: the fused FFN ops at the block's shape (N = 2048, d = 256, H = 1024) ag
 ffn_recompute (F.layer_norm, F.linear, dy @ w2, F.gelu, aten.gelu_backward, sum), linear_bias_gelu (F.gelu(F.linear)),
 linear_gelu_bwd (mm + gelu_backward), gelu_linear_wgrad (F.gelu + mm). Ours and torch's are timed interleaved (A B A B,
 best median of each) since the machine is shared.
-Part 2: one training step (forward + backward) of a block, d = 256, T = 256, B = 8, 4 heads, dropout 0.1, per
-ckpt_ext policy on the `cpp` backend, against TransformerBlock and torch.utils.checkpoint(use_reentrant=False) on it.
-Medians of torch.utils.benchmark's blocked_autorange, with 2 threads (CKPT_EXT_BENCH_THREADS overrides).
+Part 2: one training step (forward + backward) of a block, d = 256, T = 256, B = 8, 4 heads, per ckpt_ext policy on
+the `cpp` backend, against TransformerBlock and torch.utils.checkpoint(use_reentrant=False) on it, for residual dropout
+0.1 and 0, fp32 and bf16 autocast. The last line of each table is the block policy's ceiling: a step with no recompute
+plus the matmuls and attention that any block-level checkpoint must recompute, timed alone.
+Medians of torch.utils.benchmark's blocked_autorange on --threads threads (default 2; CKPT_EXT_BENCH_THREADS), the
+same count the C++ kernels run on (printed). --part ops|ffn|block runs one part; sizes are flags.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -100,51 +104,106 @@ def _op_cases(n: int, d: int, dtype: torch.dtype):
     ]  # fmt: skip
 
 
-def bench_ops() -> None:
+def bench_ops(sizes=((8192, 768), (8192, 1024))) -> None:
     print(f"{'op':<18}{'dtype':<10}{'N x d':<13}{'ours ms':>9}{'torch ms':>10}{'torch/ours':>12}")
     for dtype in (torch.float32, torch.bfloat16):
-        for n, d in ((8192, 768), (8192, 1024)):
+        for n, d in sizes:
             for name, ours, theirs in _op_cases(n, d, dtype):
                 a, b = _pair_ms(ours, theirs)
                 dt = str(dtype).removeprefix("torch.")
                 print(f"{name:<18}{dt:<10}{f'{n}x{d}':<13}{a:>9.2f}{b:>10.2f}{b / a:>11.2f}x")
 
 
-def _step(module, x, use_checkpoint: bool = False):
+def _step(module, x, amp: bool, use_checkpoint: bool = False):
     def run():
         xg = x.detach().requires_grad_()
-        out = checkpoint(module, xg, use_reentrant=False) if use_checkpoint else module(xg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = checkpoint(module, xg, use_reentrant=False) if use_checkpoint else module(xg)
         out.backward(torch.ones_like(out))
 
     return run
 
 
-def bench_block(batch: int = 8, seq: int = 256, d_model: int = 256, n_heads: int = 4, dropout: float = 0.1) -> None:
+def _recompute_floor_ms(block, x, amp: bool) -> float:
+    """Time of the matmuls and attention that `block` must recompute (QKV, attention forward, proj, FC1), timed alone.
+
+    The block policy can be no faster than (a graph with no recompute) + this floor: the ceiling of its speedup
+    over torch.utils.checkpoint, which recomputes the same matmuls (its early stop skips FC2, as we do).
+    """
+    b, t, d = x.shape
+    h = block.n_heads
+    y = torch.randn(b * t, d)
+    q = k = v = torch.randn(b, h, t, d // h)
+    w_qkv, w_p, w_fc = block.attn.qkv, block.attn.proj, block.mlp.fc
+    parts = (
+        lambda: w_qkv(y),
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=block.causal),
+        lambda: w_p(y),
+        lambda: w_fc(y),
+    )
+
+    def floor():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            for part in parts:
+                part()
+
+    return _ms(floor)
+
+
+def bench_block(batch=8, seq=256, d_model=256, n_heads=4, dropout=0.1, amp=False, policies=None) -> dict:
+    """One step (forward + backward) per variant; returns {variant: (ms, torch checkpoint ms timed beside it)}."""
     torch.manual_seed(0)
     block = ckpt_ext.TransformerBlock(d_model, n_heads, dropout=dropout)
     init_block_(block)
     x = torch.randn(batch, seq, d_model)
-    base, ckpt = _pair_ms(_step(block, x), _step(block, x, use_checkpoint=True))
-    print(f"\nblock step fwd+bwd, B={batch} T={seq} d={d_model} heads={n_heads} dropout={dropout}, "
+    base, ckpt = _pair_ms(_step(block, x, amp), _step(block, x, amp, use_checkpoint=True))
+    dtype = "bf16 autocast" if amp else "fp32"
+    print(f"\nblock step fwd+bwd, B={batch} T={seq} d={d_model} heads={n_heads} dropout={dropout} {dtype}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print(f"{'variant':<34}{'ms':>9}{'vs TransformerBlock':>22}{'vs torch checkpoint':>22}")
     print(f"{'TransformerBlock':<34}{base:>9.2f}{1.0:>21.2f}x{ckpt / base:>21.2f}x")
     print(f"{'torch.utils.checkpoint (non-reent.)':<34}{ckpt:>9.2f}{base / ckpt:>21.2f}x{1.0:>21.2f}x")
+    results = {"TransformerBlock": (base, ckpt)}
     with ckpt_ext.set_backend("cpp"):
-        for policy in ckpt_ext.POLICIES:
+        for policy in policies or ckpt_ext.POLICIES:
             fused = ckpt_ext.FusedCheckpointBlock.from_block(block, policy=policy)
             # checkpoint is re-timed next to each policy: the ratio compares runs made under the same load.
-            t, ckpt_pair = _pair_ms(_step(fused, x), _step(block, x, use_checkpoint=True))
+            t, ckpt_pair = _pair_ms(_step(fused, x, amp), _step(block, x, amp, use_checkpoint=True))
+            results[policy] = (t, ckpt_pair)
             print(f"{'cpp policy=' + policy:<34}{t:>9.2f}{base / t:>21.2f}x{ckpt_pair / t:>21.2f}x")
+    floor = _recompute_floor_ms(block, x, amp)
+    best = min(base, results["none"][0]) if "none" in results else base
+    print(f"{'block ceiling: no-recompute + floor':<34}{best + floor:>9.2f}{base / (best + floor):>21.2f}x"
+          f"{ckpt / (best + floor):>21.2f}x   (floor = QKV + attention fwd + proj + FC1 alone: {floor:.2f} ms)")  # fmt: skip
+    results["ceiling"] = (best + floor, ckpt)
+    return results
 
 
-def main() -> None:
-    torch.set_num_threads(int(os.environ.get("CKPT_EXT_BENCH_THREADS", "2")))
+BLOCK_CONFIGS = ((0.1, False), (0.0, False), (0.1, True), (0.0, True))  # (dropout, bf16 autocast)
+
+
+def main(argv=None) -> None:
+    global MIN_RUN_S
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("CKPT_EXT_BENCH_THREADS", "2")))
+    ap.add_argument("--part", choices=("all", "ops", "ffn", "block"), default="all")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--min-time", type=float, default=MIN_RUN_S, help="seconds per timing (blocked_autorange)")
+    args = ap.parse_args(argv)
+    MIN_RUN_S = args.min_time
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{torch.get_num_threads()} threads\n")  # fmt: skip
-    bench_ops()
-    bench_ffn_ops()
-    bench_block()
+          f"{torch.get_num_threads()} threads (C++ kernels on {K.cpu_threads_used()})\n")  # fmt: skip
+    if args.part in ("all", "ops"):
+        bench_ops()
+    if args.part in ("all", "ffn"):
+        bench_ffn_ops(n=args.batch * args.seq, d=args.d_model, h=4 * args.d_model)
+    if args.part in ("all", "block"):
+        for dropout, amp in BLOCK_CONFIGS:
+            bench_block(args.batch, args.seq, args.d_model, args.heads, dropout, amp)
 
 
 if __name__ == "__main__":

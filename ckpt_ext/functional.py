@@ -143,25 +143,26 @@ def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, a
     ln2_w, ln2_b = _ln_params(p["ln2_w"], p["ln2_b"], d, x1)
     g: dict = {}
 
-    # ---- FFN half
+    # ---- FFN half (a gradient that feeds two matmuls is cast to the autocast dtype once: dfm, dprm)
     df = _dropout_grad(dout, cfg.dropout, cfg.seed + 2)  # (N, d)
     g["b_fc2"] = _sum_rows(df, p["b_fc2"])
+    dfm = ac.mm(df)
     if policy == "none":
-        da = torch.matmul(df, p["w_fc2"])  # (N, H)
+        da = torch.matmul(dfm, p["w_fc2"])  # (N, H)
         du = ops.gelu_bwd(da, acts["fc1_out"], cfg.approximate)
-        g["w_fc2"] = torch.matmul(df.t(), acts["gelu_out"])
+        g["w_fc2"] = torch.matmul(dfm.t(), acts["gelu_out"])
         g["b_fc"] = _sum_rows(du, p["b_fc"])
     elif policy == "pointwise":
-        du = ops.linear_gelu_bwd(ac.mm(df), ac.mm(p["w_fc2"]), acts["fc1_out"], cfg.approximate)
-        g["w_fc2"] = ops.gelu_linear_wgrad(ac.mm(df), acts["fc1_out"], cfg.approximate)
-        g["b_fc"] = _sum_rows(du, p["b_fc"])
+        du = ops.linear_gelu_bwd(dfm, ac.mm(p["w_fc2"]), acts["fc1_out"], cfg.approximate)
+        g["w_fc2"] = ops.gelu_linear_wgrad(dfm, acts["fc1_out"], cfg.approximate)
         g["b_fc"] = _sum_rows(du, p["b_fc"])
     else:
         a, du, db1 = ops.ffn_recompute(x1, m2, r2, ln2_w, ln2_b, ac.mm(p["w_fc"]), ac.mm(_bias(p["b_fc"], p["w_fc"])),
-                                       ac.mm(df), ac.mm(p["w_fc2"]), cfg.approximate)  # fmt: skip
-        g["w_fc2"] = torch.matmul(df.t(), a)
+                                       dfm, ac.mm(p["w_fc2"]), cfg.approximate)  # fmt: skip
+        g["w_fc2"] = torch.matmul(dfm.t(), a)
         g["b_fc"] = None if p["b_fc"] is None else db1.to(p["b_fc"].dtype)
         del a
+    del dfm
     dy2 = torch.matmul(du, p["w_fc"])  # (N, d)
     dx1, g["ln2_w"], g["ln2_b"], y2 = ops.layer_norm_bwd(
         dy2.contiguous(), x1, m2, r2, ln2_w, ln2_b, dout, policy != "none"
@@ -175,8 +176,10 @@ def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, a
     ln1_w, ln1_b = _ln_params(p["ln1_w"], p["ln1_b"], d, x)
     dpr = _dropout_grad(dx1, cfg.dropout, cfg.seed + 1)  # (N, d)
     g["b_proj"] = _sum_rows(dpr, p["b_proj"])
-    g["w_proj"] = torch.matmul(dpr.t(), acts["attn_out"])
-    do = torch.matmul(dpr, p["w_proj"])  # (N, d)
+    dprm = ac.mm(dpr)
+    g["w_proj"] = torch.matmul(dprm.t(), acts["attn_out"])
+    do = torch.matmul(dprm, p["w_proj"])  # (N, d)
+    del dprm
     dqkv = ops.attention_bwd(
         do.view(b, t, d).contiguous(), acts["qkv"].view(b, t, 3 * d), acts["attn_out"].view(b, t, d),
         acts["attn_lse"], cfg.n_heads, cfg.causal, cfg.attn_dropout, cfg.seed, attn_mask,

@@ -70,4 +70,7 @@ def attention_bwd(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_ma
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             do, q, k, v, o, lse.to(torch.float32), None, None, t, t, 0.0, causal, rng_state, unused
         )
-    return torch.stack([dq, dk, dv], dim=2).permute(0, 3, 2, 1, 4).reshape(b, t, three_d)
+    dqkv = qkv.new_empty((b, t, 3, n_heads, three_d // 3 // n_heads))  # one pass: each grad copied into its third
+    for i, grad in enumerate((dq, dk, dv)):
+        dqkv[:, :, i].copy_(grad.transpose(1, 2))
+    return dqkv.view(b, t, three_d)
