@@ -7,8 +7,9 @@ CKPT_EXT_CPU_ISA    = auto (default): compile the CPU kernels' at::vec code for 
                       x86-64 CPU supports (as ATen dispatches at run time); or force avx512 | avx2 | default.
 at::parallel_for is header code: its threads exist only when the extension is compiled and linked with the same
 threading runtime as torch (OpenMP: -fopenmp; the libgomp soname resolves to the copy torch has loaded), else every
-kernel runs on one thread. The pip wheel of the CUDA toolkit (site-packages/nvidia/cu13/{include,lib}) is added when present. One abi3 module, no
-pybind11. Build with `pip install --no-build-isolation -e .` into an environment that already has torch and ninja.
+kernel runs on one thread. The pip wheel of the CUDA toolkit (site-packages/nvidia/cu13/{include,lib}) is added when
+present. One abi3 module, no pybind11. Build with `pip install --no-build-isolation -e .` into an environment that
+already has torch and ninja.
 """
 
 import glob
