@@ -3,8 +3,8 @@
 CKPT_EXT_BUILD_CUDA = auto (default): CUDA when torch is a CUDA build and nvcc's major version equals torch's CUDA
                       major; 1: force (fails with the reason; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" when no GPU is
                       visible); 0: CPU only.
-CKPT_EXT_CPU_ISA    = auto (default): compile the CPU kernels' at::vec code for the widest of avx512 / avx2 the building
-                      x86-64 CPU supports (as ATen dispatches at run time); or force avx512 | avx2 | default.
+CKPT_EXT_CPU_ISA    = auto (default): compile the CPU kernels' at::vec code for the widest of avx512_bf16 / avx512 / avx2
+                      the building x86-64 CPU supports (as ATen dispatches at run time); or force one of them | default.
 at::parallel_for is header code: its threads exist only when the extension is compiled and linked with the same
 threading runtime as torch (OpenMP: -fopenmp; the libgomp soname resolves to the copy torch has loaded), else every
 kernel runs on one thread. The pip wheel of the CUDA toolkit (site-packages/nvidia/cu13/{include,lib}) is added when
@@ -103,21 +103,17 @@ def _cuda_decision():
     return False, problem
 
 
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+AVX512_DEFS = ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
 ISA_FLAGS = {
-    "avx512": [
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mfma",
-        "-mf16c",
-        "-DCPU_CAPABILITY=AVX512",
-        "-DCPU_CAPABILITY_AVX512",
-    ],
+    # avx512 + the AVX512_BF16 conversions: fp32 -> bf16 stores in one instruction (vcvtne2ps2bf16), same RNE rounding.
+    "avx512_bf16": AVX512_FLAGS + ["-mavx512bf16"] + AVX512_DEFS + ["-DCKPT_EXT_AVX512_BF16"],
+    "avx512": AVX512_FLAGS + AVX512_DEFS,
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "default": [],
 }
-ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}, "avx2": {"avx2", "fma", "f16c"}}
+_AVX512_NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}
+ISA_NEEDS = {"avx512_bf16": _AVX512_NEEDS | {"avx512_bf16"}, "avx512": _AVX512_NEEDS, "avx2": {"avx2", "fma", "f16c"}}
 
 
 def _isa_decision():

@@ -356,3 +356,20 @@ def test_kernels_run_on_torchs_threads(threads):
         assert K.cpu_threads_used() == threads
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gelu_kernels_at_extreme_inputs(dtype, approximate):
+    """±inf, NaN, huge and tiny pre-activations (vector lanes and scalar tail): same values as torch's GELU."""
+    special = [float("-inf"), -1e4, -100.0, -20.0, -9.0, -5.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 5.0, 9.0, 20.0, 100.0,
+               1e4, float("inf"), float("nan")]  # fmt: skip
+    u = torch.tensor(special * 3, dtype=dtype)  # 54 values: full vectors and a scalar tail
+    da = torch.linspace(-2, 2, u.numel(), dtype=dtype)
+    ours_fwd = K.bias_gelu_kernel(u, None, approximate)
+    ours_bwd = K.gelu_bwd_kernel(da, u, approximate)
+    ref_fwd = torch.nn.functional.gelu(u.double(), approximate=approximate).to(dtype)
+    ref_bwd = torch.ops.aten.gelu_backward(da.double(), u.double(), approximate=approximate).to(dtype)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-2)
+    torch.testing.assert_close(ours_fwd, ref_fwd, equal_nan=True, **tol)
+    torch.testing.assert_close(ours_bwd, ref_bwd, equal_nan=True, **tol)

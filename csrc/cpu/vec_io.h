@@ -1,5 +1,6 @@
 // Helpers shared by the CPU kernels: fp32 vector loads/stores from any storage dtype, dtype plumbing, row chunking.
 // load2_f/store2_f move 2 * kW values per call (one full Vectorized<T> of a 16-bit T): the hot loops' width.
+// Built for avx512_bf16 (setup.py), bf16 stores use the AVX512_BF16 conversion instructions.
 //
 // Every kernel computes in acc_t = float (double for float64 tensors). Vectorized<float> holds kW floats; 16-bit
 // inputs are widened on load (load_f) and narrowed on store (store_f, one 128/256-bit store under
@@ -45,6 +46,12 @@ inline void store_f(T* p, const Vec& v) {
     v.store(p);
     return;
   }
+#if defined(CKPT_EXT_AVX512_BF16)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(__m512(v))));
+    return;
+  }
+#endif
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
     const __m256i h = std::is_same_v<T, c10::BFloat16> ? at::vec::cvtfp32_bf16(__m512(v)) : at::vec::cvtfp32_fp16(__m512(v));
@@ -78,6 +85,11 @@ inline void store2_f(T* p, const Vec& lo, const Vec& hi) {
   if constexpr (std::is_same_v<T, float>) {
     lo.store(p);
     hi.store(p + kW);
+#if defined(CKPT_EXT_AVX512_BF16)
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // One vcvtne2ps2bf16 (round to nearest even, as c10's conversion): the low 16 values come from its second operand.
+    _mm512_storeu_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(__m512(hi), __m512(lo))));
+#endif
   } else {
     at::vec::convert_from_float<T>(lo, hi).store(p);
   }
