@@ -3,8 +3,8 @@
 CKPT_EXT_BUILD_CUDA = auto (default): CUDA when torch is a CUDA build and nvcc's major version equals torch's CUDA
                       major; 1: force (fails with the reason; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" when no GPU is
                       visible); 0: CPU only.
-CKPT_EXT_CPU_ISA    = auto (default): compile the CPU kernels' at::vec code for the widest of avx512_bf16 / avx512 / avx2
-                      the building x86-64 CPU supports (as ATen dispatches at run time); or force one of them | default.
+CKPT_EXT_CPU_ISA    = auto (default): compile the CPU kernels' at::vec code for the widest of avx512_bf16 / avx512 /
+                      avx2 the building x86-64 CPU supports (as ATen dispatches at run time); or force one | default.
 at::parallel_for is header code: its threads exist only when the extension is compiled and linked with the same
 threading runtime as torch (OpenMP: -fopenmp; the libgomp soname resolves to the copy torch has loaded), else every
 kernel runs on one thread. The pip wheel of the CUDA toolkit (site-packages/nvidia/cu13/{include,lib}) is added when
