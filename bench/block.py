@@ -21,6 +21,8 @@ from ckpt_ext import FusedCheckpointBlock, TransformerBlock, retained_bytes
 from ckpt_ext.block import init_block_
 from ckpt_ext.measure import count_flops, retained_activation_bytes
 
+from . import malloc_tuning
+
 POLICIES = ("none", "pointwise", "ffn", "block")
 
 
@@ -104,9 +106,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    malloc = malloc_tuning.describe(malloc_tuning.keep_freed_memory())
     rows = run(args.d_model, args.heads, args.seq, args.batch, args.repeats, args.threads)
     print(f"block d={args.d_model} heads={args.heads} T={args.seq} B={args.batch} fp32, backend "
-          f"{ckpt_ext.backend.concrete_backend('cpu')}, {torch.get_num_threads()} threads")  # fmt: skip
+          f"{ckpt_ext.backend.concrete_backend('cpu')}, {torch.get_num_threads()} threads, {malloc}")  # fmt: skip
     print(format_table(rows))
     return 0
 

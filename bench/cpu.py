@@ -13,7 +13,8 @@ the `cpp` backend, against TransformerBlock and torch.utils.checkpoint(use_reent
 0.1 and 0, fp32 and bf16 autocast. The last line of each table is the block policy's ceiling: a step with no recompute
 plus the matmuls and attention that any block-level checkpoint must recompute, timed alone.
 Medians of torch.utils.benchmark's blocked_autorange on --threads threads (default 2; CKPT_EXT_BENCH_THREADS), the
-same count the C++ kernels run on (printed). --part ops|ffn|block runs one part; sizes are flags.
+same count the C++ kernels run on (printed), with glibc malloc keeping freed memory (bench/malloc_tuning.py: no
+per-step page faults). --part ops|ffn|block runs one part; sizes are flags.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from torch.utils.checkpoint import checkpoint
 import ckpt_ext
 from ckpt_ext.block import init_block_
 from ckpt_ext.ops import cpp_bridge  # noqa: F401  (loads ckpt_ext._C: the *_kernel ops)
+
+from . import malloc_tuning
 
 K = torch.ops.ckpt_ext
 MIN_RUN_S = 0.4
@@ -197,8 +200,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     MIN_RUN_S = args.min_time
     torch.set_num_threads(args.threads)
+    malloc = malloc_tuning.describe(malloc_tuning.keep_freed_memory())
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{torch.get_num_threads()} threads (C++ kernels on {K.cpu_threads_used()})\n")  # fmt: skip
+          f"{torch.get_num_threads()} threads (C++ kernels on {K.cpu_threads_used()}), {malloc}\n")  # fmt: skip
     if args.part in ("all", "ops"):
         bench_ops()
     if args.part in ("all", "ffn"):

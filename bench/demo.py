@@ -29,6 +29,7 @@ import ckpt_ext
 from ckpt_ext.backend import concrete_backend
 
 from . import demo_measure as measure
+from . import malloc_tuning
 from .demo_corpus import load_corpus
 from .demo_model import STRATEGIES, TinyGPT, check_strategies, label, make_strategy
 from .demo_report import Row, plot, table, write_markdown
@@ -263,6 +264,7 @@ def notes(args: argparse.Namespace, rows: list[Row], steps: int, elapsed: float)
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
+    malloc = malloc_tuning.describe(malloc_tuning.keep_freed_memory())
     with cpu_threads(args.threads):
         result = run(args)
     rows = result["rows"]
@@ -270,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     md_table = table(rows, cuda=args.device.startswith("cuda"), budget=args.budget)
     note_lines = notes(args, rows, result["steps"], result["elapsed"])
     config = {"model": f"byte-level GPT, {shape}", "steps": f"{result['steps']} of {args.steps}", "lr": args.lr,
-              "seed": args.seed, "torch threads": args.threads or torch.get_num_threads(),
+              "seed": args.seed, "torch threads": args.threads or torch.get_num_threads(), "malloc": malloc,
               "strategies": ", ".join(args.strategies), **versions(args.device)}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     write_markdown(args.out / "strategies.md", TITLE, md_table, config, note_lines)
