@@ -1,9 +1,10 @@
 """CPU benchmark of the C++ kernels (`python -m bench.cpu`, from the repo root; not a test).
 
-Part 1: each ckpt_ext C++ kernel op against torch's own CPU op on the same inputs, at N = 8192 rows, d = 768 / 1024
-(H = 4d for the GELU ops), fp32 and bf16: LayerNorm forward (F.layer_norm), LayerNorm backward (autograd through
-F.layer_norm), GELU backward (aten.gelu_backward, erf and tanh), bias + GELU (F.gelu(x + b)), residual + dropout
-(F.dropout(x) + r). Ratio = torch time / ours (> 1: ours faster).
+Part 1: each ckpt_ext C++ kernel op against torch's own CPU op on the same inputs, at N = 4096 rows, d = 768 / 1024
+(the GELU ops on (N/4, 4d), as many elements; every tensor below 32 MiB, glibc's largest mmap threshold), fp32 and
+bf16: LayerNorm forward (F.layer_norm), LayerNorm backward (autograd through F.layer_norm), GELU backward
+(aten.gelu_backward, erf and tanh), bias + GELU (F.gelu(x + b)), residual + dropout (F.dropout(x) + r).
+Ratio = torch time / ours (> 1: ours faster).
 Part 1b: the fused FFN ops at the block's shape (N = 2048, d = 256, H = 1024) against the same math in torch ops:
 ffn_recompute (F.layer_norm, F.linear, dy @ w2, F.gelu, aten.gelu_backward, sum), linear_bias_gelu (F.gelu(F.linear)),
 linear_gelu_bwd (mm + gelu_backward), gelu_linear_wgrad (F.gelu + mm). Ours and torch's are timed interleaved (A B A B,
@@ -93,7 +94,7 @@ def _op_cases(n: int, d: int, dtype: torch.dtype):
     _, mean, rstd = K.layer_norm_fwd_kernel(x, w, b, 1e-5)
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
     yg = F.layer_norm(xg, (d,), wg, bg, 1e-5)
-    u = torch.randn(n, 4 * d, dtype=dtype)
+    u = torch.randn(n // 4, 4 * d, dtype=dtype)  # the FFN hidden: as many elements as (n, d)
     du, b4 = torch.randn_like(u), torch.randn(4 * d, dtype=dtype)
     return [
         ("layer_norm fwd", lambda: K.layer_norm_fwd_kernel(x, w, b, 1e-5), lambda: F.layer_norm(x, (d,), w, b, 1e-5)),
@@ -108,7 +109,7 @@ def _op_cases(n: int, d: int, dtype: torch.dtype):
     ]  # fmt: skip
 
 
-def bench_ops(sizes=((8192, 768), (8192, 1024))) -> None:
+def bench_ops(sizes=((4096, 768), (4096, 1024))) -> None:
     print(f"{'op':<18}{'dtype':<10}{'N x d':<13}{'ours ms':>9}{'torch ms':>10}{'torch/ours':>12}")
     for dtype in (torch.float32, torch.bfloat16):
         for n, d in sizes:
