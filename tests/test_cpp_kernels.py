@@ -8,6 +8,8 @@ Parity rule (flash-attention style): our error against a float64 reference is at
 math run in the test dtype, plus a small atol.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -373,3 +375,11 @@ def test_gelu_kernels_at_extreme_inputs(dtype, approximate):
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-2)
     torch.testing.assert_close(ours_fwd, ref_fwd, equal_nan=True, **tol)
     torch.testing.assert_close(ours_bwd, ref_bwd, equal_nan=True, **tol)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_one_openmp_runtime_in_the_process():
+    """_C links libgomp by soname, so it shares the copy torch loaded; a second runtime would oversubscribe threads."""
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "gomp" in line.split()[-1]}
+    assert len(gomp) <= 1, gomp
