@@ -6,10 +6,10 @@ CKPT_EXT_BUILD_CUDA = auto (default): CUDA when torch is a CUDA build and nvcc's
 CKPT_EXT_CPU_ISA    = auto (default): compile the CPU kernels' at::vec code for the widest of avx512_bf16 / avx512 /
                       avx2 the building x86-64 CPU supports (as ATen dispatches at run time); or force one | default.
 at::parallel_for is header code: its threads exist only when the extension is compiled and linked with the same
-threading runtime as torch (OpenMP: -fopenmp; the libgomp soname resolves to the copy torch has loaded), else every
-kernel runs on one thread. The pip wheel of the CUDA toolkit (site-packages/nvidia/cu13/{include,lib}) is added when
-present. One abi3 module, no pybind11. Build with `pip install --no-build-isolation -e .` into an environment that
-already has torch and ninja.
+threading runtime as torch (OpenMP: -fopenmp, linked against the runtime libtorch_cpu uses; libgomp's soname resolves
+to the copy torch has loaded), else every kernel runs on one thread. The pip wheel of the CUDA toolkit
+(site-packages/nvidia/cu13/{include,lib}) is added when present. One abi3 module, no pybind11. Build with
+`pip install --no-build-isolation -e .` into an environment that already has torch and ninja.
 """
 
 import glob
@@ -106,7 +106,8 @@ def _cuda_decision():
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 AVX512_DEFS = ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
 ISA_FLAGS = {
-    # avx512 + the AVX512_BF16 conversions: fp32 -> bf16 stores in one instruction (vcvtne2ps2bf16), same RNE rounding.
+    # avx512 + the AVX512_BF16 conversions: fp32 -> bf16 stores in one instruction (vcvtne2ps2bf16, round to nearest
+    # even; subnormals flush to ±0).
     "avx512_bf16": AVX512_FLAGS + ["-mavx512bf16"] + AVX512_DEFS + ["-DCKPT_EXT_AVX512_BF16"],
     "avx512": AVX512_FLAGS + AVX512_DEFS,
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
@@ -136,12 +137,38 @@ def _isa_decision():
     return "default", "the building CPU lacks AVX2/FMA/F16C"
 
 
+OPENMP_RUNTIMES = ("libgomp.so", "libiomp5.so", "libomp.so")  # GNU, Intel, LLVM
+
+
+def _torch_openmp_runtime():
+    """The OpenMP runtime libtorch_cpu links (its soname appears in the library's dynamic string table), or None."""
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    try:
+        with open(os.path.join(lib_dir, "libtorch_cpu.so"), "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return next((name for name in OPENMP_RUNTIMES if name.encode() in data), None)
+
+
 def _parallel_flags():
-    """Compile and link flags that give at::parallel_for torch's threading runtime."""
-    info = torch.__config__.parallel_info()
-    if "parallel backend: OpenMP" in info and sys.platform.startswith("linux"):
-        return ["-fopenmp"], "torch's ATen parallel backend is OpenMP"
-    return [], "torch's ATen parallel backend is not OpenMP on Linux: at::parallel_for runs its native pool"
+    """(compile flags, link flags, reason) that give at::parallel_for torch's own threading runtime."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return [], [], "torch's ATen parallel backend is not OpenMP: at::parallel_for calls torch's own pool"
+    if not sys.platform.startswith("linux"):
+        return [], [], f"OpenMP flags are only set up for Linux; on {sys.platform} the CPU kernels run on one thread"
+    runtime = _torch_openmp_runtime()
+    if runtime == "libgomp.so":
+        return ["-fopenmp"], ["-fopenmp"], "torch uses GNU OpenMP (libgomp resolves to the copy torch loaded)"
+    if runtime is not None:
+        # -fopenmp emits GOMP_* calls, which Intel's and LLVM's runtimes also export: link torch's runtime itself, so
+        # that the process has one OpenMP runtime.
+        lib_dirs = [os.path.join(os.path.dirname(torch.__file__), "lib"), os.path.join(sys.prefix, "lib")]
+        for d in lib_dirs:
+            found = sorted(glob.glob(os.path.join(d, runtime + "*")))
+            if found:
+                return ["-fopenmp"], [found[0]], f"torch uses {runtime} ({found[0]})"
+    return [], [], f"torch's OpenMP runtime ({runtime or 'unknown'}) was not found: the CPU kernels run on one thread"
 
 
 def extensions():
@@ -149,16 +176,16 @@ def extensions():
     isa, why = _isa_decision()
     _log(f"CPU kernels for ISA {isa}: {why}")
     cxx += ISA_FLAGS[isa]
-    omp, why = _parallel_flags()
-    _log(f"threading flags {omp or 'none'}: {why}")
-    cxx += omp
+    omp_cxx, omp_link, why = _parallel_flags()
+    _log(f"threading flags {omp_cxx + omp_link or 'none'}: {why}")
+    cxx += omp_cxx
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     build_cuda, why = _cuda_decision()
     _log(f"CUDA kernels {'ON' if build_cuda else 'OFF'}: {why}")
     if not build_cuda:
         return [
             CppExtension(
-                "ckpt_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=omp, py_limited_api=True
+                "ckpt_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=omp_link, py_limited_api=True
             )
         ]
 
@@ -183,7 +210,7 @@ def extensions():
             include_dirs=[p for p in pip_dirs if p.endswith("include")],
             library_dirs=lib_dirs,
             extra_compile_args={"cxx": cxx + ["-DCKPT_EXT_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=omp,
+            extra_link_args=omp_link,
             py_limited_api=True,
         )
     ]

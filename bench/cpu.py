@@ -199,18 +199,23 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--min-time", type=float, default=MIN_RUN_S, help="seconds per timing (blocked_autorange)")
     args = ap.parse_args(argv)
+    previous = (MIN_RUN_S, torch.get_num_threads())
     MIN_RUN_S = args.min_time
     torch.set_num_threads(args.threads)
-    malloc = malloc_tuning.describe(malloc_tuning.keep_freed_memory())
-    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{torch.get_num_threads()} threads (C++ kernels on {K.cpu_threads_used()}), {malloc}\n")  # fmt: skip
-    if args.part in ("all", "ops"):
-        bench_ops()
-    if args.part in ("all", "ffn"):
-        bench_ffn_ops(n=args.batch * args.seq, d=args.d_model, h=4 * args.d_model)
-    if args.part in ("all", "block"):
-        for dropout, amp in BLOCK_CONFIGS:
-            bench_block(args.batch, args.seq, args.d_model, args.heads, dropout, amp)
+    try:
+        malloc = malloc_tuning.describe(malloc_tuning.keep_freed_memory())
+        print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+              f"{torch.get_num_threads()} threads (C++ kernels on {K.cpu_threads_used()}), {malloc}\n")  # fmt: skip
+        if args.part in ("all", "ops"):
+            bench_ops()
+        if args.part in ("all", "ffn"):
+            bench_ffn_ops(n=args.batch * args.seq, d=args.d_model, h=4 * args.d_model)
+        if args.part in ("all", "block"):
+            for dropout, amp in BLOCK_CONFIGS:
+                bench_block(args.batch, args.seq, args.d_model, args.heads, dropout, amp)
+    finally:
+        MIN_RUN_S = previous[0]
+        torch.set_num_threads(previous[1])
 
 
 if __name__ == "__main__":

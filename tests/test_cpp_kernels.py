@@ -379,7 +379,8 @@ def test_gelu_kernels_at_extreme_inputs(dtype, approximate):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
 def test_one_openmp_runtime_in_the_process():
-    """_C links libgomp by soname, so it shares the copy torch loaded; a second runtime would oversubscribe threads."""
+    """_C links torch's OpenMP runtime (libgomp by soname: the copy torch loaded); a second one would oversubscribe."""
     with open("/proc/self/maps") as f:
-        gomp = {line.split()[-1] for line in f if "gomp" in line.split()[-1]}
-    assert len(gomp) <= 1, gomp
+        paths = {line.split()[-1] for line in f}
+    runtimes = {p for p in paths if any(name in os.path.basename(p) for name in ("libgomp", "libiomp5", "libomp"))}
+    assert len(runtimes) <= 1, runtimes

@@ -1,8 +1,9 @@
 """The CPU kernels' ISA-specific code compiles for every CKPT_EXT_CPU_ISA level, not only the one this machine builds.
 
-setup.py compiles csrc/cpu for the widest ISA the building CPU has (here avx512_bf16), so the other paths of
+setup.py compiles csrc/cpu for the widest ISA the building CPU has, so the other paths of
 csrc/cpu/gelu_vec.h and vec_io.h (inline AVX512 exp, AVX512_BF16 stores, AVX2 and generic fallbacks) would otherwise
-never be compiled. g++ -fsyntax-only on the two kernels that include both headers, per level, two at a time (~25 s).
+never be compiled. g++ -fsyntax-only on the two kernels that include both headers, per level, two at a time (~35 s);
+no CPU feature is needed to compile. Also: setup.py's OpenMP runtime detection names the runtime torch really loads.
 """
 
 from __future__ import annotations
@@ -23,23 +24,39 @@ CXX = shutil.which("g++")
 pytestmark = [pytest.mark.compile, pytest.mark.skipif(CXX is None, reason="g++ not found")]
 
 
-def _isa_flags() -> dict:
-    """setup.py's ISA_FLAGS table, read from its source (importing setup.py would run setup())."""
+LEVELS = ["avx512_bf16", "avx512", "avx2", "default"]
+
+
+def _setup_module() -> dict:
+    """setup.py's definitions without its final setup() call (which would build)."""
     path = os.path.join(ROOT, "setup.py")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    scope: dict = {}
-    exec(compile(text[text.index("AVX512_FLAGS = ") : text.index("def _isa_decision")], path, "exec"), scope)
-    return scope["ISA_FLAGS"]
+    scope: dict = {"__file__": path}
+    exec(compile(text[: text.index("\nsetup(")], path, "exec"), scope)
+    return scope
 
 
 def test_every_level_is_checked():
-    assert set(_isa_flags()) == {"avx512_bf16", "avx512", "avx2", "default"}
+    assert list(_setup_module()["ISA_FLAGS"]) == LEVELS
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "default"])
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_openmp_runtime_detection_matches_the_loaded_one():
+    """setup.py reads torch's OpenMP runtime from libtorch_cpu; it must be the runtime this process has mapped."""
+    import torch
+
+    torch.ones(1).sum()
+    with open("/proc/self/maps") as f:
+        mapped = {os.path.basename(line.split()[-1]) for line in f}
+    detected = _setup_module()["_torch_openmp_runtime"]()
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert detected is not None and any(name.startswith(detected) for name in mapped), (detected, mapped)
+
+
+@pytest.mark.parametrize("isa", LEVELS)
 def test_cpu_kernels_compile_for_isa(isa):
-    flags = _isa_flags()[isa]
+    flags = _setup_module()["ISA_FLAGS"][isa]
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
 
     def check(src):

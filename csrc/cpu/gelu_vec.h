@@ -84,8 +84,9 @@ C10_ALWAYS_INLINE Vec gelu_erf_cdf(const Vec& u, const Vec& e) {
   r = at::vec::fmadd(r, t, Vec(1.421413741f));
   r = at::vec::fmadd(r, t, Vec(-0.284496736f));
   r = at::vec::fmadd(r, t, Vec(0.254829592f));
-  const Vec half_erf_abs = Vec(0.5f) - Vec(0.5f) * r * t * e;  // 0.5 |erf|
-  return Vec(0.5f) + (half_erf_abs ^ (u & Vec(-0.f)));          // sign of u onto 0.5 |erf|
+  // q = 0.5 (1 - |erf|) = cdf(-|u|): cdf is q for u < 0 and 1 - q otherwise (no cancellation in the negative tail).
+  const Vec q = Vec(0.5f) * r * t * e;
+  return Vec::blendv(Vec(1.f) - q, q, u < Vec(0.f));
 }
 
 // gelu(u), rounded later to T.

@@ -87,7 +87,8 @@ inline void store2_f(T* p, const Vec& lo, const Vec& hi) {
     hi.store(p + kW);
 #if defined(CKPT_EXT_AVX512_BF16)
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    // One vcvtne2ps2bf16 (round to nearest even, as c10's conversion): the low 16 values come from its second operand.
+    // One vcvtne2ps2bf16 (round to nearest even like c10's conversion, except that it flushes subnormals to ±0 and
+    // keeps a NaN's sign and payload): the low 16 values come from its second operand.
     _mm512_storeu_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(__m512(hi), __m512(lo))));
 #endif
   } else {
