@@ -28,6 +28,7 @@
 #include <tuple>
 
 #include "../common/ckpt_math.h"
+#include "gelu_rows.h"
 #include "gelu_vec.h"
 #include "vec_io.h"
 
@@ -96,67 +97,6 @@ void ffn_epilogue_row(T* ua, const acc_type<T>* b1, T* dd, acc_type<T>* colsum, 
     ua[j] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
     dd[j] = static_cast<T>(du);
     colsum[j] += du;
-  }
-}
-
-// out[j] = m[j] * gelu'(u[j]) for j < len; out may be m itself (in place). M is T or acc_t.
-template <typename T, typename M, bool kTanh>
-void dgelu_mul_range(const M* m, const T* u, T* out, int64_t len) {
-  using acc_t = acc_type<T>;
-  int64_t j = 0;
-  if constexpr (kVectorized<T>) {
-    for (; j + 2 * kW <= len; j += 2 * kW) {
-      Vec u0, u1, m0, m1;
-      load2_f(u + j, u0, u1);
-      load2_f(m + j, m0, m1);
-      store2_f(out + j, m0 * gelu_grad_vec<kTanh, T>(u0), m1 * gelu_grad_vec<kTanh, T>(u1));
-    }
-    for (; j + kW <= len; j += kW) store_f(out + j, load_f(m + j) * gelu_grad_vec<kTanh, T>(load_f(u + j)));
-  }
-  for (; j < len; ++j) {
-    out[j] = static_cast<T>(static_cast<acc_t>(m[j]) * math::gelu_grad<acc_t>(static_cast<acc_t>(u[j]), kTanh));
-  }
-}
-
-// out[j] = gelu(u[j]) for j < len.
-template <typename T, bool kTanh>
-void gelu_range(const T* u, T* out, int64_t len) {
-  using acc_t = acc_type<T>;
-  int64_t j = 0;
-  if constexpr (kVectorized<T>) {
-    for (; j + 2 * kW <= len; j += 2 * kW) {
-      Vec u0, u1;
-      load2_f(u + j, u0, u1);
-      store2_f(out + j, gelu_vec<kTanh, T>(u0), gelu_vec<kTanh, T>(u1));
-    }
-    for (; j + kW <= len; j += kW) store_f(out + j, gelu_vec<kTanh, T>(load_f(u + j)));
-  }
-  for (; j < len; ++j) out[j] = static_cast<T>(math::gelu<acc_t>(static_cast<acc_t>(u[j]), kTanh));
-}
-
-// out[j] = gelu(m[j] + b[j]) for j < len (b may be nullptr); out may be m itself (in place). M is T or acc_t.
-template <typename T, typename M, bool kTanh>
-void bias_gelu_row(const M* m, const acc_type<T>* b, T* out, int64_t len) {
-  using acc_t = acc_type<T>;
-  int64_t j = 0;
-  if constexpr (kVectorized<T>) {
-    for (; j + 2 * kW <= len; j += 2 * kW) {
-      Vec u0, u1;
-      load2_f(m + j, u0, u1);
-      if (b != nullptr) {
-        u0 += Vec::loadu(b + j);
-        u1 += Vec::loadu(b + j + kW);
-      }
-      store2_f(out + j, gelu_vec<kTanh, T>(u0), gelu_vec<kTanh, T>(u1));
-    }
-    for (; j + kW <= len; j += kW) {
-      const Vec u = b != nullptr ? load_f(m + j) + Vec::loadu(b + j) : load_f(m + j);
-      store_f(out + j, gelu_vec<kTanh, T>(u));
-    }
-  }
-  for (; j < len; ++j) {
-    const acc_t u = static_cast<acc_t>(m[j]) + (b != nullptr ? b[j] : acc_t(0));
-    out[j] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
   }
 }
 
@@ -252,7 +192,7 @@ at::Tensor linear_bias_gelu_cpu(const at::Tensor& x, const at::Tensor& w, const 
       with_form(tanh_form, [&](auto tanh_tag) {
         constexpr bool kTanh = decltype(tanh_tag)::value;
         at::parallel_for(0, n, row_grain(h), [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) bias_gelu_row<scalar_t, M, kTanh>(mp + i * h, bp, op + i * h, h);
+          for (int64_t i = begin; i < end; ++i) bias_gelu_range<scalar_t, M, kTanh>(mp + i * h, bp, op + i * h, h);
         });
       });
     };
@@ -284,7 +224,7 @@ at::Tensor linear_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& w2, const
       with_form(tanh_form, [&](auto tanh_tag) {
         constexpr bool kTanh = decltype(tanh_tag)::value;
         at::parallel_for(0, numel, kFlatGrain, [&](int64_t begin, int64_t end) {
-          dgelu_mul_range<scalar_t, M, kTanh>(mp + begin, up + begin, op + begin, end - begin);
+          gelu_bwd_range<scalar_t, M, kTanh>(mp + begin, up + begin, op + begin, end - begin);
         });
       });
     };
@@ -306,7 +246,7 @@ at::Tensor gelu_linear_wgrad_cpu(const at::Tensor& dy, const at::Tensor& u, c10:
       with_form(tanh_form, [&](auto tanh_tag) {
         constexpr bool kTanh = decltype(tanh_tag)::value;
         at::parallel_for(0, numel, kFlatGrain, [&](int64_t begin, int64_t end) {
-          gelu_range<scalar_t, kTanh>(up + begin, ap + begin, end - begin);
+          bias_gelu_range<scalar_t, scalar_t, kTanh>(up + begin, nullptr, ap + begin, end - begin);
         });
       });
     });

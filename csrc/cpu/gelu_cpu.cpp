@@ -12,6 +12,7 @@
 #include <string>
 
 #include "../common/ckpt_math.h"
+#include "gelu_rows.h"
 #include "gelu_vec.h"
 #include "vec_io.h"
 
@@ -20,53 +21,6 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kFlatGrain = 1 << 15;
-
-// out[j] = gelu(x[j] + bias[j]) for j < len; bias may be nullptr.
-template <typename T, bool kTanh>
-void bias_gelu_range(const T* x, const acc_type<T>* bias, T* out, int64_t len) {
-  using acc_t = acc_type<T>;
-  const int64_t lv = kVectorized<T> ? len - len % kW : 0;
-  if constexpr (kVectorized<T>) {
-    int64_t j = 0;
-    for (; j + 2 * kW <= lv; j += 2 * kW) {
-      Vec u0, u1;
-      load2_f(x + j, u0, u1);
-      if (bias) {
-        u0 += Vec::loadu(bias + j);
-        u1 += Vec::loadu(bias + j + kW);
-      }
-      store2_f(out + j, gelu_vec<kTanh, T>(u0), gelu_vec<kTanh, T>(u1));
-    }
-    for (; j < lv; j += kW) {
-      const Vec u = bias ? load_f(x + j) + Vec::loadu(bias + j) : load_f(x + j);
-      store_f(out + j, gelu_vec<kTanh, T>(u));
-    }
-  }
-  for (int64_t j = lv; j < len; ++j) {
-    const acc_t u = static_cast<acc_t>(x[j]) + (bias ? bias[j] : acc_t(0));
-    out[j] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
-  }
-}
-
-// out[j] = da[j] * gelu'(u[j]) for j < len.
-template <typename T, typename D, bool kTanh>
-void gelu_bwd_range(const D* da, const T* u, T* out, int64_t len) {
-  using acc_t = acc_type<T>;
-  const int64_t lv = kVectorized<T> ? len - len % kW : 0;
-  if constexpr (kVectorized<T>) {
-    int64_t j = 0;
-    for (; j + 2 * kW <= lv; j += 2 * kW) {
-      Vec u0, u1, d0, d1;
-      load2_f(u + j, u0, u1);
-      load2_f(da + j, d0, d1);
-      store2_f(out + j, d0 * gelu_grad_vec<kTanh, T>(u0), d1 * gelu_grad_vec<kTanh, T>(u1));
-    }
-    for (; j < lv; j += kW) store_f(out + j, load_f(da + j) * gelu_grad_vec<kTanh, T>(load_f(u + j)));
-  }
-  for (int64_t j = lv; j < len; ++j) {
-    out[j] = static_cast<T>(static_cast<acc_t>(da[j]) * math::gelu_grad<acc_t>(static_cast<acc_t>(u[j]), kTanh));
-  }
-}
 
 at::Tensor bias_gelu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
@@ -87,11 +41,11 @@ at::Tensor bias_gelu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& b
       if (has_bias) {
         const acc_t* bp = bc.const_data_ptr<acc_t>();
         at::parallel_for(0, numel / h, row_grain(h), [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) bias_gelu_range<scalar_t, kTanh>(xp + i * h, bp, op + i * h, h);
+          for (int64_t i = begin; i < end; ++i) bias_gelu_range<scalar_t, scalar_t, kTanh>(xp + i * h, bp, op + i * h, h);
         });
       } else {
         at::parallel_for(0, numel, kFlatGrain, [&](int64_t begin, int64_t end) {
-          bias_gelu_range<scalar_t, kTanh>(xp + begin, nullptr, op + begin, end - begin);
+          bias_gelu_range<scalar_t, scalar_t, kTanh>(xp + begin, nullptr, op + begin, end - begin);
         });
       }
     };
