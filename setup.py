@@ -177,7 +177,7 @@ def extensions():
     _log(f"CPU kernels for ISA {isa}: {why}")
     cxx += ISA_FLAGS[isa]
     omp_cxx, omp_link, why = _parallel_flags()
-    _log(f"threading flags {omp_cxx + omp_link or 'none'}: {why}")
+    _log(f"threading: compile {omp_cxx or 'no flags'}, link {omp_link or 'no flags'}: {why}")
     cxx += omp_cxx
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     build_cuda, why = _cuda_decision()

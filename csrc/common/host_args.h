@@ -2,6 +2,7 @@
 // backends check shapes, pick dtypes and lay out their inputs identically. Host code only: no device functions here.
 //   as_contig(t, dtype)        t as a contiguous tensor of `dtype` (no copy when it already is one)
 //   acc_dtype(dtype)           float64 stays float64; every other floating dtype computes in float32
+//   acc_type<T>                the same as a C++ type: double for double, float for every other storage type
 //   check_dropout_add(...)     p in [0, 1), residual shaped like x -> {has residual, output dtype}
 //   check_layer_norm_bwd(...)  dy/x (N, d), mean/rstd (N,), weight/bias (d,), dresidual (N, d) -> has dresidual
 //   parse_approximate(s)       "none" (erf GELU) -> false, "tanh" -> true, anything else an error
@@ -17,6 +18,7 @@
 
 #include <optional>
 #include <string>
+#include <type_traits>
 
 namespace ckpt_ext {
 namespace host {
@@ -24,6 +26,9 @@ namespace host {
 inline at::Tensor as_contig(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
 inline at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 inline bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 

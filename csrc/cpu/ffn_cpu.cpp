@@ -18,6 +18,7 @@
 //   over m when m already has u's dtype (else m is widened to fp32, exactly, and du is a fresh tensor).
 // gelu_linear_wgrad_kernel(dy (N, d), u (N, H), approx) -> dW2 = dyᵀ @ gelu(u) (d, H) in dy.dtype
 //   a = gelu(u) in u.dtype in one flat pass, then at::mm(dyᵀ, a) in promote(dy, u).
+// The GEMMs, dtype rules and buffers of the last three are shared with the CUDA kernels (csrc/common/ffn_host.h).
 // Outputs are always fresh tensors (never an input). Inputs of another dtype than T are first brought to T, or to
 // fp32 when T is 16-bit and they are wider (so nothing is rounded twice). fp64 runs the scalar loops end to end.
 #include <ATen/Parallel.h>
@@ -28,6 +29,7 @@
 #include <tuple>
 
 #include "../common/ckpt_math.h"
+#include "../common/ffn_host.h"
 #include "gelu_rows.h"
 #include "gelu_vec.h"
 #include "vec_io.h"
@@ -100,11 +102,7 @@ void ffn_epilogue_row(T* ua, const acc_type<T>* b1, T* dd, acc_type<T>* colsum, 
   }
 }
 
-// Calls f(std::integral_constant<bool, tanh_form>) so the form is a compile-time constant of the loops.
-template <typename F>
-void with_form(bool tanh_form, F&& f) {
-  tanh_form ? f(std::true_type{}) : f(std::false_type{});
-}
+using host::with_form;
 
 constexpr int64_t kSumRows = 32;  // rows per db1 partial: fixed, so db1 does not depend on the thread count
 
@@ -174,85 +172,51 @@ at::Tensor linear_bias_gelu_cpu(const at::Tensor& x, const at::Tensor& w, const 
   const bool tanh_form = parse_approximate(approximate);
   const bool has_bias = host::check_linear_bias_gelu(x, w, b);
   const int64_t n = x.size(0), h = w.size(0);
-  const auto dt = x.scalar_type(), acc = acc_dtype(dt);
-  const auto mm_dt = at::promote_types(dt, w.scalar_type());
-  at::Tensor m = at::mm(x.to(mm_dt), w.t().to(mm_dt));  // (N, H), fresh
-  if (mm_dt != dt && mm_dt != acc) m = m.to(acc);
-  const bool in_place = m.scalar_type() == dt;
-  if (!m.is_contiguous()) m = m.contiguous();
-  at::Tensor out = in_place ? m : at::empty({n, h}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (n == 0 || h == 0) return out;
-  const at::Tensor bc = has_bias ? as_contig(*b, acc) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "linear_bias_gelu_kernel", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const acc_t* bp = has_bias ? bc.const_data_ptr<acc_t>() : nullptr;
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    auto run = [&](const auto* mp) {
-      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
-      with_form(tanh_form, [&](auto tanh_tag) {
-        constexpr bool kTanh = decltype(tanh_tag)::value;
-        at::parallel_for(0, n, row_grain(h), [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) bias_gelu_range<scalar_t, M, kTanh>(mp + i * h, bp, op + i * h, h);
-        });
-      });
-    };
-    in_place ? run(m.const_data_ptr<scalar_t>()) : run(m.const_data_ptr<acc_t>());
+  const host::GemmPass pass = host::linear_bias_gelu_gemm(x, w);
+  const at::Tensor bc = has_bias ? as_contig(*b, acc_dtype(x.scalar_type())) : at::Tensor();
+  host::run_pointwise(pass, tanh_form, [&](const auto* mp, auto* op, auto tanh_tag) {
+    using T = std::remove_pointer_t<decltype(op)>;
+    using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
+    const acc_type<T>* bp = has_bias ? bc.const_data_ptr<acc_type<T>>() : nullptr;
+    at::parallel_for(0, n, row_grain(h), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        bias_gelu_range<T, M, decltype(tanh_tag)::value>(mp + i * h, bp, op + i * h, h);
+      }
+    });
   });
-  return out;
+  return pass.out;
 }
 
 at::Tensor linear_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u,
                                c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
   host::check_linear_gelu_bwd(dy, w2, u);
-  const auto dt = u.scalar_type();
-  const auto mm_dt = at::promote_types(dy.scalar_type(), w2.scalar_type());
-  at::Tensor m = at::mm(dy.to(mm_dt), w2.to(mm_dt));  // (N, H), fresh
   const at::Tensor uc = u.contiguous();
-  const bool in_place = mm_dt == dt;
-  if (!in_place) m = m.to(acc_dtype(dt));
-  TORCH_INTERNAL_ASSERT(m.is_contiguous());
-  at::Tensor out = in_place ? m : at::empty(u.sizes(), uc.options());
-  const int64_t numel = u.numel();
-  if (numel == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "linear_gelu_bwd_kernel", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const scalar_t* up = uc.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    auto run = [&](const auto* mp) {
-      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
-      with_form(tanh_form, [&](auto tanh_tag) {
-        constexpr bool kTanh = decltype(tanh_tag)::value;
-        at::parallel_for(0, numel, kFlatGrain, [&](int64_t begin, int64_t end) {
-          gelu_bwd_range<scalar_t, M, kTanh>(mp + begin, up + begin, op + begin, end - begin);
-        });
-      });
-    };
-    in_place ? run(m.const_data_ptr<scalar_t>()) : run(m.const_data_ptr<acc_t>());
+  const host::GemmPass pass = host::linear_gelu_bwd_gemm(dy, w2, uc);
+  host::run_pointwise(pass, tanh_form, [&](const auto* mp, auto* op, auto tanh_tag) {
+    using T = std::remove_pointer_t<decltype(op)>;
+    using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
+    const T* up = uc.const_data_ptr<T>();
+    at::parallel_for(0, uc.numel(), kFlatGrain, [&](int64_t begin, int64_t end) {
+      gelu_bwd_range<T, M, decltype(tanh_tag)::value>(mp + begin, up + begin, op + begin, end - begin);
+    });
   });
-  return out;
+  return pass.out;
 }
 
 at::Tensor gelu_linear_wgrad_cpu(const at::Tensor& dy, const at::Tensor& u, c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
   host::check_gelu_linear_wgrad(dy, u);
   const at::Tensor uc = u.contiguous();
-  at::Tensor a = at::empty(u.sizes(), uc.options());
-  const int64_t numel = u.numel();
-  if (numel > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "gelu_linear_wgrad_kernel", [&] {
-      const scalar_t* up = uc.const_data_ptr<scalar_t>();
-      scalar_t* ap = a.mutable_data_ptr<scalar_t>();
-      with_form(tanh_form, [&](auto tanh_tag) {
-        constexpr bool kTanh = decltype(tanh_tag)::value;
-        at::parallel_for(0, numel, kFlatGrain, [&](int64_t begin, int64_t end) {
-          bias_gelu_range<scalar_t, scalar_t, kTanh>(up + begin, nullptr, ap + begin, end - begin);
-        });
-      });
+  const host::GemmPass pass{uc, at::empty(u.sizes(), uc.options())};  // a = gelu(u), then dW2 = dyᵀ @ a
+  host::run_pointwise(pass, tanh_form, [&](const auto* up, auto* ap, auto tanh_tag) {
+    using T = std::remove_pointer_t<decltype(ap)>;
+    using M = std::remove_cv_t<std::remove_pointer_t<decltype(up)>>;  // T (u is read as it is)
+    at::parallel_for(0, uc.numel(), kFlatGrain, [&](int64_t begin, int64_t end) {
+      bias_gelu_range<T, M, decltype(tanh_tag)::value>(up + begin, nullptr, ap + begin, end - begin);
     });
-  }
-  const auto mm_dt = at::promote_types(dy.scalar_type(), u.scalar_type());
-  return at::mm(dy.t().to(mm_dt), a.to(mm_dt)).to(dy.scalar_type());
+  });
+  return host::gelu_linear_wgrad_mm(dy, pass.out);
 }
 
 }  // namespace

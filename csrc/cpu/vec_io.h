@@ -22,8 +22,7 @@ namespace cpu {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+using host::acc_type;
 
 // Whether rows of T run the Vectorized<float> loop (everything but float64).
 template <typename T>

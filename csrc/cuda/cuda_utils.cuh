@@ -23,10 +23,8 @@
 namespace ckpt_ext {
 namespace cuda {
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 using host::acc_dtype;
+using host::acc_type;
 using host::as_contig;
 using host::parse_approximate;
 

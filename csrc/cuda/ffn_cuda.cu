@@ -12,6 +12,7 @@
 // linear_bias_gelu_kernel: m = at::mm(x, wᵀ) in promote(x, w); a = gelu(m + b) in place when m has x's dtype.
 // linear_gelu_bwd_kernel:  m = at::mm(dy, w2) in promote(dy, w2); du = m * gelu'(u), in place when m has u's dtype.
 // gelu_linear_wgrad_kernel: a = gelu(u) in u.dtype, then at::mm(dyᵀ, a) in promote(dy, u), cast to dy.dtype.
+// The last three share their GEMMs, dtype rules and buffers with the CPU kernels (csrc/common/ffn_host.h).
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
@@ -21,6 +22,7 @@
 #include <type_traits>
 
 #include "../common/ckpt_math.h"
+#include "../common/ffn_host.h"
 #include "cuda_utils.cuh"
 
 namespace ckpt_ext {
@@ -35,11 +37,7 @@ inline unsigned flat_grid(int64_t numel) {
 }
 
 
-// Calls f(std::integral_constant<bool, tanh_form>) so the form is a compile-time constant of the kernels.
-template <typename F>
-void with_form(bool tanh_form, F&& f) {
-  tanh_form ? f(std::true_type{}) : f(std::false_type{});
-}
+using host::with_form;
 
 // y[row, :] = (x[row, :] - mean[row]) * rstd[row] * w + b; one block per row. X is T or acc_t.
 template <typename T, typename X>
@@ -174,34 +172,21 @@ at::Tensor linear_bias_gelu_cuda(const at::Tensor& x, const at::Tensor& w, const
                                  c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
   const bool has_bias = host::check_linear_bias_gelu(x, w, b);
-  const int64_t n = x.size(0), h = w.size(0);
+  const int64_t h = w.size(0);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto dt = x.scalar_type(), acc = acc_dtype(dt);
-  const auto mm_dt = c10::promoteTypes(dt, w.scalar_type());
-  at::Tensor m = at::mm(x.to(mm_dt), w.t().to(mm_dt));  // (N, H), fresh
-  if (mm_dt != dt && mm_dt != acc) m = m.to(acc);
-  const bool in_place = m.scalar_type() == dt;
-  if (!m.is_contiguous()) m = m.contiguous();
-  at::Tensor out = in_place ? m : at::empty({n, h}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  const int64_t numel = n * h;
-  if (numel == 0) return out;
-  const at::Tensor bc = has_bias ? as_contig(*b, acc) : at::Tensor();
+  const host::GemmPass pass = host::linear_bias_gelu_gemm(x, w);
+  const at::Tensor bc = has_bias ? as_contig(*b, acc_dtype(x.scalar_type())) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "linear_bias_gelu_kernel", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const acc_t* bp = has_bias ? bc.const_data_ptr<acc_t>() : nullptr;
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    auto run = [&](const auto* mp) {
-      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
-      with_form(tanh_form, [&](auto tanh_tag) {
-        constexpr bool kTanh = decltype(tanh_tag)::value;
-        bias_gelu_flat_kernel<scalar_t, M, kTanh><<<flat_grid(numel), kThreads, 0, stream>>>(mp, bp, op, numel, h);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    };
-    in_place ? run(m.const_data_ptr<scalar_t>()) : run(m.const_data_ptr<acc_t>());
+  const int64_t numel = pass.out.numel();
+  host::run_pointwise(pass, tanh_form, [&](const auto* mp, auto* op, auto tanh_tag) {
+    using T = std::remove_pointer_t<decltype(op)>;
+    using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
+    const acc_type<T>* bp = has_bias ? bc.const_data_ptr<acc_type<T>>() : nullptr;
+    bias_gelu_flat_kernel<T, M, decltype(tanh_tag)::value><<<flat_grid(numel), kThreads, 0, stream>>>(mp, bp, op,
+                                                                                                    numel, h);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return pass.out;
 }
 
 at::Tensor linear_gelu_bwd_cuda(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u,
@@ -209,32 +194,18 @@ at::Tensor linear_gelu_bwd_cuda(const at::Tensor& dy, const at::Tensor& w2, cons
   const bool tanh_form = parse_approximate(approximate);
   host::check_linear_gelu_bwd(dy, w2, u);
   const c10::cuda::CUDAGuard guard(u.device());
-  const auto dt = u.scalar_type();
-  const auto mm_dt = c10::promoteTypes(dy.scalar_type(), w2.scalar_type());
-  at::Tensor m = at::mm(dy.to(mm_dt), w2.to(mm_dt));  // (N, H), fresh
   const at::Tensor uc = u.contiguous();
-  const bool in_place = mm_dt == dt;
-  if (!in_place) m = m.to(acc_dtype(dt));
-  if (!m.is_contiguous()) m = m.contiguous();
-  at::Tensor out = in_place ? m : at::empty(u.sizes(), uc.options());
-  const int64_t numel = u.numel();
-  if (numel == 0) return out;
+  const host::GemmPass pass = host::linear_gelu_bwd_gemm(dy, w2, uc);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "linear_gelu_bwd_kernel", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const scalar_t* up = uc.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    auto run = [&](const auto* mp) {
-      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
-      with_form(tanh_form, [&](auto tanh_tag) {
-        constexpr bool kTanh = decltype(tanh_tag)::value;
-        dgelu_mul_kernel<scalar_t, M, kTanh><<<flat_grid(numel), kThreads, 0, stream>>>(mp, up, op, numel);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    };
-    in_place ? run(m.const_data_ptr<scalar_t>()) : run(m.const_data_ptr<acc_t>());
+  const int64_t numel = uc.numel();
+  host::run_pointwise(pass, tanh_form, [&](const auto* mp, auto* op, auto tanh_tag) {
+    using T = std::remove_pointer_t<decltype(op)>;
+    using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
+    dgelu_mul_kernel<T, M, decltype(tanh_tag)::value><<<flat_grid(numel), kThreads, 0, stream>>>(
+        mp, uc.const_data_ptr<T>(), op, numel);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return pass.out;
 }
 
 at::Tensor gelu_linear_wgrad_cuda(const at::Tensor& dy, const at::Tensor& u, c10::string_view approximate) {
@@ -242,24 +213,17 @@ at::Tensor gelu_linear_wgrad_cuda(const at::Tensor& dy, const at::Tensor& u, c10
   host::check_gelu_linear_wgrad(dy, u);
   const c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor uc = u.contiguous();
-  at::Tensor a = at::empty(u.sizes(), uc.options());
-  const int64_t numel = u.numel();
-  if (numel > 0) {
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "gelu_linear_wgrad_kernel", [&] {
-      using acc_t = acc_type<scalar_t>;
-      const scalar_t* up = uc.const_data_ptr<scalar_t>();
-      scalar_t* ap = a.mutable_data_ptr<scalar_t>();
-      with_form(tanh_form, [&](auto tanh_tag) {
-        constexpr bool kTanh = decltype(tanh_tag)::value;
-        bias_gelu_flat_kernel<scalar_t, scalar_t, kTanh>
-            <<<flat_grid(numel), kThreads, 0, stream>>>(up, static_cast<const acc_t*>(nullptr), ap, numel, 1);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  }
-  const auto mm_dt = c10::promoteTypes(dy.scalar_type(), u.scalar_type());
-  return at::mm(dy.t().to(mm_dt), a.to(mm_dt)).to(dy.scalar_type());
+  const host::GemmPass pass{uc, at::empty(u.sizes(), uc.options())};  // a = gelu(u), then dW2 = dyᵀ @ a
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t numel = uc.numel();
+  host::run_pointwise(pass, tanh_form, [&](const auto* up, auto* ap, auto tanh_tag) {
+    using T = std::remove_pointer_t<decltype(ap)>;
+    using M = std::remove_cv_t<std::remove_pointer_t<decltype(up)>>;  // T (u is read as it is)
+    bias_gelu_flat_kernel<T, M, decltype(tanh_tag)::value><<<flat_grid(numel), kThreads, 0, stream>>>(
+        up, static_cast<const acc_type<T>*>(nullptr), ap, numel, 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return host::gelu_linear_wgrad_mm(dy, pass.out);
 }
 
 }  // namespace
