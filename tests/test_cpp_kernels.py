@@ -384,3 +384,19 @@ def test_one_openmp_runtime_in_the_process():
         paths = {line.split()[-1] for line in f}
     runtimes = {p for p in paths if any(name in os.path.basename(p) for name in ("libgomp", "libiomp5", "libomp"))}
     assert len(runtimes) <= 1, runtimes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ffn_recompute_is_bitwise_independent_of_threads(dtype):
+    """a, du and db1 (fixed 32-row partials summed in order) are the same bits on 1 and 2 threads."""
+    args = _ffn_inputs(1000, 72, 200, dtype)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2, 1, 2):
+            torch.set_num_threads(t)
+            runs.append(K.ffn_recompute_kernel(*args, "none"))
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
