@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ckpt_ext import FusedCheckpointBlock, policies, retained_bytes
+from ckpt_ext import FusedCheckpointBlock, TransformerBlock, policies, retained_bytes
 from ckpt_ext.measure import count_flops, retained_activation_bytes, training_step
 
 from helpers import make_block
@@ -85,3 +85,19 @@ def test_flops_per_policy(setup):
     # block recomputes exactly QKV, attention forward, proj and FC1 — never FC2
     attention_fwd = 4 * B * HEADS * T * T * (D // HEADS)
     assert flops["block"] - flops["none"] == 2 * n * D * 3 * D + attention_fwd + 2 * n * D * D + fc1
+
+
+def test_dropout_adds_no_recompute_for_us_but_fc2_for_torch_checkpoint():
+    """A dropout mask is a saved tensor to torch's checkpoint, so with dropout its recompute must rerun FC2 (whose
+    output the mask follows); our masks are replayed from a seed, so the block policy's FLOPs do not change."""
+    x = torch.randn(B, T, D, requires_grad=True)
+    g = torch.randn_like(x)
+    flops = {}
+    for p in (0.0, 0.1):
+        blk = TransformerBlock(D, HEADS, dropout=p)
+        fused = FusedCheckpointBlock.from_block(blk, "block")
+        flops[p] = (count_flops(training_step, fused, x, g),
+                    count_flops(lambda: checkpoint(blk, x, use_reentrant=False).backward(g)))  # fmt: skip
+    fc2 = 2 * B * T * 4 * D * D
+    assert flops[0.1][0] == flops[0.0][0]
+    assert flops[0.1][1] == flops[0.0][1] + fc2
