@@ -400,3 +400,38 @@ def test_ffn_recompute_is_bitwise_independent_of_threads(dtype):
         torch.set_num_threads(before)
     for run in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+
+
+def _attention_mask(kind, b, t):
+    if kind == "bool":
+        keep = torch.rand(b, 1, t, t) > 0.3
+        return keep | torch.eye(t, dtype=torch.bool)  # no row fully masked
+    return torch.randn(b, 1, 1, t) if kind == "float" else None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("causal, dropout_p, mask", [(True, 0.3, None), (False, 0.2, "bool"), (True, 0.0, "float"),
+                                                     (False, 0.5, "float")])  # fmt: skip
+def test_attention_cpu_math_route_matches_reference(dtype, causal, dropout_p, mask):
+    """With dropout or a mask the cpp backend's attention runs aten math + the C++ hash dropout kernel: the same masks
+    (bit for bit) and values as reference.attention_*, forward and backward, within the tolerance rule."""
+    from ckpt_ext.ops import native_attention
+
+    b, t, heads, d = 3, 33, 4, 72
+    qkv, dout = torch.randn(b, t, 3 * d).to(dtype), torch.randn(b, t, d).to(dtype)
+    m = _attention_mask(mask, b, t)
+    args = (heads, causal, dropout_p, 11, m)
+    assert native_attention._route(qkv, heads, dropout_p, m) == "cpu_math"
+    out, lse = native_attention.attention_fwd(qkv, *args)
+    dqkv = native_attention.attention_bwd(dout, qkv, out, lse, *args)
+    ref_out, ref_lse = reference.attention_fwd(qkv, *args)
+    ref_dqkv = reference.attention_bwd(dout, qkv, ref_out, ref_lse, *args)
+    o64, l64 = reference.attention_fwd(qkv.double(), *args)
+    d64 = reference.attention_bwd(dout.double(), qkv.double(), o64, l64, *args)
+    # fp64: the reference is its own float64 answer, so atol is ~0: ours must use the very same dropout masks
+    for ours, ref, r64 in ((out, ref_out, o64), (lse, ref_lse, l64), (dqkv, ref_dqkv, d64)):
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape
+        err = (ref.double() - r64).abs().max().item()
+        torch.testing.assert_close(ours.double(), r64, rtol=0, atol=3 * err + ATOL.get(dtype, 1e-10))
+    if dropout_p > 0:  # and the seed matters
+        assert not torch.equal(native_attention.attention_fwd(qkv, heads, causal, dropout_p, 12, m)[0], out)

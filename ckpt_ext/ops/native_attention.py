@@ -1,8 +1,12 @@
-"""Attention through aten's fused kernels where they fit, reference math where they do not.
+"""Attention through aten's fused kernels where they fit, materialized math with the C++ dropout kernel on CPU.
 
 Our dropout uses a reproducible hash mask that aten's kernels cannot draw, so the fused kernels run only when
-dropout_p == 0 and there is no attn_mask; otherwise the reference math (reference.attention_*) runs. Same inputs,
-outputs and layouts as the ops in attention.py: qkv (B, T, 3d) -> out (B, T, d), lse (B, h, T) fp32.
+dropout_p == 0 and there is no attn_mask. Otherwise, on CPU, ``cpu_math`` runs reference.attention_*'s math with aten
+ops (S = q kᵀ (B, h, T, T) materialized, softmax from lse, aten's softmax backward) and applies the probability dropout
+with the C++ kernel ``dropout_add_kernel`` over the flat contiguous (B, h, T, T) index: the reference's mask, bit for
+bit, without building it from int64 tensor ops (that hash was most of the reference path's time). On CUDA without a
+fitting flash kernel the reference math runs. Same inputs, outputs and layouts as the ops in attention.py:
+qkv (B, T, 3d) -> out (B, T, d), lse (B, h, T) fp32.
 - CPU: aten's flash kernel for CPU (any float dtype).
 - CUDA: aten's FlashAttention-2 (``_scaled_dot_product_flash_attention`` and its ``_backward``) for fp16/bf16 with
   head dim a multiple of 8 and ≤ 256 on sm_80+; its logsumexp is exactly (B, h, T) fp32 in natural log. Its
@@ -30,8 +34,11 @@ def _cuda_flash_fits(qkv, n_heads: int) -> bool:
 
 
 def _route(qkv, n_heads, dropout_p, attn_mask) -> str:
-    if dropout_p != 0.0 or attn_mask is not None or qkv.shape[1] == 0:
+    if qkv.shape[1] == 0:
         return "reference"
+    if dropout_p != 0.0 or attn_mask is not None:
+        cpp_dropout = hasattr(torch.ops.ckpt_ext, "dropout_add_kernel")
+        return "cpu_math" if qkv.device.type == "cpu" and cpp_dropout else "reference"
     if qkv.device.type == "cpu":
         return "cpu_flash"
     if qkv.device.type == "cuda" and _cuda_flash_fits(qkv, n_heads):
@@ -43,6 +50,8 @@ def attention_fwd(qkv, n_heads, causal, dropout_p, seed, attn_mask):
     route = _route(qkv, n_heads, dropout_p, attn_mask)
     if route == "reference":
         return reference.attention_fwd(qkv, n_heads, causal, dropout_p, seed, attn_mask)
+    if route == "cpu_math":
+        return _math_fwd(qkv, n_heads, causal, dropout_p, seed, attn_mask)
     b, t, three_d = qkv.shape
     q, k, v = reference._split_heads(qkv, n_heads)  # (B, h, T, dh) strided views
     if route == "cpu_flash":
@@ -56,6 +65,8 @@ def attention_bwd(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_ma
     route = _route(qkv, n_heads, dropout_p, attn_mask)
     if route == "reference":
         return reference.attention_bwd(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask)
+    if route == "cpu_math":
+        return _math_bwd(dout, qkv, lse, n_heads, causal, dropout_p, seed, attn_mask)
     b, t, three_d = qkv.shape
     q, k, v = reference._split_heads(qkv, n_heads)
     o = out.view(b, t, n_heads, -1).transpose(1, 2)
@@ -70,7 +81,49 @@ def attention_bwd(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_ma
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             do, q, k, v, o, lse.to(torch.float32), None, None, t, t, 0.0, causal, rng_state, unused
         )
-    dqkv = qkv.new_empty((b, t, 3, n_heads, three_d // 3 // n_heads))  # one pass: each grad copied into its third
+    return _pack_dqkv(qkv, n_heads, dq, dk, dv)
+
+
+def _pack_dqkv(qkv, n_heads, dq, dk, dv):
+    """dq, dk, dv (B, h, T, dh) -> dqkv (B, T, 3d) in qkv.dtype, each grad copied into its third in one pass."""
+    b, t, three_d = qkv.shape
+    dqkv = qkv.new_empty((b, t, 3, n_heads, three_d // 3 // n_heads))
     for i, grad in enumerate((dq, dk, dv)):
         dqkv[:, :, i].copy_(grad.transpose(1, 2))
     return dqkv.view(b, t, three_d)
+
+
+def _probs(qkv, n_heads, causal, attn_mask, lse=None):
+    """q, k, v (B, h, T, dh) in the compute dtype, P = exp(S - lse) (B, h, T, T) contiguous, lse (B, h, T)."""
+    cdt = reference.compute_dtype(qkv)
+    q, k, v = (x.to(cdt) for x in reference._split_heads(qkv, n_heads))
+    s = reference._scores(q, k, causal, attn_mask)
+    if lse is None:
+        lse = torch.logsumexp(s, dim=-1)
+    p = s.sub_(lse.to(cdt).unsqueeze(-1)).exp_()  # in place over the scores
+    return q, k, v, p, lse
+
+
+def _drop(x, dropout_p, seed):
+    """x * keep / (1 - p) with the hash mask over x's flat contiguous index (the C++ kernel; x itself when p = 0)."""
+    return torch.ops.ckpt_ext.dropout_add_kernel(x, None, dropout_p, seed) if dropout_p > 0.0 else x
+
+
+def _math_fwd(qkv, n_heads, causal, dropout_p, seed, attn_mask):
+    b, t, three_d = qkv.shape
+    _, _, v, p, lse = _probs(qkv, n_heads, causal, attn_mask)
+    out = (_drop(p, dropout_p, seed) @ v).transpose(1, 2).reshape(b, t, three_d // 3)
+    return out.to(qkv.dtype), lse
+
+
+def _math_bwd(dout, qkv, lse, n_heads, causal, dropout_p, seed, attn_mask):
+    b, t, three_d = qkv.shape
+    q, k, v, p, _ = _probs(qkv, n_heads, causal, attn_mask, lse)
+    do = dout.to(p.dtype).view(b, t, n_heads, -1).transpose(1, 2)  # (B, h, T, dh)
+    dv = _drop(p, dropout_p, seed).transpose(-1, -2) @ do
+    dp = _drop(do @ v.transpose(-1, -2), dropout_p, seed)  # the same mask: dropout is its own adjoint
+    ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p (dp - rowsum(p dp))
+    if attn_mask is not None:
+        ds = torch.nan_to_num(ds)  # rows the mask empties entirely
+    sm = q.shape[-1] ** -0.5
+    return _pack_dqkv(qkv, n_heads, (ds @ k) * sm, (ds.transpose(-1, -2) @ q) * sm, dv)
