@@ -11,8 +11,9 @@ linear_gelu_bwd (mm + gelu_backward), gelu_linear_wgrad (F.gelu + mm). Ours and 
 best median of each) since the machine is shared.
 Part 2: one training step (forward + backward) of a block, d = 256, T = 256, B = 8, 4 heads, per ckpt_ext policy on
 the `cpp` backend, against TransformerBlock and torch.utils.checkpoint(use_reentrant=False) on it, for residual dropout
-0.1 and 0, fp32 and bf16 autocast. The last line of each table is the block policy's ceiling: a step with no recompute
-plus the matmuls and attention that any block-level checkpoint must recompute, timed alone.
+0.1 and 0, fp32 and bf16 autocast, and GPT-2's dropouts (residual and attention 0.1). The last line of each table is
+the block policy's ceiling: a step with no recompute plus the matmuls and attention that any block-level checkpoint
+must recompute, timed alone (attention without dropout: a lower bound).
 Medians of torch.utils.benchmark's blocked_autorange on --threads threads (default 2; CKPT_EXT_BENCH_THREADS), the
 same count the C++ kernels run on (printed), with glibc malloc keeping freed memory (bench/malloc_tuning.py: no
 per-step page faults). --part ops|ffn|block runs one part; sizes are flags.
@@ -155,15 +156,16 @@ def _recompute_floor_ms(block, x, amp: bool) -> float:
     return _ms(floor)
 
 
-def bench_block(batch=8, seq=256, d_model=256, n_heads=4, dropout=0.1, amp=False, policies=None) -> dict:
+def bench_block(batch=8, seq=256, d_model=256, n_heads=4, dropout=0.1, amp=False, policies=None, attn_dropout=0.0):
     """One step (forward + backward) per variant; returns {variant: (ms, torch checkpoint ms timed beside it)}."""
     torch.manual_seed(0)
-    block = ckpt_ext.TransformerBlock(d_model, n_heads, dropout=dropout)
+    block = ckpt_ext.TransformerBlock(d_model, n_heads, dropout=dropout, attn_dropout=attn_dropout)
     init_block_(block)
     x = torch.randn(batch, seq, d_model)
     base, ckpt = _pair_ms(_step(block, x, amp), _step(block, x, amp, use_checkpoint=True))
     dtype = "bf16 autocast" if amp else "fp32"
-    print(f"\nblock step fwd+bwd, B={batch} T={seq} d={d_model} heads={n_heads} dropout={dropout} {dtype}, "
+    print(f"\nblock step fwd+bwd, B={batch} T={seq} d={d_model} heads={n_heads} dropout={dropout} "
+          f"attn_dropout={attn_dropout} {dtype}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print(f"{'variant':<34}{'ms':>9}{'vs TransformerBlock':>22}{'vs torch checkpoint':>22}")
     print(f"{'TransformerBlock':<34}{base:>9.2f}{1.0:>21.2f}x{ckpt / base:>21.2f}x")
@@ -185,7 +187,8 @@ def bench_block(batch=8, seq=256, d_model=256, n_heads=4, dropout=0.1, amp=False
     return results
 
 
-BLOCK_CONFIGS = ((0.1, False), (0.0, False), (0.1, True), (0.0, True))  # (dropout, bf16 autocast)
+# (residual dropout, attention dropout, bf16 autocast); the first is GPT-2's (resid_pdrop = attn_pdrop = 0.1)
+BLOCK_CONFIGS = ((0.1, 0.1, False), (0.1, 0.0, False), (0.0, 0.0, False), (0.1, 0.0, True), (0.0, 0.0, True))
 
 
 def main(argv=None) -> None:
@@ -211,8 +214,8 @@ def main(argv=None) -> None:
         if args.part in ("all", "ffn"):
             bench_ffn_ops(n=args.batch * args.seq, d=args.d_model, h=4 * args.d_model)
         if args.part in ("all", "block"):
-            for dropout, amp in BLOCK_CONFIGS:
-                bench_block(args.batch, args.seq, args.d_model, args.heads, dropout, amp)
+            for dropout, attn_dropout, amp in BLOCK_CONFIGS:
+                bench_block(args.batch, args.seq, args.d_model, args.heads, dropout, amp, attn_dropout=attn_dropout)
     finally:
         MIN_RUN_S = previous[0]
         torch.set_num_threads(previous[1])

@@ -23,7 +23,7 @@ def test_block_part_prints_every_policy_and_the_ceiling(capsys):
     for policy in ("none", "pointwise", "ffn", "block"):
         assert out.count(f"cpp policy={policy} ") == len(cpu.BLOCK_CONFIGS)
     assert out.count("block ceiling") == len(cpu.BLOCK_CONFIGS)
-    assert "bf16 autocast" in out and "dropout=0.0 fp32" in out
+    assert "bf16 autocast" in out and "dropout=0.0 attn_dropout=0.0 fp32" in out and "attn_dropout=0.1" in out
 
 
 def test_main_restores_threads_and_timing(capsys):
