@@ -93,14 +93,40 @@ def _pack_dqkv(qkv, n_heads, dq, dk, dv):
     return dqkv.view(b, t, three_d)
 
 
+def _scores(q, k, causal, attn_mask):
+    """S = q kᵀ / sqrt(dh) + bias (B, h, T, T) in one batched GEMM (baddbmm: scale and additive bias in its epilogue);
+    bias = attn_mask (float, or -inf where a bool mask is False) + -inf above the diagonal if causal."""
+    b, h, t, dh = q.shape
+    bias = None
+    if attn_mask is not None:
+        bias = (
+            attn_mask.to(q.dtype)
+            if attn_mask.dtype != torch.bool
+            else torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float("-inf"))
+        )
+    if causal:
+        above = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        bias = above if bias is None else bias + above
+    q3, k3 = q.reshape(b * h, t, dh), k.reshape(b * h, t, dh)
+    if bias is None:
+        return torch.bmm(q3, k3.transpose(1, 2)).mul_(dh**-0.5).view(b, h, t, t)
+    bias = bias.expand(b, h, t, t).reshape(b * h, t, t)
+    return torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=dh**-0.5).view(b, h, t, t)
+
+
 def _probs(qkv, n_heads, causal, attn_mask, lse=None):
-    """q, k, v (B, h, T, dh) in the compute dtype, P = exp(S - lse) (B, h, T, T) contiguous, lse (B, h, T)."""
+    """q, k, v (B, h, T, dh) in the compute dtype, P = softmax(S) (B, h, T, T) contiguous, lse (B, h, T).
+
+    Forward: P by one fused softmax and lse = max S - log max P (max P = 1 / Σ exp(S - max S)), instead of logsumexp
+    and a second exp pass; backward (lse given): P = exp(S - lse), the reference's formula."""
     cdt = reference.compute_dtype(qkv)
     q, k, v = (x.to(cdt) for x in reference._split_heads(qkv, n_heads))
-    s = reference._scores(q, k, causal, attn_mask)
-    if lse is None:
-        lse = torch.logsumexp(s, dim=-1)
-    p = s.sub_(lse.to(cdt).unsqueeze(-1)).exp_()  # in place over the scores
+    s = _scores(q, k, causal, attn_mask)
+    if lse is not None:
+        return q, k, v, s.sub_(lse.to(cdt).unsqueeze(-1)).exp_(), lse  # in place over the scores
+    s_max = s.amax(dim=-1)
+    p = torch.softmax(s, dim=-1)
+    lse = torch.where(torch.isneginf(s_max), s_max, s_max - p.amax(dim=-1).log())  # fully masked rows: -inf
     return q, k, v, p, lse
 
 
