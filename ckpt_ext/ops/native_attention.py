@@ -2,10 +2,11 @@
 
 Our dropout uses a reproducible hash mask that aten's kernels cannot draw, so the fused kernels run only when
 dropout_p == 0 and there is no attn_mask. Otherwise, on CPU, ``cpu_math`` runs reference.attention_*'s math with aten
-ops (S = q kᵀ (B, h, T, T) materialized, softmax from lse, aten's softmax backward) and applies the probability dropout
-with the C++ kernel ``dropout_add_kernel`` over the flat contiguous (B, h, T, T) index: the reference's mask, bit for
-bit, without building it from int64 tensor ops (that hash was most of the reference path's time). On CUDA without a
-fitting flash kernel the reference math runs. Same inputs, outputs and layouts as the ops in attention.py:
+ops (S = q kᵀ/√dh + mask/causal bias (B, h, T, T) materialized by one baddbmm, P by one fused softmax, P rebuilt from
+lse in backward, aten's softmax backward) and applies the probability dropout with the C++ kernel
+``dropout_add_kernel`` over the flat contiguous (B, h, T, T) index: the reference's mask, bit for bit, without building
+it from int64 tensor ops (that hash was most of the reference path's time). On CUDA without a fitting flash kernel the
+reference math runs. Same inputs, outputs and layouts as the ops in attention.py:
 qkv (B, T, 3d) -> out (B, T, d), lse (B, h, T) fp32.
 - CPU: aten's flash kernel for CPU (any float dtype).
 - CUDA: aten's FlashAttention-2 (``_scaled_dot_product_flash_attention`` and its ``_backward``) for fp16/bf16 with
