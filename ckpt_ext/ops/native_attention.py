@@ -111,7 +111,8 @@ def _scores(q, k, causal, attn_mask):
     q3, k3 = q.reshape(b * h, t, dh), k.reshape(b * h, t, dh)
     if bias is None:
         return torch.bmm(q3, k3.transpose(1, 2)).mul_(dh**-0.5).view(b, h, t, t)
-    bias = bias.expand(b, h, t, t).reshape(b * h, t, t)
+    # a (T, T) bias (causal only) broadcasts over the batch as it is; a mask's bias is expanded to every (batch, head)
+    bias = bias.unsqueeze(0) if bias.dim() == 2 else bias.expand(b, h, t, t).reshape(b * h, t, t)
     return torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=dh**-0.5).view(b, h, t, t)
 
 
