@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from bench import cpu
@@ -63,7 +62,6 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 9)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
 def test_malloc_tuning_stops_per_step_page_faults():
     """bench.cpu's pattern in a fresh process: bf16 steps of eager, torch checkpoint and the fused block, interleaved.
     Tuned, a step takes at most a few hundred page faults (seen: 29-307); untuned glibc served the shifting multi-MB

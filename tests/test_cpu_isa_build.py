@@ -19,9 +19,9 @@ from torch.utils.cpp_extension import include_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("csrc/cpu/gelu_cpu.cpp", "csrc/cpu/ffn_cpu.cpp")
-CXX = shutil.which("g++")
+CXX = shutil.which("g++") or "g++"
 
-pytestmark = [pytest.mark.compile, pytest.mark.skipif(CXX is None, reason="g++ not found")]
+pytestmark = [pytest.mark.compile]  # g++ builds _C itself, so it is always there where these tests run
 
 
 LEVELS = ["avx512_bf16", "avx512", "avx2", "default"]
@@ -41,7 +41,6 @@ def test_every_level_is_checked():
     assert list(_setup_module()["ISA_FLAGS"]) == LEVELS
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
 def test_openmp_runtime_detection_matches_the_loaded_one():
     """setup.py reads torch's OpenMP runtime from libtorch_cpu; it must be the runtime this process has mapped."""
     import torch

@@ -24,10 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")), key=lambda p: (-os.path.getsize(p), p))
 NVCC = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
 
-pytestmark = [
-    pytest.mark.compile,
-    pytest.mark.skipif(not os.path.exists(NVCC), reason="nvcc not found"),
-]
+# nvcc is part of this project's build machines and CI: without it this lane fails (it is not skipped).
+pytestmark = [pytest.mark.compile]
 
 
 def _nvcc_cmd(src: str, obj: str) -> list[str]:
