@@ -21,6 +21,15 @@ def fmix32(h):
     return h
 
 
+@triton.jit
+def apply_dropout(y, flat, key, threshold, scale):
+    """y · keep / (1 - p) for fp32 y at flat indices `flat` (int64 tile, < 2³²): the hash mask described above."""
+    k = key.to(tl.uint32, bitcast=True)
+    h = fmix32(fmix32(flat.to(tl.uint32) ^ k) + k)
+    keep = (h >> 8).to(tl.int32) >= threshold
+    return tl.where(keep, y * scale, 0.0)
+
+
 @triton.jit(do_not_specialize=["key", "threshold"])
 def dropout_add_kernel(
     X,  # (numel,) contiguous: branch to drop
@@ -38,10 +47,7 @@ def dropout_add_kernel(
     mask = offs < numel
     y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if APPLY_DROPOUT:
-        k = key.to(tl.uint32, bitcast=True)
-        h = fmix32(fmix32(offs.to(tl.uint32) ^ k) + k)
-        keep = (h >> 8).to(tl.int32) >= threshold
-        y = tl.where(keep, y * scale, 0.0)
+        y = apply_dropout(y, offs, key, threshold, scale)
     if HAS_RES:
         y += tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)

@@ -18,7 +18,7 @@ matmul_tiles; autotune configs from matmul_configs.
 import triton
 import triton.language as tl
 
-from .dropout import fmix32
+from .dropout import apply_dropout
 from .matmul_configs import AUTOTUNE, configs
 from .matmul_tiles import matmul_tile, tile_offsets
 
@@ -70,11 +70,7 @@ def linear_dropout_add_kernel(
         acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y = round_to(acc, X.dtype.element_ty)
     if APPLY_DROPOUT:
-        flat = rm64[:, None] * N + rn[None, :]
-        k = key.to(tl.uint32, bitcast=True)
-        h = fmix32(fmix32(flat.to(tl.uint32) ^ k) + k)
-        keep = (h >> 8).to(tl.int32) >= threshold
-        y = tl.where(keep, y * scale, 0.0)
+        y = apply_dropout(y, rm64[:, None] * N + rn[None, :], key, threshold, scale)
     mask = m_ok[:, None] & n_ok[None, :]
     y += tl.load(RES + rm64[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + rm64[:, None] * N + rn[None, :], y.to(OUT.dtype.element_ty), mask=mask)
