@@ -141,14 +141,10 @@ OPENMP_RUNTIMES = ("libgomp.so", "libiomp5.so", "libomp.so")  # GNU, Intel, LLVM
 
 
 def _torch_openmp_runtime():
-    """The OpenMP runtime libtorch_cpu links (its soname appears in the library's dynamic string table), or None."""
-    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
-    try:
-        with open(os.path.join(lib_dir, "libtorch_cpu.so"), "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return next((name for name in OPENMP_RUNTIMES if name.encode() in data), None)
+    """(name, path) of the OpenMP runtime torch has loaded (setup.py imported torch), from /proc/self/maps; or None."""
+    with open("/proc/self/maps") as f:
+        paths = sorted({line.split()[-1] for line in f if "/" in line})
+    return next(((n, p) for n in OPENMP_RUNTIMES for p in paths if os.path.basename(p).startswith(n)), None)
 
 
 def _parallel_flags():
@@ -158,17 +154,13 @@ def _parallel_flags():
     if not sys.platform.startswith("linux"):
         return [], [], f"OpenMP flags are only set up for Linux; on {sys.platform} the CPU kernels run on one thread"
     runtime = _torch_openmp_runtime()
-    if runtime == "libgomp.so":
-        return ["-fopenmp"], ["-fopenmp"], "torch uses GNU OpenMP (libgomp resolves to the copy torch loaded)"
+    if runtime is not None and runtime[0] == "libgomp.so":
+        return ["-fopenmp"], ["-fopenmp"], f"torch uses GNU OpenMP ({runtime[1]}; libgomp's soname resolves to it)"
     if runtime is not None:
         # -fopenmp emits GOMP_* calls, which Intel's and LLVM's runtimes also export: link torch's runtime itself, so
         # that the process has one OpenMP runtime.
-        lib_dirs = [os.path.join(os.path.dirname(torch.__file__), "lib"), os.path.join(sys.prefix, "lib")]
-        for d in lib_dirs:
-            found = sorted(glob.glob(os.path.join(d, runtime + "*")))
-            if found:
-                return ["-fopenmp"], [found[0]], f"torch uses {runtime} ({found[0]})"
-    return [], [], f"torch's OpenMP runtime ({runtime or 'unknown'}) was not found: the CPU kernels run on one thread"
+        return ["-fopenmp"], [runtime[1]], f"torch uses {runtime[0]} ({runtime[1]})"
+    return [], [], "torch's OpenMP runtime is not loaded: the CPU kernels run on one thread"
 
 
 def extensions():
