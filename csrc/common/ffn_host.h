@@ -1,7 +1,10 @@
-// Host orchestration of the GEMM + pointwise fused FFN ops, shared by csrc/cpu/ffn_cpu.cpp and csrc/cuda/ffn_cuda.cu:
-// the GEMM (at::mm on either device), the dtype choices and the output buffer are decided here once; each backend
-// supplies only its pointwise pass (a row-parallel CPU loop, a CUDA kernel launch) as a callback.
+// Host side of the FFN's GELU ops, shared by the CPU (csrc/cpu/gelu_cpu.cpp, ffn_cpu.cpp) and CUDA (csrc/cuda/
+// gelu_cuda.cu, ffn_cuda.cu) kernels: argument checks, any GEMM (at::mm on either device), dtype choices and output
+// buffers are decided here once; each backend supplies only its pointwise pass (a row-parallel CPU loop, a CUDA kernel
+// launch) as a callback of run_pointwise.
 //
+//   bias_gelu_args(x (..., H), bias (H,)?)      m = x contiguous, out fresh like x; bias in fp32 (fp64 for fp64)
+//   gelu_bwd_args(da, u)                        m = da (widened to fp32 unless it has u's dtype), out fresh like u
 //   linear_bias_gelu_gemm(x (N, K), w (H, K))   m = x @ wᵀ in promote(x, w), brought to fp32 when that is neither
 //                                               x's dtype nor fp32; out = m (in place) when m has x's dtype
 //   linear_gelu_bwd_gemm(dy (N, d), w2 (d, H), u (N, H))
@@ -31,13 +34,44 @@ void with_form(bool tanh_form, F&& f) {
   tanh_form ? f(std::true_type{}) : f(std::false_type{});
 }
 
-// A GEMM result m (N, H) and the tensor out (N, H) a pointwise pass writes from it (m itself when in place).
-struct GemmPass {
+// The tensor m a pointwise pass reads (a GEMM result, or an op's input) and the tensor out it writes (m itself when
+// in place), both contiguous.
+struct PointwisePass {
   at::Tensor m;
   at::Tensor out;
 };
 
-inline GemmPass linear_bias_gelu_gemm(const at::Tensor& x, const at::Tensor& w) {
+// bias_gelu_kernel: the pass over x (flat, or rows of H with a bias) and the bias in the compute dtype (or undefined).
+struct BiasGeluArgs {
+  PointwisePass pass;
+  at::Tensor bias;
+  int64_t h;
+};
+
+inline BiasGeluArgs bias_gelu_args(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  const bool has_bias = defined(bias);
+  const int64_t h = x.dim() == 0 ? 1 : x.size(-1);
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->numel() == h), "bias_gelu_kernel: bias must be (H,)");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor bc = has_bias ? as_contig(*bias, acc_dtype(x.scalar_type())) : at::Tensor();
+  return {{xc, at::empty(x.sizes(), xc.options())}, bc, h};
+}
+
+// gelu_bwd_kernel: the pass over da (u's dtype, else widened exactly to the compute dtype) and u contiguous.
+struct GeluBwdArgs {
+  PointwisePass pass;
+  at::Tensor u;
+};
+
+inline GeluBwdArgs gelu_bwd_args(const at::Tensor& da, const at::Tensor& u) {
+  TORCH_CHECK(da.sizes() == u.sizes(), "gelu_bwd_kernel: da and u must have the same shape");
+  const at::Tensor uc = u.contiguous();
+  const bool same = da.scalar_type() == u.scalar_type();
+  const at::Tensor dac = same ? da.contiguous() : as_contig(da, acc_dtype(u.scalar_type()));
+  return {{dac, at::empty(u.sizes(), uc.options())}, uc};
+}
+
+inline PointwisePass linear_bias_gelu_gemm(const at::Tensor& x, const at::Tensor& w) {
   const auto dt = x.scalar_type(), acc = acc_dtype(dt);
   const auto mm_dt = c10::promoteTypes(dt, w.scalar_type());
   at::Tensor m = at::mm(x.to(mm_dt), w.t().to(mm_dt));  // (N, H), fresh
@@ -48,7 +82,7 @@ inline GemmPass linear_bias_gelu_gemm(const at::Tensor& x, const at::Tensor& w) 
   return {m, out};
 }
 
-inline GemmPass linear_gelu_bwd_gemm(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u) {
+inline PointwisePass linear_gelu_bwd_gemm(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u) {
   const auto dt = u.scalar_type();
   const auto mm_dt = c10::promoteTypes(dy.scalar_type(), w2.scalar_type());
   at::Tensor m = at::mm(dy.to(mm_dt), w2.to(mm_dt));  // (N, H), fresh
@@ -64,7 +98,7 @@ inline at::Tensor gelu_linear_wgrad_mm(const at::Tensor& dy, const at::Tensor& a
 }
 
 template <typename F>
-void run_pointwise(const GemmPass& pass, bool tanh_form, F&& f) {
+void run_pointwise(const PointwisePass& pass, bool tanh_form, F&& f) {
   if (pass.out.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pass.out.scalar_type(), "ffn_pointwise_pass", [&] {
     using acc_t = acc_type<scalar_t>;

@@ -172,7 +172,7 @@ at::Tensor linear_bias_gelu_cpu(const at::Tensor& x, const at::Tensor& w, const 
   const bool tanh_form = parse_approximate(approximate);
   const bool has_bias = host::check_linear_bias_gelu(x, w, b);
   const int64_t n = x.size(0), h = w.size(0);
-  const host::GemmPass pass = host::linear_bias_gelu_gemm(x, w);
+  const host::PointwisePass pass = host::linear_bias_gelu_gemm(x, w);
   const at::Tensor bc = has_bias ? as_contig(*b, acc_dtype(x.scalar_type())) : at::Tensor();
   host::run_pointwise(pass, tanh_form, [&](const auto* mp, auto* op, auto tanh_tag) {
     using T = std::remove_pointer_t<decltype(op)>;
@@ -192,7 +192,7 @@ at::Tensor linear_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& w2, const
   const bool tanh_form = parse_approximate(approximate);
   host::check_linear_gelu_bwd(dy, w2, u);
   const at::Tensor uc = u.contiguous();
-  const host::GemmPass pass = host::linear_gelu_bwd_gemm(dy, w2, uc);
+  const host::PointwisePass pass = host::linear_gelu_bwd_gemm(dy, w2, uc);
   host::run_pointwise(pass, tanh_form, [&](const auto* mp, auto* op, auto tanh_tag) {
     using T = std::remove_pointer_t<decltype(op)>;
     using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
@@ -208,7 +208,7 @@ at::Tensor gelu_linear_wgrad_cpu(const at::Tensor& dy, const at::Tensor& u, c10:
   const bool tanh_form = parse_approximate(approximate);
   host::check_gelu_linear_wgrad(dy, u);
   const at::Tensor uc = u.contiguous();
-  const host::GemmPass pass{uc, at::empty(u.sizes(), uc.options())};  // a = gelu(u), then dW2 = dyᵀ @ a
+  const host::PointwisePass pass{uc, at::empty(u.sizes(), uc.options())};  // a = gelu(u), then dW2 = dyᵀ @ a
   host::run_pointwise(pass, tanh_form, [&](const auto* up, auto* ap, auto tanh_tag) {
     using T = std::remove_pointer_t<decltype(ap)>;
     using M = std::remove_cv_t<std::remove_pointer_t<decltype(up)>>;  // T (u is read as it is)

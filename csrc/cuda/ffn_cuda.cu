@@ -174,7 +174,7 @@ at::Tensor linear_bias_gelu_cuda(const at::Tensor& x, const at::Tensor& w, const
   const bool has_bias = host::check_linear_bias_gelu(x, w, b);
   const int64_t h = w.size(0);
   const c10::cuda::CUDAGuard guard(x.device());
-  const host::GemmPass pass = host::linear_bias_gelu_gemm(x, w);
+  const host::PointwisePass pass = host::linear_bias_gelu_gemm(x, w);
   const at::Tensor bc = has_bias ? as_contig(*b, acc_dtype(x.scalar_type())) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t numel = pass.out.numel();
@@ -195,7 +195,7 @@ at::Tensor linear_gelu_bwd_cuda(const at::Tensor& dy, const at::Tensor& w2, cons
   host::check_linear_gelu_bwd(dy, w2, u);
   const c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor uc = u.contiguous();
-  const host::GemmPass pass = host::linear_gelu_bwd_gemm(dy, w2, uc);
+  const host::PointwisePass pass = host::linear_gelu_bwd_gemm(dy, w2, uc);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t numel = uc.numel();
   host::run_pointwise(pass, tanh_form, [&](const auto* mp, auto* op, auto tanh_tag) {
@@ -213,7 +213,7 @@ at::Tensor gelu_linear_wgrad_cuda(const at::Tensor& dy, const at::Tensor& u, c10
   host::check_gelu_linear_wgrad(dy, u);
   const c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor uc = u.contiguous();
-  const host::GemmPass pass{uc, at::empty(u.sizes(), uc.options())};  // a = gelu(u), then dW2 = dyᵀ @ a
+  const host::PointwisePass pass{uc, at::empty(u.sizes(), uc.options())};  // a = gelu(u), then dW2 = dyᵀ @ a
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t numel = uc.numel();
   host::run_pointwise(pass, tanh_form, [&](const auto* up, auto* ap, auto tanh_tag) {

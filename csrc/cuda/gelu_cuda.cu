@@ -8,6 +8,7 @@
 #include <string>
 
 #include "../common/ckpt_math.h"
+#include "../common/ffn_host.h"
 #include "cuda_utils.cuh"
 
 namespace ckpt_ext {
@@ -57,69 +58,48 @@ __global__ void gelu_bwd_kernel(const D* __restrict__ da, const T* __restrict__ 
 
 at::Tensor bias_gelu_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
-  const bool has_bias = bias.has_value() && bias->defined();
-  const int64_t h = x.dim() == 0 ? 1 : x.size(-1);
-  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->numel() == h), "bias_gelu_kernel: bias must be (H,)");
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor bc = has_bias ? as_contig(*bias, acc_dtype(x.scalar_type())) : at::Tensor();
-  at::Tensor out = at::empty(x.sizes(), xc.options());
-  const int64_t numel = x.numel();
-  if (numel == 0) return out;
+  const host::BiasGeluArgs args = host::bias_gelu_args(x, bias);
+  const int64_t numel = x.numel(), h = args.h;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bias_gelu_kernel", [&] {
-    using acc_t = acc_type<scalar_t>;
-    constexpr int V = kPack<scalar_t>;
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-    const acc_t* bp = has_bias ? bc.const_data_ptr<acc_t>() : nullptr;
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const bool vec = packable<scalar_t>(numel, {xp, op}) && (!has_bias || h % V == 0);
-    auto launch = [&](auto kernel, int v) {
-      kernel<<<grid_for(numel / v), kThreads, 0, stream>>>(xp, bp, op, numel, h);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (tanh_form) {
-      vec ? launch(bias_gelu_kernel<scalar_t, V, true>, V) : launch(bias_gelu_kernel<scalar_t, 1, true>, 1);
-    } else {
-      vec ? launch(bias_gelu_kernel<scalar_t, V, false>, V) : launch(bias_gelu_kernel<scalar_t, 1, false>, 1);
+  host::run_pointwise(args.pass, tanh_form, [&](const auto* xp, auto* op, auto tanh_tag) {
+    using T = std::remove_pointer_t<decltype(op)>;
+    using M = std::remove_cv_t<std::remove_pointer_t<decltype(xp)>>;
+    constexpr bool kTanh = decltype(tanh_tag)::value;
+    if constexpr (std::is_same_v<M, T>) {  // always: x is read in its own dtype
+      constexpr int V = kPack<T>;
+      const acc_type<T>* bp = args.bias.defined() ? args.bias.const_data_ptr<acc_type<T>>() : nullptr;
+      const bool vec = packable<T>(numel, {xp, op}) && (bp == nullptr || h % V == 0);
+      auto launch = [&](auto kernel, int v) {
+        kernel<<<grid_for(numel / v), kThreads, 0, stream>>>(xp, bp, op, numel, h);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      vec ? launch(bias_gelu_kernel<T, V, kTanh>, V) : launch(bias_gelu_kernel<T, 1, kTanh>, 1);
     }
   });
-  return out;
+  return args.pass.out;
 }
 
 at::Tensor gelu_bwd_cuda(const at::Tensor& da, const at::Tensor& u, c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
-  TORCH_CHECK(da.sizes() == u.sizes(), "gelu_bwd_kernel: da and u must have the same shape");
   const c10::cuda::CUDAGuard guard(u.device());
-  const bool da_same = da.scalar_type() == u.scalar_type();
-  const at::Tensor uc = u.contiguous();
-  const at::Tensor dac = da_same ? da.contiguous() : as_contig(da, acc_dtype(u.scalar_type()));
-  at::Tensor out = at::empty(u.sizes(), uc.options());
+  const host::GeluBwdArgs args = host::gelu_bwd_args(da, u);
   const int64_t numel = u.numel();
-  if (numel == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "gelu_bwd_kernel", [&] {
-    using acc_t = acc_type<scalar_t>;
-    auto run = [&](auto d_tag) {
-      using D = typename decltype(d_tag)::type;
-      constexpr int V = kPack<scalar_t> < kPack<D> ? kPack<scalar_t> : kPack<D>;
-      const D* dp = dac.const_data_ptr<D>();
-      const scalar_t* up = uc.const_data_ptr<scalar_t>();
-      scalar_t* op = out.mutable_data_ptr<scalar_t>();
-      const bool vec = packable<scalar_t>(numel, {up, op}) && packable<D>(numel, {dp}) && numel % V == 0;
-      auto launch = [&](auto kernel, int v) {
-        kernel<<<grid_for(numel / v), kThreads, 0, stream>>>(dp, up, op, numel);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (tanh_form) {
-        vec ? launch(gelu_bwd_kernel<scalar_t, D, V, true>, V) : launch(gelu_bwd_kernel<scalar_t, D, 1, true>, 1);
-      } else {
-        vec ? launch(gelu_bwd_kernel<scalar_t, D, V, false>, V) : launch(gelu_bwd_kernel<scalar_t, D, 1, false>, 1);
-      }
+  host::run_pointwise(args.pass, tanh_form, [&](const auto* dp, auto* op, auto tanh_tag) {
+    using T = std::remove_pointer_t<decltype(op)>;
+    using D = std::remove_cv_t<std::remove_pointer_t<decltype(dp)>>;
+    constexpr bool kTanh = decltype(tanh_tag)::value;
+    constexpr int V = kPack<T> < kPack<D> ? kPack<T> : kPack<D>;
+    const T* up = args.u.const_data_ptr<T>();
+    const bool vec = packable<T>(numel, {up, op}) && packable<D>(numel, {dp}) && numel % V == 0;
+    auto launch = [&](auto kernel, int v) {
+      kernel<<<grid_for(numel / v), kThreads, 0, stream>>>(dp, up, op, numel);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    da_same ? run(TypeTag<scalar_t>{}) : run(TypeTag<acc_t>{});
+    vec ? launch(gelu_bwd_kernel<T, D, V, kTanh>, V) : launch(gelu_bwd_kernel<T, D, 1, kTanh>, 1);
   });
-  return out;
+  return args.pass.out;
 }
 
 }  // namespace
