@@ -248,15 +248,24 @@ def _split_heads(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _scores(q: Tensor, k: Tensor, causal: bool, attn_mask: Optional[Tensor]) -> Tensor:
-    """S = q kᵀ / sqrt(dh) (+ attn_mask, -inf above the diagonal if causal): (B, h, T, T)."""
-    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    """S = q kᵀ / sqrt(dh) + bias (B, h, T, T), bias = attn_mask (float, or -inf where a bool mask is False) + -inf
+    above the diagonal if causal; one batched GEMM with the scale and the bias in it (baddbmm)."""
+    b, h, t, dh = q.shape
+    bias = None
     if attn_mask is not None:
-        s = s + attn_mask.to(s.dtype) if attn_mask.dtype != torch.bool else s.masked_fill(~attn_mask, float("-inf"))
+        if attn_mask.dtype == torch.bool:
+            bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float("-inf"))
+        else:
+            bias = attn_mask.to(q.dtype)
     if causal:
-        t_q, t_k = s.shape[-2], s.shape[-1]
-        above = torch.ones(t_q, t_k, dtype=torch.bool, device=s.device).triu(1)
-        s = s.masked_fill(above, float("-inf"))
-    return s
+        above = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        bias = above if bias is None else bias + above
+    q3, k3 = q.reshape(b * h, t, dh), k.reshape(b * h, t, dh)
+    if bias is None:
+        return torch.bmm(q3, k3.transpose(1, 2)).mul_(dh**-0.5).view(b, h, t, t)
+    # a (T, T) bias (causal only) broadcasts over the batch as it is; a mask's bias is expanded to every (batch, head)
+    bias = bias.unsqueeze(0) if bias.dim() == 2 else bias.expand(b, h, t, t).reshape(b * h, t, t)
+    return torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=dh**-0.5).view(b, h, t, t)
 
 
 def _attention_probs(qkv, n_heads, causal, dropout_p, seed, attn_mask):

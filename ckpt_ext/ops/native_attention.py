@@ -2,8 +2,8 @@
 
 Our dropout uses a reproducible hash mask that aten's kernels cannot draw, so the fused kernels run only when
 dropout_p == 0 and there is no attn_mask. Otherwise, on CPU, ``cpu_math`` runs reference.attention_*'s math with aten
-ops (S = q kᵀ/√dh + mask/causal bias (B, h, T, T) materialized by one baddbmm, P by one fused softmax, P rebuilt from
-lse in backward, aten's softmax backward) and applies the probability dropout with the C++ kernel
+ops (S = q kᵀ/√dh + mask/causal bias (B, h, T, T) from reference._scores' one baddbmm, P by one fused softmax, P
+rebuilt from lse in backward, aten's softmax backward) and applies the probability dropout with the C++ kernel
 ``dropout_add_kernel`` over the flat contiguous (B, h, T, T) index: the reference's mask, bit for bit, without building
 it from int64 tensor ops (that hash was most of the reference path's time). On CUDA without a fitting flash kernel the
 reference math runs. Same inputs, outputs and layouts as the ops in attention.py:
@@ -94,28 +94,6 @@ def _pack_dqkv(qkv, n_heads, dq, dk, dv):
     return dqkv.view(b, t, three_d)
 
 
-def _scores(q, k, causal, attn_mask):
-    """S = q kᵀ / sqrt(dh) + bias (B, h, T, T) in one batched GEMM (baddbmm: scale and additive bias in its epilogue);
-    bias = attn_mask (float, or -inf where a bool mask is False) + -inf above the diagonal if causal."""
-    b, h, t, dh = q.shape
-    bias = None
-    if attn_mask is not None:
-        bias = (
-            attn_mask.to(q.dtype)
-            if attn_mask.dtype != torch.bool
-            else torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float("-inf"))
-        )
-    if causal:
-        above = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-        bias = above if bias is None else bias + above
-    q3, k3 = q.reshape(b * h, t, dh), k.reshape(b * h, t, dh)
-    if bias is None:
-        return torch.bmm(q3, k3.transpose(1, 2)).mul_(dh**-0.5).view(b, h, t, t)
-    # a (T, T) bias (causal only) broadcasts over the batch as it is; a mask's bias is expanded to every (batch, head)
-    bias = bias.unsqueeze(0) if bias.dim() == 2 else bias.expand(b, h, t, t).reshape(b * h, t, t)
-    return torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=dh**-0.5).view(b, h, t, t)
-
-
 def _probs(qkv, n_heads, causal, attn_mask, lse=None):
     """q, k, v (B, h, T, dh) in the compute dtype, P = softmax(S) (B, h, T, T) contiguous, lse (B, h, T).
 
@@ -123,7 +101,7 @@ def _probs(qkv, n_heads, causal, attn_mask, lse=None):
     and a second exp pass; backward (lse given): P = exp(S - lse), the reference's formula."""
     cdt = reference.compute_dtype(qkv)
     q, k, v = (x.to(cdt) for x in reference._split_heads(qkv, n_heads))
-    s = _scores(q, k, causal, attn_mask)
+    s = reference._scores(q, k, causal, attn_mask)
     if lse is not None:
         return q, k, v, s.sub_(lse.to(cdt).unsqueeze(-1)).exp_(), lse  # in place over the scores
     s_max = s.amax(dim=-1)
