@@ -238,6 +238,154 @@ def gelu_linear_wgrad(dy: Tensor, u: Tensor, approximate: str) -> Tensor:
     return _mm(dy.t(), a, dy.dtype)
 
 
+# ------------------------------------------------------------------------------------ Llama family: RMSNorm, SwiGLU, RoPE
+def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """x (N, d) -> y (N, d), rstd (N,) fp32 (fp64 for fp64 x), with Hugging Face's cast order:
+    rstd = rsqrt(mean(x²) + eps) in fp32, n = (x·rstd) rounded to x.dtype, y = weight · n stored in
+    promote_types(x.dtype, weight.dtype) (an fp32 weight with bf16 x gives an fp32 y, as LlamaRMSNorm does)."""
+    cdt = compute_dtype(x)
+    xf = x.to(cdt)
+    rstd = torch.rsqrt(xf.square().mean(dim=1) + eps)
+    return rms_norm_apply(x, rstd, weight), rstd
+
+
+def rms_norm_apply(x: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
+    """Rebuild the RMSNorm output from x and its saved rstd: (N, d) in promote_types(x.dtype, weight.dtype)."""
+    cdt = compute_dtype(x)
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    n = (x.to(cdt) * rstd[:, None].to(cdt)).to(x.dtype)
+    return (weight.to(cdt) * n.to(cdt)).to(out_dtype)
+
+
+def rms_norm_bwd(
+    dy: Tensor, x: Tensor, rstd: Tensor, weight: Tensor, dresidual: Optional[Tensor], emit_y: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """VJP of rms_norm_fwd rebuilding x̂ = x·rstd from the saved statistic.
+
+    dx = rstd · (g - x̂ · mean(g · x̂)) with g = dy · weight, plus dresidual (in x.dtype);
+    dweight = Σ_rows dy · n with n = x̂ rounded to x.dtype (in weight.dtype); y = weight · n if emit_y else (0,).
+    """
+    cdt = compute_dtype(x)
+    xhat = x.to(cdt) * rstd[:, None].to(cdt)
+    dyf = dy.to(cdt)
+    g = dyf * weight.to(cdt)
+    dx = (g - xhat * (g * xhat).mean(dim=1, keepdim=True)) * rstd[:, None].to(cdt)
+    if dresidual is not None:
+        dx = dx + dresidual.to(cdt)
+    n = xhat.to(x.dtype).to(cdt)
+    dweight = (dyf * n).sum(dim=0).to(weight.dtype)
+    if emit_y:
+        y = (weight.to(cdt) * n).to(torch.promote_types(x.dtype, weight.dtype))
+    else:
+        y = x.new_empty((0,))
+    return dx.to(x.dtype), dweight, y
+
+
+def silu_grad(g: Tensor) -> Tensor:
+    """silu'(g) = σ(g) (1 + g (1 - σ(g)))."""
+    s = torch.sigmoid(g)
+    return s * (1.0 + g * (1.0 - s))
+
+
+def swiglu_fwd(g: Tensor, u: Tensor) -> Tensor:
+    """h = silu(g) · u: g, u (N, F) -> (N, F) in g.dtype, computed in fp32."""
+    cdt = compute_dtype(g)
+    gf = g.to(cdt)
+    return (gf * torch.sigmoid(gf) * u.to(cdt)).to(g.dtype)
+
+
+def _swiglu_grads(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """dg = dh · u · silu'(g), du = dh · silu(g), all in dh's (compute) dtype."""
+    return dh * u * silu_grad(g), dh * g * torch.sigmoid(g)
+
+
+def swiglu_bwd(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """VJP of swiglu_fwd: dg (N, F) in g.dtype, du (N, F) in u.dtype."""
+    cdt = compute_dtype(g)
+    dg, du = _swiglu_grads(dh.to(cdt), g.to(cdt), u.to(cdt))
+    return dg.to(g.dtype), du.to(u.dtype)
+
+
+def _linear_f32(x: Tensor, w: Tensor, b: Optional[Tensor], cdt: torch.dtype) -> Tensor:
+    y = _mm(x, w.t(), cdt)
+    return y if b is None else y + b.to(cdt)
+
+
+def linear_swiglu(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor]) -> Tensor:
+    """h = silu(x w_gateᵀ + b_gate) · (x w_upᵀ + b_up): x (N, K), w_* (F, K) -> (N, F) in x.dtype.
+
+    Two GEMMs on one output tile with SwiGLU in the epilogue: g and u stay fp32 and never reach memory."""
+    cdt = compute_dtype(x)
+    g = _linear_f32(x, w_gate, b_gate, cdt)
+    u = _linear_f32(x, w_up, b_up, cdt)
+    return (g * torch.sigmoid(g) * u).to(x.dtype)
+
+
+def swiglu_linear_bwd(dy: Tensor, w_down: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """dH = dy @ w_down (fp32, never stored), then dg, du in the epilogue: dy (N, d), w_down (d, F) -> 2 x (N, F)."""
+    cdt = compute_dtype(g)
+    dg, du = _swiglu_grads(_mm(dy, w_down, cdt), g.to(cdt), u.to(cdt))
+    return dg.to(g.dtype), du.to(u.dtype)
+
+
+def swiglu_linear_wgrad(dy: Tensor, g: Tensor, u: Tensor) -> Tensor:
+    """dW_down = dyᵀ @ h with h = swiglu_fwd(g, u) rebuilt in the GEMM prologue: (d, F) in dy.dtype."""
+    return _mm(dy.t(), swiglu_fwd(g, u), dy.dtype)
+
+
+def swiglu_ffn_recompute(
+    x1: Tensor,
+    rstd: Tensor,
+    norm_weight: Tensor,
+    w_gate: Tensor,
+    b_gate: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    dy: Tensor,
+    w_down: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The SwiGLU ffn/block recompute: three GEMMs reducing over d on one (rows x F) output tile.
+
+    n = RMSNorm(x1; rstd, norm_weight) cast to dy.dtype, g = n w_gateᵀ + b_gate, u = n w_upᵀ + b_up, dH = dy w_down
+    (all fp32), then h = silu(g) · u, dg, du written in dy.dtype. x1 (N, d), w_gate/w_up (F, d), dy (N, d),
+    w_down (d, F) -> h, dg, du (N, F). Neither n, g, u nor dH leaves the kernel.
+    """
+    cdt = compute_dtype(dy)
+    n = rms_norm_apply(x1, rstd, norm_weight).to(dy.dtype)  # (N, d), only inside the kernel on a GPU
+    g = _linear_f32(n, w_gate, b_gate, cdt)  # (N, F)
+    u = _linear_f32(n, w_up, b_up, cdt)  # (N, F)
+    dg, du = _swiglu_grads(_mm(dy, w_down, cdt), g, u)
+    return (g * torch.sigmoid(g) * u).to(dy.dtype), dg.to(dy.dtype), du.to(dy.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """The half-split rotation of Hugging Face's RoPE: (x1, x2) -> (-x2, x1) over the last dim."""
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rotate_half_t(z: Tensor) -> Tensor:
+    """The transpose of rotate_half: (z1, z2) -> (z2, -z1)."""
+    h = z.shape[-1] // 2
+    return torch.cat((z[..., h:], -z[..., :h]), dim=-1)
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of q (B, T, hq, dh) and k (B, T, hk, dh) with cos/sin (B|1, T, dh), in fp32.
+
+    inverse=False: x·cos + rotate_half(x)·sin. inverse=True, its exact adjoint (the VJP, for dq and dk):
+    x·cos + rotate_half_t(x·sin). Outputs contiguous in q.dtype and k.dtype."""
+    cdt = compute_dtype(q)
+    c, s = cos.to(cdt)[:, :, None, :], sin.to(cdt)[:, :, None, :]  # (B|1, T, 1, dh)
+
+    def one(x: Tensor) -> Tensor:
+        xf = x.to(cdt)
+        out = xf * c + (rotate_half_t(xf * s) if inverse else rotate_half(xf) * s)
+        return out.to(x.dtype).contiguous()
+
+    return one(q), one(k)
+
+
 # -------------------------------------------------------------------------------------------------- attention
 def _split_heads(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """qkv (B, T, 3d) -> q, k, v each (B, h, T, dh) views; head i = columns i*dh:(i+1)*dh of each third."""

@@ -6,6 +6,16 @@ from .dropout import dropout_add
 from .ffn import ffn_recompute, gelu_linear_wgrad, linear_bias_gelu, linear_dropout_add, linear_gelu_bwd
 from .gelu import bias_gelu, gelu_bwd
 from .layer_norm import layer_norm_bwd, layer_norm_fwd
+from .rms_norm import rms_norm_bwd, rms_norm_fwd
+from .rope import rope
+from .swiglu import (
+    linear_swiglu,
+    swiglu_bwd,
+    swiglu_ffn_recompute,
+    swiglu_fwd,
+    swiglu_linear_bwd,
+    swiglu_linear_wgrad,
+)
 
 flops.install()
 
@@ -22,4 +32,13 @@ __all__ = [
     "linear_bias_gelu",
     "linear_dropout_add",
     "linear_gelu_bwd",
+    "linear_swiglu",
+    "rms_norm_bwd",
+    "rms_norm_fwd",
+    "rope",
+    "swiglu_bwd",
+    "swiglu_ffn_recompute",
+    "swiglu_fwd",
+    "swiglu_linear_bwd",
+    "swiglu_linear_wgrad",
 ]

@@ -2,6 +2,7 @@
 
 ffn_recompute: 4·N·d·H (FC1 and the dA GEMM); linear_bias_gelu, linear_dropout_add, linear_gelu_bwd and
 gelu_linear_wgrad: 2·N·K·out.
+linear_swiglu: 4·N·K·F; swiglu_linear_bwd, swiglu_linear_wgrad: 2·N·d·F; swiglu_ffn_recompute: 6·N·d·F.
 attention_fwd: 4·B·h·T²·dh, attention_bwd: 10·B·h·T²·dh (torch's SDPA convention, causal not halved).
 
 torch.utils.flop_counter imports triton when it is first imported, and ckpt_ext promises not to import triton at import
@@ -45,6 +46,23 @@ def gelu_linear_wgrad_flops(dy_shape, u_shape, *args, out_shape=None, **kwargs) 
     return 2 * dy_shape[0] * dy_shape[1] * u_shape[1]
 
 
+def linear_swiglu_flops(x_shape, w_gate_shape, *args, out_shape=None, **kwargs) -> int:
+    return 4 * x_shape[0] * x_shape[1] * w_gate_shape[0]  # gate and up GEMMs
+
+
+def swiglu_linear_bwd_flops(dy_shape, w_down_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * dy_shape[0] * dy_shape[1] * w_down_shape[1]
+
+
+def swiglu_linear_wgrad_flops(dy_shape, g_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * dy_shape[0] * dy_shape[1] * g_shape[1]
+
+
+def swiglu_ffn_recompute_flops(x1_shape, rstd_shape, nw_shape, w_gate_shape, *args, out_shape=None, **kwargs) -> int:
+    n, d = x1_shape
+    return 6 * n * d * w_gate_shape[0]  # gate and up GEMMs redone, dH = dy @ w_down
+
+
 def attention_fwd_flops(qkv_shape, n_heads, *args, out_shape=None, **kwargs) -> int:
     b, h, t, dh = _bhtd(qkv_shape, n_heads)
     return 4 * b * h * t * t * dh
@@ -65,6 +83,10 @@ def _register() -> None:
         (ops.linear_bias_gelu, linear_bias_gelu_flops),
         (ops.linear_dropout_add, linear_dropout_add_flops),
         (ops.gelu_linear_wgrad, gelu_linear_wgrad_flops),
+        (ops.linear_swiglu, linear_swiglu_flops),
+        (ops.swiglu_linear_bwd, swiglu_linear_bwd_flops),
+        (ops.swiglu_linear_wgrad, swiglu_linear_wgrad_flops),
+        (ops.swiglu_ffn_recompute, swiglu_ffn_recompute_flops),
         (ops.attention_fwd, attention_fwd_flops),
         (ops.attention_bwd, attention_bwd_flops),
     ):
