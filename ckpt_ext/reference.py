@@ -238,7 +238,7 @@ def gelu_linear_wgrad(dy: Tensor, u: Tensor, approximate: str) -> Tensor:
     return _mm(dy.t(), a, dy.dtype)
 
 
-# ------------------------------------------------------------------------------------ Llama family: RMSNorm, SwiGLU, RoPE
+# ---------------------------------------------------------------------------------- Llama family: RMSNorm, SwiGLU, RoPE
 def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """x (N, d) -> y (N, d), rstd (N,) fp32 (fp64 for fp64 x), with Hugging Face's cast order:
     rstd = rsqrt(mean(x²) + eps) in fp32, n = (x·rstd) rounded to x.dtype, y = weight · n stored in

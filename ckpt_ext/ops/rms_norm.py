@@ -1,4 +1,4 @@
-"""``ckpt_ext::rms_norm_fwd`` / ``ckpt_ext::rms_norm_bwd``: RMSNorm that keeps one fp32 statistic per row, not its output.
+"""``ckpt_ext::rms_norm_fwd`` / ``ckpt_ext::rms_norm_bwd``: RMSNorm keeping one fp32 statistic per row.
 
 rms_norm_fwd(x (N, d), weight (d,), eps) -> y (N, d) in promote_types(x.dtype, weight.dtype), rstd (N,) fp32
 rms_norm_bwd(dy (N, d), x, rstd, weight, dresidual (N, d)?, emit_y) -> dx (N, d) x.dtype (+ dresidual),
