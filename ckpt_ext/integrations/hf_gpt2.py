@@ -9,8 +9,9 @@ with ``resid_pdrop``, LayerNorm eps ``layer_norm_epsilon``, ``gelu_new`` = GELU'
 
 Fused path: autograd records the call, no attention weights or head mask are requested, no cross-attention input,
 attention implementation eager or sdpa, and no KV cache with earlier tokens for this layer. A cache that is still
-empty (``use_cache=True`` is GPT-2's default, also while training) is left unfilled, as Hugging Face's own gradient
-checkpointing does. Everything else (generate, no_grad, output_attentions, ...) runs the original forward.
+empty is left unfilled only while the layer trains (``use_cache=True`` is GPT-2's default, also while training), as
+Hugging Face's own gradient checkpointing does; in eval() a requested cache is always filled, by the original forward.
+Everything else (generate, no_grad, output_attentions, ...) runs the original forward.
 Return value: 4.57 blocks return a tuple (hidden_states,); 5.x blocks return the tensor.
 """
 
@@ -107,8 +108,8 @@ class GPT2Adapter:
         cache = next((bound[k] for k in _CACHE_ARGS if bound.get(k) is not None), None)
         cache = cache if cache is not None else next((extra[k] for k in _CACHE_ARGS if extra.get(k) is not None), None)
         if cache is not None:
-            if _cached_tokens(cache, layer.attn.layer_idx) > 0:
-                return False
+            if not layer.training or _cached_tokens(cache, layer.attn.layer_idx) > 0:
+                return False  # eval (e.g. a prefix for generation with grad on) or a filled cache: it must be filled
             warn_once("gpt2-cache", "ckpt_ext: fused GPT-2 blocks do not fill the KV cache while training (as with "
                       "Hugging Face's gradient checkpointing); pass use_cache=False to silence this")  # fmt: skip
         return True
