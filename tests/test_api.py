@@ -101,6 +101,66 @@ def test_apply_checkpointing(every, expected):
         apply_checkpointing(model, every=0)
 
 
+class NestedModel(nn.Module):
+    """Blocks registered as first, stack.0, stack.1, last (module order) by two different parents."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = make_block(72, 4, seed=0)
+        self.stack = nn.ModuleList([make_block(72, 4, seed=1), make_block(72, 4, seed=2)])
+        self.last = make_block(72, 4, seed=3)
+
+    def forward(self, x):
+        for b in (self.first, *self.stack, self.last):
+            x = b(x)
+        return x
+
+
+def fused_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, FusedCheckpointBlock)]
+
+
+def test_apply_checkpointing_counts_blocks_in_module_order():
+    """Issue 15 item 6: every=2 used to count parent by parent (first, last, stack.0, stack.1) and convert
+    stack.1 and last; module order converts stack.0 and last."""
+    model = NestedModel()
+    x, g = torch.randn(3, 7, 72), torch.randn(3, 7, 72)
+    ref = run_step(model, x, g)
+    ref64 = [t.double() for t in run_step(copy.deepcopy(model).double(), x.double(), g.double())]
+    assert apply_checkpointing(model, policy="pointwise", every=2) == 2
+    assert fused_names(model) == ["stack.0", "last"]
+    assert_within_torch_error(run_step(model, x, g), ref, ref64, atol=1e-6)
+    assert apply_checkpointing(model, policy="block", every=3) == 1
+    assert fused_names(model) == ["stack.0", "stack.1", "last"]
+    assert [model.stack[0].policy, model.stack[1].policy] == ["pointwise", "block"]
+
+
+def test_apply_checkpointing_shared_block_counts_once():
+    shared = make_block(72, 4)
+    model = nn.ModuleDict({"a": shared, "b": make_block(72, 4, seed=1), "c": shared})
+    assert apply_checkpointing(model, every=1) == 2
+    assert model["a"] is model["c"] and isinstance(model["a"], FusedCheckpointBlock)
+    assert model["a"].ln_1.weight is shared.ln_1.weight
+
+
+@pytest.mark.parametrize(
+    "model, kwargs, exc, match",
+    [
+        (nn.Sequential(nn.Linear(4, 4)), {}, TypeError, "no ckpt_ext.TransformerBlock"),
+        (nn.Module(), {}, TypeError, "no ckpt_ext.TransformerBlock"),
+        ("not a module", {}, TypeError, "model"),
+        (TransformerBlock(72, 4), {}, TypeError, "model.*from_block"),
+        (TinyModel(2), dict(every=True), ValueError, "every"),
+        (TinyModel(2), dict(every=2.0), ValueError, "every"),
+        (TinyModel(2), dict(every=-1), ValueError, "every"),
+        (TinyModel(2), dict(policy="all"), ValueError, "policy"),
+    ],
+)
+def test_apply_checkpointing_errors_like_apply_fused_checkpointing(model, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        apply_checkpointing(model, **kwargs)
+
+
 def test_set_backend_call_context_and_errors(monkeypatch):
     assert ckpt_ext.get_backend() in ckpt_ext.backend.BACKENDS
     with set_backend("reference"):
