@@ -5,12 +5,12 @@ Each launcher views its inputs as 2-D or flat, copies only what a kernel cannot 
 column stride on activations; weights are always read through their strides), allocates fresh outputs (never
 aliases an input), picks the grid and launches. Inputs the kernels do not cover (float64, empty tensors, more than
 2³² dropout elements) run the reference math, so every call returns the reference's result.
+The Llama-family ops (RMSNorm, SwiGLU, RoPE) are in llama_launchers.py and merged into IMPLS here; the norm
+backwards and ffn_recompute reduce their fp32 partials with a second small launch (launch_utils.column_sums).
 Importing this module imports triton; ckpt_ext.backend imports it only when the triton backend is asked for a kernel.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -21,91 +21,65 @@ from ckpt_ext.ops import native_attention
 from .dropout import dropout_add_kernel
 from .ffn_pointwise import gelu_linear_wgrad_autotuned, linear_gelu_bwd_autotuned
 from .ffn_recompute import ffn_recompute_autotuned
+from .launch_utils import (
+    KERNEL_DTYPES,
+    POINTWISE_BLOCK,
+    bwd_programs,
+    column_sums,
+    covered,
+    matmul_grid,
+    row_warps,
+    rows,
+    upcast,
+)
 from .layer_norm import layer_norm_bwd_kernel, layer_norm_fwd_kernel
 from .linear_dropout_add import linear_dropout_add_autotuned
 from .linear_gelu import linear_bias_gelu_autotuned
-from .matmul_configs import interpreting
+from .llama_launchers import LLAMA_IMPLS
 from .pointwise import bias_gelu_kernel, gelu_bwd_kernel
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-POINTWISE_BLOCK = 1024
-
-
-def _covered(*tensors) -> bool:
-    """True when every given tensor is a non-empty float32/16/bf16 tensor (None entries are ignored)."""
-    return all(t is None or (t.dtype in KERNEL_DTYPES and t.numel() > 0) for t in tensors)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D view with unit column stride (copies only if the last dim is strided)."""
-    return t if t.stride(1) == 1 else t.contiguous()
-
-
-def _upcast(*tensors) -> bool:
-    """fp32 dots when interpreting (bf16 dots are wrong there), for fp32 operands, or when operand dtypes differ."""
-    dtypes = {t.dtype for t in tensors}
-    return interpreting() or len(dtypes) > 1 or torch.float32 in dtypes
-
-
-@functools.lru_cache(maxsize=16)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _row_warps(block_d: int) -> int:
-    return min(max(block_d // 256, 1), 16)
-
-
-def _matmul_grid(m: int, n: int):
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
 
 # ------------------------------------------------------------------------------------------------- LayerNorm
 def layer_norm_fwd(x, weight, bias, eps):
-    if not _covered(x, weight, bias):
+    if not covered(x, weight, bias):
         return reference.layer_norm_fwd(x, weight, bias, eps)
-    x = _rows(x)
+    x = rows(x)
     n, d = x.shape
     y = torch.empty((n, d), dtype=x.dtype, device=x.device)
     mean = torch.empty((n,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((n,), dtype=torch.float32, device=x.device)
     block_d = triton.next_power_of_2(d)
     layer_norm_fwd_kernel[(n,)](x, weight, bias, y, mean, rstd, x.stride(0), d, eps, BLOCK_D=block_d,
-                                num_warps=_row_warps(block_d))  # fmt: skip
+                                num_warps=row_warps(block_d))  # fmt: skip
     return y, mean, rstd
 
 
-def _bwd_programs(n: int, device: torch.device) -> int:
-    if interpreting() or device.type != "cuda":
-        return min(n, 4)
-    return min(n, 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
-
-
 def layer_norm_bwd(dy, x, mean, rstd, weight, bias, dresidual, emit_y):
-    if not _covered(dy, x, weight, bias, dresidual) or mean.dtype != torch.float32:
+    if not covered(dy, x, weight, bias, dresidual) or mean.dtype != torch.float32:
         return reference.layer_norm_bwd(dy, x, mean, rstd, weight, bias, dresidual, emit_y)
-    x = _rows(x)
+    x = rows(x)
     dy = dy.contiguous()
     dres = dresidual.contiguous() if dresidual is not None else None
     n, d = x.shape
     dx = torch.empty((n, d), dtype=x.dtype, device=x.device)
     y = torch.empty((n, d), dtype=x.dtype, device=x.device) if emit_y else x.new_empty((0,))
-    programs = _bwd_programs(n, x.device)
+    programs = bwd_programs(n, x.device)
     dw_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     db_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     block_d = triton.next_power_of_2(d)
     layer_norm_bwd_kernel[(programs,)](
         dy, x, mean.contiguous(), rstd.contiguous(), weight, bias, dres if dres is not None else dy, dx,
         y if emit_y else dx, dw_part, db_part, n, d, x.stride(0), triton.cdiv(n, programs),
-        HAS_DRES=dres is not None, EMIT_Y=emit_y, BLOCK_D=block_d, num_warps=_row_warps(block_d),
+        HAS_DRES=dres is not None, EMIT_Y=emit_y, BLOCK_D=block_d, num_warps=row_warps(block_d),
     )  # fmt: skip
-    return dx, dw_part.sum(dim=0).to(weight.dtype), db_part.sum(dim=0).to(bias.dtype), y
+    dw, db = column_sums(dw_part, weight.dtype, db_part, bias.dtype)
+    return dx, dw, db, y
 
 
 # ------------------------------------------------------------------------------------------------------ GELU
 def bias_gelu(x, bias, approximate):
     reference._check_approximate(approximate)
-    if not _covered(x, bias):
+    if not covered(x, bias):
         return reference.bias_gelu(x, bias, approximate)
     xc = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -119,7 +93,7 @@ def bias_gelu(x, bias, approximate):
 
 def gelu_bwd(da, u, approximate):
     reference._check_approximate(approximate)
-    if not _covered(da, u):
+    if not covered(da, u):
         return reference.gelu_bwd(da, u, approximate)
     da, uc = da.contiguous(), u.contiguous()
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
@@ -137,7 +111,7 @@ def _as_int32(v: int) -> int:
 
 def dropout_add(x, residual, p, seed):
     out_dtype = x.dtype if residual is None else torch.result_type(x, residual)
-    if not _covered(x, residual) or out_dtype not in KERNEL_DTYPES or x.numel() >= (1 << 32):
+    if not covered(x, residual) or out_dtype not in KERNEL_DTYPES or x.numel() >= (1 << 32):
         return reference.dropout_add(x, residual, p, seed)
     xc = x.contiguous()
     res = residual.contiguous() if residual is not None else None
@@ -154,33 +128,33 @@ def dropout_add(x, residual, p, seed):
 # ----------------------------------------------------------------------------------------------- fused FFN
 def ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximate):
     reference._check_approximate(approximate)
-    if not _covered(x1, ln_weight, ln_bias, w1, b1, dy, w2) or mean.dtype != torch.float32:
+    if not covered(x1, ln_weight, ln_bias, w1, b1, dy, w2) or mean.dtype != torch.float32:
         return reference.ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximate)
-    x1, dy = _rows(x1), _rows(dy)
+    x1, dy = rows(x1), rows(dy)
     m, k = x1.shape
     n = w1.shape[0]
     (block_m,) = {c.kwargs["BLOCK_M"] for c in ffn_recompute_autotuned.configs}
     a = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
     du = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
     db1_part = torch.empty((triton.cdiv(m, block_m), n), dtype=torch.float32, device=dy.device)
-    ffn_recompute_autotuned[_matmul_grid(m, n)](
+    ffn_recompute_autotuned[matmul_grid(m, n)](
         x1, mean.contiguous(), rstd.contiguous(), ln_weight, ln_bias, w1, b1, dy, w2, a, du, db1_part, m, n, k,
         x1.stride(0), w1.stride(0), w1.stride(1), dy.stride(0), w2.stride(0), w2.stride(1),
-        APPROX_TANH=approximate == "tanh", UPCAST=_upcast(w1, dy, w2),
+        APPROX_TANH=approximate == "tanh", UPCAST=upcast(w1, dy, w2),
     )  # fmt: skip
-    return a, du, db1_part.sum(dim=0)
+    return a, du, column_sums(db1_part, torch.float32)
 
 
 def linear_bias_gelu(x, w, b, approximate):
     reference._check_approximate(approximate)
-    if not _covered(x, w, b):
+    if not covered(x, w, b):
         return reference.linear_bias_gelu(x, w, b, approximate)
     m, k = x.shape
     n = w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    linear_bias_gelu_autotuned[_matmul_grid(m, n)](
+    linear_bias_gelu_autotuned[matmul_grid(m, n)](
         x, w, b if b is not None else w, out, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        HAS_BIAS=b is not None, APPROX_TANH=approximate == "tanh", UPCAST=_upcast(x, w),
+        HAS_BIAS=b is not None, APPROX_TANH=approximate == "tanh", UPCAST=upcast(x, w),
     )  # fmt: skip
     return out
 
@@ -188,44 +162,44 @@ def linear_bias_gelu(x, w, b, approximate):
 def linear_dropout_add(x, w, b, residual, p, seed):
     m, k = x.shape
     n = w.shape[0]
-    if not _covered(x, w, b, residual) or m * n >= (1 << 32):
+    if not covered(x, w, b, residual) or m * n >= (1 << 32):
         return reference.linear_dropout_add(x, w, b, residual, p, seed)
-    residual = _rows(residual)
+    residual = rows(residual)
     out = torch.empty((m, n), dtype=residual.dtype, device=residual.device)
-    linear_dropout_add_autotuned[_matmul_grid(m, n)](
+    linear_dropout_add_autotuned[matmul_grid(m, n)](
         x, w, b if b is not None else w, residual, out, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         residual.stride(0), _as_int32(reference.seed_key(seed)), reference.dropout_threshold(p), 1.0 / (1.0 - p),
-        HAS_BIAS=b is not None, APPLY_DROPOUT=p > 0.0, UPCAST=_upcast(x, w),
+        HAS_BIAS=b is not None, APPLY_DROPOUT=p > 0.0, UPCAST=upcast(x, w),
     )  # fmt: skip
     return out
 
 
 def linear_gelu_bwd(dy, w2, u, approximate):
     reference._check_approximate(approximate)
-    if not _covered(dy, w2, u):
+    if not covered(dy, w2, u):
         return reference.linear_gelu_bwd(dy, w2, u, approximate)
-    u = _rows(u)
+    u = rows(u)
     m, k = dy.shape
     n = w2.shape[1]
     du = torch.empty((m, n), dtype=u.dtype, device=u.device)
-    linear_gelu_bwd_autotuned[_matmul_grid(m, n)](
+    linear_gelu_bwd_autotuned[matmul_grid(m, n)](
         dy, w2, u, du, m, n, k, dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1), u.stride(0),
-        APPROX_TANH=approximate == "tanh", UPCAST=_upcast(dy, w2),
+        APPROX_TANH=approximate == "tanh", UPCAST=upcast(dy, w2),
     )  # fmt: skip
     return du
 
 
 def gelu_linear_wgrad(dy, u, approximate):
     reference._check_approximate(approximate)
-    if not _covered(dy, u):
+    if not covered(dy, u):
         return reference.gelu_linear_wgrad(dy, u, approximate)
-    u = _rows(u)
-    rows, m = dy.shape
+    u = rows(u)
+    n_rows, m = dy.shape
     n = u.shape[1]
     dw = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
-    gelu_linear_wgrad_autotuned[_matmul_grid(m, n)](
-        dy, u, dw, m, n, rows, dy.stride(0), dy.stride(1), u.stride(0), APPROX_TANH=approximate == "tanh",
-        UPCAST=_upcast(dy, u),
+    gelu_linear_wgrad_autotuned[matmul_grid(m, n)](
+        dy, u, dw, m, n, n_rows, dy.stride(0), dy.stride(1), u.stride(0), APPROX_TANH=approximate == "tanh",
+        UPCAST=upcast(dy, u),
     )  # fmt: skip
     return dw
 
@@ -243,4 +217,5 @@ IMPLS = {
     "gelu_linear_wgrad": gelu_linear_wgrad,
     "attention_fwd": native_attention.attention_fwd,
     "attention_bwd": native_attention.attention_bwd,
+    **LLAMA_IMPLS,
 }

@@ -60,6 +60,17 @@ DUAL_SM80 = (
 )
 DUAL_SINGLE = (_config(DUAL_BLOCK_M, 64, 32, 4, 3),)
 
+TRIPLE_SM90 = (
+    _config(128, 64, 64, 8, 3),
+    _config(128, 64, 32, 8, 4),
+    _config(64, 64, 64, 4, 3),
+)
+TRIPLE_SM80 = (
+    _config(128, 64, 32, 8, 3),
+    _config(64, 64, 32, 4, 3),
+)
+TRIPLE_SINGLE = (_config(64, 64, 32, 4, 3),)
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -80,6 +91,16 @@ def dual_configs() -> list:
     if os.environ.get("CKPT_EXT_TRITON_AUTOTUNE", "1") == "0":
         return list(DUAL_SINGLE)
     unique = {_key(c): c for c in DUAL_SM90 + DUAL_SM80}
+    return list(unique.values())
+
+
+def triple_configs() -> list:
+    """Configs of the three-accumulator swiglu_ffn_recompute (the interpreter's tiny tile under TRITON_INTERPRET)."""
+    if interpreting():
+        return list(INTERPRETER)
+    if os.environ.get("CKPT_EXT_TRITON_AUTOTUNE", "1") == "0":
+        return list(TRIPLE_SINGLE)
+    unique = {_key(c): c for c in TRIPLE_SM90 + TRIPLE_SM80}
     return list(unique.values())
 
 
@@ -108,3 +129,4 @@ def _key(config) -> tuple:
 
 AUTOTUNE = dict(key=["M", "N", "K"], prune_configs_by={"early_config_prune": prune_for_device})
 DUAL_AUTOTUNE = dict(key=["M", "N", "K"], prune_configs_by={"early_config_prune": pruner(DUAL_SM90, DUAL_SM80)})
+TRIPLE_AUTOTUNE = dict(key=["M", "N", "K"], prune_configs_by={"early_config_prune": pruner(TRIPLE_SM90, TRIPLE_SM80)})
