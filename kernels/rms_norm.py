@@ -8,7 +8,7 @@ Backward (program p owns rows [p·R, (p+1)·R), R = rows_per_program), rebuildin
     y = w · n if EMIT_Y (the forward's output, for the next weight gradient)
     dw_part[p] = Σ_rows dy · n   (fp32 (P, d) partials; reduce.column_sums_kernel turns them into dweight in a
                                   second, small launch: P·d·4 bytes read, d written)
-ROUND_N (constexpr): n is x̂ rounded to x.dtype (False for fp32 x, where the rounding is the identity).
+ROUND_N (constexpr): n is x̂ rounded to x.dtype (rounding.round_to; False for fp32 x, where it is the identity).
 Every load is upcast to fp32 (bf16 arithmetic is wrong under the interpreter); stores cast to the output dtype.
 BLOCK_D = next_power_of_2(d) columns per row, masked beyond d. Also Qwen3's per-head q/k norm with x viewed as
 (N·heads, head_dim).
@@ -17,12 +17,14 @@ BLOCK_D = next_power_of_2(d) columns per row, masked beyond d. Also Qwen3's per-
 import triton
 import triton.language as tl
 
+from .rounding import round_to
+
 
 @triton.jit
 def rms_round(xhat, X_DTYPE: tl.constexpr, ROUND_N: tl.constexpr):
     """n = x̂ rounded to x's dtype (HF's ``.to(input_dtype)``), back in fp32 for the weight product."""
     if ROUND_N:
-        xhat = xhat.to(X_DTYPE).to(tl.float32)
+        xhat = round_to(xhat, X_DTYPE)
     return xhat
 
 

@@ -20,7 +20,8 @@ ROUND_N (constexpr): x1 · rstd rounded to x1.dtype (Hugging Face's ``.to(input_
 ROUND_Y (constexpr): the norm output rounded to x1.dtype (x1 and w_norm share a 16-bit dtype, so RMSNorm's output
 dtype is x1.dtype) before the cast to dy.dtype.
 UPCAST (constexpr): fp32 operands and ieee fp32 dots (fp32 inputs, mixed dtypes, and always under the interpreter);
-otherwise tensor-core dots in dy's 16-bit dtype.
+otherwise tensor-core dots in dy's 16-bit dtype. Every rounding of the norm output is rounding.round_to (nearest-even,
+also under the interpreter), so the GEMM sees the values Hugging Face's RMSNorm hands its gate/up projections.
 """
 
 import triton
@@ -28,6 +29,7 @@ import triton.language as tl
 
 from .matmul_configs import TRIPLE_AUTOTUNE, triple_configs
 from .matmul_tiles import k_slice, load_a, load_b, mma, tile_offsets
+from .rounding import round_to
 from .swiglu_math import swiglu_and_grads
 
 
@@ -77,11 +79,13 @@ def swiglu_ffn_recompute_kernel(
         x = load_a(X1, rm64, kk, stride_xm, 1, m_ok, k_ok)  # (BLOCK_M, BLOCK_K)
         n = x.to(tl.float32) * rstd[:, None]
         if ROUND_N:
-            n = n.to(X1.dtype.element_ty).to(tl.float32)
+            n = round_to(n, X1.dtype.element_ty)
         n = tl.load(NW + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :] * n
         if ROUND_Y:
-            n = n.to(X1.dtype.element_ty)
-        n = n.to(DY.dtype.element_ty)
+            n = round_to(n, X1.dtype.element_ty)
+        n = round_to(n, DY.dtype.element_ty)
+        if not UPCAST:
+            n = n.to(DY.dtype.element_ty)
         wg = load_b(WG, kk, rn, stride_wgk, stride_wgn, k_ok, n_ok)  # (BLOCK_K, BLOCK_N)
         wu = load_b(WU, kk, rn, stride_wuk, stride_wun, k_ok, n_ok)
         dy = load_a(DY, rm64, kk, stride_dym, 1, m_ok, k_ok)

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .matmul_configs import AUTOTUNE, configs
 from .matmul_tiles import k_slice, load_a, load_b, matmul_tile, mma, tile_offsets
+from .rounding import round_to
 from .swiglu_math import swiglu, swiglu_grads
 
 
@@ -81,7 +82,9 @@ def swiglu_linear_wgrad_kernel(
         a = load_a(DY, rm, kk, stride_dym, stride_dyk, m_ok, k_ok)  # (BLOCK_M, BLOCK_K)
         g = load_b(G, kk, rn, stride_gk, 1, k_ok, n_ok)  # (BLOCK_K, BLOCK_N)
         u = load_b(U, kk, rn, stride_uk, 1, k_ok, n_ok)
-        h = swiglu(g.to(tl.float32), u.to(tl.float32)).to(g.dtype)
+        h = round_to(swiglu(g.to(tl.float32), u.to(tl.float32)), g.dtype)  # as the kept h would be
+        if not UPCAST:
+            h = h.to(g.dtype)
         acc = mma(a, h, acc, UPCAST)
     mask = m_ok[:, None] & n_ok[None, :]
     tl.store(DW + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(DW.dtype.element_ty), mask=mask)
