@@ -1,43 +1,94 @@
-"""``TransformerBlock`` (plain pre-LN block, torch modules) and ``FusedCheckpointBlock`` (same parameters, fused
-checkpointing through the ``ckpt_ext::*`` op graph).
+"""``TransformerBlock`` (plain pre-norm block, torch modules) and ``FusedCheckpointBlock`` (same parameters, fused
+checkpointing through the ``ckpt_ext::*`` op graph), for GPT-2/ViT-style and Llama-family blocks.
 
-For x (B, T, d):  q|k|v = attn.qkv(ln_1(x)), heads contiguous;  x1 = x + Dropout(attn.proj(SDPA(q, k, v)))
-                  out = x1 + Dropout(mlp.proj(act(mlp.fc(ln_2(x1)))));  hidden = int(mlp_ratio * d_model)
-Parameter names (ln_1, attn.qkv, attn.proj, ln_2, mlp.fc, mlp.proj) are the same in both classes, so state_dicts load
-both ways and ``FusedCheckpointBlock.from_block`` shares a block's parameters without copying them.
+GPT-2 form (norm="layernorm", activation "gelu" | "gelu_tanh"), x (B, T, d):
+    q|k|v = attn.qkv(ln_1(x)), heads contiguous;  x1 = x + Dropout(attn.proj(SDPA(q, k, v)))
+    out = x1 + Dropout(mlp.proj(gelu(mlp.fc(ln_2(x1)))))
+Llama form (norm="rmsnorm", activation="swiglu"): RMSNorm with Hugging Face's cast order, separate attn.q / attn.k /
+attn.v (n_kv_heads kv heads, GQA without repeated k/v), optional per-head attn.q_norm / attn.k_norm (Qwen3), RoPE from
+``position_embeddings=(cos, sin)`` (the model's, any scaling) with the rotate-half convention, and
+    out = x1 + Dropout(mlp.proj(silu(mlp.gate(n2)) * mlp.up(n2))).
+hidden = d_ff, or int(mlp_ratio * d_model). Parameter names are the same in both classes, so state_dicts load both
+ways and ``FusedCheckpointBlock.from_block`` shares a block's parameters without copying them.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import PARAM_NAMES, BlockConfig, FusedBlockFunction, block_forward
+from . import reference
+from .functional import ALL_PARAM_NAMES, BlockConfig, FusedBlockFunction, block_forward, check_config, param_names
 from .policies import get_policy
 
-ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh", "swiglu": "none"}
+NORM_FOR = {"gelu": "layernorm", "gelu_tanh": "layernorm", "swiglu": "rmsnorm"}
+
+
+class RMSNorm(nn.Module):
+    """Hugging Face's RMSNorm: weight * (x_f32 * rsqrt(mean(x_f32²) + eps)).to(x.dtype)."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, bias: bool):
+    def __init__(self, d_model: int, n_heads: int, bias: bool, *, packed: bool = True, n_kv_heads: int = 0,
+                 head_dim: int = 0, qkv_bias: Optional[bool] = None, qk_norm: bool = False,
+                 eps: float = 1e-6):  # fmt: skip
         super().__init__()
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        kv, dh = n_kv_heads or n_heads, head_dim or d_model // n_heads
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        if packed:
+            self.qkv = nn.Linear(d_model, (n_heads + 2 * kv) * dh, bias=qkv_bias)
+        else:
+            self.q = nn.Linear(d_model, n_heads * dh, bias=qkv_bias)
+            self.k = nn.Linear(d_model, kv * dh, bias=qkv_bias)
+            self.v = nn.Linear(d_model, kv * dh, bias=qkv_bias)
+        if qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(dh, eps), RMSNorm(dh, eps)
+        self.proj = nn.Linear(n_heads * dh, d_model, bias=bias)
 
 
 class MLP(nn.Module):
-    def __init__(self, d_model: int, hidden: int, bias: bool):
+    def __init__(self, d_model: int, hidden: int, bias: bool, gated: bool = False):
         super().__init__()
-        self.fc = nn.Linear(d_model, hidden, bias=bias)
+        if gated:
+            self.gate = nn.Linear(d_model, hidden, bias=bias)
+            self.up = nn.Linear(d_model, hidden, bias=bias)
+        else:
+            self.fc = nn.Linear(d_model, hidden, bias=bias)
         self.proj = nn.Linear(hidden, d_model, bias=bias)
 
 
+def _positive_int(name: str, value, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def rotate_half_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Hugging Face's apply_rotary_pos_emb on (B, heads, T, dh) q, k with cos/sin (B|1, T, dh)."""
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * c + reference.rotate_half(q) * s, k * c + reference.rotate_half(k) * s
+
+
 class TransformerBlock(nn.Module):
-    """Plain pre-LN transformer block (no checkpointing): the baseline FusedCheckpointBlock reproduces."""
+    """Plain pre-norm transformer block (no checkpointing): the baseline FusedCheckpointBlock reproduces."""
 
     def __init__(
         self,
@@ -49,54 +100,139 @@ class TransformerBlock(nn.Module):
         attn_dropout: float = 0.0,
         activation: str = "gelu",
         causal: bool = True,
-        eps: float = 1e-5,
-        bias: bool = True,
+        eps: Optional[float] = None,
+        bias: Optional[bool] = None,
+        norm: Optional[str] = None,
+        n_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        d_ff: Optional[int] = None,
+        qkv_bias: Optional[bool] = None,
+        qk_norm: bool = False,
     ):
         super().__init__()
-        if d_model <= 0 or n_heads <= 0 or d_model % n_heads != 0:
-            raise ValueError(f"n_heads ({n_heads}) must be positive and divide d_model ({d_model})")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        norm = NORM_FOR[activation] if norm is None else norm
+        if norm != NORM_FOR[activation]:
+            raise ValueError(f"norm={norm!r} with activation={activation!r}: the fused block pairs LayerNorm with "
+                             "GELU (GPT-2, ViT) and RMSNorm with SwiGLU (Llama family)")  # fmt: skip
+        _positive_int("d_model", d_model)
+        _positive_int("n_heads", n_heads)
+        _positive_int("n_kv_heads", n_kv_heads, allow_none=True)
+        _positive_int("head_dim", head_dim, allow_none=True)
+        _positive_int("d_ff", d_ff, allow_none=True)
+        if head_dim is None and d_model % n_heads != 0:
+            raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model}) unless head_dim is given")
+        kv = n_heads if n_kv_heads is None else n_kv_heads
+        if n_heads % kv != 0:
+            raise ValueError(f"n_kv_heads ({kv}) must divide n_heads ({n_heads})")
+        dh = d_model // n_heads if head_dim is None else head_dim
+        if qk_norm and norm != "rmsnorm":
+            raise ValueError("qk_norm=True needs the Llama form (activation='swiglu')")
+        if d_ff is None:
+            if not isinstance(mlp_ratio, numbers.Real) or isinstance(mlp_ratio, bool) or not mlp_ratio > 0:
+                raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
+            d_ff = int(mlp_ratio * d_model)
+            if d_ff <= 0:
+                raise ValueError(f"mlp_ratio={mlp_ratio} gives an MLP hidden size of 0 at d_model={d_model}")
         for name, p in (("dropout", dropout), ("attn_dropout", attn_dropout)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
-        self.d_model, self.n_heads, self.hidden = d_model, n_heads, int(mlp_ratio * d_model)
-        self.mlp_ratio, self.dropout, self.attn_dropout = mlp_ratio, dropout, attn_dropout
-        self.activation, self.causal, self.eps, self.bias = activation, causal, eps, bias
-        self.ln_1 = nn.LayerNorm(d_model, eps=eps, bias=bias)
-        self.attn = Attention(d_model, n_heads, bias)
-        self.ln_2 = nn.LayerNorm(d_model, eps=eps, bias=bias)
-        self.mlp = MLP(d_model, self.hidden, bias)
+        llama = norm == "rmsnorm"
+        eps = (1e-6 if llama else 1e-5) if eps is None else eps
+        bias = (not llama) if bias is None else bias
+        self.d_model, self.n_heads, self.hidden = d_model, n_heads, d_ff
+        self.n_kv_heads, self.head_dim, self.qkv_bias, self.qk_norm = kv, dh, qkv_bias, qk_norm
+        self.mlp_ratio, self.dropout, self.attn_dropout = d_ff / d_model, dropout, attn_dropout
+        self.activation, self.causal, self.eps, self.bias, self.norm = activation, causal, eps, bias, norm
+        self.ln_1 = RMSNorm(d_model, eps) if llama else nn.LayerNorm(d_model, eps=eps, bias=bias)
+        self.attn = Attention(d_model, n_heads, bias, packed=not llama, n_kv_heads=kv, head_dim=dh, qkv_bias=qkv_bias,
+                              qk_norm=qk_norm, eps=eps)  # fmt: skip
+        self.ln_2 = RMSNorm(d_model, eps) if llama else nn.LayerNorm(d_model, eps=eps, bias=bias)
+        self.mlp = MLP(d_model, d_ff, bias, gated=llama)
         self.resid_drop = nn.Dropout(dropout)
 
     def config(self) -> dict:
         return dict(
-            d_model=self.d_model, n_heads=self.n_heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
+            d_model=self.d_model, n_heads=self.n_heads, d_ff=self.hidden, dropout=self.dropout,
             attn_dropout=self.attn_dropout, activation=self.activation, causal=self.causal, eps=self.eps,
-            bias=self.bias,
+            bias=self.bias, norm=self.norm, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+            qkv_bias=self.qkv_bias, qk_norm=self.qk_norm,
         )  # fmt: skip
 
-    def _check_input(self, x: Tensor) -> None:
+    @property
+    def llama(self) -> bool:
+        return self.norm == "rmsnorm"
+
+    def _check_input(self, x: Tensor, attn_mask: Optional[Tensor], position_embeddings) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"expected x of shape (batch, seq, {self.d_model}), got {shape}")
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point x, got {x.dtype}")
+        b, t, _ = x.shape
+        if attn_mask is not None:
+            check_attn_mask(attn_mask, b, self.n_heads, t)
+        if position_embeddings is not None:
+            check_position_embeddings(position_embeddings, b, t, self.head_dim)
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        self._check_input(x)
-        b, t, d = x.shape
-        qkv = self.attn.qkv(self.ln_1(x))
-        q, k, v = qkv.view(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, position_embeddings=None) -> Tensor:
+        self._check_input(x, attn_mask, position_embeddings)
+        b, t, _ = x.shape
+        dh, h, kv = self.head_dim, self.n_heads, self.n_kv_heads
+        n1 = self.ln_1(x)
+        if self.llama:
+            q, k, v = self.attn.q(n1), self.attn.k(n1), self.attn.v(n1)
+        else:
+            q, k, v = self.attn.qkv(n1).split([h * dh, kv * dh, kv * dh], dim=-1)
+        q, k, v = q.view(b, t, h, dh), k.view(b, t, kv, dh), v.view(b, t, kv, dh)
+        if self.qk_norm:
+            q, k = self.attn.q_norm(q), self.attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if position_embeddings is not None:
+            q, k = rotate_half_rope(q, k, *position_embeddings)
         if attn_mask is not None and self.causal:
             attn_mask = _with_causal(attn_mask, t)
+        if q.dtype != v.dtype:  # HF's fp32 RoPE tables upcast q and k; SDPA wants one dtype
+            q, k = q.to(v.dtype), k.to(v.dtype)
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
-            dropout_p=self.attn_dropout if self.training else 0.0, is_causal=self.causal and attn_mask is None,
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=self.causal and attn_mask is None, scale=dh**-0.5, enable_gqa=kv != h,
         )  # fmt: skip
-        x1 = x + self.resid_drop(self.attn.proj(o.transpose(1, 2).reshape(b, t, d)))
-        h = F.gelu(self.mlp.fc(self.ln_2(x1)), approximate=ACTIVATIONS[self.activation])
-        return x1 + self.resid_drop(self.mlp.proj(h))
+        x1 = x + self.resid_drop(self.attn.proj(o.transpose(1, 2).reshape(b, t, h * dh)))
+        n2 = self.ln_2(x1)
+        if self.llama:
+            a = F.silu(self.mlp.gate(n2)) * self.mlp.up(n2)
+        else:
+            a = F.gelu(self.mlp.fc(n2), approximate=ACTIVATIONS[self.activation])
+        return x1 + self.resid_drop(self.mlp.proj(a))
+
+
+def check_attn_mask(attn_mask, batch: int, n_heads: int, seq: int) -> None:
+    """attn_mask must be a bool keep-mask or a float additive mask broadcastable to (B, heads, T, T)."""
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True = attend) or floating point (additive), got {attn_mask.dtype}")
+    target = (batch, n_heads, seq, seq)
+    shape = tuple(attn_mask.shape)
+    ok = len(shape) <= 4 and all(s in (1, full) for s, full in zip(shape[::-1], target[::-1]))
+    if not ok:
+        raise ValueError(f"attn_mask of shape {shape} is not broadcastable to (batch, heads, T, T) = {target}")
+
+
+def check_position_embeddings(position_embeddings, batch: int, seq: int, head_dim: int) -> None:
+    """position_embeddings must be (cos, sin), each (1 or B, T, head_dim)."""
+    if not (isinstance(position_embeddings, (tuple, list)) and len(position_embeddings) == 2):
+        raise TypeError("position_embeddings must be a (cos, sin) pair of tensors")
+    for name, c in zip(("cos", "sin"), position_embeddings):
+        ok = isinstance(c, Tensor) and c.dim() == 3 and c.shape[0] in (1, batch) and c.shape[1:] == (seq, head_dim)
+        if not ok:
+            shape = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+            raise ValueError(f"position_embeddings {name} must be (1 or {batch}, {seq}, {head_dim}) = (1|B, T, "
+                             f"head_dim), got {shape}")  # fmt: skip
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
 
 
 def _with_causal(attn_mask: Tensor, t: int) -> Tensor:
@@ -110,8 +246,9 @@ def _with_causal(attn_mask: Tensor, t: int) -> Tensor:
 class FusedCheckpointBlock(TransformerBlock):
     """Drop-in TransformerBlock whose backward rebuilds what ``policy`` did not keep, inside fused kernels.
 
-    policy: "none" | "pointwise" | "ffn" | "block" (see ckpt_ext.policies). Dropout masks come from per-call seeds
-    drawn from torch's RNG, so recompute replays them exactly; all policies draw the same masks under one seed.
+    policy: "none" | "pointwise" | "ffn" | "block_keep_attn" | "block" (see ckpt_ext.policies). Dropout masks come
+    from per-call seeds drawn from torch's RNG, so recompute replays them exactly; all policies draw the same masks
+    under one seed.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, policy: str = "block", **kwargs):
@@ -126,7 +263,7 @@ class FusedCheckpointBlock(TransformerBlock):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for key in ("d_model", "n_heads", "hidden", "mlp_ratio", "dropout", "attn_dropout", "activation", "causal",
-                    "eps", "bias"):  # fmt: skip
+                    "eps", "bias", "norm", "n_kv_heads", "head_dim", "qkv_bias", "qk_norm"):  # fmt: skip
             setattr(new, key, getattr(block, key))
         for name in ("ln_1", "attn", "ln_2", "mlp", "resid_drop"):
             setattr(new, name, getattr(block, name))
@@ -137,44 +274,72 @@ class FusedCheckpointBlock(TransformerBlock):
     def extra_repr(self) -> str:
         return f"policy={self.policy!r}"
 
-    def parameter_tensors(self) -> tuple[Optional[Tensor], ...]:
-        """The block's tensors in functional.PARAM_NAMES order (None where bias=False)."""
-        return (
-            self.ln_1.weight, self.ln_1.bias, self.attn.qkv.weight, self.attn.qkv.bias,
-            self.attn.proj.weight, self.attn.proj.bias, self.ln_2.weight, self.ln_2.bias,
-            self.mlp.fc.weight, self.mlp.fc.bias, self.mlp.proj.weight, self.mlp.proj.bias,
-        )  # fmt: skip
+    def parameter_tensors(self) -> dict[str, Optional[Tensor]]:
+        """The block's tensors by functional.ALL_PARAM_NAMES name (None where a bias is off)."""
+        a, m = self.attn, self.mlp
+        p = {"ln1_w": self.ln_1.weight, "ln2_w": self.ln_2.weight, "w_proj": a.proj.weight, "b_proj": a.proj.bias,
+             "w_fc2": m.proj.weight, "b_fc2": m.proj.bias}  # fmt: skip
+        if self.llama:
+            p.update(w_q=a.q.weight, b_q=a.q.bias, w_k=a.k.weight, b_k=a.k.bias, w_v=a.v.weight, b_v=a.v.bias)
+            p.update(w_gate=m.gate.weight, b_gate=m.gate.bias, w_up=m.up.weight, b_up=m.up.bias)
+            if self.qk_norm:
+                p.update(q_norm_w=a.q_norm.weight, k_norm_w=a.k_norm.weight)
+        else:
+            p.update(ln1_b=self.ln_1.bias, ln2_b=self.ln_2.bias, w_qkv=a.qkv.weight, b_qkv=a.qkv.bias)
+            p.update(w_fc=m.fc.weight, b_fc=m.fc.bias)
+        return p
 
     def block_config(self) -> BlockConfig:
         p_attn = self.attn_dropout if self.training else 0.0
         p = self.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**31 - 8, (1,)).item()) if (p > 0.0 or p_attn > 0.0) else 0
         return BlockConfig(self.n_heads, self.causal, self.eps, ACTIVATIONS[self.activation], p_attn, p, seed,
-                           self.policy)  # fmt: skip
+                           self.policy, norm=self.norm, mlp="swiglu" if self.llama else "gelu",
+                           n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, qk_norm=self.qk_norm,
+                           packed_qkv=not self.llama)  # fmt: skip
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        self._check_input(x)
-        return fused_block(x, self.parameter_tensors(), self.block_config(), attn_mask)
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, position_embeddings=None) -> Tensor:
+        self._check_input(x, attn_mask, position_embeddings)
+        return fused_block(x, self.parameter_tensors(), self.block_config(), attn_mask, position_embeddings)
 
 
-def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor] = None) -> Tensor:
-    """Run the block through the op graph; params in PARAM_NAMES order (strided views such as Wᵀ are fine).
+def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor] = None,
+                position_embeddings=None) -> Tensor:  # fmt: skip
+    """Run the block through the op graph. ``params``: a dict by functional.ALL_PARAM_NAMES name, or a sequence in
+    ``functional.param_names(cfg)`` order (the GPT-2 block: functional.PARAM_NAMES); strided views such as Wᵀ are fine.
 
-    Under no_grad, or when nothing needs a gradient, no Function is built and nothing is kept.
+    Under no_grad, or when nothing needs a gradient, no Function is built and nothing is kept. An empty batch (B or
+    T = 0) returns an empty output whose gradients are zeros, as the plain block's are.
     """
-    if len(params) != len(PARAM_NAMES):
-        raise ValueError(f"expected {len(PARAM_NAMES)} parameter tensors ({', '.join(PARAM_NAMES)})")
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+    check_config(cfg)
+    names = param_names(cfg)
+    if not isinstance(params, dict):
+        params = tuple(params)
+        if len(params) != len(names):
+            raise ValueError(f"expected {len(names)} parameter tensors ({', '.join(names)}), got {len(params)}")
+        params = dict(zip(names, params))
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"missing parameter tensors: {', '.join(missing)}")
+    tensors = tuple(params[n] for n in names)
+    cos, sin = (None, None) if position_embeddings is None else position_embeddings
+    b, t, d = x.shape
+    if b * t == 0:
+        return x + sum(p.sum() * 0 for p in tensors if p is not None)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
+                                                                      for p in tensors))  # fmt: skip
     if not needs_grad:
-        b, t, d = x.shape
-        out, _ = block_forward(x.reshape(b * t, d), (b, t), dict(zip(PARAM_NAMES, params)), cfg, attn_mask)
+        rope_cs = None if cos is None else (cos, sin)
+        full = dict.fromkeys(ALL_PARAM_NAMES)
+        full.update(zip(names, tensors))
+        out, _ = block_forward(x.reshape(b * t, d), (b, t), full, cfg, attn_mask, rope_cs)
         return out.view(b, t, d)
-    return FusedBlockFunction.apply(x, attn_mask, cfg, *params)
+    return FusedBlockFunction.apply(x, attn_mask, cos, sin, cfg, names, *tensors)
 
 
 def init_block_(block: TransformerBlock, std: float = 0.02, n_layers: int = 1) -> None:
     """GPT-2 style init: normal(0, std) weights, zero biases, residual projections scaled by 1/sqrt(2 n_layers)."""
-    for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+    for lin in (m for m in block.modules() if isinstance(m, nn.Linear)):
         nn.init.normal_(lin.weight, std=std)
         if lin.bias is not None:
             nn.init.zeros_(lin.bias)

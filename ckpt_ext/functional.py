@@ -1,21 +1,29 @@
-"""The pre-LN block as one autograd.Function over ``ckpt_ext::*`` ops, with a hand-written backward per policy.
+"""The pre-norm block as one autograd.Function over ``ckpt_ext::*`` ops, with a hand-written backward per policy.
 
-Forward (x: (B, T, d) viewed as (N, d), N = B*T; H = FFN hidden):
-    y1, m1, r1 = layer_norm_fwd(x)                  qkv = y1 @ Wqkvᵀ + bqkv               (N, 3d)
-    o, lse = attention_fwd(qkv)                     x1 = linear_dropout_add(o, Wp, bp, x)  (N, d)
-    y2, m2, r2 = layer_norm_fwd(x1)                 u = y2 @ W1ᵀ + b1, a = bias_gelu(u)    (N, H)
-                        (ffn, block keep no u: a = linear_bias_gelu(y2, W1, b1), GELU in FC1's epilogue)
+One block, two families, chosen by ``BlockConfig``: GPT-2/ViT (LayerNorm, GELU, one packed q|k|v weight) and the Llama
+family (RMSNorm, SwiGLU, separate q/k/v weights, RoPE from the model's (cos, sin), GQA, Qwen3's per-head q/k norm).
+Forward (x: (B, T, d) viewed as (N, d), N = B*T; q width h·dh, k/v width hk·dh; H = MLP hidden):
+    y1, s1 = norm1(x)                                   q, k, v = y1 @ W_{q,k,v}ᵀ + b   (one GEMM when packed)
+    [qk_norm] q, k = rms_norm(q, k per head)            [rope] q, k = rope(q, k, cos, sin)
+    o, lse = gqa_attention_fwd(q, k, v)                 x1 = linear_dropout_add(o, Wp, bp, x)       (N, d)
+    y2, s2 = norm2(x1)
+    GELU:   a = gelu(y2 @ W1ᵀ + b1)      (ffn, block keep no u: linear_bias_gelu, GELU in FC1's epilogue)
+    SwiGLU: a = silu(y2 W_gᵀ) · (y2 W_uᵀ) (ffn, block keep no g, u: linear_swiglu, SwiGLU in the epilogue)
     out = linear_dropout_add(a, W2, b2, x1)  (bias, dropout and residual add in the GEMM epilogue)
 Backward (dY = d out; df = dropout_add(dY, None) replays the residual dropout mask from its seed):
-    none       dA = df @ W2, dU = gelu_bwd(dA, u), dW2 = dfᵀ @ a
-    pointwise  dU = linear_gelu_bwd(df, W2, u) (GELU' in the GEMM epilogue), dW2 = gelu_linear_wgrad(df, u) (GELU in
-               the prologue)
-    ffn, block a, dU, db1 = ffn_recompute(x1, m2, r2, ..., df, W2): FC1 (LN2 in its prologue) and dA = df @ W2 share
-               one output tile, GELU/GELU'·dA/Σ dU in the epilogue; dW2 = dfᵀ @ a
-    then       dY2 = dU @ W1; dx1, dγ2, dβ2, y2 = layer_norm_bwd(dY2, x1, m2, r2, dresidual=dY, emit_y); dW1 = dUᵀ @ y2
-    and the attention half the same way (dW_qkv = dqkvᵀ @ y1 with y1 emitted by LN1's backward).
-``block`` first replays the attention half's forward from x and the saved statistics. What each policy saves is
-``policies.POLICIES[policy].keeps``, read here and nowhere else. Recompute runs under the forward's autocast state.
+    GELU    none       dA = df @ W2, dU = gelu_bwd(dA, u), dW2 = dfᵀ @ a
+            pointwise  dU = linear_gelu_bwd(df, W2, u) (GELU' in the epilogue), dW2 = gelu_linear_wgrad(df, u)
+            ffn, block a, dU, db1 = ffn_recompute(x1, s2, ..., df, W2): LN2 → FC1 beside dA = df @ W2 on one tile
+    SwiGLU  none       dH = df @ W2, dg, du = swiglu_bwd(dH, g, u), dW2 = dfᵀ @ h
+            pointwise  dg, du = swiglu_linear_bwd(df, W2, g, u), dW2 = swiglu_linear_wgrad(df, g, u)
+            ffn, block h, dg, du = swiglu_ffn_recompute(x1, rstd2, ..., df, W2): RMSNorm2 → gate, up, dH on one tile
+    then    dY2 = Σ dZ @ W; dx1, dγ2, y2 = norm2_bwd(dY2, x1, s2, dresidual=dY, emit_y); dW = dZᵀ @ y2
+    attention: dWp = dprᵀ @ o, do = dpr @ Wp, dq, dk, dv = gqa_attention_bwd(...), rope adjoint, q/k norm backward,
+    dY1 = Σ dZ @ W_{q,k,v}, dx = norm1_bwd(dY1, x, s1, dresidual=dx1) + y1 for dW_{q,k,v}.
+``block`` first replays the attention half's forward from x and the saved statistics; ``block_keep_attn`` replays it
+without the attention core (it kept o and lse). What each policy saves is ``policies.POLICIES[policy].keeps``, read
+here and nowhere else. Recompute runs under the forward's autocast state. The backward is once-differentiable: asking
+for double backward (create_graph=True) raises instead of returning wrong second-order gradients.
 """
 
 from __future__ import annotations
@@ -26,14 +34,31 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import ops
 from .policies import get_policy
 
 PARAM_NAMES = (
-    "ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_proj", "b_proj",
-    "ln2_w", "ln2_b", "w_fc", "b_fc", "w_fc2", "b_fc2",
+    "ln1_w",
+    "ln1_b",
+    "w_qkv",
+    "b_qkv",
+    "w_proj",
+    "b_proj",
+    "ln2_w",
+    "ln2_b",
+    "w_fc",
+    "b_fc",
+    "w_fc2",
+    "b_fc2",
+)  # fmt: skip  (the GPT-2 block's parameters, in the order fused_block takes them as a sequence)
+ALL_PARAM_NAMES = (
+    "ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "q_norm_w", "k_norm_w",
+    "w_proj", "b_proj", "ln2_w", "ln2_b", "w_fc", "b_fc", "w_gate", "b_gate", "w_up", "b_up", "w_fc2", "b_fc2",
 )  # fmt: skip
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
 
 
 @dataclass(frozen=True)
@@ -41,160 +66,243 @@ class BlockConfig:
     n_heads: int
     causal: bool
     eps: float
-    approximate: str  # "none" (erf GELU) or "tanh"
+    approximate: str  # "none" (erf GELU) or "tanh"; unused by SwiGLU
     attn_dropout: float
     dropout: float
     seed: int  # base seed of this call's dropout masks: attention +0, residual 1 +1, residual 2 +2
     policy: str
+    norm: str = "layernorm"  # "layernorm" (GPT-2, ViT) or "rmsnorm" (Llama family)
+    mlp: str = "gelu"  # "gelu" (fc, proj) or "swiglu" (gate, up, down)
+    n_kv_heads: int = 0  # 0: n_heads (MHA)
+    head_dim: int = 0  # 0: d_model // n_heads
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    packed_qkv: bool = True  # one (q + 2 kv width, d) weight w_qkv, or w_q, w_k, w_v
+    scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5
+
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def dh(self, d_model: int) -> int:
+        return self.head_dim or d_model // self.n_heads
+
+    def softmax_scale(self, d_model: int) -> float:
+        return self.scale or self.dh(d_model) ** -0.5
 
 
+def param_names(cfg: BlockConfig) -> tuple[str, ...]:
+    """The parameter names a configuration uses, in ALL_PARAM_NAMES order."""
+    names = ["ln1_w", "ln2_w", "w_proj", "b_proj", "w_fc2", "b_fc2"]
+    names += ["ln1_b", "ln2_b"] if cfg.norm == "layernorm" else []
+    names += ["w_qkv", "b_qkv"] if cfg.packed_qkv else ["w_q", "b_q", "w_k", "b_k", "w_v", "b_v"]
+    names += ["q_norm_w", "k_norm_w"] if cfg.qk_norm else []
+    names += ["w_fc", "b_fc"] if cfg.mlp == "gelu" else ["w_gate", "b_gate", "w_up", "b_up"]
+    return tuple(n for n in ALL_PARAM_NAMES if n in names)
+
+
+def check_config(cfg: BlockConfig) -> None:
+    if cfg.norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {cfg.norm!r}")
+    if cfg.mlp not in MLPS:
+        raise ValueError(f"mlp activation must be one of {MLPS}, got {cfg.mlp!r}")
+    if (cfg.norm == "rmsnorm") != (cfg.mlp == "swiglu"):
+        raise ValueError("the fused block pairs norm='layernorm' with GELU and norm='rmsnorm' with SwiGLU "
+                         f"(got norm={cfg.norm!r}, activation={cfg.mlp!r})")  # fmt: skip
+    if cfg.n_heads <= 0 or cfg.kv_heads() <= 0 or cfg.n_heads % cfg.kv_heads() != 0:
+        raise ValueError(f"n_kv_heads ({cfg.kv_heads()}) must be positive and divide n_heads ({cfg.n_heads})")
+    get_policy(cfg.policy)
+
+
+class _AutocastState:
+    """The forward's autocast state, re-entered for recompute and backward (disabled on devices without autocast)."""
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+        try:
+            self.enabled = torch.is_autocast_enabled(device_type)
+        except RuntimeError:  # e.g. "meta": no autocast there
+            self.enabled = False
+        self.dtype = torch.get_autocast_dtype(device_type) if self.enabled else None
+
+    def __call__(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def mm(self, t: Optional[Tensor]) -> Optional[Tensor]:
+        """Cast an input of a fused matmul op (or of attention) the way autocast casts an aten matmul's."""
+        if t is None:
+            return None
+        return t.to(self.dtype) if self.enabled and t.is_floating_point() else t
+
+
+# ----------------------------------------------------------------------------------------------------- norms
 def _ln_params(w: Optional[Tensor], b: Optional[Tensor], d: int, like: Tensor) -> tuple[Tensor, Tensor]:
     w = w if w is not None else torch.ones(d, dtype=like.dtype, device=like.device)
     b = b if b is not None else torch.zeros(d, dtype=like.dtype, device=like.device)
     return w, b
 
 
-def attention_half(x: Tensor, shape: tuple[int, int], p: dict, cfg: BlockConfig, attn_mask: Optional[Tensor]) -> dict:
-    """x (N, d) -> ln1_out, ln1 stats, qkv (N, 3d), attn_out (N, d), attn_lse (B, h, T), x1 (N, d)."""
-    b, t = shape
+def _norm_fwd(x: Tensor, p: dict, which: str, cfg: BlockConfig) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """x (N, d) -> norm output (N, d), fp32 statistics: (mean, rstd) for LayerNorm, (rstd,) for RMSNorm."""
+    if cfg.norm == "rmsnorm":
+        y, rstd = ops.rms_norm_fwd(x, p[f"{which}_w"], cfg.eps)
+        return y, (rstd,)
+    w, b = _ln_params(p[f"{which}_w"], p[f"{which}_b"], x.shape[1], x)
+    y, mean, rstd = ops.layer_norm_fwd(x, w, b, cfg.eps)
+    return y, (mean, rstd)
+
+
+def _norm_bwd(dy, x, stats, p: dict, which: str, cfg: BlockConfig, dresidual, emit_y: bool, g: dict):
+    """dx (N, d) (+ dresidual) and the norm's weight grads into g; returns (dx, y or an empty tensor)."""
+    if cfg.norm == "rmsnorm":
+        dx, g[f"{which}_w"], y = ops.rms_norm_bwd(dy.contiguous(), x, stats[0], p[f"{which}_w"], dresidual, emit_y)
+        return dx, y
+    w, b = _ln_params(p[f"{which}_w"], p[f"{which}_b"], x.shape[1], x)
+    dx, dw, db, y = ops.layer_norm_bwd(dy.contiguous(), x, stats[0], stats[1], w, b, dresidual, emit_y)
+    g[f"{which}_w"] = None if p[f"{which}_w"] is None else dw
+    g[f"{which}_b"] = None if p[f"{which}_b"] is None else db
+    return dx, y
+
+
+# ------------------------------------------------------------------------------------------- attention half
+def _qkv_weights(p: dict, cfg: BlockConfig, d: int):
+    """((w_q, b_q), (w_k, b_k), (w_v, b_v)): the packed weight's row blocks as views, or the separate weights."""
+    if not cfg.packed_qkv:
+        return tuple((p[f"w_{s}"], p[f"b_{s}"]) for s in "qkv")
+    dh = cfg.dh(d)
+    widths = (cfg.n_heads * dh, cfg.kv_heads() * dh, cfg.kv_heads() * dh)
+    ws = p["w_qkv"].split(widths, dim=0)
+    bs = (None,) * 3 if p["b_qkv"] is None else p["b_qkv"].split(widths)
+    return tuple(zip(ws, bs))
+
+
+def _heads(t: Tensor, shape, dh: int) -> Tensor:
+    """(N, heads·dh) or (B, T, heads, dh) -> a (B, T, heads, dh) view."""
+    b, t_len = shape
+    return t.view(b, t_len, -1, dh)
+
+
+def _project(x: Tensor, shape, p: dict, cfg: BlockConfig, rope_cs) -> dict:
+    """norm1 and the q/k/v projections (with q/k norm and RoPE): the tensors attention reads, and what they came from.
+
+    Returns ln1_out, ln1_stats, qkv (the saved form: (qkv,) packed without RoPE; (q, k, v) with q and k after RoPE;
+    with qk_norm the projections before the norm), qk_stats and qk_rope (with qk_norm)."""
     d = x.shape[1]
-    ln1_w, ln1_b = _ln_params(p["ln1_w"], p["ln1_b"], d, x)
-    y1, m1, r1 = ops.layer_norm_fwd(x, ln1_w, ln1_b, cfg.eps)
-    qkv = F.linear(y1, p["w_qkv"], p["b_qkv"])  # (N, 3d)
-    o, lse = ops.attention_fwd(qkv.view(b, t, 3 * d), cfg.n_heads, cfg.causal, cfg.attn_dropout, cfg.seed, attn_mask)
-    o = o.view(b * t, d)
-    ac = _AutocastState(x.device.type)
-    x1 = ops.linear_dropout_add(ac.mm(o), ac.mm(p["w_proj"]), _opt(ac.mm, p["b_proj"]), x, cfg.dropout, cfg.seed + 1)
-    return {"ln1_out": y1, "ln1_stats": (m1, r1), "qkv": qkv, "attn_out": o, "attn_lse": lse, "x1": x1}
-
-
-def ffn_half(x1: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, dict]:
-    """x1 (N, d) -> out (N, d) and ln2_out, ln2 stats, fc1_out (N, H) if the policy keeps it, gelu_out (N, H).
-
-    Policies that do not keep u (ffn, block) run FC1 with bias + GELU in its epilogue, so u is never written.
-    """
-    ac = _AutocastState(x1.device.type)
-    ln2_w, ln2_b = _ln_params(p["ln2_w"], p["ln2_b"], x1.shape[1], x1)
-    y2, m2, r2 = ops.layer_norm_fwd(x1, ln2_w, ln2_b, cfg.eps)
-    acts = {"ln2_out": y2, "ln2_stats": (m2, r2)}
-    if "fc1_out" in get_policy(cfg.policy).keeps:
-        u = F.linear(y2, p["w_fc"], p["b_fc"])  # (N, H)
-        a = ops.bias_gelu(u, None, cfg.approximate)  # (N, H)
-        acts["fc1_out"] = u
+    dh = cfg.dh(d)
+    y1, s1 = _norm_fwd(x, p, "ln1", cfg)
+    acts = {"ln1_out": y1, "ln1_stats": s1}
+    if cfg.packed_qkv:
+        qkv = F.linear(y1, p["w_qkv"], p["b_qkv"])  # (N, (h + 2hk)·dh), one GEMM
+        q, k, v = qkv.split([cfg.n_heads * dh, cfg.kv_heads() * dh, cfg.kv_heads() * dh], dim=1)
     else:
-        a = ops.linear_bias_gelu(ac.mm(y2), ac.mm(p["w_fc"]), _opt(ac.mm, p["b_fc"]), cfg.approximate)  # (N, H)
-    acts["gelu_out"] = a
-    out = ops.linear_dropout_add(ac.mm(a), ac.mm(p["w_fc2"]), _opt(ac.mm, p["b_fc2"]), x1, cfg.dropout, cfg.seed + 2)
+        (wq, bq), (wk, bk), (wv, bv) = _qkv_weights(p, cfg, d)
+        q, k, v = F.linear(y1, wq, bq), F.linear(y1, wk, bk), F.linear(y1, wv, bv)  # (N, h·dh), 2 x (N, hk·dh)
+    if cfg.qk_norm:
+        acts["qkv"] = (q, k, v)
+        q, k, acts["qk_stats"] = _qk_norm(q, k, p, cfg, dh)
+    if rope_cs is not None:
+        q, k = ops.rope(_heads(q, shape, dh), _heads(k, shape, dh), rope_cs[0], rope_cs[1], False)
+    if cfg.qk_norm:
+        acts["qk_rope"] = (_heads(q, shape, dh), _heads(k, shape, dh))
+    elif cfg.packed_qkv and rope_cs is None:
+        acts["qkv"] = (qkv,)
+    else:
+        acts["qkv"] = (q, k, v if rope_cs is None or not cfg.packed_qkv else v.contiguous())
+    return acts
+
+
+def _qk_norm(q: Tensor, k: Tensor, p: dict, cfg: BlockConfig, dh: int):
+    """Qwen3's RMSNorm over head_dim of every q and k head: (N, h·dh), (N, hk·dh) -> same shapes, rstds."""
+    n = q.shape[0]
+    qn, rq = ops.rms_norm_fwd(q.reshape(-1, dh), p["q_norm_w"], cfg.eps)  # (N·h, dh), (N·h,)
+    kn, rk = ops.rms_norm_fwd(k.reshape(-1, dh), p["k_norm_w"], cfg.eps)
+    return qn.view(n, -1), kn.view(n, -1), (rq, rk)
+
+
+def _attention_inputs(acts: dict, p: dict, cfg: BlockConfig, shape, d: int, rope_cs, ac: _AutocastState):
+    """q (B, T, h, dh), k, v (B, T, hk, dh) as attention reads them, from the saved (or replayed) tensors."""
+    dh = cfg.dh(d)
+    if cfg.qk_norm:
+        q_pre, k_pre, v = acts["qkv"]
+        if "qk_rope" in acts:
+            q, k = acts["qk_rope"]
+        else:  # rebuilt: the norm and rotation of the saved projections (pointwise)
+            q, k, _ = _qk_norm(q_pre, k_pre, p, cfg, dh)
+            q, k = (_heads(q, shape, dh), _heads(k, shape, dh))
+            if rope_cs is not None:
+                q, k = ops.rope(q, k, rope_cs[0], rope_cs[1], False)
+    elif len(acts["qkv"]) == 1:
+        q, k, v = acts["qkv"][0].split([cfg.n_heads * dh, cfg.kv_heads() * dh, cfg.kv_heads() * dh], dim=1)
+    else:
+        q, k, v = acts["qkv"]
+    return tuple(ac.mm(_heads(t, shape, dh)) for t in (q, k, v))
+
+
+def attention_half(x: Tensor, shape, p: dict, cfg: BlockConfig, attn_mask, rope_cs=None, attn=None) -> dict:
+    """x (N, d) -> the attention half's tensors (policies.py names). ``attn`` = (attn_out, attn_lse) kept by
+    block_keep_attn: then the attention core is not run again."""
+    ac = _AutocastState(x.device.type)
+    d = x.shape[1]
+    acts = _project(x, shape, p, cfg, rope_cs)
+    if attn is None:
+        q, k, v = _attention_inputs(acts, p, cfg, shape, d, rope_cs, ac)
+        o, lse = ops.gqa_attention_fwd(q, k, v, cfg.causal, cfg.attn_dropout, cfg.seed, attn_mask,
+                                       cfg.softmax_scale(d))  # fmt: skip
+        attn = (o.view(x.shape[0], -1), lse)  # (N, h·dh), (B, h, T)
+    acts["attn_out"], acts["attn_lse"] = attn
+    acts["x1"] = ops.linear_dropout_add(
+        ac.mm(acts["attn_out"]), ac.mm(p["w_proj"]), ac.mm(p["b_proj"]), x, cfg.dropout, cfg.seed + 1
+    )
+    return acts
+
+
+# ------------------------------------------------------------------------------------------------- MLP half
+def ffn_half(x1: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, dict]:
+    """x1 (N, d) -> out (N, d) and ln2_out, ln2_stats, fc1_out (if the policy keeps it), act_out (N, H).
+
+    Policies that do not keep the pre-activations (ffn, block, block_keep_attn) run the first matmul(s) with the
+    activation in the epilogue, so u (or g and u) are never written."""
+    ac = _AutocastState(x1.device.type)
+    y2, s2 = _norm_fwd(x1, p, "ln2", cfg)
+    acts = {"ln2_out": y2, "ln2_stats": s2}
+    keep_pre = "fc1_out" in get_policy(cfg.policy).keeps
+    if cfg.mlp == "swiglu":
+        if keep_pre:
+            g, u = F.linear(y2, p["w_gate"], p["b_gate"]), F.linear(y2, p["w_up"], p["b_up"])  # 2 x (N, H)
+            a = ops.swiglu_fwd(g, u)
+            acts["fc1_out"] = (g, u)
+        else:
+            a = ops.linear_swiglu(ac.mm(y2), ac.mm(p["w_gate"]), ac.mm(p["b_gate"]), ac.mm(p["w_up"]),
+                                  ac.mm(p["b_up"]))  # fmt: skip
+    elif keep_pre:
+        u = F.linear(y2, p["w_fc"], p["b_fc"])  # (N, H)
+        a = ops.bias_gelu(u, None, cfg.approximate)
+        acts["fc1_out"] = (u,)
+    else:
+        a = ops.linear_bias_gelu(ac.mm(y2), ac.mm(p["w_fc"]), ac.mm(p["b_fc"]), cfg.approximate)  # (N, H)
+    acts["act_out"] = a
+    out = ops.linear_dropout_add(ac.mm(a), ac.mm(p["w_fc2"]), ac.mm(p["b_fc2"]), x1, cfg.dropout, cfg.seed + 2)
     return out, acts
 
 
-def _opt(fn, t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else fn(t)
-
-
-def block_forward(x: Tensor, shape, params: dict, cfg: BlockConfig, attn_mask: Optional[Tensor]) -> tuple[Tensor, dict]:
-    acts = attention_half(x, shape, params, cfg, attn_mask)
+def block_forward(x: Tensor, shape, params: dict, cfg: BlockConfig, attn_mask, rope_cs=None) -> tuple[Tensor, dict]:
+    acts = attention_half(x, shape, params, cfg, attn_mask, rope_cs)
     out, ffn_acts = ffn_half(acts["x1"], params, cfg)
     acts.update(ffn_acts)
     acts["x"] = x
     return out, acts
 
 
-def _flatten_saved(acts: dict, keeps: tuple[str, ...]) -> list[Tensor]:
-    flat = []
-    for name in keeps:
-        v = acts[name]
-        flat.extend(v if isinstance(v, tuple) else (v,))
-    return flat
-
-
-def _unflatten_saved(tensors, keeps: tuple[str, ...]) -> dict:
-    it = iter(tensors)
-    return {name: (next(it), next(it)) if name.endswith("_stats") else next(it) for name in keeps}
-
-
+# -------------------------------------------------------------------------------------------------- backward
 def _sum_rows(t: Tensor, like: Optional[Tensor]) -> Optional[Tensor]:
     return None if like is None else t.sum(dim=0).to(like.dtype)
 
 
-class _AutocastState:
-    """The forward's autocast state, re-entered for recompute and backward."""
-
-    def __init__(self, device_type: str):
-        self.device_type = device_type
-        self.enabled = torch.is_autocast_enabled(device_type)
-        self.dtype = torch.get_autocast_dtype(device_type) if self.enabled else None
-
-    def __call__(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
-
-    def mm(self, t: Tensor) -> Tensor:
-        """Cast an input of a fused matmul op the way autocast casts an aten matmul's."""
-        return t.to(self.dtype) if self.enabled and t.is_floating_point() else t
-
-
-def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, attn_mask, ac: _AutocastState):
-    """dout (N, d) -> dx (N, d) and a dict of parameter grads. ``acts`` holds the policy's saved tensors."""
-    b, t = shape
-    x, x1 = acts["x"], acts["x1"]
-    n, d = x.shape
-    policy = cfg.policy
-    m2, r2 = acts["ln2_stats"]
-    ln2_w, ln2_b = _ln_params(p["ln2_w"], p["ln2_b"], d, x1)
-    g: dict = {}
-
-    # ---- FFN half (a gradient that feeds two matmuls is cast to the autocast dtype once: dfm, dprm)
-    df = _dropout_grad(dout, cfg.dropout, cfg.seed + 2)  # (N, d)
-    g["b_fc2"] = _sum_rows(df, p["b_fc2"])
-    dfm = ac.mm(df)
-    if policy == "none":
-        da = torch.matmul(dfm, p["w_fc2"])  # (N, H)
-        du = ops.gelu_bwd(da, acts["fc1_out"], cfg.approximate)
-        g["w_fc2"] = torch.matmul(dfm.t(), acts["gelu_out"])
-        g["b_fc"] = _sum_rows(du, p["b_fc"])
-    elif policy == "pointwise":
-        du = ops.linear_gelu_bwd(dfm, ac.mm(p["w_fc2"]), acts["fc1_out"], cfg.approximate)
-        g["w_fc2"] = ops.gelu_linear_wgrad(dfm, acts["fc1_out"], cfg.approximate)
-        g["b_fc"] = _sum_rows(du, p["b_fc"])
-    else:
-        a, du, db1 = ops.ffn_recompute(x1, m2, r2, ln2_w, ln2_b, ac.mm(p["w_fc"]), ac.mm(_bias(p["b_fc"], p["w_fc"])),
-                                       dfm, ac.mm(p["w_fc2"]), cfg.approximate)  # fmt: skip
-        g["w_fc2"] = torch.matmul(dfm.t(), a)
-        g["b_fc"] = None if p["b_fc"] is None else db1.to(p["b_fc"].dtype)
-        del a
-    del dfm
-    dy2 = torch.matmul(du, p["w_fc"])  # (N, d)
-    dx1, g["ln2_w"], g["ln2_b"], y2 = ops.layer_norm_bwd(
-        dy2.contiguous(), x1, m2, r2, ln2_w, ln2_b, dout, policy != "none"
-    )
-    y2 = acts["ln2_out"] if policy == "none" else y2
-    g["w_fc"] = torch.matmul(du.t(), y2)
-    del du, dy2, y2
-
-    # ---- attention half
-    m1, r1 = acts["ln1_stats"]
-    ln1_w, ln1_b = _ln_params(p["ln1_w"], p["ln1_b"], d, x)
-    dpr = _dropout_grad(dx1, cfg.dropout, cfg.seed + 1)  # (N, d)
-    g["b_proj"] = _sum_rows(dpr, p["b_proj"])
-    dprm = ac.mm(dpr)
-    g["w_proj"] = torch.matmul(dprm.t(), acts["attn_out"])
-    do = torch.matmul(dprm, p["w_proj"])  # (N, d)
-    del dprm
-    dqkv = ops.attention_bwd(
-        do.view(b, t, d).contiguous(), acts["qkv"].view(b, t, 3 * d), acts["attn_out"].view(b, t, d),
-        acts["attn_lse"], cfg.n_heads, cfg.causal, cfg.attn_dropout, cfg.seed, attn_mask,
-    ).view(n, 3 * d)  # fmt: skip
-    g["b_qkv"] = _sum_rows(dqkv, p["b_qkv"])
-    dy1 = torch.matmul(dqkv, p["w_qkv"])  # (N, d)
-    dx, g["ln1_w"], g["ln1_b"], y1 = ops.layer_norm_bwd(
-        dy1.contiguous(), x, m1, r1, ln1_w, ln1_b, dx1, policy != "none"
-    )
-    y1 = acts["ln1_out"] if policy == "none" else y1
-    g["w_qkv"] = torch.matmul(dqkv.t(), y1)
-    for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b"):
-        if p[name] is None:
-            g[name] = None
-    return dx, g
+def _input_grad(pairs) -> Tensor:
+    """Σ dZ @ W over (dZ (N, out), W (out, K)) pairs: the gradient of the input the projections share."""
+    (dz, w), *rest = pairs
+    acc = torch.matmul(dz, w)
+    for dz, w in rest:
+        acc = torch.addmm(acc, dz, w)
+    return acc
 
 
 def _dropout_grad(grad: Tensor, p: float, seed: int) -> Tensor:
@@ -206,36 +314,178 @@ def _bias(b: Optional[Tensor], w: Tensor) -> Tensor:
     return b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
 
 
+def _mlp_backward(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, ac: _AutocastState, g: dict):
+    """The MLP's activation and down-projection backward: [(weight, bias, dZ)] of its first matmul(s)."""
+    policy, x1 = cfg.policy, acts["x1"]
+    if cfg.mlp == "gelu":
+        if policy == "none":
+            (u,) = acts["fc1_out"]
+            du = ops.gelu_bwd(torch.matmul(dfm, p["w_fc2"]), u, cfg.approximate)  # (N, H)
+            g["w_fc2"] = torch.matmul(dfm.t(), acts["act_out"])
+        elif policy == "pointwise":
+            (u,) = acts["fc1_out"]
+            du = ops.linear_gelu_bwd(dfm, ac.mm(p["w_fc2"]), u, cfg.approximate)
+            g["w_fc2"] = ops.gelu_linear_wgrad(dfm, u, cfg.approximate)
+        else:
+            m2, r2 = acts["ln2_stats"]
+            ln2_w, ln2_b = _ln_params(p["ln2_w"], p["ln2_b"], x1.shape[1], x1)
+            b1 = ac.mm(_bias(p["b_fc"], p["w_fc"]))
+            a, du, db1 = ops.ffn_recompute(x1, m2, r2, ln2_w, ln2_b, ac.mm(p["w_fc"]), b1, dfm, ac.mm(p["w_fc2"]),
+                                           cfg.approximate)  # fmt: skip
+            g["w_fc2"] = torch.matmul(dfm.t(), a)
+            del a
+            g["b_fc"] = None if p["b_fc"] is None else db1.to(p["b_fc"].dtype)
+            return [("w_fc", None, du)]
+        return [("w_fc", "b_fc", du)]
+    if policy == "none":
+        gt, ut = acts["fc1_out"]
+        dg, du = ops.swiglu_bwd(torch.matmul(dfm, p["w_fc2"]), gt, ut)  # 2 x (N, H)
+        g["w_fc2"] = torch.matmul(dfm.t(), acts["act_out"])
+    elif policy == "pointwise":
+        gt, ut = acts["fc1_out"]
+        dg, du = ops.swiglu_linear_bwd(dfm, ac.mm(p["w_fc2"]), gt, ut)
+        g["w_fc2"] = ops.swiglu_linear_wgrad(dfm, gt, ut)
+    else:
+        (r2,) = acts["ln2_stats"]
+        h, dg, du = ops.swiglu_ffn_recompute(x1, r2, p["ln2_w"], ac.mm(p["w_gate"]), ac.mm(p["b_gate"]),
+                                             ac.mm(p["w_up"]), ac.mm(p["b_up"]), dfm, ac.mm(p["w_fc2"]))  # fmt: skip
+        g["w_fc2"] = torch.matmul(dfm.t(), h)
+        del h
+    return [("w_gate", "b_gate", dg), ("w_up", "b_up", du)]
+
+
+def _attention_backward(dpr: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, attn_mask, rope_cs, ac, g):
+    """From the o_proj input gradient to [(weight view, bias name, dZ (N, width))] of the q, k, v projections."""
+    b, t = shape
+    d = acts["x"].shape[1]
+    dh = cfg.dh(d)
+    dprm = ac.mm(dpr)
+    g["w_proj"] = torch.matmul(dprm.t(), acts["attn_out"])
+    do = torch.matmul(dprm, p["w_proj"])  # (N, h·dh)
+    del dprm
+    q, k, v = _attention_inputs(acts, p, cfg, shape, d, rope_cs, ac)
+    o = _heads(acts["attn_out"], shape, dh)
+    dq, dk, dv = ops.gqa_attention_bwd(_heads(do, shape, dh).contiguous(), q, k, v, o, acts["attn_lse"], cfg.causal,
+                                       cfg.attn_dropout, cfg.seed, attn_mask, cfg.softmax_scale(d))  # fmt: skip
+    del q, k, v, do
+    if rope_cs is not None:
+        dq, dk = ops.rope(dq, dk, rope_cs[0], rope_cs[1], True)  # the rotation's adjoint
+    n = b * t
+    dq, dk, dv = dq.reshape(n, -1), dk.reshape(n, -1), dv.reshape(n, -1)
+    if cfg.qk_norm:
+        q_pre, k_pre, _ = acts["qkv"]
+        rq, rk = acts["qk_stats"]
+        dq, g["q_norm_w"], _ = ops.rms_norm_bwd(dq.reshape(-1, dh), q_pre.reshape(-1, dh), rq, p["q_norm_w"], None,
+                                                False)  # fmt: skip
+        dk, g["k_norm_w"], _ = ops.rms_norm_bwd(dk.reshape(-1, dh), k_pre.reshape(-1, dh), rk, p["k_norm_w"], None,
+                                                False)  # fmt: skip
+        dq, dk = dq.view(n, -1), dk.view(n, -1)
+    weights = _qkv_weights(p, cfg, d)
+    return [(w, "q k v".split()[i], dz) for i, ((w, _), dz) in enumerate(zip(weights, (dq, dk, dv)))]
+
+
+def _projection_wgrads(pairs, y: Tensor, p: dict, cfg: BlockConfig, g: dict) -> None:
+    """dW = dZᵀ @ y and db = Σ dZ for the q, k, v projections (one packed weight: its three row blocks)."""
+    if cfg.packed_qkv:
+        g["w_qkv"] = torch.cat([torch.matmul(dz.t(), y) for _, _, dz in pairs], dim=0)
+        if p["b_qkv"] is not None:
+            g["b_qkv"] = torch.cat([dz.sum(dim=0) for _, _, dz in pairs]).to(p["b_qkv"].dtype)
+        return
+    for _, s, dz in pairs:
+        g[f"w_{s}"] = torch.matmul(dz.t(), y)
+        g[f"b_{s}"] = _sum_rows(dz, p[f"b_{s}"])
+
+
+def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, attn_mask, ac: _AutocastState,
+                   rope_cs=None):  # fmt: skip
+    """dout (N, d) -> dx (N, d) and a dict of parameter grads. ``acts`` holds the policy's saved tensors."""
+    x, x1 = acts["x"], acts["x1"]
+    g: dict = {}
+
+    # ---- MLP half (a gradient that feeds two matmuls is cast to the autocast dtype once: dfm)
+    df = _dropout_grad(dout, cfg.dropout, cfg.seed + 2)  # (N, d)
+    g["b_fc2"] = _sum_rows(df, p["b_fc2"])
+    dfm = ac.mm(df)
+    mlp = _mlp_backward(dfm, acts, p, cfg, ac, g)
+    del dfm, df
+    dy2 = _input_grad([(dz, p[w]) for w, _, dz in mlp])  # (N, d)
+    dx1, y2 = _norm_bwd(dy2, x1, acts["ln2_stats"], p, "ln2", cfg, dout, "ln2_out" not in acts, g)
+    y2 = acts.get("ln2_out", y2)
+    for w, bname, dz in mlp:
+        g[w] = torch.matmul(dz.t(), y2)
+        if bname is not None:
+            g[bname] = _sum_rows(dz, p[bname])
+    del mlp, dy2, y2
+
+    # ---- attention half
+    dpr = _dropout_grad(dx1, cfg.dropout, cfg.seed + 1)  # (N, d)
+    g["b_proj"] = _sum_rows(dpr, p["b_proj"])
+    proj = _attention_backward(dpr, acts, p, cfg, shape, attn_mask, rope_cs, ac, g)
+    del dpr
+    dy1 = _input_grad([(dz, w) for w, _, dz in proj])  # (N, d)
+    dx, y1 = _norm_bwd(dy1, x, acts["ln1_stats"], p, "ln1", cfg, dx1, "ln1_out" not in acts, g)
+    _projection_wgrads(proj, acts.get("ln1_out", y1), p, cfg, g)
+    return dx, g
+
+
+# ------------------------------------------------------------------------------------------ autograd.Function
+def _flatten_saved(acts: dict, keeps: tuple[str, ...]) -> tuple[list[Tensor], tuple[tuple[str, int], ...]]:
+    """The kept tensors in table order and the (name, count) layout to rebuild the dict (absent names skipped)."""
+    flat, layout = [], []
+    for name in keeps:
+        if name not in acts:
+            continue
+        v = acts[name]
+        v = v if isinstance(v, tuple) else (v,)
+        flat.extend(v)
+        layout.append((name, len(v)))
+    return flat, tuple(layout)
+
+
+def _unflatten_saved(tensors, layout) -> dict:
+    it = iter(tensors)
+    acts = {}
+    for name, count in layout:
+        v = tuple(next(it) for _ in range(count))
+        acts[name] = v if name.endswith("_stats") or name in ("qkv", "fc1_out", "qk_rope") else v[0]
+    return acts
+
+
 class FusedBlockFunction(torch.autograd.Function):
-    """x (B, T, d), attn_mask, cfg, *params (PARAM_NAMES order, None where absent) -> out (B, T, d)."""
+    """x (B, T, d), attn_mask, cos, sin, cfg, names, *params (``names`` order) -> out (B, T, d)."""
 
     @staticmethod
-    def forward(ctx, x, attn_mask, cfg: BlockConfig, *params):
+    def forward(ctx, x, attn_mask, cos, sin, cfg: BlockConfig, names: tuple, *params):
         b, t, d = x.shape
-        p = dict(zip(PARAM_NAMES, params))
-        x2 = x.reshape(b * t, d)
-        out, acts = block_forward(x2, (b, t), p, cfg, attn_mask)
-        keeps = get_policy(cfg.policy).keeps
-        ctx.save_for_backward(attn_mask, *params, *_flatten_saved(acts, keeps))
-        ctx.cfg, ctx.shape, ctx.keeps = cfg, (b, t), keeps
+        p = dict.fromkeys(ALL_PARAM_NAMES)
+        p.update(zip(names, params))
+        rope_cs = None if cos is None else (cos, sin)
+        out, acts = block_forward(x.reshape(b * t, d), (b, t), p, cfg, attn_mask, rope_cs)
+        flat, ctx.layout = _flatten_saved(acts, get_policy(cfg.policy).keeps)
+        ctx.save_for_backward(attn_mask, cos, sin, *params, *flat)
+        ctx.cfg, ctx.shape, ctx.names = cfg, (b, t), names
         ctx.autocast = _AutocastState(x.device.type)
         return out.view(b, t, d)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         saved = ctx.saved_tensors
-        attn_mask = saved[0]
-        params = saved[1 : 1 + len(PARAM_NAMES)]
-        p = dict(zip(PARAM_NAMES, params))
-        acts = _unflatten_saved(saved[1 + len(PARAM_NAMES) :], ctx.keeps)
+        attn_mask, cos, sin = saved[:3]
+        k = len(ctx.names)
+        p = dict.fromkeys(ALL_PARAM_NAMES)
+        p.update(zip(ctx.names, saved[3 : 3 + k]))
+        acts = _unflatten_saved(saved[3 + k :], ctx.layout)
         cfg, (b, t) = ctx.cfg, ctx.shape
+        rope_cs = None if cos is None else (cos, sin)
         d = acts["x"].shape[1]
         with ctx.autocast():
-            if cfg.policy == "block":
-                replay = attention_half(acts["x"], (b, t), p, cfg, attn_mask)
-                replay.pop("ln1_out")  # LN1's backward emits it again when dW_qkv needs it
+            if cfg.policy in ("block", "block_keep_attn"):
+                kept = (acts["attn_out"], acts["attn_lse"]) if cfg.policy == "block_keep_attn" else None
+                replay = attention_half(acts["x"], (b, t), p, cfg, attn_mask, rope_cs, kept)
+                replay.pop("ln1_out")  # norm1's backward emits it again when dW_qkv needs it
                 replay.pop("ln1_stats")
                 acts.update(replay)
-            dx, g = block_backward(dout.reshape(b * t, d), acts, p, cfg, (b, t), attn_mask, ctx.autocast)
-        grads = tuple(None if p[name] is None else g[name] for name in PARAM_NAMES)
-        return (dx.view(b, t, d), None, None, *grads)
+            dx, g = block_backward(dout.reshape(b * t, d), acts, p, cfg, (b, t), attn_mask, ctx.autocast, rope_cs)
+        grads = tuple(None if p[name] is None else g[name] for name in ctx.names)
+        return (dx.view(b, t, d), None, None, None, None, None, *grads)

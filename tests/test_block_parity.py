@@ -111,7 +111,10 @@ def test_dropout_gradient_is_exact():
     blk = make_block(8, 2, dropout=0.25, attn_dropout=0.25, mlp_ratio=2.0).double()
     fused = FusedCheckpointBlock.from_block(blk, policy="block")
     cfg = fused.block_config()
-    params = [p.detach().clone().requires_grad_(True) if p is not None else None for p in fused.parameter_tensors()]
+    from ckpt_ext.functional import param_names
+
+    tensors = fused.parameter_tensors()
+    params = [tensors[n].detach().clone().requires_grad_(True) for n in param_names(cfg)]
     x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
     from ckpt_ext.block import fused_block
 

@@ -61,11 +61,125 @@ def sample_calls(requires_grad=False):
         (ops.attention_fwd, (qkv, heads, False, 0.25, 5, torch.zeros(bsz, 1, 1, t))),
         (ops.attention_bwd, (torch.randn(bsz, t, d), qkv.detach(), out, lse, heads, True, 0.0, 0, None)),
     ]
+    calls += llama_sample_calls(requires_grad)
     for approx in APPROX:
         calls.append((ops.bias_gelu, (u, torch.randn(h, requires_grad=requires_grad), approx)))
         calls.append((ops.bias_gelu, (u, None, approx)))
         calls.append((ops.gelu_bwd, (torch.randn(n, h), u.detach(), approx)))
     return calls
+
+
+def llama_sample_calls(requires_grad=False):
+    """(op, args) for the Llama-family ops and GQA attention: odd widths, strided weights, bf16 beside fp32."""
+    n, d, f, bsz, t, heads, kv, dh = 7, 12, 10, 1, 7, 4, 2, 6
+    rg = dict(requires_grad=requires_grad)
+    x, w = torch.randn(n, d, **rg), torch.randn(d, **rg)
+    _, rstd = reference.rms_norm_fwd(x.detach(), w.detach(), 1e-6)
+    g, u = torch.randn(n, f, **rg), torch.randn(n, f, **rg)
+    wg, wu, wd = torch.randn(f, d), torch.randn(f, d).t().contiguous().t(), torch.randn(d, f)
+    q, k, v = torch.randn(bsz, t, heads, dh, **rg), torch.randn(bsz, t, kv, dh, **rg), torch.randn(bsz, t, kv, dh, **rg)
+    ang = torch.randn(1, t, dh // 2)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    out, lse = reference.gqa_attention_fwd(q.detach(), k.detach(), v.detach(), True, 0.0, 0, None, dh**-0.5)
+    mask = torch.rand(bsz, 1, t, t) > 0.3
+    return [
+        (ops.rms_norm_fwd, (x, w, 1e-6)),
+        (ops.rms_norm_fwd, (x.detach().bfloat16(), w.detach(), 1e-5)),
+        (ops.rms_norm_bwd, (torch.randn(n, d), x.detach(), rstd, w.detach(), None, False)),
+        (ops.rms_norm_bwd, (torch.randn(n, d), x.detach(), rstd, w.detach(), torch.randn(n, d), True)),
+        (ops.swiglu_fwd, (g, u)),
+        (ops.swiglu_bwd, (torch.randn(n, f), g.detach(), u.detach())),
+        (ops.linear_swiglu, (x.detach(), wg, torch.randn(f), wu, None)),
+        (ops.swiglu_linear_bwd, (torch.randn(n, d), wd, g.detach(), u.detach())),
+        (ops.swiglu_linear_wgrad, (torch.randn(n, d), g.detach(), u.detach())),
+        (ops.swiglu_ffn_recompute, (x.detach(), rstd, w.detach(), wg, None, wu, torch.randn(f), torch.randn(n, d), wd)),
+        (ops.rope, (q, k, cos, sin, False)),
+        (ops.rope, (q, k, cos.expand(bsz, t, dh).contiguous(), sin, True)),
+        (ops.gqa_attention_fwd, (q, k, v, True, 0.0, 0, None, dh**-0.5)),
+        (ops.gqa_attention_fwd, (q, k, v, False, 0.25, 5, mask, 0.3)),
+        (
+            ops.gqa_attention_bwd,
+            (
+                torch.randn(bsz, t, heads, dh),
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                out,
+                lse,
+                True,
+                0.0,
+                0,
+                None,
+                dh**-0.5,
+            ),
+        ),  # fmt: skip
+    ]
+
+
+def test_llama_ops_gradcheck_float64():
+    """The differentiable Llama-family ops against float64 finite differences (reference backend)."""
+    d64 = dict(dtype=torch.float64, requires_grad=True)
+    x, w = torch.randn(5, 6, **d64), torch.randn(6, **d64)
+    g, u = torch.randn(4, 7, **d64), torch.randn(4, 7, **d64)
+    q, k = torch.randn(2, 3, 4, 6, **d64), torch.randn(2, 3, 2, 6, **d64)
+    cos, sin = torch.randn(2, 3, 6, dtype=torch.float64), torch.randn(1, 3, 6, dtype=torch.float64)
+    with ckpt_ext.set_backend("reference"):
+        assert torch.autograd.gradcheck(lambda x, w: ops.rms_norm_fwd(x, w, 1e-6)[0], (x, w))
+        assert torch.autograd.gradcheck(ops.swiglu_fwd, (g, u))
+        for inverse in (False, True):
+            assert torch.autograd.gradcheck(lambda q, k, i=inverse: ops.rope(q, k, cos, sin, i), (q, k))
+
+
+def test_llama_backward_ops_match_autograd_of_reference():
+    """rms_norm_bwd, swiglu_bwd, the fused SwiGLU backward ops and rope's adjoint equal autograd of plain math."""
+    torch.manual_seed(3)
+    n, d, f = 9, 10, 7
+    x, w = torch.randn(n, d, dtype=torch.float64, requires_grad=True), torch.randn(d, dtype=torch.float64)
+    w.requires_grad_(True)
+    dy, dres = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    y = w * (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6))
+    gx, gw = torch.autograd.grad(y, (x, w), dy)
+    rstd = torch.rsqrt(x.detach().square().mean(-1) + 1e-6)
+    dx, dw, y2 = reference.rms_norm_bwd(dy, x.detach(), rstd, w.detach(), dres, True)
+    torch.testing.assert_close(dx, gx + dres)
+    torch.testing.assert_close(dw, gw)
+    torch.testing.assert_close(y2, y.detach())
+    g, u = torch.randn(n, f, dtype=torch.float64, requires_grad=True), torch.randn(n, f, dtype=torch.float64)
+    u.requires_grad_(True)
+    wd, wgt, wup = (torch.randn(*s, dtype=torch.float64) for s in ((d, f), (f, d), (f, d)))
+    h = torch.nn.functional.silu(g) * u
+    dh = dy @ wd
+    dg_ref, du_ref = torch.autograd.grad(h, (g, u), dh)
+    for dg, du in (reference.swiglu_bwd(dh, g.detach(), u.detach()),
+                   reference.swiglu_linear_bwd(dy, wd, g.detach(), u.detach())):  # fmt: skip
+        torch.testing.assert_close(dg, dg_ref)
+        torch.testing.assert_close(du, du_ref)
+    torch.testing.assert_close(reference.swiglu_linear_wgrad(dy, g.detach(), u.detach()), dy.t() @ h.detach())
+    n2 = (w * x * rstd[:, None]).detach()
+    gate, up = n2 @ wgt.t(), n2 @ wup.t()
+    hh, dg, du = reference.swiglu_ffn_recompute(x.detach(), rstd, w.detach(), wgt, None, wup, None, dy, wd)
+    torch.testing.assert_close(hh, torch.nn.functional.silu(gate) * up)
+    s = torch.sigmoid(gate)
+    torch.testing.assert_close(dg, (dy @ wd) * up * s * (1 + gate * (1 - s)))
+    torch.testing.assert_close(du, (dy @ wd) * gate * s)
+    q = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(1, 3, 6, dtype=torch.float64), torch.randn(1, 3, 6, dtype=torch.float64)
+    rq = q * cos[:, :, None] + reference.rotate_half(q) * sin[:, :, None]
+    dq_out = torch.randn_like(rq)
+    (gq,) = torch.autograd.grad(rq, q, dq_out)
+    torch.testing.assert_close(reference.rope(dq_out, dq_out[:, :, :1], cos, sin, True)[0], gq)
+
+
+def test_rms_norm_cast_order_matches_hugging_face():
+    """bf16 x with an fp32 weight gives an fp32 output, the normalized value rounded to bf16 first (LlamaRMSNorm)."""
+    x, w = torch.randn(6, 16).bfloat16(), torch.randn(16)
+    xf = x.float()
+    expect = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    for backend in ("reference", "cpp"):
+        with ckpt_ext.set_backend(backend):
+            y, _ = ops.rms_norm_fwd(x, w, 1e-6)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, expect, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

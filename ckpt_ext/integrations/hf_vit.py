@@ -5,9 +5,8 @@ LN_before(x) by three separate Linears. Non-causal, exact GELU (``hidden_act="ge
 scale 1/sqrt(dh), ``attention_probs_dropout_prob`` on the probabilities, ``hidden_dropout_prob`` on both residual
 branches, LayerNorm eps ``layer_norm_eps``.
 
-W_qkv / b_qkv: ``torch.cat`` of the three weights / biases on every call. The cat is differentiable, so gradients reach
-query/key/value (q_proj/k_proj/v_proj) unchanged; the parameters themselves are neither copied nor renamed. The
-concatenated weight is one (3d, d) temporary per layer call, which the block's autograd node keeps until backward.
+The block takes the three q, k, v weights as they are (``packed_qkv=False``): no concatenated weight is built, and
+nothing but the parameters themselves is kept for backward.
 Submodule names: 4.57 ``attention.attention.{query,key,value}``, ``attention.output.dense``, ``intermediate.dense``,
 ``output.dense``; 5.x ``attention.{q,k,v,o}_proj``, ``mlp.fc1``, ``mlp.fc2``. 4.57 layers return a tensor, as 5.x's do.
 """
@@ -71,12 +70,11 @@ class ViTAdapter:
 
     def params(self, layer, parts: _Parts):
         q, k, v = parts.q, parts.k, parts.v
-        w_qkv = torch.cat([q.weight, k.weight, v.weight])
-        b_qkv = None if q.bias is None else torch.cat([q.bias, k.bias, v.bias])
-        return (
-            layer.layernorm_before.weight, layer.layernorm_before.bias, w_qkv, b_qkv, parts.o.weight, parts.o.bias,
-            layer.layernorm_after.weight, layer.layernorm_after.bias, parts.fc1.weight, parts.fc1.bias,
-            parts.fc2.weight, parts.fc2.bias,
+        return dict(
+            ln1_w=layer.layernorm_before.weight, ln1_b=layer.layernorm_before.bias, w_q=q.weight, b_q=q.bias,
+            w_k=k.weight, b_k=k.bias, w_v=v.weight, b_v=v.bias, w_proj=parts.o.weight, b_proj=parts.o.bias,
+            ln2_w=layer.layernorm_after.weight, ln2_b=layer.layernorm_after.bias, w_fc=parts.fc1.weight,
+            b_fc=parts.fc1.bias, w_fc2=parts.fc2.weight, b_fc2=parts.fc2.bias,
         )  # fmt: skip
 
     def block_config(self, layer, parts: _Parts) -> BlockConfig:
@@ -85,7 +83,7 @@ class ViTAdapter:
         seed = int(torch.randint(0, 2**31 - 8, (1,)).item()) if (p > 0.0 or p_attn > 0.0) else 0
         n_heads = parts.config.num_attention_heads
         return BlockConfig(n_heads, False, layer.layernorm_before.eps, GELU_FORMS[parts.config.hidden_act], p_attn, p,
-                           seed, layer._ckpt_policy)  # fmt: skip
+                           seed, layer._ckpt_policy, packed_qkv=False)  # fmt: skip
 
     def forward(self, layer, original, args, kwargs):
         bound = _bind(original, args, kwargs)

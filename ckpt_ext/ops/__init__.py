@@ -1,13 +1,13 @@
 """The ``ckpt_ext::*`` op graph. Importing this package registers every op (schema, fake, autograd, FLOP formula)."""
 
 from . import flops
-from .attention import attention_bwd, attention_fwd
+from .attention import attention_bwd, attention_fwd, gqa_attention_bwd, gqa_attention_fwd
 from .dropout import dropout_add
 from .ffn import ffn_recompute, gelu_linear_wgrad, linear_bias_gelu, linear_dropout_add, linear_gelu_bwd
 from .gelu import bias_gelu, gelu_bwd
 from .layer_norm import layer_norm_bwd, layer_norm_fwd
 from .rms_norm import rms_norm_bwd, rms_norm_fwd
-from .rope import rope
+from .rotary import rope
 from .swiglu import (
     linear_swiglu,
     swiglu_bwd,
@@ -27,6 +27,8 @@ __all__ = [
     "ffn_recompute",
     "gelu_bwd",
     "gelu_linear_wgrad",
+    "gqa_attention_bwd",
+    "gqa_attention_fwd",
     "layer_norm_bwd",
     "layer_norm_fwd",
     "linear_bias_gelu",

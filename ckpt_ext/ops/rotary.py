@@ -29,8 +29,9 @@ def _(q, k, cos, sin, inverse):
     for name, c in (("cos", cos), ("sin", sin)):
         torch._check(
             c.dim() == 3 and c.shape[0] in (1, b) and c.shape[1] == t and c.shape[2] == dh,
-            lambda name=name, c=c: f"rope: {name} must be (1 or B, T, head_dim) = (1|{b}, {t}, {dh}), "
-            f"got {tuple(c.shape)}",
+            lambda name=name, c=c: (
+                f"rope: {name} must be (1 or B, T, head_dim) = (1|{b}, {t}, {dh}), got {tuple(c.shape)}"
+            ),
         )
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
