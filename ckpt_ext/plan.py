@@ -14,6 +14,7 @@ Importing this module (rather than running it) makes the module itself callable 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import types
 
@@ -42,21 +43,63 @@ def table(d_model, n_layers, n_heads, seq_len, batch, memory_budget, dtype="bf16
     return "\n".join(lines)
 
 
+def _positive(kind):
+    """argparse type: a positive int or float (argparse names the option in its error)."""
+
+    def read(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    read.__name__ = kind.__name__
+    return read
+
+
+def _memory(text: str) -> int:
+    try:
+        return parse_memory(text, name="value")
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+VALUE_OPTIONS = ("--d-model", "--layers", "--heads", "--seq", "--batch", "--gpu-memory", "--dtype", "--mlp-ratio")
+
+
+def _attach_values(argv: list[str]) -> list[str]:
+    """``--gpu-memory -5GiB`` -> ``--gpu-memory=-5GiB``: argparse would read a value that starts with '-' as an
+    option and report a missing value instead of what is wrong with the value."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
+            if argv[i + 1] not in VALUE_OPTIONS and argv[i + 1] not in ("-h", "--help"):
+                out.append(f"{argv[i]}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ckpt_ext.plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--d-model", type=int, required=True)
-    ap.add_argument("--layers", type=int, required=True)
-    ap.add_argument("--heads", type=int, required=True)
-    ap.add_argument("--seq", type=int, required=True)
-    ap.add_argument("--batch", type=int, required=True)
-    ap.add_argument("--gpu-memory", required=True, help="e.g. 24GiB, 80GB, or bytes")
+    ap.add_argument("--d-model", type=_positive(int), required=True)
+    ap.add_argument("--layers", type=_positive(int), required=True)
+    ap.add_argument("--heads", type=_positive(int), required=True)
+    ap.add_argument("--seq", type=_positive(int), required=True)
+    ap.add_argument("--batch", type=_positive(int), required=True)
+    ap.add_argument("--gpu-memory", type=_memory, required=True, help="e.g. 24GiB, 80GB, 1e3GB, or bytes")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    ap.add_argument("--mlp-ratio", type=float, default=4.0)
-    a = ap.parse_args(argv)
-    try:
-        print(table(a.d_model, a.layers, a.heads, a.seq, a.batch, a.gpu_memory, a.dtype, a.mlp_ratio))
-    except ValueError as e:
-        ap.error(str(e))
+    ap.add_argument("--mlp-ratio", type=_positive(float), default=4.0)
+    a = ap.parse_args(_attach_values(list(sys.argv[1:] if argv is None else argv)))
+    if a.d_model % a.heads:
+        ap.error(f"argument --heads: {a.heads} heads do not divide --d-model {a.d_model}")
+    if int(a.mlp_ratio * a.d_model) < 1:
+        ap.error(f"argument --mlp-ratio: {a.mlp_ratio:g} x --d-model {a.d_model} gives an MLP width of 0")
+    print(table(a.d_model, a.layers, a.heads, a.seq, a.batch, a.gpu_memory, a.dtype, a.mlp_ratio))
     return 0
 
 

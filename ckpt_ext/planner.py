@@ -17,14 +17,15 @@ dtype: "bf16"/"fp16" = autocast training (residual stream and LayerNorm outputs 
 Time model: ckpt_ext.roofline.step_time(kind, ...) per layer (modeled seconds of one fwd+bwd of one block on an
 H200); overhead = sum over layers / (n_layers * step_time("eager")) - 1.
 
-Search: layers are identical, so a plan is a count of layers per policy; every composition of n_layers into the four
-policies is scored (O(n_layers^3) cheap sums) and the fastest that fits wins (ties: less memory). The
-"keep everything" choice is our "none" policy, or torch "eager" (block left unconverted) when that models faster.
-Heavier checkpointing goes to the first layers in the returned list.
+Search (exact, planner_search.py): layers are identical, so a plan is a count of layers per option; the fastest count
+vector that fits wins (ties: less memory). The options are "block", "ffn", "pointwise" and a "keep everything" choice:
+our "none" policy, or torch "eager" (block left unconverted) when that models faster. Heavier checkpointing goes to the
+first layers in the returned list.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -32,6 +33,7 @@ from typing import Union
 
 import torch
 
+from .planner_search import fastest_mix, leanest_mix
 from .policies import POLICIES, retained_bytes, tensor_bytes
 
 STATE_BYTES_PER_PARAM = 16
@@ -46,19 +48,24 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kib": 
           "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}  # fmt: skip
 
 
-def parse_memory(value: Union[int, float, str]) -> int:
-    """Bytes from an int/float or a string: "24GiB", "80GB", "512 MiB", "24G" (bare K/M/G/T are binary)."""
-    if isinstance(value, bool):
-        raise TypeError("memory_budget must be bytes (int) or a string such as '24GiB'")
-    if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ValueError(f"memory_budget must be positive, got {value}")
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"cannot read memory size {value!r}; use bytes or e.g. '24GiB', '80GB', '512MiB'")
-    return parse_memory(float(match.group(1)) * _UNITS[unit])
+def parse_memory(value: Union[int, float, str], name: str = "memory_budget") -> int:
+    """Bytes from an int/float or a string: "24GiB", "80GB", "512 MiB", "24G", "1e3GB" (bare K/M/G/T are binary).
+
+    Errors are ValueError/TypeError naming ``name`` (the argument being read)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"{name} must be bytes (int) or a string such as '24GiB', got {type(value).__name__}")
+    original = value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(
+                f"cannot read {name} {value!r} as a memory size; use bytes or e.g. '24GiB', '80GB', '1e3GB'"
+            )
+        value = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"{name} must be a positive, finite number of bytes, got {original!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -146,9 +153,10 @@ def evaluate(shape: Shape, kinds, budget: int) -> Plan:
     kinds = tuple(kinds)
     if len(kinds) != shape.n_layers:
         raise ValueError(f"expected {shape.n_layers} per-layer kinds, got {len(kinds)}")
-    act = sum(shape.layer_bytes(k) for k in kinds)
-    work = max(shape.workspace_bytes(k) for k in kinds)
-    ratio = sum(shape.step_time(k) for k in kinds) / (shape.n_layers * shape.step_time("eager"))
+    counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}  # each distinct kind priced once
+    act = sum(n * shape.layer_bytes(k) for k, n in counts.items())
+    work = max(shape.workspace_bytes(k) for k in counts)
+    ratio = sum(n * shape.step_time(k) for k, n in counts.items()) / (shape.n_layers * shape.step_time("eager"))
     overhead = round(ratio - 1.0, 9) + 0.0  # no "-0.0%" from rounding noise
     fits = shape.state_bytes + act + work <= budget
     return Plan(kinds, act, work, shape.state_bytes, overhead, budget, fits)
@@ -172,15 +180,9 @@ def plan(
     mem = [shape.layer_bytes(k) for k in options]
     work = [shape.workspace_bytes(k) for k in options]
     time = [shape.step_time(k) for k in options]
-    best = leanest = None  # (key, counts)
-    for counts in _compositions(n_layers, len(options)):
-        peak = shape.state_bytes + sum(n * m for n, m in zip(counts, mem)) + max(w for n, w in zip(counts, work) if n)
-        t = sum(n * x for n, x in zip(counts, time))
-        if leanest is None or peak < leanest[0][1]:
-            leanest = ((t, peak), counts)
-        if peak <= budget and (best is None or (t, peak) < best[0]):
-            best = ((t, peak), counts)
-    counts = (best if best is not None else leanest)[1]
+    counts = fastest_mix(n_layers, mem, work, time, budget - shape.state_bytes)
+    if counts is None:
+        counts = leanest_mix(n_layers, mem, work, time)
     return _with_message(evaluate(shape, [k for k, n in zip(options, counts) for _ in range(n)], budget), shape)
 
 
@@ -204,8 +206,10 @@ def make_shape(d_model, n_layers, n_heads, seq_len, batch, dtype="bf16", mlp_rat
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if d_model % n_heads:
         raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model})")
-    if mlp_ratio <= 0:
-        raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)):
+        raise TypeError(f"mlp_ratio must be a number, got {type(mlp_ratio).__name__}")
+    if not (math.isfinite(mlp_ratio) and int(mlp_ratio * d_model) >= 1):
+        raise ValueError(f"mlp_ratio must be positive and give an MLP width >= 1, got {mlp_ratio!r}")
     return Shape(d_model, n_layers, n_heads, seq_len, batch, dtype, float(mlp_ratio))
 
 
@@ -216,15 +220,6 @@ def _dtype_name(dtype) -> str:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return name
-
-
-def _compositions(total: int, parts: int):
-    if parts == 1:
-        yield (total,)
-        return
-    for first in range(total + 1):
-        for rest in _compositions(total - first, parts - 1):
-            yield (first, *rest)
 
 
 def _with_message(p: Plan, shape: Shape) -> Plan:
