@@ -388,46 +388,9 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple
 
 # -------------------------------------------------------------------------------------------------- attention
 def _split_heads(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """qkv (B, T, 3d) -> q, k, v each (B, h, T, dh) views; head i = columns i*dh:(i+1)*dh of each third."""
+    """qkv (B, T, 3d) -> q, k, v each (B, T, h, dh) strided views; head i = columns i*dh:(i+1)*dh of each third."""
     b, t, three_d = qkv.shape
-    d = three_d // 3
-    q, k, v = qkv.view(b, t, 3, n_heads, d // n_heads).unbind(2)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-
-def _scores(q: Tensor, k: Tensor, causal: bool, attn_mask: Optional[Tensor]) -> Tensor:
-    """S = q kᵀ / sqrt(dh) + bias (B, h, T, T), bias = attn_mask (float, or -inf where a bool mask is False) + -inf
-    above the diagonal if causal; one batched GEMM with the scale and the bias in it (baddbmm)."""
-    b, h, t, dh = q.shape
-    bias = None
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float("-inf"))
-        else:
-            bias = attn_mask.to(q.dtype)
-    if causal:
-        above = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-        bias = above if bias is None else bias + above
-    q3, k3 = q.reshape(b * h, t, dh), k.reshape(b * h, t, dh)
-    if bias is None:
-        return torch.bmm(q3, k3.transpose(1, 2)).mul_(dh**-0.5).view(b, h, t, t)
-    # a (T, T) bias (causal only) broadcasts over the batch as it is; a mask's bias is expanded to every (batch, head)
-    bias = bias.unsqueeze(0) if bias.dim() == 2 else bias.expand(b, h, t, t).reshape(b * h, t, t)
-    return torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=dh**-0.5).view(b, h, t, t)
-
-
-def _attention_probs(qkv, n_heads, causal, dropout_p, seed, attn_mask):
-    cdt = compute_dtype(qkv)
-    q, k, v = (t.to(cdt) for t in _split_heads(qkv, n_heads))
-    s = _scores(q, k, causal, attn_mask)
-    lse = torch.logsumexp(s, dim=-1)  # (B, h, T)
-    p = torch.exp(s - lse[..., None])
-    if dropout_p > 0.0:
-        keep = dropout_keep_mask(p.numel(), dropout_p, seed, p.device).view(p.shape)
-        pd = torch.where(keep, p * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=cdt, device=p.device))
-    else:
-        keep, pd = None, p
-    return q, k, v, p, pd, keep, lse
+    return qkv.view(b, t, 3, n_heads, three_d // 3 // n_heads).unbind(2)
 
 
 def attention_fwd(
@@ -435,12 +398,13 @@ def attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention on packed qkv (B, T, 3d) -> out (B, T, d) in qkv.dtype, lse (B, h, T) float32/float64.
 
-    Attention-probability dropout uses the hash mask over the flat (B, h, T, T) index.
+    gqa_attention_fwd (reference_attention.py) on q, k, v views of qkv with h query and kv heads, scale 1/sqrt(dh):
+    the same masks, empty-row rule and hash dropout over the flat (B, h, T, T) index.
     """
     b, t, three_d = qkv.shape
-    q, k, v, p, pd, keep, lse = _attention_probs(qkv, n_heads, causal, dropout_p, seed, attn_mask)
-    out = (pd @ v).transpose(1, 2).reshape(b, t, three_d // 3)
-    return out.to(qkv.dtype), lse
+    q, k, v = _split_heads(qkv, n_heads)
+    out, lse = gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5)
+    return out.view(b, t, three_d // 3), lse
 
 
 def attention_bwd(
@@ -454,25 +418,13 @@ def attention_bwd(
     seed: int,
     attn_mask: Optional[Tensor],
 ) -> Tensor:
-    """VJP of attention_fwd: dqkv (B, T, 3d) in qkv.dtype. P is rebuilt from the scores and lse, never stored."""
+    """VJP of attention_fwd: dqkv (B, T, 3d) in qkv.dtype (gqa_attention_bwd's dq | dk | dv packed)."""
     b, t, three_d = qkv.shape
-    cdt = compute_dtype(qkv)
-    q, k, v = (x.to(cdt) for x in _split_heads(qkv, n_heads))
-    p = torch.exp(_scores(q, k, causal, attn_mask) - lse.to(cdt)[..., None])  # (B, h, T, T)
-    scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
-    if dropout_p > 0.0:
-        keep = dropout_keep_mask(p.numel(), dropout_p, seed, p.device).view(p.shape)
-        pd = torch.where(keep, p * scale, torch.zeros((), dtype=cdt, device=p.device))
-    else:
-        keep, pd = None, p
-    do = dout.to(cdt).view(b, t, n_heads, -1).transpose(1, 2)  # (B, h, T, dh)
-    dv = pd.transpose(-1, -2) @ do
-    dpd = do @ v.transpose(-1, -2)
-    dp = dpd if keep is None else torch.where(keep, dpd * scale, torch.zeros((), dtype=cdt, device=p.device))
-    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
-    ds = torch.nan_to_num(ds)
-    sm = q.shape[-1] ** -0.5
-    dq = (ds @ k) * sm
-    dk = (ds.transpose(-1, -2) @ q) * sm
-    dqkv = torch.stack([dq, dk, dv], dim=2)  # (B, h, 3, T, dh)
-    return dqkv.permute(0, 3, 2, 1, 4).reshape(b, t, three_d).to(qkv.dtype)
+    q, k, v = _split_heads(qkv, n_heads)
+    grads = gqa_attention_bwd(
+        dout.view(q.shape), q, k, v, out.view(q.shape), lse, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5
+    )
+    return torch.stack(grads, dim=2).view(b, t, three_d)
+
+
+from .reference_attention import gqa_attention_bwd, gqa_attention_fwd  # noqa: E402  (re-exported for backend.kernel)

@@ -1,4 +1,14 @@
-"""``ckpt_ext::attention_fwd`` / ``ckpt_ext::attention_bwd``: softmax attention on the packed qkv projection.
+"""``ckpt_ext::gqa_attention_fwd``/``_bwd`` (separate q, k, v; grouped-query) and ``ckpt_ext::attention_fwd``/``_bwd``
+(the packed qkv projection): softmax attention ops.
+
+gqa_attention_fwd(q (B, T, h, dh), k, v (B, S, hk, dh), causal, dropout_p, seed, attn_mask?, scale)
+    -> out (B, T, h, dh) q.dtype, lse (B, h, T) fp32 (fp64 for fp64)
+gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask?, scale) -> dq, dk, dv (q/k/v shapes)
+Query head i reads kv head i // (h // hk); dk/dv sum over the heads of a group. Math, masks, the empty-row rule and
+the dropout index: ckpt_ext/reference_attention.py. q, k, v may be strided views with unit last stride (GPT-2 passes
+views of its packed qkv). Integer masks raise TypeError; a mask that requires grad raises ValueError when autograd
+records the op (no mask gradient is defined). The cpp/cuda backends run native_attention's bounded-memory CPU path
+until cpp_bridge lists these ops (backend.kernel would otherwise give the reference math).
 
 attention_fwd(qkv (B, T, 3d), n_heads, causal, dropout_p, seed, attn_mask?) -> out (B, T, d) qkv.dtype,
                                                                              lse (B, h, T) fp32 (fp64 for fp64 qkv)
@@ -6,7 +16,7 @@ attention_bwd(dout (B, T, d), qkv, out, lse, n_heads, causal, dropout_p, seed, a
 q|k|v are the three thirds of qkv's last dim, head i = columns i*dh:(i+1)*dh of each. Probability dropout uses the
 hash mask (reproducible from seed). attn_mask is additive (float) or keep (bool), broadcastable to (B, h, T, T).
 Kernels: reference math always works; without dropout and mask, CPU runs aten's flash kernel for CPU (see cpp_bridge).
-FLOPs follow torch's SDPA convention: forward 4·B·h·T²·dh, backward 10·B·h·T²·dh (causal not halved).
+FLOPs follow torch's SDPA convention: forward 4·B·h·T²·dh, backward 10·B·h·T²·dh (causal not halved; T·S for gqa).
 """
 
 from __future__ import annotations
@@ -16,7 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backend
+from .. import backend, reference, reference_attention
+from . import native_attention
 
 
 def _lse_dtype(qkv: Tensor) -> torch.dtype:
@@ -62,6 +73,7 @@ def _(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask):
 
 def _setup(ctx, inputs, output):
     qkv, n_heads, causal, dropout_p, seed, attn_mask = inputs
+    reference_attention.check_mask_grad(attn_mask)
     out, lse = output
     ctx.args = (n_heads, causal, dropout_p, seed)
     ctx.save_for_backward(qkv, out, lse, attn_mask)
@@ -74,3 +86,78 @@ def _backward(ctx, dout, _dlse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# ------------------------------------------------------------------------------------------------ grouped-query
+def _gqa_kernel(op: str, device_type: str):
+    impl = backend.kernel(op, device_type)
+    if impl is getattr(reference, op) and backend.concrete_backend(device_type) in ("cpp", "cuda"):
+        return getattr(native_attention, op)
+    return impl
+
+
+@torch.library.custom_op("ckpt_ext::gqa_attention_fwd", mutates_args=())
+def gqa_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    attn_mask: Optional[Tensor],
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale)
+    return _gqa_kernel("gqa_attention_fwd", q.device.type)(q, k, v, causal, dropout_p, seed, attn_mask, scale)
+
+
+@gqa_attention_fwd.register_fake
+def _(q, k, v, causal, dropout_p, seed, attn_mask, scale):
+    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale)
+    b, t, h, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, t), dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("ckpt_ext::gqa_attention_bwd", mutates_args=())
+def gqa_attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    attn_mask: Optional[Tensor],
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd")
+    return _gqa_kernel("gqa_attention_bwd", q.device.type)(
+        dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale
+    )
+
+
+@gqa_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale):
+    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd")
+    torch._check(dout.shape == q.shape, lambda: "gqa_attention_bwd: dout must be (B, T, h, dh) like q")
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _gqa_setup(ctx, inputs, output):
+    q, k, v, causal, dropout_p, seed, attn_mask, scale = inputs
+    reference_attention.check_mask_grad(attn_mask)
+    out, lse = output
+    ctx.args = (causal, dropout_p, seed)
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+
+
+def _gqa_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, attn_mask = ctx.saved_tensors
+    dq, dk, dv = gqa_attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args, attn_mask, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+gqa_attention_fwd.register_autograd(_gqa_backward, setup_context=_gqa_setup)

@@ -3,7 +3,8 @@
 ffn_recompute: 4·N·d·H (FC1 and the dA GEMM); linear_bias_gelu, linear_dropout_add, linear_gelu_bwd and
 gelu_linear_wgrad: 2·N·K·out.
 linear_swiglu: 4·N·K·F; swiglu_linear_bwd, swiglu_linear_wgrad: 2·N·d·F; swiglu_ffn_recompute: 6·N·d·F.
-attention_fwd: 4·B·h·T²·dh, attention_bwd: 10·B·h·T²·dh (torch's SDPA convention, causal not halved).
+attention_fwd: 4·B·h·T²·dh, attention_bwd: 10·B·h·T²·dh (torch's SDPA convention, causal not halved);
+gqa_attention_fwd: 4·B·h·T·S·dh, gqa_attention_bwd: 10·B·h·T·S·dh (h query heads; GQA shares k/v, not FLOPs).
 
 torch.utils.flop_counter imports triton when it is first imported, and ckpt_ext promises not to import triton at import
 time. So the formulas are registered the moment torch.utils.flop_counter is imported by anyone (a post-import hook on
@@ -73,6 +74,16 @@ def attention_bwd_flops(dout_shape, qkv_shape, o_shape, lse_shape, n_heads, *arg
     return 10 * b * h * t * t * dh  # dV, dP, dQ, dK and the rebuilt scores, as torch counts SDPA's backward
 
 
+def gqa_attention_fwd_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    b, t, h, dh = q_shape
+    return 4 * b * h * t * k_shape[1] * dh
+
+
+def gqa_attention_bwd_flops(dout_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    b, t, h, dh = q_shape
+    return 10 * b * h * t * k_shape[1] * dh  # as attention_bwd: dV, dP, dQ, dK and the rebuilt scores
+
+
 def _register() -> None:
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
@@ -89,6 +100,8 @@ def _register() -> None:
         (ops.swiglu_ffn_recompute, swiglu_ffn_recompute_flops),
         (ops.attention_fwd, attention_fwd_flops),
         (ops.attention_bwd, attention_bwd_flops),
+        (ops.gqa_attention_fwd, gqa_attention_fwd_flops),
+        (ops.gqa_attention_bwd, gqa_attention_bwd_flops),
     ):
         if packet not in flop_registry:
             register_flop_formula(packet)(formula)

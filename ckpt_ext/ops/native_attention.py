@@ -1,135 +1,243 @@
-"""Attention through aten's fused kernels where they fit, materialized math with the C++ dropout kernel on CPU.
+"""The cpp/cuda backends' attention: aten's fused kernels where they fit, bounded-memory tiled aten math otherwise.
 
-Our dropout uses a reproducible hash mask that aten's kernels cannot draw, so the fused kernels run only when
-dropout_p == 0 and there is no attn_mask. Otherwise, on CPU, ``cpu_math`` runs reference.attention_*'s math with aten
-ops (S = q kᵀ/√dh + mask/causal bias (B, h, T, T) from reference._scores' one baddbmm, P by one fused softmax, P
-rebuilt from lse in backward, aten's softmax backward) and applies the probability dropout with the C++ kernel
-``dropout_add_kernel`` over the flat contiguous (B, h, T, T) index: the reference's mask, bit for bit, without building
-it from int64 tensor ops (that hash was most of the reference path's time). On CUDA without a fitting flash kernel the
-reference math runs. Same inputs, outputs and layouts as the ops in attention.py:
-qkv (B, T, 3d) -> out (B, T, d), lse (B, h, T) fp32.
-- CPU: aten's flash kernel for CPU (any float dtype).
-- CUDA: aten's FlashAttention-2 (``_scaled_dot_product_flash_attention`` and its ``_backward``) for fp16/bf16 with
-  head dim a multiple of 8 and ≤ 256 on sm_80+; its logsumexp is exactly (B, h, T) fp32 in natural log. Its
-  backward needs no RNG state without dropout (empty philox tensors are passed), and cum_seq_* are None (dense
-  batch). fp32 on CUDA and other head dims take the reference math.
-q, k, v are (B, h, T, dh) strided views of qkv (unit last stride, as both kernels require): no copies in.
+Math, masks, the empty-row rule and the dropout index are reference_attention.py's. Routes (``_route_gqa``):
+- ``cpu_flash``: no mask, no dropout, CPU: aten's flash kernel for CPU (``_scaled_dot_product_flash_attention_for_cpu``
+  and its backward, any float dtype), once per kv group: the group's g query heads (B, g, T, dh) against the kv head
+  expanded to (B, g, S, dh) by a stride-0 view (no repeat_kv copy); dk/dv are the backward's per-head grads summed
+  over the group. Without a mask and with causal S == T no row is empty.
+- ``cuda_flash``: no mask, no dropout, CUDA, fp16/bf16, h == hk, dh % 8 == 0 and <= 256, sm_80+: aten's
+  FlashAttention-2 on (B, h, T, dh) views; its logsumexp is (B, h, T) fp32 in natural log.
+- ``cpu_math`` (any device, every mask and dropout): tiles over kv groups × BLOCK_Q query rows. A tile holds the
+  scores of the group's g heads for BLOCK_Q queries against all S keys, (B, g, BLOCK_Q, S) in fp32 (fp64 for fp64),
+  so the softmax is exact per row without rescaling, and peak scratch is a few tiles whatever T: never a (B, h, T, S)
+  tensor. Forward: S = scale · q kᵀ by one bmm (the g heads' rows stacked), mask / causal applied in place, P in place
+  (exp, row sum, divide), lse = rowmax + log Σ, empty rows zeroed with lse = -inf. Backward rebuilds P = exp(S - lse)
+  per tile (0 where lse = -inf), dv_j and dk_j accumulate over the tiles and the group's heads inside the bmms, dS by
+  aten's softmax backward. The dropout hash runs in wrapping int32 arithmetic on the tile's flat (B, h, T, S) indices
+  (logical shifts by masking): the reference's mask bit for bit, ~4x cheaper than its int64 emulation.
+- ``reference``: empty T or S.
+The packed-qkv ops (attention_fwd/_bwd) call the same routes on q, k, v views of qkv (h == hk, scale 1/sqrt(dh)).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import reference, reference_attention
+from ..reference_attention import empty_threshold, mask4
+
+BLOCK_Q = 64  # query rows per cpu_math tile
 
 
-def _cuda_flash_fits(qkv, n_heads: int) -> bool:
-    dh = qkv.shape[2] // 3 // n_heads
+def _cuda_flash_fits(q, k) -> bool:
+    dh = q.shape[-1]
     return (
-        qkv.dtype in (torch.float16, torch.bfloat16)
+        q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[2] == k.shape[2]
         and dh % 8 == 0
         and dh <= 256
-        and torch.cuda.get_device_capability(qkv.device)[0] >= 8
+        and torch.cuda.get_device_capability(q.device)[0] >= 8
         and torch.backends.cuda.is_flash_attention_available()
     )
 
 
-def _route(qkv, n_heads, dropout_p, attn_mask) -> str:
-    if qkv.shape[1] == 0:
+def _route_gqa(q, k, dropout_p, attn_mask) -> str:
+    if q.shape[1] == 0 or k.shape[1] == 0:
         return "reference"
-    if dropout_p != 0.0 or attn_mask is not None:
-        cpp_dropout = hasattr(torch.ops.ckpt_ext, "dropout_add_kernel")
-        return "cpu_math" if qkv.device.type == "cpu" and cpp_dropout else "reference"
-    if qkv.device.type == "cpu":
-        return "cpu_flash"
-    if qkv.device.type == "cuda" and _cuda_flash_fits(qkv, n_heads):
-        return "cuda_flash"
-    return "reference"
+    if dropout_p == 0.0 and attn_mask is None:
+        if q.device.type == "cpu":
+            return "cpu_flash"
+        if q.device.type == "cuda" and _cuda_flash_fits(q, k):
+            return "cuda_flash"
+    return "cpu_math"
 
 
+def _route(qkv, n_heads, dropout_p, attn_mask) -> str:
+    """The route the packed op takes for qkv (B, T, 3d)."""
+    q, k, _ = reference._split_heads(qkv, n_heads)
+    return _route_gqa(q, k, dropout_p, attn_mask)
+
+
+# ------------------------------------------------------------------------------------------------ packed qkv
 def attention_fwd(qkv, n_heads, causal, dropout_p, seed, attn_mask):
-    route = _route(qkv, n_heads, dropout_p, attn_mask)
-    if route == "reference":
-        return reference.attention_fwd(qkv, n_heads, causal, dropout_p, seed, attn_mask)
-    if route == "cpu_math":
-        return _math_fwd(qkv, n_heads, causal, dropout_p, seed, attn_mask)
     b, t, three_d = qkv.shape
-    q, k, v = reference._split_heads(qkv, n_heads)  # (B, h, T, dh) strided views
-    if route == "cpu_flash":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False)[:2]
-    return out.transpose(1, 2).reshape(b, t, three_d // 3), lse.contiguous()  # (B, T, d), (B, h, T)
+    q, k, v = reference._split_heads(qkv, n_heads)  # (B, T, h, dh) strided views
+    out, lse = gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5)
+    return out.view(b, t, three_d // 3), lse
 
 
 def attention_bwd(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask):
-    route = _route(qkv, n_heads, dropout_p, attn_mask)
-    if route == "reference":
-        return reference.attention_bwd(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask)
-    if route == "cpu_math":
-        return _math_bwd(dout, qkv, lse, n_heads, causal, dropout_p, seed, attn_mask)
     b, t, three_d = qkv.shape
     q, k, v = reference._split_heads(qkv, n_heads)
-    o = out.view(b, t, n_heads, -1).transpose(1, 2)
-    do = dout.view(b, t, n_heads, -1).transpose(1, 2)
-    if route == "cpu_flash":
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, o, lse, 0.0, causal
-        )
-    else:
-        rng_state = torch.empty((2,), dtype=torch.uint64, device=qkv.device)
-        unused = torch.empty((), dtype=torch.uint64, device=qkv.device)
+    grads = gqa_attention_bwd(
+        dout.view(q.shape), q, k, v, out.view(q.shape), lse, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5
+    )
+    return torch.stack(grads, dim=2).view(b, t, three_d)  # (B, T, 3, h, dh) -> (B, T, 3d)
+
+
+# ------------------------------------------------------------------------------------------------ grouped-query
+def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
+    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale)
+    route = _route_gqa(q, k, dropout_p, attn_mask)
+    if route == "reference":
+        return reference_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale)
+    if route == "cpu_math":
+        return _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale)
+    b, t, h, dh = q.shape
+    if route == "cuda_flash":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False, scale=scale
+        )[:2]
+        return out.transpose(1, 2).contiguous(), lse.contiguous()
+    g = h // k.shape[2]
+    out = q.new_empty((b, t, h, dh))
+    lse = q.new_empty((b, h, t), dtype=reference.compute_dtype(q))
+    for j in range(k.shape[2]):
+        heads = slice(j * g, (j + 1) * g)
+        qg, kg, vg = _group_views(q, k, v, j, g)
+        o, lg = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, kg, vg, 0.0, causal, scale=scale)
+        out[:, :, heads] = o.transpose(1, 2)
+        lse[:, heads] = lg
+    return out, lse
+
+
+def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale):
+    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd")
+    route = _route_gqa(q, k, dropout_p, attn_mask)
+    if route == "reference":
+        return reference_attention.gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale)
+    if route == "cpu_math":
+        return _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale)
+    b, t, h, dh = q.shape
+    if route == "cuda_flash":
+        rng_state = torch.empty((2,), dtype=torch.uint64, device=q.device)
+        unused = torch.empty((), dtype=torch.uint64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            do, q, k, v, o, lse.to(torch.float32), None, None, t, t, 0.0, causal, rng_state, unused
-        )
-    return _pack_dqkv(qkv, n_heads, dq, dk, dv)
+            *(x.transpose(1, 2) for x in (dout, q, k, v, out)), lse.to(torch.float32), None, None,
+            t, k.shape[1], 0.0, causal, rng_state, unused, scale=scale,
+        )  # fmt: skip
+        return tuple(x.transpose(1, 2).contiguous() for x in (dq, dk, dv))
+    g = h // k.shape[2]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    for j in range(k.shape[2]):
+        heads = slice(j * g, (j + 1) * g)
+        qg, kg, vg = _group_views(q, k, v, j, g)
+        dqg, dkg, dvg = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout[:, :, heads].transpose(1, 2), qg, kg, vg, out[:, :, heads].transpose(1, 2),
+            lse[:, heads].contiguous(), 0.0, causal, scale=scale,
+        )  # fmt: skip
+        dq[:, :, heads] = dqg.transpose(1, 2)
+        dk[:, :, j] = dkg.sum(dim=1, dtype=reference.compute_dtype(k))
+        dv[:, :, j] = dvg.sum(dim=1, dtype=reference.compute_dtype(v))
+    return dq, dk, dv
 
 
-def _pack_dqkv(qkv, n_heads, dq, dk, dv):
-    """dq, dk, dv (B, h, T, dh) -> dqkv (B, T, 3d) in qkv.dtype, each grad copied into its third in one pass."""
-    b, t, three_d = qkv.shape
-    dqkv = qkv.new_empty((b, t, 3, n_heads, three_d // 3 // n_heads))
-    for i, grad in enumerate((dq, dk, dv)):
-        dqkv[:, :, i].copy_(grad.transpose(1, 2))
-    return dqkv.view(b, t, three_d)
+def _group_views(q, k, v, j, g):
+    """Kv group j: q's g heads (B, g, T, dh) and kv head j expanded to (B, g, S, dh) (stride-0 views, no copies)."""
+    b, s, _, dh = k.shape
+    kg = k[:, :, j : j + 1].transpose(1, 2).expand(b, g, s, dh)
+    vg = v[:, :, j : j + 1].transpose(1, 2).expand(b, g, s, dh)
+    return q[:, :, j * g : (j + 1) * g].transpose(1, 2), kg, vg
 
 
-def _probs(qkv, n_heads, causal, attn_mask, lse=None):
-    """q, k, v (B, h, T, dh) in the compute dtype, P = softmax(S) (B, h, T, T) contiguous, lse (B, h, T).
-
-    Forward: P by one fused softmax and lse = max S - log max P (max P = 1 / Σ exp(S - max S)), instead of logsumexp
-    and a second exp pass; backward (lse given): P = exp(S - lse), the reference's formula."""
-    cdt = reference.compute_dtype(qkv)
-    q, k, v = (x.to(cdt) for x in reference._split_heads(qkv, n_heads))
-    s = reference._scores(q, k, causal, attn_mask)
-    if lse is not None:
-        return q, k, v, s.sub_(lse.to(cdt).unsqueeze(-1)).exp_(), lse  # in place over the scores
-    s_max = s.amax(dim=-1)
-    p = torch.softmax(s, dim=-1)
-    lse = torch.where(torch.isneginf(s_max), s_max, s_max - p.amax(dim=-1).log())  # fully masked rows: -inf
-    return q, k, v, p, lse
+# ------------------------------------------------------------------------------------------- tiled aten math
+def _c32(c: int) -> int:
+    return c - (1 << 32) if c >= (1 << 31) else c
 
 
-def _drop(x, dropout_p, seed):
-    """x * keep / (1 - p) with the hash mask over x's flat contiguous index (the C++ kernel; x itself when p = 0)."""
-    return torch.ops.ckpt_ext.dropout_add_kernel(x, None, dropout_p, seed) if dropout_p > 0.0 else x
+def _fmix32_i32(h):
+    """MurmurHash3's finalizer on int32 tensors holding uint32 bit patterns (wrapping multiply, logical shifts)."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _c32(0x85EBCA6B)
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _c32(0xC2B2AE35)
+    return h ^ ((h >> 16) & 0xFFFF)
 
 
-def _math_fwd(qkv, n_heads, causal, dropout_p, seed, attn_mask):
-    b, t, three_d = qkv.shape
-    _, _, v, p, lse = _probs(qkv, n_heads, causal, attn_mask)
-    out = (_drop(p, dropout_p, seed) @ v).transpose(1, 2).reshape(b, t, three_d // 3)
-    return out.to(qkv.dtype), lse
+def _tile_keep(shape, j, g, t0, t1, dropout_p, seed, device):
+    """Keep-mask (B, g, tq, S) of a tile: the hash at flat (B, h, T, S) index ((b·h + j·g + i)·T + t)·S + s mod 2³²."""
+    b, h, t, s = shape
+    ar = lambda n, start=0: torch.arange(start, start + n, dtype=torch.int64, device=device)  # noqa: E731
+    rows = ((ar(b)[:, None] * h + j * g + ar(g)[None, :]) * t)[:, :, None] + ar(t1 - t0, t0)  # (B, g, tq)
+    flat = (rows * s).to(torch.int32)[..., None] + ar(s).to(torch.int32)  # (B, g, tq, S), wraps mod 2³²
+    key = _c32(reference.seed_key(seed))
+    hsh = _fmix32_i32(_fmix32_i32(flat ^ key) + key)
+    return ((hsh >> 8) & 0xFFFFFF) >= reference.dropout_threshold(dropout_p)
 
 
-def _math_bwd(dout, qkv, lse, n_heads, causal, dropout_p, seed, attn_mask):
-    b, t, three_d = qkv.shape
-    q, k, v, p, _ = _probs(qkv, n_heads, causal, attn_mask, lse)
-    do = dout.to(p.dtype).view(b, t, n_heads, -1).transpose(1, 2)  # (B, h, T, dh)
-    dv = _drop(p, dropout_p, seed).transpose(-1, -2) @ do
-    dp = _drop(do @ v.transpose(-1, -2), dropout_p, seed)  # the same mask: dropout is its own adjoint
-    ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p (dp - rowsum(p dp))
-    if attn_mask is not None:
-        ds = torch.nan_to_num(ds)  # rows the mask empties entirely
-    sm = q.shape[-1] ** -0.5
-    return _pack_dqkv(qkv, n_heads, (ds @ k) * sm, (ds.transpose(-1, -2) @ q) * sm, dv)
+def _drop_(x, keep, dropout_p):
+    """x ∘ keep / (1 - p) in place (x itself without dropout)."""
+    return x if keep is None else x.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
+
+
+def _tile_scores(q, k, j, g, t0, t1, causal, m4, scale, cdt):
+    """q tile (B, g·tq, dh) and S = scale · q kᵀ + mask, causal (B, g, tq, S) in cdt for kv group j, rows t0:t1."""
+    b, tq = q.shape[0], t1 - t0
+    qt = q[:, t0:t1, j * g : (j + 1) * g].transpose(1, 2).to(cdt).reshape(b, g * tq, -1)
+    s = torch.bmm(qt, k[:, :, j].to(cdt).transpose(1, 2)).mul_(scale).view(b, g, tq, -1)
+    if m4 is not None:
+        mt = m4[:, j * g : (j + 1) * g] if m4.shape[1] > 1 else m4
+        mt = mt[:, :, t0:t1] if mt.shape[2] > 1 else mt  # (B|1, g|1, tq|1, S|1)
+        if mt.dtype == torch.bool:
+            s.masked_fill_(~mt, float("-inf"))
+        else:
+            s.add_(mt)
+    if causal:
+        rows = torch.arange(t0, t1, device=s.device)[:, None]
+        s.masked_fill_(torch.arange(s.shape[-1], device=s.device)[None, :] > rows, float("-inf"))
+    return qt, s
+
+
+def _tiles(q, k):
+    b, t, h, _ = q.shape
+    g = h // k.shape[2]
+    for j in range(k.shape[2]):
+        for t0 in range(0, t, BLOCK_Q):
+            yield j, g, slice(j * g, (j + 1) * g), t0, min(t, t0 + BLOCK_Q)
+
+
+def _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
+    b, t, h, dh = q.shape
+    s_len = k.shape[1]
+    cdt = reference.compute_dtype(q)
+    m4, thr = mask4(attn_mask), empty_threshold(attn_mask)
+    out = q.new_empty((b, t, h, dh))
+    lse = q.new_empty((b, h, t), dtype=cdt)
+    for j, g, heads, t0, t1 in _tiles(q, k):
+        _, s = _tile_scores(q, k, j, g, t0, t1, causal, m4, scale, cdt)  # (B, g, tq, S)
+        row_max = s.amax(dim=-1, keepdim=True)  # (B, g, tq, 1)
+        empty = row_max <= thr
+        p = s.sub_(row_max.masked_fill(empty, 0.0)).exp_()
+        denom = p.sum(dim=-1, keepdim=True)
+        p.div_(denom).masked_fill_(empty, 0.0)
+        lse[:, heads, t0:t1] = (row_max + denom.log()).masked_fill_(empty, float("-inf")).squeeze(-1)
+        keep = _tile_keep((b, h, t, s_len), j, g, t0, t1, dropout_p, seed, q.device) if dropout_p > 0 else None
+        o = torch.bmm(_drop_(p, keep, dropout_p).view(b, -1, s_len), v[:, :, j].to(cdt))  # (B, g·tq, dh)
+        out[:, t0:t1, heads] = o.view(b, g, t1 - t0, dh).transpose(1, 2)
+    return out, lse
+
+
+def _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale):
+    b, t, h, dh = q.shape
+    s_len = k.shape[1]
+    cdt = reference.compute_dtype(q)
+    m4 = mask4(attn_mask)
+    dq = q.new_empty((b, t, h, dh))
+    dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    for j, g, heads, t0, t1 in _tiles(q, k):
+        tq = t1 - t0
+        qt, s = _tile_scores(q, k, j, g, t0, t1, causal, m4, scale, cdt)
+        lse_t = lse[:, heads, t0:t1].to(cdt)[..., None]  # (B, g, tq, 1)
+        p = s.sub_(lse_t).exp_().masked_fill_(torch.isneginf(lse_t), 0.0)  # (B, g, tq, S)
+        keep = _tile_keep((b, h, t, s_len), j, g, t0, t1, dropout_p, seed, q.device) if dropout_p > 0 else None
+        do = dout[:, t0:t1, heads].transpose(1, 2).to(cdt).reshape(b, g * tq, dh)
+        pd = p if keep is None else _drop_(p.clone(), keep, dropout_p)
+        dv[:, :, j] += torch.bmm(pd.view(b, g * tq, s_len).transpose(1, 2), do)
+        dp = _drop_(torch.bmm(do, v[:, :, j].to(cdt).transpose(1, 2)).view(b, g, tq, s_len), keep, dropout_p)
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype).view(b, g * tq, s_len)  # P ∘ (dP - rowsum(P ∘ dP))
+        dq[:, t0:t1, heads] = torch.bmm(ds, k[:, :, j].to(cdt)).mul_(scale).view(b, g, tq, dh).transpose(1, 2)
+        dk[:, :, j] += torch.bmm(ds.transpose(1, 2), qt).mul_(scale)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

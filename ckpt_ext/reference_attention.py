@@ -1,0 +1,172 @@
+"""Reference math of ``ckpt_ext::gqa_attention_fwd`` / ``gqa_attention_bwd``: grouped-query softmax attention.
+
+q (B, T, h, dh), k and v (B, S, hk, dh), h % hk == 0, g = h // hk: query head i reads kv head j = i // g (k and v are
+never repeated). One query head at a time, on one (B, T, S) score tile; no (B, h, T, S) tensor is ever built:
+
+    S_i  = scale · q_i k_jᵀ + bias_i      bias_i: the additive float mask, or -inf where a bool keep-mask is False,
+                                          and -inf above the diagonal when causal (causal requires S == T)
+    m    = rowmax S_i                     a row is empty (no visible key) iff m <= threshold: -inf without a mask or
+                                          with a bool one, finfo(mask.dtype).min / 2 with a float mask, so rows
+                                          emptied by -inf and by finfo.min (Hugging Face's padding) are both found
+    lse  = m + log Σ exp(S_i - m)         -inf for empty rows
+    P    = exp(S_i - lse)                 0 for empty rows
+    out_i = (P ∘ keep / (1 - p)) v_j      keep: the ckpt_ext hash mask at the flat (B, h, T, S) index
+                                          ((b·h + i)·T + t)·S + s (taken mod 2³², as every kernel does)
+Backward (P rebuilt from lse; empty rows have lse = -inf, so P = 0 and their gradients are 0):
+    dP = (dO_i v_jᵀ) ∘ keep / (1 - p),  dS = P ∘ (dP - rowsum(P ∘ dP))
+    dq_i = scale · dS k_j,  dk_j += scale · dSᵀ q_i,  dv_j += (P ∘ keep / (1 - p))ᵀ dO_i   (summed over j's g heads)
+Compute in fp32 (fp64 for fp64 inputs); out (B, T, h, dh) in q.dtype, lse (B, h, T) in the compute dtype, dq/dk/dv
+in q/k/v's dtypes, all fresh contiguous tensors. ``check_gqa_args`` is the argument check every backend runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_gqa_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, attn_mask: Optional[Tensor],
+                   scale: float, op: str = "gqa_attention_fwd") -> None:  # fmt: skip
+    """Raise a clear error naming the argument for anything the attention ops do not define."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{op}: q must be (B, T, h, dh) and k, v (B, S, hk, dh); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")  # fmt: skip
+    if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{op}: q, k, v must share one float dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, t, h, dh = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != dh:
+        raise ValueError(f"{op}: k and v must be (B={b}, S, hk, dh={dh}); got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    hk = k.shape[2]
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"{op}: the query heads h={h} must be a multiple of the kv heads hk={hk}")
+    if causal and k.shape[1] != t:
+        raise ValueError(f"{op}: causal=True needs as many keys as queries (S == T); got T={t}, S={k.shape[1]}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1); got {dropout_p}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite; got {scale}")
+    if attn_mask is None:
+        return
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(f"{op}: attn_mask must be torch.bool (True = keep) or a floating dtype (additive bias: "
+                        f"float16, bfloat16, float32, float64); got {attn_mask.dtype}")  # fmt: skip
+    full = (b, h, t, k.shape[1])
+    shape = tuple(attn_mask.shape)
+    if len(shape) > 4 or any(m not in (1, f) for m, f in zip(shape[::-1], full[::-1])):
+        raise ValueError(f"{op}: attn_mask of shape {shape} does not broadcast to (B, h, T, S) = {full}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"{op}: attn_mask is on {attn_mask.device}, q on {q.device}")
+
+
+def check_mask_grad(attn_mask: Optional[Tensor]) -> None:
+    """The ops define no gradient for the mask: a mask that requires grad would silently get none, so refuse it."""
+    if attn_mask is not None and attn_mask.requires_grad:
+        raise ValueError("gqa_attention_fwd: attn_mask requires grad, but the attention ops return no gradient for "
+                         "the mask (a learned bias would silently not train); pass attn_mask.detach() or compute "
+                         "attention with the bias outside ckpt_ext")  # fmt: skip
+
+
+def empty_threshold(attn_mask: Optional[Tensor]) -> float:
+    """Row max at or below which a row has no visible key: -inf, or half the float mask dtype's most negative value."""
+    if attn_mask is None or attn_mask.dtype == torch.bool:
+        return float("-inf")
+    return torch.finfo(attn_mask.dtype).min / 2
+
+
+def mask4(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """attn_mask as a 4-D view (B|1, h|1, T|1, S|1) (leading 1s added; never expanded, never copied)."""
+    if attn_mask is None:
+        return None
+    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+
+
+def hash_keep(flat: Tensor, p: float, seed: int) -> Tensor:
+    """The reference hash mask (reference.dropout_keep_mask's formula) at the int64 flat indices ``flat`` (mod 2³²)."""
+    key = reference.seed_key(seed)
+    h = reference.fmix32((reference.fmix32((flat & 0xFFFFFFFF) ^ key) + key) & 0xFFFFFFFF)
+    return (h >> 8) >= reference.dropout_threshold(p)
+
+
+def _head_flat_index(b: int, h: int, i: int, t: int, s: int, device) -> Tensor:
+    """Flat (B, h, T, S) index of head i's elements: (B, T, S) int64."""
+    ar = lambda n: torch.arange(n, dtype=torch.int64, device=device)  # noqa: E731
+    return ((ar(b) * h + i) * (t * s))[:, None, None] + (ar(t) * s)[None, :, None] + ar(s)[None, None, :]
+
+
+def _head_scores(q, k, i, g, causal, m4, scale, cdt) -> Tensor:
+    """S_i (B, T, S) in cdt for query head i: scale · q_i k_jᵀ + bias_i, -inf above the diagonal when causal."""
+    qi, kj = q[:, :, i].to(cdt), k[:, :, i // g].to(cdt)  # (B, T, dh), (B, S, dh)
+    s = torch.bmm(qi, kj.transpose(1, 2)).mul_(scale)  # (B, T, S)
+    if m4 is not None:
+        mi = m4[:, i if m4.shape[1] > 1 else 0]  # (B|1, T|1, S|1)
+        if mi.dtype == torch.bool:
+            s.masked_fill_(~mi, float("-inf"))
+        else:
+            s.add_(mi.to(cdt))
+    if causal:
+        t, n = s.shape[1:]
+        s.masked_fill_(torch.ones(t, n, dtype=torch.bool, device=s.device).triu_(1), float("-inf"))
+    return s
+
+
+def _dropped(x: Tensor, keep: Optional[Tensor], dropout_p: float) -> Tensor:
+    return x if keep is None else torch.where(keep, x * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=x.dtype))
+
+
+def gqa_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, seed: int,
+                      attn_mask: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """out (B, T, h, dh) in q.dtype, lse (B, h, T) in the compute dtype; see the module docstring."""
+    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale)
+    b, t, h, dh = q.shape
+    s_len, g = k.shape[1], h // k.shape[2]
+    cdt = reference.compute_dtype(q)
+    m4, thr = mask4(attn_mask), empty_threshold(attn_mask)
+    out = torch.zeros((b, t, h, dh), dtype=cdt, device=q.device)
+    lse = torch.full((b, h, t), float("-inf"), dtype=cdt, device=q.device)
+    if t == 0 or s_len == 0:
+        return out.to(q.dtype), lse
+    for i in range(h):
+        s = _head_scores(q, k, i, g, causal, m4, scale, cdt)  # (B, T, S)
+        row_max = s.amax(dim=-1, keepdim=True)  # (B, T, 1)
+        empty = row_max <= thr
+        e = torch.exp(s - torch.where(empty, 0.0, row_max))
+        denom = e.sum(dim=-1, keepdim=True)
+        p = torch.where(empty, 0.0, e / denom)  # (B, T, S)
+        lse[:, i] = torch.where(empty, float("-inf"), row_max + denom.log()).squeeze(-1)
+        keep = hash_keep(_head_flat_index(b, h, i, t, s_len, q.device), dropout_p, seed) if dropout_p > 0 else None
+        out[:, :, i] = _dropped(p, keep, dropout_p) @ v[:, :, i // g].to(cdt)
+    return out.to(q.dtype), lse
+
+
+def gqa_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                      dropout_p: float, seed: int, attn_mask: Optional[Tensor], scale: float
+                      ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """VJP of gqa_attention_fwd: dq (B, T, h, dh), dk, dv (B, S, hk, dh); P rebuilt per head from the saved lse."""
+    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd")
+    b, t, h, dh = q.shape
+    s_len, g = k.shape[1], h // k.shape[2]
+    cdt = reference.compute_dtype(q)
+    m4 = mask4(attn_mask)
+    dq = torch.zeros((b, t, h, dh), dtype=cdt, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    for i in range(0 if t == 0 or s_len == 0 else h):
+        j = i // g
+        lse_i = lse[:, i].to(cdt)[..., None]  # (B, T, 1)
+        s = _head_scores(q, k, i, g, causal, m4, scale, cdt)
+        p = torch.where(torch.isneginf(lse_i), 0.0, torch.exp(s - lse_i))  # (B, T, S)
+        keep = hash_keep(_head_flat_index(b, h, i, t, s_len, q.device), dropout_p, seed) if dropout_p > 0 else None
+        do = dout[:, :, i].to(cdt)  # (B, T, dh)
+        dv[:, :, j] += _dropped(p, keep, dropout_p).transpose(1, 2) @ do
+        dp = _dropped(do @ v[:, :, j].to(cdt).transpose(1, 2), keep, dropout_p)  # (B, T, S)
+        ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+        dq[:, :, i] = (ds @ k[:, :, j].to(cdt)) * scale
+        dk[:, :, j] += (ds.transpose(1, 2) @ q[:, :, i].to(cdt)) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
