@@ -1,10 +1,11 @@
 """``apply_fused_checkpointing(model, policy="ffn", every=1) -> int``: fused checkpointing for Hugging Face models.
 
-Finds the transformer layers of every registered family (``FAMILIES``: GPT-2's GPT2Block, ViT's ViTLayer) in module
+Finds the transformer layers of every registered family (``FAMILIES``: GPT-2's GPT2Block, ViT's ViTLayer, the
+Llama family's Llama/Mistral/Qwen2/Qwen3 decoder layers) in module
 order and converts the ``every``-th, 2·``every``-th, ... of them (every=1: all) in place, by swapping each layer's class
 for a ``Fused<Layer>`` subclass (hf_common.py). Parameters, submodules and ``state_dict()`` keys do not change, so
 saving, loading, optimizers, DDP and FSDP2 see the same model. Calling it again updates the policy of converted
-layers (they count as converted). Each family adapter (hf_gpt2.py, hf_vit.py) provides:
+layers (they count as converted). Each family adapter (hf_gpt2.py, hf_vit.py, hf_llama.py) provides:
 
     layer_classes() -> classes to convert        check(layer) -> raises ValueError for configs it cannot fuse
     forward(layer, original_forward, args, kwargs) -> the layer's output (fused, or the original forward)
@@ -19,9 +20,10 @@ from torch import nn
 from ..policies import get_policy
 from .hf_common import FusedLayerMixin, fused_class, unfused_class
 from .hf_gpt2 import GPT2Adapter
+from .hf_llama import LlamaFamilyAdapter
 from .hf_vit import ViTAdapter
 
-FAMILIES = (GPT2Adapter(), ViTAdapter())
+FAMILIES = (GPT2Adapter(), ViTAdapter(), LlamaFamilyAdapter())
 
 
 def supported() -> str:

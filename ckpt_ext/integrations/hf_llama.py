@@ -1,0 +1,141 @@
+"""Hugging Face Llama-family adapter (``LlamaDecoderLayer``, ``MistralDecoderLayer``, ``Qwen2DecoderLayer``,
+``Qwen3DecoderLayer``): transformers 4.57 and 5.x.
+
+layer(x) = x1 + down_proj(silu(gate_proj(n2)) * up_proj(n2)), n2 = post_attention_layernorm(x1),
+       x1 = x + o_proj(attention(rope(q), rope(k), v)), q|k|v = {q,k,v}_proj(input_layernorm(x))
+with RMSNorm in Hugging Face's cast order, GQA (``num_key_value_heads``), RoPE applied with the model's own
+``position_embeddings = (cos, sin)`` (so every rope scaling the config names works), Qwen2's q/k/v biases, Llama's
+``attention_bias`` / ``mlp_bias``, Qwen3's per-head ``q_norm`` / ``k_norm`` before RoPE, scale ``head_dim ** -0.5``.
+The block gets Hugging Face's own weight tensors (separate q/k/v and gate/up: no concatenation is built or kept).
+
+Fused path: autograd records the call, ``position_embeddings`` are given, no attention weights requested, attention
+implementation eager or sdpa, no hooks on the bypassed submodules, and no KV cache to serve: a cache holding tokens,
+or any cache outside training, runs the original forward (so generate() and eval with use_cache fill it); while
+training a cache created by default is left unfilled, as Hugging Face's own gradient checkpointing does. Masks: None
+(causal), 4-D bool or additive (padding, packed sequences' block-diagonal masks, sliding windows as the model built
+them), or a 2-D padding mask; a mask that masks nothing beyond causality reaches the unmasked causal kernel. A
+sliding window shorter than the sequence with no 4-D mask that encodes it runs the original forward (warned once).
+Returns what the original returns: the hidden states tensor (4.57, 5.x), a 1-tuple where the layer's signature says so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..block import fused_block
+from ..functional import BlockConfig
+from .hf_common import additive_mask, any_intercepted, needs_graph, warn_once
+from .hf_gpt2 import _bind, _cached_tokens
+
+FUSED_ATTENTION = ("eager", "sdpa")
+_CACHE_ARGS = ("past_key_values", "past_key_value")
+
+
+class LlamaFamilyAdapter:
+    name = "Llama, Mistral, Qwen2, Qwen3 (*Model, *ForCausalLM, *ForSequenceClassification, ...)"
+
+    def layer_classes(self) -> tuple[type, ...]:
+        import importlib
+
+        classes = []
+        for family, cls in (("llama", "LlamaDecoderLayer"), ("mistral", "MistralDecoderLayer"),
+                            ("qwen2", "Qwen2DecoderLayer"), ("qwen3", "Qwen3DecoderLayer")):  # fmt: skip
+            try:
+                module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+            except ImportError:
+                continue
+            classes.append(getattr(module, cls))
+        return tuple(classes)
+
+    def check(self, layer) -> None:
+        """Raise ValueError naming every config field the fused block does not compute."""
+        attn, mlp, cfg = layer.self_attn, layer.mlp, layer.self_attn.config
+        problems = []
+        act = getattr(cfg, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            problems.append(f"hidden_act={act!r} (the fused MLP is SwiGLU: silu)")
+        if layer.input_layernorm.variance_epsilon != layer.post_attention_layernorm.variance_epsilon:
+            problems.append("input_layernorm and post_attention_layernorm with different eps")
+        if abs(attn.scaling - attn.head_dim**-0.5) > 1e-12:
+            problems.append(f"attention scaling {attn.scaling} != head_dim ** -0.5")
+        if attn.head_dim % 2:
+            problems.append(f"head_dim={attn.head_dim} is odd (RoPE needs an even head_dim)")
+        if (mlp.gate_proj.bias is None) != (mlp.up_proj.bias is None):
+            problems.append("gate_proj and up_proj disagree on bias")
+        if hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
+            problems.append("q_norm without k_norm")
+        elif hasattr(attn, "q_norm") and attn.q_norm.variance_epsilon != layer.input_layernorm.variance_epsilon:
+            problems.append("q_norm/k_norm eps differs from rms_norm_eps")
+        if problems:
+            raise ValueError(f"{type(layer).__name__} cannot be fused: " + "; ".join(problems))
+
+    def params(self, layer) -> dict:
+        a, m = layer.self_attn, layer.mlp
+        p = dict(
+            ln1_w=layer.input_layernorm.weight, ln2_w=layer.post_attention_layernorm.weight,
+            w_q=a.q_proj.weight, b_q=a.q_proj.bias, w_k=a.k_proj.weight, b_k=a.k_proj.bias,
+            w_v=a.v_proj.weight, b_v=a.v_proj.bias, w_proj=a.o_proj.weight, b_proj=a.o_proj.bias,
+            w_gate=m.gate_proj.weight, b_gate=m.gate_proj.bias, w_up=m.up_proj.weight, b_up=m.up_proj.bias,
+            w_fc2=m.down_proj.weight, b_fc2=m.down_proj.bias,
+        )  # fmt: skip
+        if hasattr(a, "q_norm"):
+            p.update(q_norm_w=a.q_norm.weight, k_norm_w=a.k_norm.weight)
+        return p
+
+    def block_config(self, layer) -> BlockConfig:
+        a = layer.self_attn
+        p_attn = a.attention_dropout if layer.training else 0.0
+        seed = int(torch.randint(0, 2**31 - 8, (1,)).item()) if p_attn > 0.0 else 0
+        n_heads = a.config.num_attention_heads
+        return BlockConfig(n_heads, True, layer.input_layernorm.variance_epsilon, "none", p_attn, 0.0, seed,
+                           layer._ckpt_policy, norm="rmsnorm", mlp="swiglu",
+                           n_kv_heads=a.config.num_key_value_heads, head_dim=a.head_dim, qk_norm=hasattr(a, "q_norm"),
+                           packed_qkv=False)  # fmt: skip
+
+    def forward(self, layer, original, args, kwargs):
+        bound = _bind(original, args, kwargs)
+        x = bound["hidden_states"]
+        params = self.params(layer)
+        if not self._can_fuse(layer, bound, params):
+            return original(*args, **kwargs)
+        mask = additive_mask(bound.get("attention_mask"), x.shape[1], causal=True)
+        out = fused_block(x, params, self.block_config(layer), mask, tuple(bound["position_embeddings"]))
+        return out
+
+    def _can_fuse(self, layer, bound: dict, params: dict) -> bool:
+        x = bound["hidden_states"]
+        if not needs_graph(x, params.values()):
+            return False
+        extra = bound.get("kwargs", {})
+        if extra.get("output_attentions") or bound.get("position_embeddings") is None:
+            return False
+        mask = bound.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() in (2, 4)):
+            return False
+        impl = getattr(layer.self_attn.config, "_attn_implementation", "eager")
+        if impl not in FUSED_ATTENTION:
+            warn_once(f"llama-impl-{impl}", f"ckpt_ext: attention implementation {impl!r} runs unfused; use one of "
+                      f"{FUSED_ATTENTION}")  # fmt: skip
+            return False
+        window = _sliding_window(layer)
+        if window is not None and window < x.shape[1] and not (mask is not None and mask.dim() == 4):
+            warn_once("llama-window", f"ckpt_ext: a sliding window ({window}) shorter than the sequence without a 4-D "
+                      "mask that encodes it: those layers run their original forward")  # fmt: skip
+            return False
+        if any_intercepted((layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.mlp)):
+            return False
+        cache = next((src[k] for src in (bound, extra) for k in _CACHE_ARGS if src.get(k) is not None), None)
+        if cache is not None:
+            if not layer.training or _cached_tokens(cache, layer.self_attn.layer_idx) > 0:
+                return False  # serve the cache: the original forward fills it
+            warn_once("llama-cache", "ckpt_ext: fused Llama-family layers do not fill the KV cache while training (as "
+                      "with Hugging Face's gradient checkpointing); pass use_cache=False to silence this")  # fmt: skip
+        return True
+
+
+def _sliding_window(layer):
+    """The layer's attention window: Qwen2/3 set it per layer (self_attn.sliding_window), Mistral in its config."""
+    attn = layer.self_attn
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(attn.config, "sliding_window", None)
