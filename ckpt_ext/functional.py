@@ -22,19 +22,19 @@ Backward (dY = d out; df = dropout_add(dY, None) replays the residual dropout ma
     dY1 = Σ dZ @ W_{q,k,v}, dx = norm1_bwd(dY1, x, s1, dresidual=dx1) + y1 for dW_{q,k,v}.
 ``block`` first replays the attention half's forward from x and the saved statistics; ``block_keep_attn`` replays it
 without the attention core (it kept o and lse). What each policy saves is ``policies.POLICIES[policy].keeps``, read
-here and nowhere else. Recompute runs under the forward's autocast state. The backward is once-differentiable: asking
-for double backward (create_graph=True) raises instead of returning wrong second-order gradients.
+here and nowhere else. Recompute runs under the forward's autocast state. Double backward (create_graph=True) raises
+instead of returning wrong second-order gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import ops
 from .policies import get_policy
@@ -124,7 +124,9 @@ class _AutocastState:
         self.dtype = torch.get_autocast_dtype(device_type) if self.enabled else None
 
     def __call__(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+        if not self.enabled:  # also devices autocast does not know (meta)
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
     def mm(self, t: Optional[Tensor]) -> Optional[Tensor]:
         """Cast an input of a fused matmul op (or of attention) the way autocast casts an aten matmul's."""
@@ -468,8 +470,12 @@ class FusedBlockFunction(torch.autograd.Function):
         return out.view(b, t, d)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ckpt_ext's fused block does not support double backward (create_graph=True, e.g. gradient penalties): "
+                "its backward is hand-written and not itself differentiable; use ckpt_ext.TransformerBlock there"
+            )
         saved = ctx.saved_tensors
         attn_mask, cos, sin = saved[:3]
         k = len(ctx.names)
