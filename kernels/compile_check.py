@@ -1,25 +1,35 @@
-"""Compile every Triton kernel for a GPU target without a GPU, and report its shared memory use.
+"""Compile every Triton kernel for a GPU target without a GPU; report registers, spills and shared memory.
 
     python -m ckpt_ext.kernels.compile_check [--arch 90] [--all-configs]
 
 Each kernel is compiled from its AST (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``) with
-16-bit signatures (fp16 and bf16 activations/weights, fp32 statistics), once per GELU form (linear_dropout_add, which
-has none, once), for the largest autotune config of the target's list (every config with --all-configs; the dual-GEMM
-ffn_recompute uses the DUAL_* lists); the matmuls also in fp32 (UPCAST, ieee dots, the CKPT_EXT_TRITON_AUTOTUNE=0
-config).
+16-bit signatures (fp16 and bf16 for the GPT-2 kernels; bf16 and the autocast mix for the Llama-family ones, see
+compile_jobs_llama), once per GELU form (linear_dropout_add, which has none, once), for the autotune config with the
+most accumulator registers per thread (every config with --all-configs; the dual-GEMM kernels use the DUAL_* lists,
+swiglu_ffn_recompute the TRIPLE_* ones); the matmuls also in fp32 (UPCAST, ieee dots, the CKPT_EXT_TRITON_AUTOTUNE=0
+configs). The attention kernels come from ``ckpt_ext.kernels.flash_attention.compile_jobs(arch)`` when that module
+exists: an iterable of (name, jit fn, signature, constexprs, options[, attrs]) tuples.
 Arguments are specialized the way the JIT does for the usual layouts (nn.Linear weights, contiguous activations):
 unit strides become the constant 1, and pointers, other strides and the d/H dimensions carry 16-divisibility, so
 the compile sees the kernel the GPU will run.
+Each cubin's registers, spill bytes (stack frame + local memory) and static shared memory are read with triton's
+bundled ``cuobjdump --dump-resource-usage``; shared = dynamic (pipeline buffers) + static.
 Must run WITHOUT TRITON_INTERPRET=1 (the interpreter replaces @triton.jit functions); exits non-zero if any kernel
-fails to compile. Prints one line per compile: ``kernel dtype variant shared=<bytes> warps=<n> stages=<n> sm=<arch>``.
+fails to compile or spills. Prints one line per compile:
+``[SPILLS ]kernel dtype variant regs=<n> spills=<bytes> shared=<bytes> warps=<n> stages=<n> sm=<arch>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+
+from .compile_jobs_llama import largest, llama_jobs
 
 
 def _jobs(arch: int, all_configs: bool):
@@ -29,8 +39,8 @@ def _jobs(arch: int, all_configs: bool):
 
     tile_configs = SM90 if arch >= 90 else SM80
     dual_tile_configs = DUAL_SM90 if arch >= 90 else DUAL_SM80
-    tile_configs = tile_configs if all_configs else tile_configs[:1]
-    dual_tile_configs = dual_tile_configs if all_configs else dual_tile_configs[:1]
+    tile_configs = tile_configs if all_configs else largest(tile_configs)
+    dual_tile_configs = dual_tile_configs if all_configs else largest(dual_tile_configs)
     for dt in ("fp16", "bf16"):
         p, f32 = f"*{dt}", "*fp32"
         row = {"BLOCK_D": 1024}
@@ -64,6 +74,28 @@ def _jobs(arch: int, all_configs: bool):
     yield _dual_matmul_job("*fp32", DUAL_SINGLE[0], False, upcast=True)
     yield from _matmul_jobs("*fp32", SINGLE[0], False, upcast=True)
     yield _dropout_matmul_job("*fp32", SINGLE[0], upcast=True)
+    yield from llama_jobs(arch, all_configs)
+    yield from _attention_jobs(arch)
+
+
+def _attention_jobs(arch: int):
+    """The attention owner's kernels (ckpt_ext.kernels.flash_attention.compile_jobs(arch), same job tuples), once
+    that module exists."""
+    try:
+        from . import flash_attention
+    except ImportError:
+        return
+    jobs = getattr(flash_attention, "compile_jobs", None)
+    if jobs is None:
+        return
+    try:
+        listed = list(jobs(arch))
+    except ModuleNotFoundError as exc:  # the attention kernels are landing file by file
+        if not (exc.name or "").startswith(f"{__package__}.flash_attention"):
+            raise
+        print(f"SKIPPED attention jobs: {exc}", flush=True)
+        return
+    yield from listed
 
 
 def _dropout_matmul_job(p: str, cfg, upcast: bool):
@@ -111,12 +143,17 @@ def _matmul_jobs(p: str, cfg, tanh: bool, upcast: bool):
 
 UNIT_STRIDES = {
     "ffn_recompute": ("stride_w1k", "stride_w2n"),
+    "linear_swiglu": ("stride_xk", "stride_wgk", "stride_wuk"),
+    "swiglu_linear_bwd": ("stride_dyk", "stride_wn"),
+    "swiglu_linear_wgrad": ("stride_dym",),
+    "swiglu_ffn_recompute": ("stride_wgk", "stride_wuk", "stride_wdn"),
     "linear_bias_gelu": ("stride_xk", "stride_wk"),
     "linear_dropout_add": ("stride_xk", "stride_wk"),
     "linear_gelu_bwd": ("stride_dyk", "stride_wn"),
     "gelu_linear_wgrad": ("stride_dym",),
 }
-NOT_DIVISIBLE = ("M", "numel", "n_rows", "rows_per_program", "key", "threshold", "eps", "scale")
+NOT_DIVISIBLE = ("M", "numel", "n_rows", "rows_per_program", "key", "threshold", "eps", "scale", "T", "hq", "hk",
+                 "half", "P")  # fmt: skip
 
 
 def specialize(name: str, fn, signature: dict, const: dict):
@@ -137,6 +174,38 @@ def _variant(const: dict) -> str:
     return ",".join(f"{k}={const[k]}" for k in keys if k in const)
 
 
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, spill bytes (stack frame + local memory) and static shared memory of a cubin, read with the
+    cuobjdump that ships with triton (``--dump-resource-usage``)."""
+    import triton
+
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([exe, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
+    regs, stack, shared, local = map(int, m.groups())
+    return {"regs": regs, "spills": stack + local, "static_shared": shared}
+
+
+def _pointer_attrs(fn, signature: dict) -> dict:
+    return {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in signature.items() if ty.startswith("*")}
+
+
+def _prepared(job):
+    """(name, fn, signature, constexprs, attrs, options): our jobs are specialized here; an attention job
+    (name, fn, signature, constexprs, options[, attrs]) brings its own attrs or gets 16-aligned pointers only."""
+    if len(job) == 6:
+        name, fn, signature, const, opts, attrs = job
+        return name, fn, signature, const, attrs if attrs is not None else _pointer_attrs(fn, signature), opts
+    name, fn, signature, const, opts = job
+    signature, const, attrs = specialize(name, fn, signature, const)
+    return name, fn, signature, const, attrs, opts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
@@ -151,21 +220,24 @@ def main(argv=None) -> int:
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    for name, fn, signature, const, opts in _jobs(args.arch, args.all_configs):
+    for job in _jobs(args.arch, args.all_configs):
+        name, fn, signature, const, attrs, opts = _prepared(job)
         dtype = next((v for v in signature.values() if v.startswith("*") and v != "*fp32"), "*fp32")[1:]
-        signature, const, attrs = specialize(name, fn, signature, const)
         start = time.perf_counter()
         try:
             src = ASTSource(fn=fn, signature=signature, constexprs=const, attrs=attrs)
             compiled = triton.compile(src, target=target, options=opts)
+            usage = resource_usage(compiled.asm["cubin"])
         except Exception as exc:  # report every failing kernel, not only the first
             failures += 1
             print(f"FAILED {name} {dtype} {_variant(const)}: {type(exc).__name__}: {exc}", flush=True)
             continue
         md = compiled.metadata
-        print(f"{name} {dtype} {_variant(const)} shared={md.shared} "
-              f"warps={md.num_warps} stages={md.num_stages} sm={args.arch} ({time.perf_counter() - start:.1f}s)",
-              flush=True)  # fmt: skip
+        spilled = usage["spills"] > 0
+        failures += spilled
+        print(f"{'SPILLS ' if spilled else ''}{name} {dtype} {_variant(const)} regs={usage['regs']} "
+              f"spills={usage['spills']} shared={md.shared + usage['static_shared']} warps={md.num_warps} "
+              f"stages={md.num_stages} sm={args.arch} ({time.perf_counter() - start:.1f}s)", flush=True)  # fmt: skip
     return 1 if failures else 0
 
 
