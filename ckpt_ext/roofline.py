@@ -10,14 +10,18 @@ that reaches the dispatcher, ``ckpt_ext::*`` ops as one kernel each, with
 and prices it at max(flops / PEAK_FLOPS, bytes / PEAK_BYTES_PER_S) + LAUNCH_S (H200 ceilings measured with torch:
 bf16 matmul and device-to-device copy). The step time is the sum over ops; overhead is relative to "eager".
 
-Variants: "eager" (TransformerBlock), "checkpoint" / "checkpoint_reentrant" (torch.utils.checkpoint, use_reentrant
-False / True), "selective" (torch selective checkpointing saving matmul and attention outputs), and the
-FusedCheckpointBlock policies "none", "pointwise", "ffn", "block". Retained memory: bytes of the storages created
-during forward that are still alive after it (the graph's saved tensors, the block output excluded).
+Variants: "eager" (the plain layer), "checkpoint" / "checkpoint_reentrant" (torch.utils.checkpoint, use_reentrant
+False / True), "selective" (torch selective checkpointing saving matmul and attention outputs), and the ckpt_ext
+policies "none", "pointwise", "ffn", "block_keep_attn", "block". The layer is ``layer``: "block" (ckpt_ext's
+TransformerBlock: the GPT-2 form, or the Llama form with activation="swiglu", RoPE tables given) or "hf_llama"
+(transformers' own LlamaDecoderLayer, sdpa; the policies convert it with apply_fused_checkpointing). Retained memory:
+bytes of the storages created during forward that are still alive after it (the graph's saved tensors, the block
+output excluded).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Optional
@@ -31,7 +35,8 @@ PEAK_BYTES_PER_S = 4.3e12
 LAUNCH_S = 3e-6
 
 TORCH_VARIANTS = ("eager", "checkpoint", "checkpoint_reentrant", "selective")
-POLICY_VARIANTS = ("none", "pointwise", "ffn", "block")
+POLICY_VARIANTS = ("none", "pointwise", "ffn", "block_keep_attn", "block")
+LAYERS = ("block", "hf_llama")
 VARIANTS = TORCH_VARIANTS + POLICY_VARIANTS
 FREE_OPS = ("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh",
             "_local_scalar_dense")  # fmt: skip
@@ -163,22 +168,42 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def forward_fn(variant: str, block):
-    """x -> out of one block under ``variant`` (FusedCheckpointBlock variants share ``block``'s parameters)."""
+def forward_fn(variant: str, block, position_embeddings=None):
+    """x -> out of one block under ``variant`` (FusedCheckpointBlock variants share ``block``'s parameters).
+
+    ``block``: a ckpt_ext TransformerBlock, or a Hugging Face Llama-family decoder layer (policies convert a copy's
+    class in place: ``block`` itself is left unconverted)."""
     from torch.utils.checkpoint import checkpoint
 
-    from .block import FusedCheckpointBlock
+    from .block import FusedCheckpointBlock, TransformerBlock
+
+    hf = not isinstance(block, TransformerBlock)
+    kw = {} if position_embeddings is None else {"position_embeddings": position_embeddings}
+
+    def call(module):
+        if not kw:
+            return module
+        return lambda x: module(x, **kw)
 
     if variant == "eager":
-        return block
+        return call(block)
     if variant == "checkpoint":
-        return lambda x: checkpoint(block, x, use_reentrant=False)
+        return lambda x: checkpoint(call(block), x, use_reentrant=False)
     if variant == "checkpoint_reentrant":
-        return lambda x: checkpoint(block, x, use_reentrant=True)
+        return lambda x: checkpoint(call(block), x, use_reentrant=True)
     if variant == "selective":
-        return lambda x: checkpoint(block, x, use_reentrant=False, context_fn=_selective_context)
+        return lambda x: checkpoint(call(block), x, use_reentrant=False, context_fn=_selective_context)
     if variant in POLICY_VARIANTS:
-        return FusedCheckpointBlock.from_block(block, policy=variant)
+        if hf:
+            from .integrations.hf_common import fused_class
+            from .integrations.huggingface import FAMILIES
+
+            fused = copy.copy(block)  # shares parameters and submodules; only the class is swapped
+            adapter = next(a for a in FAMILIES if isinstance(block, a.layer_classes()))
+            fused.__class__ = fused_class(type(block), adapter)
+            fused._ckpt_policy = variant
+            return call(fused)
+        return call(FusedCheckpointBlock.from_block(block, policy=variant))
     raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
@@ -190,19 +215,64 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module
 
 
-@functools.lru_cache(maxsize=64)
-def _trace(variant, d_model, seq, batch, n_heads, dtype, mlp_ratio, activation) -> StepTrace:
-    from torch._subclasses.fake_tensor import FakeTensorMode
+@dataclass(frozen=True)
+class LayerShape:
+    """One layer's shape: the GPT-2 block by default; activation="swiglu" (or layer="hf_llama") the Llama form."""
 
+    d_model: int
+    seq: int
+    batch: int
+    n_heads: int
+    dtype: torch.dtype = torch.bfloat16
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"
+    n_kv_heads: Optional[int] = None
+    d_ff: Optional[int] = None
+    layer: str = "block"
+
+    @property
+    def llama(self) -> bool:
+        return self.activation == "swiglu" or self.layer == "hf_llama"
+
+    @property
+    def hidden(self) -> int:
+        return self.d_ff if self.d_ff is not None else int(self.mlp_ratio * self.d_model)
+
+
+def _make_layer(shape: LayerShape):
+    """The layer under trace (fake parameters) and its RoPE tables (None for the GPT-2 form)."""
     from .block import TransformerBlock
+
+    s = shape
+    dh = s.d_model // s.n_heads
+    pe = None
+    if s.llama:
+        pe = tuple(torch.empty(1, s.seq, dh, dtype=s.dtype) for _ in range(2))
+    if s.layer == "hf_llama":
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        cfg = LlamaConfig(hidden_size=s.d_model, intermediate_size=s.hidden, num_attention_heads=s.n_heads,
+                          num_key_value_heads=s.n_kv_heads or s.n_heads, num_hidden_layers=1)  # fmt: skip
+        cfg._attn_implementation = "sdpa"
+        return _cast(LlamaDecoderLayer(cfg, 0), s.dtype).train(), pe
+    if s.layer != "block":
+        raise ValueError(f"unknown layer {s.layer!r}; choose one of {', '.join(LAYERS)}")
+    kw = dict(activation="swiglu", n_kv_heads=s.n_kv_heads) if s.llama else dict(activation=s.activation)
+    return _cast(TransformerBlock(s.d_model, s.n_heads, d_ff=s.hidden, **kw), s.dtype), pe
+
+
+@functools.lru_cache(maxsize=128)
+def _trace(variant: str, shape: LayerShape) -> StepTrace:
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     with FakeTensorMode(allow_non_fake_inputs=False):
-        block = _cast(TransformerBlock(d_model, n_heads, mlp_ratio=mlp_ratio, activation=activation), dtype)
-        x = torch.empty(batch, seq, d_model, dtype=dtype, requires_grad=True)
-        grad = torch.empty(batch, seq, d_model, dtype=dtype)
-        fn = forward_fn(variant, block)
+        block, pe = _make_layer(shape)
+        x = torch.empty(shape.batch, shape.seq, shape.d_model, dtype=shape.dtype, requires_grad=True)
+        grad = torch.empty(shape.batch, shape.seq, shape.d_model, dtype=shape.dtype)
+        fn = forward_fn(variant, block, pe)
         recorder = CostRecorder()
         with recorder:
             out = fn(x)
@@ -212,16 +282,21 @@ def _trace(variant, d_model, seq, batch, n_heads, dtype, mlp_ratio, activation) 
     return StepTrace(recorder.ops, retained, x.numel() * x.element_size())
 
 
-def trace_step(variant: str, d_model: int, seq: int, batch: int, n_heads: int, dtype: torch.dtype = torch.bfloat16,
-               mlp_ratio: float = 4.0, activation: str = "gelu") -> list[OpCost]:  # fmt: skip
-    """Every op of one forward + backward of one block under ``variant``, with FLOPs, bytes and modeled seconds."""
-    return list(_trace(variant, d_model, seq, batch, n_heads, dtype, mlp_ratio, activation).ops)
+def _shape(d_model, seq, batch, n_heads, dtype=torch.bfloat16, mlp_ratio=4.0, activation="gelu", **kw) -> LayerShape:
+    return LayerShape(d_model, seq, batch, n_heads, dtype, mlp_ratio, activation, **kw)
 
 
-def step_trace(variant: str, d_model: int, seq: int, batch: int, n_heads: int, dtype: torch.dtype = torch.bfloat16,
-               mlp_ratio: float = 4.0, activation: str = "gelu") -> StepTrace:  # fmt: skip
+def trace_step(variant: str, *args, **kwargs) -> list[OpCost]:
+    """Every op of one forward + backward of one layer under ``variant``, with FLOPs, bytes and modeled seconds.
+
+    Arguments: d_model, seq, batch, n_heads, dtype=bf16, mlp_ratio=4.0, activation="gelu", and the keywords
+    n_kv_heads, d_ff, layer ("block" or "hf_llama") of LayerShape."""
+    return list(_trace(variant, _shape(*args, **kwargs)).ops)
+
+
+def step_trace(variant: str, *args, **kwargs) -> StepTrace:
     """The full trace: ops, retained bytes (storages from forward alive after it) and the input's bytes."""
-    return _trace(variant, d_model, seq, batch, n_heads, dtype, mlp_ratio, activation)
+    return _trace(variant, _shape(*args, **kwargs))
 
 
 def step_time(variant: str, *args, **kwargs) -> float:
@@ -234,19 +309,18 @@ def overhead(variant: str, *args, baseline: str = "eager", **kwargs) -> float:
     return step_time(variant, *args, **kwargs) / step_time(baseline, *args, **kwargs) - 1.0
 
 
-def retained_memory(variant: str, d_model: int, seq: int, batch: int, n_heads: int,
-                    dtype: torch.dtype = torch.bfloat16, mlp_ratio: float = 4.0, activation: str = "gelu",
-                    measured: bool = False) -> int:  # fmt: skip
-    """Activation bytes kept for backward beyond the input: policies.retained_bytes for ckpt_ext policies (unless
-    ``measured``), the measured forward storages alive after forward for torch variants."""
-    if variant in POLICY_VARIANTS and not measured:
+def retained_memory(variant: str, *args, measured: bool = False, **kwargs) -> int:
+    """Activation bytes kept for backward beyond the input: policies.retained_bytes for ckpt_ext policies on the
+    ckpt_ext block (unless ``measured``), the measured forward storages alive after forward otherwise."""
+    shape = _shape(*args, **kwargs)
+    if variant in POLICY_VARIANTS and not measured and shape.layer == "block":
         from .policies import retained_bytes
 
-        size = torch.empty((), dtype=dtype).element_size()
-        hidden = int(mlp_ratio * d_model)
-        return retained_bytes(variant, batch, seq, d_model, n_heads, hidden, act_bytes=size, matmul_bytes=size,
-                              stat_bytes=4)  # fmt: skip
-    return step_trace(variant, d_model, seq, batch, n_heads, dtype, mlp_ratio, activation).retained_bytes
+        size = torch.empty((), dtype=shape.dtype).element_size()
+        extra = dict(n_kv_heads=shape.n_kv_heads, norm="rmsnorm", mlp="swiglu") if shape.llama else {}
+        return retained_bytes(variant, shape.batch, shape.seq, shape.d_model, shape.n_heads, shape.hidden,
+                              act_bytes=size, matmul_bytes=size, stat_bytes=4, **extra)  # fmt: skip
+    return _trace(variant, shape).retained_bytes
 
 
 def summarize(ops: list[OpCost], phase: Optional[str] = None) -> dict[str, tuple[int, float]]:
@@ -260,6 +334,6 @@ def summarize(ops: list[OpCost], phase: Optional[str] = None) -> dict[str, tuple
 
 
 __all__ = [
-    "LAUNCH_S", "PEAK_BYTES_PER_S", "PEAK_FLOPS", "VARIANTS", "OpCost", "StepTrace", "overhead", "price",
+    "LAUNCH_S", "PEAK_BYTES_PER_S", "PEAK_FLOPS", "VARIANTS", "LayerShape", "OpCost", "StepTrace", "overhead", "price",
     "retained_memory", "step_time", "step_trace", "summarize", "trace_step",
 ]  # fmt: skip
