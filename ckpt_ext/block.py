@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import reference
+from . import reference, seeds
+from .compiled import compiled_block
 from .functional import ALL_PARAM_NAMES, BlockConfig, FusedBlockFunction, block_forward, check_config, param_names
 from .policies import get_policy
 
@@ -292,7 +293,7 @@ class FusedCheckpointBlock(TransformerBlock):
     def block_config(self) -> BlockConfig:
         p_attn = self.attn_dropout if self.training else 0.0
         p = self.dropout if self.training else 0.0
-        seed = int(torch.randint(0, 2**31 - 8, (1,)).item()) if (p > 0.0 or p_attn > 0.0) else 0
+        seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0) else 0  # DEVICE_SEED under torch.compile
         return BlockConfig(self.n_heads, self.causal, self.eps, ACTIVATIONS[self.activation], p_attn, p, seed,
                            self.policy, norm=self.norm, mlp="swiglu" if self.llama else "gelu",
                            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, qk_norm=self.qk_norm,
@@ -334,6 +335,8 @@ def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor]
         full.update(zip(names, tensors))
         out, _ = block_forward(x.reshape(b * t, d), (b, t), full, cfg, attn_mask, rope_cs)
         return out.view(b, t, d)
+    if torch.compiler.is_compiling():  # opaque fwd/bwd ops: the partitioner must save exactly the policy's set
+        return compiled_block(x, attn_mask, cos, sin, cfg, tensors)
     return FusedBlockFunction.apply(x, attn_mask, cos, sin, cfg, names, *tensors)
 
 
