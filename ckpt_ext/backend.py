@@ -113,10 +113,12 @@ def _cpp_impls() -> dict[str, Callable]:
     return cpp_bridge.IMPLS
 
 
+@functools.cache
 def _triton_impls() -> dict[str, Callable]:
-    from .kernels import launchers
+    """launchers.IMPLS with the flash-attention launchers' ops (gqa and packed attention) merged over it."""
+    from .kernels import flash_attention_launchers, launchers
 
-    return launchers.IMPLS
+    return {**launchers.IMPLS, **flash_attention_launchers.IMPLS}
 
 
 def implements(name: str) -> frozenset[str]:

@@ -1,0 +1,135 @@
+"""Launchers of kernels/flash_attention.py with the graph ops' signatures (backend "triton"): ``IMPLS`` maps
+gqa_attention_fwd / _bwd and the packed-qkv attention_fwd / _bwd (q, k, v views of qkv, scale 1/sqrt(dh)).
+
+Every mask and dropout case runs the flash kernels (on CUDA and under TRITON_INTERPRET=1); inputs they do not cover
+(float64, head dim > 256, an empty T or S, an integer-free but non-kernel mask dtype such as float64) run
+native_attention's routes, so every call returns the reference's result. q, k, v are read through their strides
+(copied only if the last stride is not 1); the mask through its broadcast strides (bool viewed as uint8, no copy).
+Tiles: ``gpu_tiles`` (one config per kernel and head dim; 16×16 tiles under the interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ckpt_ext import reference
+from ckpt_ext.ops import native_attention
+from ckpt_ext.reference_attention import check_gqa_args, empty_threshold, mask4
+
+from .flash_attention import gqa_bwd_dkdv_kernel, gqa_bwd_dq_kernel, gqa_fwd_kernel
+from .matmul_configs import interpreting
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def gpu_tiles(name: str, dh: int, arch: int = 90, dtype: torch.dtype = torch.float16) -> tuple[dict, dict]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D) and (num_warps, num_stages) for kernel ``name`` (gqa_fwd, gqa_bwd_dq,
+    gqa_bwd_dkdv) at head dim dh: 128×64 forward tiles (64×64 in backward, whose kernels hold two accumulators or
+    recompute two products per tile), halved for fp32 operands; 8 warps from dh > 64."""
+    block_d = max(16, triton.next_power_of_2(dh))
+    if interpreting():
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": block_d}, {}
+    bm, bn = (128, 64) if name == "gqa_fwd" else (64, 64)
+    if dtype == torch.float32:
+        bm, bn = bm // 2, bn // 2
+    warps = 8 if block_d > 64 else 4
+    stages = 3 if arch >= 90 and name == "gqa_fwd" else 2
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d}, {"num_warps": warps, "num_stages": stages}
+
+
+def _covered(q, k, attn_mask) -> bool:
+    mask_ok = attn_mask is None or attn_mask.dtype in (torch.bool, *KERNEL_DTYPES)
+    return q.dtype in KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM and q.shape[1] > 0 and k.shape[1] > 0 and mask_ok
+
+
+def _unit_last(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _as_int32(v: int) -> int:
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+def _common(q, k, v, causal, dropout_p, seed, attn_mask):
+    """Kernel arguments shared by the three kernels: mask tensor + strides, shape, dropout, constexpr flags."""
+    b, t, h, _ = q.shape
+    s = k.shape[1]
+    if attn_mask is None:
+        mask, kind, mstrides = q, 0, (0, 0, 0, 0)
+    else:
+        mask = mask4(attn_mask).expand(b, h, t, s)  # broadcast strides, no copy
+        kind = 1 if mask.dtype == torch.bool else 2
+        mask = mask.view(torch.uint8) if kind == 1 else mask
+        mstrides = mask.stride()
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mstrides)
+    drop = (_as_int32(reference.seed_key(seed)), reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p))
+    flags = dict(
+        CAUSAL=causal, MASK_KIND=kind, DROPOUT=dropout_p > 0.0, UPCAST=interpreting() or q.dtype == torch.float32
+    )
+    return mask, strides, (t, s, h, h // k.shape[2], q.shape[-1]), drop, flags
+
+
+def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
+    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale)
+    if not _covered(q, k, attn_mask):
+        return native_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    b, t, h, dh = q.shape
+    mask, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask)
+    out = torch.empty((b, t, h, dh), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
+    tiles, opts = gpu_tiles("gqa_fwd", dh, dtype=q.dtype)
+    grid = (triton.cdiv(t, tiles["BLOCK_M"]), b * h)
+    gqa_fwd_kernel[grid](q, k, v, mask, out, lse, *strides, *shape, scale, empty_threshold(attn_mask), *drop,
+                         **flags, **tiles, **opts)  # fmt: skip
+    return out, lse
+
+
+def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale):
+    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd")
+    if not _covered(q, k, attn_mask) or lse.dtype != torch.float32:
+        return native_attention.gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
+    b, t, h, dh = q.shape
+    s, hk = k.shape[1], k.shape[2]
+    mask, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask)
+    delta = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
+    dq = torch.empty((b, t, h, dh), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, s, hk, dh), dtype=k.dtype, device=q.device)
+    dv = torch.empty((b, s, hk, dh), dtype=v.dtype, device=q.device)
+    tiles, opts = gpu_tiles("gqa_bwd_dq", dh, dtype=q.dtype)
+    gqa_bwd_dq_kernel[(triton.cdiv(t, tiles["BLOCK_M"]), b * h)](
+        dout, q, k, v, out, lse, delta, dq, mask, *strides, *shape, scale, *drop, **flags, **tiles, **opts
+    )
+    tiles, opts = gpu_tiles("gqa_bwd_dkdv", dh, dtype=q.dtype)
+    gqa_bwd_dkdv_kernel[(triton.cdiv(s, tiles["BLOCK_N"]), b * hk)](
+        dout, q, k, v, lse, delta, dk, dv, mask, *strides, *shape, scale, *drop, **flags, **tiles, **opts
+    )
+    return dq, dk, dv
+
+
+def attention_fwd(qkv, n_heads, causal, dropout_p, seed, attn_mask):
+    b, t, three_d = qkv.shape
+    q, k, v = reference._split_heads(qkv, n_heads)
+    out, lse = gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5)
+    return out.view(b, t, three_d // 3), lse
+
+
+def attention_bwd(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask):
+    b, t, three_d = qkv.shape
+    q, k, v = reference._split_heads(qkv, n_heads)
+    grads = gqa_attention_bwd(
+        dout.view(q.shape), q, k, v, out.view(q.shape), lse, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5
+    )
+    return torch.stack(grads, dim=2).view(b, t, three_d)
+
+
+IMPLS = {
+    "gqa_attention_fwd": gqa_attention_fwd,
+    "gqa_attention_bwd": gqa_attention_bwd,
+    "attention_fwd": attention_fwd,
+    "attention_bwd": attention_bwd,
+}
