@@ -1,4 +1,9 @@
-"""torch.compile(fullgraph=True) traces the fused block's forward and backward (custom ops + autograd.Function)."""
+"""torch.compile(fullgraph=True) traces the fused block's forward and backward (custom ops + autograd.Function).
+
+Dropout under compile: the seed is a tensor drawn inside the graph (ckpt_ext/seeds.py), so a compiled training loop
+draws new masks every step with no dynamo flags, replays them exactly in recompute (the `block` policy, which rebuilds
+the attention half in backward, equals `none`, which rebuilds nothing, under the same RNG stream), and with inductor's
+fallback_random draws exactly eager's seeds."""
 
 import pytest
 import torch
@@ -43,3 +48,57 @@ def test_compile_fullgraph_with_dropout(compiler, policy):
         ours = run_step(compiled, x, g)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _loop(module, x, g, steps):
+    return [run_step(module, x, g) for _ in range(steps)]
+
+
+def test_compiled_dropout_new_masks_each_step_replayed_in_recompute():
+    torch._dynamo.reset()
+    blk = make_block(72, 4, dropout=0.2, attn_dropout=0.2)
+    x, g = torch.randn(3, 7, 72), torch.randn(3, 7, 72)
+    runs = {}
+    for policy in ("none", "block"):
+        compiled = torch.compile(FusedCheckpointBlock.from_block(blk, policy), fullgraph=True)
+        torch.manual_seed(11)
+        runs[policy] = _loop(compiled, x, g, 2)
+    first, second = runs["block"]
+    assert not torch.equal(first[0], second[0]), "two compiled steps used the same dropout masks"
+    for step_none, step_block in zip(runs["none"], runs["block"]):  # a wrong mask differs by O(1), fp32 order by 1e-6
+        for a, b in zip(step_block, step_none):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_dropout_equals_eager_step_by_step_with_fallback_random():
+    torch._dynamo.reset()
+    blk = make_block(72, 4, dropout=0.2, attn_dropout=0.1)
+    x, g = torch.randn(1, 33, 72), torch.randn(1, 33, 72)
+    torch.manual_seed(3)
+    ref = _loop(FusedCheckpointBlock.from_block(blk, "ffn"), x, g, 3)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(FusedCheckpointBlock.from_block(blk, "ffn"), fullgraph=True)
+        torch.manual_seed(3)
+        ours = _loop(compiled, x, g, 3)
+    assert not torch.equal(ref[0][0], ref[1][0])
+    for step_ours, step_ref in zip(ours, ref):
+        for a, b in zip(step_ours, step_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_seeded_block_ops_stay_out_of_cuda_graphs():
+    """With dropout the seed is read on the host, so those ops are cudagraph_unsafe; without it they are not."""
+    assert torch.Tag.cudagraph_unsafe in torch.ops.ckpt_ext.fused_block_fwd_seeded.default.tags
+    assert torch.Tag.cudagraph_unsafe in torch.ops.ckpt_ext.fused_block_bwd_seeded.default.tags
+    assert torch.Tag.cudagraph_unsafe not in torch.ops.ckpt_ext.fused_block_fwd.default.tags
+
+
+def test_seed_helpers():
+    from ckpt_ext import seeds
+
+    torch.manual_seed(4)
+    drawn = seeds.seed_tensor(seeds.DEVICE_SEED, torch.device("cpu"))
+    torch.manual_seed(4)
+    assert seeds.host_seed() == seeds.seed_value(drawn)
+    assert seeds.seed_value(seeds.seed_tensor(123, torch.device("cpu"))) == 123
+    assert not seeds.capturing()
