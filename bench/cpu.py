@@ -7,16 +7,18 @@ bf16: LayerNorm forward (F.layer_norm), LayerNorm backward (autograd through F.l
 Ratio = torch time / ours (> 1: ours faster).
 Part 1b: the fused FFN ops at the block's shape (N = 2048, d = 256, H = 1024) against the same math in torch ops:
 ffn_recompute (F.layer_norm, F.linear, dy @ w2, F.gelu, aten.gelu_backward, sum), linear_bias_gelu (F.gelu(F.linear)),
-linear_gelu_bwd (mm + gelu_backward), gelu_linear_wgrad (F.gelu + mm). Ours and torch's are timed interleaved (A B A B,
-best median of each) since the machine is shared.
+linear_gelu_bwd (mm + gelu_backward), gelu_linear_wgrad (F.gelu + mm).
 Part 2: one training step (forward + backward) of a block, d = 256, T = 256, B = 8, 4 heads, per ckpt_ext policy on
 the `cpp` backend, against TransformerBlock and torch.utils.checkpoint(use_reentrant=False) on it, for residual dropout
 0.1 and 0, fp32 and bf16 autocast, and GPT-2's dropouts (residual and attention 0.1). The last line of each table is
 the block policy's ceiling: a step with no recompute plus the matmuls and attention that any block-level checkpoint
 must recompute, timed alone (attention without dropout: a lower bound).
-Medians of torch.utils.benchmark's blocked_autorange on --threads threads (default 2; CKPT_EXT_BENCH_THREADS), the
-same count the C++ kernels run on (printed), with glibc malloc keeping freed memory (bench/malloc_tuning.py: no
-per-step page faults). --part ops|ffn|block runs one part; sizes are flags.
+Timing (bench/micro_timing.time_interleaved): every variant of a table is timed in one round-robin loop (one sample of
+each per round, the order rotated), so load on the shared machine hits them alike; times are "median [q25-q75]" ms and
+a ratio is the median of the per-round ratios, printed only when their IQR is narrower than the ratio's distance from
+1 ("noisy" otherwise). --threads threads (default 2; CKPT_EXT_BENCH_THREADS), the same count the C++ kernels run on
+(printed), with glibc malloc keeping freed memory (bench/malloc_tuning.py: no per-step page faults). --part
+ops|ffn|block runs one part; sizes are flags; --min-time is seconds of timing per variant.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 from torch.utils.checkpoint import checkpoint
 
 import ckpt_ext
@@ -34,24 +35,26 @@ from ckpt_ext.block import init_block_
 from ckpt_ext.ops import cpp_bridge  # noqa: F401  (loads ckpt_ext._C: the *_kernel ops)
 
 from . import malloc_tuning
+from .micro_timing import Timing, ratio_text, spread_text, summarize, time_interleaved
 
 K = torch.ops.ckpt_ext
 MIN_RUN_S = 0.4
 
 
-def _ms(fn) -> float:
-    fn()
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=MIN_RUN_S).median * 1e3
+def _time(fns: dict) -> dict[str, Timing]:
+    """Every variant in one round-robin loop, MIN_RUN_S seconds per variant (at least 5 rounds)."""
+    return time_interleaved(fns, min_time=MIN_RUN_S * len(fns), min_rounds=5, warmup=1)
 
 
-def _pair_ms(ours, theirs, rounds: int = 2) -> tuple[float, float]:
-    """Best-of-rounds medians of ours and theirs, measured alternately so that load drift hits both alike."""
-    a, b = [], []
-    for _ in range(rounds):
-        a.append(_ms(ours))
-        b.append(_ms(theirs))
-    return min(a), min(b)
+def _pair_row(name: str, dtype: torch.dtype, size: str, ours, theirs, width: int) -> str:
+    t = _time({"ours": ours, "torch": theirs})
+    dt = str(dtype).removeprefix("torch.")
+    return (f"{name:<{width}}{dt:<10}{size:<16}{spread_text(t['ours']):>26}{spread_text(t['torch']):>26}"
+            f"{ratio_text(t['torch'], t['ours']):>12}")  # fmt: skip
+
+
+def _pair_header(first: str, width: int) -> str:
+    return f"{first:<{width}}{'dtype':<10}{'size':<16}{'ours ms [IQR]':>26}{'torch ms [IQR]':>26}{'torch/ours':>12}"
 
 
 def _ffn_cases(n: int, d: int, h: int, dtype: torch.dtype):
@@ -79,12 +82,10 @@ def _ffn_cases(n: int, d: int, h: int, dtype: torch.dtype):
 
 
 def bench_ffn_ops(n: int = 2048, d: int = 256, h: int = 1024) -> None:
-    print(f"\n{'fused FFN op':<20}{'dtype':<10}{'N x d x H':<16}{'ours ms':>9}{'torch ms':>10}{'torch/ours':>12}")
+    print("\n" + _pair_header("fused FFN op", 20))
     for dtype in (torch.float32, torch.bfloat16):
         for name, ours, theirs in _ffn_cases(n, d, h, dtype):
-            a, b = _pair_ms(ours, theirs)
-            dt = str(dtype).removeprefix("torch.")
-            print(f"{name:<20}{dt:<10}{f'{n}x{d}x{h}':<16}{a:>9.2f}{b:>10.2f}{b / a:>11.2f}x")
+            print(_pair_row(name, dtype, f"{n}x{d}x{h}", ours, theirs, 20))
 
 
 def _op_cases(n: int, d: int, dtype: torch.dtype):
@@ -111,13 +112,11 @@ def _op_cases(n: int, d: int, dtype: torch.dtype):
 
 
 def bench_ops(sizes=((4096, 768), (4096, 1024))) -> None:
-    print(f"{'op':<18}{'dtype':<10}{'N x d':<13}{'ours ms':>9}{'torch ms':>10}{'torch/ours':>12}")
+    print(_pair_header("op", 18))
     for dtype in (torch.float32, torch.bfloat16):
         for n, d in sizes:
             for name, ours, theirs in _op_cases(n, d, dtype):
-                a, b = _pair_ms(ours, theirs)
-                dt = str(dtype).removeprefix("torch.")
-                print(f"{name:<18}{dt:<10}{f'{n}x{d}':<13}{a:>9.2f}{b:>10.2f}{b / a:>11.2f}x")
+                print(_pair_row(name, dtype, f"{n}x{d}", ours, theirs, 18))
 
 
 def _step(module, x, amp: bool, use_checkpoint: bool = False):
@@ -130,8 +129,8 @@ def _step(module, x, amp: bool, use_checkpoint: bool = False):
     return run
 
 
-def _recompute_floor_ms(block, x, amp: bool) -> float:
-    """Time of the matmuls and attention that `block` must recompute (QKV, attention forward, proj, FC1), timed alone.
+def _recompute_floor(block, x, amp: bool):
+    """The matmuls and attention that `block` must recompute (QKV, attention forward, proj, FC1), as one callable.
 
     The block policy can be no faster than (a graph with no recompute) + this floor: the ceiling of its speedup
     over torch.utils.checkpoint, which recomputes the same matmuls (its early stop skips FC2, as we do).
@@ -153,39 +152,42 @@ def _recompute_floor_ms(block, x, amp: bool) -> float:
             for part in parts:
                 part()
 
-    return _ms(floor)
+    return floor
+
+
+BASE, CKPT = "TransformerBlock", "torch.utils.checkpoint (non-reent.)"
 
 
 def bench_block(batch=8, seq=256, d_model=256, n_heads=4, dropout=0.1, amp=False, policies=None, attn_dropout=0.0):
-    """One step (forward + backward) per variant; returns {variant: (ms, torch checkpoint ms timed beside it)}."""
+    """One step (forward + backward) per variant, all variants in one round-robin loop; returns {row: Timing}
+    (rows: TransformerBlock, torch checkpoint, "cpp policy=<p>", the block ceiling)."""
     torch.manual_seed(0)
     block = ckpt_ext.TransformerBlock(d_model, n_heads, dropout=dropout, attn_dropout=attn_dropout)
     init_block_(block)
     x = torch.randn(batch, seq, d_model)
-    base, ckpt = _pair_ms(_step(block, x, amp), _step(block, x, amp, use_checkpoint=True))
-    dtype = "bf16 autocast" if amp else "fp32"
-    print(f"\nblock step fwd+bwd, B={batch} T={seq} d={d_model} heads={n_heads} dropout={dropout} "
-          f"attn_dropout={attn_dropout} {dtype}, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{'variant':<34}{'ms':>9}{'vs TransformerBlock':>22}{'vs torch checkpoint':>22}")
-    print(f"{'TransformerBlock':<34}{base:>9.2f}{1.0:>21.2f}x{ckpt / base:>21.2f}x")
-    print(f"{'torch.utils.checkpoint (non-reent.)':<34}{ckpt:>9.2f}{base / ckpt:>21.2f}x{1.0:>21.2f}x")
-    results = {"TransformerBlock": (base, ckpt)}
+    policies = list(policies or ckpt_ext.POLICIES)
+    variants = {BASE: _step(block, x, amp), CKPT: _step(block, x, amp, use_checkpoint=True)}
+    for policy in policies:
+        variants[f"cpp policy={policy}"] = _step(ckpt_ext.FusedCheckpointBlock.from_block(block, policy=policy), x, amp)
+    variants["floor"] = _recompute_floor(block, x, amp)
     with ckpt_ext.set_backend("cpp"):
-        for policy in policies or ckpt_ext.POLICIES:
-            fused = ckpt_ext.FusedCheckpointBlock.from_block(block, policy=policy)
-            # checkpoint is re-timed next to each policy: the ratio compares runs made under the same load.
-            t, ckpt_pair = _pair_ms(_step(fused, x, amp), _step(block, x, amp, use_checkpoint=True))
-            results[policy] = (t, ckpt_pair)
-            print(f"{'cpp policy=' + policy:<34}{t:>9.2f}{base / t:>21.2f}x{ckpt_pair / t:>21.2f}x")
-    floor = _recompute_floor_ms(block, x, amp)
-    best = min(base, results["none"][0]) if "none" in results else base
-    ceiling = best + floor
-    ckpt = results["block"][1] if "block" in results else ckpt  # the checkpoint run timed beside the block policy
-    print(f"{'block ceiling: no-recompute + floor':<34}{ceiling:>9.2f}{base / ceiling:>21.2f}x{ckpt / ceiling:>21.2f}x"
-          f"  (floor: QKV + attention fwd + proj + FC1 alone, {floor:.2f} ms)")  # fmt: skip
-    results["ceiling"] = (ceiling, ckpt)
-    return results
+        times = _time(variants)
+    floor = times.pop("floor")
+    keep_all = [times[BASE].samples] + ([times["cpp policy=none"].samples] if "none" in policies else [])
+    times["block ceiling: no-recompute + floor"] = summarize(  # per round: the faster no-recompute step + the floor
+        [min(steps) + f for *steps, f in zip(*keep_all, floor.samples)]
+    )
+    dtype = "bf16 autocast" if amp else "fp32"
+    print(
+        f"\nblock step fwd+bwd, B={batch} T={seq} d={d_model} heads={n_heads} dropout={dropout} "
+        f"attn_dropout={attn_dropout} {dtype}, {torch.get_num_threads()} threads, {len(floor.samples)} rounds"
+    )
+    print(f"{'variant':<36}{'ms [IQR]':>26}{'vs TransformerBlock':>21}{'vs torch checkpoint':>21}")
+    for name, t in times.items():
+        print(f"{name:<36}{spread_text(t):>26}{ratio_text(times[BASE], t):>21}{ratio_text(times[CKPT], t):>21}")
+    print(f"(floor: QKV + attention fwd + proj + FC1 alone, {spread_text(floor)} ms; ratios > 1: the row is faster; "
+          "noisy: the per-round ratios' IQR is wider than the difference)")  # fmt: skip
+    return times
 
 
 # (residual dropout, attention dropout, bf16 autocast); the first is GPT-2's (resid_pdrop = attn_pdrop = 0.1)

@@ -25,6 +25,7 @@ class Result:
     nbytes: int
     flops: int
     roofline_s: float
+    vs_eager: str = "-"  # eager time / this one (median per-round ratio) or "noisy"; not a CSV metric
 
     @property
     def gbps(self) -> float:
@@ -60,13 +61,13 @@ def append_csv(path: Path, results: list[Result], device: str, versions: str, ti
 
 
 def table(results: list[Result]) -> str:
-    head = ("op", "mode", "provider", "median", "q20-q80", "GB/s", "TFLOP/s", "H200 roofline")
+    head = ("op", "mode", "provider", "median", "q20-q80", "eager/this", "GB/s", "TFLOP/s", "H200 roofline")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in results:
         tflops = f"{r.tflops:.3f}" if r.flops else "-"
         lines.append(
             f"| {r.op} | {r.mode} | {r.provider} | {r.median_s * 1e3:.3f} ms | {r.q20_s * 1e3:.3f}-{r.q80_s * 1e3:.3f}"
-            f" | {r.gbps:.1f} | {tflops} | {r.roofline_s * 1e6:.1f} µs |"
+            f" | {r.vs_eager} | {r.gbps:.1f} | {tflops} | {r.roofline_s * 1e6:.1f} µs |"
         )
     return "\n".join(lines)
 

@@ -1,7 +1,9 @@
 """``make bench`` / ``python -m bench.microbench``: each op of the block's op graph vs torch eager (and torch.compile).
 
 For every ``ckpt_ext::*`` op (bench.micro_cases), forward and backward, times our op and the torch code doing the same
-job: median and 20/80% quantiles (triton.testing.do_bench on GPU, a perf_counter loop on CPU), effective GB/s and
+job: median and 20/80% quantiles (triton.testing.do_bench on GPU; on CPU the providers of a case are timed in one
+round-robin loop, bench.micro_timing.time_interleaved, and "eager/this" is the median per-round ratio, or "noisy"
+when its spread is wider than the difference), effective GB/s and
 TFLOP/s from the op's counted bytes (inputs + outputs) and FLOPs (the same numerator for every provider), and the
 modeled H200 roofline time next to them. Appends long-format rows to <out>/microbench.csv, draws <out>/<family>.png
 per op family, prints a table. CPU by default (under 5 minutes); ``--device cuda`` on a GPU; ``--compile`` adds
@@ -25,7 +27,7 @@ from ckpt_ext.backend import concrete_backend
 from .demo import add_threads_option, check_common_args, cpu_name, cpu_threads, positive_int
 from .micro_cases import Shape, build_cases, known_names, select
 from .micro_report import Result, append_csv, plot_family, table
-from .micro_timing import roofline_seconds, time_fn
+from .micro_timing import Timing, ratio_text, roofline_seconds, time_fn, time_interleaved
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,28 +117,39 @@ def _providers(case, compile_: bool) -> list[tuple[str, object]]:
     return out
 
 
+def _time_case(providers, device: torch.device, min_time: float, bar) -> dict[str, Timing]:
+    """Timing per provider: on CPU one round-robin loop over the providers that run (a failing torch.compile is
+    reported and dropped; any other failure raises), on CUDA do_bench per provider."""
+    ok = {}
+    for provider, call in providers:
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001  (a failed torch.compile must not lose the other results)
+            if provider != "compile":
+                raise
+            bar.write(f"skipped {provider}: {type(err).__name__}: {err}".splitlines()[0])
+            continue
+        ok[provider] = call
+    if device.type == "cuda":
+        return {p: time_fn(call, device, min_time) for p, call in ok.items()}
+    return time_interleaved(ok, min_time=min_time * len(ok), min_rounds=5)
+
+
 def run(args: argparse.Namespace) -> list[Result]:
     device = torch.device(args.device)
     shape = Shape(args.batch, args.seq, args.d_model, args.heads, args.hidden)
     cases = select(build_cases(shape, device, args.dtype, args.seed), args.ops)
-    n_meas = sum(2 + (args.compile and c.compilable) for c in cases)
     results = []
-    with tqdm(total=n_meas, desc="microbench", unit="case", disable=args.no_progress) as bar:
+    with tqdm(total=len(cases), desc="microbench", unit="case", disable=args.no_progress) as bar:
         for case in cases:
             roof = roofline_seconds(case.flops, case.nbytes)
-            for provider, call in _providers(case, args.compile):
-                bar.set_postfix_str(f"{case.op} {case.mode} {provider}")
-                try:
-                    t = time_fn(call, device, args.min_time)
-                except Exception as err:  # noqa: BLE001  (a failed torch.compile must not lose the other results)
-                    if provider != "compile":
-                        raise
-                    bar.write(f"skipped {case.op} {case.mode} compile: {type(err).__name__}: {err}".splitlines()[0])
-                    continue
-                finally:
-                    bar.update()
+            bar.set_postfix_str(f"{case.op} {case.mode}")
+            times = _time_case(_providers(case, args.compile), device, args.min_time, bar)
+            bar.update()
+            for provider, t in times.items():
+                vs = ratio_text(times["eager"], t) if "eager" in times else "-"
                 results.append(Result(case.op, case.family, case.mode, provider, str(shape), t.median, t.q20, t.q80,
-                                      case.nbytes, case.flops, roof))  # fmt: skip
+                                      case.nbytes, case.flops, roof, vs))  # fmt: skip
     return results
 
 

@@ -65,6 +65,16 @@ def test_results_consistent(tiny_run):
     assert flops["linear_gelu_bwd"] == 2 * 32 * 32 * 128 and flops["bias_gelu"] == 0
 
 
+def test_table_has_paired_ratio_column(tiny_run):
+    """CPU providers are timed round-robin: each row carries eager/this as a ratio or "noisy", eager's own is 1."""
+    _, result = tiny_run
+    assert "eager/this" in result["table"].splitlines()[0]
+    for r in result["results"]:
+        assert r.vs_eager == "noisy" or (r.vs_eager.endswith("x") and float(r.vs_eager[:-1]) > 0), r
+        if r.provider == "eager":
+            assert r.vs_eager == "1.00x"
+
+
 def test_plots_written(tiny_run):
     out, result = tiny_run
     assert {p.name for p in result["plots"]} == {f"{f}.png" for f in ("layer_norm", "gelu", "dropout_add", "ffn",
