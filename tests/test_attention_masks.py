@@ -22,6 +22,7 @@ import ckpt_ext
 from ckpt_ext import ops, reference
 
 BACKENDS = ["reference", "cpp"]
+OP_BACKENDS = [*BACKENDS, pytest.param("triton", marks=pytest.mark.triton)]  # triton: interpreter, CPU tensors
 KINDS = ["bool", "neg_inf", "finfo_min"]
 
 
@@ -50,7 +51,8 @@ def brute_force_grads(q, k, v, dout, keep_rows, mask, scale):
     return out.detach(), grads
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("hk", [1, 2])
 def test_empty_rows_give_zeros_and_zero_grads(backend, kind, hk):
@@ -74,7 +76,8 @@ def test_empty_rows_give_zeros_and_zero_grads(backend, kind, hk):
         torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_empty_rows_packed_op_with_dropout(backend, kind):
     """The packed-qkv op (GPT-2's) with attention dropout: same rule, no NaN in out or dqkv."""
@@ -89,7 +92,8 @@ def test_empty_rows_packed_op_with_dropout(backend, kind):
     assert torch.isneginf(lse[0, :, :4]).all() and torch.isfinite(lse[0, :, 4:]).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("mask_dtype", [torch.int64, torch.int32, torch.uint8])
 def test_integer_mask_raises_type_error(backend, mask_dtype):
     q, k, v = torch.randn(1, 5, 2, 4), torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4)
@@ -105,7 +109,8 @@ def test_integer_mask_raises_type_error(backend, mask_dtype):
             ops.gqa_attention_fwd(fq, fk, fv, False, 0.0, 0, fm, 0.5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 def test_mask_that_requires_grad_raises(backend):
     """A learned additive bias would silently get no gradient: the op refuses it when autograd records the call."""
     q, k, v = (torch.randn(1, 5, 2, 4, requires_grad=True) for _ in range(3))
@@ -137,6 +142,17 @@ def test_bad_arguments_name_the_argument():
 def test_block_with_emptied_rows_matches_plain_block(backend, kind, policy):
     """TransformerBlock (torch SDPA) vs FusedCheckpointBlock with a left-padding mask that empties rows; the loss reads
     only rows with a visible key (SDPA gives finfo.min-emptied rows uniform attention, our ops zeros)."""
+    _check_block(backend, kind, policy)
+
+
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("kind", ["bool", "finfo_min"])
+def test_block_with_emptied_rows_matches_plain_block_triton(kind):
+    _check_block("triton", kind, "block")
+
+
+def _check_block(backend, kind, policy):
     b, t, d, heads = 3, 7, 24, 2
     pad = [3, 0, 6]
     mask = left_padded_mask(kind, b, t, pad)
@@ -178,6 +194,16 @@ def _gpt2(impl):
 @pytest.mark.parametrize("policy", ["ffn", "block"])
 def test_hf_gpt2_left_padding_matches_unpatched(backend, impl, policy):
     """Issue 12's case (loss 4.5912 instead of 4.5957, c_attn.weight.grad 0.89 off): attention_mask [[0,0,0,1,...]]."""
+    _check_hf_gpt2(backend, impl, policy)
+
+
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_hf_gpt2_left_padding_matches_unpatched_triton():
+    _check_hf_gpt2("triton", "sdpa", "block")
+
+
+def _check_hf_gpt2(backend, impl, policy):
     from ckpt_ext.integrations.huggingface import apply_fused_checkpointing
 
     ref = _gpt2(impl)
