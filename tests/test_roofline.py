@@ -1,12 +1,12 @@
-"""Structure of the roofline cost model (ckpt_ext.roofline) at small shapes: what each variant recomputes and keeps."""
+"""Structure of the roofline cost model (ckpt_ext.roofline) at small shapes: what each variant recomputes and keeps
+(retained memory checked against the bytes autograd saves during a real CPU forward)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ckpt_ext import roofline
-from ckpt_ext.policies import retained_bytes
+from ckpt_ext import FusedCheckpointBlock, TransformerBlock, roofline, set_backend
 
 SHAPE = (64, 32, 2, 4)  # d_model, seq, batch, heads
 
@@ -35,7 +35,7 @@ def test_views_and_metadata_cost_nothing():
 
 def test_ckpt_ext_ops_are_one_kernel_each():
     fwd, bwd = _names("ffn", "forward"), _names("ffn", "backward")
-    assert fwd.count("ckpt_ext::layer_norm_fwd") == 2 and fwd.count("ckpt_ext::attention_fwd") == 1
+    assert fwd.count("ckpt_ext::layer_norm_fwd") == 2 and fwd.count("ckpt_ext::gqa_attention_fwd") == 1
     assert bwd.count("ckpt_ext::ffn_recompute") == 1 and bwd.count("ckpt_ext::layer_norm_bwd") == 2
     assert not any(n.startswith("aten::native_layer_norm") for n in fwd + bwd)
     assert "ckpt_ext::linear_gelu_bwd" in _names("pointwise", "backward")
@@ -58,17 +58,48 @@ def test_extra_flops_per_policy():
     assert flops["selective"] == flops["eager"]
 
 
-def test_retained_memory():
+def saved_bytes(block, x) -> int:
+    """Bytes of the distinct storages autograd saves during a real forward of ``block`` (saved_tensors_hooks),
+    the input's and the parameters' storages excluded."""
+    seen: dict[int, int] = {}
+    owned = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in block.parameters()}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize(
+    "dtype, kwargs",
+    [(torch.bfloat16, {}), (torch.float32, {}), (torch.float32, dict(activation="swiglu", n_kv_heads=2, d_ff=72))],
+)
+def test_retained_memory_equals_bytes_saved_by_a_real_forward(backend, dtype, kwargs):
+    """roofline.retained_memory (the policy table for ckpt_ext policies, the traced storages for eager) against what
+    autograd really saves when the block runs forward on CPU, per variant."""
     d, t, b, h = SHAPE
-    x_bytes = b * t * d * 2
-    measured = {v: _trace(v).retained_bytes for v in roofline.VARIANTS}
-    assert measured["checkpoint"] == measured["checkpoint_reentrant"] == 0
-    assert measured["none"] > measured["pointwise"] > measured["ffn"] > measured["block"]
-    assert measured["block"] <= 0.25 * x_bytes
-    assert measured["selective"] < measured["eager"]
-    for policy in roofline.POLICY_VARIANTS:
-        table = retained_bytes(policy, b, t, d, h, 4 * d, act_bytes=2, matmul_bytes=2, stat_bytes=4)
-        assert measured[policy] == table == roofline.retained_memory(policy, *SHAPE)
+    x = torch.randn(b, t, d, dtype=dtype, requires_grad=True)
+    with set_backend(backend):
+        for variant in ("eager", *roofline.POLICY_VARIANTS):
+            plain = TransformerBlock(d, h, **kwargs).to(dtype)
+            block = plain if variant == "eager" else FusedCheckpointBlock.from_block(plain, policy=variant)
+            measured = saved_bytes(block, x)
+            assert roofline.retained_memory(variant, *SHAPE, dtype=dtype, **kwargs) == measured, variant
+
+
+def test_retained_memory_orders_the_variants():
+    d, t, b, h = SHAPE
+    kept = {v: roofline.retained_memory(v, *SHAPE) for v in roofline.VARIANTS}
+    assert kept["checkpoint"] == kept["checkpoint_reentrant"] == 0
+    assert kept["none"] > kept["pointwise"] > kept["ffn"] > kept["block"]
+    assert kept["block"] <= 0.25 * b * t * d * 2
+    assert kept["selective"] < kept["eager"]
 
 
 def test_unknown_variant():
