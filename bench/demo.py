@@ -1,12 +1,14 @@
 """``make demo`` / ``python -m bench.demo``: the seed article's "Checkpointing Strategy Comparison" table, measured.
 
-Trains a small byte-level GPT (bench.demo_model) on the shipped corpus (bench/data/corpus.txt) once per strategy,
+Trains a small byte-level GPT and a Llama-style byte-level model (RMSNorm, SwiGLU, RoPE, GQA; bench.demo_model) on
+the shipped corpus (bench/data/corpus.txt) once per strategy,
 from the same initial weights and on the same batches, and reports per strategy: activation memory kept by one forward
 (and % saved vs no checkpointing), recompute FLOPs (× one forward), median step time (interleaved round-robin in one
 run, × no checkpointing), tokens/s and the final loss (identical up to rounding: every strategy is exact). With
 ``--device cuda`` it adds the peak memory of a step and the largest batch that fits ``--budget``.
 
-Writes <out>/strategies.md and <out>/strategies.png. The default size finishes in under 3 minutes on 2 CPU cores.
+Writes <out>/strategies.md and .png (GPT) and <out>/strategies_llama.md and .png (``--family`` picks; both by
+default). The default size finishes in about 6 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ckpt_ext.backend import concrete_backend
 from . import demo_measure as measure
 from . import malloc_tuning
 from .demo_corpus import load_corpus
-from .demo_model import STRATEGIES, TinyGPT, check_strategies, label, make_strategy
+from .demo_model import FAMILIES, STRATEGIES, build, check_strategies, label, make_strategy
 from .demo_report import Row, plot, table, write_markdown
 from .demo_roofline import modeled_overhead
 
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(STRATEGIES),
         help="comma-separated, from: " + ", ".join(STRATEGIES) + " ('none' is always added as the baseline)",
     )
+    p.add_argument("--family", default="both", choices=(*FAMILIES, "both"), help="model family (both: one table each)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]; cuda adds peak memory and max batch per budget")
     p.add_argument("--budget", type=memory_size, default="24GiB", help="memory budget for the max-batch search (cuda)")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for strategies.md and strategies.png")
@@ -173,12 +176,16 @@ def versions(device: str) -> dict[str, str]:
     }
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, family: str = "gpt") -> dict:
     """Measure every strategy; returns {"rows": [Row], "losses"/"seconds": {name: [per step]}, "steps", "elapsed"}."""
     started = time.perf_counter()
     device, names = args.device, args.strategies
     torch.manual_seed(args.seed)
-    base = TinyGPT(args.layers, args.d_model, args.heads, args.seq)
+    base = build(family, args.layers, args.d_model, args.heads, args.seq)
+    layer = {}
+    if family == "llama":
+        blk = base.blocks[0]
+        layer = dict(activation="swiglu", n_kv_heads=blk.n_kv_heads, d_ff=blk.hidden)
     batches = measure.make_batches(load_corpus(), args.steps, args.batch, args.seq, args.seed, device)
     models = {n: make_strategy(base, n).to(device) for n in names}
 
@@ -224,7 +231,7 @@ def run(args: argparse.Namespace) -> dict:
                 tokens_per_s=args.batch * args.seq / steps_s[n],
                 final_loss=losses[n][-1],
                 loss_rel_diff=abs(losses[n][-1] - base_loss) / abs(base_loss),
-                modeled_x=modeled_overhead(n, args.layers, args.d_model, args.seq, args.batch, args.heads),
+                modeled_x=modeled_overhead(n, args.layers, args.d_model, args.seq, args.batch, args.heads, **layer),
                 peak_bytes=peaks.get(n),
                 max_batch=max_batch.get(n),
             )
@@ -263,24 +270,34 @@ def notes(args: argparse.Namespace, rows: list[Row], steps: int, elapsed: float)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    """Run the demo for each chosen family; returns the last family's result (with "table"), all under "families"."""
     args = parse_args(argv)
     malloc = malloc_tuning.describe(malloc_tuning.keep_freed_memory())
-    with cpu_threads(args.threads):
-        result = run(args)
-    rows = result["rows"]
-    shape = f"{args.layers} layers, d={args.d_model}, {args.heads} heads, T={args.seq}, batch {args.batch}"
-    md_table = table(rows, cuda=args.device.startswith("cuda"), budget=args.budget)
-    note_lines = notes(args, rows, result["steps"], result["elapsed"])
-    config = {"model": f"byte-level GPT, {shape}", "steps": f"{result['steps']} of {args.steps}", "lr": args.lr,
-              "seed": args.seed, "torch threads": args.threads or torch.get_num_threads(), "malloc": malloc,
-              "strategies": ", ".join(args.strategies), **versions(args.device)}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_markdown(args.out / "strategies.md", TITLE, md_table, config, note_lines)
-    plot(args.out / "strategies.png", rows, f"{TITLE} ({shape}, {args.device})")
-    sys.stdout.write(f"\n{TITLE} ({shape}, {args.device})\n\n{md_table}\n\n")
-    sys.stdout.write("\n".join(f"- {n}" for n in note_lines) + "\n")
-    sys.stdout.write(f"\nwrote {args.out / 'strategies.md'} and {args.out / 'strategies.png'}\n")
-    result["table"] = md_table
+    families = FAMILIES if args.family == "both" else (args.family,)
+    results = {}
+    for family in families:
+        with cpu_threads(args.threads):
+            result = run(args, family)
+        results[family] = result
+        rows = result["rows"]
+        model = "byte-level GPT" if family == "gpt" else "byte-level Llama-style (RMSNorm, SwiGLU, RoPE, GQA)"
+        shape = f"{args.layers} layers, d={args.d_model}, {args.heads} heads, T={args.seq}, batch {args.batch}"
+        md_table = table(rows, cuda=args.device.startswith("cuda"), budget=args.budget)
+        note_lines = notes(args, rows, result["steps"], result["elapsed"])
+        config = {"model": f"{model}, {shape}", "steps": f"{result['steps']} of {args.steps}", "lr": args.lr,
+                  "seed": args.seed, "torch threads": args.threads or torch.get_num_threads(), "malloc": malloc,
+                  "strategies": ", ".join(args.strategies), **versions(args.device)}  # fmt: skip
+        stem = "strategies" if family == "gpt" else f"strategies_{family}"
+        title = f"{TITLE}: {model}"
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_markdown(args.out / f"{stem}.md", title, md_table, config, note_lines)
+        plot(args.out / f"{stem}.png", rows, f"{title} ({shape}, {args.device})")
+        sys.stdout.write(f"\n{title} ({shape}, {args.device})\n\n{md_table}\n\n")
+        sys.stdout.write("\n".join(f"- {n}" for n in note_lines) + "\n")
+        sys.stdout.write(f"\nwrote {args.out / (stem + '.md')} and {args.out / (stem + '.png')}\n")
+        result["table"] = md_table
+    result = dict(results[families[-1]])
+    result["families"] = results
     return result
 
 

@@ -1,14 +1,19 @@
-"""The demo's model, a small byte-level GPT built from ckpt_ext blocks, and the checkpointing strategies applied to it.
+"""The demo's models, small byte-level GPT and Llama-style LMs built from ckpt_ext blocks, and the checkpointing
+strategies applied to them.
 
-TinyGPT: token embedding (256 bytes) + learned positions -> n_layers TransformerBlocks -> final LayerNorm -> LM head
-tied to the embedding. ``make_strategy(base, name)`` deep-copies a model and applies one strategy, so every strategy
-starts from the same weights.
+TinyGPT: token embedding (256 bytes) + learned positions -> n_layers TransformerBlocks (LayerNorm, GELU) -> final
+LayerNorm -> LM head tied to the embedding.
+TinyLlama: token embedding -> n_layers Llama-form TransformerBlocks (RMSNorm, SwiGLU with d_ff = 8/3·d rounded to 16,
+GQA with half as many kv heads, RoPE tables computed once per forward as Hugging Face does) -> final RMSNorm -> tied
+head. ``make_strategy(base, name)`` deep-copies a model and applies one strategy, so every strategy starts from the
+same weights.
 
 | strategy        | what it does                                                                         | exact |
 |-----------------|--------------------------------------------------------------------------------------|-------|
 | none            | plain blocks, every activation kept                                                  | yes   |
 | ckpt_every_k    | torch.utils.checkpoint(use_reentrant=False) around every k-th block (k = 1, 2, 4)    | yes   |
-| fused_<policy>  | ckpt_ext.apply_checkpointing(model, policy) on every block (pointwise, ffn, block)   | yes   |
+| fused_<policy>  | ckpt_ext.apply_checkpointing(model, policy) on every block (pointwise, ffn,          | yes   |
+|                 | block_keep_attn, block)                                                              |       |
 All strategies compute the same math (dropout is 0 in the demo), so their losses agree up to float rounding.
 """
 
@@ -23,10 +28,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ckpt_ext import TransformerBlock, apply_checkpointing
-from ckpt_ext.block import init_block_
+from ckpt_ext.block import RMSNorm, init_block_
 
 VOCAB = 256
-STRATEGIES = ("none", "ckpt_every_4", "ckpt_every_2", "ckpt_every_1", "fused_pointwise", "fused_ffn", "fused_block")
+STRATEGIES = ("none", "ckpt_every_4", "ckpt_every_2", "ckpt_every_1", "fused_pointwise", "fused_ffn",
+              "fused_block_keep_attn", "fused_block")  # fmt: skip
+FAMILIES = ("gpt", "llama")
 LABELS = {
     "none": "No checkpointing",
     "ckpt_every_4": "torch ckpt, every 4th layer",
@@ -34,6 +41,7 @@ LABELS = {
     "ckpt_every_1": "torch ckpt, every layer",
     "fused_pointwise": "ckpt_ext pointwise",
     "fused_ffn": "ckpt_ext ffn",
+    "fused_block_keep_attn": "ckpt_ext block_keep_attn",
     "fused_block": "ckpt_ext block",
 }
 
@@ -45,8 +53,8 @@ class CheckpointedBlock(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x: Tensor) -> Tensor:
-        return checkpoint(self.block, x, use_reentrant=False)
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        return checkpoint(self.block, x, use_reentrant=False, **kwargs)
 
 
 class TinyGPT(nn.Module):
@@ -75,6 +83,45 @@ class TinyGPT(nn.Module):
         """Next-byte cross entropy on a (B, T + 1) window of the corpus."""
         logits = self(batch[:, :-1])  # (B, T, 256)
         return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+
+class TinyLlama(TinyGPT):
+    """Byte-level Llama-style LM: (B, T) int64 tokens -> (B, T, 256) logits."""
+
+    def __init__(self, n_layers: int, d_model: int, n_heads: int, max_seq: int, rope_theta: float = 10000.0):
+        nn.Module.__init__(self)
+        self.max_seq = max_seq
+        self.tok = nn.Embedding(VOCAB, d_model)
+        kv = max(n_heads // 2, 1)
+        d_ff = 16 * round(8 * d_model / 3 / 16)
+        self.blocks = nn.ModuleList(TransformerBlock(d_model, n_heads, activation="swiglu", n_kv_heads=kv, d_ff=d_ff)
+                                    for _ in range(n_layers))  # fmt: skip
+        self.ln_f = RMSNorm(d_model, 1e-6)
+        dh = d_model // n_heads
+        self.register_buffer("inv_freq", rope_theta ** (-torch.arange(0, dh, 2, dtype=torch.float32) / dh), False)
+        nn.init.normal_(self.tok.weight, std=0.02)
+        for block in self.blocks:
+            init_block_(block, std=0.02, n_layers=n_layers)
+
+    def rope(self, t: int, device) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (1, T, head_dim): computed once per forward and shared by every layer."""
+        angles = torch.arange(t, device=device, dtype=torch.float32)[:, None] * self.inv_freq  # (T, dh/2)
+        angles = torch.cat([angles, angles], dim=-1)[None]
+        return angles.cos(), angles.sin()
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.tok(idx)  # (B, T, d)
+        pe = self.rope(idx.shape[1], idx.device)
+        for block in self.blocks:
+            x = block(x, position_embeddings=pe)
+        return self.ln_f(x) @ self.tok.weight.t()  # (B, T, 256)
+
+
+def build(family: str, n_layers: int, d_model: int, n_heads: int, max_seq: int) -> TinyGPT:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    cls = TinyLlama if family == "llama" else TinyGPT
+    return cls(n_layers, d_model, n_heads, max_seq)
 
 
 def check_strategies(names: list[str]) -> list[str]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Optional
 
-FUSED_VARIANTS = {"fused_pointwise": "pointwise", "fused_ffn": "ffn", "fused_block": "block"}
+FUSED_VARIANTS = {"fused_pointwise": "pointwise", "fused_ffn": "ffn", "fused_block_keep_attn": "block_keep_attn",
+                  "fused_block": "block"}  # fmt: skip
 
 
 def _roofline_module():
@@ -25,12 +26,15 @@ def roofline_available() -> bool:
     return _roofline_module() is not None
 
 
-def modeled_overhead(strategy: str, n_layers: int, d_model: int, seq: int, batch: int, n_heads: int) -> Optional[float]:
-    """Modeled step time of ``strategy`` / no checkpointing on an H200 in bf16 (blocks only), or None."""
+def modeled_overhead(strategy: str, n_layers: int, d_model: int, seq: int, batch: int, n_heads: int,
+                     **layer) -> Optional[float]:  # fmt: skip
+    """Modeled step time of ``strategy`` / no checkpointing on an H200 in bf16 (blocks only), or None.
+
+    ``layer``: the roofline's layer keywords (activation="swiglu", n_kv_heads, d_ff for the Llama-style model)."""
     roofline = _roofline_module()
     if roofline is None:
         return None
-    shape = dict(d_model=d_model, seq=seq, batch=batch, n_heads=n_heads)
+    shape = dict(d_model=d_model, seq=seq, batch=batch, n_heads=n_heads, **layer)
     try:
         eager = roofline.step_time("eager", **shape)
         if strategy == "none":

@@ -4,6 +4,11 @@ For each shape (default: d=768 T=1024 B=8 h=12 and d=2048 T=2048 B=4 h=16, bf16)
 under FakeTensorMode and priced by ckpt_ext.roofline (max(FLOPs/788 TF/s, bytes/4.3 TB/s) + 3 µs per op). Columns:
 retained activation memory in multiples of the block input's bytes, modeled ms, and the overhead against eager
 TransformerBlock, torch.utils.checkpoint (non-reentrant) and reentrant checkpoint. Then each policy's target check.
+
+``--family llama``: transformers' own LlamaDecoderLayer (sdpa) at Llama-3-8B (d=4096, 32/8 heads, d_ff=14336, B=1,
+T=4096) and Llama-3.2-1B-like (d=2048, 16/8 heads, d_ff=8192, B=2, T=2048) shapes: HF eager, torch checkpoint over
+it, torch SAC, and the layer converted by apply_fused_checkpointing per policy. ``--long``: the GPT-2 block at d=2048,
+B=1, T = 2k, 8k, 16k, 32k: block vs block_keep_attn vs torch checkpoint, memory beside time.
 """
 
 from __future__ import annotations
@@ -24,8 +29,15 @@ LABELS = {
     "none": "ckpt_ext none",
     "pointwise": "ckpt_ext pointwise",
     "ffn": "ckpt_ext ffn",
+    "block_keep_attn": "ckpt_ext block_keep_attn",
     "block": "ckpt_ext block",
 }
+LLAMA_SHAPES = ((4096, 4096, 1, 32, 8, 14336), (2048, 2048, 2, 16, 8, 8192))  # d, T, B, heads, kv heads, d_ff
+LLAMA_LABELS = {**LABELS, "eager": "HF LlamaDecoderLayer eager (sdpa)", "checkpoint": "torch checkpoint over HF layer",
+                "checkpoint_reentrant": "HF gradient_checkpointing (reentrant)"}  # fmt: skip
+LLAMA_TARGETS = {"pointwise": -0.05, "ffn": 0.06}
+LONG_SEQS = (2048, 8192, 16384, 32768)
+LONG_VARIANTS = ("eager", "checkpoint", "block", "block_keep_attn")
 
 
 def _pct(x: float) -> str:
@@ -79,11 +91,86 @@ def target_report(table: list[dict], shapes=SHAPES) -> str:
     return "\n".join(lines)
 
 
+def llama_rows(shapes=LLAMA_SHAPES, dtype=torch.bfloat16) -> list[dict]:
+    """Per variant and shape: modeled ms, overhead vs HF eager and vs torch checkpoint, memory × input."""
+    out = []
+    for variant in roofline.VARIANTS:
+        row = {"variant": variant}
+        for i, (d, t, b, h, kv, ff) in enumerate(shapes):
+            kw = dict(dtype=dtype, n_kv_heads=kv, d_ff=ff, layer="hf_llama")
+            trace = roofline.step_trace(variant, d, t, b, h, **kw)
+            eager = roofline.step_time("eager", d, t, b, h, **kw)
+            ckpt = roofline.step_time("checkpoint", d, t, b, h, **kw)
+            mem = roofline.retained_memory(variant, d, t, b, h, **kw) / trace.input_bytes
+            row[i] = dict(ms=trace.seconds * 1e3, vs_eager=trace.seconds / eager - 1, vs_ckpt=trace.seconds / ckpt - 1,
+                          ckpt_overhead=ckpt / eager - 1, retained=mem)  # fmt: skip
+        out.append(row)
+    return out
+
+
+def llama_markdown(table: list[dict], shapes=LLAMA_SHAPES) -> str:
+    head, rule = "| variant |", "|---|"
+    for d, t, b, h, kv, ff in shapes:
+        head += f" d={d} h={h}/{kv} F={ff} B={b} T={t}: memory (× input) | ms | vs HF eager |"
+        rule += "---|---|---|"
+    lines = [head, rule]
+    for row in table:
+        line = f"| {LLAMA_LABELS[row['variant']]} |"
+        for i in range(len(shapes)):
+            r = row[i]
+            line += f" {r['retained']:.2f} | {r['ms']:.2f} | {_pct(r['vs_eager'])} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def llama_targets(table: list[dict], shapes=LLAMA_SHAPES) -> str:
+    """Issue 13's targets: pointwise ≤ -5%, ffn ≤ +6% vs HF eager, block ≤ 0.5× torch checkpoint's overhead."""
+    by = {row["variant"]: row for row in table}
+    lines = []
+    for i, (d, *_rest) in enumerate(shapes):
+        for policy, target in LLAMA_TARGETS.items():
+            got = by[policy][i]["vs_eager"]
+            lines.append(f"d={d} {policy}: {_pct(got)} vs HF eager (target ≤ {_pct(target)}): "
+                         f"{'met' if got <= target else 'MISSED'}")  # fmt: skip
+        block, ckpt = by["block"][i]["vs_eager"], by["block"][i]["ckpt_overhead"]
+        lines.append(f"d={d} block: {_pct(block)} vs torch checkpoint's {_pct(ckpt)} (target ≤ half): "
+                     f"{'met' if block <= 0.5 * ckpt else 'MISSED'}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def long_rows(seqs=LONG_SEQS, d=2048, h=16, b=1, dtype=torch.bfloat16) -> str:
+    """Issue 16's table: block vs block_keep_attn vs torch checkpoint at growing T, memory beside overhead."""
+    lines = ["| T | " + " | ".join(f"{LABELS[v]}: memory (× input) / vs eager" for v in LONG_VARIANTS[1:]) + " |",
+             "|---|" + "---|" * (len(LONG_VARIANTS) - 1)]  # fmt: skip
+    for t in seqs:
+        eager = roofline.step_time("eager", d, t, b, h, dtype=dtype)
+        cells = []
+        for v in LONG_VARIANTS[1:]:
+            trace = roofline.step_trace(v, d, t, b, h, dtype=dtype)
+            mem = roofline.retained_memory(v, d, t, b, h, dtype=dtype) / trace.input_bytes
+            cells.append(f"{mem:.2f} / {_pct(trace.seconds / eager - 1)}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--activation", default="gelu", choices=("gelu", "gelu_tanh"))
+    parser.add_argument("--family", default="gpt2", choices=("gpt2", "llama"))
+    parser.add_argument("--long", action="store_true", help="the long-sequence table (block vs block_keep_attn)")
     args = parser.parse_args(argv)
+    if args.long:
+        print(f"Long sequences, GPT-2 block d=2048 h=16 B=1, {args.dtype}")
+        print(long_rows(dtype=getattr(torch, args.dtype)))
+        return 0
+    if args.family == "llama":
+        table = llama_rows(dtype=getattr(torch, args.dtype))
+        print(f"Roofline model: one transformers LlamaDecoderLayer fwd+bwd, {args.dtype}")
+        print(llama_markdown(table))
+        print()
+        print(llama_targets(table))
+        return 0
     table = rows(dtype=getattr(torch, args.dtype), activation=args.activation)
     print(f"Roofline model: one block fwd+bwd, {args.dtype}, each op max(FLOPs/{roofline.PEAK_FLOPS / 1e12:.0f} TF/s, "
           f"bytes/{roofline.PEAK_BYTES_PER_S / 1e12:.1f} TB/s) + {roofline.LAUNCH_S * 1e6:.0f} µs")  # fmt: skip

@@ -115,3 +115,18 @@ def test_threads_restored(tiny_run):
 def test_pareto_front():
     pts = [(0.0, 10.0), (5.0, 5.0), (6.0, 7.0), (20.0, 0.5), (30.0, 0.5)]
     assert pareto_front(pts) == [0, 1, 3]
+
+
+def test_llama_family_table(tiny_run):
+    """The Llama-style model gets its own table: every strategy, memory ordered by policy, equal losses."""
+    out, result = tiny_run
+    md = (out / "strategies_llama.md").read_text(encoding="utf-8")
+    assert "Llama-style" in md and (out / "strategies_llama.png").exists()
+    llama = result["families"]["llama"]
+    rows = {r.name: r for r in llama["rows"]}
+    assert list(rows) == list(STRATEGIES)
+    kept = [rows[n].act_bytes for n in ("fused_block", "fused_block_keep_attn", "fused_ffn", "fused_pointwise", "none")]
+    assert kept == sorted(kept) and len(set(kept)) == 5
+    base = llama["losses"]["none"]
+    for name, losses in llama["losses"].items():
+        assert losses == pytest.approx(base, rel=1e-4), name
