@@ -8,8 +8,9 @@ padding or fully masked query rows, every policy, backends reference and cpp. te
 plain block is finite) and, with dropout, the policy-against-policy comparison under one seed.
 
 Deterministic: derandomize=True (a fixed sequence of examples per test, no example database), so CI runs the same
-examples every time; examples are bounded so the lane takes about two minutes on two cores. Examples that found bugs
-are pinned in tests/test_regressions_reliability.py.
+examples every time; examples are bounded so the lane takes about two minutes on two cores (make test); the "slow"
+variants run ~10x as many examples (make test-slow). Examples that found bugs are pinned in
+tests/test_regressions_reliability.py.
 """
 
 from __future__ import annotations
@@ -61,6 +62,21 @@ def test_fused_block_matches_plain_block(case):
 @settings(LANE, max_examples=40)
 @given(case=cases(dropout=True))
 def test_dropout_policies_agree_under_one_seed(case):
+    check_dropout_policies(case)
+
+
+@pytest.mark.slow
+@settings(LANE, max_examples=1000)
+@given(case=cases(dropout=False))
+def test_fused_block_matches_plain_block_long(case):
+    """The slow lane (make test-slow): a longer, different deterministic sequence of the same property."""
+    check_parity(case)
+
+
+@pytest.mark.slow
+@settings(LANE, max_examples=300)
+@given(case=cases(dropout=True))
+def test_dropout_policies_agree_long(case):
     check_dropout_policies(case)
 
 
