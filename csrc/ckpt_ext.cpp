@@ -41,4 +41,17 @@ TORCH_LIBRARY(ckpt_ext, m) {
   m.def("linear_bias_gelu_kernel(Tensor x, Tensor w, Tensor? b, str approximate) -> Tensor");
   m.def("linear_gelu_bwd_kernel(Tensor dy, Tensor w2, Tensor u, str approximate) -> Tensor");
   m.def("gelu_linear_wgrad_kernel(Tensor dy, Tensor u, str approximate) -> Tensor");
+  m.def("rms_norm_fwd_kernel(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "rms_norm_bwd_kernel(Tensor dy, Tensor x, Tensor rstd, Tensor weight, Tensor? dresidual, bool emit_y) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("swiglu_fwd_kernel(Tensor g, Tensor u) -> Tensor");
+  m.def("swiglu_bwd_kernel(Tensor dh, Tensor g, Tensor u) -> (Tensor, Tensor)");
+  m.def("linear_swiglu_kernel(Tensor x, Tensor w_gate, Tensor? b_gate, Tensor w_up, Tensor? b_up) -> Tensor");
+  m.def("swiglu_linear_bwd_kernel(Tensor dy, Tensor w_down, Tensor g, Tensor u) -> (Tensor, Tensor)");
+  m.def("swiglu_linear_wgrad_kernel(Tensor dy, Tensor g, Tensor u) -> Tensor");
+  m.def(
+      "swiglu_ffn_recompute_kernel(Tensor x1, Tensor rstd, Tensor norm_weight, Tensor w_gate, Tensor? b_gate, "
+      "Tensor w_up, Tensor? b_up, Tensor dy, Tensor w_down) -> (Tensor, Tensor, Tensor)");
+  m.def("rope_kernel(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)");
 }

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch._library.custom_ops import CustomOpDef
 
-from . import attention, dropout, ffn, gelu, layer_norm, native_attention
+from . import attention, dropout, ffn, gelu, layer_norm, native_attention, rms_norm, rotary, swiglu
 
 importlib.import_module("ckpt_ext._C")
 
@@ -30,6 +30,15 @@ _GRAPH_OPS: dict[str, CustomOpDef] = {
     "gelu_linear_wgrad": ffn.gelu_linear_wgrad,
     "attention_fwd": attention.attention_fwd,
     "attention_bwd": attention.attention_bwd,
+    "rms_norm_fwd": rms_norm.rms_norm_fwd,
+    "rms_norm_bwd": rms_norm.rms_norm_bwd,
+    "swiglu_fwd": swiglu.swiglu_fwd,
+    "swiglu_bwd": swiglu.swiglu_bwd,
+    "linear_swiglu": swiglu.linear_swiglu,
+    "swiglu_linear_bwd": swiglu.swiglu_linear_bwd,
+    "swiglu_linear_wgrad": swiglu.swiglu_linear_wgrad,
+    "swiglu_ffn_recompute": swiglu.swiglu_ffn_recompute,
+    "rope": rotary.rope,
 }
 
 IMPLS = {

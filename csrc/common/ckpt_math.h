@@ -7,6 +7,7 @@
 //   erf form:  gelu(u) = u * cdf,  cdf = 0.5 (1 + erf(u / sqrt 2));  gelu'(u) = cdf + u * exp(-u^2 / 2) / sqrt(2 pi)
 //   tanh form: z = sqrt(2/pi) (u + 0.044715 u^3), s = sigmoid(2 z) = 0.5 (1 + tanh z);  gelu(u) = u * s,
 //              gelu'(u) = s + 2 u s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 u^2)
+// SwiGLU (Llama MLP), s = sigmoid(g):  h = silu(g) u = g s u;  given dh:  dg = dh u s (1 + g (1 - s)),  du = dh g s
 #pragma once
 
 #include <cmath>
@@ -112,6 +113,27 @@ CKPT_HD acc_t gelu_and_grad(acc_t u, bool tanh_form, acc_t* grad) {
   const acc_t cdf = acc_t(0.5) * (acc_t(1) + erf_(u * acc_t(kInvSqrt2)));
   *grad = cdf + u * exp_(acc_t(-0.5) * u2) * acc_t(kInvSqrt2Pi);
   return u * cdf;
+}
+
+// sigmoid(g) = 1 / (1 + exp(-g)): exp overflows to inf for very negative g, giving 0 (no NaN).
+template <typename acc_t>
+CKPT_HD acc_t sigmoid(acc_t g) {
+  return acc_t(1) / (acc_t(1) + exp_(-g));
+}
+
+// h = silu(g) u.
+template <typename acc_t>
+CKPT_HD acc_t swiglu(acc_t g, acc_t u) {
+  return g * sigmoid(g) * u;
+}
+
+// (dg, du) of h = silu(g) u given dh, in *dg and *du; returns h (the fused recompute epilogue writes all three).
+template <typename acc_t>
+CKPT_HD acc_t swiglu_and_grad(acc_t dh, acc_t g, acc_t u, acc_t* dg, acc_t* du) {
+  const acc_t s = sigmoid(g), gs = g * s;
+  *du = dh * gs;
+  *dg = dh * u * (s + gs * (acc_t(1) - s));
+  return gs * u;
 }
 
 }  // namespace math

@@ -95,6 +95,43 @@ inline void store2_f(T* p, const Vec& lo, const Vec& hi) {
   }
 }
 
+// v rounded to T's precision and widened back (identity for float): where the reference rounds an intermediate.
+template <typename T>
+inline Vec round_to(const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
+  }
+}
+
+// v (or a scalar of acc_t) rounded to the precision of the run-time dtype st (bf16/fp16/fp32; anything else is kept):
+// for a rounding whose dtype is not a template parameter. The switch is uniform over a loop: well predicted.
+inline Vec round_as(const Vec& v, at::ScalarType st) {
+  switch (st) {
+    case at::kBFloat16:
+      return round_to<c10::BFloat16>(v);
+    case at::kHalf:
+      return round_to<c10::Half>(v);
+    default:
+      return v;
+  }
+}
+
+template <typename acc_t>
+inline acc_t round_as(acc_t v, at::ScalarType st) {
+  switch (st) {
+    case at::kBFloat16:
+      return static_cast<acc_t>(static_cast<c10::BFloat16>(v));
+    case at::kHalf:
+      return static_cast<acc_t>(static_cast<c10::Half>(v));
+    case at::kFloat:
+      return static_cast<acc_t>(static_cast<float>(v));
+    default:
+      return v;
+  }
+}
+
 // Horizontal sum of a Vectorized<float> (fixed lane order: deterministic).
 inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
