@@ -34,15 +34,16 @@ def test_compile_fullgraph_forward_backward(compiler, policy):
 
 @pytest.mark.parametrize("compiler, policy", [("aot_eager", "ffn"), ("aot_eager", "block"), ("inductor", "block")])
 def test_compile_fullgraph_with_dropout(compiler, policy):
-    """Dropout's per-call seed is drawn with .item(): fullgraph needs dynamo's capture_scalar_outputs. Under the same
-    torch.manual_seed the compiled block draws the same seed, so forward and backward (recompute included) equal eager;
-    inductor matches eager's RNG stream with fallback_random."""
+    """No dynamo flags: the seed is a tensor drawn in the graph (no .item(), so capture_scalar_outputs stays off).
+    Under the same torch.manual_seed the compiled block draws the same seed, so forward and backward (recompute
+    included) equal eager; inductor matches eager's RNG stream with fallback_random."""
     torch._dynamo.reset()
+    assert not torch._dynamo.config.capture_scalar_outputs
     blk = make_block(72, 4, dropout=0.1, attn_dropout=0.1)
     x, g = torch.randn(2, 7, 72), torch.randn(2, 7, 72)
     torch.manual_seed(5)
     ref = run_step(FusedCheckpointBlock.from_block(blk, policy), x, g)
-    with torch._dynamo.config.patch(capture_scalar_outputs=True), torch._inductor.config.patch(fallback_random=True):
+    with torch._inductor.config.patch(fallback_random=True):
         compiled = torch.compile(FusedCheckpointBlock.from_block(blk, policy), fullgraph=True, backend=compiler)
         torch.manual_seed(5)
         ours = run_step(compiled, x, g)
