@@ -2,6 +2,9 @@
 # The first-GPU-run check, one command, <= 8 minutes on one H100/H200, no network:
 #   1. build the package (CUDA kernels too when torch has CUDA)      2. the test suite's CUDA lane (fp32/fp16/bf16)
 #   3. each Triton kernel vs torch eager (GB/s, TFLOP/s, % of ceilings)   4. the block per variant, side by side
+#   5. a Llama-3-8B-shaped transformers LlamaDecoderLayer per variant (HF eager, torch checkpoint, HF gradient
+#      checkpointing, Liger-Kernel if installed, ckpt_ext policies, compile reduce-overhead): parity, ms, peak memory
+#   The CUDA lane includes tests/test_cuda_backend.py: the csrc/cuda kernels (backend "cuda") against the reference.
 # Results (CSV + markdown, logs) go to $OUT if set, else bench/results/. Every stage has a timeout; a failing stage
 # is recorded in summary.md and the script goes on, exiting non-zero at the end if any stage failed.
 set -euo pipefail
@@ -86,8 +89,9 @@ fi
 stage tests_cuda 170 env CKPT_EXT_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -m cuda -p no:cacheprovider --durations=10 tests
 stage gpu_kernels 75 "$PY" -m bench.gpu_kernels --device cuda
 stage gpu_block 75 "$PY" -m bench.gpu_block --device cuda
+stage gpu_llama 120 "$PY" -m bench.gpu_llama --device cuda
 
-for part in gpu_kernels gpu_block; do
+for part in gpu_kernels gpu_block gpu_llama; do
   if [ -f "$OUT/$part.md" ]; then
     { echo; cat "$OUT/$part.md"; } >> "$SUMMARY"
   fi
