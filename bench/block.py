@@ -1,116 +1,242 @@
-"""``python -m bench.block``: one block, every policy, side by side in one run.
+"""``python -m bench.block``: one block, every checkpointing strategy (ours and torch's anchors), one run per family.
 
-Columns per variant: retained activation bytes (× the block input's bytes, measured), what the policy table predicts,
-FLOPs of one training step (× the `none` policy, FlopCounterMode), and CPU step time (forward + backward, median of
-interleaved repeats) as a ratio to TransformerBlock eager and to torch.utils.checkpoint(use_reentrant=False).
-Timing is CPU wall clock on whatever backend `auto` picks (the C++ kernels when built); FLOPs and bytes are
-device-independent and describe the graph a GPU runs.
+Families (``--family gpt2|llama|both``), defaults at issue 14's / issue 11's size, fp32, all cores:
+    gpt2   TransformerBlock(d=512, 8 heads, d_ff=2048, LayerNorm + GELU), B=4, T=256
+    llama  Llama-form TransformerBlock(d=512, 8 heads, 2 kv heads, d_ff=1408, RMSNorm + SwiGLU + RoPE tables),
+           B=4, T=256, beside transformers' own LlamaDecoderLayer (sdpa) with the same weights, eager and with
+           Hugging Face's gradient checkpointing (its layer hook, reentrant as gradient_checkpointing_enable sets)
+Rows: eager block; torch.utils.checkpoint (non-reentrant); torch SAC (create_selective_checkpoint_contexts saving
+matmuls + attention, recomputing the rest); torch.compile(block) with torch._functorch.config.activation_memory_budget
+1.0 / 0.5 / 0.2 / 0.0; each ckpt_ext policy eager and compiled (inductor, fullgraph).
+Columns:
+    kept     bytes saved for backward per byte of the block input x (x, parameters, RoPE tables excluded):
+             saved_tensors_hooks (bench/saved.py), except rows built on torch.utils.checkpoint (their hooks hide the
+             saves from an outer hook), measured as storages made by the forward and alive after it ("S")
+    table    what ckpt_ext.policies.retained_bytes predicts for the policy
+    FLOPs    one training step (forward + backward) under FlopCounterMode, × the eager block (eager rows only:
+             compiled code does not run through the counter)
+    step     CPU ms per step (forward + backward): median [25%-75%] of round-robin samples (bench.micro_timing)
+    × ...    the paired per-round ratio to the eager block, to torch.utils.checkpoint, and (llama) to the HF layer eager
+             and with its gradient checkpointing; "noisy" where the ratio's spread exceeds its distance from 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import copy
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 import ckpt_ext
-from ckpt_ext import FusedCheckpointBlock, TransformerBlock, retained_bytes
+from ckpt_ext import FusedCheckpointBlock, TransformerBlock, policies
 from ckpt_ext.block import init_block_
 from ckpt_ext.measure import count_flops, retained_activation_bytes
+from ckpt_ext.roofline import _selective_context
 
 from . import malloc_tuning
+from .micro_timing import ratio_text, spread_text, time_interleaved
+from .saved import saved_bytes
 
-POLICIES = ("none", "pointwise", "ffn", "block")
+POLICIES = tuple(policies.POLICIES)
+BUDGETS = (1.0, 0.5, 0.2, 0.0)
+SIZES = {
+    "gpt2": dict(d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch=4, seq=256),
+    "llama": dict(d_model=512, n_heads=8, n_kv_heads=2, d_ff=1408, batch=4, seq=256),
+}
 
 
-def _variants(block: TransformerBlock) -> dict:
-    variants = {
-        "TransformerBlock": block,
-        "torch checkpoint": lambda x: checkpoint(block, x, use_reentrant=False),
-        "torch checkpoint (reentrant)": lambda x: checkpoint(block, x, use_reentrant=True),
-    }
+@dataclass
+class Variant:
+    name: str
+    fn: Callable  # x -> out
+    policy: Optional[str] = None
+    compiled: bool = False
+    via_checkpoint: bool = False  # built on torch.utils.checkpoint: measure kept bytes by storage lifetime
+
+
+def make_block(family: str, d_model: int, n_heads: int, n_kv_heads, d_ff: int) -> TransformerBlock:
+    torch.manual_seed(0)
+    if family == "llama":
+        blk = TransformerBlock(d_model, n_heads, activation="swiglu", n_kv_heads=n_kv_heads, d_ff=d_ff)
+    else:
+        blk = TransformerBlock(d_model, n_heads, d_ff=d_ff)
+    init_block_(blk)
+    return blk
+
+
+def rope_tables(seq: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE tables (cos, sin), each (1, T, head_dim), as a Llama model computes them once per forward."""
+    inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (dh/2,)
+    ang = torch.arange(seq, dtype=torch.float32)[:, None] * inv  # (T, dh/2)
+    ang = torch.cat([ang, ang], dim=-1)[None]  # (1, T, dh)
+    return ang.cos(), ang.sin()
+
+
+def hf_llama_layer(block: TransformerBlock):
+    """transformers' LlamaDecoderLayer (sdpa) holding copies of ``block``'s weights; None without transformers."""
+    try:
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    except ImportError:
+        return None
+    cfg = LlamaConfig(hidden_size=block.d_model, intermediate_size=block.hidden, num_attention_heads=block.n_heads,
+                      num_key_value_heads=block.n_kv_heads, num_hidden_layers=1, rms_norm_eps=block.eps,
+                      head_dim=block.head_dim)  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    layer = LlamaDecoderLayer(cfg, 0)
+    a, m, hf_a, hf_m = block.attn, block.mlp, layer.self_attn, layer.mlp
+    pairs = [(layer.input_layernorm, block.ln_1), (layer.post_attention_layernorm, block.ln_2), (hf_a.q_proj, a.q),
+             (hf_a.k_proj, a.k), (hf_a.v_proj, a.v), (hf_a.o_proj, a.proj), (hf_m.gate_proj, m.gate),
+             (hf_m.up_proj, m.up), (hf_m.down_proj, m.proj)]  # fmt: skip
+    with torch.no_grad():
+        for dst, src in pairs:
+            dst.weight.copy_(src.weight)
+    return layer.train()
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _budget_backend(budget: float) -> Callable:
+    """Inductor with the partitioner's activation_memory_budget set while it partitions. A backend object per budget:
+    dynamo guards on the backend, so each budget gets its own compiled graph of the same block."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return compile_fx(gm, example_inputs)
+
+    return backend
+
+
+def variants(block: TransformerBlock, kw: dict, hf=None, budgets=BUDGETS, compiled_policies=POLICIES) -> list[Variant]:
+    """The rows, in print order; ``budgets`` / ``compiled_policies``: which torch.compile rows (empty: none)."""
+
+    def call(module):
+        return functools.partial(module, **kw) if kw else module
+
+    out = [Variant("eager block", call(block))]
+    if hf is not None:
+        hf_ckpt = copy.copy(hf)  # shares submodules; only its checkpointing flag differs
+        hf_ckpt.gradient_checkpointing = True
+        hf_ckpt._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=True)
+        out.append(Variant("HF LlamaDecoderLayer eager", lambda x: _first(hf(x, **kw))))
+        out.append(Variant("HF gradient checkpointing", lambda x: _first(hf_ckpt(x, **kw)), via_checkpoint=True))
+    out.append(Variant("torch checkpoint", lambda x: checkpoint(call(block), x, use_reentrant=False),
+                       via_checkpoint=True))  # fmt: skip
+    sac = lambda x: checkpoint(call(block), x, use_reentrant=False, context_fn=_selective_context)  # noqa: E731
+    out.append(Variant("torch SAC (save matmuls + attention)", sac, via_checkpoint=True))
+    for budget in budgets:
+        fn = torch.compile(call(block), fullgraph=True, backend=_budget_backend(budget))
+        out.append(Variant(f"compile, memory budget {budget}", fn, compiled=True))
     for policy in POLICIES:
-        variants[f"fused {policy}"] = FusedCheckpointBlock.from_block(block, policy)
-    return variants
+        out.append(Variant(f"ckpt_ext {policy}", call(FusedCheckpointBlock.from_block(block, policy)), policy))
+        if policy in compiled_policies:
+            fn = torch.compile(call(FusedCheckpointBlock.from_block(block, policy)), fullgraph=True)
+            out.append(Variant(f"ckpt_ext {policy} compiled", fn, policy, compiled=True))
+    return out
 
 
 def _step(fn, x, g):
     fn(x).backward(g)
 
 
-def _time_interleaved(variants: dict, x, g, repeats: int) -> dict:
-    """Median seconds per step; variants run round-robin so drift hits them all alike."""
-    times = {name: [] for name in variants}
-    for fn in variants.values():  # warm-up
-        _step(fn, x, g)
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            _step(fn, x, g)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def run(d_model=256, n_heads=8, seq=256, batch=8, repeats=7, threads=None) -> list[dict]:
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    block = TransformerBlock(d_model, n_heads)
-    init_block_(block)
+def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch=4, seq=256, min_time=2.0,
+        min_rounds=7, budgets=BUDGETS, compiled_policies=POLICIES, hf=True) -> list[dict]:  # fmt: skip
+    block = make_block(family, d_model, n_heads, n_kv_heads, d_ff)
+    kw, exclude = {}, list(block.parameters())
+    if family == "llama":
+        kw["position_embeddings"] = rope_tables(seq, block.head_dim)
+        exclude += list(kw["position_embeddings"])
+    hf_layer = hf_llama_layer(block) if family == "llama" and hf else None
+    table = variants(block, kw, hf_layer, budgets, compiled_policies)
+    torch.manual_seed(1)
     x = torch.randn(batch, seq, d_model, requires_grad=True)
     g = torch.randn_like(x)
     in_bytes = x.numel() * x.element_size()
-    variants = _variants(block)
-    times = _time_interleaved(variants, x, g, repeats)
-    flops_none = count_flops(_step, variants["fused none"], x, g)
-    rows = []
-    for name, fn in variants.items():
-        kept, _ = retained_activation_bytes(fn, x)
-        policy = name.split()[-1] if name.startswith("fused") else None
-        predicted = retained_bytes(policy, batch, seq, d_model, n_heads, block.hidden) if policy else None
-        rows.append(
-            dict(
-                variant=name,
-                retained=kept / in_bytes,
-                table=None if predicted is None else predicted / in_bytes,
-                flops=count_flops(_step, fn, x, g) / flops_none,
-                vs_eager=times[name] / times["TransformerBlock"],
-                vs_ckpt=times[name] / times["torch checkpoint"],
-                ms=times[name] * 1e3,
-            )
-        )
-    return rows
+    for v in table:  # compile (and warm up) before anything is measured
+        _step(v.fn, x, g)
+    rows = {}
+    for v in table:
+        if v.via_checkpoint:
+            kept, _ = retained_activation_bytes(v.fn, x)
+        else:
+            kept, _ = saved_bytes(v.fn, x, exclude=[x, *exclude, *(hf_layer.parameters() if hf_layer else ())])
+        predicted = None
+        if v.policy is not None:
+            shape = dict(n_kv_heads=block.n_kv_heads, head_dim=block.head_dim, norm=block.norm,
+                         mlp="swiglu" if family == "llama" else "gelu")  # fmt: skip
+            predicted = policies.retained_bytes(v.policy, batch, seq, d_model, n_heads, block.hidden, **shape)
+        flops = None if v.compiled else count_flops(_step, v.fn, x, g)
+        rows[v.name] = dict(variant=v.name, kept=kept / in_bytes, how="S" if v.via_checkpoint else "H",
+                            table=None if predicted is None else predicted / in_bytes, flops=flops)  # fmt: skip
+    times = time_interleaved({v.name: functools.partial(_step, v.fn, x, g) for v in table}, min_time, min_rounds)
+    refs = ["eager block", "torch checkpoint"] + (["HF LlamaDecoderLayer eager", "HF gradient checkpointing"]
+                                                  if hf_layer is not None else [])  # fmt: skip
+    eager_flops = rows["eager block"]["flops"]
+    for name, row in rows.items():
+        row["flops"] = None if row["flops"] is None else row["flops"] / eager_flops
+        row["step"] = spread_text(times[name])
+        row["ratios"] = {ref: ratio_text(times[name], times[ref]) for ref in refs}
+    return list(rows.values())
+
+
+REF_LABELS = {"eager block": "× eager block", "torch checkpoint": "× torch ckpt",
+              "HF LlamaDecoderLayer eager": "× HF eager", "HF gradient checkpointing": "× HF grad ckpt"}  # fmt: skip
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| variant | retained (× input) | table | FLOPs (× none) | step ms | × TransformerBlock | × torch ckpt |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    refs = list(rows[0]["ratios"])
+    head = ["variant", "kept (× input)", "table", "FLOPs (× eager)", "step ms [IQR]", *(REF_LABELS[r] for r in refs)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        table = "" if r["table"] is None else f"{r['table']:.3f}"
-        lines.append(
-            f"| {r['variant']} | {r['retained']:.3f} | {table} | {r['flops']:.3f} | {r['ms']:.1f} | "
-            f"{r['vs_eager']:.3f} | {r['vs_ckpt']:.3f} |"
-        )
+        cells = [
+            r["variant"],
+            f"{r['kept']:.3f} {r['how']}",
+            "" if r["table"] is None else f"{r['table']:.3f}",
+            "" if r["flops"] is None else f"{r['flops']:.3f}",
+            r["step"],
+            *(r["ratios"][ref] for ref in refs),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--family", choices=("gpt2", "llama", "both"), default="both")
+    ap.add_argument("--d-model", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--kv-heads", type=int, help="llama only")
+    ap.add_argument("--d-ff", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--min-time", type=float, default=2.0, help="seconds of interleaved timing (at least 7 rounds)")
+    ap.add_argument("--min-rounds", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     malloc = malloc_tuning.describe(malloc_tuning.keep_freed_memory())
-    rows = run(args.d_model, args.heads, args.seq, args.batch, args.repeats, args.threads)
-    print(f"block d={args.d_model} heads={args.heads} T={args.seq} B={args.batch} fp32, backend "
-          f"{ckpt_ext.backend.concrete_backend('cpu')}, {torch.get_num_threads()} threads, {malloc}")  # fmt: skip
-    print(format_table(rows))
+    for family in ("gpt2", "llama") if args.family == "both" else (args.family,):
+        size = dict(SIZES[family])
+        for key, arg in (("d_model", args.d_model), ("n_heads", args.heads), ("d_ff", args.d_ff),
+                         ("seq", args.seq), ("batch", args.batch)):  # fmt: skip
+            size[key] = size[key] if arg is None else arg
+        if family == "llama" and args.kv_heads is not None:
+            size["n_kv_heads"] = args.kv_heads
+        compiled = dict(budgets=(), compiled_policies=()) if args.no_compile else {}
+        rows = run(family, **size, min_time=args.min_time, min_rounds=args.min_rounds, **compiled)
+        print(f"\n{family} block {size}, fp32, backend {ckpt_ext.backend.concrete_backend('cpu')}, "
+              f"{torch.get_num_threads()} threads, {malloc}; kept: H hooks, S storages alive")  # fmt: skip
+        print(format_table(rows))
     return 0
 
 
