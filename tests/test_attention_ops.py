@@ -148,8 +148,9 @@ def test_cpp_tiled_dropout_mask_is_the_reference_mask(seed):
     for j in range(h // g):
         for t0 in (0, 64):
             t1 = min(t, t0 + 64)
-            tile = native_attention._tile_keep((b, h, t, s), j, g, t0, t1, 0.4, seed, "cpu")
-            assert torch.equal(tile, full[:, j * g : (j + 1) * g, t0:t1])
+            for n in (s, 5):  # every key, or the first n (a causal tile)
+                tile = native_attention._tile_keep((b, h, t, s), j, g, t0, t1, n, 0.4, seed, "cpu")
+                assert torch.equal(tile, full[:, j * g : (j + 1) * g, t0:t1, :n])
 
 
 def test_packed_ops_equal_gqa_ops_on_views():

@@ -8,13 +8,15 @@ Math, masks, the empty-row rule and the dropout index are reference_attention.py
 - ``cuda_flash``: no mask, no dropout, CUDA, fp16/bf16, h == hk, dh % 8 == 0 and <= 256, sm_80+: aten's
   FlashAttention-2 on (B, h, T, dh) views; its logsumexp is (B, h, T) fp32 in natural log.
 - ``cpu_math`` (any device, every mask and dropout): tiles over kv groups × BLOCK_Q query rows. A tile holds the
-  scores of the group's g heads for BLOCK_Q queries against all S keys, (B, g, BLOCK_Q, S) in fp32 (fp64 for fp64),
-  so the softmax is exact per row without rescaling, and peak scratch is a few tiles whatever T: never a (B, h, T, S)
-  tensor. Forward: S = scale · q kᵀ by one bmm (the g heads' rows stacked), mask / causal applied in place, P in place
-  (exp, row sum, divide), lse = rowmax + log Σ, empty rows zeroed with lse = -inf. Backward rebuilds P = exp(S - lse)
-  per tile (0 where lse = -inf), dv_j and dk_j accumulate over the tiles and the group's heads inside the bmms, dS by
-  aten's softmax backward. The dropout hash runs in wrapping int32 arithmetic on the tile's flat (B, h, T, S) indices
-  (logical shifts by masking): the reference's mask bit for bit, ~4x cheaper than its int64 emulation.
+  scores of the group's g heads for BLOCK_Q queries against every key they may see (all S, or keys up to the tile's
+  last row when causal), (B, g, BLOCK_Q, S) at most, in fp32 (fp64 for fp64): the softmax is exact per row without
+  rescaling, and peak scratch is a few tiles whatever T: never a (B, h, T, S) tensor. Forward: S = (scale · q) kᵀ by
+  one bmm over the g heads' stacked rows (baddbmm with an additive mask's tile, a bool mask filled in), causal -inf on
+  the diagonal block only, P by aten's fused softmax, lse = rowmax - log max P, empty rows zeroed with lse = -inf.
+  Backward rebuilds P = exp(S - lse) per tile (0 where lse = -inf), dv_j and dk_j accumulate over the tiles and the
+  group's heads inside the bmms, dS by aten's softmax backward. The dropout hash runs in place in wrapping int32
+  arithmetic on the tile's flat (B, h, T, S) indices (logical shifts by masking): the reference's mask bit for bit,
+  ~4x cheaper than its int64 emulation.
 - ``reference``: empty T or S.
 The packed-qkv ops (attention_fwd/_bwd) call the same routes on q, k, v views of qkv (h == hk, scale 1/sqrt(dh)).
 """
@@ -147,24 +149,28 @@ def _c32(c: int) -> int:
     return c - (1 << 32) if c >= (1 << 31) else c
 
 
-def _fmix32_i32(h):
-    """MurmurHash3's finalizer on int32 tensors holding uint32 bit patterns (wrapping multiply, logical shifts)."""
-    h = h ^ ((h >> 16) & 0xFFFF)
-    h = h * _c32(0x85EBCA6B)
-    h = h ^ ((h >> 13) & 0x7FFFF)
-    h = h * _c32(0xC2B2AE35)
-    return h ^ ((h >> 16) & 0xFFFF)
+def _fmix32_i32_(h):
+    """MurmurHash3's finalizer in place on int32 tensors of uint32 bit patterns (wrapping multiply, logical shifts)."""
+    for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):
+        h ^= (h >> shift).bitwise_and_((1 << (32 - shift)) - 1)
+        if mult is not None:
+            h *= _c32(mult)
+    return h
 
 
-def _tile_keep(shape, j, g, t0, t1, dropout_p, seed, device):
-    """Keep-mask (B, g, tq, S) of a tile: the hash at flat (B, h, T, S) index ((b·h + j·g + i)·T + t)·S + s mod 2³²."""
+def _tile_keep(shape, j, g, t0, t1, n, dropout_p, seed, device):
+    """Keep-mask (B, g, tq, n) of a tile: the hash at flat (B, h, T, S) index ((b·h + j·g + i)·T + t)·S + s mod 2³²
+    for keys s < n."""
     b, h, t, s = shape
-    ar = lambda n, start=0: torch.arange(start, start + n, dtype=torch.int64, device=device)  # noqa: E731
+    ar = lambda k, start=0: torch.arange(start, start + k, dtype=torch.int64, device=device)  # noqa: E731
     rows = ((ar(b)[:, None] * h + j * g + ar(g)[None, :]) * t)[:, :, None] + ar(t1 - t0, t0)  # (B, g, tq)
-    flat = (rows * s).to(torch.int32)[..., None] + ar(s).to(torch.int32)  # (B, g, tq, S), wraps mod 2³²
+    hsh = (rows * s).to(torch.int32)[..., None] + ar(n).to(torch.int32)  # (B, g, tq, n), wraps mod 2³²
     key = _c32(reference.seed_key(seed))
-    hsh = _fmix32_i32(_fmix32_i32(flat ^ key) + key)
-    return ((hsh >> 8) & 0xFFFFFF) >= reference.dropout_threshold(dropout_p)
+    hsh ^= key
+    _fmix32_i32_(hsh)
+    hsh += key
+    _fmix32_i32_(hsh)
+    return (hsh >> 8).bitwise_and_(0xFFFFFF) >= reference.dropout_threshold(dropout_p)
 
 
 def _drop_(x, keep, dropout_p):
@@ -172,30 +178,38 @@ def _drop_(x, keep, dropout_p):
     return x if keep is None else x.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
 
 
-def _tile_scores(q, k, j, g, t0, t1, causal, m4, scale, cdt):
-    """q tile (B, g·tq, dh) and S = scale · q kᵀ + mask, causal (B, g, tq, S) in cdt for kv group j, rows t0:t1."""
+def _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt):
+    """scale · q tile (B, g·tq, dh) and S = scale · q kᵀ + mask (B, g, tq, n) in cdt for kv group j, query rows
+    t0:t1, keys 0:n (n = t1 when causal: the keys past the tile's last row are never visible, so never computed)."""
     b, tq = q.shape[0], t1 - t0
-    qt = q[:, t0:t1, j * g : (j + 1) * g].transpose(1, 2).to(cdt).reshape(b, g * tq, -1)
-    s = torch.bmm(qt, k[:, :, j].to(cdt).transpose(1, 2)).mul_(scale).view(b, g, tq, -1)
+    qt = q[:, t0:t1, j * g : (j + 1) * g].transpose(1, 2).to(cdt).reshape(b, g * tq, -1) * scale
+    kt = k[:, :n, j].to(cdt).transpose(1, 2)  # (B, dh, n)
+    mt = None
     if m4 is not None:
         mt = m4[:, j * g : (j + 1) * g] if m4.shape[1] > 1 else m4
-        mt = mt[:, :, t0:t1] if mt.shape[2] > 1 else mt  # (B|1, g|1, tq|1, S|1)
-        if mt.dtype == torch.bool:
+        mt = mt[:, :, t0:t1] if mt.shape[2] > 1 else mt
+        mt = mt[..., :n] if mt.shape[3] > 1 else mt  # (B|1, g|1, tq|1, n|1)
+    if mt is not None and mt.dtype != torch.bool:
+        bias = mt.to(cdt).expand(mt.shape[0], g, tq, n).reshape(mt.shape[0], g * tq, n)
+        s = torch.baddbmm(bias, qt, kt).view(b, g, tq, n)
+    else:
+        s = torch.bmm(qt, kt).view(b, g, tq, n)
+        if mt is not None:
             s.masked_fill_(~mt, float("-inf"))
-        else:
-            s.add_(mt)
-    if causal:
-        rows = torch.arange(t0, t1, device=s.device)[:, None]
-        s.masked_fill_(torch.arange(s.shape[-1], device=s.device)[None, :] > rows, float("-inf"))
+    if causal:  # the diagonal block, keys t0:t1
+        above = torch.ones(tq, tq, dtype=torch.bool, device=s.device).triu_(1)
+        s[..., t0:t1].masked_fill_(above, float("-inf"))
     return qt, s
 
 
-def _tiles(q, k):
+def _tiles(q, k, causal):
+    """(kv head j, group size g, its query heads, rows t0:t1, visible keys n) for each tile."""
     b, t, h, _ = q.shape
     g = h // k.shape[2]
     for j in range(k.shape[2]):
         for t0 in range(0, t, BLOCK_Q):
-            yield j, g, slice(j * g, (j + 1) * g), t0, min(t, t0 + BLOCK_Q)
+            t1 = min(t, t0 + BLOCK_Q)
+            yield j, g, slice(j * g, (j + 1) * g), t0, t1, t1 if causal else k.shape[1]
 
 
 def _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
@@ -205,16 +219,18 @@ def _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
     m4, thr = mask4(attn_mask), empty_threshold(attn_mask)
     out = q.new_empty((b, t, h, dh))
     lse = q.new_empty((b, h, t), dtype=cdt)
-    for j, g, heads, t0, t1 in _tiles(q, k):
-        _, s = _tile_scores(q, k, j, g, t0, t1, causal, m4, scale, cdt)  # (B, g, tq, S)
+    for j, g, heads, t0, t1, n in _tiles(q, k, causal):
+        _, s = _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt)  # (B, g, tq, n)
         row_max = s.amax(dim=-1, keepdim=True)  # (B, g, tq, 1)
-        empty = row_max <= thr
-        p = s.sub_(row_max.masked_fill(empty, 0.0)).exp_()
-        denom = p.sum(dim=-1, keepdim=True)
-        p.div_(denom).masked_fill_(empty, 0.0)
-        lse[:, heads, t0:t1] = (row_max + denom.log()).masked_fill_(empty, float("-inf")).squeeze(-1)
-        keep = _tile_keep((b, h, t, s_len), j, g, t0, t1, dropout_p, seed, q.device) if dropout_p > 0 else None
-        o = torch.bmm(_drop_(p, keep, dropout_p).view(b, -1, s_len), v[:, :, j].to(cdt))  # (B, g·tq, dh)
+        p = torch.softmax(s, dim=-1)
+        lse_t = row_max - p.amax(dim=-1, keepdim=True).log_()  # max P = 1 / Σ exp(S - max S)
+        if m4 is not None:  # only a mask can leave a row without a visible key
+            empty = row_max <= thr
+            p.masked_fill_(empty, 0.0)
+            lse_t.masked_fill_(empty, float("-inf"))
+        lse[:, heads, t0:t1] = lse_t.squeeze(-1)
+        keep = _tile_keep((b, h, t, s_len), j, g, t0, t1, n, dropout_p, seed, q.device) if dropout_p > 0 else None
+        o = torch.bmm(_drop_(p, keep, dropout_p).view(b, -1, n), v[:, :n, j].to(cdt))  # (B, g·tq, dh)
         out[:, t0:t1, heads] = o.view(b, g, t1 - t0, dh).transpose(1, 2)
     return out, lse
 
@@ -224,20 +240,23 @@ def _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale):
     s_len = k.shape[1]
     cdt = reference.compute_dtype(q)
     m4 = mask4(attn_mask)
+    any_empty = bool(torch.isneginf(lse).any())
     dq = q.new_empty((b, t, h, dh))
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
-    for j, g, heads, t0, t1 in _tiles(q, k):
+    for j, g, heads, t0, t1, n in _tiles(q, k, causal):
         tq = t1 - t0
-        qt, s = _tile_scores(q, k, j, g, t0, t1, causal, m4, scale, cdt)
+        qt, s = _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt)  # qt = scale · q
         lse_t = lse[:, heads, t0:t1].to(cdt)[..., None]  # (B, g, tq, 1)
-        p = s.sub_(lse_t).exp_().masked_fill_(torch.isneginf(lse_t), 0.0)  # (B, g, tq, S)
-        keep = _tile_keep((b, h, t, s_len), j, g, t0, t1, dropout_p, seed, q.device) if dropout_p > 0 else None
+        p = s.sub_(lse_t).exp_()  # (B, g, tq, n)
+        if any_empty:
+            p.masked_fill_(torch.isneginf(lse_t), 0.0)
+        keep = _tile_keep((b, h, t, s_len), j, g, t0, t1, n, dropout_p, seed, q.device) if dropout_p > 0 else None
         do = dout[:, t0:t1, heads].transpose(1, 2).to(cdt).reshape(b, g * tq, dh)
         pd = p if keep is None else _drop_(p.clone(), keep, dropout_p)
-        dv[:, :, j] += torch.bmm(pd.view(b, g * tq, s_len).transpose(1, 2), do)
-        dp = _drop_(torch.bmm(do, v[:, :, j].to(cdt).transpose(1, 2)).view(b, g, tq, s_len), keep, dropout_p)
-        ds = torch._softmax_backward_data(dp, p, -1, p.dtype).view(b, g * tq, s_len)  # P ∘ (dP - rowsum(P ∘ dP))
-        dq[:, t0:t1, heads] = torch.bmm(ds, k[:, :, j].to(cdt)).mul_(scale).view(b, g, tq, dh).transpose(1, 2)
-        dk[:, :, j] += torch.bmm(ds.transpose(1, 2), qt).mul_(scale)
+        dv[:, :n, j] += torch.bmm(pd.view(b, g * tq, n).transpose(1, 2), do)
+        dp = _drop_(torch.bmm(do, v[:, :n, j].to(cdt).transpose(1, 2)).view(b, g, tq, n), keep, dropout_p)
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype).view(b, g * tq, n)  # P ∘ (dP - rowsum(P ∘ dP))
+        dq[:, t0:t1, heads] = torch.bmm(ds, k[:, :n, j].to(cdt)).mul_(scale).view(b, g, tq, dh).transpose(1, 2)
+        dk[:, :n, j] += torch.bmm(ds.transpose(1, 2), qt)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
