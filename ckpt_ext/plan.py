@@ -99,7 +99,10 @@ def main(argv=None) -> int:
         ap.error(f"argument --heads: {a.heads} heads do not divide --d-model {a.d_model}")
     if int(a.mlp_ratio * a.d_model) < 1:
         ap.error(f"argument --mlp-ratio: {a.mlp_ratio:g} x --d-model {a.d_model} gives an MLP width of 0")
-    print(table(a.d_model, a.layers, a.heads, a.seq, a.batch, a.gpu_memory, a.dtype, a.mlp_ratio))
+    try:
+        print(table(a.d_model, a.layers, a.heads, a.seq, a.batch, a.gpu_memory, a.dtype, a.mlp_ratio))
+    except ValueError as e:  # every argument is checked above; this names the planner argument that failed
+        ap.error(str(e))
     return 0
 
 

@@ -18,9 +18,9 @@ Time model: ckpt_ext.roofline.step_time(kind, ...) per layer (modeled seconds of
 H200); overhead = sum over layers / (n_layers * step_time("eager")) - 1.
 
 Search (exact, planner_search.py): layers are identical, so a plan is a count of layers per option; the fastest count
-vector that fits wins (ties: less memory). The options are "block", "ffn", "pointwise" and a "keep everything" choice:
-our "none" policy, or torch "eager" (block left unconverted) when that models faster. Heavier checkpointing goes to the
-first layers in the returned list.
+vector that fits wins (ties: less memory). The options are "block", "block_keep_attn", "ffn", "pointwise" and a "keep
+everything" choice: our "none" policy, or torch "eager" (block left unconverted) when that models faster. Heavier
+checkpointing goes to the first layers in the returned list.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ DTYPES = {
     "fp16": (torch.float16, dict(act_bytes=4, matmul_bytes=2, stat_bytes=4)),
 }
 TORCH_KINDS = ("eager", "checkpoint")
-ORDER = ("checkpoint", "block", "ffn", "pointwise", "none", "eager")  # heaviest checkpointing first
+ORDER = ("checkpoint", "block", "block_keep_attn", "ffn", "pointwise", "none", "eager")  # heaviest checkpointing first
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}  # fmt: skip
 
@@ -176,7 +176,7 @@ def plan(
     shape = make_shape(d_model, n_layers, n_heads, seq_len, batch, dtype, mlp_ratio)
     budget = parse_memory(memory_budget)
     keep_all = "eager" if shape.step_time("eager") < shape.step_time("none") else "none"
-    options = ("block", "ffn", "pointwise", keep_all)
+    options = ("block", "block_keep_attn", "ffn", "pointwise", keep_all)
     mem = [shape.layer_bytes(k) for k in options]
     work = [shape.workspace_bytes(k) for k in options]
     time = [shape.step_time(k) for k in options]

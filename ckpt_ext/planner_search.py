@@ -10,15 +10,17 @@ peak <= room (the budget minus model state). The brute force scores every compos
    the true peak) is the exact optimum.
 2. Dominance: with the workspace fixed, an option that is at least as slow and at least as large as another one is
    never needed (swapping it for the other costs neither time nor memory). The rest, sorted by memory, is a front:
-   m_0 < m_1 < ... and t_0 > t_1 > ... (p <= k options; the planner has k = 4).
+   m_0 < m_1 < ... and t_0 > t_1 > ... (p <= k <= 5 options; the planner has k = 5).
 3. p <= 2 is closed form: as many layers as the memory left allows take the faster option 1,
    n_1 = min(r, floor((room - r m_0) / (m_1 - m_0))), the rest option 0 (fastest, and among the fastest the smallest).
-   p = 3: enumerate n_2 (0..L) and close n_0, n_1 as above: one vectorized pass, O(L).
-   p = 4: the same for each n_3 (a row of the (n_3, n_2) triangle). A row's time is at least its linear-programming
-   bound n_3 t_3 + r h(room' / r) (h: the lower convex hull of options 0-2's (m, t) points, r = L - n_3 layers,
-   room' = room - n_3 m_3), so rows are scanned in order of that bound and the scan stops at the first row whose
-   bound exceeds the best time found. The integer optimum lies within about one layer's time of the bound, so a
-   handful of rows (O(L) work) is the usual cost; the worst case (all rows) is O(L^2) elementwise, still vectorized.
+   p >= 3: a row fixes the counts of options 3..p-1 (one row for p = 3, n_3 = 0..L for p = 4); within a row,
+   n_2 = 0..L is enumerated and n_0, n_1 closed as above (one vectorized pass, O(L)). A row's time is at least its
+   linear-programming bound: its own options' time + r h(room' / r), h the lower convex hull of options 0-2's (m, t)
+   points, r the layers and room' the bytes the row leaves. Rows are scanned in order of that bound and the scan
+   stops at the first row whose bound exceeds the best time found. p = 5: the same one level up: n_4 = 0..L in
+   order of its bound over options 0-3, each n_4's rows as for p = 4, stopping at the first n_4 whose bound exceeds
+   the best. The integer optimum lies within about one layer's time of the bound, so a handful of rows is the usual
+   cost, O(L) per row and per level; the worst case (every row) is O(L^(p-2)) elementwise.
 Memory is int64 bytes (exact); times are float64. Ties (equal time) go to less memory, as in the planner.
 """
 
@@ -28,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-_ROWS = 64  # rows of the (n_3, n_2) triangle evaluated per tensor pass
+_ROWS = 8  # rows evaluated per tensor pass (each row: n_2 = 0..L)
 
 
 def fastest_mix(
@@ -73,8 +75,8 @@ def _check(n_layers, mem, work, time) -> None:
         raise ValueError("mem, work and time must be non-empty and of equal length")
     if not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
-    if len(mem) > 4:
-        raise ValueError(f"the exact search handles at most 4 options, got {len(mem)}")
+    if len(mem) > 5:
+        raise ValueError(f"the exact search handles at most 5 options, got {len(mem)}")
     if n_layers * max(mem) + max(work) >= 2**62:
         raise ValueError("memory sizes too large for exact int64 arithmetic")
 
@@ -98,12 +100,31 @@ def _fastest_on_front(n_layers: int, mem: list[int], time: list[float], room: in
     if p == 2:
         n1 = min(n_layers, (room - n_layers * mem[0]) // (mem[1] - mem[0]))
         return (n_layers - n1, n1)
-    tops = torch.arange(n_layers + 1 if p == 4 else 1, dtype=torch.int64)  # (R,) candidate n_3 (just 0 when p == 3)
-    bound = tops.double() * (time[3] if p == 4 else 0.0) + _hull_bound(
-        n_layers - tops, room - tops * mem[-1], mem, time
-    )
+    if p == 3:
+        found = _scan_rows(n_layers, torch.zeros(1, 0, dtype=torch.int64), mem, time, room, None)
+    elif p == 4:
+        found = _scan_rows(n_layers, torch.arange(n_layers + 1)[:, None], mem, time, room, None)
+    else:  # p == 5: n_4 in order of its bound over options 0-3, then the n_3 rows of each n_4 as for p == 4
+        n4 = torch.arange(n_layers + 1)  # (L+1,)
+        bound = n4.double() * time[4] + _hull_bound(n_layers - n4, room - n4 * mem[4], mem[:4], time[:4])
+        found = None
+        for i in bound.argsort().tolist():
+            if found is not None and float(bound[i]) > found[0] * (1 + 1e-12):
+                break
+            n3 = torch.arange(n_layers - i + 1)  # (L-n_4+1,)
+            tops = torch.stack([n3, torch.full_like(n3, i)], 1)  # (R, 2) counts of options 3 and 4
+            found = _scan_rows(n_layers, tops, mem, time, room, found)
+    return None if found is None else found[2]
+
+
+def _scan_rows(n_layers: int, tops: torch.Tensor, mem, time, room: int, best):
+    """Best (time, memory, counts) over ``best`` and the rows of ``tops`` (R, p-3), fixed counts of options 3..p-1;
+    rows go in order of their bound (options 0-2 relaxed) and the scan stops once a bound exceeds the best time."""
+    top_layers = tops.sum(1)  # (R,)
+    top_bytes = _weighted(tops, mem[3:])  # (R,) int64
+    top_time = _weighted(tops.double(), time[3:])  # (R,) float64
+    bound = top_time + _hull_bound(n_layers - top_layers, room - top_bytes, mem[:3], time[:3])  # (R,)
     order = bound.argsort()  # rows by increasing lower bound
-    best = None  # (time, memory, counts)
     for start in range(0, len(order), _ROWS):
         rows = order[start : start + _ROWS]
         if best is not None and float(bound[rows[0]]) > best[0] * (1 + 1e-12):
@@ -111,14 +132,22 @@ def _fastest_on_front(n_layers: int, mem: list[int], time: list[float], room: in
         cand = _best_in_rows(n_layers, tops[rows], mem, time, room)
         if cand is not None and (best is None or cand[:2] < best[:2]):
             best = cand
-    return None if best is None else best[2][:p]
+    return best
+
+
+def _weighted(counts: torch.Tensor, weights) -> torch.Tensor:
+    """(R,) sum_j counts[:, j] * weights[j] column by column (an int64 matmul has no fast CPU kernel)."""
+    out = torch.zeros(counts.shape[0], dtype=counts.dtype)
+    for j, w in enumerate(weights):
+        out += counts[:, j] * w
+    return out
 
 
 def _hull_bound(r: torch.Tensor, room: torch.Tensor, mem: list[int], time: list[float]) -> torch.Tensor:
-    """(R,) lower bound on the time of r layers on options 0-2 within ``room`` bytes: r h(room / r), h the lower
-    convex hull of the points (m_i, t_i), i < 3, which is decreasing; +inf where even option 0 does not fit."""
+    """(R,) lower bound on the time of r layers on the given options within ``room`` bytes: r h(room / r), h the
+    lower convex hull of the points (m_i, t_i), which is decreasing; +inf where even option 0 does not fit."""
     pts = [(mem[0], time[0])]
-    for m, t in zip(mem[1:3], time[1:3]):
+    for m, t in zip(mem[1:], time[1:]):
         while len(pts) >= 2 and _above(pts[-2], pts[-1], (m, t)):
             pts.pop()
         pts.append((m, t))
@@ -136,22 +165,21 @@ def _above(a, b, c) -> bool:
 
 
 def _best_in_rows(n_layers: int, tops: torch.Tensor, mem: list[int], time: list[float], room: int):
-    """Fastest (time, memory, (n_0, n_1, n_2, n_3)) over the rows n_3 in ``tops`` and every n_2; None if none fits."""
-    m3 = mem[3] if len(mem) == 4 else 0
-    t3 = time[3] if len(time) == 4 else 0.0
+    """Fastest (time, memory, counts) over the rows of ``tops`` (counts of options 3..p-1) and every n_2, with n_0
+    and n_1 in closed form; None if nothing fits."""
     width = n_layers + 1
-    n3 = tops.repeat_interleave(width)  # (G,)
+    top = tops.repeat_interleave(width, dim=0)  # (G, p-3)
     n2 = torch.arange(width, dtype=torch.int64).repeat(len(tops))  # (G,)
-    r = n_layers - n3 - n2  # (G,) layers left for options 0 and 1
-    left = room - n3 * m3 - n2 * mem[2] - r * mem[0]  # (G,) bytes beyond putting those r layers on option 0
+    r = n_layers - top.sum(1) - n2  # (G,) layers left for options 0 and 1
+    top_bytes = _weighted(top, mem[3:])  # (G,)
+    left = room - top_bytes - n2 * mem[2] - r * mem[0]  # (G,) bytes beyond putting those r layers on option 0
     ok = (r >= 0) & (left >= 0)
     n1 = torch.minimum(r, torch.div(left.clamp_min(0), mem[1] - mem[0], rounding_mode="floor"))  # (G,)
-    counts = torch.stack([r - n1, n1, n2, n3], 1).double()  # (G, 4)
-    t = counts @ torch.tensor([*time[:3], t3], dtype=torch.float64)  # (G,)
-    t = torch.where(ok, t, float("inf"))
+    t = (r - n1).double() * time[0] + n1.double() * time[1] + n2.double() * time[2] + _weighted(top.double(), time[3:])
+    t = torch.where(ok, t, float("inf"))  # (G,)
     t_min = float(t.min())
     if t_min == float("inf"):
         return None
-    used = n3 * m3 + n2 * mem[2] + r * mem[0] + n1 * (mem[1] - mem[0])  # (G,)
+    used = top_bytes + n2 * mem[2] + r * mem[0] + n1 * (mem[1] - mem[0])  # (G,)
     i = int(torch.where(t == t_min, used, torch.iinfo(torch.int64).max).argmin())
-    return t_min, int(used[i]), (int(r[i] - n1[i]), int(n1[i]), int(n2[i]), int(n3[i]))
+    return t_min, int(used[i]), (int(r[i] - n1[i]), int(n1[i]), int(n2[i]), *map(int, top[i]))
