@@ -6,17 +6,17 @@ host can issue it, so this is the floor ckpt_ext adds per block before CUDA grap
 
 Rows: eager TransformerBlock, torch.utils.checkpoint over it, and every ckpt_ext policy on each CPU backend (cpp,
 reference), for the GPT-2 form and the Llama form (RoPE tables, GQA). Columns: µs per step (forward + backward, median
-of interleaved repeats: every variant runs once per round, so drift hits them alike) with the spread (interquartile
-range), ops dispatched per step (aten + ckpt_ext, counted by a TorchDispatchMode), and the ratio to the eager block
-("noisy" when the spread of either side exceeds the difference). Then µs per dispatch of a ckpt_ext custom op vs an
-aten op of the same tiny size, which prices each op the block issues.
+[25%-75%] of round-robin samples, bench.micro_timing: drift hits every variant alike), ops dispatched per step (aten +
+ckpt_ext, counted by a TorchDispatchMode; ops inside a ckpt_ext op are not counted), and the paired ratio to the eager
+block and to torch.utils.checkpoint ("noisy" when its spread exceeds its distance from 1). Then µs per call of a
+ckpt_ext graph op, of the same C++ kernel called directly (the difference is torch's Python custom_op wrapper, paid
+once per ckpt_ext op of a step), and of aten ops of the same tiny size.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 from collections import Counter
 
 import torch
@@ -26,6 +26,9 @@ from torch.utils.checkpoint import checkpoint
 import ckpt_ext
 from ckpt_ext import FusedCheckpointBlock, TransformerBlock
 from ckpt_ext.block import init_block_
+from ckpt_ext.ops import cpp_bridge
+
+from .micro_timing import ratio_text, spread_text, time_interleaved
 
 POLICIES = ("none", "pointwise", "ffn", "block_keep_attn", "block")
 BACKENDS = ("cpp", "reference")
@@ -84,34 +87,6 @@ def _run(entry, x, g):
             step(x, g)
 
 
-def time_interleaved(table: dict, x, g, rounds: int, inner: int) -> dict:
-    """name -> list of µs per step (one sample = the mean over ``inner`` back-to-back steps)."""
-    samples = {name: [] for name in table}
-    for entry in table.values():
-        for _ in range(3):
-            _run(entry, x, g)
-    for _ in range(rounds):
-        for name, entry in table.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                _run(entry, x, g)
-            samples[name].append((time.perf_counter() - t0) / inner * 1e6)
-    return samples
-
-
-def summary(ts: list[float]) -> tuple[float, float]:
-    """(median, interquartile spread)."""
-    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-    return statistics.median(ts), q[2] - q[0]
-
-
-def ratio(a: tuple[float, float], b: tuple[float, float]) -> str:
-    """a/b as text, or "noisy" when the spreads exceed the difference of the medians."""
-    if abs(a[0] - b[0]) < max(a[1], b[1]):
-        return "noisy"
-    return f"{a[0] / b[0]:.2f}"
-
-
 def count_ops(entry, x, g) -> Counter:
     counter = _OpCounter()
     with counter:
@@ -119,50 +94,52 @@ def count_ops(entry, x, g) -> Counter:
     return counter.ops
 
 
-def dispatch_cost(rounds: int, inner: int) -> dict:
-    """µs per call: a ckpt_ext custom op (Python custom_op wrapper + backend lookup + kernel) vs aten ops."""
+def dispatch_cost(min_time: float) -> dict:
+    """Timing per call: a ckpt_ext graph op (torch's Python custom_op wrapper + backend lookup + kernel), the same
+    C++ kernel called directly (no Python hop: the wrapper's cost is the difference), and aten ops."""
     x = torch.randn(8, 64)
     w, b = torch.ones(64), torch.zeros(64)
+
+    def with_backend(name, fn):
+        def run():
+            with ckpt_ext.set_backend(name):
+                return fn()
+
+        return run
+
     calls = {
         "aten add": lambda: torch.add(x, x),
         "aten layer_norm": lambda: torch.nn.functional.layer_norm(x, (64,), w, b),
-        "ckpt_ext layer_norm_fwd (cpp)": ("cpp", lambda: torch.ops.ckpt_ext.layer_norm_fwd(x, w, b, 1e-5)),
-        "ckpt_ext layer_norm_fwd (reference)": ("reference", lambda: torch.ops.ckpt_ext.layer_norm_fwd(x, w, b, 1e-5)),
-        "ckpt_ext dropout_add p=0 (cpp)": ("cpp", lambda: torch.ops.ckpt_ext.dropout_add(x, x, 0.0, 0)),
+        "C++ layer_norm kernel, called directly": lambda: cpp_bridge.IMPLS["layer_norm_fwd"](x, w, b, 1e-5),
+        "ckpt_ext::layer_norm_fwd (cpp)": with_backend("cpp", lambda: torch.ops.ckpt_ext.layer_norm_fwd(x, w, b, 1e-5)),
+        "ckpt_ext::layer_norm_fwd (reference)": with_backend(
+            "reference", lambda: torch.ops.ckpt_ext.layer_norm_fwd(x, w, b, 1e-5)
+        ),
+        "ckpt_ext::dropout_add p=0 (cpp)": with_backend("cpp", lambda: torch.ops.ckpt_ext.dropout_add(x, x, 0.0, 0)),
     }
-    samples = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            backend, fn = call if isinstance(call, tuple) else ("reference", call)
-            with ckpt_ext.set_backend(backend):
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    fn()
-                samples[name].append((time.perf_counter() - t0) / inner * 1e6)
-    return {name: summary(ts) for name, ts in samples.items()}
+    return time_interleaved(calls, min_time=min_time, min_rounds=7, sample_s=2e-3)
 
 
-def run(family="gpt2", d=64, heads=4, seq=8, batch=1, rounds=15, inner=20, threads=1) -> list[dict]:
+def run(family="gpt2", d=64, heads=4, seq=8, batch=1, min_time=3.0, threads=1) -> list[dict]:
     torch.set_num_threads(threads)
     block = make_block(family, d, heads)
     kwargs = {"position_embeddings": rope_tables(seq, d // heads)} if family == "llama" else {}
     x = torch.randn(batch, seq, d, requires_grad=True)
     g = torch.randn_like(x)
     table = variants(block, kwargs)
-    samples = time_interleaved(table, x, g, rounds, inner)
-    stats = {name: summary(ts) for name, ts in samples.items()}
+    times = time_interleaved({n: functools.partial(_run, e, x, g) for n, e in table.items()}, min_time, 7, 3, 5e-3)
     rows = []
     for name, entry in table.items():
         ops = count_ops(entry, x, g)
         rows.append(
             dict(
                 variant=name,
-                us=stats[name][0],
-                spread=stats[name][1],
+                us=times[name].median * 1e6,
+                step=spread_text(times[name], 1e6),
                 aten_ops=ops["aten"] + ops["prims"],
                 ckpt_ops=ops["ckpt_ext"],
-                vs_eager=ratio(stats[name], stats["TransformerBlock"]),
-                vs_ckpt=ratio(stats[name], stats["torch checkpoint"]),
+                vs_eager=ratio_text(times[name], times["TransformerBlock"]),
+                vs_ckpt=ratio_text(times[name], times["torch checkpoint"]),
             )
         )
     return rows
@@ -170,13 +147,12 @@ def run(family="gpt2", d=64, heads=4, seq=8, batch=1, rounds=15, inner=20, threa
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| variant | µs / step | spread | aten ops | ckpt_ext ops | × eager | × torch ckpt |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | µs / step [IQR] | aten ops | ckpt_ext ops | × eager | × torch ckpt |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['us']:.0f} | {r['spread']:.0f} | {r['aten_ops']} | {r['ckpt_ops']} | "
-            f"{r['vs_eager']} | {r['vs_ckpt']} |"
+            f"| {r['variant']} | {r['step']} | {r['aten_ops']} | {r['ckpt_ops']} | {r['vs_eager']} | {r['vs_ckpt']} |"
         )
     return "\n".join(lines)
 
@@ -188,18 +164,17 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seq", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (samples per variant)")
-    ap.add_argument("--inner", type=int, default=20, help="back-to-back steps per sample")
+    ap.add_argument("--min-time", type=float, default=3.0, help="seconds of interleaved timing per family")
     args = ap.parse_args(argv)
     families = ("gpt2", "llama") if args.family == "both" else (args.family,)
     for family in families:
-        rows = run(family, args.d_model, args.heads, args.seq, args.batch, args.rounds, args.inner)
+        rows = run(family, args.d_model, args.heads, args.seq, args.batch, args.min_time)
         print(f"\n{family} block d={args.d_model} heads={args.heads} T={args.seq} B={args.batch}, 1 thread, fp32: "
               "host µs per training step (fwd + bwd)")  # fmt: skip
         print(format_table(rows))
-    print("\nµs per op dispatch (8 x 64 fp32, 1 thread): median, spread")
-    for name, (med, spread) in dispatch_cost(args.rounds, args.inner * 10).items():
-        print(f"| {name} | {med:.1f} | {spread:.1f} |")
+    print("\nµs per call (8 x 64 fp32, 1 thread), median [IQR]")
+    for name, timing in dispatch_cost(args.min_time / 3).items():
+        print(f"| {name} | {spread_text(timing, 1e6)} |")
     return 0
 
 
