@@ -46,6 +46,8 @@ def check_gqa_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: flo
     hk = k.shape[2]
     if hk == 0 or h % hk != 0:
         raise ValueError(f"{op}: the query heads h={h} must be a multiple of the kv heads hk={hk}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{op}: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if causal and k.shape[1] != t:
         raise ValueError(f"{op}: causal=True needs as many keys as queries (S == T); got T={t}, S={k.shape[1]}")
     if not 0.0 <= dropout_p < 1.0:

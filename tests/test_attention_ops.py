@@ -49,10 +49,10 @@ def brute_force(q, k, v, causal, dropout_p, seed, mask, scale, dtype=torch.float
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(dtype)
     if causal:
-        s = s.masked_fill(torch.ones(t, s.shape[-1], dtype=torch.bool).triu(1), float("-inf"))
+        s = s.masked_fill(torch.ones(t, s.shape[-1], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     p = torch.softmax(s, dim=-1)
     if dropout_p > 0:
-        keep = reference.dropout_keep_mask(p.numel(), dropout_p, seed).view(p.shape)
+        keep = reference.dropout_keep_mask(p.numel(), dropout_p, seed, p.device).view(p.shape)
         p = torch.where(keep, p / (1 - dropout_p), 0.0)
     return torch.einsum("bhts,bshd->bthd", p, vr), torch.logsumexp(s, dim=-1)
 
