@@ -92,3 +92,23 @@ def test_spec_round_trips_the_config():
     assert names == param_names(cfg)[:8]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _parse_spec(make_spec(cfg, "cpu"))[3] == torch.bfloat16
+
+
+@pytest.mark.parametrize("policy", ["none", "block"])
+def test_opcheck_fused_block_ops(policy):
+    """Schema, fake, autograd registration and AOT dispatch of the opaque forward/backward pair (GQA + RoPE form)."""
+    from ckpt_ext.compiled import fused_block_bwd, fused_block_fwd
+
+    blk = FusedCheckpointBlock.from_block(llama_block(16, heads=4, kv=2, d_ff=24, dtype=torch.float32), policy)
+    cfg = blk.block_config()
+    names = param_names(cfg)
+    p = blk.parameter_tensors()
+    params = [p[n] for n in names if p[n] is not None]
+    spec = make_spec(cfg, "cpu", "".join("0" if p[n] is None else "1" for n in names))
+    cos, sin = rope_tables(1, 3, 4, torch.float32)
+    x, seed = torch.randn(2, 3, 16, requires_grad=True), torch.zeros(1, dtype=torch.int64)
+    torch.library.opcheck(fused_block_fwd, (x, None, cos, sin, params, seed, spec))
+    out, *saved = fused_block_fwd(x, None, cos, sin, params, seed, spec)
+    args = (torch.randn_like(out), x.detach(), None, cos, sin, [w.detach() for w in params],
+            [t.detach() for t in saved], seed, spec)  # fmt: skip
+    torch.library.opcheck(fused_block_bwd, args)
