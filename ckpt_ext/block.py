@@ -329,14 +329,14 @@ def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor]
         return x + sum(p.sum() * 0 for p in tensors if p is not None)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
                                                                       for p in tensors))  # fmt: skip
+    if torch.compiler.is_compiling() and (needs_grad or seeds.is_device_seed(cfg.seed)):
+        return compiled_block(x, attn_mask, cos, sin, cfg, tensors)  # opaque ops: the policy's saved set binds
     if not needs_grad:
         rope_cs = None if cos is None else (cos, sin)
         full = dict.fromkeys(ALL_PARAM_NAMES)
         full.update(zip(names, tensors))
         out, _ = block_forward(x.reshape(b * t, d), (b, t), full, cfg, attn_mask, rope_cs)
         return out.view(b, t, d)
-    if torch.compiler.is_compiling():  # opaque fwd/bwd ops: the partitioner must save exactly the policy's set
-        return compiled_block(x, attn_mask, cos, sin, cfg, tensors)
     return FusedBlockFunction.apply(x, attn_mask, cos, sin, cfg, names, *tensors)
 
 

@@ -190,7 +190,11 @@ fused_block_fwd_seeded, fused_block_bwd_seeded = _define("_seeded", (torch.Tag.c
 
 
 def compiled_block(x: Tensor, attn_mask, cos, sin, cfg: BlockConfig, params: tuple) -> Tensor:
-    """The block as fused_block_fwd (autograd: fused_block_bwd); params in functional.param_names(cfg) order."""
+    """The block as fused_block_fwd (autograd: fused_block_bwd); params in functional.param_names(cfg) order. Also
+    used without grad when the seed is seeds.DEVICE_SEED (dropout drawn in the graph), with the smallest saved set."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in params))
+    if not needs_grad:  # no autograd node: shrink the op's extra outputs (freed at once) to the statistics
+        cfg = BlockConfig(**{**cfg.__dict__, "policy": "block"})
     present = "".join("0" if t is None else "1" for t in params)
     params = [t for t in params if t is not None]
     spec = make_spec(cfg, x.device.type, present)

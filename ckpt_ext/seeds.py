@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 SEED_HIGH = 2**31 - 8  # seeds are in [0, SEED_HIGH): seed + 2 stays a positive int32
-DEVICE_SEED = -1  # BlockConfig.seed placeholder: "the compiled block draws this call's seed on the device"
+DEVICE_SEED = "device"  # BlockConfig.seed placeholder: "the compiled block draws this call's seed on the device"
+# (a str, not an int: dynamo traces an .item() seed as a SymInt it cannot tell from an int without a data guard)
 
 _CAPTURE_ERROR = (
     "ckpt_ext: a dropout seed cannot be drawn or read during CUDA graph capture (the kernels take it as a host int, "
@@ -36,7 +37,7 @@ def capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-def host_seed() -> int:
+def host_seed():
     """This call's dropout seed as an int (eager), or DEVICE_SEED while torch.compile traces."""
     if torch.compiler.is_compiling():
         return DEVICE_SEED
@@ -45,9 +46,14 @@ def host_seed() -> int:
     return int(torch.randint(0, SEED_HIGH, (1,)).item())
 
 
+def is_device_seed(seed) -> bool:
+    return isinstance(seed, str) and seed == DEVICE_SEED
+
+
 def seed_tensor(seed, device: torch.device) -> Tensor:
-    """(1,) int64 seed on ``device``: drawn now for DEVICE_SEED (the same draw as host_seed), else ``seed``'s value."""
-    if isinstance(seed, int) and seed == DEVICE_SEED:
+    """(1,) int64 seed on ``device``: drawn now for DEVICE_SEED (the same draw as host_seed), else ``seed``'s value
+    (an int, or the SymInt of an .item() seed traced with capture_scalar_outputs)."""
+    if is_device_seed(seed):
         return torch.randint(0, SEED_HIGH, (1,), device=device)
     return torch.full((1,), seed, dtype=torch.int64, device=device)
 

@@ -103,3 +103,39 @@ def test_seed_helpers():
     assert seeds.host_seed() == seeds.seed_value(drawn)
     assert seeds.seed_value(seeds.seed_tensor(123, torch.device("cpu"))) == 123
     assert not seeds.capturing()
+
+
+def test_compiled_dropout_without_grad_and_with_traced_item_seeds():
+    """No grad (train mode, dropout on): the seed is still drawn in the graph. An explicit .item() seed traced with
+    capture_scalar_outputs (what the Hugging Face adapters pass) is honoured: compiled equals eager."""
+    from ckpt_ext.block import fused_block
+    from ckpt_ext.functional import BlockConfig
+
+    torch._dynamo.reset()
+    blk = FusedCheckpointBlock.from_block(make_block(72, 4, dropout=0.3), "pointwise")
+    x = torch.randn(3, 7, 72)
+    with torch.no_grad(), torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(blk, fullgraph=True)
+        torch.manual_seed(2)
+        ours = [compiled(x) for _ in range(2)]
+        torch.manual_seed(2)
+        ref = [blk(x) for _ in range(2)]
+    assert not torch.equal(ours[0], ours[1])
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    def explicit_seed(x):
+        seed = int(torch.randint(0, 2**31 - 8, (1,)).item())
+        cfg = BlockConfig(4, True, 1e-5, "none", 0.1, 0.3, seed, "block")
+        return fused_block(x, blk.parameter_tensors(), cfg)
+
+    xg = x.clone().requires_grad_(True)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(8)
+        out = torch.compile(explicit_seed, fullgraph=True)(xg)
+        (dx,) = torch.autograd.grad(out.sum(), xg)
+    torch.manual_seed(8)
+    ref_out = explicit_seed(xg)
+    (ref_dx,) = torch.autograd.grad(ref_out.sum(), xg)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
