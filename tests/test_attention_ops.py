@@ -197,3 +197,19 @@ def test_flop_formulas():
     counts = counter.get_flop_counts()["Global"]
     assert counts[torch.ops.ckpt_ext.gqa_attention_fwd] == 4 * b * h * t * s * dh
     assert counts[torch.ops.ckpt_ext.gqa_attention_bwd] == 10 * b * h * t * s * dh
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_torch_compile_fullgraph_equals_eager(backend):
+    q, k, v = (x.requires_grad_() for x in make_qkv(2, 7, 4, 2, 8))
+    mask = make_mask("float_b1ts", 2, 4, 7, 7)
+
+    def loss(q, k, v):
+        return ops.gqa_attention_fwd(q, k, v, True, 0.1, 3, mask, 0.3)[0].square().sum()
+
+    with ckpt_ext.set_backend(backend):
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k, v)
+        eager = loss(q, k, v)
+        torch.testing.assert_close(compiled, eager)
+        for a, b in zip(torch.autograd.grad(compiled, (q, k, v)), torch.autograd.grad(eager, (q, k, v))):
+            torch.testing.assert_close(a, b)
