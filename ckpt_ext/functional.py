@@ -357,7 +357,7 @@ def _mlp_backward(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, ac: _Autoc
 
 
 def _attention_backward(dpr: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, attn_mask, rope_cs, ac, g):
-    """From the o_proj input gradient to [(weight view, bias name, dZ (N, width))] of the q, k, v projections."""
+    """From the o_proj input gradient to [(weight, name, dZ (N, width))] of the q, k, v projections (packed: one)."""
     b, t = shape
     d = acts["x"].shape[1]
     dh = cfg.dh(d)
@@ -382,17 +382,13 @@ def _attention_backward(dpr: Tensor, acts: dict, p: dict, cfg: BlockConfig, shap
         dk, g["k_norm_w"], _ = ops.rms_norm_bwd(dk.reshape(-1, dh), k_pre.reshape(-1, dh), rk, p["k_norm_w"], None,
                                                 False)  # fmt: skip
         dq, dk = dq.view(n, -1), dk.view(n, -1)
-    weights = _qkv_weights(p, cfg, d)
-    return [(w, "q k v".split()[i], dz) for i, ((w, _), dz) in enumerate(zip(weights, (dq, dk, dv)))]
+    if cfg.packed_qkv:  # one (N, q + 2 kv width) gradient in w_qkv's row order: one GEMM each for dY1 and dW_qkv
+        return [(p["w_qkv"], "qkv", torch.cat((dq, dk, dv), dim=1))]
+    return [(p[f"w_{s}"], s, dz) for s, dz in zip("qkv", (dq, dk, dv))]
 
 
-def _projection_wgrads(pairs, y: Tensor, p: dict, cfg: BlockConfig, g: dict) -> None:
-    """dW = dZᵀ @ y and db = Σ dZ for the q, k, v projections (one packed weight: its three row blocks)."""
-    if cfg.packed_qkv:
-        g["w_qkv"] = torch.cat([torch.matmul(dz.t(), y) for _, _, dz in pairs], dim=0)
-        if p["b_qkv"] is not None:
-            g["b_qkv"] = torch.cat([dz.sum(dim=0) for _, _, dz in pairs]).to(p["b_qkv"].dtype)
-        return
+def _projection_wgrads(pairs, y: Tensor, p: dict, g: dict) -> None:
+    """dW = dZᵀ @ y and db = Σ dZ for the q, k, v projections (or the packed q|k|v one)."""
     for _, s, dz in pairs:
         g[f"w_{s}"] = torch.matmul(dz.t(), y)
         g[f"b_{s}"] = _sum_rows(dz, p[f"b_{s}"])
@@ -426,7 +422,7 @@ def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, a
     del dpr
     dy1 = _input_grad([(dz, w) for w, _, dz in proj])  # (N, d)
     dx, y1 = _norm_bwd(dy1, x, acts["ln1_stats"], p, "ln1", cfg, dx1, "ln1_out" not in acts, g)
-    _projection_wgrads(proj, acts.get("ln1_out", y1), p, cfg, g)
+    _projection_wgrads(proj, acts.get("ln1_out", y1), p, g)
     return dx, g
 
 
