@@ -9,7 +9,8 @@
 //   3. ffn_epilogue_kernel: block (column tile, 32-row chunk); thread j walks its chunk's rows in order:
 //      u += b1; a = gelu(u) over u's buffer; du = gelu'(u) dA over dA's buffer; partial[chunk, j] = Σ du (unrounded)
 //   4. column_sum_kernel: db1[j] = Σ_chunk partial[chunk, j] in chunk order. No atomics: db1 is deterministic.
-// linear_bias_gelu_kernel: m = at::mm(x, wᵀ) in promote(x, w); a = gelu(m + b) in place when m has x's dtype.
+// linear_bias_gelu_kernel: m = at::mm(x, wᵀ) in promote(x, w); a = gelu(m + b) in place when m has x's dtype
+//                          (a (rows, H) grid: the bias index is the column, no per-element i % H).
 // linear_gelu_bwd_kernel:  m = at::mm(dy, w2) in promote(dy, w2); du = m * gelu'(u), in place when m has u's dtype.
 // gelu_linear_wgrad_kernel: a = gelu(u) in u.dtype, then at::mm(dyᵀ, a) in promote(dy, u), cast to dy.dtype.
 // The last three share their GEMMs, dtype rules and buffers with the CPU kernels (csrc/common/ffn_host.h).
@@ -90,16 +91,24 @@ __global__ void column_sum_kernel(const acc_t* __restrict__ partial, acc_t* __re
   out[j] = s;
 }
 
-// out[i] = gelu(m[i] + b[i % h]) (b may be nullptr); out may be m (in place). M is T or acc_t.
+// out[row, j] = gelu(m[row, j] + b[j]) over (rows, h) (b may be nullptr); out may be m (in place). M is T or acc_t.
+// Rows on blockIdx.y, columns on blockIdx.x/threadIdx.x (grid-stride both): no per-element 64-bit i % h.
 template <typename T, typename M, bool kTanh>
-__global__ void bias_gelu_flat_kernel(const M* m, const acc_type<T>* __restrict__ b, T* out, int64_t numel,
-                                      int64_t h) {
+__global__ void bias_gelu_rows_kernel(const M* m, const acc_type<T>* __restrict__ b, T* out, int64_t rows, int64_t h) {
   using acc_t = acc_type<T>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
-    const acc_t u = static_cast<acc_t>(m[i]) + (b != nullptr ? b[i % h] : acc_t(0));
-    out[i] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
+  const int64_t col_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < h; j += col_step) {
+      const acc_t u = static_cast<acc_t>(m[row * h + j]) + (b != nullptr ? b[j] : acc_t(0));
+      out[row * h + j] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
+    }
   }
+}
+
+// A (columns, rows) grid for rows_kernel launches: enough column blocks for h, rows grid-strided beyond 65535 blocks.
+inline dim3 rows_grid(int64_t rows, int64_t h) {
+  const unsigned gx = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((h + kThreads - 1) / kThreads, 1024)));
+  return dim3(gx, static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, 65535))));
 }
 
 // out[i] = m[i] * gelu'(u[i]); out may be m (in place). M is T or acc_t.
@@ -177,13 +186,13 @@ at::Tensor linear_bias_gelu_cuda(const at::Tensor& x, const at::Tensor& w, const
   const host::PointwisePass pass = host::linear_bias_gelu_gemm(x, w);
   const at::Tensor bc = has_bias ? as_contig(*b, acc_dtype(x.scalar_type())) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t numel = pass.out.numel();
+  const int64_t rows = pass.out.size(0);
   host::run_pointwise(pass, tanh_form, [&](const auto* mp, auto* op, auto tanh_tag) {
     using T = std::remove_pointer_t<decltype(op)>;
     using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
     const acc_type<T>* bp = has_bias ? bc.const_data_ptr<acc_type<T>>() : nullptr;
-    bias_gelu_flat_kernel<T, M, decltype(tanh_tag)::value><<<flat_grid(numel), kThreads, 0, stream>>>(mp, bp, op,
-                                                                                                    numel, h);
+    bias_gelu_rows_kernel<T, M, decltype(tanh_tag)::value><<<rows_grid(rows, h), kThreads, 0, stream>>>(mp, bp, op,
+                                                                                                     rows, h);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return pass.out;
@@ -219,8 +228,8 @@ at::Tensor gelu_linear_wgrad_cuda(const at::Tensor& dy, const at::Tensor& u, c10
   host::run_pointwise(pass, tanh_form, [&](const auto* up, auto* ap, auto tanh_tag) {
     using T = std::remove_pointer_t<decltype(ap)>;
     using M = std::remove_cv_t<std::remove_pointer_t<decltype(up)>>;  // T (u is read as it is)
-    bias_gelu_flat_kernel<T, M, decltype(tanh_tag)::value><<<flat_grid(numel), kThreads, 0, stream>>>(
-        up, static_cast<const acc_type<T>*>(nullptr), ap, numel, 1);
+    bias_gelu_rows_kernel<T, M, decltype(tanh_tag)::value><<<rows_grid(1, numel), kThreads, 0, stream>>>(
+        up, static_cast<const acc_type<T>*>(nullptr), ap, 1, numel);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return host::gelu_linear_wgrad_mm(dy, pass.out);

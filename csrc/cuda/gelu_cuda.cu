@@ -1,8 +1,9 @@
 // GELU forward with a fused bias and GELU backward from the pre-activation on CUDA (math: csrc/common/ckpt_math.h).
 //
 // bias_gelu_kernel(x (..., H), bias (H,)?) -> gelu(x + bias);  gelu_bwd_kernel(da, u) -> da * gelu'(u).
-// Grid-stride loops over the flat tensor in packs of V elements (16-byte accesses when aligned and the pack never
-// straddles a row of H), fp32 math (fp64 for fp64 tensors), launched on the current stream.
+// Grid-stride loops in packs of V elements (16-byte accesses when aligned): bias_gelu over (rows, H) with a 2-D grid
+// (rows on y, columns on x: the bias index is the column, no per-element i % H), gelu_bwd over the flat tensor;
+// fp32 math (fp64 for fp64 tensors), launched on the current stream.
 #include <torch/library.h>
 
 #include <string>
@@ -21,20 +22,27 @@ inline unsigned grid_for(int64_t packs) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((packs + kThreads - 1) / kThreads, 65536)));
 }
 
+// x viewed as (rows, h): rows split over blockIdx.y (grid-stride), columns in packs over blockIdx.x/threadIdx.x, so the
+// bias index is the column itself (no per-element 64-bit i % h). Without a bias the caller passes rows = 1, h = numel.
 template <typename T, int V, bool kTanh>
 __global__ void bias_gelu_kernel(const T* __restrict__ x, const acc_type<T>* __restrict__ bias, T* __restrict__ out,
-                                 int64_t numel, int64_t h) {
+                                 int64_t rows, int64_t h) {
   using acc_t = acc_type<T>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * V;
-  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel; i += stride) {
-    const Pack<T, V> p = load_pack<T, V>(x + i);
-    Pack<T, V> o;
+  const int64_t col_step = static_cast<int64_t>(gridDim.x) * blockDim.x * V;
+  const int64_t col0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const T* xr = x + row * h;
+    T* outr = out + row * h;
+    for (int64_t j = col0; j < h; j += col_step) {
+      const Pack<T, V> p = load_pack<T, V>(xr + j);
+      Pack<T, V> o;
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const acc_t u = static_cast<acc_t>(p.v[k]) + (bias ? bias[(i + k) % h] : acc_t(0));
-      o.v[k] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
+      for (int k = 0; k < V; ++k) {
+        const acc_t u = static_cast<acc_t>(p.v[k]) + (bias ? bias[j + k] : acc_t(0));
+        o.v[k] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
+      }
+      store_pack<T, V>(outr + j, o);
     }
-    store_pack<T, V>(out + i, o);
   }
 }
 
@@ -69,9 +77,12 @@ at::Tensor bias_gelu_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
     if constexpr (std::is_same_v<M, T>) {  // always: x is read in its own dtype
       constexpr int V = kPack<T>;
       const acc_type<T>* bp = args.bias.defined() ? args.bias.const_data_ptr<acc_type<T>>() : nullptr;
-      const bool vec = packable<T>(numel, {xp, op}) && (bp == nullptr || h % V == 0);
+      const int64_t rows = bp != nullptr ? numel / h : 1, cols = bp != nullptr ? h : numel;
+      const bool vec = packable<T>(cols, {xp, op});
       auto launch = [&](auto kernel, int v) {
-        kernel<<<grid_for(numel / v), kThreads, 0, stream>>>(xp, bp, op, numel, h);
+        const unsigned gx = grid_for(cols / v);
+        const dim3 grid(gx, static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, 65535))));
+        kernel<<<grid, kThreads, 0, stream>>>(xp, bp, op, rows, cols);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       vec ? launch(bias_gelu_kernel<T, V, kTanh>, V) : launch(bias_gelu_kernel<T, 1, kTanh>, 1);

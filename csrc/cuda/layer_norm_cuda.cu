@@ -3,8 +3,10 @@
 // Forward  x (N, d) -> y (N, d), mean (N,), rstd (N,):  two block reductions (Σx, then Σ(x - mean)²), as the CPU kernel.
 // Backward dy, x (N, d) -> dx (+ dresidual), y if emit_y; x̂ rebuilt from mean/rstd; c1 = mean(g x̂), c2 = mean(g),
 //          g = dy * w, dx = rstd (g - c2 - x̂ c1). dweight/dbias: block k of the grid owns rows k, k + G, k + 2G, ...
-//          (G = gridDim.x, fixed by N) and accumulates its fp32 partial row of (2, d) in row order (each thread owns
-//          fixed columns, so no atomics); a second kernel sums the G partials per column in order: deterministic.
+//          (G = gridDim.x, fixed by N). Each thread owns fixed columns (at most kRegChunks packs of V), so its fp32
+//          dweight/dbias partials live in registers over all of its rows (row order) and are written once to the
+//          block's partial row; a second kernel sums the G partials per column in order: deterministic, no atomics.
+//          Rows wider than kRegChunks * 512 * V accumulate in the block's global partial row instead (same order).
 // Row streams are read in 16-byte packs when aligned (Pack<T, V>); w, b, partials per element.
 #include <torch/library.h>
 
@@ -58,19 +60,30 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const acc_type<T>
   }
 }
 
+constexpr int kMaxThreads = 512;  // row_threads() never launches more
+constexpr int kRegChunks = 4;     // packs per thread whose dweight/dbias partials stay in registers
+
 // G is the dtype of dy and dresidual: T, or acc_t when either came in another dtype (then both were widened).
 template <typename T, typename G, int V>
-__global__ void layer_norm_bwd_kernel(const G* __restrict__ dy, const T* __restrict__ x,
-                                      const acc_type<T>* __restrict__ mean, const acc_type<T>* __restrict__ rstd,
-                                      const acc_type<T>* __restrict__ w, const acc_type<T>* __restrict__ b,
-                                      const G* __restrict__ dres, T* __restrict__ dx, T* __restrict__ y,
-                                      acc_type<T>* __restrict__ partials, int64_t n, int64_t d) {
+__global__ void __launch_bounds__(kMaxThreads)
+    layer_norm_bwd_kernel(const G* __restrict__ dy, const T* __restrict__ x, const acc_type<T>* __restrict__ mean,
+                          const acc_type<T>* __restrict__ rstd, const acc_type<T>* __restrict__ w,
+                          const acc_type<T>* __restrict__ b, const G* __restrict__ dres, T* __restrict__ dx,
+                          T* __restrict__ y, acc_type<T>* __restrict__ partials, int64_t n, int64_t d,
+                          bool in_registers) {
   using acc_t = acc_type<T>;
   const int64_t step = static_cast<int64_t>(blockDim.x) * V;
   acc_t* pw = partials + blockIdx.x * d;
   acc_t* pb = partials + (gridDim.x + blockIdx.x) * d;
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) pw[j] = pb[j] = acc_t(0);
-  __syncthreads();
+  acc_t rw[kRegChunks][V], rb[kRegChunks][V];
+#pragma unroll
+  for (int c = 0; c < kRegChunks; ++c) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) rw[c][k] = rb[c][k] = acc_t(0);
+  }
+  if (!in_registers) {
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) pw[j] = pb[j] = acc_t(0);
+  }
   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
     const T* xr = x + row * d;
     const G* dyr = dy + row * d;
@@ -89,7 +102,8 @@ __global__ void layer_norm_bwd_kernel(const G* __restrict__ dy, const T* __restr
     }
     block_sum2(sgx, sg);
     const acc_t c1 = sgx / static_cast<acc_t>(d), c2 = sg / static_cast<acc_t>(d);
-    for (int64_t j = threadIdx.x * V; j < d; j += step) {
+    // dx, y and the dweight/dbias contributions of the pack at column j, accumulated into aw/ab[0 .. V).
+    auto pack = [&](int64_t j, acc_t* aw, acc_t* ab) {
       const Pack<T, V> xp = load_pack<T, V>(xr + j);
       const Pack<G, V> gp = load_pack<G, V>(dyr + j);
       Pack<G, V> rp;
@@ -103,25 +117,47 @@ __global__ void layer_norm_bwd_kernel(const G* __restrict__ dy, const T* __restr
         if (dres) v += static_cast<acc_t>(rp.v[k]);
         dxp.v[k] = static_cast<T>(v);
         yp.v[k] = static_cast<T>(xhat * w[j + k] + b[j + k]);
-        pw[j + k] += dyv * xhat;
-        pb[j + k] += dyv;
+        aw[k] += dyv * xhat;
+        ab[k] += dyv;
       }
       store_pack<T, V>(dx + row * d + j, dxp);
       if (y) store_pack<T, V>(y + row * d + j, yp);
+    };
+    if (in_registers) {
+#pragma unroll
+      for (int c = 0; c < kRegChunks; ++c) {
+        const int64_t j = (threadIdx.x + static_cast<int64_t>(c) * blockDim.x) * V;
+        if (j < d) pack(j, rw[c], rb[c]);
+      }
+    } else {
+      for (int64_t j = threadIdx.x * V; j < d; j += step) pack(j, pw + j, pb + j);
+    }
+  }
+  if (in_registers) {
+#pragma unroll
+    for (int c = 0; c < kRegChunks; ++c) {
+      const int64_t j = (threadIdx.x + static_cast<int64_t>(c) * blockDim.x) * V;
+      if (j < d) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          pw[j + k] = rw[c][k];
+          pb[j + k] = rb[c][k];
+        }
+      }
     }
   }
 }
 
-// out (2, d): out[h][j] = Σ_k partials[h * blocks + k][j], k ascending.
+// out (2, d): out[h][j] = Σ_k partials[h * blocks + k][j], k ascending; blockIdx.y = h.
 template <typename acc_t>
 __global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t blocks, int64_t d,
                                     acc_t* __restrict__ out) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= 2 * d) return;
-  const int64_t h = c / d, j = c % d;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+  const acc_t* p = partials + blockIdx.y * blocks * d + j;
   acc_t s = 0;
-  for (int64_t k = 0; k < blocks; ++k) s += partials[(h * blocks + k) * d + j];
-  out[c] = s;
+  for (int64_t k = 0; k < blocks; ++k) s += p[k * d];
+  out[blockIdx.y * d + j] = s;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -184,9 +220,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
       scalar_t* yp = emit_y ? y.mutable_data_ptr<scalar_t>() : nullptr;
       const bool vec = packable<scalar_t>(d, {xp, dxp, yp}) && packable<G>(d, {dyp, rp}) && d % V == 0;
       auto launch = [&](auto kernel, int v) {
-        kernel<<<static_cast<unsigned>(blocks), row_threads(d, v), 0, stream>>>(
+        const int threads = row_threads(d, v);
+        const bool in_registers = (d + static_cast<int64_t>(threads) * v - 1) / (threads * v) <= kRegChunks;
+        kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
             dyp, xp, m.const_data_ptr<acc_t>(), r.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
-            b.const_data_ptr<acc_t>(), rp, dxp, yp, partials.mutable_data_ptr<acc_t>(), n, d);
+            b.const_data_ptr<acc_t>(), rp, dxp, yp, partials.mutable_data_ptr<acc_t>(), n, d, in_registers);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       vec ? launch(layer_norm_bwd_kernel<scalar_t, G, V>, V) : launch(layer_norm_bwd_kernel<scalar_t, G, 1>, 1);
@@ -194,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
     same ? run(TypeTag<scalar_t>{}) : run(TypeTag<acc_t>{});
     if (d > 0) {
       const int threads = 256;
-      sum_partials_kernel<acc_t><<<static_cast<unsigned>((2 * d + threads - 1) / threads), threads, 0, stream>>>(
+      const dim3 grid(static_cast<unsigned>((d + threads - 1) / threads), 2);
+      sum_partials_kernel<acc_t><<<grid, threads, 0, stream>>>(
           partials.const_data_ptr<acc_t>(), blocks, d, sums.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
