@@ -10,10 +10,11 @@ import copy
 
 import pytest
 import torch
-from test_ops import sample_calls
 
 import ckpt_ext
 from ckpt_ext import backend
+
+from test_ops import sample_calls
 
 pytestmark = [
     pytest.mark.cuda,

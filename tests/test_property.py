@@ -16,11 +16,12 @@ tests/test_regressions_reliability.py.
 from __future__ import annotations
 
 import pytest
-from block_cases import check_dropout_policies, check_parity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckpt_ext.policies import POLICIES
+
+from block_cases import check_dropout_policies, check_parity
 
 LANE = settings(derandomize=True, database=None, deadline=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip

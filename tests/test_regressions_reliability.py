@@ -12,6 +12,7 @@ block is finite. What each case broke on main when the issue was filed (0ee6f35)
 from __future__ import annotations
 
 import pytest
+
 from block_cases import check_dropout_policies, check_parity
 
 BASE = dict(b=2, t=5, d=8, heads=2, head_dim=None, kv=None, d_ff=16, activation="gelu", causal=True, dtype="float32",
