@@ -45,7 +45,6 @@ from .functional import (
 from .policies import get_policy
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(BlockConfig) if f.name != "seed")
-_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def make_spec(cfg: BlockConfig, device_type: str, present: str = "") -> str:
@@ -68,7 +67,7 @@ def _parse_spec(spec: str) -> tuple[BlockConfig, tuple[str, ...], str, Optional[
             kw[name] = float(text) if any(c in text for c in ".en") else int(text)
     cfg = BlockConfig(seed=0, **kw)
     names = tuple(n for n, bit in zip(param_names(cfg), present) if bit == "1")
-    return cfg, names, device_type, _DTYPES[dtype]
+    return cfg, names, device_type, None if dtype == "none" else getattr(torch, dtype)
 
 
 def _autocast(device_type: str, dtype: Optional[torch.dtype]):
