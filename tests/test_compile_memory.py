@@ -112,3 +112,29 @@ def test_opcheck_fused_block_ops(policy):
     args = (torch.randn_like(out), x.detach(), None, cos, sin, [w.detach() for w in params],
             [t.detach() for t in saved], seed, spec)  # fmt: skip
     torch.library.opcheck(fused_block_bwd, args)
+
+
+def test_compiled_block_with_varying_lengths_and_a_padding_mask():
+    """A second sequence length recompiles with dynamic shapes (the fakes run on symbolic sizes); a bool padding
+    mask is a graph input the opaque ops take and save as eager does."""
+    torch._dynamo.reset()
+    blk = llama_block(64, heads=4, kv=2, dtype=torch.float32)
+    compiled = torch.compile(FusedCheckpointBlock.from_block(blk, "block"), fullgraph=True)
+    for t in (7, 9, 13):
+        pe = rope_tables(1, t, 16, torch.float32)
+        x, g = torch.randn(3, t, 64), torch.randn(3, t, 64)
+        _, ref = _step(FusedCheckpointBlock.from_block(blk, "block"), x, g, {"position_embeddings": pe})
+        _, ours = _step(compiled, x, g, {"position_embeddings": pe})
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    gpt = make_block(72, 4)
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., :2] = False
+    x, g = torch.randn(3, 7, 72), torch.randn(3, 7, 72)
+    kept_ref, ref = _step(FusedCheckpointBlock.from_block(gpt, "ffn"), x, g, {"attn_mask": mask})
+    compiled = torch.compile(FusedCheckpointBlock.from_block(gpt, "ffn"), fullgraph=True)
+    kept, ours = _step(compiled, x, g, {"attn_mask": mask})
+    assert kept_ref <= kept <= kept_ref + SEED_BYTES + mask.numel()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
