@@ -182,6 +182,7 @@ def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch
     for name, row in rows.items():
         row["flops"] = None if row["flops"] is None else row["flops"] / eager_flops
         row["step"] = spread_text(times[name])
+        row["timing"] = times[name]
         row["ratios"] = {ref: ratio_text(times[name], times[ref]) for ref in refs}
     return list(rows.values())
 
@@ -204,6 +205,22 @@ def format_table(rows: list[dict]) -> str:
             *(r["ratios"][ref] for ref in refs),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goal_table(rows: list[dict], d_model: int) -> str:
+    """Issue 14's goal per anchor: the ckpt_ext rows (eager or compiled) that keep at most the anchor's bytes, with
+    their step time as a paired ratio to the anchor's (< 1: faster at no more memory). "At most" allows 4/d × input:
+    the block policy's per-row fp32 norm statistics (two norms, mean + rstd), against anchors that keep nothing."""
+    slack = 4 / d_model
+    anchors = [r for r in rows if r["variant"].startswith(("torch ", "compile, ", "HF gradient"))]
+    ours = [r for r in rows if r["variant"].startswith("ckpt_ext ")]
+    head = f"| anchor | kept (× input) | ckpt_ext rows keeping ≤ that (+{slack:.3f}): step × anchor |"
+    lines = [head, "|---|---|---|"]
+    for a in anchors:
+        fits = [f"{r['variant'][9:]} {ratio_text(r['timing'], a['timing'])}" for r in ours
+                if r["kept"] <= a["kept"] + slack]  # fmt: skip
+        lines.append(f"| {a['variant']} | {a['kept']:.3f} | {', '.join(fits) or 'none'} |")
     return "\n".join(lines)
 
 
@@ -237,6 +254,8 @@ def main(argv=None) -> int:
         print(f"\n{family} block {size}, fp32, backend {ckpt_ext.backend.concrete_backend('cpu')}, "
               f"{torch.get_num_threads()} threads, {malloc}; kept: H hooks, S storages alive")  # fmt: skip
         print(format_table(rows))
+        print()
+        print(goal_table(rows, size["d_model"]))
     return 0
 
 

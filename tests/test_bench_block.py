@@ -32,6 +32,8 @@ def test_llama_rows_without_compile(capsys):
         assert all(_cell_ok(c) for c in row["ratios"].values())
     table = bench_block.format_table(rows)
     assert table.count("\n") == len(rows) + 1 and "× HF grad ckpt" in table
+    goals = bench_block.goal_table(rows, TINY["d_model"])
+    assert "| torch checkpoint | 0.000 | block " in goals  # ckpt_ext block keeps ~0, checkpoint-based rows 0 (S)
 
 
 def test_hf_layer_has_the_block_weights():
