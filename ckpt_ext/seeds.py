@@ -7,8 +7,8 @@ Eager: ``host_seed()`` draws the seed from torch's default CPU generator, ``torc
 hands the kernels a Python int.
 Compiled: an int drawn on the host while tracing would be a constant of the graph (every step the same masks), so under
 torch.compile ``host_seed()`` returns ``DEVICE_SEED`` and the compiled block (compiled.py) draws the seed as a tensor
-inside the graph with the same call on the input's device: each run of the graph draws a new one, from the same
-stream eager uses (inductor with ``fallback_random`` draws exactly eager's seeds), and torch's CUDA generator keeps
+inside the graph with the same call on the input's device: each run of the graph draws a new one (on CPU from the
+stream eager uses: inductor with ``fallback_random`` draws exactly eager's seeds), and torch's CUDA generator keeps
 such a draw graph-safe (philox seed + offset advanced per replay). The seed tensor is read (``seed_value``) only
 inside the block's opaque ops, so it is saved for backward and recompute replays the forward's masks.
 CUDA graphs: the kernels take the seed as a host int, so reading it needs a device sync that cannot be captured.
