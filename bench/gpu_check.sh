@@ -89,9 +89,10 @@ fi
 stage tests_cuda 170 env CKPT_EXT_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -m cuda -p no:cacheprovider --durations=10 tests
 stage gpu_kernels 75 "$PY" -m bench.gpu_kernels --device cuda
 stage gpu_block 75 "$PY" -m bench.gpu_block --device cuda
+stage gpu_attention 60 "$PY" -m bench.gpu_attention --device cuda
 stage gpu_llama 120 "$PY" -m bench.gpu_llama --device cuda
 
-for part in gpu_kernels gpu_block gpu_llama; do
+for part in gpu_kernels gpu_block gpu_attention gpu_llama; do
   if [ -f "$OUT/$part.md" ]; then
     { echo; cat "$OUT/$part.md"; } >> "$SUMMARY"
   fi
