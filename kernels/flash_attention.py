@@ -7,7 +7,8 @@ last stride), G = h // hk query heads per kv head; nothing (B, h, T, S)-sized is
   scale · q kᵀ + mask tile (additive, or -inf where a bool keep-mask is 0; the mask is read through its broadcast
   strides, stride 0 over the dims it broadcasts, never expanded), -inf above the diagonal when causal (key tiles past
   the diagonal are skipped) and past S. The probabilities multiplying V carry the hash dropout at the flat
-  (B, h, T, S) index ((b·h + i)·T + t)·S + s (kernels/dropout.apply_dropout, bit-identical to the reference); the row
+  (B, h, T, S) index ((b·h + i)·T + t)·S + s mod 2³² (kernels/dropout's hash, built in uint32 arithmetic:
+  bit-identical to the reference); the row
   sum l is taken before dropout. A row whose max is <= EMPTY_THR (-inf, or finfo(mask dtype).min / 2 for float
   masks) has no visible key: out = 0, lse = -inf. Else out = acc / l, lse = m + log l (fp32, natural log).
 - ``gqa_bwd_dq_kernel``, grid (cdiv(T, BLOCK_M), B·h): Δ = rowsum(dO ∘ O) for its query tile (stored for the dk/dv
@@ -18,13 +19,15 @@ last stride), G = h // hk query heads per kv head; nothing (B, h, T, S)-sized is
   dv += dropout(P)ᵀ dO, dk += dSᵀ q; dk = scale · dk. The group sum happens in registers: no atomics, deterministic.
 UPCAST (fp32 inputs, and always under TRITON_INTERPRET=1 where 16-bit dots miscompute): tiles go to fp32 and dots use
 input_precision="ieee"; otherwise 16-bit operand dots with fp32 accumulation (P and dS rounded to the input dtype as
-operands, as FlashAttention does). ``compile_jobs(arch)`` yields the sm_90 compile-lane jobs.
+operands, as FlashAttention does). The mask's key stride is 1 (the launcher guarantees it): each mask tile is
+BLOCK_M contiguous runs from (BLOCK_M,) int64 row offsets. ``compile_jobs(arch)`` yields the sm_90 compile-lane jobs
+(tiles per head dim: flash_attention_launchers.SM90_TILES).
 """
 
 import triton
 import triton.language as tl
 
-from .dropout import apply_dropout
+from .dropout import fmix32
 
 
 @triton.jit
@@ -36,22 +39,38 @@ def _mm(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, MASK, mask_base, smt, sms, offs_m, offs_n, T, S, scale,
-            CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
-    """(BLOCK_M, BLOCK_N) fp32 scores of query rows offs_m against keys offs_n: scale · q kᵀ + mask, -inf where
-    hidden (bool mask 0, causal, key past S)."""
-    s = _mm(q, tl.trans(k), UPCAST) * scale
-    inside = (offs_m[:, None] < T) & (offs_n[None, :] < S)
+def _masked(s, MASK, mask_offs, qi, kj, T, S, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Scores tile s plus the mask read at MASK + mask_offs, -inf where hidden (bool mask 0, causal, key past S);
+    qi / kj: query / key index tiles broadcastable to s (either orientation: s or sᵀ)."""
+    inside = (qi < T) & (kj < S)
     if MASK_KIND == 1:
-        keep = tl.load(MASK + mask_base + offs_m[:, None] * smt + offs_n[None, :] * sms, mask=inside, other=0)
+        keep = tl.load(MASK + mask_offs, mask=inside, other=0)
         s = tl.where(keep != 0, s, float("-inf"))
     if MASK_KIND == 2:
-        bias = tl.load(MASK + mask_base + offs_m[:, None] * smt + offs_n[None, :] * sms, mask=inside, other=0.0)
-        s += bias.to(tl.float32)
-    hidden = offs_n[None, :] >= S
+        s += tl.load(MASK + mask_offs, mask=inside, other=0.0).to(tl.float32)
+    hidden = kj >= S
     if CAUSAL:
-        hidden = hidden | (offs_n[None, :] > offs_m[:, None])
+        hidden = hidden | (kj > qi)
     return tl.where(hidden, float("-inf"), s)
+
+
+@triton.jit
+def _scores(q, k, MASK, mask_rows, offs_m, offs_n, T, S, scale,
+            CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """(BLOCK_M, BLOCK_N) fp32 scores of query rows offs_m against keys offs_n: scale · q kᵀ + mask, -inf where
+    hidden. mask_rows: (BLOCK_M,) int64 offsets of the rows' mask key 0 (the mask's key stride is 1)."""
+    s = _mm(q, tl.trans(k), UPCAST) * scale
+    mask_offs = mask_rows[:, None] + offs_n[None, :]
+    return _masked(s, MASK, mask_offs, offs_m[:, None], offs_n[None, :], T, S, CAUSAL, MASK_KIND)
+
+
+@triton.jit
+def _keep(flat, key, threshold):
+    """Hash dropout keep tile (kernels/dropout.py's mask) at the uint32 flat (B, h, T, S) indices ``flat`` (mod 2³²,
+    as the reference; built in wrapping uint32 arithmetic: one register per element, no int64 tile)."""
+    k = key.to(tl.uint32, bitcast=True)
+    h = fmix32(fmix32(flat ^ k) + k)
+    return (h >> 8).to(tl.int32) >= threshold
 
 
 @triton.jit
@@ -71,7 +90,7 @@ def gqa_fwd_kernel(
     OUT,  # (B, T, h, dh) contiguous, q.dtype
     LSE,  # (B, h, T) contiguous fp32
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
-    smb, smh, smt, sms,
+    smb, smh, smt,  # mask strides (its key stride is 1)
     T, S, H, G, dh,
     scale, empty_thr,
     key, threshold, drop_scale,  # hash dropout: int32 key bit pattern, floor(p · 2²⁴), 1 / (1 - p)
@@ -86,8 +105,8 @@ def gqa_fwd_kernel(
     q = _tile(Q, b.to(tl.int64) * sqb + i * sqh, offs_m, sqt, T, offs_d, dh, UPCAST)
     k_base = b.to(tl.int64) * skb + j * skh
     v_base = b.to(tl.int64) * svb + j * svh
-    mask_base = b.to(tl.int64) * smb + i * smh
-    row_flat = ((b.to(tl.int64) * H + i) * T + offs_m) * S  # flat (B, h, T, S) index of each row's key 0
+    mask_rows = b.to(tl.int64) * smb + i * smh + offs_m.to(tl.int64) * smt  # (BLOCK_M,)
+    row_flat = (((b.to(tl.int64) * H + i) * T + offs_m) * S).to(tl.uint32)  # flat index of each row's key 0, mod 2³²
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -96,14 +115,15 @@ def gqa_fwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _tile(K, k_base, offs_n, skt, S, offs_d, dh, UPCAST)
         v = _tile(V, v_base, offs_n, svt, S, offs_d, dh, UPCAST)
-        s = _scores(q, k, MASK, mask_base, smt, sms, offs_m, offs_n, T, S, scale, CAUSAL, MASK_KIND, UPCAST)
+        s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, T, S, scale, CAUSAL, MASK_KIND, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DROPOUT:
-            p = apply_dropout(p, row_flat[:, None] + offs_n[None, :], key, threshold, drop_scale)
+            keep = _keep(row_flat[:, None] + offs_n[None, :].to(tl.uint32), key, threshold)
+            p = tl.where(keep, p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + _mm(p, v, UPCAST)
         m_i = m_new
     empty = m_i <= empty_thr
@@ -122,7 +142,7 @@ def gqa_bwd_dq_kernel(
     DQ,  # (B, T, h, dh) contiguous, q.dtype
     MASK,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
-    smb, smh, smt, sms,
+    smb, smh, smt,  # mask strides (its key stride is 1)
     T, S, H, G, dh,
     scale,
     key, threshold, drop_scale,
@@ -146,19 +166,20 @@ def gqa_bwd_dq_kernel(
     lse = tl.where(no_key, 0.0, lse)
     k_base = b.to(tl.int64) * skb + j * skh
     v_base = b.to(tl.int64) * svb + j * svh
-    mask_base = b.to(tl.int64) * smb + i * smh
-    row_flat = ((b.to(tl.int64) * H + i) * T + offs_m) * S
+    mask_rows = b.to(tl.int64) * smb + i * smh + offs_m.to(tl.int64) * smt
+    row_flat = (((b.to(tl.int64) * H + i) * T + offs_m) * S).to(tl.uint32)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _tile(K, k_base, offs_n, skt, S, offs_d, dh, UPCAST)
         v = _tile(V, v_base, offs_n, svt, S, offs_d, dh, UPCAST)
-        s = _scores(q, k, MASK, mask_base, smt, sms, offs_m, offs_n, T, S, scale, CAUSAL, MASK_KIND, UPCAST)
+        s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, T, S, scale, CAUSAL, MASK_KIND, UPCAST)
         p = tl.where(no_key[:, None], 0.0, tl.exp(s - lse[:, None]))
         dp = _mm(do, tl.trans(v), UPCAST)
         if DROPOUT:
-            dp = apply_dropout(dp, row_flat[:, None] + offs_n[None, :], key, threshold, drop_scale)
+            keep = _keep(row_flat[:, None] + offs_n[None, :].to(tl.uint32), key, threshold)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds, k, UPCAST)
     tl.store(DQ + row_base + offs_m[:, None] * H * dh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
@@ -172,7 +193,7 @@ def gqa_bwd_dkdv_kernel(
     DK, DV,  # (B, S, hk, dh) contiguous, k.dtype / v.dtype
     MASK,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
-    smb, smh, smt, sms,
+    smb, smh, smt,  # mask strides (its key stride is 1)
     T, S, H, G, dh,
     scale,
     key, threshold, drop_scale,
@@ -194,6 +215,7 @@ def gqa_bwd_dkdv_kernel(
         q_base = b.to(tl.int64) * sqb + i * sqh
         row_base = b.to(tl.int64) * T * H * dh + i * dh
         mask_base = b.to(tl.int64) * smb + i * smh
+        flat_base = (b.to(tl.int64) * H + i) * T
         for m0 in range(lo, T, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             q = _tile(Q, q_base, offs_m, sqt, T, offs_d, dh, UPCAST)
@@ -203,14 +225,16 @@ def gqa_bwd_dkdv_kernel(
             delta = tl.load(DELTA + lse_ptrs, mask=offs_m < T, other=0.0)
             no_key = lse == float("-inf")
             lse = tl.where(no_key, 0.0, lse)
-            s = _scores(q, k, MASK, mask_base, smt, sms, offs_m, offs_n, T, S, scale, CAUSAL, MASK_KIND, UPCAST)
+            mask_rows = mask_base + offs_m.to(tl.int64) * smt
+            s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, T, S, scale, CAUSAL, MASK_KIND, UPCAST)
             p = tl.where(no_key[:, None], 0.0, tl.exp(s - lse[:, None]))  # (BLOCK_M, BLOCK_N)
             dp = _mm(do, tl.trans(v), UPCAST)
             pd = p
             if DROPOUT:
-                flat = ((b.to(tl.int64) * H + i) * T + offs_m)[:, None] * S + offs_n[None, :]
-                pd = apply_dropout(p, flat, key, threshold, drop_scale)
-                dp = apply_dropout(dp, flat, key, threshold, drop_scale)
+                flat = ((flat_base + offs_m) * S).to(tl.uint32)[:, None] + offs_n[None, :].to(tl.uint32)
+                keep = _keep(flat, key, threshold)
+                pd = tl.where(keep, p * drop_scale, 0.0)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
             dv += _mm(tl.trans(pd), do, UPCAST)
             ds = p * (dp - delta[:, None])
             dk += _mm(tl.trans(ds), q, UPCAST)
@@ -221,30 +245,47 @@ def gqa_bwd_dkdv_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- compile lane
+KERNELS = {"gqa_fwd": gqa_fwd_kernel, "gqa_bwd_dq": gqa_bwd_dq_kernel, "gqa_bwd_dkdv": gqa_bwd_dkdv_kernel}
+BLOCK_DS = (16, 32, 64, 128, 256)
+
+
+def _signature(name: str, dt: str, mask_t: str) -> dict:
+    """The kernel's non-constexpr arguments: pointers in dtype dt (the mask in mask_t), i32 strides and sizes."""
+    p = f"*{dt}"
+    ptrs = {
+        "gqa_fwd": dict(Q=p, K=p, V=p, MASK=mask_t, OUT=p, LSE="*fp32"),
+        "gqa_bwd_dq": dict(DO=p, Q=p, K=p, V=p, OUT=p, LSE="*fp32", DELTA="*fp32", DQ=p, MASK=mask_t),
+        "gqa_bwd_dkdv": dict(DO=p, Q=p, K=p, V=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p, MASK=mask_t),
+    }[name]
+    ints = ("sqb", "sqt", "sqh", "skb", "skt", "skh", "svb", "svt", "svh", "smb", "smh", "smt",
+            "T", "S", "H", "G", "dh")  # fmt: skip
+    scalars = dict(scale="fp32", empty_thr="fp32") if name == "gqa_fwd" else dict(scale="fp32")
+    return {**ptrs, **{n: "i32" for n in ints}, **scalars, "key": "i32", "threshold": "i32", "drop_scale": "fp32"}
+
+
 def compile_jobs(arch: int):
-    """(name, jit fn, signature, constexprs, options) for the compile lane, in kernels/compile_check.py's ``_jobs``
-    format, at the launcher's GPU tiles: fp16 and bf16 at head dim 128 (the largest register and shared-memory
-    footprint) causal with a bool mask and dropout, and fp16 at head dim 64 non-causal with an additive mask."""
+    """(name, jit fn, signature, constexprs, options, attrs) for the compile lane (kernels/compile_check.py): every
+    (kernel, BLOCK_D, operand dtype) the launcher's ``gpu_tiles(name, dh, arch, dtype)`` can pick, in fp16, bf16 and
+    fp32 (UPCAST), at the heaviest flags (causal, an fp32 additive mask read per key tile, dropout), and in bf16 at
+    head dims 64 and 128 with a bool mask too (the register allocation is not monotone in the flags: a bool-mask
+    variant spilled where the fp32-mask one did not). attrs: 16-byte aligned pointers and 16-divisible strides /
+    H / G / dh, T and S arbitrary (the JIT's specialization of usual layouts; the mask's key stride is 1 by
+    construction, see the launcher)."""
+    import torch
+
     from .flash_attention_launchers import gpu_tiles
 
-    strides = {n: "i32" for n in ("sqb", "sqt", "sqh", "skb", "skt", "skh", "svb", "svt", "svh",
-                                  "smb", "smh", "smt", "sms")}  # fmt: skip
-    shape = dict(T="i32", S="i32", H="i32", G="i32", dh="i32")
-    drop = dict(key="i32", threshold="i32", drop_scale="fp32")
-    variants = (("fp16", 128, True, 1), ("bf16", 128, True, 1), ("fp16", 64, False, 2))
-    for dt, dh, causal, mask_kind in variants:
-        p = f"*{dt}"
-        mask_t = "*u8" if mask_kind == 1 else p
-        flags = dict(CAUSAL=causal, MASK_KIND=mask_kind, DROPOUT=causal, UPCAST=False)
-        for name, fn, ptrs, extra in (
-            ("gqa_fwd", gqa_fwd_kernel, dict(Q=p, K=p, V=p, MASK=mask_t, OUT=p, LSE="*fp32"),
-             dict(scale="fp32", empty_thr="fp32")),
-            ("gqa_bwd_dq", gqa_bwd_dq_kernel,
-             dict(DO=p, Q=p, K=p, V=p, OUT=p, LSE="*fp32", DELTA="*fp32", DQ=p, MASK=mask_t), dict(scale="fp32")),
-            ("gqa_bwd_dkdv", gqa_bwd_dkdv_kernel,
-             dict(DO=p, Q=p, K=p, V=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p, MASK=mask_t), dict(scale="fp32")),
-        ):  # fmt: skip
-            tiles, opts = gpu_tiles(name, dh, arch)
-            const = {**flags, **tiles}
-            sig = {**ptrs, **strides, **shape, **extra, **drop, **{c: "constexpr" for c in const}}
-            yield (name, fn, sig, const, opts)
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    variants = [(dt, bd, "*fp32") for bd in BLOCK_DS for dt in dtypes] + [("bf16", bd, "*u8") for bd in (64, 128)]
+    for name, fn in KERNELS.items():
+        for dt, block_d, mask_t in variants:
+            tiles, opts = gpu_tiles(name, block_d, arch, dtypes[dt])
+            const = dict(CAUSAL=True, MASK_KIND=1 if mask_t == "*u8" else 2, DROPOUT=True, UPCAST=dt == "fp32",
+                         **tiles)  # fmt: skip
+            sig = {**_signature(name, dt, mask_t), **{c: "constexpr" for c in const}}
+            attrs = {
+                (fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                for a, ty in sig.items()
+                if ty.startswith("*") or (ty == "i32" and a not in ("T", "S", "key", "threshold"))
+            }
+            yield (name, fn, sig, const, opts, attrs)

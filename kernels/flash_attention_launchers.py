@@ -24,19 +24,49 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
 
+# (kernel, fp32 operands) -> {BLOCK_D: (BLOCK_M, BLOCK_N, num_warps, num_stages)} on sm_90. Every entry compiles
+# without register spills (flash_attention.compile_jobs, checked by the compile lane) at the heaviest flags and, for
+# the 16-bit head dims 64 and 128, at six flag mixes (causal or not × bool / fp32 / same-dtype / no mask × dropout
+# or not): the forward sits at 200-254 registers with 128×64 tiles and 8 warps; 4 warps (128 fp32 accumulator
+# and score registers per thread at head dim 64) and the dk/dv kernel's 64×64×128 tiles (k, v, dk, dv held over
+# the loop) spilled 8-576 bytes, so dk/dv takes 32 query rows per step at head dim 128 and 1 pipeline stage.
+# fp32 operands (ieee dots on FMA units, operand slices in registers) take 32×32 tiles and 16-row dk/dv steps: 64×32
+# forward tiles and 32-row dk/dv steps spilled 8-15,184 bytes (ptxas sometimes settles at 32-80 registers plus stack
+# there; .maxnreg 255 made other configs spill instead, so no register limit is set).
+SM90_TILES = {
+    ("gqa_fwd", False): {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3),
+                         256: (64, 32, 8, 2)},
+    ("gqa_bwd_dq", False): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2),
+                            256: (64, 32, 8, 2)},
+    ("gqa_bwd_dkdv", False): {16: (64, 64, 8, 1), 32: (64, 64, 8, 1), 64: (64, 64, 8, 1), 128: (32, 64, 8, 1),
+                              256: (32, 32, 8, 1)},
+    ("gqa_fwd", True): {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2),
+                        256: (32, 32, 8, 2)},
+    ("gqa_bwd_dq", True): {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 8, 2),
+                           256: (32, 32, 8, 2)},
+    ("gqa_bwd_dkdv", True): {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 4, 2),
+                             256: (16, 16, 4, 2)},
+}  # fmt: skip
+
+
 def gpu_tiles(name: str, dh: int, arch: int = 90, dtype: torch.dtype = torch.float16) -> tuple[dict, dict]:
     """(BLOCK_M, BLOCK_N, BLOCK_D) and (num_warps, num_stages) for kernel ``name`` (gqa_fwd, gqa_bwd_dq,
-    gqa_bwd_dkdv) at head dim dh: 128×64 forward tiles (64×64 in backward, whose kernels hold two accumulators or
-    recompute two products per tile), halved for fp32 operands; 8 warps from dh > 64."""
+    gqa_bwd_dkdv) at head dim dh (BLOCK_D = next power of two, at least 16) from ``SM90_TILES``; before sm_90
+    (A100: 164 KB of shared memory) at most 2 pipeline stages. 16×16 tiles under the interpreter."""
     block_d = max(16, triton.next_power_of_2(dh))
     if interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": block_d}, {}
-    bm, bn = (128, 64) if name == "gqa_fwd" else (64, 64)
-    if dtype == torch.float32:
-        bm, bn = bm // 2, bn // 2
-    warps = 8 if block_d > 64 else 4
-    stages = 3 if arch >= 90 and name == "gqa_fwd" else 2
+    bm, bn, warps, stages = SM90_TILES[(name, dtype == torch.float32)][block_d]
+    stages = stages if arch >= 90 else min(stages, 2)
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d}, {"num_warps": warps, "num_stages": stages}
+
+
+def _arch(device) -> int:
+    """sm version (90 for H100/H200) of a CUDA device, 90 elsewhere (the interpreter ignores it)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _covered(q, k, attn_mask) -> bool:
@@ -48,6 +78,15 @@ def _unit_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _unit_key_stride(m4, s: int):
+    """The (B|1, h|1, T|1, S|1) mask with key stride 1, which the kernels assume (they take no key stride): as is when
+    it already has it (or S == 1), else a copy over its own dims with the key dim materialized: (B|1, h|1, T|1, S),
+    never expanded over the dims it broadcasts."""
+    if s == 1 or (m4.shape[-1] == s and m4.stride(-1) == 1):
+        return m4
+    return m4.expand(*m4.shape[:3], s).contiguous()
+
+
 def _as_int32(v: int) -> int:
     return v - (1 << 32) if v >= (1 << 31) else v
 
@@ -57,12 +96,12 @@ def _common(q, k, v, causal, dropout_p, seed, attn_mask):
     b, t, h, _ = q.shape
     s = k.shape[1]
     if attn_mask is None:
-        mask, kind, mstrides = q, 0, (0, 0, 0, 0)
+        mask, kind, mstrides = q, 0, (0, 0, 0)
     else:
-        mask = mask4(attn_mask).expand(b, h, t, s)  # broadcast strides, no copy
+        mask = _unit_key_stride(mask4(attn_mask), s).expand(b, h, t, s)  # broadcast strides, no copy
         kind = 1 if mask.dtype == torch.bool else 2
         mask = mask.view(torch.uint8) if kind == 1 else mask
-        mstrides = mask.stride()
+        mstrides = mask.stride()[:3]
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mstrides)
     drop = (_as_int32(reference.seed_key(seed)), reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p))
     flags = dict(
@@ -80,7 +119,7 @@ def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
     mask, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask)
     out = torch.empty((b, t, h, dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
-    tiles, opts = gpu_tiles("gqa_fwd", dh, dtype=q.dtype)
+    tiles, opts = gpu_tiles("gqa_fwd", dh, _arch(q.device), q.dtype)
     grid = (triton.cdiv(t, tiles["BLOCK_M"]), b * h)
     gqa_fwd_kernel[grid](q, k, v, mask, out, lse, *strides, *shape, scale, empty_threshold(attn_mask), *drop,
                          **flags, **tiles, **opts)  # fmt: skip
@@ -100,11 +139,11 @@ def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mas
     dq = torch.empty((b, t, h, dh), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, s, hk, dh), dtype=k.dtype, device=q.device)
     dv = torch.empty((b, s, hk, dh), dtype=v.dtype, device=q.device)
-    tiles, opts = gpu_tiles("gqa_bwd_dq", dh, dtype=q.dtype)
+    tiles, opts = gpu_tiles("gqa_bwd_dq", dh, _arch(q.device), q.dtype)
     gqa_bwd_dq_kernel[(triton.cdiv(t, tiles["BLOCK_M"]), b * h)](
         dout, q, k, v, out, lse, delta, dq, mask, *strides, *shape, scale, *drop, **flags, **tiles, **opts
     )
-    tiles, opts = gpu_tiles("gqa_bwd_dkdv", dh, dtype=q.dtype)
+    tiles, opts = gpu_tiles("gqa_bwd_dkdv", dh, _arch(q.device), q.dtype)
     gqa_bwd_dkdv_kernel[(triton.cdiv(s, tiles["BLOCK_N"]), b * hk)](
         dout, q, k, v, lse, delta, dk, dv, mask, *strides, *shape, scale, *drop, **flags, **tiles, **opts
     )
