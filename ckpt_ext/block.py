@@ -217,7 +217,7 @@ def check_attn_mask(attn_mask, batch: int, n_heads: int, seq: int) -> None:
         raise TypeError(f"attn_mask must be bool (True = attend) or floating point (additive), got {attn_mask.dtype}")
     target = (batch, n_heads, seq, seq)
     shape = tuple(attn_mask.shape)
-    ok = len(shape) <= 4 and all(s in (1, full) for s, full in zip(shape[::-1], target[::-1]))
+    ok = len(shape) <= 4 and all(s == 1 or s == full for s, full in zip(shape[::-1], target[::-1]))  # SymInt-safe
     if not ok:
         raise ValueError(f"attn_mask of shape {shape} is not broadcastable to (batch, heads, T, T) = {target}")
 

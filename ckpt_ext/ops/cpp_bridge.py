@@ -75,3 +75,21 @@ def _linear_dropout_add(x, w, b, residual, p, seed):
 
 if "dropout_add" in IMPLS and "linear_dropout_add" not in IMPLS:
     IMPLS["linear_dropout_add"] = _linear_dropout_add
+
+
+def _outside_autocast(kernel_op):
+    """A matmul-fused kernel op called with autocast off: the kernel's own at::mm calls would otherwise re-enter the
+    dispatcher under the caller's autocast (the block's forward and backward run under the user's) and come back in
+    the autocast dtype where the kernel allocated fp32 accumulators."""
+
+    def call(*args):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return kernel_op(*args)
+
+    return call
+
+
+for _name in ("linear_swiglu", "swiglu_linear_bwd", "swiglu_linear_wgrad", "swiglu_ffn_recompute", "ffn_recompute",
+              "linear_bias_gelu", "linear_gelu_bwd", "gelu_linear_wgrad"):  # fmt: skip
+    if _name in IMPLS and _name not in STALE:
+        IMPLS[_name] = _outside_autocast(IMPLS[_name])
