@@ -214,3 +214,14 @@ def test_unsupported_config_is_named():
     model = make_model("llama", hidden_act="gelu")
     with pytest.raises(ValueError, match="hidden_act"):
         apply_fused_checkpointing(model, "block")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_triton_kernels_match_hugging_face(family):
+    """Every Llama-family op on the Triton backend (interpreter on CPU) inside a converted tiny model, each policy,
+    against Hugging Face's own layers."""
+    extra = {"head_dim": 8} if family == "qwen3" else {}
+    model = make_model(family, kv=2, layers=1, hidden_size=32, intermediate_size=48, num_attention_heads=4, **extra)
+    for policy in POLICIES:
+        assert_parity(model, batch("left", b=2, t=5), policy, backend="triton")
