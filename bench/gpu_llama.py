@@ -22,6 +22,7 @@ import torch
 import ckpt_ext
 from ckpt_ext.integrations.huggingface import apply_fused_checkpointing
 
+from .gpu_block import _memory
 from .gpu_common import cli_main, out_dir, time_ms
 
 MiB = 2**20
@@ -100,19 +101,6 @@ def _grads(fn, x, grad, params):
     out = fn(x)
     out.backward(grad)
     return [out.detach(), x.grad] + [p.grad for p in params]
-
-
-def _memory(fn, x, grad, device: str) -> tuple[int, int]:
-    if device != "cuda":
-        return 0, 0
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn(x)
-    kept = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
-    out.backward(grad)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base, kept
 
 
 def run(device: str) -> list[dict]:
