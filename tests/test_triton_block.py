@@ -60,12 +60,18 @@ def test_block_matches_reference_cuda(policy, dtype, atol, rtol):
 def test_block_runs_the_fused_kernels(monkeypatch):
     """policy "ffn" on the triton backend reaches the Triton FC1 (linear_bias_gelu), the projection/FC2 epilogue GEMM
     (linear_dropout_add), ffn_recompute and LayerNorm launchers."""
-    from ckpt_ext.kernels import launchers
+    from ckpt_ext import backend
 
     calls = []
-    for name in ("linear_bias_gelu", "linear_dropout_add", "ffn_recompute", "layer_norm_bwd"):
-        impl = launchers.IMPLS[name]
-        monkeypatch.setitem(launchers.IMPLS, name, lambda *a, _f=impl, _n=name: calls.append(_n) or _f(*a))
+    real = backend._triton_impls
+
+    def recording():
+        impls = dict(real())
+        for name in ("linear_bias_gelu", "linear_dropout_add", "ffn_recompute", "layer_norm_bwd"):
+            impls[name] = lambda *a, _f=impls[name], _n=name: calls.append(_n) or _f(*a)
+        return impls
+
+    monkeypatch.setattr(backend, "_triton_impls", recording)
     block = ckpt_ext.FusedCheckpointBlock(72, 4, policy="ffn")
     x = torch.randn(1, 5, 72, requires_grad=True)
     with ckpt_ext.set_backend("triton"):

@@ -86,6 +86,7 @@ def _outside_autocast(kernel_op):
         with torch.autocast(args[0].device.type, enabled=False):
             return kernel_op(*args)
 
+    call.__wrapped__ = kernel_op
     return call
 
 
