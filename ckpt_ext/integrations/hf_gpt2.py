@@ -22,6 +22,7 @@ import inspect
 
 import torch
 
+from .. import seeds
 from ..block import fused_block
 from ..functional import BlockConfig
 from .hf_common import additive_mask, any_intercepted, needs_graph, warn_once
@@ -71,7 +72,7 @@ class GPT2Adapter:
         cfg = layer.attn.config
         p_attn = cfg.attn_pdrop if layer.training else 0.0
         p = cfg.resid_pdrop if layer.training else 0.0
-        seed = int(torch.randint(0, 2**31 - 8, (1,)).item()) if (p > 0.0 or p_attn > 0.0) else 0
+        seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0) else 0
         return BlockConfig(layer.attn.num_heads, True, layer.ln_1.eps, GELU_FORMS[cfg.activation_function], p_attn,
                            p, seed, layer._ckpt_policy)  # fmt: skip
 

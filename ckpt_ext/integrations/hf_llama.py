@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import seeds
 from ..block import fused_block
 from ..functional import BlockConfig
 from .hf_common import additive_mask, any_intercepted, needs_graph, warn_once
@@ -85,7 +86,7 @@ class LlamaFamilyAdapter:
     def block_config(self, layer) -> BlockConfig:
         a = layer.self_attn
         p_attn = a.attention_dropout if layer.training else 0.0
-        seed = int(torch.randint(0, 2**31 - 8, (1,)).item()) if p_attn > 0.0 else 0
+        seed = seeds.host_seed() if p_attn > 0.0 else 0
         n_heads = a.config.num_attention_heads
         return BlockConfig(n_heads, True, layer.input_layernorm.variance_epsilon, "none", p_attn, 0.0, seed,
                            layer._ckpt_policy, norm="rmsnorm", mlp="swiglu",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import seeds
 from ..block import fused_block
 from ..functional import BlockConfig
 from .hf_common import additive_mask, any_intercepted, needs_graph
@@ -80,7 +81,7 @@ class ViTAdapter:
     def block_config(self, layer, parts: _Parts) -> BlockConfig:
         p_attn = parts.p_attn if layer.training else 0.0
         p = parts.p if layer.training else 0.0
-        seed = int(torch.randint(0, 2**31 - 8, (1,)).item()) if (p > 0.0 or p_attn > 0.0) else 0
+        seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0) else 0
         n_heads = parts.config.num_attention_heads
         return BlockConfig(n_heads, False, layer.layernorm_before.eps, GELU_FORMS[parts.config.hidden_act], p_attn, p,
                            seed, layer._ckpt_policy, packed_qkv=False)  # fmt: skip
