@@ -165,15 +165,10 @@ def _norm_bwd(dy, x, stats, p: dict, which: str, cfg: BlockConfig, dresidual, em
 
 
 # ------------------------------------------------------------------------------------------- attention half
-def _qkv_weights(p: dict, cfg: BlockConfig, d: int):
-    """((w_q, b_q), (w_k, b_k), (w_v, b_v)): the packed weight's row blocks as views, or the separate weights."""
-    if not cfg.packed_qkv:
-        return tuple((p[f"w_{s}"], p[f"b_{s}"]) for s in "qkv")
+def _qkv_widths(cfg: BlockConfig, d: int) -> list[int]:
+    """Widths of q, k and v in the projection output (and row blocks of a packed q|k|v weight)."""
     dh = cfg.dh(d)
-    widths = (cfg.n_heads * dh, cfg.kv_heads() * dh, cfg.kv_heads() * dh)
-    ws = p["w_qkv"].split(widths, dim=0)
-    bs = (None,) * 3 if p["b_qkv"] is None else p["b_qkv"].split(widths)
-    return tuple(zip(ws, bs))
+    return [cfg.n_heads * dh, cfg.kv_heads() * dh, cfg.kv_heads() * dh]
 
 
 def _heads(t: Tensor, shape, dh: int) -> Tensor:
@@ -193,10 +188,9 @@ def _project(x: Tensor, shape, p: dict, cfg: BlockConfig, rope_cs) -> dict:
     acts = {"ln1_out": y1, "ln1_stats": s1}
     if cfg.packed_qkv:
         qkv = F.linear(y1, p["w_qkv"], p["b_qkv"])  # (N, (h + 2hk)·dh), one GEMM
-        q, k, v = qkv.split([cfg.n_heads * dh, cfg.kv_heads() * dh, cfg.kv_heads() * dh], dim=1)
+        q, k, v = qkv.split(_qkv_widths(cfg, d), dim=1)
     else:
-        (wq, bq), (wk, bk), (wv, bv) = _qkv_weights(p, cfg, d)
-        q, k, v = F.linear(y1, wq, bq), F.linear(y1, wk, bk), F.linear(y1, wv, bv)  # (N, h·dh), 2 x (N, hk·dh)
+        q, k, v = (F.linear(y1, p[f"w_{s}"], p[f"b_{s}"]) for s in "qkv")  # (N, h·dh), 2 x (N, hk·dh)
     if cfg.qk_norm:
         acts["qkv"] = (q, k, v)
         q, k, acts["qk_stats"] = _qk_norm(q, k, p, cfg, dh)
@@ -232,7 +226,7 @@ def _attention_inputs(acts: dict, p: dict, cfg: BlockConfig, shape, d: int, rope
             if rope_cs is not None:
                 q, k = ops.rope(q, k, rope_cs[0], rope_cs[1], False)
     elif len(acts["qkv"]) == 1:
-        q, k, v = acts["qkv"][0].split([cfg.n_heads * dh, cfg.kv_heads() * dh, cfg.kv_heads() * dh], dim=1)
+        q, k, v = acts["qkv"][0].split(_qkv_widths(cfg, d), dim=1)
     else:
         q, k, v = acts["qkv"]
     return tuple(ac.mm(_heads(t, shape, dh)) for t in (q, k, v))
