@@ -7,6 +7,7 @@ FSDP2 follows the recommended layering: checkpointing inside each block, fully_s
 """
 
 import copy
+import gc
 import os
 
 import pytest
@@ -58,13 +59,20 @@ def _gpt2_model():
 
 
 def _worker(rank, init_file, model_name):
+    """Teardown is ordered: every rank reaches a barrier (no collective still in flight), the process group is
+    destroyed while the interpreter is whole, and a passing worker leaves with os._exit(0). Gloo's worker threads can
+    otherwise still hold finished work at interpreter finalization and abort the process (SIGABRT, "terminate called
+    without an active exception") after every check has passed. A failing check raises before that and is reported."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         for strategy in ("ddp", "fsdp"):
             _check(rank, strategy, model_name)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    gc.collect()
+    os._exit(0)
 
 
 def _check(rank, strategy, model_name):
