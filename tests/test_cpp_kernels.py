@@ -413,16 +413,18 @@ def _attention_mask(kind, b, t):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("causal, dropout_p, mask", [(True, 0.3, None), (False, 0.2, "bool"), (True, 0.0, "float"),
                                                      (False, 0.5, "float")])  # fmt: skip
-def test_attention_cpu_math_route_matches_reference(dtype, causal, dropout_p, mask):
-    """With dropout or a mask the cpp backend's attention runs aten math + the C++ hash dropout kernel: the same masks
-    (bit for bit) and values as reference.attention_*, forward and backward, within the tolerance rule."""
+def test_attention_cpp_routes_match_reference(dtype, causal, dropout_p, mask):
+    """With dropout the cpp backend's attention runs tiled aten math + the int32 hash; a mask without dropout goes to
+    aten's CPU flash kernel when it is bool or q's dtype: the same masks (bit for bit) and values as
+    reference.attention_*, forward and backward, within the tolerance rule."""
     from ckpt_ext.ops import native_attention
 
     b, t, heads, d = 3, 33, 4, 72
     qkv, dout = torch.randn(b, t, 3 * d).to(dtype), torch.randn(b, t, d).to(dtype)
     m = _attention_mask(mask, b, t)
     args = (heads, causal, dropout_p, 11, m)
-    assert native_attention._route(qkv, heads, dropout_p, m) == "cpu_math"
+    flash = dropout_p == 0 and m is not None and m.dtype in (torch.bool, dtype)
+    assert native_attention._route(qkv, heads, dropout_p, m) == ("cpu_flash" if flash else "cpu_math")
     out, lse = native_attention.attention_fwd(qkv, *args)
     dqkv = native_attention.attention_bwd(dout, qkv, out, lse, *args)
     ref_out, ref_lse = reference.attention_fwd(qkv, *args)

@@ -1,10 +1,15 @@
 """The cpp/cuda backends' attention: aten's fused kernels where they fit, bounded-memory tiled aten math otherwise.
 
 Math, masks, the empty-row rule and the dropout index are reference_attention.py's. Routes (``_route_gqa``):
-- ``cpu_flash``: no mask, no dropout, CPU: aten's flash kernel for CPU (``_scaled_dot_product_flash_attention_for_cpu``
-  and its backward, any float dtype), once per kv group: the group's g query heads (B, g, T, dh) against the kv head
-  expanded to (B, g, S, dh) by a stride-0 view (no repeat_kv copy); dk/dv are the backward's per-head grads summed
-  over the group. Without a mask and with causal S == T no row is empty.
+- ``cpu_flash``: no dropout, CPU, and no mask or a mask the kernel reads exactly (bool, or the query's float dtype):
+  aten's flash kernel for CPU (``_scaled_dot_product_flash_attention_for_cpu`` and its backward), one call for all
+  heads: it takes GQA natively (h query heads against hk kv heads, no repeat_kv copy; dk/dv come back summed over each
+  group) and reads a mask broadcast over batch and heads without expanding it. Its scratch is per-thread tiles, never
+  (B, h, T, S). A mask is handed over as an additive tensor in q's dtype with -inf wherever a key is invisible (bool
+  False, or a float value at or below empty_threshold: such keys already get probability 0 in the reference); a row
+  with no visible key then comes back as zeros with zero gradients, and its lse is set to -inf here (the row is found
+  from the mask, causality included; the kernel itself reports 0). Without a mask and with causal S == T no row is
+  empty.
 - ``cuda_flash``: no mask, no dropout, CUDA, fp16/bf16, h == hk, dh % 8 == 0 and <= 256, sm_80+: aten's
   FlashAttention-2 on (B, h, T, dh) views; its logsumexp is (B, h, T) fp32 in natural log.
 - ``cpu_math`` (any device, every mask and dropout): tiles over kv groups × BLOCK_Q query rows. A tile holds the
@@ -46,10 +51,10 @@ def _cuda_flash_fits(q, k) -> bool:
 def _route_gqa(q, k, dropout_p, attn_mask) -> str:
     if q.shape[1] == 0 or k.shape[1] == 0:
         return "reference"
-    if dropout_p == 0.0 and attn_mask is None:
-        if q.device.type == "cpu":
+    if dropout_p == 0.0:
+        if q.device.type == "cpu" and (attn_mask is None or attn_mask.dtype in (torch.bool, q.dtype)):
             return "cpu_flash"
-        if q.device.type == "cuda" and _cuda_flash_fits(q, k):
+        if attn_mask is None and q.device.type == "cuda" and _cuda_flash_fits(q, k):
             return "cuda_flash"
     return "cpu_math"
 
@@ -91,16 +96,14 @@ def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False, scale=scale
         )[:2]
         return out.transpose(1, 2).contiguous(), lse.contiguous()
-    g = h // k.shape[2]
-    out = q.new_empty((b, t, h, dh))
-    lse = q.new_empty((b, h, t), dtype=reference.compute_dtype(q))
-    for j in range(k.shape[2]):
-        heads = slice(j * g, (j + 1) * g)
-        qg, kg, vg = _group_views(q, k, v, j, g)
-        o, lg = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, kg, vg, 0.0, causal, scale=scale)
-        out[:, :, heads] = o.transpose(1, 2)
-        lse[:, heads] = lg
-    return out, lse
+    flash_mask, empty = _flash_mask(attn_mask, q, t, k.shape[1], causal)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, attn_mask=flash_mask, scale=scale
+    )  # out (B, h, T, dh) laid out like q.transpose(1, 2); lse (B, h, T)
+    lse = lse.to(reference.compute_dtype(q)).contiguous()
+    if empty is not None:
+        lse.masked_fill_(empty, float("-inf"))
+    return out.transpose(1, 2).contiguous(), lse
 
 
 def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale):
@@ -119,29 +122,31 @@ def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mas
             t, k.shape[1], 0.0, causal, rng_state, unused, scale=scale,
         )  # fmt: skip
         return tuple(x.transpose(1, 2).contiguous() for x in (dq, dk, dv))
-    g = h // k.shape[2]
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    for j in range(k.shape[2]):
-        heads = slice(j * g, (j + 1) * g)
-        qg, kg, vg = _group_views(q, k, v, j, g)
-        dqg, dkg, dvg = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout[:, :, heads].transpose(1, 2), qg, kg, vg, out[:, :, heads].transpose(1, 2),
-            lse[:, heads].contiguous(), 0.0, causal, scale=scale,
-        )  # fmt: skip
-        dq[:, :, heads] = dqg.transpose(1, 2)
-        dk[:, :, j] = dkg.sum(dim=1, dtype=reference.compute_dtype(k))
-        dv[:, :, j] = dvg.sum(dim=1, dtype=reference.compute_dtype(v))
-    return dq, dk, dv
+    flash_mask, empty = _flash_mask(attn_mask, q, t, k.shape[1], causal)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2),
+        lse if empty is None else lse.masked_fill(empty, 0.0), 0.0, causal, attn_mask=flash_mask, scale=scale,
+    )  # fmt: skip
+    return tuple(x.transpose(1, 2).contiguous() for x in (dq, dk, dv))
 
 
-def _group_views(q, k, v, j, g):
-    """Kv group j: q's g heads (B, g, T, dh) and kv head j expanded to (B, g, S, dh) (stride-0 views, no copies)."""
-    b, s, _, dh = k.shape
-    kg = k[:, :, j : j + 1].transpose(1, 2).expand(b, g, s, dh)
-    vg = v[:, :, j : j + 1].transpose(1, 2).expand(b, g, s, dh)
-    return q[:, :, j * g : (j + 1) * g].transpose(1, 2), kg, vg
+def _flash_mask(attn_mask, q, t, s, causal):
+    """attn_mask as the additive (B|1, h|1, T|1, S) tensor in q's dtype that aten's CPU flash kernel reads (-inf where a
+    key is invisible), and the (B|1, h|1, T) rows with no visible key (None when there is none); (None, None) without
+    a mask."""
+    if attn_mask is None:
+        return None, None
+    m4 = mask4(attn_mask)
+    visible = m4 if m4.dtype == torch.bool else m4 > empty_threshold(attn_mask)  # (B|1, h|1, T|1, S|1)
+    if m4.dtype == torch.bool:
+        flash_mask = torch.zeros(m4.shape, dtype=q.dtype, device=q.device).masked_fill_(~m4, float("-inf"))
+    else:
+        flash_mask = m4.masked_fill(~visible, float("-inf"))
+    seen = visible.expand(*visible.shape[:2], t, s)
+    if causal:
+        seen = seen & torch.ones(t, s, dtype=torch.bool, device=q.device).tril_()
+    empty = ~seen.any(dim=-1)  # (B|1, h|1, T)
+    return flash_mask, (empty if bool(empty.any()) else None)
 
 
 # ------------------------------------------------------------------------------------------- tiled aten math
