@@ -443,6 +443,16 @@ def _unflatten_saved(tensors, layout) -> dict:
     return acts
 
 
+def _below_autograd():
+    """Dispatch below the Autograd keys while the block's hand-written forward/backward run (eager only): its ops are
+    never differentiated there (forward runs without grad, a double backward raises), so each ckpt_ext op skips its
+    Python autograd wrapper (~15 µs a call) and each aten op its autograd kernel. Autocast and version counters still
+    apply (their keys are not excluded). Under torch.compile the block runs as compiled.py's opaque ops instead."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
 class FusedBlockFunction(torch.autograd.Function):
     """x (B, T, d), attn_mask, cos, sin, cfg, names, *params (``names`` order) -> out (B, T, d)."""
 
@@ -452,7 +462,8 @@ class FusedBlockFunction(torch.autograd.Function):
         p = dict.fromkeys(ALL_PARAM_NAMES)
         p.update(zip(names, params))
         rope_cs = None if cos is None else (cos, sin)
-        out, acts = block_forward(x.reshape(b * t, d), (b, t), p, cfg, attn_mask, rope_cs)
+        with _below_autograd():
+            out, acts = block_forward(x.reshape(b * t, d), (b, t), p, cfg, attn_mask, rope_cs)
         flat, ctx.layout = _flatten_saved(acts, get_policy(cfg.policy).keeps)
         ctx.save_for_backward(attn_mask, cos, sin, *params, *flat)
         ctx.cfg, ctx.shape, ctx.names = cfg, (b, t), names
@@ -475,7 +486,7 @@ class FusedBlockFunction(torch.autograd.Function):
         cfg, (b, t) = ctx.cfg, ctx.shape
         rope_cs = None if cos is None else (cos, sin)
         d = acts["x"].shape[1]
-        with ctx.autocast():
+        with ctx.autocast(), _below_autograd():
             if cfg.policy in ("block", "block_keep_attn"):
                 kept = (acts["attn_out"], acts["attn_lse"]) if cfg.policy == "block_keep_attn" else None
                 replay = attention_half(acts["x"], (b, t), p, cfg, attn_mask, rope_cs, kept)
