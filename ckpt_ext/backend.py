@@ -38,9 +38,14 @@ def _validate(name: str) -> str:
 
 def get_backend() -> str:
     name = getattr(_state, "name", None)
-    if name is None:
-        name = _validate(os.environ.get("CKPT_EXT_BACKEND", "auto"))
-    return name
+    return _env_backend() if name is None else name
+
+
+@functools.cache
+def _env_backend() -> str:
+    """CKPT_EXT_BACKEND, read once (when the first op asks): set it before the process starts; switch at run time
+    with set_backend."""
+    return _validate(os.environ.get("CKPT_EXT_BACKEND", "auto"))
 
 
 class set_backend:
@@ -146,9 +151,21 @@ def concrete_backend(device_type: str) -> str:
     return "reference"
 
 
+_resolved: dict[tuple[str, str, str], Callable] = {}
+
+
 def kernel(op: str, device_type: str) -> Callable:
-    """The implementation of ``op`` for tensors on ``device_type`` under the current backend."""
+    """The implementation of ``op`` for tensors on ``device_type`` under the current backend (resolved once per
+    (backend, op, device): every op call asks, so the hot path is one dict lookup)."""
     name = concrete_backend(device_type)
+    key = (name, op, device_type)
+    impl = _resolved.get(key)
+    if impl is None:
+        impl = _resolved[key] = _resolve(name, op, device_type)
+    return impl
+
+
+def _resolve(name: str, op: str, device_type: str) -> Callable:
     if name == "reference":
         return getattr(reference, op)
     if name == "triton":
