@@ -447,8 +447,10 @@ def _below_autograd():
     """Dispatch below the Autograd keys while the block's hand-written forward/backward run (eager only): its ops are
     never differentiated there (forward runs without grad, a double backward raises), so each ckpt_ext op skips its
     Python autograd wrapper (~15 µs a call) and each aten op its autograd kernel. Autocast and version counters still
-    apply (their keys are not excluded). Under torch.compile the block runs as compiled.py's opaque ops instead."""
-    if torch.compiler.is_compiling():
+    apply (their keys are not excluded). Not while a TorchDispatchMode is active (FakeTensorMode, FlopCounterMode, the
+    roofline's recorder): below Autograd, composite ops (linear, matmul) would reach the mode undecomposed and uncounted.
+    Under torch.compile the block runs as compiled.py's opaque ops instead."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return contextlib.nullcontext()
     return torch._C._AutoDispatchBelowAutograd()
 
