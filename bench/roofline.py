@@ -9,6 +9,8 @@ TransformerBlock, torch.utils.checkpoint (non-reentrant) and reentrant checkpoin
 T=4096) and Llama-3.2-1B-like (d=2048, 16/8 heads, d_ff=8192, B=2, T=2048) shapes: HF eager, torch checkpoint over
 it, torch SAC, and the layer converted by apply_fused_checkpointing per policy. ``--long``: the GPT-2 block at d=2048,
 B=1, T = 2k, 8k, 16k, 32k: block vs block_keep_attn vs torch checkpoint, memory beside time.
+The GPT-2 report ends with issue 12's table: the d=768 block with no attention extras, with attention dropout 0.1
+(GPT-2's default) and with a padding mask, every variant, eager SDPA priced as the fused kernel a GPU runs for it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ LLAMA_LABELS = {**LABELS, "eager": "HF LlamaDecoderLayer eager (sdpa)", "checkpo
                 "checkpoint_reentrant": "HF gradient_checkpointing (reentrant)"}  # fmt: skip
 LLAMA_TARGETS = {"pointwise": -0.05, "ffn": 0.06}
 LONG_SEQS = (2048, 8192, 16384, 32768)
+ATTENTION_CONDITIONS = (("no dropout, no mask", {}), ("attention dropout 0.1", {"attn_dropout": 0.1}),
+                        ("padding mask", {"padding": True}))  # fmt: skip
 LONG_VARIANTS = ("eager", "checkpoint", "block", "block_keep_attn")
 
 
@@ -153,6 +157,22 @@ def long_rows(seqs=LONG_SEQS, d=2048, h=16, b=1, dtype=torch.bfloat16) -> str:
     return "\n".join(lines)
 
 
+def attention_rows(shape=SHAPES[0], dtype=torch.bfloat16, conditions=ATTENTION_CONDITIONS) -> str:
+    """Issue 12's table: per variant and attention condition, memory (× input) and modeled overhead vs eager SDPA
+    under the same condition."""
+    head = "| variant | " + " | ".join(f"{label}: memory (× input) / vs eager" for label, _ in conditions) + " |"
+    lines = [head, "|---|" + "---|" * len(conditions)]
+    eager = {label: roofline.step_time("eager", *shape, dtype=dtype, **kw) for label, kw in conditions}
+    for variant in roofline.VARIANTS:
+        cells = []
+        for label, kw in conditions:
+            trace = roofline.step_trace(variant, *shape, dtype=dtype, **kw)
+            mem = roofline.retained_memory(variant, *shape, dtype=dtype, **kw) / trace.input_bytes
+            cells.append(f"{mem:.2f} / {_pct(trace.seconds / eager[label] - 1)}")
+        lines.append(f"| {LABELS[variant]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -177,6 +197,10 @@ def main(argv=None) -> int:
     print(markdown(table))
     print()
     print(target_report(table))
+    d, t, b, h = SHAPES[0]
+    print(f"\nAttention dropout and padding (GPT-2 block d={d} T={t} B={b} h={h}, {args.dtype}; eager SDPA priced as "
+          "the GPU's fused kernel)")  # fmt: skip
+    print(attention_rows(dtype=getattr(torch, args.dtype)))
     return 0
 
 

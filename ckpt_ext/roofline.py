@@ -17,10 +17,17 @@ TransformerBlock: the GPT-2 form, or the Llama form with activation="swiglu", Ro
 (transformers' own LlamaDecoderLayer, sdpa; the policies convert it with apply_fused_checkpointing). Retained memory:
 bytes of the storages created during forward that are still alive after it (the graph's saved tensors, the block
 output excluded).
+
+Attention conditions (LayerShape.attn_dropout, .padding): probability dropout in training, and a padding mask
+((B, 1, T, T) bool keep-mask, as transformers builds it for left padding; an input of the step, not retained). Eager
+``F.scaled_dot_product_attention`` is priced as the fused kernel a GPU runs for it (FlashAttention with in-kernel
+dropout, the memory-efficient kernel reading an additive mask after SDPA's bool-to-float conversion): traced on CPU,
+SDPA would take aten's math path with dropout or a mask and materialize (B, h, T, T), which no GPU run does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass, field
@@ -168,8 +175,9 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def forward_fn(variant: str, block, position_embeddings=None):
-    """x -> out of one block under ``variant`` (FusedCheckpointBlock variants share ``block``'s parameters).
+def forward_fn(variant: str, block, position_embeddings=None, attn_mask=None):
+    """x -> out of one block under ``variant`` (FusedCheckpointBlock variants share ``block``'s parameters), with
+    ``position_embeddings`` and ``attn_mask`` (the block's keyword) passed on when given.
 
     ``block``: a ckpt_ext TransformerBlock, or a Hugging Face Llama-family decoder layer (policies convert a copy's
     class in place: ``block`` itself is left unconverted)."""
@@ -179,6 +187,8 @@ def forward_fn(variant: str, block, position_embeddings=None):
 
     hf = not isinstance(block, TransformerBlock)
     kw = {} if position_embeddings is None else {"position_embeddings": position_embeddings}
+    if attn_mask is not None:
+        kw["attn_mask"] = attn_mask
 
     def call(module):
         if not kw:
@@ -229,6 +239,8 @@ class LayerShape:
     n_kv_heads: Optional[int] = None
     d_ff: Optional[int] = None
     layer: str = "block"
+    attn_dropout: float = 0.0
+    padding: bool = False
 
     @property
     def llama(self) -> bool:
@@ -259,7 +271,32 @@ def _make_layer(shape: LayerShape):
     if s.layer != "block":
         raise ValueError(f"unknown layer {s.layer!r}; choose one of {', '.join(LAYERS)}")
     kw = dict(activation="swiglu", n_kv_heads=s.n_kv_heads) if s.llama else dict(activation=s.activation)
-    return _cast(TransformerBlock(s.d_model, s.n_heads, d_ff=s.hidden, **kw), s.dtype), pe
+    block = TransformerBlock(s.d_model, s.n_heads, d_ff=s.hidden, attn_dropout=s.attn_dropout, **kw)
+    return _cast(block, s.dtype).train(), pe
+
+
+def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention as one fused kernel (aten's flash-for-CPU op: its FLOP formula is the CUDA
+    kernels'; it reads k/v heads per group as GQA kernels do), a bool mask first converted as SDPA does."""
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill_(~attn_mask, float("-inf"))
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+    )[0]
+
+
+@contextlib.contextmanager
+def _fused_sdpa_pricing():
+    """F.scaled_dot_product_attention is _fused_sdpa while the step is traced. An attribute swap, not a
+    TorchFunctionMode: torch.utils.checkpoint's recompute in backward does not run under the forward's function modes,
+    and every caller (this package's block, transformers' sdpa_attention_forward) looks the function up on the module
+    at call time."""
+    real = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _fused_sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
 
 
 @functools.lru_cache(maxsize=128)
@@ -272,9 +309,14 @@ def _trace(variant: str, shape: LayerShape) -> StepTrace:
         block, pe = _make_layer(shape)
         x = torch.empty(shape.batch, shape.seq, shape.d_model, dtype=shape.dtype, requires_grad=True)
         grad = torch.empty(shape.batch, shape.seq, shape.d_model, dtype=shape.dtype)
-        fn = forward_fn(variant, block, pe)
+        mask = None
+        if shape.padding:
+            if shape.layer != "block":
+                raise ValueError("padding is modeled for layer='block' only")
+            mask = torch.empty(shape.batch, 1, shape.seq, shape.seq, dtype=torch.bool)
+        fn = forward_fn(variant, block, pe, attn_mask=mask)
         recorder = CostRecorder()
-        with recorder:
+        with _fused_sdpa_pricing(), recorder:
             out = fn(x)
             retained = recorder.alive_bytes(exclude=(out,))
             recorder.phase = "backward"
@@ -290,7 +332,7 @@ def trace_step(variant: str, *args, **kwargs) -> list[OpCost]:
     """Every op of one forward + backward of one layer under ``variant``, with FLOPs, bytes and modeled seconds.
 
     Arguments: d_model, seq, batch, n_heads, dtype=bf16, mlp_ratio=4.0, activation="gelu", and the keywords
-    n_kv_heads, d_ff, layer ("block" or "hf_llama") of LayerShape."""
+    n_kv_heads, d_ff, layer ("block" or "hf_llama"), attn_dropout, padding of LayerShape."""
     return list(_trace(variant, _shape(*args, **kwargs)).ops)
 
 

@@ -11,6 +11,7 @@ inside the graph with the same call on the input's device: each run of the graph
 stream eager uses: inductor with ``fallback_random`` draws exactly eager's seeds), and torch's CUDA generator keeps
 such a draw graph-safe (philox seed + offset advanced per replay). The seed tensor is read (``seed_value``) only
 inside the block's opaque ops, so it is saved for backward and recompute replays the forward's masks.
+FakeTensorMode (ckpt_ext.roofline, memory estimators): the eager seed is drawn from the real generator.
 CUDA graphs: the kernels take the seed as a host int, so reading it needs a device sync that cannot be captured.
 Under capture both paths raise a clear error instead of freezing one mask into the graph; the compiled path's seeded
 ops carry ``torch.Tag.cudagraph_unsafe`` so ``mode="reduce-overhead"`` leaves them outside its graphs.
@@ -43,7 +44,10 @@ def host_seed():
         return DEVICE_SEED
     if capturing():
         raise RuntimeError(_CAPTURE_ERROR)
-    return int(torch.randint(0, SEED_HIGH, (1,)).item())
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # under FakeTensorMode (shape/cost tracing) the draw is still a real number
+        return int(torch.randint(0, SEED_HIGH, (1,)).item())
 
 
 def is_device_seed(seed) -> bool:

@@ -115,3 +115,35 @@ def test_cli_prints_the_table(capsys):
     assert text.count("\n") == len(roofline.VARIANTS) + 1
     assert "ckpt_ext block" in text and "torch checkpoint (reentrant)" in text
     assert "target" in cli.target_report(table, shapes=(SHAPE,))
+
+
+@pytest.mark.parametrize("condition", [{"attn_dropout": 0.1}, {"padding": True}])
+def test_attention_dropout_and_padding_are_priced_as_fused_kernels(condition):
+    """With attention dropout or a padding mask no variant writes a (B, h, T, T) tensor (eager SDPA is priced as the
+    GPU's fused kernel, ckpt_ext's attention ops are fused), every variant still runs, and the policies keep their
+    ordering against torch checkpoint; dropout adds no kernel to ckpt_ext's block (the mask is hashed in-kernel) and
+    a mask is read by the attention ops themselves."""
+    d, t, b, h = long = (32, 128, 1, 4)  # T² terms dominate: a (B, h, T, T) bf16 tensor is 4x the (T, 4d) MLP one
+    scores = b * h * t * t * 2
+    for variant in roofline.VARIANTS:
+        trace = roofline.step_trace(variant, *long, **condition)
+        worst = max(op.bytes for op in trace.ops)
+        assert worst < scores, (variant, worst)
+    d, t, b, h = SHAPE
+    base = {v: roofline.step_time(v, *SHAPE, **condition) for v in ("eager", "checkpoint", "block")}
+    assert base["eager"] < base["checkpoint"] and base["block"] < base["checkpoint"]
+    if "attn_dropout" in condition:
+        dropped = [op.name for op in roofline.step_trace("block", *SHAPE, **condition).ops]
+        assert dropped == ["aten::randint"] + _names("block")  # the host seed draw, then the very same kernels
+    else:
+        mask_reads = [op for op in roofline.step_trace("block", *SHAPE, **condition).ops
+                      if op.name.startswith("ckpt_ext::gqa_attention")]  # fmt: skip
+        plain = {op.name: op.bytes for op in _trace("block").ops if op.name.startswith("ckpt_ext::gqa_attention")}
+        assert all(op.bytes >= plain[op.name] + b * t * t for op in mask_reads)  # each reads the (B, 1, T, T) mask
+
+
+def test_attention_table_cli():
+    from bench import roofline as cli
+
+    text = cli.attention_rows(shape=SHAPE)
+    assert text.count("\n") == len(roofline.VARIANTS) + 1 and "attention dropout 0.1" in text
