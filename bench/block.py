@@ -18,6 +18,10 @@ Columns:
     step     CPU ms per step (forward + backward): median [25%-75%] of round-robin samples (bench.micro_timing)
     × ...    the paired per-round ratio to the eager block, to torch.utils.checkpoint, and (llama) to the HF layer eager
              and with its gradient checkpointing; "noisy" where the ratio's spread exceeds its distance from 1.
+    GEMM ms  self time of the step's matrix products (aten mm/addmm/bmm/baddbmm) under torch.profiler, mean of a few
+             steps run apart from the timing; "rest" = step - GEMM (norms, attention, pointwise, host). On CPU the
+             GEMMs run at the BLAS ceiling, so "rest" is where a variant can win; the floor line under the table says
+             what a step-time target needs from it.
 """
 
 from __future__ import annotations
@@ -146,6 +150,20 @@ def _step(fn, x, g):
     fn(x).backward(g)
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_ms(fn, x, g, steps: int = 3) -> float:
+    """Mean self CPU ms per step of the GEMM ops (GEMM_OPS) in ``steps`` profiled training steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            _step(fn, x, g)
+    total_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS)
+    return total_us / 1e3 / steps
+
+
 def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch=4, seq=256, min_time=2.0,
         min_rounds=7, budgets=BUDGETS, compiled_policies=POLICIES, hf=True) -> list[dict]:  # fmt: skip
     block = make_block(family, d_model, n_heads, n_kv_heads, d_ff)
@@ -174,7 +192,8 @@ def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch
             predicted = policies.retained_bytes(v.policy, batch, seq, d_model, n_heads, block.hidden, **shape)
         flops = None if v.compiled else count_flops(_step, v.fn, x, g)
         rows[v.name] = dict(variant=v.name, kept=kept / in_bytes, how="S" if v.via_checkpoint else "H",
-                            table=None if predicted is None else predicted / in_bytes, flops=flops)  # fmt: skip
+                            table=None if predicted is None else predicted / in_bytes, flops=flops,
+                            gemm=gemm_ms(v.fn, x, g))  # fmt: skip
     times = time_interleaved({v.name: functools.partial(_step, v.fn, x, g) for v in table}, min_time, min_rounds)
     refs = ["eager block", "torch checkpoint"] + (["HF LlamaDecoderLayer eager", "HF gradient checkpointing"]
                                                   if hf_layer is not None else [])  # fmt: skip
@@ -193,7 +212,8 @@ REF_LABELS = {"eager block": "× eager block", "torch checkpoint": "× torch ckp
 
 def format_table(rows: list[dict]) -> str:
     refs = list(rows[0]["ratios"])
-    head = ["variant", "kept (× input)", "table", "FLOPs (× eager)", "step ms [IQR]", *(REF_LABELS[r] for r in refs)]
+    head = ["variant", "kept (× input)", "table", "FLOPs (× eager)", "step ms [IQR]", "GEMM ms", "rest ms",
+            *(REF_LABELS[r] for r in refs)]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -202,10 +222,28 @@ def format_table(rows: list[dict]) -> str:
             "" if r["table"] is None else f"{r['table']:.3f}",
             "" if r["flops"] is None else f"{r['flops']:.3f}",
             r["step"],
+            f"{r['gemm']:.1f}",
+            f"{r['timing'].median * 1e3 - r['gemm']:.1f}",
             *(r["ratios"][ref] for ref in refs),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def floor_line(rows: list[dict], ratio: float = 0.9) -> str:
+    """Issue 11's CPU target (block ≤ ``ratio`` × torch checkpoint's step) split into GEMM and rest: the rest time the
+    block row may spend given its measured GEMM ms, against what it spends and what the eager block spends without
+    any recompute."""
+    by = {r["variant"]: r for r in rows}
+    if "ckpt_ext block" not in by or "torch checkpoint" not in by:
+        return ""
+    ckpt, ours, eager = by["torch checkpoint"], by["ckpt_ext block"], by["eager block"]
+    budget = ratio * ckpt["timing"].median * 1e3
+    rest = lambda r: r["timing"].median * 1e3 - r["gemm"]  # noqa: E731
+    return (f"floor: block ≤ {ratio}× torch checkpoint = {budget:.1f} ms; block's GEMMs take {ours['gemm']:.1f} ms "
+            f"(torch checkpoint's {ckpt['gemm']:.1f}, the same FLOPs), leaving {budget - ours['gemm']:.1f} ms for the "
+            f"rest; block's rest is {rest(ours):.1f} ms, torch checkpoint's {rest(ckpt):.1f}, the eager block's "
+            f"(no recompute) {rest(eager):.1f}")  # fmt: skip
 
 
 def goal_table(rows: list[dict], d_model: int) -> str:
@@ -254,6 +292,8 @@ def main(argv=None) -> int:
         print(f"\n{family} block {size}, fp32, backend {ckpt_ext.backend.concrete_backend('cpu')}, "
               f"{torch.get_num_threads()} threads, {malloc}; kept: H hooks, S storages alive")  # fmt: skip
         print(format_table(rows))
+        print()
+        print(floor_line(rows))
         print()
         print(goal_table(rows, size["d_model"]))
     return 0

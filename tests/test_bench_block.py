@@ -31,7 +31,12 @@ def test_llama_rows_without_compile(capsys):
                                       "HF gradient checkpointing"}  # fmt: skip
         assert all(_cell_ok(c) for c in row["ratios"].values())
     table = bench_block.format_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "× HF grad ckpt" in table
+    assert table.count("\n") == len(rows) + 1 and "× HF grad ckpt" in table and "GEMM ms" in table
+    for row in rows:  # every variant runs matrix products, and they fit inside its step
+        assert 0 < row["gemm"]
+    assert by_name["torch checkpoint"]["gemm"] > 0 and by_name["ckpt_ext block"]["gemm"] > 0
+    floor = bench_block.floor_line(rows)
+    assert floor.startswith("floor: block ≤ 0.9× torch checkpoint") and "the eager block's (no recompute)" in floor
     goals = bench_block.goal_table(rows, TINY["d_model"])
     assert "| torch checkpoint | 0.000 | block " in goals  # ckpt_ext block keeps ~0, checkpoint-based rows 0 (S)
 
