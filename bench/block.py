@@ -18,10 +18,11 @@ Columns:
     step     CPU ms per step (forward + backward): median [25%-75%] of round-robin samples (bench.micro_timing)
     × ...    the paired per-round ratio to the eager block, to torch.utils.checkpoint, and (llama) to the HF layer eager
              and with its gradient checkpointing; "noisy" where the ratio's spread exceeds its distance from 1.
-    GEMM ms  self time of the step's matrix products (aten mm/addmm/bmm/baddbmm) under torch.profiler, mean of a few
-             steps run apart from the timing; "rest" = step - GEMM (norms, attention, pointwise, host). On CPU the
-             GEMMs run at the BLAS ceiling, so "rest" is where a variant can win; the floor line under the table says
-             what a step-time target needs from it.
+    GEMM ms  the step's share of matrix products (aten mm/addmm/bmm/baddbmm self time / wall time, under torch.profiler
+             over a few steps run apart from the timing) × its median step; "rest" = step - GEMM (norms, attention,
+             pointwise, host). A share, not the profiled ms, so a machine busier then than during timing cancels.
+             On CPU the GEMMs run at the BLAS ceiling, so "rest" is where a variant can win; the floor line under the
+             table says what a step-time target needs from it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -153,15 +155,16 @@ def _step(fn, x, g):
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
-def gemm_ms(fn, x, g, steps: int = 3) -> float:
-    """Mean self CPU ms per step of the GEMM ops (GEMM_OPS) in ``steps`` profiled training steps."""
+def gemm_share(fn, x, g, steps: int = 3) -> float:
+    """Fraction of ``steps`` profiled training steps' wall time spent in the GEMM ops (GEMM_OPS, self time)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             _step(fn, x, g)
-    total_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS)
-    return total_us / 1e3 / steps
+        wall_us = (time.perf_counter() - start) * 1e6
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / wall_us
 
 
 def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch=4, seq=256, min_time=2.0,
@@ -193,7 +196,7 @@ def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch
         flops = None if v.compiled else count_flops(_step, v.fn, x, g)
         rows[v.name] = dict(variant=v.name, kept=kept / in_bytes, how="S" if v.via_checkpoint else "H",
                             table=None if predicted is None else predicted / in_bytes, flops=flops,
-                            gemm=gemm_ms(v.fn, x, g))  # fmt: skip
+                            gemm_share=gemm_share(v.fn, x, g))  # fmt: skip
     times = time_interleaved({v.name: functools.partial(_step, v.fn, x, g) for v in table}, min_time, min_rounds)
     refs = ["eager block", "torch checkpoint"] + (["HF LlamaDecoderLayer eager", "HF gradient checkpointing"]
                                                   if hf_layer is not None else [])  # fmt: skip
@@ -202,6 +205,7 @@ def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch
         row["flops"] = None if row["flops"] is None else row["flops"] / eager_flops
         row["step"] = spread_text(times[name])
         row["timing"] = times[name]
+        row["gemm"] = row["gemm_share"] * times[name].median * 1e3
         row["ratios"] = {ref: ratio_text(times[name], times[ref]) for ref in refs}
     return list(rows.values())
 
@@ -223,7 +227,7 @@ def format_table(rows: list[dict]) -> str:
             "" if r["flops"] is None else f"{r['flops']:.3f}",
             r["step"],
             f"{r['gemm']:.1f}",
-            f"{r['timing'].median * 1e3 - r['gemm']:.1f}",
+            f"{r['timing'].median * 1e3 - r['gemm']:.1f}",  # never negative: the share is at most 1
             *(r["ratios"][ref] for ref in refs),
         ]
         lines.append("| " + " | ".join(cells) + " |")
