@@ -4,7 +4,8 @@ q (B, T, h, dh), k and v (B, S, hk, dh), h % hk == 0, g = h // hk: query head i 
 never repeated). One query head at a time, on one (B, T, S) score tile; no (B, h, T, S) tensor is ever built:
 
     S_i  = scale · q_i k_jᵀ + bias_i      bias_i: the additive float mask, or -inf where a bool keep-mask is False,
-                                          and -inf above the diagonal when causal (causal requires S == T)
+                                          -inf where segment_ids hide the key, and -inf above the diagonal when
+                                          causal (causal requires S == T)
     m    = rowmax S_i                     a row is empty (no visible key) iff m <= threshold: -inf without a mask or
                                           with a bool one, finfo(mask.dtype).min / 2 with a float mask, so rows
                                           emptied by -inf and by finfo.min (Hugging Face's padding) are both found
@@ -17,6 +18,12 @@ Backward (P rebuilt from lse; empty rows have lse = -inf, so P = 0 and their gra
     dq_i = scale · dS k_j,  dk_j += scale · dSᵀ q_i,  dv_j += (P ∘ keep / (1 - p))ᵀ dO_i   (summed over j's g heads)
 Compute in fp32 (fp64 for fp64 inputs); out (B, T, h, dh) in q.dtype, lse (B, h, T) in the compute dtype, dq/dk/dv
 in q/k/v's dtypes, all fresh contiguous tensors. ``check_gqa_args`` is the argument check every backend runs.
+
+segment_ids (B, S) int32/int64, optional (needs T == S): query row t sees key s iff seg[b, s] != 0 and
+seg[b, t] == seg[b, s] (0 = padding; ckpt_ext/segments.py builds them from lengths, keep masks, cu_seqlens or
+position ids). The reference applies them as their (B, 1, T, S) bool visibility (segments.visibility), on top of
+attn_mask when both are given (a key must pass both). Dropout indices do not depend on the mask, so the hash mask is
+the same whether visibility comes from segment_ids or from the equivalent bool attn_mask.
 """
 
 from __future__ import annotations
@@ -27,13 +34,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import reference, segments
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_gqa_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, attn_mask: Optional[Tensor],
-                   scale: float, op: str = "gqa_attention_fwd") -> None:  # fmt: skip
+                   scale: float, op: str = "gqa_attention_fwd", segment_ids: Optional[Tensor] = None
+                   ) -> None:  # fmt: skip
     """Raise a clear error naming the argument for anything the attention ops do not define."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{op}: q must be (B, T, h, dh) and k, v (B, S, hk, dh); got q {tuple(q.shape)}, "
@@ -54,6 +62,8 @@ def check_gqa_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: flo
         raise ValueError(f"{op}: dropout_p must be in [0, 1); got {dropout_p}")
     if not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be finite; got {scale}")
+    if segment_ids is not None:
+        _check_segment_ids(segment_ids, q, k, op)
     if attn_mask is None:
         return
     if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
@@ -65,6 +75,19 @@ def check_gqa_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: flo
         raise ValueError(f"{op}: attn_mask of shape {shape} does not broadcast to (B, h, T, S) = {full}")
     if attn_mask.device != q.device:
         raise ValueError(f"{op}: attn_mask is on {attn_mask.device}, q on {q.device}")
+
+
+def _check_segment_ids(seg: Tensor, q: Tensor, k: Tensor, op: str) -> None:
+    if seg.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: segment_ids must be int32 or int64 (0 = padding, equal ids = one sequence); "
+                        f"got {seg.dtype}")  # fmt: skip
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    if tuple(seg.shape) != (b, s):
+        raise ValueError(f"{op}: segment_ids must be (B, S) = {(b, s)}; got {tuple(seg.shape)}")
+    if t != s:
+        raise ValueError(f"{op}: segment_ids need as many keys as queries (S == T); got T={t}, S={s}")
+    if seg.device != q.device:
+        raise ValueError(f"{op}: segment_ids is on {seg.device}, q on {q.device}")
 
 
 def check_mask_grad(attn_mask: Optional[Tensor]) -> None:
@@ -102,8 +125,9 @@ def _head_flat_index(b: int, h: int, i: int, t: int, s: int, device) -> Tensor:
     return ((ar(b) * h + i) * (t * s))[:, None, None] + (ar(t) * s)[None, :, None] + ar(s)[None, None, :]
 
 
-def _head_scores(q, k, i, g, causal, m4, scale, cdt) -> Tensor:
-    """S_i (B, T, S) in cdt for query head i: scale · q_i k_jᵀ + bias_i, -inf above the diagonal when causal."""
+def _head_scores(q, k, i, g, causal, m4, scale, cdt, seg_vis=None) -> Tensor:
+    """S_i (B, T, S) in cdt for query head i: scale · q_i k_jᵀ + bias_i, -inf where seg_vis (B, T, S) is False and
+    above the diagonal when causal."""
     qi, kj = q[:, :, i].to(cdt), k[:, :, i // g].to(cdt)  # (B, T, dh), (B, S, dh)
     s = torch.bmm(qi, kj.transpose(1, 2)).mul_(scale)  # (B, T, S)
     if m4 is not None:
@@ -112,6 +136,8 @@ def _head_scores(q, k, i, g, causal, m4, scale, cdt) -> Tensor:
             s.masked_fill_(~mi, float("-inf"))
         else:
             s.add_(mi.to(cdt))
+    if seg_vis is not None:
+        s.masked_fill_(~seg_vis, float("-inf"))
     if causal:
         t, n = s.shape[1:]
         s.masked_fill_(torch.ones(t, n, dtype=torch.bool, device=s.device).triu_(1), float("-inf"))
@@ -122,10 +148,16 @@ def _dropped(x: Tensor, keep: Optional[Tensor], dropout_p: float) -> Tensor:
     return x if keep is None else torch.where(keep, x * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=x.dtype))
 
 
+def _seg_vis(segment_ids: Optional[Tensor]) -> Optional[Tensor]:
+    return None if segment_ids is None else segments.visibility(segment_ids)[:, 0]  # (B, T, S)
+
+
 def gqa_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, seed: int,
-                      attn_mask: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+                      attn_mask: Optional[Tensor], scale: float, segment_ids: Optional[Tensor] = None
+                      ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """out (B, T, h, dh) in q.dtype, lse (B, h, T) in the compute dtype; see the module docstring."""
-    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale)
+    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
+    seg_vis = _seg_vis(segment_ids)
     b, t, h, dh = q.shape
     s_len, g = k.shape[1], h // k.shape[2]
     cdt = reference.compute_dtype(q)
@@ -135,7 +167,7 @@ def gqa_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: 
     if t == 0 or s_len == 0:
         return out.to(q.dtype), lse
     for i in range(h):
-        s = _head_scores(q, k, i, g, causal, m4, scale, cdt)  # (B, T, S)
+        s = _head_scores(q, k, i, g, causal, m4, scale, cdt, seg_vis)  # (B, T, S)
         row_max = s.amax(dim=-1, keepdim=True)  # (B, T, 1)
         empty = row_max <= thr
         e = torch.exp(s - torch.where(empty, 0.0, row_max))
@@ -148,10 +180,11 @@ def gqa_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: 
 
 
 def gqa_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                      dropout_p: float, seed: int, attn_mask: Optional[Tensor], scale: float
-                      ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                      dropout_p: float, seed: int, attn_mask: Optional[Tensor], scale: float,
+                      segment_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """VJP of gqa_attention_fwd: dq (B, T, h, dh), dk, dv (B, S, hk, dh); P rebuilt per head from the saved lse."""
-    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd")
+    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids)
+    seg_vis = _seg_vis(segment_ids)
     b, t, h, dh = q.shape
     s_len, g = k.shape[1], h // k.shape[2]
     cdt = reference.compute_dtype(q)
@@ -162,7 +195,7 @@ def gqa_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     for i in range(0 if t == 0 or s_len == 0 else h):
         j = i // g
         lse_i = lse[:, i].to(cdt)[..., None]  # (B, T, 1)
-        s = _head_scores(q, k, i, g, causal, m4, scale, cdt)
+        s = _head_scores(q, k, i, g, causal, m4, scale, cdt, seg_vis)
         p = torch.where(torch.isneginf(lse_i), 0.0, torch.exp(s - lse_i))  # (B, T, S)
         keep = hash_keep(_head_flat_index(b, h, i, t, s_len, q.device), dropout_p, seed) if dropout_p > 0 else None
         do = dout[:, :, i].to(cdt)  # (B, T, dh)

@@ -1,9 +1,13 @@
 """``ckpt_ext::gqa_attention_fwd``/``_bwd`` (separate q, k, v; grouped-query) and ``ckpt_ext::attention_fwd``/``_bwd``
 (the packed qkv projection): softmax attention ops.
 
-gqa_attention_fwd(q (B, T, h, dh), k, v (B, S, hk, dh), causal, dropout_p, seed, attn_mask?, scale)
+gqa_attention_fwd(q (B, T, h, dh), k, v (B, S, hk, dh), causal, dropout_p, seed, attn_mask?, scale, segment_ids?)
     -> out (B, T, h, dh) q.dtype, lse (B, h, T) fp32 (fp64 for fp64)
-gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask?, scale) -> dq, dk, dv (q/k/v shapes)
+gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask?, scale, segment_ids?)
+    -> dq, dk, dv (q/k/v shapes)
+segment_ids (B, S) int32/int64 (T == S): key padding and packed sequences without a 4-D mask; row t sees key s iff
+seg[b, s] != 0 and seg[b, t] == seg[b, s] (ckpt_ext/segments.py converts lengths, keep masks, cu_seqlens and position
+ids). It combines with attn_mask (a key must pass both) and, being integer, never takes a gradient.
 Query head i reads kv head i // (h // hk); dk/dv sum over the heads of a group. Math, masks, the empty-row rule and
 the dropout index: ckpt_ext/reference_attention.py. q, k, v may be strided views with unit last stride (GPT-2 passes
 views of its packed qkv). Integer masks raise TypeError; a mask that requires grad raises ValueError when autograd
@@ -106,14 +110,17 @@ def gqa_attention_fwd(
     seed: int,
     attn_mask: Optional[Tensor],
     scale: float,
+    segment_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale)
-    return _gqa_kernel("gqa_attention_fwd", q.device.type)(q, k, v, causal, dropout_p, seed, attn_mask, scale)
+    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
+    return _gqa_kernel("gqa_attention_fwd", q.device.type)(
+        q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids
+    )
 
 
 @gqa_attention_fwd.register_fake
-def _(q, k, v, causal, dropout_p, seed, attn_mask, scale):
-    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale)
+def _(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
     b, t, h, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, t), dtype=_lse_dtype(q))
 
@@ -131,33 +138,38 @@ def gqa_attention_bwd(
     seed: int,
     attn_mask: Optional[Tensor],
     scale: float,
+    segment_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd")
+    reference_attention.check_gqa_args(
+        q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids
+    )
     return _gqa_kernel("gqa_attention_bwd", q.device.type)(
-        dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale
+        dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids
     )
 
 
 @gqa_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale):
-    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd")
+def _(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+    reference_attention.check_gqa_args(
+        q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids
+    )
     torch._check(dout.shape == q.shape, lambda: "gqa_attention_bwd: dout must be (B, T, h, dh) like q")
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _gqa_setup(ctx, inputs, output):
-    q, k, v, causal, dropout_p, seed, attn_mask, scale = inputs
+    q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids = inputs
     reference_attention.check_mask_grad(attn_mask)
     out, lse = output
     ctx.args = (causal, dropout_p, seed)
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, segment_ids)
 
 
 def _gqa_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, attn_mask = ctx.saved_tensors
-    dq, dk, dv = gqa_attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args, attn_mask, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, out, lse, attn_mask, segment_ids = ctx.saved_tensors
+    dq, dk, dv = gqa_attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args, attn_mask, ctx.scale, segment_ids)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 gqa_attention_fwd.register_autograd(_gqa_backward, setup_context=_gqa_setup)

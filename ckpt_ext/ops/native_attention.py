@@ -23,6 +23,10 @@ Math, masks, the empty-row rule and the dropout index are reference_attention.py
   arithmetic on the tile's flat (B, h, T, S) indices (logical shifts by masking): the reference's mask bit for bit,
   ~4x cheaper than its int64 emulation.
 - ``reference``: empty T or S.
+segment_ids (B, S) (key padding / packed sequences, see ckpt_ext/segments.py): ``cpu_math`` builds each tile's
+(B, tq, n) visibility from the ids of its rows and keys (never a (B, h, T, S) or (B, T, S) tensor) and skips nothing;
+``cpu_flash`` hands them over as the additive (B, 1, T, S) -inf mask (segments.visibility, combined with attn_mask
+when both are given), with the empty rows found from it; ``cuda_flash`` is never taken with them.
 The packed-qkv ops (attention_fwd/_bwd) call the same routes on q, k, v views of qkv (h == hk, scale 1/sqrt(dh)).
 """
 
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference, reference_attention
+from .. import reference, reference_attention, segments
 from ..reference_attention import empty_threshold, mask4
 
 BLOCK_Q = 64  # query rows per cpu_math tile
@@ -48,13 +52,14 @@ def _cuda_flash_fits(q, k) -> bool:
     )
 
 
-def _route_gqa(q, k, dropout_p, attn_mask) -> str:
+def _route_gqa(q, k, dropout_p, attn_mask, segment_ids=None) -> str:
     if q.shape[1] == 0 or k.shape[1] == 0:
         return "reference"
     if dropout_p == 0.0:
         if q.device.type == "cpu" and (attn_mask is None or attn_mask.dtype in (torch.bool, q.dtype)):
             return "cpu_flash"
-        if attn_mask is None and q.device.type == "cuda" and _cuda_flash_fits(q, k):
+        no_mask = attn_mask is None and segment_ids is None
+        if no_mask and q.device.type == "cuda" and _cuda_flash_fits(q, k):
             return "cuda_flash"
     return "cpu_math"
 
@@ -83,20 +88,20 @@ def attention_bwd(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_ma
 
 
 # ------------------------------------------------------------------------------------------------ grouped-query
-def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
-    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale)
-    route = _route_gqa(q, k, dropout_p, attn_mask)
+def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
+    route = _route_gqa(q, k, dropout_p, attn_mask, segment_ids)
     if route == "reference":
-        return reference_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale)
+        return reference_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
     if route == "cpu_math":
-        return _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale)
+        return _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
     b, t, h, dh = q.shape
     if route == "cuda_flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False, scale=scale
         )[:2]
         return out.transpose(1, 2).contiguous(), lse.contiguous()
-    flash_mask, empty = _flash_mask(attn_mask, q, t, k.shape[1], causal)
+    flash_mask, empty = _flash_mask(attn_mask, q, t, k.shape[1], causal, segment_ids)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, attn_mask=flash_mask, scale=scale
     )  # out (B, h, T, dh) laid out like q.transpose(1, 2); lse (B, h, T)
@@ -106,13 +111,17 @@ def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
     return out.transpose(1, 2).contiguous(), lse
 
 
-def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale):
-    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd")
-    route = _route_gqa(q, k, dropout_p, attn_mask)
+def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+    reference_attention.check_gqa_args(
+        q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids
+    )
+    route = _route_gqa(q, k, dropout_p, attn_mask, segment_ids)
     if route == "reference":
-        return reference_attention.gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale)
+        return reference_attention.gqa_attention_bwd(
+            dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids
+        )
     if route == "cpu_math":
-        return _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale)
+        return _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids)
     b, t, h, dh = q.shape
     if route == "cuda_flash":
         rng_state = torch.empty((2,), dtype=torch.uint64, device=q.device)
@@ -122,7 +131,7 @@ def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mas
             t, k.shape[1], 0.0, causal, rng_state, unused, scale=scale,
         )  # fmt: skip
         return tuple(x.transpose(1, 2).contiguous() for x in (dq, dk, dv))
-    flash_mask, empty = _flash_mask(attn_mask, q, t, k.shape[1], causal)
+    flash_mask, empty = _flash_mask(attn_mask, q, t, k.shape[1], causal, segment_ids)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2),
         lse if empty is None else lse.masked_fill(empty, 0.0), 0.0, causal, attn_mask=flash_mask, scale=scale,
@@ -130,18 +139,23 @@ def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mas
     return tuple(x.transpose(1, 2).contiguous() for x in (dq, dk, dv))
 
 
-def _flash_mask(attn_mask, q, t, s, causal):
-    """attn_mask as the additive (B|1, h|1, T|1, S) tensor in q's dtype that aten's CPU flash kernel reads (-inf where a
-    key is invisible), and the (B|1, h|1, T) rows with no visible key (None when there is none); (None, None) without
-    a mask."""
-    if attn_mask is None:
+def _flash_mask(attn_mask, q, t, s, causal, segment_ids=None):
+    """attn_mask and segment_ids as the additive (B|1, h|1, T|1, S) tensor in q's dtype that aten's CPU flash kernel
+    reads (-inf where a key is invisible), and the (B|1, h|1, T) rows with no visible key (None when there is none);
+    (None, None) without either. segment_ids add their (B, 1, T, S) visibility."""
+    if attn_mask is None and segment_ids is None:
         return None, None
     m4 = mask4(attn_mask)
-    visible = m4 if m4.dtype == torch.bool else m4 > empty_threshold(attn_mask)  # (B|1, h|1, T|1, S|1)
-    if m4.dtype == torch.bool:
-        flash_mask = torch.zeros(m4.shape, dtype=q.dtype, device=q.device).masked_fill_(~m4, float("-inf"))
+    visible = None
+    if m4 is not None:
+        visible = m4 if m4.dtype == torch.bool else m4 > empty_threshold(attn_mask)  # (B|1, h|1, T|1, S|1)
+    if segment_ids is not None:
+        seg_visible = segments.visibility(segment_ids)  # (B, 1, T, S)
+        visible = seg_visible if visible is None else visible & seg_visible
+    if m4 is None or m4.dtype == torch.bool:
+        flash_mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
     else:
-        flash_mask = m4.masked_fill(~visible, float("-inf"))
+        flash_mask = torch.where(visible, m4, torch.full((), float("-inf"), dtype=m4.dtype, device=m4.device))
     seen = visible.expand(*visible.shape[:2], t, s)
     if causal:
         seen = seen & torch.ones(t, s, dtype=torch.bool, device=q.device).tril_()
@@ -183,9 +197,10 @@ def _drop_(x, keep, dropout_p):
     return x if keep is None else x.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
 
 
-def _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt):
+def _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt, seg=None):
     """scale · q tile (B, g·tq, dh) and S = scale · q kᵀ + mask (B, g, tq, n) in cdt for kv group j, query rows
-    t0:t1, keys 0:n (n = t1 when causal: the keys past the tile's last row are never visible, so never computed)."""
+    t0:t1, keys 0:n (n = t1 when causal: the keys past the tile's last row are never visible, so never computed);
+    -inf where the segment ids seg (B, S) hide a key."""
     b, tq = q.shape[0], t1 - t0
     qt = q[:, t0:t1, j * g : (j + 1) * g].transpose(1, 2).to(cdt).reshape(b, g * tq, -1) * scale
     kt = k[:, :n, j].to(cdt).transpose(1, 2)  # (B, dh, n)
@@ -201,6 +216,9 @@ def _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt):
         s = torch.bmm(qt, kt).view(b, g, tq, n)
         if mt is not None:
             s.masked_fill_(~mt, float("-inf"))
+    if seg is not None:
+        rows, keys = seg[:, t0:t1, None], seg[:, None, :n]  # (B, tq, 1), (B, 1, n)
+        s.masked_fill_(((keys == 0) | (rows != keys))[:, None], float("-inf"))  # (B, 1, tq, n)
     if causal:  # the diagonal block, keys t0:t1
         above = torch.ones(tq, tq, dtype=torch.bool, device=s.device).triu_(1)
         s[..., t0:t1].masked_fill_(above, float("-inf"))
@@ -217,7 +235,7 @@ def _tiles(q, k, causal):
             yield j, g, slice(j * g, (j + 1) * g), t0, t1, t1 if causal else k.shape[1]
 
 
-def _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
+def _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
     b, t, h, dh = q.shape
     s_len = k.shape[1]
     cdt = reference.compute_dtype(q)
@@ -225,11 +243,11 @@ def _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
     out = q.new_empty((b, t, h, dh))
     lse = q.new_empty((b, h, t), dtype=cdt)
     for j, g, heads, t0, t1, n in _tiles(q, k, causal):
-        _, s = _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt)  # (B, g, tq, n)
+        _, s = _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt, segment_ids)  # (B, g, tq, n)
         row_max = s.amax(dim=-1, keepdim=True)  # (B, g, tq, 1)
         p = torch.softmax(s, dim=-1)
         lse_t = row_max - p.amax(dim=-1, keepdim=True).log_()  # max P = 1 / Σ exp(S - max S)
-        if m4 is not None:  # only a mask can leave a row without a visible key
+        if m4 is not None or segment_ids is not None:  # only a mask can leave a row without a visible key
             empty = row_max <= thr
             p.masked_fill_(empty, 0.0)
             lse_t.masked_fill_(empty, float("-inf"))
@@ -240,7 +258,7 @@ def _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
     return out, lse
 
 
-def _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale):
+def _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
     b, t, h, dh = q.shape
     s_len = k.shape[1]
     cdt = reference.compute_dtype(q)
@@ -251,7 +269,7 @@ def _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale):
     dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
     for j, g, heads, t0, t1, n in _tiles(q, k, causal):
         tq = t1 - t0
-        qt, s = _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt)  # qt = scale · q
+        qt, s = _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt, segment_ids)  # qt = scale · q
         lse_t = lse[:, heads, t0:t1].to(cdt)[..., None]  # (B, g, tq, 1)
         p = s.sub_(lse_t).exp_()  # (B, g, tq, n)
         if any_empty:

@@ -1,0 +1,222 @@
+"""segment_ids (key padding and packed sequences as a (B, S) kernel argument) on every backend this machine runs.
+
+- The converters (ckpt_ext/segments.py): values, validation errors naming the argument, key_ranges bounding every
+  visible key.
+- ops.gqa_attention_fwd/_bwd with segment_ids (reference, cpp, triton under the interpreter) against the float64
+  reference fed the equivalent bool mask (segments.visibility): out, lse, dq, dk, dv, × causal × GQA ratio 1/2/h ×
+  dropout 0 and 0.2 (the hash dropout must be identical: its index does not depend on the mask) × T 1/7/33/70 ×
+  padding (empty rows: zeros, lse = -inf, zero grads), packed, and non-contiguous ids (no tile skipping possible);
+  also segment_ids combined with an additive finfo.min attn_mask.
+- opcheck with segment_ids; bad segment_ids raise naming the argument.
+- No allocation reaches an fp32 (B, h, T, T) tensor at T = 128 with segment_ids (reference, cpp).
+"""
+
+import pytest
+import torch
+from test_attention_memory import FULL_FP32_BYTES, largest_allocation
+
+import ckpt_ext
+from ckpt_ext import ops, reference_attention, segments
+
+OP_BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)]
+H, DH = 4, 8
+
+
+def make_ids(kind: str, b: int, t: int) -> torch.Tensor:
+    """(B, T) int32 segment ids of one of the layouts the tests cover."""
+    g = torch.Generator().manual_seed(t * 31 + b)
+    if kind == "padding":  # left padding in row 0, right padding in row 2, none in row 1
+        keep = torch.ones(b, t, dtype=torch.bool)
+        keep[0, : t // 2] = False
+        if b > 2:
+            keep[2, t - t // 3 :] = False
+        return segments.from_keep_mask(keep)
+    if kind == "packed":  # sequences of random lengths per row, trailing padding
+        rows = []
+        for _ in range(b):
+            cuts = torch.randint(0, t + 1, (3,), generator=g).sort().values
+            cu = torch.cat([torch.zeros(1, dtype=torch.int64), cuts])
+            rows.append(segments.from_cu_seqlens(cu, t))
+        return torch.cat(rows)
+    return torch.randint(0, 3, (b, t), generator=g, dtype=torch.int32)  # "scattered": ids repeat non-contiguously
+
+
+def make_qkv(b, t, hk, dtype=torch.float32):
+    return [torch.randn(b, t, n, DH, dtype=dtype) for n in (H, hk, hk)]
+
+
+def run(backend, q, k, v, dout, causal, dropout_p, mask, ids, scale=0.4):
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    with ckpt_ext.set_backend(backend):
+        out, lse = ops.gqa_attention_fwd(*leaves, causal, dropout_p, 7, mask, scale, ids)
+        grads = torch.autograd.grad(out, leaves, dout)
+    return out, lse, grads
+
+
+def reference64(q, k, v, dout, causal, dropout_p, mask, scale=0.4):
+    """float64 reference math with the equivalent 4-D mask instead of segment ids."""
+    q, k, v, dout = (x.double() for x in (q, k, v, dout))
+    out, lse = reference_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, 7, mask, scale)
+    grads = reference_attention.gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, 7, mask, scale)
+    return out, lse, grads
+
+
+def assert_matches(ours, ref, atol=2e-5):
+    (out, lse, grads), (rout, rlse, rgrads) = ours, ref
+    torch.testing.assert_close(out.double(), rout, atol=atol, rtol=atol)
+    torch.testing.assert_close(lse.double(), rlse, atol=atol, rtol=atol)  # -inf exactly where the reference has it
+    for g, rg in zip(grads, rgrads):
+        torch.testing.assert_close(g.double(), rg, atol=atol, rtol=atol)
+
+
+# ------------------------------------------------------------------------------------------------ converters
+def test_from_lengths():
+    ids = segments.from_lengths(torch.tensor([3, 0, 5]), 5)
+    assert ids.dtype == torch.int32
+    assert ids.tolist() == [[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="lengths"):
+        segments.from_lengths(torch.tensor([6]), 5)
+    with pytest.raises(TypeError, match="lengths"):
+        segments.from_lengths(torch.tensor([1.0]), 5)
+    with pytest.raises(ValueError, match="seq_len"):
+        segments.from_lengths(torch.tensor([1]), -1)
+
+
+def test_from_keep_mask():
+    assert segments.from_keep_mask(torch.tensor([[0, 1, 1]])).tolist() == [[0, 1, 1]]
+    assert segments.from_keep_mask(torch.tensor([[True, False]])).dtype == torch.int32
+    with pytest.raises(ValueError, match="keep"):
+        segments.from_keep_mask(torch.tensor([[0, 2]]))
+    with pytest.raises(ValueError, match="keep"):
+        segments.from_keep_mask(torch.ones(2, 3, 4))
+
+
+def test_from_cu_seqlens():
+    ids = segments.from_cu_seqlens(torch.tensor([0, 2, 2, 5], dtype=torch.int32), 7)
+    assert ids.tolist() == [[1, 1, 3, 3, 3, 0, 0]]  # sequence 2 is empty
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        segments.from_cu_seqlens(torch.tensor([1, 3]), 4)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        segments.from_cu_seqlens(torch.tensor([0, 3, 2]), 4)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        segments.from_cu_seqlens(torch.tensor([0, 5]), 4)
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        segments.from_cu_seqlens(torch.tensor([0.0, 2.0]), 4)
+
+
+def test_from_position_ids():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 7, 8, 9, 10]])
+    assert segments.from_position_ids(pos).tolist() == [[1, 1, 1, 2, 2, 3], [1, 1, 1, 1, 1, 1]]
+    keep = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    assert segments.from_position_ids(pos, keep).tolist() == [[1, 1, 1, 2, 2, 3], [0, 0, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="keep"):
+        segments.from_position_ids(pos, keep[:, :3])
+    with pytest.raises(ValueError, match="position_ids"):
+        segments.from_position_ids(pos[0])
+
+
+@pytest.mark.parametrize("kind", ["padding", "packed", "scattered"])
+def test_key_ranges_bound_every_visible_key(kind):
+    ids = make_ids(kind, 3, 33)
+    start, end = segments.key_ranges(ids)
+    vis = segments.visibility(ids)[:, 0]  # (B, T, S)
+    cols = torch.arange(33)
+    inside = (cols[None, None, :] >= start[..., None]) & (cols[None, None, :] <= end[..., None])
+    assert not (vis & ~inside).any()
+    assert (start[:, 1:] >= start[:, :-1]).all() and (end[:, 1:] >= end[:, :-1]).all()
+    if kind != "scattered":  # contiguous segments: the range is exactly the row's segment (or its padding run)
+        assert (inside.sum(-1) == (ids[:, :, None] == ids[:, None, :]).sum(-1)).all()
+
+
+# ------------------------------------------------------------------------------------------------ ops
+CASES = [("padding", 3, 7), ("packed", 3, 33), ("scattered", 3, 20), ("padding", 1, 1), ("packed", 1, 70)]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("kind, b, t", CASES)
+@pytest.mark.parametrize("hk", [H, 2, 1])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_segment_ids_match_the_equivalent_bool_mask(backend, kind, b, t, hk, causal, dropout_p):
+    if backend == "triton" and t == 70 and hk != 2:
+        pytest.skip("the interpreter is slow: T=70 runs at one GQA ratio")
+    ids = make_ids(kind, b, t)
+    q, k, v = make_qkv(b, t, hk)
+    dout = torch.randn(b, t, H, DH)
+    ours = run(backend, q, k, v, dout, causal, dropout_p, None, ids)
+    assert_matches(ours, reference64(q, k, v, dout, causal, dropout_p, segments.visibility(ids)))
+    out, lse, (dq, _, _) = ours
+    empty = ids == 0  # (B, T): padded rows see no key
+    assert (out[empty] == 0).all() and (dq[empty] == 0).all()
+    assert torch.isneginf(lse.transpose(1, 2)[empty]).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_segment_ids_combine_with_an_additive_mask(backend, dropout_p):
+    b, t, hk = 3, 19, 2
+    ids = make_ids("packed", b, t)
+    bias = torch.randn(b, 1, t, t).masked_fill(torch.rand(b, 1, t, t) < 0.3, torch.finfo(torch.float32).min)
+    q, k, v = make_qkv(b, t, hk)
+    dout = torch.randn(b, t, H, DH)
+    ours = run(backend, q, k, v, dout, True, dropout_p, bias, ids)
+    combined = torch.where(segments.visibility(ids), bias, float("-inf"))  # fp32: its empty-row threshold
+    assert_matches(ours, reference64(q, k, v, dout, True, dropout_p, combined))
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_int64_ids_and_bf16(backend):
+    b, t, hk = 2, 17, 2
+    ids = make_ids("packed", b, t).long()
+    q, k, v = make_qkv(b, t, hk, torch.bfloat16)
+    dout = torch.randn(b, t, H, DH, dtype=torch.bfloat16)
+    ours = run(backend, q, k, v, dout, True, 0.0, None, ids)
+    ref = reference64(q, k, v, dout, True, 0.0, segments.visibility(ids))
+    assert_matches(ours, ref, atol=3e-2)
+
+
+def test_bad_segment_ids_raise_naming_the_argument():
+    q, k, v = make_qkv(2, 5, 2)
+    with pytest.raises(TypeError, match="segment_ids"):
+        ops.gqa_attention_fwd(q, k, v, True, 0.0, 0, None, 0.5, torch.ones(2, 5))
+    with pytest.raises(ValueError, match="segment_ids"):
+        ops.gqa_attention_fwd(q, k, v, True, 0.0, 0, None, 0.5, torch.ones(2, 4, dtype=torch.int32))
+    kx, vx = make_qkv(2, 6, 2)[1:]
+    with pytest.raises(ValueError, match="segment_ids"):
+        ops.gqa_attention_fwd(q, kx, vx, False, 0.0, 0, None, 0.5, torch.ones(2, 6, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_with_segment_ids(backend, requires_grad):
+    b, t, hk = 3, 7, 2
+    ids = make_ids("packed", b, t)
+    q, k, v = (x.requires_grad_(requires_grad) for x in make_qkv(b, t, hk))
+    out, lse = reference_attention.gqa_attention_fwd(q.detach(), k.detach(), v.detach(), True, 0.2, 3, None, 0.35, ids)
+    with ckpt_ext.set_backend(backend):
+        torch.library.opcheck(ops.gqa_attention_fwd, (q, k, v, True, 0.2, 3, None, 0.35, ids))
+        torch.library.opcheck(ops.gqa_attention_fwd, (q, k, v, False, 0.0, 3, None, 0.35, ids.long()))
+        dout = torch.randn(b, t, H, DH)
+        torch.library.opcheck(ops.gqa_attention_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, True, 0.2, 3,
+                                                      None, 0.35, ids))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_no_per_head_t_by_t_allocation_with_segment_ids(backend, dropout_p):
+    b, t = 2, 128
+    q = torch.randn(b, t, H, 16, requires_grad=True)
+    k, v = (torch.randn(b, t, 2, 16, requires_grad=True) for _ in range(2))
+    ids = make_ids("packed", b, t)
+    dout = torch.randn(b, t, H, 16)
+
+    def step():
+        out, _ = ops.gqa_attention_fwd(q, k, v, True, dropout_p, 3, None, 0.25, ids)
+        out.backward(dout)
+
+    with ckpt_ext.set_backend(backend):
+        largest = largest_allocation(step)
+    assert q.grad is not None and k.grad is not None
+    assert largest < FULL_FP32_BYTES, (largest, FULL_FP32_BYTES)
