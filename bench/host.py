@@ -10,13 +10,16 @@ reference), for the GPT-2 form and the Llama form (RoPE tables, GQA). Columns: �
 ckpt_ext, counted by a TorchDispatchMode; ops inside a ckpt_ext op are not counted), and the paired ratio to the eager
 block and to torch.utils.checkpoint ("noisy" when its spread exceeds its distance from 1). Then µs per call of a
 ckpt_ext graph op, of the same C++ kernel called directly (the difference is torch's Python custom_op wrapper, paid
-once per ckpt_ext op of a step), and of aten ops of the same tiny size.
+once per ckpt_ext op of a step), and of aten ops of the same tiny size. Last, the Triton path's host cost with every
+kernel launch stubbed (bench/host_triton.py, its own process: it needs TRITON_INTERPRET=1 before triton is imported).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import subprocess
+import sys
 from collections import Counter
 
 import torch
@@ -165,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--min-time", type=float, default=3.0, help="seconds of interleaved timing per family")
+    ap.add_argument("--no-triton", action="store_true", help="skip the Triton-path table (bench.host_triton)")
     args = ap.parse_args(argv)
     families = ("gpt2", "llama") if args.family == "both" else (args.family,)
     for family in families:
@@ -175,6 +179,10 @@ def main(argv=None) -> int:
     print("\nµs per call (8 x 64 fp32, 1 thread), median [IQR]")
     for name, timing in dispatch_cost(args.min_time / 3).items():
         print(f"| {name} | {spread_text(timing, 1e6)} |")
+    if not args.no_triton:
+        cmd = [sys.executable, "-m", "bench.host_triton", "--family", args.family, "--min-time", str(args.min_time)]
+        sys.stdout.flush()
+        subprocess.run(cmd, check=True)
     return 0
 
 

@@ -21,3 +21,20 @@ def test_host_rows_every_variant_and_op_counts():
 def test_dispatch_cost_rows():
     costs = host.dispatch_cost(min_time=0.0)
     assert "ckpt_ext::layer_norm_fwd (cpp)" in costs and all(t.median > 0 for t in costs.values())
+
+
+def test_triton_path_host_cost_counts_every_launch():
+    """bench.host_triton in its own process (it stubs Triton's launch globally): every policy row runs on the triton
+    backend, the stub sees launches (so the Triton launchers really ran), and block launches more than none (it replays
+    the attention half)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bench.host_triton", "--family", "llama", "--min-time", "0.01"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[3].strip() for line in out.splitlines() if line.startswith("| ")
+    }
+    launches = {p: int(rows[f"triton {p}"]) for p in host.POLICIES}
+    assert all(n > 0 for n in launches.values()) and launches["block"] > launches["none"]
+    assert rows["TransformerBlock"] == ""
