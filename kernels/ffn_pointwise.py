@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .gelu_math import gelu_and_grad
 from .matmul_configs import AUTOTUNE, configs
-from .matmul_tiles import k_slice, load_a, load_b, matmul_tile, mma, tile_offsets
+from .matmul_tiles import k_slice, load_a, load_b, load_tile, matmul_tile, mma, store_tile, tile_offsets
 
 
 @triton.jit
@@ -37,14 +37,11 @@ def linear_gelu_bwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    _, rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm64 = rm.to(tl.int64)
-    acc = matmul_tile(DY, W2, rm64, rn, m_ok, n_ok, K, stride_dym, stride_dyk, stride_wk, stride_wn, UPCAST, BLOCK_M,
-                      BLOCK_N, BLOCK_K)  # fmt: skip
+    acc, rm, rn, m_ok, n_ok = matmul_tile(DY, W2, M, N, K, stride_dym, stride_dyk, stride_wk, stride_wn, UPCAST,
+                                          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)  # fmt: skip
     mask = m_ok[:, None] & n_ok[None, :]
-    u = tl.load(U + rm64[:, None] * stride_um + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    _, grad = gelu_and_grad(u, APPROX_TANH)
-    tl.store(DU + rm64[:, None] * N + rn[None, :], (acc * grad).to(DU.dtype.element_ty), mask=mask)
+    _, grad = gelu_and_grad(load_tile(U, rm, rn, stride_um, mask), APPROX_TANH)
+    store_tile(DU, rm, rn, N, acc * grad, mask)
 
 
 @triton.jit
@@ -70,14 +67,13 @@ def gelu_linear_wgrad_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk, k_ok = k_slice(k0, K, BLOCK_K)
         kk = kk.to(tl.int64)
-        a = load_a(DY, rm, kk, stride_dym, stride_dyk, m_ok, k_ok)
-        u = load_b(U, kk, rn, stride_uk, 1, k_ok, n_ok)
+        a = load_a(DY, rm, kk, stride_dym, stride_dyk, m_ok, k_ok)  # (BLOCK_M, BLOCK_K)
+        u = load_b(U, kk, rn, stride_uk, 1, k_ok, n_ok)  # (BLOCK_K, BLOCK_N)
         act, _ = gelu_and_grad(u.to(tl.float32), APPROX_TANH)
         if not UPCAST:
             act = act.to(u.dtype)
         acc = mma(a, act, acc, UPCAST)
-    mask = m_ok[:, None] & n_ok[None, :]
-    tl.store(DW + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(DW.dtype.element_ty), mask=mask)
+    store_tile(DW, rm.to(tl.int64), rn, N, acc, m_ok[:, None] & n_ok[None, :])
 
 
 linear_gelu_bwd_autotuned = triton.autotune(configs=configs(), **AUTOTUNE)(linear_gelu_bwd_kernel)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .gelu_math import gelu_and_grad
 from .matmul_configs import DUAL_AUTOTUNE, dual_configs
-from .matmul_tiles import k_slice, load_a, load_b, mma, tile_offsets
+from .matmul_tiles import k_slice, load_a, load_bias, mma_ab, mma_b, store_tile, tile_offsets
 
 
 @triton.jit
@@ -55,31 +55,26 @@ def ffn_recompute_kernel(
     GROUP_M: tl.constexpr,
 ):
     pid_m, rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm64 = rm.to(tl.int64)
     mean = tl.load(MEAN + rm, mask=m_ok, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + rm, mask=m_ok, other=0.0).to(tl.float32)
+    rm = rm.to(tl.int64)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_da = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk, k_ok = k_slice(k0, K, BLOCK_K)
-        x = load_a(X1, rm64, kk, stride_xm, 1, m_ok, k_ok)
+        x = load_a(X1, rm, kk, stride_xm, 1, m_ok, k_ok)
         lw = tl.load(LN_W + kk, mask=k_ok, other=0.0).to(tl.float32)
         lb = tl.load(LN_B + kk, mask=k_ok, other=0.0).to(tl.float32)
         y = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
-        w1 = load_b(W1, kk, rn, stride_w1k, stride_w1n, k_ok, n_ok)
-        g = load_a(DY, rm64, kk, stride_dym, 1, m_ok, k_ok)
-        w2 = load_b(W2, kk, rn, stride_w2k, stride_w2n, k_ok, n_ok)
         if not UPCAST:
-            y = y.to(w1.dtype)
-        acc_u = mma(y, w1, acc_u, UPCAST)
-        acc_da = mma(g, w2, acc_da, UPCAST)
-    b1 = tl.load(B1 + rn, mask=n_ok, other=0.0).to(tl.float32)
-    act, grad = gelu_and_grad(acc_u + b1[None, :], APPROX_TANH)
+            y = y.to(W1.dtype.element_ty)
+        acc_u = mma_b(y, W1, kk, rn, stride_w1k, stride_w1n, k_ok, n_ok, acc_u, UPCAST)
+        acc_da = mma_ab(DY, W2, rm, kk, rn, stride_dym, 1, stride_w2k, stride_w2n, m_ok, k_ok, n_ok, acc_da, UPCAST)
+    act, grad = gelu_and_grad(acc_u + load_bias(B1, rn, n_ok), APPROX_TANH)
     mask = m_ok[:, None] & n_ok[None, :]
     du = tl.where(mask, grad * acc_da, 0.0)
-    out = rm64[:, None] * N + rn[None, :]
-    tl.store(A_OUT + out, act.to(A_OUT.dtype.element_ty), mask=mask)
-    tl.store(DU_OUT + out, du.to(DU_OUT.dtype.element_ty), mask=mask)
+    store_tile(A_OUT, rm, rn, N, act, mask)
+    store_tile(DU_OUT, rm, rn, N, du, mask)
     tl.store(DB1_PART + pid_m.to(tl.int64) * N + rn, tl.sum(du, axis=0), mask=n_ok)
 
 

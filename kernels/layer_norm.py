@@ -12,6 +12,9 @@ BLOCK_D = next_power_of_2(d) columns per row, masked beyond d.
 import triton
 import triton.language as tl
 
+from .reduce import owned_rows
+from .rows import load_row, row_block, store_row
+
 
 @triton.jit
 def layer_norm_fwd_kernel(
@@ -26,18 +29,15 @@ def layer_norm_fwd_kernel(
     eps,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < d
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask = row_block(0, d, BLOCK_D)
+    x = load_row(X, row, stride_x, cols, mask)
     mean = tl.sum(x, axis=0) / d
     xc = tl.where(mask, x - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / d
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w + b
-    tl.store(Y + row * d + cols, y.to(Y.dtype.element_ty), mask=mask)
+    w = load_row(W, 0, 0, cols, mask)
+    b = load_row(B, 0, 0, cols, mask)
+    store_row(Y, row, d, cols, xc * rstd * w + b, mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
@@ -63,21 +63,17 @@ def layer_norm_bwd_kernel(
     EMIT_Y: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < d
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    pid, cols, mask = row_block(0, d, BLOCK_D)
+    w = load_row(W, 0, 0, cols, mask)
     if EMIT_Y:
-        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        b = load_row(B, 0, 0, cols, mask)
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
     db = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    start = pid * rows_per_program
-    end = tl.minimum(start + rows_per_program, n_rows)
-    first = start.to(tl.int64)
-    for i in range(0, end - start):
+    first, count = owned_rows(rows_per_program, n_rows)
+    for i in range(0, count):
         row = first + i
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * d + cols, mask=mask, other=0.0).to(tl.float32)
+        x = load_row(X, row, stride_x, cols, mask)
+        dy = load_row(DY, row, d, cols, mask)
         mean = tl.load(MEAN + row).to(tl.float32)
         rstd = tl.load(RSTD + row).to(tl.float32)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
@@ -86,10 +82,10 @@ def layer_norm_bwd_kernel(
         c2 = tl.sum(g, axis=0) / d
         dx = (g - c2 - xhat * c1) * rstd
         if HAS_DRES:
-            dx += tl.load(DRES + row * d + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * d + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dx += load_row(DRES, row, d, cols, mask)
+        store_row(DX, row, d, cols, dx, mask)
         if EMIT_Y:
-            tl.store(Y + row * d + cols, (xhat * w + b).to(Y.dtype.element_ty), mask=mask)
+            store_row(Y, row, d, cols, xhat * w + b, mask)
         dw += dy * xhat
         db += dy
     tl.store(DW_PART + pid * d + cols, dw, mask=mask)

@@ -20,20 +20,8 @@ import triton.language as tl
 
 from .dropout import apply_dropout
 from .matmul_configs import AUTOTUNE, configs
-from .matmul_tiles import matmul_tile, tile_offsets
-
-
-@triton.jit
-def round_to(v, dtype: tl.constexpr):
-    """fp32 tile rounded to ``dtype`` (nearest-even) and back to fp32. bf16 is rounded with integer ops: the same
-    result as the GPU's cvt.rn, and right under the interpreter too, whose fp32 → bf16 cast truncates."""
-    if dtype == tl.bfloat16:
-        u = v.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        r = tl.where(v != v, v, u.to(tl.float32, bitcast=True))
-    else:
-        r = v.to(dtype).to(tl.float32)
-    return r
+from .matmul_tiles import load_bias, load_tile, matmul_tile, store_tile
+from .rounding import round_to
 
 
 @triton.jit(do_not_specialize=["key", "threshold"])
@@ -62,18 +50,15 @@ def linear_dropout_add_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    _, rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm64 = rm.to(tl.int64)
-    acc = matmul_tile(X, W, rm64, rn, m_ok, n_ok, K, stride_xm, stride_xk, stride_wk, stride_wn, UPCAST, BLOCK_M,
-                      BLOCK_N, BLOCK_K)  # fmt: skip
+    acc, rm, rn, m_ok, n_ok = matmul_tile(X, W, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, UPCAST, BLOCK_M,
+                                          BLOCK_N, BLOCK_K, GROUP_M)  # fmt: skip
     if HAS_BIAS:
-        acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += load_bias(B, rn, n_ok)
     y = round_to(acc, X.dtype.element_ty)
     if APPLY_DROPOUT:
-        y = apply_dropout(y, rm64[:, None] * N + rn[None, :], key, threshold, scale)
+        y = apply_dropout(y, rm[:, None] * N + rn[None, :], key, threshold, scale)
     mask = m_ok[:, None] & n_ok[None, :]
-    y += tl.load(RES + rm64[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + rm64[:, None] * N + rn[None, :], y.to(OUT.dtype.element_ty), mask=mask)
+    store_tile(OUT, rm, rn, N, y + load_tile(RES, rm, rn, stride_rm, mask), mask)
 
 
 linear_dropout_add_autotuned = triton.autotune(configs=configs(), **AUTOTUNE)(linear_dropout_add_kernel)

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .gelu_math import gelu_and_grad
 from .matmul_configs import AUTOTUNE, configs
-from .matmul_tiles import matmul_tile, tile_offsets
+from .matmul_tiles import load_bias, matmul_tile, store_tile
 
 
 @triton.jit
@@ -37,15 +37,12 @@ def linear_bias_gelu_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    _, rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm64 = rm.to(tl.int64)
-    acc = matmul_tile(X, W, rm64, rn, m_ok, n_ok, K, stride_xm, stride_xk, stride_wk, stride_wn, UPCAST, BLOCK_M,
-                      BLOCK_N, BLOCK_K)  # fmt: skip
+    acc, rm, rn, m_ok, n_ok = matmul_tile(X, W, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, UPCAST, BLOCK_M,
+                                          BLOCK_N, BLOCK_K, GROUP_M)  # fmt: skip
     if HAS_BIAS:
-        acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += load_bias(B, rn, n_ok)
     act, _ = gelu_and_grad(acc, APPROX_TANH)
-    mask = m_ok[:, None] & n_ok[None, :]
-    tl.store(OUT + rm64[:, None] * N + rn[None, :], act.to(OUT.dtype.element_ty), mask=mask)
+    store_tile(OUT, rm, rn, N, act, m_ok[:, None] & n_ok[None, :])
 
 
 linear_bias_gelu_autotuned = triton.autotune(configs=configs(), **AUTOTUNE)(linear_bias_gelu_kernel)

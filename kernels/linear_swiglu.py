@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .matmul_configs import DUAL_AUTOTUNE, dual_configs
-from .matmul_tiles import k_slice, load_a, load_b, mma, tile_offsets
+from .matmul_tiles import k_slice, load_a, load_bias, mma_b, store_tile, tile_offsets
 from .swiglu_math import swiglu
 
 
@@ -44,22 +44,19 @@ def linear_swiglu_kernel(
     GROUP_M: tl.constexpr,
 ):
     _, rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm64 = rm.to(tl.int64)
+    rm = rm.to(tl.int64)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk, k_ok = k_slice(k0, K, BLOCK_K)
-        x = load_a(X, rm64, kk, stride_xm, stride_xk, m_ok, k_ok)  # (BLOCK_M, BLOCK_K)
-        wg = load_b(WG, kk, rn, stride_wgk, stride_wgn, k_ok, n_ok)  # (BLOCK_K, BLOCK_N)
-        wu = load_b(WU, kk, rn, stride_wuk, stride_wun, k_ok, n_ok)
-        acc_g = mma(x, wg, acc_g, UPCAST)
-        acc_u = mma(x, wu, acc_u, UPCAST)
+        x = load_a(X, rm, kk, stride_xm, stride_xk, m_ok, k_ok)  # (BLOCK_M, BLOCK_K), feeds both dots
+        acc_g = mma_b(x, WG, kk, rn, stride_wgk, stride_wgn, k_ok, n_ok, acc_g, UPCAST)
+        acc_u = mma_b(x, WU, kk, rn, stride_wuk, stride_wun, k_ok, n_ok, acc_u, UPCAST)
     if HAS_BG:
-        acc_g += tl.load(BG + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_g += load_bias(BG, rn, n_ok)
     if HAS_BU:
-        acc_u += tl.load(BU + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    tl.store(OUT + rm64[:, None] * N + rn[None, :], swiglu(acc_g, acc_u).to(OUT.dtype.element_ty), mask=mask)
+        acc_u += load_bias(BU, rn, n_ok)
+    store_tile(OUT, rm, rn, N, swiglu(acc_g, acc_u), m_ok[:, None] & n_ok[None, :])
 
 
 linear_swiglu_autotuned = triton.autotune(configs=dual_configs(), **DUAL_AUTOTUNE)(linear_swiglu_kernel)

@@ -1,15 +1,24 @@
-"""Tile setup and K-loop steps shared by the fused matmul kernels, as ``@triton.jit`` helpers (inlined by Triton).
+"""Tile setup, K-loop steps and epilogue addressing shared by the fused matmul kernels, as ``@triton.jit`` helpers
+(inlined by Triton).
 
+Every kernel computes one (BLOCK_M, BLOCK_N) output tile of C (M, N) = A (M, K) @ B (K, N) in fp32, operands read
+through their strides (a (N, K) weight is B read transposed), outputs contiguous (M, N).
 tile_ids       grouped ordering of the 1-D launch grid: programs walk output tiles in GROUP_M-row super-groups so
                that neighbouring programs share weight tiles in L2
-tile_offsets   this program's (pid_m, rows, cols, row mask, col mask) of its (BLOCK_M, BLOCK_N) output tile
+tile_offsets   this program's (pid_m, rows, cols, row mask, col mask) of its output tile
 k_slice        the reduction indices of one K-step and their mask
 load_a, load_b the masked (BLOCK_M, BLOCK_K) / (BLOCK_K, BLOCK_N) operand tiles of one K-step through their
                strides (zeros outside the masks); the offsets fixed across the K-loop are added first
 mma            acc += a @ b; UPCAST (constexpr): fp32 operands and ieee fp32 dots (fp32 inputs, mixed dtypes, and
                always under the interpreter, whose bf16 dots are wrong); otherwise the operands' own dtype
-matmul_tile    the whole K-loop of acc (BLOCK_M, BLOCK_N) = a (M, K) @ b (K, N) in fp32, operands read through
-               their strides, for kernels with no prologue
+mma_b          acc += a @ B-tile for an A operand already in registers (a prologue's output, or one x tile feeding
+               several dots)
+mma_ab         acc += A-tile @ B-tile: one K-step of a plain matmul
+matmul_tile    tile setup and the whole K-loop of a kernel with no prologue: the fp32 accumulator, int64 rows, cols
+               and their masks
+load_tile      an fp32 (BLOCK_M, BLOCK_N) tile of a (M, N) tensor with unit column stride (a kept g, u or residual)
+store_tile     a tile into a contiguous (M, N) output, cast to its dtype
+load_bias      a (1, BLOCK_N) fp32 bias row
 Every block size and UPCAST stays a constexpr parameter, so the inlined code is what a hand-written loop compiles to.
 """
 
@@ -72,13 +81,24 @@ def mma(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def mma_b(a, B, kk, rn, stride_bk, stride_bn, k_ok, n_ok, acc, UPCAST: tl.constexpr):
+    """acc + a @ B[kk, rn]: a (BLOCK_M, BLOCK_K) already in registers, in B's dtype unless UPCAST."""
+    return mma(a, load_b(B, kk, rn, stride_bk, stride_bn, k_ok, n_ok), acc, UPCAST)
+
+
+@triton.jit
+def mma_ab(A, B, rm, kk, rn, stride_am, stride_ak, stride_bk, stride_bn, m_ok, k_ok, n_ok, acc, UPCAST: tl.constexpr):
+    """acc + A[rm, kk] @ B[kk, rn]: one (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N) step of a plain matmul."""
+    a = load_a(A, rm, kk, stride_am, stride_ak, m_ok, k_ok)
+    return mma_b(a, B, kk, rn, stride_bk, stride_bn, k_ok, n_ok, acc, UPCAST)
+
+
+@triton.jit
 def matmul_tile(
     A,  # (M, K) strides (stride_am, stride_ak)
     B,  # (K, N) strides (stride_bk, stride_bn), e.g. a (N, K) weight read transposed
-    rm,  # (BLOCK_M,) rows of A (int64 where M · stride_am may pass 2³¹)
-    rn,  # (BLOCK_N,) columns of B
-    m_ok,
-    n_ok,
+    M,
+    N,
     K,
     stride_am,
     stride_ak,
@@ -88,13 +108,32 @@ def matmul_tile(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """The fp32 (BLOCK_M, BLOCK_N) accumulator of A[rm, :] @ B[:, rn], one (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
-    step per K-slice."""
+    """(acc, rm, rn, m_ok, n_ok): the fp32 (BLOCK_M, BLOCK_N) accumulator of A[rm, :] @ B[:, rn] for this program's
+    output tile, its rows (int64: M · stride_am may pass 2³¹), columns and their masks."""
+    _, rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = rm.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk, k_ok = k_slice(k0, K, BLOCK_K)
-        a = load_a(A, rm, kk, stride_am, stride_ak, m_ok, k_ok)
-        b = load_b(B, kk, rn, stride_bk, stride_bn, k_ok, n_ok)
-        acc = mma(a, b, acc, UPCAST)
-    return acc
+        acc = mma_ab(A, B, rm, kk, rn, stride_am, stride_ak, stride_bk, stride_bn, m_ok, k_ok, n_ok, acc, UPCAST)
+    return acc, rm, rn, m_ok, n_ok
+
+
+@triton.jit
+def load_tile(P, rm, rn, stride_m, mask):
+    """P[rm, rn] of a (M, N) tensor with row stride stride_m and unit column stride, as fp32, 0 where masked off."""
+    return tl.load(P + rm[:, None] * stride_m + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_tile(P, rm, rn, N, v, mask):
+    """P[rm, rn] = v cast to P's dtype, P a contiguous (M, N) output (rm int64 where M · N may pass 2³¹)."""
+    tl.store(P + (rm[:, None] * N + rn[None, :]), v.to(P.dtype.element_ty), mask=mask)  # one offset for all stores
+
+
+@triton.jit
+def load_bias(B, rn, n_ok):
+    """B[rn] of a (N,) bias as a (1, BLOCK_N) fp32 row, 0 where masked off."""
+    return tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]

@@ -1,5 +1,8 @@
-"""The second, small launch of the norm backwards and ffn_recompute: fp32 per-program partials -> one column sum.
+"""Two-stage deterministic column sums (the norm backwards' dweight/dbias, ffn_recompute's db1), as Triton code.
 
+Stage 1, inside the producing kernel: program p writes fp32 column sums into row p of a (P, d) partials buffer (the
+norm backwards: over the rows owned_rows(R, N) = [p·R, min((p+1)·R, N)); ffn_recompute: over its BLOCK_M-row tile).
+Stage 2, column_sums_kernel, a second, small launch:
     out_a[c] = Σ_p part_a[p, c]   (and out_b from part_b when HAS_B, in the same launch)
 part_* (P, d) fp32 contiguous; out_* (d,) in the parameter's dtype (weight, bias or bias-gradient dtype), rounded
 once after the fp32 sum. One program per BLOCK_D columns walks the P rows in BLOCK_P chunks; no atomics, so the
@@ -8,6 +11,14 @@ result is deterministic. Bytes: P·d·4 read (per buffer), d written.
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def owned_rows(rows_per_program, n_rows):
+    """(first, count): the rows first .. first + count - 1 this program sums into its partials row; first is int64."""
+    start = tl.program_id(0) * rows_per_program
+    end = tl.minimum(start + rows_per_program, n_rows)
+    return start.to(tl.int64), end - start
 
 
 @triton.jit

@@ -17,7 +17,9 @@ BLOCK_D = next_power_of_2(d) columns per row, masked beyond d. Also Qwen3's per-
 import triton
 import triton.language as tl
 
+from .reduce import owned_rows
 from .rounding import round_to
+from .rows import load_row, row_block, store_row
 
 
 @triton.jit
@@ -40,14 +42,11 @@ def rms_norm_fwd_kernel(
     ROUND_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < d
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    row, cols, mask = row_block(0, d, BLOCK_D)
+    x = load_row(X, row, stride_x, cols, mask)  # (BLOCK_D,)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / d + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     n = rms_round(x * rstd, X.dtype.element_ty, ROUND_N)
-    tl.store(Y + row * d + cols, (w * n).to(Y.dtype.element_ty), mask=mask)
+    store_row(Y, row, d, cols, load_row(W, 0, 0, cols, mask) * n, mask)
     tl.store(RSTD + row, rstd)
 
 
@@ -72,28 +71,23 @@ def rms_norm_bwd_kernel(
     ROUND_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < d
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    pid, cols, mask = row_block(0, d, BLOCK_D)
+    w = load_row(W, 0, 0, cols, mask)  # (BLOCK_D,)
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    start = pid * rows_per_program
-    end = tl.minimum(start + rows_per_program, n_rows)
-    first = start.to(tl.int64)
-    for i in range(0, end - start):
+    first, count = owned_rows(rows_per_program, n_rows)
+    for i in range(0, count):
         row = first + i
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        x = load_row(X, row, stride_x, cols, mask)
+        dy = load_row(DY, row, stride_dy, cols, mask)
         rstd = tl.load(RSTD + row).to(tl.float32)
         xhat = x * rstd
         g = dy * w
-        c = tl.sum(g * xhat, axis=0) / d
-        dx = (g - xhat * c) * rstd
+        dx = (g - xhat * (tl.sum(g * xhat, axis=0) / d)) * rstd
         if HAS_DRES:
-            dx += tl.load(DRES + row * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * d + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dx += load_row(DRES, row, stride_dres, cols, mask)
+        store_row(DX, row, d, cols, dx, mask)
         n = rms_round(xhat, X.dtype.element_ty, ROUND_N)
         if EMIT_Y:
-            tl.store(Y + row * d + cols, (w * n).to(Y.dtype.element_ty), mask=mask)
+            store_row(Y, row, d, cols, w * n, mask)
         dw += dy * n
     tl.store(DW_PART + pid * d + cols, dw, mask=mask)

@@ -9,6 +9,7 @@ contiguous. Grid (N, cdiv(F, BLOCK)): one program per BLOCK columns of one row; 
 import triton
 import triton.language as tl
 
+from .rows import load_row, row_block, store_row
 from .swiglu_math import swiglu, swiglu_grads
 
 
@@ -22,12 +23,9 @@ def swiglu_fwd_kernel(
     stride_u,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < F
-    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
-    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(H + row * F + cols, swiglu(g, u).to(H.dtype.element_ty), mask=mask)
+    row, cols, mask = row_block(tl.program_id(1) * BLOCK, F, BLOCK)
+    h = swiglu(load_row(G, row, stride_g, cols, mask), load_row(U, row, stride_u, cols, mask))  # (BLOCK,)
+    store_row(H, row, F, cols, h, mask)
 
 
 @triton.jit
@@ -43,12 +41,9 @@ def swiglu_bwd_kernel(
     stride_u,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < F
-    dh = tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
-    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    dg, du = swiglu_grads(dh, g, u)
-    tl.store(DG + row * F + cols, dg.to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + row * F + cols, du.to(DU.dtype.element_ty), mask=mask)
+    row, cols, mask = row_block(tl.program_id(1) * BLOCK, F, BLOCK)
+    g = load_row(G, row, stride_g, cols, mask)  # (BLOCK,)
+    u = load_row(U, row, stride_u, cols, mask)
+    dg, du = swiglu_grads(load_row(DH, row, stride_dh, cols, mask), g, u)
+    store_row(DG, row, F, cols, dg, mask)
+    store_row(DU, row, F, cols, du, mask)

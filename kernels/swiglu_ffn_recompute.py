@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .matmul_configs import TRIPLE_AUTOTUNE, triple_configs
-from .matmul_tiles import k_slice, load_a, load_b, mma, tile_offsets
+from .matmul_tiles import k_slice, load_a, load_bias, mma_ab, mma_b, store_tile, tile_offsets
 from .rounding import round_to
 from .swiglu_math import swiglu_and_grads
 
@@ -69,14 +69,14 @@ def swiglu_ffn_recompute_kernel(
     GROUP_M: tl.constexpr,
 ):
     _, rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm64 = rm.to(tl.int64)
     rstd = tl.load(RSTD + rm, mask=m_ok, other=0.0).to(tl.float32)  # (BLOCK_M,)
+    rm = rm.to(tl.int64)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk, k_ok = k_slice(k0, K, BLOCK_K)
-        x = load_a(X1, rm64, kk, stride_xm, 1, m_ok, k_ok)  # (BLOCK_M, BLOCK_K)
+        x = load_a(X1, rm, kk, stride_xm, 1, m_ok, k_ok)  # (BLOCK_M, BLOCK_K)
         n = x.to(tl.float32) * rstd[:, None]
         if ROUND_N:
             n = round_to(n, X1.dtype.element_ty)
@@ -86,23 +86,18 @@ def swiglu_ffn_recompute_kernel(
         n = round_to(n, DY.dtype.element_ty)
         if not UPCAST:
             n = n.to(DY.dtype.element_ty)
-        wg = load_b(WG, kk, rn, stride_wgk, stride_wgn, k_ok, n_ok)  # (BLOCK_K, BLOCK_N)
-        wu = load_b(WU, kk, rn, stride_wuk, stride_wun, k_ok, n_ok)
-        dy = load_a(DY, rm64, kk, stride_dym, 1, m_ok, k_ok)
-        wd = load_b(WD, kk, rn, stride_wdk, stride_wdn, k_ok, n_ok)
-        acc_g = mma(n, wg, acc_g, UPCAST)
-        acc_u = mma(n, wu, acc_u, UPCAST)
-        acc_dh = mma(dy, wd, acc_dh, UPCAST)
+        acc_g = mma_b(n, WG, kk, rn, stride_wgk, stride_wgn, k_ok, n_ok, acc_g, UPCAST)
+        acc_u = mma_b(n, WU, kk, rn, stride_wuk, stride_wun, k_ok, n_ok, acc_u, UPCAST)
+        acc_dh = mma_ab(DY, WD, rm, kk, rn, stride_dym, 1, stride_wdk, stride_wdn, m_ok, k_ok, n_ok, acc_dh, UPCAST)
     if HAS_BG:
-        acc_g += tl.load(BG + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_g += load_bias(BG, rn, n_ok)
     if HAS_BU:
-        acc_u += tl.load(BU + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += load_bias(BU, rn, n_ok)
     h, dg, du = swiglu_and_grads(acc_dh, acc_g, acc_u)
     mask = m_ok[:, None] & n_ok[None, :]
-    out = rm64[:, None] * N + rn[None, :]
-    tl.store(H_OUT + out, h.to(H_OUT.dtype.element_ty), mask=mask)
-    tl.store(DG_OUT + out, dg.to(DG_OUT.dtype.element_ty), mask=mask)
-    tl.store(DU_OUT + out, du.to(DU_OUT.dtype.element_ty), mask=mask)
+    store_tile(H_OUT, rm, rn, N, h, mask)
+    store_tile(DG_OUT, rm, rn, N, dg, mask)
+    store_tile(DU_OUT, rm, rn, N, du, mask)
 
 
 swiglu_ffn_recompute_autotuned = triton.autotune(configs=triple_configs(), **TRIPLE_AUTOTUNE)(

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .matmul_configs import AUTOTUNE, configs
-from .matmul_tiles import k_slice, load_a, load_b, matmul_tile, mma, tile_offsets
+from .matmul_tiles import k_slice, load_a, load_b, load_tile, matmul_tile, mma, store_tile, tile_offsets
 from .rounding import round_to
 from .swiglu_math import swiglu, swiglu_grads
 
@@ -42,17 +42,12 @@ def swiglu_linear_bwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    _, rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm64 = rm.to(tl.int64)
-    dh = matmul_tile(DY, WD, rm64, rn, m_ok, n_ok, K, stride_dym, stride_dyk, stride_wk, stride_wn, UPCAST, BLOCK_M,
-                     BLOCK_N, BLOCK_K)  # fmt: skip
+    dh, rm, rn, m_ok, n_ok = matmul_tile(DY, WD, M, N, K, stride_dym, stride_dyk, stride_wk, stride_wn, UPCAST,
+                                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)  # fmt: skip
     mask = m_ok[:, None] & n_ok[None, :]
-    g = tl.load(G + rm64[:, None] * stride_gm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + rm64[:, None] * stride_um + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    dg, du = swiglu_grads(dh, g, u)
-    out = rm64[:, None] * N + rn[None, :]
-    tl.store(DG + out, dg.to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + out, du.to(DU.dtype.element_ty), mask=mask)
+    dg, du = swiglu_grads(dh, load_tile(G, rm, rn, stride_gm, mask), load_tile(U, rm, rn, stride_um, mask))
+    store_tile(DG, rm, rn, N, dg, mask)
+    store_tile(DU, rm, rn, N, du, mask)
 
 
 @triton.jit
@@ -86,8 +81,7 @@ def swiglu_linear_wgrad_kernel(
         if not UPCAST:
             h = h.to(g.dtype)
         acc = mma(a, h, acc, UPCAST)
-    mask = m_ok[:, None] & n_ok[None, :]
-    tl.store(DW + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(DW.dtype.element_ty), mask=mask)
+    store_tile(DW, rm.to(tl.int64), rn, N, acc, m_ok[:, None] & n_ok[None, :])
 
 
 swiglu_linear_bwd_autotuned = triton.autotune(configs=configs(), **AUTOTUNE)(swiglu_linear_bwd_kernel)
