@@ -125,7 +125,7 @@ def _dual_matmul_job(p: str, cfg, tanh: bool, upcast: bool):
 
 
 def _matmul_jobs(p: str, cfg, tanh: bool, upcast: bool):
-    from . import ffn_pointwise, linear_gelu
+    from . import act_linear_wgrad, ffn_pointwise, linear_gelu
 
     const = {**cfg.kwargs, "APPROX_TANH": tanh, "UPCAST": upcast}
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
@@ -136,9 +136,10 @@ def _matmul_jobs(p: str, cfg, tanh: bool, upcast: bool):
     yield ("linear_gelu_bwd", ffn_pointwise.linear_gelu_bwd_kernel,
            dict(DY=p, W2=p, U=p, DU=p, M="i32", N="i32", K="i32", stride_dym="i32", stride_dyk="i32",
                 stride_wk="i32", stride_wn="i32", stride_um="i32", **tiles), const, opts)  # fmt: skip
-    yield ("gelu_linear_wgrad", ffn_pointwise.gelu_linear_wgrad_kernel,
-           dict(DY=p, U=p, DW=p, M="i32", N="i32", K="i32", stride_dyk="i32", stride_dym="i32", stride_uk="i32",
-                **tiles), const, opts)  # fmt: skip
+    wgrad = {**cfg.kwargs, "ACT": "gelu_tanh" if tanh else "gelu", "UPCAST": upcast}
+    yield ("gelu_linear_wgrad", act_linear_wgrad.act_linear_wgrad_kernel,
+           dict(DY=p, G=p, U=p, DW=p, M="i32", N="i32", K="i32", stride_dyk="i32", stride_dym="i32", stride_gk="i32",
+                stride_uk="i32", **{k: "constexpr" for k in wgrad}), wgrad, opts)  # fmt: skip
 
 
 UNIT_STRIDES = {
@@ -170,7 +171,7 @@ def specialize(name: str, fn, signature: dict, const: dict):
 
 
 def _variant(const: dict) -> str:
-    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "APPROX_TANH", "APPLY_DROPOUT", "UPCAST", "BLOCK_D")
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "APPROX_TANH", "ACT", "APPLY_DROPOUT", "UPCAST", "BLOCK_D")
     return ",".join(f"{k}={const[k]}" for k in keys if k in const)
 
 

@@ -24,7 +24,16 @@ def _const(**kw) -> dict:
 
 
 def llama_jobs(arch: int, all_configs: bool):
-    from . import linear_swiglu, reduce, rms_norm, rope, swiglu, swiglu_ffn_recompute, swiglu_pointwise
+    from . import (
+        act_linear_wgrad,
+        linear_swiglu,
+        reduce,
+        rms_norm,
+        rope,
+        swiglu,
+        swiglu_ffn_recompute,
+        swiglu_pointwise,
+    )
     from .matmul_configs import (
         DUAL_SINGLE,
         DUAL_SM80,
@@ -87,9 +96,10 @@ def llama_jobs(arch: int, all_configs: bool):
                    dict(DY=p, WD=p, G=p, U=p, DG=p, DU=p, M="i32", N="i32", K="i32", stride_dym="i32",
                         stride_dyk="i32", stride_wk="i32", stride_wn="i32", stride_gm="i32", stride_um="i32",
                         **_const(**const)), const, _opts(cfg))  # fmt: skip
-            yield ("swiglu_linear_wgrad", swiglu_pointwise.swiglu_linear_wgrad_kernel,
+            wgrad = {**cfg.kwargs, "ACT": "swiglu", "UPCAST": upcast}
+            yield ("swiglu_linear_wgrad", act_linear_wgrad.act_linear_wgrad_kernel,
                    dict(DY=p, G=p, U=p, DW=p, M="i32", N="i32", K="i32", stride_dyk="i32", stride_dym="i32",
-                        stride_gk="i32", stride_uk="i32", **_const(**const)), const, _opts(cfg))  # fmt: skip
+                        stride_gk="i32", stride_uk="i32", **_const(**wgrad)), wgrad, _opts(cfg))  # fmt: skip
     for p, pw in (("*bf16", "*bf16"), ("*bf16", f32), (f32, f32)):
         upcast = p == f32
         for cfg in TRIPLE_SINGLE if upcast else triple:

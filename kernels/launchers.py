@@ -18,8 +18,9 @@ import triton
 from ckpt_ext import reference
 from ckpt_ext.ops import native_attention
 
+from .act_linear_wgrad import act_linear_wgrad_autotuned
 from .dropout import dropout_add_kernel
-from .ffn_pointwise import gelu_linear_wgrad_autotuned, linear_gelu_bwd_autotuned
+from .ffn_pointwise import linear_gelu_bwd_autotuned
 from .ffn_recompute import ffn_recompute_autotuned
 from .launch_utils import (
     KERNEL_DTYPES,
@@ -197,9 +198,9 @@ def gelu_linear_wgrad(dy, u, approximate):
     n_rows, m = dy.shape
     n = u.shape[1]
     dw = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
-    gelu_linear_wgrad_autotuned[matmul_grid(m, n)](
-        dy, u, dw, m, n, n_rows, dy.stride(0), dy.stride(1), u.stride(0), APPROX_TANH=approximate == "tanh",
-        UPCAST=upcast(dy, u),
+    act_linear_wgrad_autotuned[matmul_grid(m, n)](
+        dy, u, u, dw, m, n, n_rows, dy.stride(0), dy.stride(1), u.stride(0), u.stride(0),
+        ACT="gelu_tanh" if approximate == "tanh" else "gelu", UPCAST=upcast(dy, u),
     )  # fmt: skip
     return dw
 

@@ -17,13 +17,14 @@ import triton
 
 from ckpt_ext import reference
 
+from .act_linear_wgrad import act_linear_wgrad_autotuned
 from .launch_utils import bwd_programs, column_sums, covered, matmul_grid, row_warps, rows, upcast
 from .linear_swiglu import linear_swiglu_autotuned
 from .rms_norm import rms_norm_bwd_kernel, rms_norm_fwd_kernel
 from .rope import rope_kernel
 from .swiglu import swiglu_bwd_kernel, swiglu_fwd_kernel
 from .swiglu_ffn_recompute import swiglu_ffn_recompute_autotuned
-from .swiglu_pointwise import swiglu_linear_bwd_autotuned, swiglu_linear_wgrad_autotuned
+from .swiglu_pointwise import swiglu_linear_bwd_autotuned
 
 ROPE_TILE = 2048  # elements of one (heads, dh/2) tile of the RoPE kernel
 
@@ -166,8 +167,9 @@ def swiglu_linear_wgrad(dy, g, u):
     n_rows, m = dy.shape
     n = g.shape[1]
     dw = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
-    swiglu_linear_wgrad_autotuned[matmul_grid(m, n)](
-        dy, g, u, dw, m, n, n_rows, dy.stride(0), dy.stride(1), g.stride(0), u.stride(0), UPCAST=upcast(dy, g, u),
+    act_linear_wgrad_autotuned[matmul_grid(m, n)](
+        dy, g, u, dw, m, n, n_rows, dy.stride(0), dy.stride(1), g.stride(0), u.stride(0), ACT="swiglu",
+        UPCAST=upcast(dy, g, u),
     )  # fmt: skip
     return dw
 
