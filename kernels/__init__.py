@@ -6,15 +6,18 @@ dropout.py         hash-mask dropout + residual add (bit-exact with the referenc
 ffn_recompute.py   FC1 (LN2 prologue) + dA = dY·W2 on one tile → GELU, GELU'·dA, db1 partials (ffn/block recompute)
 linear_gelu.py     FC1 forward with bias + GELU epilogue (ffn/block forward, u never written)
 linear_dropout_add.py  projection / FC2 GEMM with bias + hash dropout + residual epilogue (output never written)
-ffn_pointwise.py   dA GEMM with GELU' epilogue, dW2 GEMM with GELU prologue (pointwise policy)
+ffn_pointwise.py   dA GEMM with GELU' epilogue (pointwise policy)
+act_linear_wgrad.py  dW2 / dW_down = dYᵀ·act(u) with the activation (GELU erf/tanh, SwiGLU) rebuilt in the B prologue
+matmul_tiles.py    the shared GEMM tile: grouped tile offsets, K-loop → fp32 accumulator, tile loads/stores, bias
 matmul_configs.py  autotune configs for sm_80 / sm_90 (dual- and triple-GEMM lists too), one config when interpreting
 rms_norm.py        RMSNorm forward (fp32 rstd, HF cast order) and backward (x̂ rebuilt, residual folded, y emitted)
 swiglu.py          SwiGLU forward / backward pointwise      swiglu_math.py  SwiGLU / SwiGLU' jit helpers
 rope.py            RoPE on q and k in one launch, and its adjoint (inverse=True)
 linear_swiglu.py   gate and up GEMMs on one tile, SwiGLU epilogue (g, u never written)
-swiglu_pointwise.py  dH GEMM with dg/du epilogue, dW_down GEMM with h rebuilt in the prologue (pointwise policy)
+swiglu_pointwise.py  dH GEMM with dg/du epilogue (pointwise policy)
 swiglu_ffn_recompute.py  RMSNorm prologue → gate, up and dH = dY·W_down on one tile → h, dg, du (ffn/block recompute)
-reduce.py          fp32 per-program partials → one column sum (norm dweight/dbias, ffn_recompute db1)
+reduce.py          fp32 per-program partials → one column sum (norm dweight/dbias, ffn_recompute db1), owned row ranges
+rows.py            row-kernel helpers: a program's row block, masked row loads/stores
 rounding.py        nearest-even rounding to bf16/fp16 kept in fp32 (the interpreter's bf16 cast truncates)
 launchers.py       IMPLS: graph-op signatures on top of the kernels (llama_launchers.py, launch_utils.py)
 compile_check.py   sm_90 compile report: registers, spills, shared memory (compile_jobs_llama.py: the Llama jobs)
