@@ -17,6 +17,17 @@ last stride), G = h // hk query heads per kv head; nothing (B, h, T, S)-sized is
 - ``gqa_bwd_dkdv_kernel``, grid (cdiv(S, BLOCK_N), B·hk), launched after dq (reads Δ): one key tile of one kv head,
   looping over the G query heads of its group and their query tiles (from the diagonal on when causal):
   dv += dropout(P)ᵀ dO, dk += dSᵀ q; dk = scale · dk. The group sum happens in registers: no atomics, deterministic.
+Segment ids (HAS_SEG; key padding and packed sequences, ckpt_ext/segments.py): SEG (B, S) int32/int64 contiguous
+(T == S). Each program loads its query tile's ids (BLOCK_M,) once and each key tile's ids (BLOCK_N,) with the keys;
+a key is hidden where its id differs from the row's (no mask tensor is read), and the forward's epilogue empties the
+rows of id 0 (out = 0, lse = -inf), which is what keeps keys of id 0 unseen: a row sees a key only if both ids are
+equal and nonzero. Backward needs no id-0 test: those rows have lse = -inf, so P = 0. Tile skipping uses per-row key
+ranges computed on the host (segments.key_ranges: the row's own run of ids when every segment of that batch row is
+contiguous, else the whole row; both non-decreasing): the forward and dq kernels loop over key tiles from
+RSTART[first row] to REND[last row] only, the dk/dv kernel over query tiles from RSTART[first key] to REND[last key]
+(T == S makes the ranges symmetric), so a packed batch costs about Σ len_i² instead of T². The forward and dq loops
+count from 0 and offset by lo (a loop starting at a runtime lo cost up to 40 more registers and spilled at head dim
+256).
 UPCAST (fp32 inputs, and always under TRITON_INTERPRET=1 where 16-bit dots miscompute): tiles go to fp32 and dots use
 input_precision="ieee"; otherwise 16-bit operand dots with fp32 accumulation (P and dS rounded to the input dtype as
 operands, as FlashAttention does). The mask's key stride is 1 (the launcher guarantees it): each mask tile is
@@ -39,9 +50,11 @@ def _mm(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _masked(s, MASK, mask_offs, qi, kj, T, S, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
-    """Scores tile s plus the mask read at MASK + mask_offs, -inf where hidden (bool mask 0, causal, key past S);
-    qi / kj: query / key index tiles broadcastable to s (either orientation: s or sᵀ)."""
+def _masked(s, MASK, mask_offs, qi, kj, sq, sk, T, S, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+            HAS_SEG: tl.constexpr):  # fmt: skip
+    """Scores tile s plus the mask read at MASK + mask_offs, -inf where hidden (bool mask 0, causal, key past S,
+    a key id unlike the row's); qi / kj and sq / sk: query / key index and id tiles broadcastable to s
+    (either orientation: s or sᵀ)."""
     inside = (qi < T) & (kj < S)
     if MASK_KIND == 1:
         keep = tl.load(MASK + mask_offs, mask=inside, other=0)
@@ -51,17 +64,37 @@ def _masked(s, MASK, mask_offs, qi, kj, T, S, CAUSAL: tl.constexpr, MASK_KIND: t
     hidden = kj >= S
     if CAUSAL:
         hidden = hidden | (kj > qi)
+    if HAS_SEG:  # rows of id 0 (padding) are emptied by the forward's epilogue, so one compare suffices here
+        hidden = hidden | (sk != sq)
     return tl.where(hidden, float("-inf"), s)
 
 
 @triton.jit
-def _scores(q, k, MASK, mask_rows, offs_m, offs_n, T, S, scale,
-            CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+def _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale,
+            CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
     """(BLOCK_M, BLOCK_N) fp32 scores of query rows offs_m against keys offs_n: scale · q kᵀ + mask, -inf where
-    hidden. mask_rows: (BLOCK_M,) int64 offsets of the rows' mask key 0 (the mask's key stride is 1)."""
+    hidden. mask_rows: (BLOCK_M,) int64 offsets of the rows' mask key 0 (the mask's key stride is 1); sq (BLOCK_M,)
+    and sk (BLOCK_N,): the rows' and keys' segment ids (read when HAS_SEG)."""
     s = _mm(q, tl.trans(k), UPCAST) * scale
     mask_offs = mask_rows[:, None] + offs_n[None, :]
-    return _masked(s, MASK, mask_offs, offs_m[:, None], offs_n[None, :], T, S, CAUSAL, MASK_KIND)
+    return _masked(s, MASK, mask_offs, offs_m[:, None], offs_n[None, :], sq[:, None], sk[None, :], T, S, CAUSAL,
+                   MASK_KIND, HAS_SEG)  # fmt: skip
+
+
+@triton.jit
+def _ids(SEG, b, offs, n, HAS_SEG: tl.constexpr):
+    """Segment ids (int) of positions offs of batch row b (0 past n); offs itself when there are none (unused)."""
+    if HAS_SEG:
+        return tl.load(SEG + b.to(tl.int64) * n + offs, mask=offs < n, other=0)
+    return offs
+
+
+@triton.jit
+def _range(RSTART, REND, b, first, last, n, BLOCK: tl.constexpr):
+    """[lo, hi) of the positions a tile of rows (or keys) first..last may see, lo rounded down to a BLOCK multiple."""
+    lo = tl.load(RSTART + b.to(tl.int64) * n + first)
+    hi = tl.load(REND + b.to(tl.int64) * n + last) + 1
+    return (lo // BLOCK) * BLOCK, hi
 
 
 @triton.jit
@@ -87,6 +120,7 @@ def _tile(PTR, base, offs_r, stride_r, n_rows, offs_d, dh, UPCAST: tl.constexpr)
 def gqa_fwd_kernel(
     Q, K, V,  # (B, T, h, dh) / (B, S, hk, dh) through strides, unit last stride
     MASK,  # (B|1, h|1, T|1, S|1) bool (as uint8) or float, through broadcast strides (read when MASK_KIND > 0)
+    SEG, RSTART, REND,  # (B, S) segment ids, first / last visible key per row int32 (read when HAS_SEG)
     OUT,  # (B, T, h, dh) contiguous, q.dtype
     LSE,  # (B, h, T) contiguous fp32
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
@@ -94,8 +128,8 @@ def gqa_fwd_kernel(
     T, S, H, G, dh,
     scale, empty_thr,
     key, threshold, drop_scale,  # hash dropout: int32 key bit pattern, floor(p · 2²⁴), 1 / (1 - p)
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SEG: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, i = pid_bh // H, pid_bh % H
@@ -110,12 +144,18 @@ def gqa_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    sq = _ids(SEG, b, offs_m, T, HAS_SEG)
+    lo = 0
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    if HAS_SEG:
+        lo, seg_hi = _range(RSTART, REND, b, pid_m * BLOCK_M, tl.minimum(T, (pid_m + 1) * BLOCK_M) - 1, S, BLOCK_N)
+        hi = tl.minimum(hi, seg_hi)
+    for n0 in range(0, hi - lo, BLOCK_N):
+        offs_n = lo + n0 + tl.arange(0, BLOCK_N)
         k = _tile(K, k_base, offs_n, skt, S, offs_d, dh, UPCAST)
         v = _tile(V, v_base, offs_n, svt, S, offs_d, dh, UPCAST)
-        s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, T, S, scale, CAUSAL, MASK_KIND, UPCAST)
+        sk = _ids(SEG, b, offs_n, S, HAS_SEG)
+        s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale, CAUSAL, MASK_KIND, HAS_SEG, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
@@ -127,6 +167,8 @@ def gqa_fwd_kernel(
         acc = acc * alpha[:, None] + _mm(p, v, UPCAST)
         m_i = m_new
     empty = m_i <= empty_thr
+    if HAS_SEG:
+        empty = empty | (sq == 0)
     out = tl.where(empty[:, None], 0.0, acc / l_i[:, None])
     lse = tl.where(empty, float("-inf"), m_i + tl.log(l_i))
     o_ptrs = OUT + ((b.to(tl.int64) * T + offs_m[:, None]) * H + i) * dh + offs_d[None, :]
@@ -141,13 +183,14 @@ def gqa_bwd_dq_kernel(
     DELTA,  # (B, h, T) fp32 out: rowsum(dO ∘ O)
     DQ,  # (B, T, h, dh) contiguous, q.dtype
     MASK,
+    SEG, RSTART, REND,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
     smb, smh, smt,  # mask strides (its key stride is 1)
     T, S, H, G, dh,
     scale,
     key, threshold, drop_scale,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SEG: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, i = pid_bh // H, pid_bh % H
@@ -169,12 +212,18 @@ def gqa_bwd_dq_kernel(
     mask_rows = b.to(tl.int64) * smb + i * smh + offs_m.to(tl.int64) * smt
     row_flat = (((b.to(tl.int64) * H + i) * T + offs_m) * S).to(tl.uint32)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    sq = _ids(SEG, b, offs_m, T, HAS_SEG)
+    lo = 0
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    if HAS_SEG:
+        lo, seg_hi = _range(RSTART, REND, b, pid_m * BLOCK_M, tl.minimum(T, (pid_m + 1) * BLOCK_M) - 1, S, BLOCK_N)
+        hi = tl.minimum(hi, seg_hi)
+    for n0 in range(0, hi - lo, BLOCK_N):
+        offs_n = lo + n0 + tl.arange(0, BLOCK_N)
         k = _tile(K, k_base, offs_n, skt, S, offs_d, dh, UPCAST)
         v = _tile(V, v_base, offs_n, svt, S, offs_d, dh, UPCAST)
-        s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, T, S, scale, CAUSAL, MASK_KIND, UPCAST)
+        sk = _ids(SEG, b, offs_n, S, HAS_SEG)
+        s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale, CAUSAL, MASK_KIND, HAS_SEG, UPCAST)
         p = tl.where(no_key[:, None], 0.0, tl.exp(s - lse[:, None]))
         dp = _mm(do, tl.trans(v), UPCAST)
         if DROPOUT:
@@ -192,13 +241,14 @@ def gqa_bwd_dkdv_kernel(
     LSE, DELTA,  # (B, h, T) fp32
     DK, DV,  # (B, S, hk, dh) contiguous, k.dtype / v.dtype
     MASK,
+    SEG, RSTART, REND,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
     smb, smh, smt,  # mask strides (its key stride is 1)
     T, S, H, G, dh,
     scale,
     key, threshold, drop_scale,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SEG: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_bj = tl.program_id(0), tl.program_id(1)
     HK = H // G
@@ -210,14 +260,20 @@ def gqa_bwd_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    hi = T
+    sk = _ids(SEG, b, offs_n, S, HAS_SEG)
+    if HAS_SEG:  # the rows that may see keys offs_n: T == S, so the key ranges bound them too
+        seg_lo, hi = _range(RSTART, REND, b, pid_n * BLOCK_N, tl.minimum(S, (pid_n + 1) * BLOCK_N) - 1, S, BLOCK_M)
+        lo = tl.maximum(lo, seg_lo)
     for gi in range(0, G):
         i = j * G + gi
         q_base = b.to(tl.int64) * sqb + i * sqh
         row_base = b.to(tl.int64) * T * H * dh + i * dh
         mask_base = b.to(tl.int64) * smb + i * smh
         flat_base = (b.to(tl.int64) * H + i) * T
-        for m0 in range(lo, T, BLOCK_M):
+        for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
+            sq = _ids(SEG, b, offs_m, T, HAS_SEG)
             q = _tile(Q, q_base, offs_m, sqt, T, offs_d, dh, UPCAST)
             do = _tile(DO, row_base, offs_m, H * dh, T, offs_d, dh, UPCAST)
             lse_ptrs = (b.to(tl.int64) * H + i) * T + offs_m
@@ -226,7 +282,8 @@ def gqa_bwd_dkdv_kernel(
             no_key = lse == float("-inf")
             lse = tl.where(no_key, 0.0, lse)
             mask_rows = mask_base + offs_m.to(tl.int64) * smt
-            s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, T, S, scale, CAUSAL, MASK_KIND, UPCAST)
+            s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale, CAUSAL, MASK_KIND, HAS_SEG,
+                        UPCAST)  # fmt: skip
             p = tl.where(no_key[:, None], 0.0, tl.exp(s - lse[:, None]))  # (BLOCK_M, BLOCK_N)
             dp = _mm(do, tl.trans(v), UPCAST)
             pd = p
@@ -252,10 +309,11 @@ BLOCK_DS = (16, 32, 64, 128, 256)
 def _signature(name: str, dt: str, mask_t: str) -> dict:
     """The kernel's non-constexpr arguments: pointers in dtype dt (the mask in mask_t), i32 strides and sizes."""
     p = f"*{dt}"
+    seg = dict(SEG="*i32", RSTART="*i32", REND="*i32")
     ptrs = {
-        "gqa_fwd": dict(Q=p, K=p, V=p, MASK=mask_t, OUT=p, LSE="*fp32"),
-        "gqa_bwd_dq": dict(DO=p, Q=p, K=p, V=p, OUT=p, LSE="*fp32", DELTA="*fp32", DQ=p, MASK=mask_t),
-        "gqa_bwd_dkdv": dict(DO=p, Q=p, K=p, V=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p, MASK=mask_t),
+        "gqa_fwd": dict(Q=p, K=p, V=p, MASK=mask_t, **seg, OUT=p, LSE="*fp32"),
+        "gqa_bwd_dq": dict(DO=p, Q=p, K=p, V=p, OUT=p, LSE="*fp32", DELTA="*fp32", DQ=p, MASK=mask_t, **seg),
+        "gqa_bwd_dkdv": dict(DO=p, Q=p, K=p, V=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p, MASK=mask_t, **seg),
     }[name]
     ints = ("sqb", "sqt", "sqh", "skb", "skt", "skh", "svb", "svt", "svh", "smb", "smh", "smt",
             "T", "S", "H", "G", "dh")  # fmt: skip
@@ -266,21 +324,23 @@ def _signature(name: str, dt: str, mask_t: str) -> dict:
 def compile_jobs(arch: int):
     """(name, jit fn, signature, constexprs, options, attrs) for the compile lane (kernels/compile_check.py): every
     (kernel, BLOCK_D, operand dtype) the launcher's ``gpu_tiles(name, dh, arch, dtype)`` can pick, in fp16, bf16 and
-    fp32 (UPCAST), at the heaviest flags (causal, an fp32 additive mask read per key tile, dropout), and in bf16 at
-    head dims 64 and 128 with a bool mask too (the register allocation is not monotone in the flags: a bool-mask
-    variant spilled where the fp32-mask one did not). attrs: 16-byte aligned pointers and 16-divisible strides /
-    H / G / dh, T and S arbitrary (the JIT's specialization of usual layouts; the mask's key stride is 1 by
-    construction, see the launcher)."""
+    fp32 (UPCAST), at the heaviest flags (causal, an fp32 additive mask read per key tile, segment ids, dropout),
+    and in bf16 at head dims 64 and 128 with a bool mask and with segment ids alone too (the register allocation is
+    not monotone in the flags: a bool-mask variant spilled where the fp32-mask one did not). Without segment ids
+    (HAS_SEG=False) the kernels are the same code as before they took them (the branches are constexpr). attrs:
+    16-byte aligned pointers and 16-divisible strides / H / G / dh, T and S arbitrary (the JIT's specialization of
+    usual layouts; the mask's key stride is 1 by construction, see the launcher)."""
     import torch
 
     from .flash_attention_launchers import gpu_tiles
 
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    variants = [(dt, bd, "*fp32") for bd in BLOCK_DS for dt in dtypes] + [("bf16", bd, "*u8") for bd in (64, 128)]
+    variants = [(dt, bd, "*fp32", 2) for bd in BLOCK_DS for dt in dtypes]
+    variants += [("bf16", bd, m, kind) for bd in (64, 128) for m, kind in (("*u8", 1), ("*fp32", 0))]
     for name, fn in KERNELS.items():
-        for dt, block_d, mask_t in variants:
+        for dt, block_d, mask_t, kind in variants:
             tiles, opts = gpu_tiles(name, block_d, arch, dtypes[dt])
-            const = dict(CAUSAL=True, MASK_KIND=1 if mask_t == "*u8" else 2, DROPOUT=True, UPCAST=dt == "fp32",
+            const = dict(CAUSAL=True, MASK_KIND=kind, HAS_SEG=True, DROPOUT=True, UPCAST=dt == "fp32",
                          **tiles)  # fmt: skip
             sig = {**_signature(name, dt, mask_t), **{c: "constexpr" for c in const}}
             attrs = {

@@ -5,6 +5,8 @@ Every mask and dropout case runs the flash kernels (on CUDA and under TRITON_INT
 (float64, head dim > 256, an empty T or S, an integer-free but non-kernel mask dtype such as float64) run
 native_attention's routes, so every call returns the reference's result. q, k, v are read through their strides
 (copied only if the last stride is not 1); the mask through its broadcast strides (bool viewed as uint8, no copy).
+segment_ids (B, S) go to the kernels as they are (int32 or int64, made contiguous) with their per-row key ranges
+(ckpt_ext.segments.key_ranges, two (B, S) int32 tensors built on the device without a sync) for tile skipping.
 Tiles: ``gpu_tiles`` (one config per kernel and head dim; 16×16 tiles under the interpreter).
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ckpt_ext import reference
+from ckpt_ext import reference, segments
 from ckpt_ext.ops import native_attention
 from ckpt_ext.reference_attention import check_gqa_args, empty_threshold, mask4
 
@@ -91,8 +93,17 @@ def _as_int32(v: int) -> int:
     return v - (1 << 32) if v >= (1 << 31) else v
 
 
-def _common(q, k, v, causal, dropout_p, seed, attn_mask):
-    """Kernel arguments shared by the three kernels: mask tensor + strides, shape, dropout, constexpr flags."""
+def _segments(q, segment_ids):
+    """(SEG, RSTART, REND) kernel arguments: the ids and their key ranges, or q three times (unread) without ids."""
+    if segment_ids is None:
+        return q, q, q
+    seg = segment_ids.contiguous()
+    return (seg, *segments.key_ranges(seg))
+
+
+def _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids):
+    """Kernel arguments shared by the three kernels: mask tensor + strides, segment ids + key ranges, shape, dropout,
+    constexpr flags."""
     b, t, h, _ = q.shape
     s = k.shape[1]
     if attn_mask is None:
@@ -105,47 +116,53 @@ def _common(q, k, v, causal, dropout_p, seed, attn_mask):
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mstrides)
     drop = (_as_int32(reference.seed_key(seed)), reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p))
     flags = dict(
-        CAUSAL=causal, MASK_KIND=kind, DROPOUT=dropout_p > 0.0, UPCAST=interpreting() or q.dtype == torch.float32
+        CAUSAL=causal,
+        MASK_KIND=kind,
+        HAS_SEG=segment_ids is not None,
+        DROPOUT=dropout_p > 0.0,
+        UPCAST=interpreting() or q.dtype == torch.float32,
     )
-    return mask, strides, (t, s, h, h // k.shape[2], q.shape[-1]), drop, flags
+    return (mask, *_segments(q, segment_ids)), strides, (t, s, h, h // k.shape[2], q.shape[-1]), drop, flags
 
 
-def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale):
-    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale)
+def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
     if not _covered(q, k, attn_mask):
-        return native_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale)
+        return native_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     b, t, h, dh = q.shape
-    mask, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask)
+    masks, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids)
     out = torch.empty((b, t, h, dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     tiles, opts = gpu_tiles("gqa_fwd", dh, _arch(q.device), q.dtype)
     grid = (triton.cdiv(t, tiles["BLOCK_M"]), b * h)
-    gqa_fwd_kernel[grid](q, k, v, mask, out, lse, *strides, *shape, scale, empty_threshold(attn_mask), *drop,
+    gqa_fwd_kernel[grid](q, k, v, *masks, out, lse, *strides, *shape, scale, empty_threshold(attn_mask), *drop,
                          **flags, **tiles, **opts)  # fmt: skip
     return out, lse
 
 
-def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale):
-    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd")
+def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids)
     if not _covered(q, k, attn_mask) or lse.dtype != torch.float32:
-        return native_attention.gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale)
+        return native_attention.gqa_attention_bwd(
+            dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids
+        )
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
     b, t, h, dh = q.shape
     s, hk = k.shape[1], k.shape[2]
-    mask, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask)
+    masks, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids)
     delta = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     dq = torch.empty((b, t, h, dh), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, s, hk, dh), dtype=k.dtype, device=q.device)
     dv = torch.empty((b, s, hk, dh), dtype=v.dtype, device=q.device)
     tiles, opts = gpu_tiles("gqa_bwd_dq", dh, _arch(q.device), q.dtype)
     gqa_bwd_dq_kernel[(triton.cdiv(t, tiles["BLOCK_M"]), b * h)](
-        dout, q, k, v, out, lse, delta, dq, mask, *strides, *shape, scale, *drop, **flags, **tiles, **opts
+        dout, q, k, v, out, lse, delta, dq, *masks, *strides, *shape, scale, *drop, **flags, **tiles, **opts
     )
     tiles, opts = gpu_tiles("gqa_bwd_dkdv", dh, _arch(q.device), q.dtype)
     gqa_bwd_dkdv_kernel[(triton.cdiv(s, tiles["BLOCK_N"]), b * hk)](
-        dout, q, k, v, lse, delta, dk, dv, mask, *strides, *shape, scale, *drop, **flags, **tiles, **opts
+        dout, q, k, v, lse, delta, dk, dv, *masks, *strides, *shape, scale, *drop, **flags, **tiles, **opts
     )
     return dq, dk, dv
 
