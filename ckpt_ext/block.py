@@ -10,6 +10,10 @@ attn.v (n_kv_heads kv heads, GQA without repeated k/v), optional per-head attn.q
     out = x1 + Dropout(mlp.proj(silu(mlp.gate(n2)) * mlp.up(n2))).
 hidden = d_ff, or int(mlp_ratio * d_model). Parameter names are the same in both classes, so state_dicts load both
 ways and ``FusedCheckpointBlock.from_block`` shares a block's parameters without copying them.
+``forward(x, attn_mask=None, position_embeddings=None, segment_ids=None)`` in both: segment_ids (B, T) int32/int64
+(ckpt_ext/segments.py; 0 = padding, equal ids = one packed sequence) hide every key outside the row's segment, on
+top of attn_mask. The fused block hands them to the attention ops as they are (no (B, 1, T, T) mask is built); the
+plain block turns them into the equivalent bool mask for SDPA.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import reference, seeds
+from . import reference, seeds, segments
 from .compiled import compiled_block
 from .functional import ALL_PARAM_NAMES, BlockConfig, FusedBlockFunction, block_forward, check_config, param_names
 from .policies import get_policy
@@ -165,7 +169,7 @@ class TransformerBlock(nn.Module):
     def llama(self) -> bool:
         return self.norm == "rmsnorm"
 
-    def _check_input(self, x: Tensor, attn_mask: Optional[Tensor], position_embeddings) -> None:
+    def _check_input(self, x: Tensor, attn_mask: Optional[Tensor], position_embeddings, segment_ids=None) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"expected x of shape (batch, seq, {self.d_model}), got {shape}")
@@ -176,9 +180,13 @@ class TransformerBlock(nn.Module):
             check_attn_mask(attn_mask, b, self.n_heads, t)
         if position_embeddings is not None:
             check_position_embeddings(position_embeddings, b, t, self.head_dim)
+        if segment_ids is not None:
+            check_segment_ids(segment_ids, x)
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, position_embeddings=None) -> Tensor:
-        self._check_input(x, attn_mask, position_embeddings)
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, position_embeddings=None,
+                segment_ids: Optional[Tensor] = None) -> Tensor:  # fmt: skip
+        self._check_input(x, attn_mask, position_embeddings, segment_ids)
+        attn_mask = _with_segments(attn_mask, segment_ids)
         b, t, _ = x.shape
         dh, h, kv = self.head_dim, self.n_heads, self.n_kv_heads
         n1 = self.ln_1(x)
@@ -220,6 +228,33 @@ def check_attn_mask(attn_mask, batch: int, n_heads: int, seq: int) -> None:
     ok = len(shape) <= 4 and all(s == 1 or s == full for s, full in zip(shape[::-1], target[::-1]))  # SymInt-safe
     if not ok:
         raise ValueError(f"attn_mask of shape {shape} is not broadcastable to (batch, heads, T, T) = {target}")
+
+
+def check_segment_ids(segment_ids, x: Tensor) -> None:
+    """segment_ids must be an int32/int64 (B, T) tensor on x's device."""
+    if not isinstance(segment_ids, Tensor):
+        raise TypeError(f"segment_ids must be a Tensor or None, got {type(segment_ids).__name__}")
+    if segment_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"segment_ids must be int32 or int64 (0 = padding), got {segment_ids.dtype}")
+    if tuple(segment_ids.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"segment_ids must be (batch, seq) = {tuple(x.shape[:2])}, got {tuple(segment_ids.shape)}")
+    if segment_ids.device != x.device:
+        raise ValueError(f"segment_ids is on {segment_ids.device}, x on {x.device}")
+
+
+def _with_segments(attn_mask: Optional[Tensor], segment_ids: Optional[Tensor]) -> Optional[Tensor]:
+    """attn_mask and segment_ids as one SDPA mask: their (B, 1, T, T) bool visibility, and'ed with a bool attn_mask,
+    -inf over a float one."""
+    if segment_ids is None:
+        return attn_mask
+    visible = segments.visibility(segment_ids)  # (B, 1, T, T)
+    if attn_mask is None:
+        return visible
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & visible
+    return torch.where(
+        visible, attn_mask, torch.full((), float("-inf"), dtype=attn_mask.dtype, device=attn_mask.device)
+    )
 
 
 def check_position_embeddings(position_embeddings, batch: int, seq: int, head_dim: int) -> None:
@@ -299,13 +334,15 @@ class FusedCheckpointBlock(TransformerBlock):
                            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, qk_norm=self.qk_norm,
                            packed_qkv=not self.llama)  # fmt: skip
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, position_embeddings=None) -> Tensor:
-        self._check_input(x, attn_mask, position_embeddings)
-        return fused_block(x, self.parameter_tensors(), self.block_config(), attn_mask, position_embeddings)
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, position_embeddings=None,
+                segment_ids: Optional[Tensor] = None) -> Tensor:  # fmt: skip
+        self._check_input(x, attn_mask, position_embeddings, segment_ids)
+        return fused_block(x, self.parameter_tensors(), self.block_config(), attn_mask, position_embeddings,
+                           segment_ids)  # fmt: skip
 
 
 def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor] = None,
-                position_embeddings=None) -> Tensor:  # fmt: skip
+                position_embeddings=None, segment_ids: Optional[Tensor] = None) -> Tensor:  # fmt: skip
     """Run the block through the op graph. ``params``: a dict by functional.ALL_PARAM_NAMES name, or a sequence in
     ``functional.param_names(cfg)`` order (the GPT-2 block: functional.PARAM_NAMES); strided views such as Wᵀ are fine.
 
@@ -330,14 +367,14 @@ def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
                                                                       for p in tensors))  # fmt: skip
     if torch.compiler.is_compiling() and (needs_grad or seeds.is_device_seed(cfg.seed)):
-        return compiled_block(x, attn_mask, cos, sin, cfg, tensors)  # opaque ops: the policy's saved set binds
+        return compiled_block(x, attn_mask, cos, sin, cfg, tensors, segment_ids)  # opaque ops: the saved set binds
     if not needs_grad:
         rope_cs = None if cos is None else (cos, sin)
         full = dict.fromkeys(ALL_PARAM_NAMES)
         full.update(zip(names, tensors))
-        out, _ = block_forward(x.reshape(b * t, d), (b, t), full, cfg, attn_mask, rope_cs)
+        out, _ = block_forward(x.reshape(b * t, d), (b, t), full, cfg, attn_mask, rope_cs, segment_ids)
         return out.view(b, t, d)
-    return FusedBlockFunction.apply(x, attn_mask, cos, sin, cfg, names, *tensors)
+    return FusedBlockFunction.apply(x, attn_mask, segment_ids, cos, sin, cfg, names, *tensors)
 
 
 def init_block_(block: TransformerBlock, std: float = 0.02, n_layers: int = 1) -> None:

@@ -4,14 +4,16 @@ Eager, the block is an autograd.Function (functional.FusedBlockFunction). torch.
 AOTAutograd's partitioner would choose the saved set itself (re-saving, for ``block``, what the policy recomputes:
 ~5x the input instead of ~0.01x). Under torch.compile the block therefore runs as
 
-    ckpt_ext::fused_block_fwd(x (B, T, d), mask?, cos?, sin?, params: Tensor[], seed (1,) int64, spec)
+    ckpt_ext::fused_block_fwd(x (B, T, d), mask?, cos?, sin?, params: Tensor[], seed (1,) int64, spec, segment_ids?)
         -> [out (B, T, d), *saved]      saved = exactly policies.POLICIES[policy].keeps minus x, in table order
-    ckpt_ext::fused_block_bwd(dout (B, T, d), x, mask?, cos?, sin?, params, saved: Tensor[], seed, spec)
+    ckpt_ext::fused_block_bwd(dout (B, T, d), x, mask?, cos?, sin?, params, saved: Tensor[], seed, spec, segment_ids?)
         -> [dx (B, T, d), *grads]       one grad per parameter, in params order
 
-with fakes and autograd registered: the partitioner sees one op whose outputs are what backward reads, so it saves
-them (and the graph inputs) and nothing else. ``params`` are the configuration's parameters that exist (a Tensor?[]
-holding None trips torch's list-of-tensors autograd), in functional.param_names order. ``spec`` is the BlockConfig
+(segment_ids: a required Tensor? argument, last: under dynamo a defaulted one is dropped from the call while
+autograd still counts it) with fakes and autograd registered: the partitioner sees one op whose outputs are what
+backward reads, so it saves them (and the graph inputs) and nothing else. ``params`` are the configuration's
+parameters that exist (a Tensor?[] holding None trips torch's list-of-tensors autograd), in functional.param_names
+order. ``spec`` is the BlockConfig
 without its seed, which of param_names are present, and the forward's autocast state, as a string; both ops
 re-enter that autocast state, so compiled and eager run the same casts. Inside, the ops run the same
 functional.block_forward / block_backward as eager, so results are identical.
@@ -95,13 +97,14 @@ def _fresh(tensors: list[Tensor], inputs) -> list[Tensor]:
     return out
 
 
-def _forward(x, attn_mask, cos, sin, params, seed: int, spec: str) -> list[Tensor]:
+def _forward(x, attn_mask, segment_ids, cos, sin, params, seed: int, spec: str) -> list[Tensor]:
     cfg, names, device_type, dtype = _parse_spec(spec)
     cfg = BlockConfig(**{**cfg.__dict__, "seed": seed})
     b, t, d = x.shape
     rope_cs = None if cos is None else (cos, sin)
     with _autocast(device_type, dtype):
-        out, acts = block_forward(x.reshape(b * t, d), (b, t), _params(names, params), cfg, attn_mask, rope_cs)
+        out, acts = block_forward(x.reshape(b * t, d), (b, t), _params(names, params), cfg, attn_mask, rope_cs,
+                                  segment_ids)  # fmt: skip
     flat, layout = [], []
     for name in _saved_keys(cfg):
         if name in acts:
@@ -110,7 +113,7 @@ def _forward(x, attn_mask, cos, sin, params, seed: int, spec: str) -> list[Tenso
             layout.append((name, len(v)))
     if tuple(layout) != _layout(cfg, rope_cs is not None):
         raise RuntimeError(f"ckpt_ext: saved layout {layout} disagrees with compiled._layout for {spec!r}")
-    return _fresh([out.view(b, t, d), *flat], [x, attn_mask, cos, sin, *params])
+    return _fresh([out.view(b, t, d), *flat], [x, attn_mask, segment_ids, cos, sin, *params])
 
 
 def _layout(cfg: BlockConfig, rope: bool) -> tuple[tuple[str, int], ...]:
@@ -123,7 +126,7 @@ def _layout(cfg: BlockConfig, rope: bool) -> tuple[tuple[str, int], ...]:
     return tuple((k, counts[k]) for k in _saved_keys(cfg) if counts[k])
 
 
-def _backward(dout, x, attn_mask, cos, sin, params, saved, seed: int, spec: str) -> list[Tensor]:
+def _backward(dout, x, attn_mask, segment_ids, cos, sin, params, saved, seed: int, spec: str) -> list[Tensor]:
     cfg, names, device_type, dtype = _parse_spec(spec)
     cfg = BlockConfig(**{**cfg.__dict__, "seed": seed})
     b, t, d = x.shape
@@ -136,17 +139,13 @@ def _backward(dout, x, attn_mask, cos, sin, params, saved, seed: int, spec: str)
     with ac():
         if cfg.policy in ("block", "block_keep_attn"):
             kept = (acts["attn_out"], acts["attn_lse"]) if cfg.policy == "block_keep_attn" else None
-            replay = attention_half(acts["x"], (b, t), p, cfg, attn_mask, rope_cs, kept)
+            replay = attention_half(acts["x"], (b, t), p, cfg, attn_mask, rope_cs, kept, segment_ids)
             replay.pop("ln1_out")
             replay.pop("ln1_stats")
             acts.update(replay)
-        dx, g = block_backward(dout.reshape(b * t, d), acts, p, cfg, (b, t), attn_mask, ac, rope_cs)
+        dx, g = block_backward(dout.reshape(b * t, d), acts, p, cfg, (b, t), attn_mask, ac, rope_cs, segment_ids)
     grads = [g[n].to(w.dtype).contiguous() for n, w in zip(names, params)]
     return [dx.view(b, t, d).to(x.dtype).contiguous(), *grads]
-
-
-def _fake_backward(dout, x, attn_mask, cos, sin, params, saved, seed, spec) -> list[Tensor]:
-    return [x.new_empty(x.shape), *(w.new_empty(w.shape) for w in params)]
 
 
 def _define(suffix: str, tags: tuple, read_seed) -> tuple:
@@ -154,31 +153,34 @@ def _define(suffix: str, tags: tuple, read_seed) -> tuple:
 
     @torch.library.custom_op(f"ckpt_ext::fused_block_fwd{suffix}", mutates_args=(), tags=tags)
     def fwd(x: Tensor, attn_mask: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
-            params: list[Tensor], seed: Tensor, spec: str) -> list[Tensor]:  # fmt: skip
-        return _forward(x, attn_mask, cos, sin, params, read_seed(seed), spec)
+            params: list[Tensor], seed: Tensor, spec: str, segment_ids: Optional[Tensor]) -> list[Tensor]:  # fmt: skip
+        return _forward(x, attn_mask, segment_ids, cos, sin, params, read_seed(seed), spec)
 
     @fwd.register_fake
-    def _(x, attn_mask, cos, sin, params, seed, spec):
-        return _forward(x, attn_mask, cos, sin, params, 0, spec)
+    def _(x, attn_mask, cos, sin, params, seed, spec, segment_ids):
+        return _forward(x, attn_mask, segment_ids, cos, sin, params, 0, spec)
 
     @torch.library.custom_op(f"ckpt_ext::fused_block_bwd{suffix}", mutates_args=(), tags=tags)
     def bwd(dout: Tensor, x: Tensor, attn_mask: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
-            params: list[Tensor], saved: list[Tensor], seed: Tensor, spec: str) -> list[Tensor]:  # fmt: skip
-        return _backward(dout, x, attn_mask, cos, sin, params, saved, read_seed(seed), spec)
+            params: list[Tensor], saved: list[Tensor], seed: Tensor, spec: str, segment_ids: Optional[Tensor]
+            ) -> list[Tensor]:  # fmt: skip
+        return _backward(dout, x, attn_mask, segment_ids, cos, sin, params, saved, read_seed(seed), spec)
 
-    bwd.register_fake(_fake_backward)
+    @bwd.register_fake
+    def _(dout, x, attn_mask, cos, sin, params, saved, seed, spec, segment_ids):
+        return [x.new_empty(x.shape), *(w.new_empty(w.shape) for w in params)]
 
     def setup_context(ctx, inputs, output):
-        x, attn_mask, cos, sin, params, seed, spec = inputs
+        x, attn_mask, cos, sin, params, seed, spec, segment_ids = inputs
         ctx.n_params, ctx.spec = len(params), spec
-        ctx.save_for_backward(x, attn_mask, cos, sin, seed, *params, *output[1:])
+        ctx.save_for_backward(x, attn_mask, segment_ids, cos, sin, seed, *params, *output[1:])
 
     def backward(ctx, grads):
-        x, attn_mask, cos, sin, seed, *rest = ctx.saved_tensors
+        x, attn_mask, segment_ids, cos, sin, seed, *rest = ctx.saved_tensors
         params, saved = rest[: ctx.n_params], rest[ctx.n_params :]
         dout = grads[0] if grads[0] is not None else torch.zeros_like(x)
-        dx, *dparams = bwd(dout.contiguous(), x, attn_mask, cos, sin, params, saved, seed, ctx.spec)
-        return dx, None, None, None, dparams, None, None
+        dx, *dparams = bwd(dout.contiguous(), x, attn_mask, cos, sin, params, saved, seed, ctx.spec, segment_ids)
+        return dx, None, None, None, dparams, None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
     return fwd, bwd
@@ -188,7 +190,7 @@ fused_block_fwd, fused_block_bwd = _define("", (), lambda seed: 0)
 fused_block_fwd_seeded, fused_block_bwd_seeded = _define("_seeded", (torch.Tag.cudagraph_unsafe,), seeds.seed_value)
 
 
-def compiled_block(x: Tensor, attn_mask, cos, sin, cfg: BlockConfig, params: tuple) -> Tensor:
+def compiled_block(x: Tensor, attn_mask, cos, sin, cfg: BlockConfig, params: tuple, segment_ids=None) -> Tensor:
     """The block as fused_block_fwd (autograd: fused_block_bwd); params in functional.param_names(cfg) order. Also
     used without grad when the seed is seeds.DEVICE_SEED (dropout drawn in the graph), with the smallest saved set."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in params))
@@ -199,6 +201,6 @@ def compiled_block(x: Tensor, attn_mask, cos, sin, cfg: BlockConfig, params: tup
     spec = make_spec(cfg, x.device.type, present)
     if cfg.dropout > 0.0 or cfg.attn_dropout > 0.0:
         seed = seeds.seed_tensor(cfg.seed, x.device)
-        return fused_block_fwd_seeded(x, attn_mask, cos, sin, params, seed, spec)[0]
+        return fused_block_fwd_seeded(x, attn_mask, cos, sin, params, seed, spec, segment_ids)[0]
     seed = torch.zeros(1, dtype=torch.int64, device=x.device)
-    return fused_block_fwd(x, attn_mask, cos, sin, params, seed, spec)[0]
+    return fused_block_fwd(x, attn_mask, cos, sin, params, seed, spec, segment_ids)[0]

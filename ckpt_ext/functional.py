@@ -232,16 +232,17 @@ def _attention_inputs(acts: dict, p: dict, cfg: BlockConfig, shape, d: int, rope
     return tuple(ac.mm(_heads(t, shape, dh)) for t in (q, k, v))
 
 
-def attention_half(x: Tensor, shape, p: dict, cfg: BlockConfig, attn_mask, rope_cs=None, attn=None) -> dict:
+def attention_half(x: Tensor, shape, p: dict, cfg: BlockConfig, attn_mask, rope_cs=None, attn=None,
+                   segment_ids=None) -> dict:  # fmt: skip
     """x (N, d) -> the attention half's tensors (policies.py names). ``attn`` = (attn_out, attn_lse) kept by
-    block_keep_attn: then the attention core is not run again."""
+    block_keep_attn: then the attention core is not run again. segment_ids (B, T): see ops/attention.py."""
     ac = _AutocastState(x.device.type)
     d = x.shape[1]
     acts = _project(x, shape, p, cfg, rope_cs)
     if attn is None:
         q, k, v = _attention_inputs(acts, p, cfg, shape, d, rope_cs, ac)
         o, lse = ops.gqa_attention_fwd(q, k, v, cfg.causal, cfg.attn_dropout, cfg.seed, attn_mask,
-                                       cfg.softmax_scale(d))  # fmt: skip
+                                       cfg.softmax_scale(d), segment_ids)  # fmt: skip
         attn = (o.view(x.shape[0], -1), lse)  # (N, h·dh), (B, h, T)
     acts["attn_out"], acts["attn_lse"] = attn
     acts["x1"] = ops.linear_dropout_add(
@@ -279,8 +280,9 @@ def ffn_half(x1: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, dict]:
     return out, acts
 
 
-def block_forward(x: Tensor, shape, params: dict, cfg: BlockConfig, attn_mask, rope_cs=None) -> tuple[Tensor, dict]:
-    acts = attention_half(x, shape, params, cfg, attn_mask, rope_cs)
+def block_forward(x: Tensor, shape, params: dict, cfg: BlockConfig, attn_mask, rope_cs=None,
+                  segment_ids=None) -> tuple[Tensor, dict]:  # fmt: skip
+    acts = attention_half(x, shape, params, cfg, attn_mask, rope_cs, segment_ids=segment_ids)
     out, ffn_acts = ffn_half(acts["x1"], params, cfg)
     acts.update(ffn_acts)
     acts["x"] = x
@@ -350,7 +352,8 @@ def _mlp_backward(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, ac: _Autoc
     return [("w_gate", "b_gate", dg), ("w_up", "b_up", du)]
 
 
-def _attention_backward(dpr: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, attn_mask, rope_cs, ac, g):
+def _attention_backward(dpr: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, attn_mask, rope_cs, ac, g,
+                        segment_ids=None):  # fmt: skip
     """From the o_proj input gradient to [(weight, name, dZ (N, width))] of the q, k, v projections (packed: one)."""
     b, t = shape
     d = acts["x"].shape[1]
@@ -362,7 +365,8 @@ def _attention_backward(dpr: Tensor, acts: dict, p: dict, cfg: BlockConfig, shap
     q, k, v = _attention_inputs(acts, p, cfg, shape, d, rope_cs, ac)
     o = _heads(acts["attn_out"], shape, dh)
     dq, dk, dv = ops.gqa_attention_bwd(_heads(do, shape, dh).contiguous(), q, k, v, o, acts["attn_lse"], cfg.causal,
-                                       cfg.attn_dropout, cfg.seed, attn_mask, cfg.softmax_scale(d))  # fmt: skip
+                                       cfg.attn_dropout, cfg.seed, attn_mask, cfg.softmax_scale(d),
+                                       segment_ids)  # fmt: skip
     del q, k, v, do
     if rope_cs is not None:
         dq, dk = ops.rope(dq, dk, rope_cs[0], rope_cs[1], True)  # the rotation's adjoint
@@ -389,7 +393,7 @@ def _projection_wgrads(pairs, y: Tensor, p: dict, g: dict) -> None:
 
 
 def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, attn_mask, ac: _AutocastState,
-                   rope_cs=None):  # fmt: skip
+                   rope_cs=None, segment_ids=None):  # fmt: skip
     """dout (N, d) -> dx (N, d) and a dict of parameter grads. ``acts`` holds the policy's saved tensors."""
     x, x1 = acts["x"], acts["x1"]
     g: dict = {}
@@ -412,7 +416,7 @@ def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, a
     # ---- attention half
     dpr = _dropout_grad(dx1, cfg.dropout, cfg.seed + 1)  # (N, d)
     g["b_proj"] = _sum_rows(dpr, p["b_proj"])
-    proj = _attention_backward(dpr, acts, p, cfg, shape, attn_mask, rope_cs, ac, g)
+    proj = _attention_backward(dpr, acts, p, cfg, shape, attn_mask, rope_cs, ac, g, segment_ids)
     del dpr
     dy1 = _input_grad([(dz, w) for w, _, dz in proj])  # (N, d)
     dx, y1 = _norm_bwd(dy1, x, acts["ln1_stats"], p, "ln1", cfg, dx1, "ln1_out" not in acts, g)
@@ -448,7 +452,8 @@ def _below_autograd():
     never differentiated there (forward runs without grad, a double backward raises), so each ckpt_ext op skips its
     Python autograd wrapper (~15 µs a call) and each aten op its autograd kernel. Autocast and version counters still
     apply (their keys are not excluded). Not while a TorchDispatchMode is active (FakeTensorMode, FlopCounterMode, the
-    roofline's recorder): below Autograd, composite ops (linear, matmul) would reach the mode undecomposed and uncounted.
+    roofline's recorder): below Autograd, composite ops (linear, matmul) would reach the mode undecomposed and
+    uncounted.
     Under torch.compile the block runs as compiled.py's opaque ops instead."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return contextlib.nullcontext()
@@ -456,18 +461,18 @@ def _below_autograd():
 
 
 class FusedBlockFunction(torch.autograd.Function):
-    """x (B, T, d), attn_mask, cos, sin, cfg, names, *params (``names`` order) -> out (B, T, d)."""
+    """x (B, T, d), attn_mask, segment_ids, cos, sin, cfg, names, *params (``names`` order) -> out (B, T, d)."""
 
     @staticmethod
-    def forward(ctx, x, attn_mask, cos, sin, cfg: BlockConfig, names: tuple, *params):
+    def forward(ctx, x, attn_mask, segment_ids, cos, sin, cfg: BlockConfig, names: tuple, *params):
         b, t, d = x.shape
         p = dict.fromkeys(ALL_PARAM_NAMES)
         p.update(zip(names, params))
         rope_cs = None if cos is None else (cos, sin)
         with _below_autograd():
-            out, acts = block_forward(x.reshape(b * t, d), (b, t), p, cfg, attn_mask, rope_cs)
+            out, acts = block_forward(x.reshape(b * t, d), (b, t), p, cfg, attn_mask, rope_cs, segment_ids)
         flat, ctx.layout = _flatten_saved(acts, get_policy(cfg.policy).keeps)
-        ctx.save_for_backward(attn_mask, cos, sin, *params, *flat)
+        ctx.save_for_backward(attn_mask, segment_ids, cos, sin, *params, *flat)
         ctx.cfg, ctx.shape, ctx.names = cfg, (b, t), names
         ctx.autocast = _AutocastState(x.device.type)
         return out.view(b, t, d)
@@ -480,21 +485,22 @@ class FusedBlockFunction(torch.autograd.Function):
                 "its backward is hand-written and not itself differentiable; use ckpt_ext.TransformerBlock there"
             )
         saved = ctx.saved_tensors
-        attn_mask, cos, sin = saved[:3]
+        attn_mask, segment_ids, cos, sin = saved[:4]
         k = len(ctx.names)
         p = dict.fromkeys(ALL_PARAM_NAMES)
-        p.update(zip(ctx.names, saved[3 : 3 + k]))
-        acts = _unflatten_saved(saved[3 + k :], ctx.layout)
+        p.update(zip(ctx.names, saved[4 : 4 + k]))
+        acts = _unflatten_saved(saved[4 + k :], ctx.layout)
         cfg, (b, t) = ctx.cfg, ctx.shape
         rope_cs = None if cos is None else (cos, sin)
         d = acts["x"].shape[1]
         with ctx.autocast(), _below_autograd():
             if cfg.policy in ("block", "block_keep_attn"):
                 kept = (acts["attn_out"], acts["attn_lse"]) if cfg.policy == "block_keep_attn" else None
-                replay = attention_half(acts["x"], (b, t), p, cfg, attn_mask, rope_cs, kept)
+                replay = attention_half(acts["x"], (b, t), p, cfg, attn_mask, rope_cs, kept, segment_ids)
                 replay.pop("ln1_out")  # norm1's backward emits it again when dW_qkv needs it
                 replay.pop("ln1_stats")
                 acts.update(replay)
-            dx, g = block_backward(dout.reshape(b * t, d), acts, p, cfg, (b, t), attn_mask, ctx.autocast, rope_cs)
+            dx, g = block_backward(dout.reshape(b * t, d), acts, p, cfg, (b, t), attn_mask, ctx.autocast, rope_cs,
+                                   segment_ids)  # fmt: skip
         grads = tuple(None if p[name] is None else g[name] for name in ctx.names)
-        return (dx.view(b, t, d), None, None, None, None, None, *grads)
+        return (dx.view(b, t, d), None, None, None, None, None, None, *grads)

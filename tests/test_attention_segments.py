@@ -9,14 +9,19 @@
   also segment_ids combined with an additive finfo.min attn_mask.
 - opcheck with segment_ids; bad segment_ids raise naming the argument.
 - No allocation reaches an fp32 (B, h, T, T) tensor at T = 128 with segment_ids (reference, cpp).
+- Blocks: FusedCheckpointBlock(segment_ids) vs the plain block (which turns them into the bool mask) in fp32 and
+  fp64, GPT-2 and Llama forms, every policy; with dropout, segment_ids vs the equivalent bool mask in the fused block.
 """
 
 import pytest
 import torch
 from test_attention_memory import FULL_FP32_BYTES, largest_allocation
+from test_llama_block import llama_block, rope_tables
 
 import ckpt_ext
 from ckpt_ext import ops, reference_attention, segments
+
+from helpers import assert_within_torch_error, fused_copy, make_block, run_step
 
 OP_BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)]
 H, DH = 4, 8
@@ -220,3 +225,85 @@ def test_no_per_head_t_by_t_allocation_with_segment_ids(backend, dropout_p):
         largest = largest_allocation(step)
     assert q.grad is not None and k.grad is not None
     assert largest < FULL_FP32_BYTES, (largest, FULL_FP32_BYTES)
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+POLICIES = ["none", "pointwise", "ffn", "block_keep_attn", "block"]
+
+
+def _block(family, dtype, **kwargs):
+    if family == "gpt2":
+        return make_block(32, 4, dtype=dtype, **kwargs), None
+    blk = llama_block(d=48, heads=4, kv=2, dtype=dtype, **kwargs)
+    return blk, rope_tables(3, 20, 12, dtype)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_block_with_segment_ids_matches_the_plain_block(backend, family, policy):
+    """FusedCheckpointBlock(segment_ids) vs the plain block (SDPA with the equivalent mask) in fp32 and fp64."""
+    ids = make_ids("packed", 3, 20)
+    ids[1, :5] = 0  # and left padding
+    block, pe = _block(family, torch.float32)
+    block64, pe64 = _block(family, torch.float64)
+    x, grad = torch.randn(3, 20, block.d_model), torch.randn(3, 20, block.d_model)
+    with ckpt_ext.set_backend(backend):
+        ours = run_step(fused_copy(block, policy), x, grad, segment_ids=ids, position_embeddings=pe)
+    plain = run_step(block, x, grad, segment_ids=ids, position_embeddings=pe)
+    ref = run_step(block64, x.double(), grad.double(), segment_ids=ids, position_embeddings=pe64)
+    assert_within_torch_error(ours, plain, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_block_segment_ids_equal_the_bool_mask_with_dropout(backend, policy):
+    """With attention and residual dropout the fused block gives the same output and gradients whether padding and
+    packing come as segment_ids or as their (B, 1, T, T) bool mask (same seed)."""
+    ids = make_ids("packed", 3, 20)
+    block, _ = _block("gpt2", torch.float32, dropout=0.1, attn_dropout=0.2)
+    x, grad = torch.randn(3, 20, 32), torch.randn(3, 20, 32)
+    fused = fused_copy(block, policy)
+    with ckpt_ext.set_backend(backend):
+        torch.manual_seed(11)
+        with_ids = run_step(fused, x, grad, segment_ids=ids)
+        torch.manual_seed(11)
+        with_mask = run_step(fused, x, grad, attn_mask=segments.visibility(ids))
+    for a, b in zip(with_ids, with_mask):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_block_rejects_bad_segment_ids():
+    block, _ = _block("gpt2", torch.float32)
+    x = torch.randn(2, 5, 32)
+    with pytest.raises(TypeError, match="segment_ids"):
+        fused_copy(block, "ffn")(x, segment_ids=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="segment_ids"):
+        block(x, segment_ids=torch.ones(2, 4, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("policy", ["ffn", "block"])
+def test_compiled_block_takes_segment_ids(policy):
+    """Under torch.compile(fullgraph=True) the opaque fused_block_fwd/_bwd ops carry segment_ids: same output and
+    gradients as eager; opcheck of the forward op with them."""
+    from ckpt_ext.compiled import fused_block_fwd, make_spec
+    from ckpt_ext.functional import param_names
+
+    torch._dynamo.reset()
+    block, pe = _block("llama", torch.float32)
+    ids = make_ids("packed", 3, 20)
+    x, grad = torch.randn(3, 20, 48), torch.randn(3, 20, 48)
+    ref = run_step(fused_copy(block, policy), x, grad, segment_ids=ids, position_embeddings=pe)
+    compiled = torch.compile(fused_copy(block, policy), fullgraph=True, backend="aot_eager")
+    ours = run_step(compiled, x, grad, segment_ids=ids, position_embeddings=pe)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    fused = fused_copy(block, policy)
+    cfg, p = fused.block_config(), fused.parameter_tensors()
+    names = param_names(cfg)
+    params = [p[n] for n in names if p[n] is not None]
+    spec = make_spec(cfg, "cpu", "".join("0" if p[n] is None else "1" for n in names))
+    seed = torch.zeros(1, dtype=torch.int64)
+    torch.library.opcheck(fused_block_fwd, (x.requires_grad_(), None, *pe, params, seed, spec, ids))

@@ -107,10 +107,10 @@ def test_opcheck_fused_block_ops(policy):
     spec = make_spec(cfg, "cpu", "".join("0" if p[n] is None else "1" for n in names))
     cos, sin = rope_tables(1, 3, 4, torch.float32)
     x, seed = torch.randn(2, 3, 16, requires_grad=True), torch.zeros(1, dtype=torch.int64)
-    torch.library.opcheck(fused_block_fwd, (x, None, cos, sin, params, seed, spec))
-    out, *saved = fused_block_fwd(x, None, cos, sin, params, seed, spec)
+    torch.library.opcheck(fused_block_fwd, (x, None, cos, sin, params, seed, spec, None))
+    out, *saved = fused_block_fwd(x, None, cos, sin, params, seed, spec, None)
     args = (torch.randn_like(out), x.detach(), None, cos, sin, [w.detach() for w in params],
-            [t.detach() for t in saved], seed, spec)  # fmt: skip
+            [t.detach() for t in saved], seed, spec, None)  # fmt: skip
     torch.library.opcheck(fused_block_bwd, args)
 
 
