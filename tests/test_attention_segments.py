@@ -307,3 +307,46 @@ def test_compiled_block_takes_segment_ids(policy):
     spec = make_spec(cfg, "cpu", "".join("0" if p[n] is None else "1" for n in names))
     seed = torch.zeros(1, dtype=torch.int64)
     torch.library.opcheck(fused_block_fwd, (x.requires_grad_(), None, *pe, params, seed, spec, ids))
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face
+@pytest.mark.parametrize("layout", ["left", "packed", "packed_left", "right"])
+def test_hf_llama_padding_and_packing_take_the_segment_path(monkeypatch, layout):
+    """Left padding and packed sequences (position_ids restarting) reach the attention op as segment ids, no 4-D
+    mask, with the unpatched model's loss and gradients; right padding (Hugging Face lets its pad rows see real keys,
+    which ids cannot say) keeps the 4-D mask, also exact."""
+    pytest.importorskip("transformers")
+    from test_hf_llama import assert_parity, batch, make_model
+
+    inputs = batch("right" if layout == "right" else ("left" if "left" in layout else None))
+    if "packed" in layout:  # without a cache (use_cache=False, as under gradient checkpointing) 4.57 packs by position
+        inputs["position_ids"] = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]] * 2)
+        inputs["use_cache"] = False
+    if layout == "packed_left":
+        inputs["position_ids"] = torch.tensor([[1, 1, 1, 0, 1, 2, 0, 1, 2], [1, 0, 1, 2, 3, 0, 1, 0, 1]])
+    seen = []
+    real = ops.gqa_attention_fwd
+    monkeypatch.setattr(ops, "gqa_attention_fwd", lambda *a: seen.append((a[6], a[8])) or real(*a))
+    assert_parity(make_model("llama", kv=2), inputs, "block")
+    assert seen
+    if layout == "right":
+        assert all(ids is None and mask is not None for mask, ids in seen)
+        return
+    assert all(mask is None and ids is not None for mask, ids in seen)
+    ids = seen[0][1]
+    if layout in ("left", "packed_left"):  # with a 2-D padding mask 4.57 does not pack: padding alone
+        assert ids.tolist() == [[0, 0, 0] + [1] * 6, [0] + [1] * 8]
+    if layout == "packed":
+        assert ids.tolist() == [[1, 1, 1, 1, 2, 2, 2, 3, 3]] * 2
+
+
+def test_hf_segment_conversion_is_cached_per_mask():
+    from ckpt_ext.integrations.hf_common import segment_ids_for
+
+    keep = torch.tensor([[False, True, True, True]])
+    mask = keep[:, None, None, :] & torch.ones(4, 4, dtype=torch.bool).tril()  # (1, 1, 4, 4)
+    first = segment_ids_for(mask, None, 4)
+    assert first.tolist() == [[0, 1, 1, 1]]
+    assert segment_ids_for(mask, None, 4) is first
+    mask[0, 0, 3, 1] = False  # no longer causal ∧ keep ∧ segment: the version changed, the check refuses it
+    assert segment_ids_for(mask, None, 4) is None

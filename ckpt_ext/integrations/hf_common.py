@@ -13,6 +13,16 @@ SDPA) or a 2-D (B, T) padding mask becomes one additive float32 mask with ``finf
 masks nothing beyond causality becomes None, so the fast unmasked kernels run. The conversion is cached on the mask
 tensor object itself, so the layers of one forward share one (B, 1, T, T) buffer (not one per layer) and it is freed
 with the model's mask.
+
+Segment ids (``segment_ids_for``): for a causal layer whose 4-D mask is exactly causal ∧ key-keep ∧ same-segment (left
+padding and/or packed sequences, as transformers 4.57 builds them), the mask becomes (B, T) int32 segment ids: keep is
+the mask's diagonal, the segments come from ``position_ids`` (a new one wherever the position does not grow by 1, as
+Hugging Face detects packing; arange when None), or, when that candidate does not match, keep alone (one segment per
+row: 4.57 skips packing detection when a 2-D padding mask is given). The candidate's (B, 1, T, T) visibility must equal
+the given mask on every row and a float mask must be 0 wherever it keeps a key (no bias), else None (the 4-D path). So
+right padding, whose padded query rows Hugging Face lets see the real keys before them (ids give such rows none), keeps
+the 4-D mask: exactness first. Cached on the mask tensor like the additive form (single entry, keyed by seq, the mask's
+version and the position_ids tensor object and version), so 32 layers convert once.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from .. import segments
 
 logger = logging.getLogger("ckpt_ext.integrations")
 _WARNED: set[str] = set()
@@ -131,3 +143,37 @@ def _build_additive(mask: Tensor, seq: int, causal: bool) -> Optional[Tensor]:
         if bool(relevant.all()) and (mask.dim() != 4 or mask.dtype == torch.bool or bool((additive[keep] == 0).all())):
             return None
         return additive
+
+
+def segment_ids_for(mask: Optional[Tensor], position_ids: Optional[Tensor], seq: int) -> Optional[Tensor]:
+    """(B, T) int32 segment ids equivalent to the causal layer's 4-D mask, or None (see the module docstring)."""
+    if mask is None or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != seq or mask.shape[3] < seq:
+        return None
+    if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != seq):
+        return None
+    cached = getattr(mask, "_ckpt_segments", None)
+    version = None if position_ids is None else position_ids._version
+    if cached is None or cached[0] != (seq, mask._version, version) or cached[1] is not position_ids:
+        cached = ((seq, mask._version, version), position_ids, _build_segments(mask, position_ids, seq))
+        mask._ckpt_segments = cached
+    return cached[2]
+
+
+def _build_segments(mask: Tensor, position_ids: Optional[Tensor], seq: int) -> Optional[Tensor]:
+    with torch.no_grad():
+        m = mask[..., :seq]  # (B|1, 1, T, T)
+        visible = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        if m.dtype != torch.bool and not bool((m[visible] == 0).all()):
+            return None  # an additive bias is not a keep-mask
+        b = visible.shape[0] if position_ids is None else max(visible.shape[0], position_ids.shape[0])
+        keep = visible[:, 0].diagonal(dim1=-2, dim2=-1).expand(b, seq)  # (B, T): key t is seen by its own row
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=mask.device)[None]
+        if position_ids.device != mask.device:
+            return None
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
+        packed = segments.from_position_ids(position_ids.expand(b, seq), keep)  # (B, T) int32
+        for ids in (packed, segments.from_keep_mask(keep)):  # packing, else padding alone (a 2-D mask turns
+            if bool((segments.visibility(ids) & causal == visible).all()):  # 4.57's packing detection off)
+                return ids
+        return None

@@ -15,6 +15,8 @@ training a cache created by default is left unfilled, as Hugging Face's own grad
 (causal), 4-D bool or additive (padding, packed sequences' block-diagonal masks, sliding windows as the model built
 them), or a 2-D padding mask; a mask that masks nothing beyond causality reaches the unmasked causal kernel. A
 sliding window shorter than the sequence with no 4-D mask that encodes it runs the original forward (warned once).
+A 4-D mask that is exactly causal ∧ key-keep ∧ same-segment (left padding, packed sequences from position_ids) is
+handed over as (B, T) segment ids instead (hf_common.segment_ids_for, checked against the mask, cached per mask).
 Returns what the original returns: the hidden states tensor (4.57, 5.x), a 1-tuple where the layer's signature says so.
 """
 
@@ -25,7 +27,7 @@ import torch
 from .. import seeds
 from ..block import fused_block
 from ..functional import BlockConfig
-from .hf_common import additive_mask, any_intercepted, needs_graph, warn_once
+from .hf_common import additive_mask, any_intercepted, needs_graph, segment_ids_for, warn_once
 from .hf_gpt2 import _bind, _cached_tokens
 
 FUSED_ATTENTION = ("eager", "sdpa")
@@ -99,9 +101,12 @@ class LlamaFamilyAdapter:
         params = self.params(layer)
         if not self._can_fuse(layer, bound, params):
             return original(*args, **kwargs)
+        pe = tuple(bound["position_embeddings"])
+        ids = segment_ids_for(bound.get("attention_mask"), bound.get("position_ids"), x.shape[1])
+        if ids is not None:  # padding / packing as (B, T) ids: no 4-D mask reaches the kernels
+            return fused_block(x, params, self.block_config(layer), None, pe, ids)
         mask = additive_mask(bound.get("attention_mask"), x.shape[1], causal=True)
-        out = fused_block(x, params, self.block_config(layer), mask, tuple(bound["position_embeddings"]))
-        return out
+        return fused_block(x, params, self.block_config(layer), mask, pe)
 
     def _can_fuse(self, layer, bound: dict, params: dict) -> bool:
         x = bound["hidden_states"]
