@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     failures = 0
     for job in _jobs(args.arch, args.all_configs):
         name, fn, signature, const, attrs, opts = _prepared(job)
-        dtype = next((v for v in signature.values() if v.startswith("*") and v != "*fp32"), "*fp32")[1:]
+        dtype = next((v for v in signature.values() if v in ("*bf16", "*fp16")), "*fp32")[1:]  # the data dtype
         start = time.perf_counter()
         try:
             src = ASTSource(fn=fn, signature=signature, constexprs=const, attrs=attrs)
