@@ -277,3 +277,10 @@ def test_flop_formulas_registered():
         ops.gelu_linear_wgrad(torch.randn(n, d), torch.randn(n, h), "none")
         ops.attention_fwd(torch.randn(2, 5, 3 * d), 4, True, 0.0, 0, None)
     assert counter.get_total_flops() == 6 * 2 * n * d * h + 4 * 2 * 4 * 5 * 5 * (d // 4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 9, 2**32 + 7, 2**40 + 3, -5])
+def test_seed_key_is_fmix32_of_the_seed(seed):
+    """reference.seed_key (Python ints, the launchers' hot path) equals the tensor fmix32 every kernel implements."""
+    low = torch.tensor([(seed ^ 0x9E3779B9) & 0xFFFFFFFF], dtype=torch.int64)
+    assert reference.seed_key(seed) == int(reference.fmix32(low).item())
