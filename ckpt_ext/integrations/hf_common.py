@@ -149,6 +149,8 @@ def segment_ids_for(mask: Optional[Tensor], position_ids: Optional[Tensor], seq:
     """(B, T) int32 segment ids equivalent to the causal layer's 4-D mask, or None (see the module docstring)."""
     if mask is None or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != seq or mask.shape[3] < seq:
         return None
+    if torch.compiler.is_compiling():  # the exactness check reads the mask's values: under compile keep the 4-D mask
+        return None
     if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != seq):
         return None
     cached = getattr(mask, "_ckpt_segments", None)
