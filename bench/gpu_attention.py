@@ -10,6 +10,10 @@ mask with causal=True (so its kernels skip the tiles above the diagonal, as SDPA
 Implementations, each timed on the same q (B, T, h, dh) / k, v (B, T, hk, dh) tensors:
 - ``ckpt_ext_triton``: kernels/flash_attention_launchers.gqa_attention_fwd / _bwd (the kernels the triton backend
   runs; forward + backward = one forward, then the dq and dk/dv kernels from the saved out and lse);
+- ``ckpt_ext_triton_segments`` (padding rows only): the same kernels given the padding as segment ids
+  (ckpt_ext.segments.from_lengths: T ints per batch row, compared in registers, key tiles past a row's length
+  skipped) instead of the (B, 1, T, T) mask; its padded query rows see no key (zeros), so its parity column covers
+  the unpadded rows;
 - ``sdpa_flash`` / ``sdpa_efficient``: F.scaled_dot_product_attention on (B, h, T, dh) views under
   torch.nn.attention.sdpa_kernel(FLASH_ATTENTION / EFFICIENT_ATTENTION), enable_gqa=True, autograd backward (a
   backend that rejects the case, e.g. flash with a mask, gives a row with ``unsupported``).
@@ -34,25 +38,29 @@ from .gpu_common import cli_main, time_ms
 BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
+def _lengths(b: int, t: int, device) -> torch.Tensor:
+    """(B,) key lengths L = T, 3T/4, T, ... (every row keeps key 0)."""
+    return torch.tensor([t if i % 2 == 0 else (3 * t) // 4 for i in range(b)], device=device)
+
+
 def _padding_mask(b: int, t: int, device) -> torch.Tensor:
-    """(B, 1, T, T) bool: batch i keeps keys s < L_i, L = T, 3T/4, T, ... (every row keeps key 0)."""
-    lengths = torch.tensor([t if i % 2 == 0 else (3 * t) // 4 for i in range(b)], device=device)
-    keep = torch.arange(t, device=device)[None, :] < lengths[:, None]  # (B, T) over keys
+    """(B, 1, T, T) bool: batch i keeps keys s < L_i."""
+    keep = torch.arange(t, device=device)[None, :] < _lengths(b, t, device)[:, None]  # (B, T) over keys
     return keep[:, None, None, :].expand(b, 1, t, t).contiguous()
 
 
-def _ours(q, k, v, mask, dout):
+def _ours(q, k, v, mask, dout, segment_ids=None):
     """(forward fn, forward + backward fn, forward output) of the Triton launchers."""
     from ckpt_ext.kernels import flash_attention_launchers as fa
 
     args = (True, 0.0, 0, mask, q.shape[-1] ** -0.5)
 
     def fwd():
-        return fa.gqa_attention_fwd(q, k, v, *args)
+        return fa.gqa_attention_fwd(q, k, v, *args, segment_ids=segment_ids)
 
     def fwd_bwd():
         out, lse = fwd()
-        return fa.gqa_attention_bwd(dout, q, k, v, out, lse, *args)
+        return fa.gqa_attention_bwd(dout, q, k, v, out, lse, *args, segment_ids=segment_ids)
 
     return fwd, fwd_bwd, fwd()[0]
 
@@ -103,10 +111,16 @@ def run(device: str) -> list[dict]:
             mask = None if mask_name == "none" else _padding_mask(b, t, device)
             case = dict(heads=f"{h}/{hk}", mask=mask_name, B=b, T=t, dh=dh, dtype=str(dtype).removeprefix("torch."))
             results = {}
-            for impl in ("ckpt_ext_triton", *BACKENDS):
+            impls = ("ckpt_ext_triton", "ckpt_ext_triton_segments") if mask is not None else ("ckpt_ext_triton",)
+            for impl in (*impls, *BACKENDS):
                 try:
                     if impl == "ckpt_ext_triton":
                         fwd, fwd_bwd, out = _ours(q, k, v, mask, dout)
+                    elif impl == "ckpt_ext_triton_segments":
+                        from ckpt_ext import segments
+
+                        ids = segments.from_lengths(_lengths(b, t, device), t)  # (B, T) int32
+                        fwd, fwd_bwd, out = _ours(q, k, v, None, dout, segment_ids=ids)
                     else:
                         leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
                         fwd, fwd_bwd, out = _sdpa(BACKENDS[impl], *leaves, mask, dout)
@@ -122,9 +136,13 @@ def run(device: str) -> list[dict]:
                            fwd_bwd_tflops=total_flops / fb_ms / 1e9)  # fmt: skip
                 for other in BACKENDS:
                     row[f"fwd_bwd_vs_{other}"] = fb_ms / results[other][1]
-                row["max_abs_diff_vs_sdpa"] = (
-                    (out.float() - ref.float()).abs().max().item() if out is not None and ref is not None else math.nan
-                )
+                diff = math.nan
+                if out is not None and ref is not None:
+                    err = (out.float() - ref.float()).abs()  # (B, T, h, dh)
+                    if impl == "ckpt_ext_triton_segments":  # padded query rows see no key there (zeros): unpadded rows
+                        err = err[torch.arange(t, device=device)[None, :] < _lengths(b, t, device)[:, None]]
+                    diff = err.max().item()
+                row["max_abs_diff_vs_sdpa"] = diff
                 rows.append(row)
                 print(row, flush=True)
     return rows

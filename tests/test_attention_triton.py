@@ -170,3 +170,17 @@ def test_compile_jobs_cover_every_launcher_config(monkeypatch):
                 key = (name, ptr, (tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_D"]), opts["num_warps"],
                        opts["num_stages"])  # fmt: skip
                 assert key in jobs, key
+
+
+@pytest.mark.triton
+def test_gpu_attention_bench_plumbing_on_cpu():
+    """bench/gpu_attention.py at its tiny CPU shapes (interpreter): every implementation row runs, the segment-id row
+    exists for the padding case, and ours match SDPA (unpadded rows for the segment-id row)."""
+    from bench import gpu_attention
+
+    rows = gpu_attention.run("cpu")
+    impls = {(r["impl"], r["mask"]) for r in rows}
+    assert ("ckpt_ext_triton_segments", "padding") in impls and ("ckpt_ext_triton_segments", "none") not in impls
+    for r in rows:
+        if r["impl"].startswith("ckpt_ext"):
+            assert r["status"] == "ok" and r["max_abs_diff_vs_sdpa"] < 1e-5, r
