@@ -1,6 +1,7 @@
 // ckpt_ext._C: declares the schemas of the extension's kernel ops (namespace ckpt_ext, suffix _kernel) once.
 // Each schema equals that of the graph op ckpt_ext::<name> (ckpt_ext/ops/*.py), so ckpt_ext/ops/cpp_bridge.py can
-// route the graph op to its kernel op unchanged. Kernels live per backend in csrc/cpu (TORCH_LIBRARY_IMPL CPU) and
+// route the graph op to its kernel op unchanged (attention_tile_dropout_kernel, a helper of the tiled attention
+// route, has no graph op). Kernels live per backend in csrc/cpu (TORCH_LIBRARY_IMPL CPU) and
 // csrc/cuda (TORCH_LIBRARY_IMPL CUDA). The module itself is empty: importing it runs the static registrations.
 #include <Python.h>
 #include <torch/library.h>
@@ -54,4 +55,9 @@ TORCH_LIBRARY(ckpt_ext, m) {
       "swiglu_ffn_recompute_kernel(Tensor x1, Tensor rstd, Tensor norm_weight, Tensor w_gate, Tensor? b_gate, "
       "Tensor w_up, Tensor? b_up, Tensor dy, Tensor w_down) -> (Tensor, Tensor, Tensor)");
   m.def("rope_kernel(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)");
+  // Not a graph op: the hash dropout of one attention-probability tile, in place, for the cpp/cuda backends' tiled
+  // attention (ckpt_ext/ops/native_attention.py).
+  m.def(
+      "attention_tile_dropout_kernel(Tensor(a!) x, int heads, int seq_q, int seq_k, int head0, int row0, float p, "
+      "SymInt seed) -> ()");
 }

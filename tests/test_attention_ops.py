@@ -154,6 +154,42 @@ def test_cpp_tiled_dropout_mask_is_the_reference_mask(seed):
                 assert torch.equal(tile, full[:, j * g : (j + 1) * g, t0:t1, :n])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", [0, 77, 2**40 + 3])
+def test_cpp_tile_dropout_kernel_is_the_reference_mask(dtype, seed):
+    """ckpt_ext._C's attention_tile_dropout_kernel (what the tiled route runs when the extension is built) scales
+    exactly the reference mask's kept elements of each tile by 1 / (1 - p) and zeroes the rest, in place; the
+    fallback emulation (_tile_dropout_ without the kernel) gives the very same tile."""
+    b, h, t, s, g, p = 2, 4, 70, 9, 2, 0.4
+    kernel = native_attention._tile_dropout_kernel("cpu")
+    assert kernel is not None  # the extension is part of this project's test environment
+    full = reference.dropout_keep_mask(b * h * t * s, p, seed).view(b, h, t, s)
+    for j in range(h // g):
+        for t0 in (0, 64):
+            t1 = min(t, t0 + 64)
+            for n in (s, 5):
+                x = torch.rand(b, g, t1 - t0, n, dtype=dtype) + 0.5
+                ours = x.clone()
+                native_attention._tile_dropout_(ours, (b, h, t, s), j, g, t0, t1, n, p, seed)
+                keep = full[:, j * g : (j + 1) * g, t0:t1, :n]
+                torch.testing.assert_close(ours, torch.where(keep, x * (1.0 / (1.0 - p)), 0.0), rtol=0, atol=0)
+                emulated = native_attention._drop_(x.clone(), native_attention._tile_keep(
+                    (b, h, t, s), j, g, t0, t1, n, p, seed, "cpu"), p)  # fmt: skip
+                torch.testing.assert_close(ours, emulated, rtol=0, atol=0)
+
+
+def test_cpp_tile_dropout_kernel_rejects_bad_tiles():
+    kernel = native_attention._tile_dropout_kernel("cpu")
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        kernel(torch.ones(1, 1, 2, 2, dtype=torch.bfloat16), 1, 2, 2, 0, 0, 0.1, 0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel(torch.ones(1, 1, 2, 4)[..., ::2], 1, 2, 4, 0, 0, 0.1, 0)
+    with pytest.raises(RuntimeError, match="inside"):
+        kernel(torch.ones(1, 2, 2, 2), 2, 2, 2, 1, 0, 0.1, 0)  # heads 1..2 of 2
+    with pytest.raises(RuntimeError, match="p must be"):
+        kernel(torch.ones(1, 1, 2, 2), 1, 2, 2, 0, 0, 1.0, 0)
+
+
 def test_packed_ops_equal_gqa_ops_on_views():
     """attention_fwd/_bwd on packed qkv are the gqa ops on its q, k, v views with scale 1/sqrt(dh)."""
     b, t, heads, dh = 3, 7, 2, 4

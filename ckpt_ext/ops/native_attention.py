@@ -19,9 +19,10 @@ Math, masks, the empty-row rule and the dropout index are reference_attention.py
   one bmm over the g heads' stacked rows (baddbmm with an additive mask's tile, a bool mask filled in), causal -inf on
   the diagonal block only, P by aten's fused softmax, lse = rowmax - log max P, empty rows zeroed with lse = -inf.
   Backward rebuilds P = exp(S - lse) per tile (0 where lse = -inf), dv_j and dk_j accumulate over the tiles and the
-  group's heads inside the bmms, dS by aten's softmax backward. The dropout hash runs in place in wrapping int32
-  arithmetic on the tile's flat (B, h, T, S) indices (logical shifts by masking): the reference's mask bit for bit,
-  ~4x cheaper than its int64 emulation.
+  group's heads inside the bmms, dS by aten's softmax backward. Dropout multiplies a tile in place by the reference's
+  hash mask at the tile's flat (B, h, T, S) indices, bit for bit: one pass of ckpt_ext._C's
+  attention_tile_dropout_kernel (CPU and CUDA; ~4x faster than the fallback), else wrapping int32 tensor arithmetic
+  (logical shifts by masking; ~4x cheaper than the reference's int64 emulation).
 - ``reference``: empty T or S.
 segment_ids (B, S) (key padding / packed sequences, see ckpt_ext/segments.py): ``cpu_math`` builds each tile's
 (B, tq, n) visibility from the ids of its rows and keys (never a (B, h, T, S) or (B, T, S) tensor) and skips nothing;
@@ -32,9 +33,11 @@ The packed-qkv ops (attention_fwd/_bwd) call the same routes on q, k, v views of
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .. import reference, reference_attention, segments
+from .. import backend, reference, reference_attention, segments
 from ..reference_attention import empty_threshold, mask4
 
 BLOCK_Q = 64  # query rows per cpu_math tile
@@ -197,6 +200,31 @@ def _drop_(x, keep, dropout_p):
     return x if keep is None else x.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
 
 
+@functools.cache
+def _tile_dropout_kernel(device_type: str):
+    """ckpt_ext._C's attention_tile_dropout_kernel for ``device_type`` (one pass, the hash in registers), or None when
+    the extension lacks it (not built, CPU-only build on CUDA tensors, or built before the op existed)."""
+    if not backend.cpp_available() or (device_type == "cuda" and not backend.cuda_ext_available()):
+        return None
+    if device_type not in ("cpu", "cuda"):
+        return None
+    return getattr(torch.ops.ckpt_ext, "attention_tile_dropout_kernel", None)
+
+
+def _tile_dropout_(x, shape, j, g, t0, t1, n, dropout_p, seed):
+    """The tile x (B, g, tq, n) (contiguous, cdt) ∘ keep / (1 - p) in place, keep the reference hash at the tile's flat
+    (B, h, T, S) indices: the extension's kernel when there is one, else _tile_keep's int32 emulation; x without
+    dropout."""
+    if dropout_p == 0.0:
+        return x
+    kernel = _tile_dropout_kernel(x.device.type)
+    if kernel is not None:
+        b, h, t, s = shape
+        kernel(x, h, t, s, j * g, t0, dropout_p, seed)
+        return x
+    return _drop_(x, _tile_keep(shape, j, g, t0, t1, n, dropout_p, seed, x.device), dropout_p)
+
+
 def _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt, seg=None):
     """scale · q tile (B, g·tq, dh) and S = scale · q kᵀ + mask (B, g, tq, n) in cdt for kv group j, query rows
     t0:t1, keys 0:n (n = t1 when causal: the keys past the tile's last row are never visible, so never computed);
@@ -252,8 +280,8 @@ def _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=No
             p.masked_fill_(empty, 0.0)
             lse_t.masked_fill_(empty, float("-inf"))
         lse[:, heads, t0:t1] = lse_t.squeeze(-1)
-        keep = _tile_keep((b, h, t, s_len), j, g, t0, t1, n, dropout_p, seed, q.device) if dropout_p > 0 else None
-        o = torch.bmm(_drop_(p, keep, dropout_p).view(b, -1, n), v[:, :n, j].to(cdt))  # (B, g·tq, dh)
+        p = _tile_dropout_(p, (b, h, t, s_len), j, g, t0, t1, n, dropout_p, seed)
+        o = torch.bmm(p.view(b, -1, n), v[:, :n, j].to(cdt))  # (B, g·tq, dh)
         out[:, t0:t1, heads] = o.view(b, g, t1 - t0, dh).transpose(1, 2)
     return out, lse
 
@@ -274,11 +302,11 @@ def _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale, seg
         p = s.sub_(lse_t).exp_()  # (B, g, tq, n)
         if any_empty:
             p.masked_fill_(torch.isneginf(lse_t), 0.0)
-        keep = _tile_keep((b, h, t, s_len), j, g, t0, t1, n, dropout_p, seed, q.device) if dropout_p > 0 else None
+        tile = ((b, h, t, s_len), j, g, t0, t1, n, dropout_p, seed)
         do = dout[:, t0:t1, heads].transpose(1, 2).to(cdt).reshape(b, g * tq, dh)
-        pd = p if keep is None else _drop_(p.clone(), keep, dropout_p)
+        pd = p if dropout_p == 0.0 else _tile_dropout_(p.clone(), *tile)
         dv[:, :n, j] += torch.bmm(pd.view(b, g * tq, n).transpose(1, 2), do)
-        dp = _drop_(torch.bmm(do, v[:, :n, j].to(cdt).transpose(1, 2)).view(b, g, tq, n), keep, dropout_p)
+        dp = _tile_dropout_(torch.bmm(do, v[:, :n, j].to(cdt).transpose(1, 2)).view(b, g, tq, n), *tile)
         ds = torch._softmax_backward_data(dp, p, -1, p.dtype).view(b, g * tq, n)  # P ∘ (dP - rowsum(P ∘ dP))
         dq[:, t0:t1, heads] = torch.bmm(ds, k[:, :n, j].to(cdt)).mul_(scale).view(b, g, tq, dh).transpose(1, 2)
         dk[:, :n, j] += torch.bmm(ds.transpose(1, 2), qt)

@@ -4,6 +4,7 @@
 //   acc_dtype(dtype)           float64 stays float64; every other floating dtype computes in float32
 //   acc_type<T>                the same as a C++ type: double for double, float for every other storage type
 //   check_dropout_add(...)     p in [0, 1), residual shaped like x -> {has residual, output dtype}
+//   check_tile_dropout(...)    x a contiguous fp32/fp64 (B, G, R, N) tile inside (B, heads, seq_q, seq_k) -> its sizes
 //   check_layer_norm_bwd(...)  dy/x (N, d), mean/rstd (N,), weight/bias (d,), dresidual (N, d) -> has dresidual
 //   parse_approximate(s)       "none" (erf GELU) -> false, "tanh" -> true, anything else an error
 //   check_ffn_recompute / check_linear_bias_gelu / check_linear_gelu_bwd / check_gelu_linear_wgrad: shapes of the
@@ -42,6 +43,24 @@ inline DropoutAddArgs check_dropout_add(const at::Tensor& x, const std::optional
   const bool has_res = defined(residual);
   TORCH_CHECK(!has_res || residual->sizes() == x.sizes(), "dropout_add_kernel: residual must have x's shape");
   return {has_res, has_res ? at::result_type(x, *residual) : x.scalar_type()};
+}
+
+struct TileDropoutArgs {
+  int64_t b, g, r, n;  // the tile's sizes
+};
+
+inline TileDropoutArgs check_tile_dropout(const at::Tensor& x, int64_t heads, int64_t seq_q, int64_t seq_k,
+                                          int64_t head0, int64_t row0, double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "attention_tile_dropout_kernel: p must be in [0, 1), got ", p);
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(),
+              "attention_tile_dropout_kernel: x must be a contiguous (B, G, R, N) tile");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "attention_tile_dropout_kernel: x must be float32 or float64, got ", x.scalar_type());
+  const TileDropoutArgs a{x.size(0), x.size(1), x.size(2), x.size(3)};
+  TORCH_CHECK(head0 >= 0 && row0 >= 0 && head0 + a.g <= heads && row0 + a.r <= seq_q && a.n <= seq_k,
+              "attention_tile_dropout_kernel: the tile (heads head0.., rows row0.., keys 0..N) must lie inside "
+              "(B, heads, seq_q, seq_k)");
+  return a;
 }
 
 inline bool check_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,

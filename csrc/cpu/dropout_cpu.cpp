@@ -6,6 +6,12 @@
 // dtype, which is exact (it is at least as wide as each). Per chunk of kChunk elements the scale-or-zero factors are
 // computed by a plain uint32 loop (compiler-vectorized), then applied with Vectorized<float>. The output is always a
 // fresh tensor, also for p == 0.
+//
+// attention_tile_dropout_kernel(x (B, G, R, N) fp32/fp64 contiguous, heads, seq_q, seq_k, head0, row0, p, seed):
+// in place, x[b, g, r, c] = keep(i) ? x[b, g, r, c] / (1 - p) : 0 with i = ((b·heads + head0 + g)·seq_q + row0 + r)·
+// seq_k + c, the flat (B, heads, seq_q, seq_k) index of the attention probability the tile holds (the tiles of
+// ckpt_ext/ops/native_attention.py: G query heads of one kv group, R query rows from row0, the first N keys).
+// Parallel over the tile's rows; the hash per element is the same keep as dropout_add's.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -72,9 +78,33 @@ at::Tensor dropout_add_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   return out;
 }
 
+void attention_tile_dropout_cpu(const at::Tensor& x, int64_t heads, int64_t seq_q, int64_t seq_k, int64_t head0,
+                                int64_t row0, double p, int64_t seed) {
+  const host::TileDropoutArgs a = host::check_tile_dropout(x, heads, seq_q, seq_k, head0, row0, p);
+  if (x.numel() == 0 || p == 0.0) return;
+  const uint32_t key = math::seed_key(seed), thr = math::dropout_threshold(p);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_tile_dropout_kernel", [&] {
+    const scalar_t scale = static_cast<scalar_t>(1.0 / (1.0 - p));
+    scalar_t* xp = x.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, a.b * a.g * a.r, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t r = row % a.r, bg = row / a.r;
+        const int64_t base = ((bg / a.g * heads + head0 + bg % a.g) * seq_q + row0 + r) * seq_k;
+        scalar_t* xr = xp + row * a.n;
+        for (int64_t c = 0; c < a.n; ++c) {
+          xr[c] = math::dropout_keep(base + c, key, thr) ? xr[c] * scale : scalar_t(0);
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ckpt_ext, CPU, m) { m.impl("dropout_add_kernel", &dropout_add_cpu); }
+TORCH_LIBRARY_IMPL(ckpt_ext, CPU, m) {
+  m.impl("dropout_add_kernel", &dropout_add_cpu);
+  m.impl("attention_tile_dropout_kernel", &attention_tile_dropout_cpu);
+}
 
 }  // namespace cpu
 }  // namespace ckpt_ext

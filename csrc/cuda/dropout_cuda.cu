@@ -3,6 +3,10 @@
 // dropout_add_kernel(x (...), residual (...)?, p, seed) -> out = keep(i) ? x[i] / (1 - p) : 0 (+ residual[i]),
 // i the flat row-major index, dtype result_type(x, residual); inputs are first brought to that dtype (exact).
 // Grid-stride loop in packs of V elements (16-byte accesses when aligned); always a fresh output tensor.
+//
+// attention_tile_dropout_kernel(x (B, G, R, N) fp32/fp64, heads, seq_q, seq_k, head0, row0, p, seed): in place,
+// x = keep(i) ? x / (1 - p) : 0 at the flat (B, heads, seq_q, seq_k) index i of each tile element (as on CPU,
+// csrc/cpu/dropout_cpu.cpp); one thread an element, grid-stride.
 #include <torch/library.h>
 
 #include "../common/ckpt_math.h"
@@ -68,9 +72,41 @@ at::Tensor dropout_add_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   return out;
 }
 
+template <typename T>
+__global__ void attention_tile_dropout_kernel(T* __restrict__ x, int64_t numel, int64_t g, int64_t r, int64_t n,
+                                              int64_t heads, int64_t seq_q, int64_t seq_k, int64_t head0,
+                                              int64_t row0, uint32_t key, uint32_t thr, T scale) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    const int64_t row = i / n, bg = row / r;
+    const int64_t flat = ((bg / g * heads + head0 + bg % g) * seq_q + row0 + row % r) * seq_k + i % n;
+    x[i] = math::dropout_keep(flat, key, thr) ? x[i] * scale : T(0);
+  }
+}
+
+void attention_tile_dropout_cuda(const at::Tensor& x, int64_t heads, int64_t seq_q, int64_t seq_k, int64_t head0,
+                                 int64_t row0, double p, int64_t seed) {
+  const host::TileDropoutArgs a = host::check_tile_dropout(x, heads, seq_q, seq_k, head0, row0, p);
+  const int64_t numel = x.numel();
+  if (numel == 0 || p == 0.0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const uint32_t key = math::seed_key(seed), thr = math::dropout_threshold(p);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((numel + 255) / 256, 65536)));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_tile_dropout_kernel", [&] {
+    attention_tile_dropout_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        x.mutable_data_ptr<scalar_t>(), numel, a.g, a.r, a.n, heads, seq_q, seq_k, head0, row0, key, thr,
+        static_cast<scalar_t>(1.0 / (1.0 - p)));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ckpt_ext, CUDA, m) { m.impl("dropout_add_kernel", &dropout_add_cuda); }
+TORCH_LIBRARY_IMPL(ckpt_ext, CUDA, m) {
+  m.impl("dropout_add_kernel", &dropout_add_cuda);
+  m.impl("attention_tile_dropout_kernel", &attention_tile_dropout_cuda);
+}
 
 }  // namespace cuda
 }  // namespace ckpt_ext
