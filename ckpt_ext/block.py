@@ -186,7 +186,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, position_embeddings=None,
                 segment_ids: Optional[Tensor] = None) -> Tensor:  # fmt: skip
         self._check_input(x, attn_mask, position_embeddings, segment_ids)
-        attn_mask = _with_segments(attn_mask, segment_ids)
+        attn_mask = segments.with_mask(attn_mask, segment_ids)
         b, t, _ = x.shape
         dh, h, kv = self.head_dim, self.n_heads, self.n_kv_heads
         n1 = self.ln_1(x)
@@ -240,21 +240,6 @@ def check_segment_ids(segment_ids, x: Tensor) -> None:
         raise ValueError(f"segment_ids must be (batch, seq) = {tuple(x.shape[:2])}, got {tuple(segment_ids.shape)}")
     if segment_ids.device != x.device:
         raise ValueError(f"segment_ids is on {segment_ids.device}, x on {x.device}")
-
-
-def _with_segments(attn_mask: Optional[Tensor], segment_ids: Optional[Tensor]) -> Optional[Tensor]:
-    """attn_mask and segment_ids as one SDPA mask: their (B, 1, T, T) bool visibility, and'ed with a bool attn_mask,
-    -inf over a float one."""
-    if segment_ids is None:
-        return attn_mask
-    visible = segments.visibility(segment_ids)  # (B, 1, T, T)
-    if attn_mask is None:
-        return visible
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & visible
-    return torch.where(
-        visible, attn_mask, torch.full((), float("-inf"), dtype=attn_mask.dtype, device=attn_mask.device)
-    )
 
 
 def check_position_embeddings(position_embeddings, batch: int, seq: int, head_dim: int) -> None:

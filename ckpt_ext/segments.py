@@ -12,7 +12,8 @@ int32 tensors on the input's device and raise ValueError/TypeError naming the ar
 - ``from_position_ids(position_ids (B, T), keep=None) -> (B, T)``: a new segment wherever the position does not grow
   by exactly 1 from the previous token (how Hugging Face detects packed sequences), ids 1, 2, ... per batch row;
   tokens where ``keep`` is 0/False become padding (0).
-- ``visibility(segment_ids (B, S)) -> (B, 1, S, S)`` bool: the equivalent keep mask (causality not included).
+- ``visibility(segment_ids (B, S)) -> (B, 1, S, S)`` bool: the equivalent keep mask (causality not included);
+  ``with_mask(attn_mask, segment_ids)``: both as one mask of attn_mask's kind (bool and'ed, -inf over a float one).
 - ``key_ranges(segment_ids (B, S)) -> (start, end)`` (B, S) int32 each: for every row the first and last key it may
   see, for kernels that skip key tiles: the row's run of equal ids when every nonzero id of that batch row occupies
   one contiguous run (checked on the device: each nonzero run's id exceeds every earlier nonzero id), else 0 and
@@ -102,6 +103,21 @@ def visibility(segment_ids: Tensor) -> Tensor:
     """(B, 1, S, S) bool keep mask equivalent to segment_ids (B, S): seg[j] != 0 and seg[i] == seg[j]."""
     seg = segment_ids
     return ((seg[:, None, :] != 0) & (seg[:, :, None] == seg[:, None, :]))[:, None]
+
+
+def with_mask(attn_mask: Optional[Tensor], segment_ids: Optional[Tensor]) -> Optional[Tensor]:
+    """attn_mask (broadcastable to (B, h, T, S)) and segment_ids (B, S) as one mask of attn_mask's kind: the ids'
+    (B, 1, T, S) visibility and'ed with a bool attn_mask, -inf over a float one, the visibility alone without
+    attn_mask; attn_mask itself without ids."""
+    if segment_ids is None:
+        return attn_mask
+    visible = visibility(segment_ids)  # (B, 1, T, S)
+    if attn_mask is None:
+        return visible
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & visible
+    hidden = torch.full((), float("-inf"), dtype=attn_mask.dtype, device=attn_mask.device)
+    return torch.where(visible, attn_mask, hidden)  # broadcasts both (a (1, 1, 1, S) mask too)
 
 
 def key_ranges(segment_ids: Tensor) -> tuple[Tensor, Tensor]:

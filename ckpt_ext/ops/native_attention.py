@@ -146,19 +146,15 @@ def _flash_mask(attn_mask, q, t, s, causal, segment_ids=None):
     """attn_mask and segment_ids as the additive (B|1, h|1, T|1, S) tensor in q's dtype that aten's CPU flash kernel
     reads (-inf where a key is invisible), and the (B|1, h|1, T) rows with no visible key (None when there is none);
     (None, None) without either. segment_ids add their (B, 1, T, S) visibility."""
-    if attn_mask is None and segment_ids is None:
+    m4 = segments.with_mask(mask4(attn_mask), segment_ids)  # (B|1, h|1, T|1, S|1)
+    if m4 is None:
         return None, None
-    m4 = mask4(attn_mask)
-    visible = None
-    if m4 is not None:
-        visible = m4 if m4.dtype == torch.bool else m4 > empty_threshold(attn_mask)  # (B|1, h|1, T|1, S|1)
-    if segment_ids is not None:
-        seg_visible = segments.visibility(segment_ids)  # (B, 1, T, S)
-        visible = seg_visible if visible is None else visible & seg_visible
-    if m4 is None or m4.dtype == torch.bool:
-        flash_mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    if m4.dtype == torch.bool:
+        visible = m4
+        flash_mask = torch.zeros(m4.shape, dtype=q.dtype, device=q.device).masked_fill_(~m4, float("-inf"))
     else:
-        flash_mask = torch.where(visible, m4, torch.full((), float("-inf"), dtype=m4.dtype, device=m4.device))
+        visible = m4 > empty_threshold(m4)
+        flash_mask = m4.masked_fill(~visible, float("-inf"))
     seen = visible.expand(*visible.shape[:2], t, s)
     if causal:
         seen = seen & torch.ones(t, s, dtype=torch.bool, device=q.device).tril_()
@@ -219,7 +215,7 @@ def _tile_dropout_(x, shape, j, g, t0, t1, n, dropout_p, seed):
         return x
     kernel = _tile_dropout_kernel(x.device.type)
     if kernel is not None:
-        b, h, t, s = shape
+        _, h, t, s = shape
         kernel(x, h, t, s, j * g, t0, dropout_p, seed)
         return x
     return _drop_(x, _tile_keep(shape, j, g, t0, t1, n, dropout_p, seed, x.device), dropout_p)
