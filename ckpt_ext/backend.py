@@ -151,18 +151,35 @@ def concrete_backend(device_type: str) -> str:
     return "reference"
 
 
-_resolved: dict[tuple[str, str, str], Callable] = {}
+class _KernelTable(dict):
+    """op name -> its implementation under one concrete backend for one device type, resolved on first use."""
+
+    def __init__(self, name: str, device_type: str):
+        super().__init__()
+        self.name, self.device_type = name, device_type
+
+    def __missing__(self, op: str) -> Callable:
+        impl = self[op] = _resolve(self.name, op, self.device_type)
+        return impl
+
+
+_tables: dict[tuple[str, str], _KernelTable] = {}
+
+
+def kernel_table(device_type: str) -> _KernelTable:
+    """Every op's implementation for tensors on ``device_type`` under the current backend, as one mapping filled on
+    first use (the block's eager fast path looks its kernels up in it)."""
+    name = concrete_backend(device_type)
+    table = _tables.get((name, device_type))
+    if table is None:
+        table = _tables[(name, device_type)] = _KernelTable(name, device_type)
+    return table
 
 
 def kernel(op: str, device_type: str) -> Callable:
     """The implementation of ``op`` for tensors on ``device_type`` under the current backend (resolved once per
-    (backend, op, device): every op call asks, so the hot path is one dict lookup)."""
-    name = concrete_backend(device_type)
-    key = (name, op, device_type)
-    impl = _resolved.get(key)
-    if impl is None:
-        impl = _resolved[key] = _resolve(name, op, device_type)
-    return impl
+    (backend, op, device): every op call asks, so the hot path is two dict lookups)."""
+    return kernel_table(device_type)[op]
 
 
 def _resolve(name: str, op: str, device_type: str) -> Callable:

@@ -29,6 +29,8 @@ instead of returning wrong second-order gradients.
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from . import backend, ops
 from .policies import get_policy
 
 PARAM_NAMES = (
@@ -91,11 +93,16 @@ class BlockConfig:
 
 def param_names(cfg: BlockConfig) -> tuple[str, ...]:
     """The parameter names a configuration uses, in ALL_PARAM_NAMES order."""
+    return _param_names(cfg.norm, cfg.packed_qkv, cfg.qk_norm, cfg.mlp)
+
+
+@functools.cache
+def _param_names(norm: str, packed_qkv: bool, qk_norm: bool, mlp: str) -> tuple[str, ...]:
     names = ["ln1_w", "ln2_w", "w_proj", "b_proj", "w_fc2", "b_fc2"]
-    names += ["ln1_b", "ln2_b"] if cfg.norm == "layernorm" else []
-    names += ["w_qkv", "b_qkv"] if cfg.packed_qkv else ["w_q", "b_q", "w_k", "b_k", "w_v", "b_v"]
-    names += ["q_norm_w", "k_norm_w"] if cfg.qk_norm else []
-    names += ["w_fc", "b_fc"] if cfg.mlp == "gelu" else ["w_gate", "b_gate", "w_up", "b_up"]
+    names += ["ln1_b", "ln2_b"] if norm == "layernorm" else []
+    names += ["w_qkv", "b_qkv"] if packed_qkv else ["w_q", "b_q", "w_k", "b_k", "w_v", "b_v"]
+    names += ["q_norm_w", "k_norm_w"] if qk_norm else []
+    names += ["w_fc", "b_fc"] if mlp == "gelu" else ["w_gate", "b_gate", "w_up", "b_up"]
     return tuple(n for n in ALL_PARAM_NAMES if n in names)
 
 
@@ -145,20 +152,20 @@ def _ln_params(w: Optional[Tensor], b: Optional[Tensor], d: int, like: Tensor) -
 def _norm_fwd(x: Tensor, p: dict, which: str, cfg: BlockConfig) -> tuple[Tensor, tuple[Tensor, ...]]:
     """x (N, d) -> norm output (N, d), fp32 statistics: (mean, rstd) for LayerNorm, (rstd,) for RMSNorm."""
     if cfg.norm == "rmsnorm":
-        y, rstd = ops.rms_norm_fwd(x, p[f"{which}_w"], cfg.eps)
+        y, rstd = _ops.rms_norm_fwd(x, p[f"{which}_w"], cfg.eps)
         return y, (rstd,)
     w, b = _ln_params(p[f"{which}_w"], p[f"{which}_b"], x.shape[1], x)
-    y, mean, rstd = ops.layer_norm_fwd(x, w, b, cfg.eps)
+    y, mean, rstd = _ops.layer_norm_fwd(x, w, b, cfg.eps)
     return y, (mean, rstd)
 
 
 def _norm_bwd(dy, x, stats, p: dict, which: str, cfg: BlockConfig, dresidual, emit_y: bool, g: dict):
     """dx (N, d) (+ dresidual) and the norm's weight grads into g; returns (dx, y or an empty tensor)."""
     if cfg.norm == "rmsnorm":
-        dx, g[f"{which}_w"], y = ops.rms_norm_bwd(dy.contiguous(), x, stats[0], p[f"{which}_w"], dresidual, emit_y)
+        dx, g[f"{which}_w"], y = _ops.rms_norm_bwd(dy.contiguous(), x, stats[0], p[f"{which}_w"], dresidual, emit_y)
         return dx, y
     w, b = _ln_params(p[f"{which}_w"], p[f"{which}_b"], x.shape[1], x)
-    dx, dw, db, y = ops.layer_norm_bwd(dy.contiguous(), x, stats[0], stats[1], w, b, dresidual, emit_y)
+    dx, dw, db, y = _ops.layer_norm_bwd(dy.contiguous(), x, stats[0], stats[1], w, b, dresidual, emit_y)
     g[f"{which}_w"] = None if p[f"{which}_w"] is None else dw
     g[f"{which}_b"] = None if p[f"{which}_b"] is None else db
     return dx, y
@@ -188,14 +195,14 @@ def _project(x: Tensor, shape, p: dict, cfg: BlockConfig, rope_cs) -> dict:
     acts = {"ln1_out": y1, "ln1_stats": s1}
     if cfg.packed_qkv:
         qkv = F.linear(y1, p["w_qkv"], p["b_qkv"])  # (N, (h + 2hk)·dh), one GEMM
-        q, k, v = qkv.split(_qkv_widths(cfg, d), dim=1)
+        q, k, v = qkv.split_with_sizes(_qkv_widths(cfg, d), 1)
     else:
         q, k, v = (F.linear(y1, p[f"w_{s}"], p[f"b_{s}"]) for s in "qkv")  # (N, h·dh), 2 x (N, hk·dh)
     if cfg.qk_norm:
         acts["qkv"] = (q, k, v)
         q, k, acts["qk_stats"] = _qk_norm(q, k, p, cfg, dh)
     if rope_cs is not None:
-        q, k = ops.rope(_heads(q, shape, dh), _heads(k, shape, dh), rope_cs[0], rope_cs[1], False)
+        q, k = _ops.rope(_heads(q, shape, dh), _heads(k, shape, dh), rope_cs[0], rope_cs[1], False)
     if cfg.qk_norm:
         acts["qk_rope"] = (_heads(q, shape, dh), _heads(k, shape, dh))
     elif cfg.packed_qkv and rope_cs is None:
@@ -208,8 +215,8 @@ def _project(x: Tensor, shape, p: dict, cfg: BlockConfig, rope_cs) -> dict:
 def _qk_norm(q: Tensor, k: Tensor, p: dict, cfg: BlockConfig, dh: int):
     """Qwen3's RMSNorm over head_dim of every q and k head: (N, h·dh), (N, hk·dh) -> same shapes, rstds."""
     n = q.shape[0]
-    qn, rq = ops.rms_norm_fwd(q.reshape(-1, dh), p["q_norm_w"], cfg.eps)  # (N·h, dh), (N·h,)
-    kn, rk = ops.rms_norm_fwd(k.reshape(-1, dh), p["k_norm_w"], cfg.eps)
+    qn, rq = _ops.rms_norm_fwd(q.reshape(-1, dh), p["q_norm_w"], cfg.eps)  # (N·h, dh), (N·h,)
+    kn, rk = _ops.rms_norm_fwd(k.reshape(-1, dh), p["k_norm_w"], cfg.eps)
     return qn.view(n, -1), kn.view(n, -1), (rq, rk)
 
 
@@ -224,9 +231,9 @@ def _attention_inputs(acts: dict, p: dict, cfg: BlockConfig, shape, d: int, rope
             q, k, _ = _qk_norm(q_pre, k_pre, p, cfg, dh)
             q, k = (_heads(q, shape, dh), _heads(k, shape, dh))
             if rope_cs is not None:
-                q, k = ops.rope(q, k, rope_cs[0], rope_cs[1], False)
+                q, k = _ops.rope(q, k, rope_cs[0], rope_cs[1], False)
     elif len(acts["qkv"]) == 1:
-        q, k, v = acts["qkv"][0].split(_qkv_widths(cfg, d), dim=1)
+        q, k, v = acts["qkv"][0].split_with_sizes(_qkv_widths(cfg, d), 1)
     else:
         q, k, v = acts["qkv"]
     return tuple(ac.mm(_heads(t, shape, dh)) for t in (q, k, v))
@@ -241,11 +248,11 @@ def attention_half(x: Tensor, shape, p: dict, cfg: BlockConfig, attn_mask, rope_
     acts = _project(x, shape, p, cfg, rope_cs)
     if attn is None:
         q, k, v = _attention_inputs(acts, p, cfg, shape, d, rope_cs, ac)
-        o, lse = ops.gqa_attention_fwd(q, k, v, cfg.causal, cfg.attn_dropout, cfg.seed, attn_mask,
+        o, lse = _ops.gqa_attention_fwd(q, k, v, cfg.causal, cfg.attn_dropout, cfg.seed, attn_mask,
                                        cfg.softmax_scale(d), segment_ids)  # fmt: skip
         attn = (o.view(x.shape[0], -1), lse)  # (N, h·dh), (B, h, T)
     acts["attn_out"], acts["attn_lse"] = attn
-    acts["x1"] = ops.linear_dropout_add(
+    acts["x1"] = _ops.linear_dropout_add(
         ac.mm(acts["attn_out"]), ac.mm(p["w_proj"]), ac.mm(p["b_proj"]), x, cfg.dropout, cfg.seed + 1
     )
     return acts
@@ -264,19 +271,19 @@ def ffn_half(x1: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, dict]:
     if cfg.mlp == "swiglu":
         if keep_pre:
             g, u = F.linear(y2, p["w_gate"], p["b_gate"]), F.linear(y2, p["w_up"], p["b_up"])  # 2 x (N, H)
-            a = ops.swiglu_fwd(g, u)
+            a = _ops.swiglu_fwd(g, u)
             acts["fc1_out"] = (g, u)
         else:
-            a = ops.linear_swiglu(ac.mm(y2), ac.mm(p["w_gate"]), ac.mm(p["b_gate"]), ac.mm(p["w_up"]),
+            a = _ops.linear_swiglu(ac.mm(y2), ac.mm(p["w_gate"]), ac.mm(p["b_gate"]), ac.mm(p["w_up"]),
                                   ac.mm(p["b_up"]))  # fmt: skip
     elif keep_pre:
         u = F.linear(y2, p["w_fc"], p["b_fc"])  # (N, H)
-        a = ops.bias_gelu(u, None, cfg.approximate)
+        a = _ops.bias_gelu(u, None, cfg.approximate)
         acts["fc1_out"] = (u,)
     else:
-        a = ops.linear_bias_gelu(ac.mm(y2), ac.mm(p["w_fc"]), ac.mm(p["b_fc"]), cfg.approximate)  # (N, H)
+        a = _ops.linear_bias_gelu(ac.mm(y2), ac.mm(p["w_fc"]), ac.mm(p["b_fc"]), cfg.approximate)  # (N, H)
     acts["act_out"] = a
-    out = ops.linear_dropout_add(ac.mm(a), ac.mm(p["w_fc2"]), ac.mm(p["b_fc2"]), x1, cfg.dropout, cfg.seed + 2)
+    out = _ops.linear_dropout_add(ac.mm(a), ac.mm(p["w_fc2"]), ac.mm(p["b_fc2"]), x1, cfg.dropout, cfg.seed + 2)
     return out, acts
 
 
@@ -291,7 +298,10 @@ def block_forward(x: Tensor, shape, params: dict, cfg: BlockConfig, attn_mask, r
 
 # -------------------------------------------------------------------------------------------------- backward
 def _sum_rows(t: Tensor, like: Optional[Tensor]) -> Optional[Tensor]:
-    return None if like is None else t.sum(dim=0).to(like.dtype)
+    if like is None:
+        return None
+    s = t.sum(dim=0)
+    return s if s.dtype == like.dtype else s.to(like.dtype)
 
 
 def _input_grad(pairs) -> Tensor:
@@ -305,7 +315,7 @@ def _input_grad(pairs) -> Tensor:
 
 def _dropout_grad(grad: Tensor, p: float, seed: int) -> Tensor:
     """Gradient through a residual branch's dropout: the same hash mask, replayed from the seed."""
-    return ops.dropout_add(grad, None, p, seed) if p > 0.0 else grad
+    return _ops.dropout_add(grad, None, p, seed) if p > 0.0 else grad
 
 
 def _bias(b: Optional[Tensor], w: Tensor) -> Tensor:
@@ -318,17 +328,17 @@ def _mlp_backward(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, ac: _Autoc
     if cfg.mlp == "gelu":
         if policy == "none":
             (u,) = acts["fc1_out"]
-            du = ops.gelu_bwd(torch.matmul(dfm, p["w_fc2"]), u, cfg.approximate)  # (N, H)
+            du = _ops.gelu_bwd(torch.matmul(dfm, p["w_fc2"]), u, cfg.approximate)  # (N, H)
             g["w_fc2"] = torch.matmul(dfm.t(), acts["act_out"])
         elif policy == "pointwise":
             (u,) = acts["fc1_out"]
-            du = ops.linear_gelu_bwd(dfm, ac.mm(p["w_fc2"]), u, cfg.approximate)
-            g["w_fc2"] = ops.gelu_linear_wgrad(dfm, u, cfg.approximate)
+            du = _ops.linear_gelu_bwd(dfm, ac.mm(p["w_fc2"]), u, cfg.approximate)
+            g["w_fc2"] = _ops.gelu_linear_wgrad(dfm, u, cfg.approximate)
         else:
             m2, r2 = acts["ln2_stats"]
             ln2_w, ln2_b = _ln_params(p["ln2_w"], p["ln2_b"], x1.shape[1], x1)
             b1 = ac.mm(_bias(p["b_fc"], p["w_fc"]))
-            a, du, db1 = ops.ffn_recompute(x1, m2, r2, ln2_w, ln2_b, ac.mm(p["w_fc"]), b1, dfm, ac.mm(p["w_fc2"]),
+            a, du, db1 = _ops.ffn_recompute(x1, m2, r2, ln2_w, ln2_b, ac.mm(p["w_fc"]), b1, dfm, ac.mm(p["w_fc2"]),
                                            cfg.approximate)  # fmt: skip
             g["w_fc2"] = torch.matmul(dfm.t(), a)
             del a
@@ -337,15 +347,15 @@ def _mlp_backward(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, ac: _Autoc
         return [("w_fc", "b_fc", du)]
     if policy == "none":
         gt, ut = acts["fc1_out"]
-        dg, du = ops.swiglu_bwd(torch.matmul(dfm, p["w_fc2"]), gt, ut)  # 2 x (N, H)
+        dg, du = _ops.swiglu_bwd(torch.matmul(dfm, p["w_fc2"]), gt, ut)  # 2 x (N, H)
         g["w_fc2"] = torch.matmul(dfm.t(), acts["act_out"])
     elif policy == "pointwise":
         gt, ut = acts["fc1_out"]
-        dg, du = ops.swiglu_linear_bwd(dfm, ac.mm(p["w_fc2"]), gt, ut)
-        g["w_fc2"] = ops.swiglu_linear_wgrad(dfm, gt, ut)
+        dg, du = _ops.swiglu_linear_bwd(dfm, ac.mm(p["w_fc2"]), gt, ut)
+        g["w_fc2"] = _ops.swiglu_linear_wgrad(dfm, gt, ut)
     else:
         (r2,) = acts["ln2_stats"]
-        h, dg, du = ops.swiglu_ffn_recompute(x1, r2, p["ln2_w"], ac.mm(p["w_gate"]), ac.mm(p["b_gate"]),
+        h, dg, du = _ops.swiglu_ffn_recompute(x1, r2, p["ln2_w"], ac.mm(p["w_gate"]), ac.mm(p["b_gate"]),
                                              ac.mm(p["w_up"]), ac.mm(p["b_up"]), dfm, ac.mm(p["w_fc2"]))  # fmt: skip
         g["w_fc2"] = torch.matmul(dfm.t(), h)
         del h
@@ -364,20 +374,20 @@ def _attention_backward(dpr: Tensor, acts: dict, p: dict, cfg: BlockConfig, shap
     del dprm
     q, k, v = _attention_inputs(acts, p, cfg, shape, d, rope_cs, ac)
     o = _heads(acts["attn_out"], shape, dh)
-    dq, dk, dv = ops.gqa_attention_bwd(_heads(do, shape, dh).contiguous(), q, k, v, o, acts["attn_lse"], cfg.causal,
+    dq, dk, dv = _ops.gqa_attention_bwd(_heads(do, shape, dh).contiguous(), q, k, v, o, acts["attn_lse"], cfg.causal,
                                        cfg.attn_dropout, cfg.seed, attn_mask, cfg.softmax_scale(d),
                                        segment_ids)  # fmt: skip
     del q, k, v, do
     if rope_cs is not None:
-        dq, dk = ops.rope(dq, dk, rope_cs[0], rope_cs[1], True)  # the rotation's adjoint
+        dq, dk = _ops.rope(dq, dk, rope_cs[0], rope_cs[1], True)  # the rotation's adjoint
     n = b * t
     dq, dk, dv = dq.reshape(n, -1), dk.reshape(n, -1), dv.reshape(n, -1)
     if cfg.qk_norm:
         q_pre, k_pre, _ = acts["qkv"]
         rq, rk = acts["qk_stats"]
-        dq, g["q_norm_w"], _ = ops.rms_norm_bwd(dq.reshape(-1, dh), q_pre.reshape(-1, dh), rq, p["q_norm_w"], None,
+        dq, g["q_norm_w"], _ = _ops.rms_norm_bwd(dq.reshape(-1, dh), q_pre.reshape(-1, dh), rq, p["q_norm_w"], None,
                                                 False)  # fmt: skip
-        dk, g["k_norm_w"], _ = ops.rms_norm_bwd(dk.reshape(-1, dh), k_pre.reshape(-1, dh), rk, p["k_norm_w"], None,
+        dk, g["k_norm_w"], _ = _ops.rms_norm_bwd(dk.reshape(-1, dh), k_pre.reshape(-1, dh), rk, p["k_norm_w"], None,
                                                 False)  # fmt: skip
         dq, dk = dq.view(n, -1), dk.view(n, -1)
     if cfg.packed_qkv:  # one (N, q + 2 kv width) gradient in w_qkv's row order: one GEMM each for dY1 and dW_qkv
@@ -447,17 +457,56 @@ def _unflatten_saved(tensors, layout) -> dict:
     return acts
 
 
-def _below_autograd():
-    """Dispatch below the Autograd keys while the block's hand-written forward/backward run (eager only): its ops are
-    never differentiated there (forward runs without grad, a double backward raises), so each ckpt_ext op skips its
-    Python autograd wrapper (~15 µs a call) and each aten op its autograd kernel. Autocast and version counters still
-    apply (their keys are not excluded). Not while a TorchDispatchMode is active (FakeTensorMode, FlopCounterMode, the
-    roofline's recorder): below Autograd, composite ops (linear, matmul) would reach the mode undecomposed and
-    uncounted.
-    Under torch.compile the block runs as compiled.py's opaque ops instead."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return contextlib.nullcontext()
-    return torch._C._AutoDispatchBelowAutograd()
+_fast_path = threading.local()  # .table: backend.kernel_table of the device the fast path runs on, else None
+
+
+class _BlockOps:
+    """The ckpt_ext ops the block calls: ``_ops.<name>(*args)``. Normally the graph op ``ops.<name>``. On the eager
+    fast path (``EagerFastPath``) the kernel that graph op's body calls, ``backend.kernel(name, device)``, is called
+    directly instead: the same function on the same arguments, without torch's Python custom-op wrapper (~25 µs a call
+    at tiny shapes, 10-20 ops a step) and without the body's argument checks (the block checked its inputs). So the
+    results are the same bit for bit; under tracing, compile and dispatch modes the graph ops run (what is measured)."""
+
+    def __getattr__(self, name: str):
+        graph_op = getattr(ops, name)
+
+        def call(*args):
+            table = getattr(_fast_path, "table", None)
+            return graph_op(*args) if table is None else table[name](*args)
+
+        setattr(self, name, call)
+        return call
+
+
+_ops = _BlockOps()
+
+
+class EagerFastPath:
+    """Entered around the block's hand-written forward and backward (and its no-grad forward), eager only:
+    - dispatch below the Autograd keys: its ops are never differentiated there (forward runs without grad, a double
+      backward raises), so each aten op skips its autograd kernel; autocast and version counters still apply (their
+      keys are not excluded);
+    - the ckpt_ext ops call their kernels directly (``_BlockOps``), resolved once per entry for ``device_type``.
+    Off while a TorchDispatchMode is active (FakeTensorMode, FlopCounterMode, the roofline's recorder, op counters):
+    below Autograd, composite ops (linear, matmul) would reach the mode undecomposed and uncounted, and the mode must
+    see the graph ops. Under torch.compile the block runs as compiled.py's opaque ops instead."""
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+
+    def __enter__(self):
+        self.active = not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+        if self.active:
+            self.previous = getattr(_fast_path, "table", None)
+            self.below = torch._C._AutoDispatchBelowAutograd()
+            self.below.__enter__()
+            _fast_path.table = backend.kernel_table(self.device_type)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            _fast_path.table = self.previous
+            self.below.__exit__(*exc)
 
 
 class FusedBlockFunction(torch.autograd.Function):
@@ -469,7 +518,7 @@ class FusedBlockFunction(torch.autograd.Function):
         p = dict.fromkeys(ALL_PARAM_NAMES)
         p.update(zip(names, params))
         rope_cs = None if cos is None else (cos, sin)
-        with _below_autograd():
+        with EagerFastPath(x.device.type):
             out, acts = block_forward(x.reshape(b * t, d), (b, t), p, cfg, attn_mask, rope_cs, segment_ids)
         flat, ctx.layout = _flatten_saved(acts, get_policy(cfg.policy).keeps)
         ctx.save_for_backward(attn_mask, segment_ids, cos, sin, *params, *flat)
@@ -493,7 +542,7 @@ class FusedBlockFunction(torch.autograd.Function):
         cfg, (b, t) = ctx.cfg, ctx.shape
         rope_cs = None if cos is None else (cos, sin)
         d = acts["x"].shape[1]
-        with ctx.autocast(), _below_autograd():
+        with ctx.autocast(), EagerFastPath(dout.device.type):
             if cfg.policy in ("block", "block_keep_attn"):
                 kept = (acts["attn_out"], acts["attn_lse"]) if cfg.policy == "block_keep_attn" else None
                 replay = attention_half(acts["x"], (b, t), p, cfg, attn_mask, rope_cs, kept, segment_ids)

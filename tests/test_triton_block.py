@@ -72,7 +72,7 @@ def test_block_runs_the_fused_kernels(monkeypatch):
         return impls
 
     monkeypatch.setattr(backend, "_triton_impls", recording)
-    monkeypatch.setattr(backend, "_resolved", {})  # resolutions are cached: resolve afresh through the recorder
+    monkeypatch.setattr(backend, "_tables", {})  # resolutions are cached: resolve afresh through the recorder
     block = ckpt_ext.FusedCheckpointBlock(72, 4, policy="ffn")
     x = torch.randn(1, 5, 72, requires_grad=True)
     with ckpt_ext.set_backend("triton"):

@@ -30,8 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backend, reference, reference_attention
-from . import native_attention
+from .. import backend, reference_attention
 
 
 def _lse_dtype(qkv: Tensor) -> torch.dtype:
@@ -93,13 +92,6 @@ attention_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------------------------------------ grouped-query
-def _gqa_kernel(op: str, device_type: str):
-    impl = backend.kernel(op, device_type)
-    if impl is getattr(reference, op) and backend.concrete_backend(device_type) in ("cpp", "cuda"):
-        return getattr(native_attention, op)
-    return impl
-
-
 @torch.library.custom_op("ckpt_ext::gqa_attention_fwd", mutates_args=())
 def gqa_attention_fwd(
     q: Tensor,
@@ -113,7 +105,7 @@ def gqa_attention_fwd(
     segment_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
-    return _gqa_kernel("gqa_attention_fwd", q.device.type)(
+    return backend.kernel("gqa_attention_fwd", q.device.type)(
         q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids
     )
 
@@ -143,7 +135,7 @@ def gqa_attention_bwd(
     reference_attention.check_gqa_args(
         q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids
     )
-    return _gqa_kernel("gqa_attention_bwd", q.device.type)(
+    return backend.kernel("gqa_attention_bwd", q.device.type)(
         dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids
     )
 

@@ -2,7 +2,8 @@
 
 Importing this module loads ckpt_ext._C (its TORCH_LIBRARY block declares the kernel ops' schemas) and registers a fake
 kernel for each, reusing the graph op's fake, so the kernel ops pass opcheck and trace under FakeTensorMode too.
-IMPLS maps graph-op name -> callable with the graph op's signature; attention uses aten's fused CPU kernel.
+IMPLS maps graph-op name -> callable with the graph op's signature; attention (packed and grouped-query) runs
+native_attention (aten's fused CPU kernel, or SDPA on CUDA tensors).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ _GRAPH_OPS: dict[str, CustomOpDef] = {
 IMPLS = {
     "attention_fwd": native_attention.attention_fwd,
     "attention_bwd": native_attention.attention_bwd,
+    "gqa_attention_fwd": native_attention.gqa_attention_fwd,
+    "gqa_attention_bwd": native_attention.gqa_attention_bwd,
 }
 
 
@@ -69,7 +72,11 @@ for _name, _graph_op in _GRAPH_OPS.items():
 
 def _linear_dropout_add(x, w, b, residual, p, seed):
     """No GEMM epilogue hook on CPU: aten's addmm, then the C++ dropout + residual kernel (reference numerics)."""
-    y = torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+    w = w if w.dtype == x.dtype else w.to(x.dtype)
+    b = b if b is None or b.dtype == x.dtype else b.to(x.dtype)
+    y = torch.nn.functional.linear(x, w, b)
+    if p == 0.0 and y.dtype == residual.dtype:  # the kernel's fp32 add rounds to this dtype: an aten add, in place
+        return y.add_(residual)
     return IMPLS["dropout_add"](y, residual, p, seed).to(residual.dtype)
 
 

@@ -108,7 +108,8 @@ def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segmen
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, attn_mask=flash_mask, scale=scale
     )  # out (B, h, T, dh) laid out like q.transpose(1, 2); lse (B, h, T)
-    lse = lse.to(reference.compute_dtype(q)).contiguous()
+    lse_dtype = reference.compute_dtype(q)
+    lse = (lse if lse.dtype == lse_dtype else lse.to(lse_dtype)).contiguous()  # (B, h, T), strided like q
     if empty is not None:
         lse.masked_fill_(empty, float("-inf"))
     return out.transpose(1, 2).contiguous(), lse
@@ -146,9 +147,9 @@ def _flash_mask(attn_mask, q, t, s, causal, segment_ids=None):
     """attn_mask and segment_ids as the additive (B|1, h|1, T|1, S) tensor in q's dtype that aten's CPU flash kernel
     reads (-inf where a key is invisible), and the (B|1, h|1, T) rows with no visible key (None when there is none);
     (None, None) without either. segment_ids add their (B, 1, T, S) visibility."""
-    m4 = segments.with_mask(mask4(attn_mask), segment_ids)  # (B|1, h|1, T|1, S|1)
-    if m4 is None:
+    if attn_mask is None and segment_ids is None:
         return None, None
+    m4 = segments.with_mask(mask4(attn_mask), segment_ids)  # (B|1, h|1, T|1, S|1)
     if m4.dtype == torch.bool:
         visible = m4
         flash_mask = torch.zeros(m4.shape, dtype=q.dtype, device=q.device).masked_fill_(~m4, float("-inf"))
