@@ -4,14 +4,17 @@ At tiny shapes (default d=64, 4 heads, T=8, B=1, one thread) compute is ~0, so a
 spends issuing it: Python, torch dispatch, custom-op wrappers, kernel launch glue. A GPU step is only as fast as the
 host can issue it, so this is the floor ckpt_ext adds per block before CUDA graphs or torch.compile.
 
-Rows: eager TransformerBlock, torch.utils.checkpoint over it, and every ckpt_ext policy on each CPU backend (cpp,
-reference), for the GPT-2 form and the Llama form (RoPE tables, GQA). Columns: µs per step (forward + backward, median
-[25%-75%] of round-robin samples, bench.micro_timing: drift hits every variant alike), ops dispatched per step (aten +
-ckpt_ext, counted by a TorchDispatchMode; ops inside a ckpt_ext op are not counted), and the paired ratio to the eager
-block and to torch.utils.checkpoint ("noisy" when its spread exceeds its distance from 1). Then µs per call of a
-ckpt_ext graph op, of the same C++ kernel called directly (the difference is torch's Python custom_op wrapper, paid
-once per ckpt_ext op of a step), and of aten ops of the same tiny size. Last, the Triton path's host cost with every
-kernel launch stubbed (bench/host_triton.py, its own process: it needs TRITON_INTERPRET=1 before triton is imported).
+Rows: eager TransformerBlock, torch.utils.checkpoint over it, and every ckpt_ext policy on each CPU backend, for the
+GPT-2 form and the Llama form (RoPE tables, GQA): ``cpp`` as a user gets it (the block's forward and backward run as
+traced C++ programs, ckpt_ext/traced.py), ``cpp walked`` with those programs off (the Python fast path walking
+functional.py: what runs where a configuration is not eligible, e.g. dropout, masks, autocast), and ``reference``.
+Columns: µs per step (forward + backward, median [25%-75%] of round-robin samples, bench.micro_timing: drift hits every
+variant alike), ops dispatched per step (aten + ckpt_ext graph ops, counted by a TorchDispatchMode: the op graph, the
+same with or without programs; ops inside a ckpt_ext op are not counted), and the paired ratio to the eager block and
+to torch.utils.checkpoint ("noisy" when its spread exceeds its distance from 1). Then µs per call of a ckpt_ext graph
+op, of the same C++ kernel called directly (the difference is torch's Python custom_op wrapper, which the block's fast
+path skips), and of aten ops of the same tiny size. Last, the Triton path's host cost with every kernel launch stubbed
+(bench/host_triton.py, its own process: it needs TRITON_INTERPRET=1 before triton is imported).
 """
 
 from __future__ import annotations
@@ -27,14 +30,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import ckpt_ext
-from ckpt_ext import FusedCheckpointBlock, TransformerBlock
+from ckpt_ext import FusedCheckpointBlock, TransformerBlock, traced
 from ckpt_ext.block import init_block_
 from ckpt_ext.ops import cpp_bridge
 
 from .micro_timing import ratio_text, spread_text, time_interleaved
 
 POLICIES = ("none", "pointwise", "ffn", "block_keep_attn", "block")
-BACKENDS = ("cpp", "reference")
+BACKENDS = (  # ((backend, traced programs on), row label)
+    (("cpp", True), "cpp"),
+    (("cpp", False), "cpp walked"),
+    (("reference", True), "reference"),
+)
 
 
 class _OpCounter(TorchDispatchMode):
@@ -75,9 +82,9 @@ def variants(block: TransformerBlock, kwargs: dict) -> dict:
         "TransformerBlock": (None, step_of(block)),
         "torch checkpoint": (None, step_of(lambda x, **kw: checkpoint(block, x, use_reentrant=False, **kw))),
     }
-    for backend in BACKENDS:
+    for backend, label in BACKENDS:
         for policy in POLICIES:
-            out[f"{backend} {policy}"] = (backend, step_of(FusedCheckpointBlock.from_block(block, policy)))
+            out[f"{label} {policy}"] = (backend, step_of(FusedCheckpointBlock.from_block(block, policy)))
     return out
 
 
@@ -85,9 +92,15 @@ def _run(entry, x, g):
     backend, step = entry
     if backend is None:
         step(x, g)
-    else:
-        with ckpt_ext.set_backend(backend):
+        return
+    name, traced_on = backend
+    previous = traced.is_enabled()
+    traced.set_enabled(traced_on)
+    try:
+        with ckpt_ext.set_backend(name):
             step(x, g)
+    finally:
+        traced.set_enabled(previous)
 
 
 def count_ops(entry, x, g) -> Counter:

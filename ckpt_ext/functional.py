@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backend, ops
+from . import backend, ops, traced
 from .policies import get_policy
 
 PARAM_NAMES = (
@@ -509,18 +509,61 @@ class EagerFastPath:
             self.below.__exit__(*exc)
 
 
+def forward_saved(x: Tensor, shape, p: dict, cfg: BlockConfig, attn_mask, rope_cs, segment_ids):
+    """x (N, d) -> out (N, d), the tensors the policy keeps (POLICIES[policy].keeps order) and their layout."""
+    out, acts = block_forward(x, shape, p, cfg, attn_mask, rope_cs, segment_ids)
+    flat, layout = _flatten_saved(acts, get_policy(cfg.policy).keeps)
+    return out, flat, layout
+
+
+def backward_from_saved(dout: Tensor, flat, layout, p: dict, cfg: BlockConfig, shape, attn_mask, rope_cs,
+                        segment_ids, ac: _AutocastState):  # fmt: skip
+    """dout (N, d) and forward_saved's kept tensors -> dx (N, d), parameter grads by name. The block policies first
+    replay the attention half (block_keep_attn without its core: it kept o and lse)."""
+    acts = _unflatten_saved(flat, layout)
+    if cfg.policy in ("block", "block_keep_attn"):
+        kept = (acts["attn_out"], acts["attn_lse"]) if cfg.policy == "block_keep_attn" else None
+        replay = attention_half(acts["x"], shape, p, cfg, attn_mask, rope_cs, kept, segment_ids)
+        replay.pop("ln1_out")  # norm1's backward emits it again when dW_qkv needs it
+        replay.pop("ln1_stats")
+        acts.update(replay)
+    return block_backward(dout, acts, p, cfg, shape, attn_mask, ac, rope_cs, segment_ids)
+
+
+@contextlib.contextmanager
+def kernels_direct(device_type: str):
+    """The ckpt_ext ops call their kernels directly (as on the fast path) while traced.py records the block."""
+    previous = getattr(_fast_path, "table", None)
+    _fast_path.table = backend.kernel_table(device_type)
+    try:
+        yield
+    finally:
+        _fast_path.table = previous
+
+
 class FusedBlockFunction(torch.autograd.Function):
-    """x (B, T, d), attn_mask, segment_ids, cos, sin, cfg, names, *params (``names`` order) -> out (B, T, d)."""
+    """x (B, T, d), attn_mask, segment_ids, cos, sin, cfg, names, *params (``names`` order) -> out (B, T, d).
+
+    On the eager fast path an eligible configuration runs traced.py's recorded programs of forward_saved /
+    backward_from_saved instead of walking them (the same kernels in the same order)."""
 
     @staticmethod
     def forward(ctx, x, attn_mask, segment_ids, cos, sin, cfg: BlockConfig, names: tuple, *params):
         b, t, d = x.shape
-        p = dict.fromkeys(ALL_PARAM_NAMES)
-        p.update(zip(names, params))
-        rope_cs = None if cos is None else (cos, sin)
-        with EagerFastPath(x.device.type):
-            out, acts = block_forward(x.reshape(b * t, d), (b, t), p, cfg, attn_mask, rope_cs, segment_ids)
-        flat, ctx.layout = _flatten_saved(acts, get_policy(cfg.policy).keeps)
+        x2 = x.reshape(b * t, d)
+        ctx.program = None
+        with EagerFastPath(x.device.type) as fast:
+            if fast.active and traced.eligible(cfg, attn_mask, segment_ids, x):
+                ctx.program = traced.forward_program(x2, (b, t), cfg, names, params, cos, sin)
+            if ctx.program is not None:
+                out, flat = ctx.program.run_forward(x2, params, cos, sin)
+                layout = ctx.program.layout
+            else:
+                p = dict.fromkeys(ALL_PARAM_NAMES)
+                p.update(zip(names, params))
+                rope_cs = None if cos is None else (cos, sin)
+                out, flat, layout = forward_saved(x2, (b, t), p, cfg, attn_mask, rope_cs, segment_ids)
+        ctx.layout = layout
         ctx.save_for_backward(attn_mask, segment_ids, cos, sin, *params, *flat)
         ctx.cfg, ctx.shape, ctx.names = cfg, (b, t), names
         ctx.autocast = _AutocastState(x.device.type)
@@ -536,20 +579,21 @@ class FusedBlockFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         attn_mask, segment_ids, cos, sin = saved[:4]
         k = len(ctx.names)
-        p = dict.fromkeys(ALL_PARAM_NAMES)
-        p.update(zip(ctx.names, saved[4 : 4 + k]))
-        acts = _unflatten_saved(saved[4 + k :], ctx.layout)
+        params, flat = saved[4 : 4 + k], saved[4 + k :]
         cfg, (b, t) = ctx.cfg, ctx.shape
-        rope_cs = None if cos is None else (cos, sin)
-        d = acts["x"].shape[1]
-        with ctx.autocast(), EagerFastPath(dout.device.type):
-            if cfg.policy in ("block", "block_keep_attn"):
-                kept = (acts["attn_out"], acts["attn_lse"]) if cfg.policy == "block_keep_attn" else None
-                replay = attention_half(acts["x"], (b, t), p, cfg, attn_mask, rope_cs, kept, segment_ids)
-                replay.pop("ln1_out")  # norm1's backward emits it again when dW_qkv needs it
-                replay.pop("ln1_stats")
-                acts.update(replay)
-            dx, g = block_backward(dout.reshape(b * t, d), acts, p, cfg, (b, t), attn_mask, ctx.autocast, rope_cs,
-                                   segment_ids)  # fmt: skip
-        grads = tuple(None if p[name] is None else g[name] for name in ctx.names)
+        d = dout.shape[-1]
+        dout2 = dout.reshape(b * t, d)
+        with ctx.autocast(), EagerFastPath(dout.device.type) as fast:
+            program = None
+            if fast.active and ctx.program is not None:
+                program = ctx.program.backward_program(dout2, params, cos, sin, flat)
+            if program is not None:
+                dx, grads = program.run_backward(dout2, params, cos, sin, flat)
+            else:
+                p = dict.fromkeys(ALL_PARAM_NAMES)
+                p.update(zip(ctx.names, params))
+                rope_cs = None if cos is None else (cos, sin)
+                dx, g = backward_from_saved(dout2, flat, ctx.layout, p, cfg, (b, t), attn_mask, rope_cs, segment_ids,
+                                            ctx.autocast)  # fmt: skip
+                grads = tuple(None if p[name] is None else g[name] for name in ctx.names)
         return (dx.view(b, t, d), None, None, None, None, None, None, *grads)

@@ -11,10 +11,13 @@ def test_host_rows_every_variant_and_op_counts():
     assert len(names) == 2 + len(host.BACKENDS) * len(host.POLICIES)
     by_name = {r["variant"]: r for r in rows}
     assert by_name["TransformerBlock"]["ckpt_ops"] == 0
-    for backend in host.BACKENDS:
-        counts = [by_name[f"{backend} {p}"]["ckpt_ops"] for p in ("none", "block_keep_attn", "block")]
+    for _, label in host.BACKENDS:
+        counts = [by_name[f"{label} {p}"]["ckpt_ops"] for p in ("none", "block_keep_attn", "block")]
         assert 0 < counts[0] < counts[1] < counts[2]  # block replays the attention half: more ops than none
-    assert "| cpp block |" in host.format_table(rows)
+    for p in host.POLICIES:  # traced programs run the same op graph
+        assert by_name[f"cpp {p}"]["ckpt_ops"] == by_name[f"cpp walked {p}"]["ckpt_ops"]
+        assert by_name[f"cpp {p}"]["aten_ops"] == by_name[f"cpp walked {p}"]["aten_ops"]
+    assert "| cpp block |" in host.format_table(rows) and "| cpp walked block |" in host.format_table(rows)
     assert all(r["vs_eager"] == "noisy" or r["vs_eager"].endswith("x") for r in rows)
 
 

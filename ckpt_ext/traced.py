@@ -1,0 +1,235 @@
+"""Traced programs of the block's eager fast path: trace once per configuration, then run straight-line code.
+
+At small shapes a block step's time is mostly the host's (bench/host.py): even on the fast path
+(functional.EagerFastPath: kernels called directly, below autograd) every call walks the block's helpers, dicts and
+policy branches again, although all they decide is fixed by the configuration. So for one key
+    (BlockConfig, backend, device; shape, strides and dtype of x and of every parameter / RoPE table)
+the forward (functional.forward_saved: block_forward and the policy's save set) and, per dout layout, the backward
+(functional.backward_from_saved: the block policies' attention-half recompute and block_backward) are traced once with
+make_fx through the kernels the fast path calls: a graph of aten ops and ckpt_ext C++ kernel ops (``*_kernel``), dead
+nodes removed (e.g. an lse copy the policy does not keep), registered as a C++ program (op_program.py,
+csrc/program.cpp). Later calls run it with one call from Python: each op a boxed dispatcher call, temporaries
+released at their last use. Same kernels, same arguments, same order: outputs and gradients are
+bitwise those of the walked fast path (tests/test_traced.py), and the saved set is the same tensors.
+
+Eligible when nothing a graph would freeze can change between calls with the same key:
+- no dropout (a call's seed would be a traced constant) and no attn_mask or segment_ids (the masked attention routes
+  read mask values on the host);
+- autocast off (its casts depend on state outside the key);
+- a backend whose kernels are ops make_fx records: cpp and cuda (Triton launches are not ops; reference runs
+  Python math that could read values);
+- a trace that reads no tensor value on the host (a graph holding ``_local_scalar_dense`` is refused).
+Anything else, or a trace that fails (warned once), runs the walked fast path. ``CKPT_EXT_TRACED=0`` or
+``set_enabled(False)`` turns tracing off. A key is traced on its TRACE_AFTER-th call (a shape seen once, e.g. a last
+short batch, never pays for a trace: tens of ms) and kept with its backward programs among the MAX_PROGRAMS most
+recently traced keys; a backward program is traced on the first backward of its dout layout. Layers of one model
+with one configuration share their programs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backend, op_program
+
+MAX_PROGRAMS = 64  # forward programs kept (the first traced is dropped first)
+TRACE_AFTER = 2  # a key is traced on its second call
+MAX_SEEN = 4096  # keys counted while not yet traced
+TRACEABLE_BACKENDS = ("cpp", "cuda")
+_UNSEEN = object()
+
+_state = {"enabled": os.environ.get("CKPT_EXT_TRACED", "1") != "0"}
+_programs: OrderedDict = OrderedDict()  # forward key -> ForwardProgram, or None where tracing was refused
+_seen: OrderedDict = OrderedDict()  # forward key -> calls so far, until it is traced
+_lock = threading.Lock()
+_warned: set = set()
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn traced programs on or off for the process (off: every call walks the fast path)."""
+    _state["enabled"] = bool(flag)
+
+
+def is_enabled() -> bool:
+    return _state["enabled"]
+
+
+def clear() -> None:
+    """Drop every cached program."""
+    with _lock:
+        _programs.clear()
+        _seen.clear()
+
+
+def eligible(cfg, attn_mask: Optional[Tensor], segment_ids: Optional[Tensor], x: Tensor) -> bool:
+    """Whether this call may run a traced program (module docstring)."""
+    if not _state["enabled"] or attn_mask is not None or segment_ids is not None:
+        return False
+    if cfg.dropout > 0.0 or cfg.attn_dropout > 0.0:
+        return False
+    device_type = x.device.type
+    if device_type == "cpu" or device_type == "cuda":
+        if torch.is_autocast_enabled(device_type):
+            return False
+    else:
+        return False
+    return backend.concrete_backend(device_type) in TRACEABLE_BACKENDS
+
+
+def _meta(t: Optional[Tensor]):
+    return None if t is None else (t.shape, t.stride(), t.dtype)
+
+
+def _present(params) -> tuple[int, ...]:
+    return tuple(i for i, t in enumerate(params) if t is not None)
+
+
+def _check_graph(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError("the trace reads a tensor value on the host (_local_scalar_dense)")
+
+
+def _trace(fn, inputs):
+    """fn's graph on these inputs, as a callable: a C++ OpProgram, or the graph's Python code where the program
+    cannot express it (or the extension lacks the program ops)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn)(*inputs)
+    _check_graph(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    if op_program.available():
+        try:
+            return op_program.OpProgram(gm)
+        except op_program.Unsupported as err:
+            _refuse(None, err, "runs its traced graph's Python code")
+    return gm
+
+
+def _refuse(key, err: Exception, what: str = "runs untraced") -> None:
+    text = f"{type(err).__name__}: {err}"
+    if text not in _warned:
+        _warned.add(text)
+        warnings.warn(f"ckpt_ext.traced: this block configuration {what} ({text})", stacklevel=3)
+
+
+class ForwardProgram:
+    """The traced forward of one key, its save-set layout, and its backward programs by dout layout."""
+
+    def __init__(self, run, layout, cfg, shape, names, present, has_rope: bool, device_type):
+        self.run, self.layout = run, layout
+        self.cfg, self.shape, self.names, self.present = cfg, shape, names, present
+        self.has_rope, self.device_type = has_rope, device_type
+        self.backward_programs: dict = {}
+
+    def _inputs(self, params, cos, sin) -> list:
+        inputs = [params[i] for i in self.present]
+        if self.has_rope:
+            inputs += [cos, sin]
+        return inputs
+
+    def run_forward(self, x2: Tensor, params, cos, sin) -> tuple[Tensor, list]:
+        out, *flat = self.run(x2, *self._inputs(params, cos, sin))
+        return out, flat
+
+    def backward_program(self, dout2: Tensor, params, cos, sin, flat) -> Optional[BackwardProgram]:
+        """Keyed by the layout of dout and of the saved tensors as unpacked (saved_tensors_hooks may hand back
+        copies with other strides, e.g. torch.autograd.graph.save_on_cpu)."""
+        key = (_meta(dout2), tuple(_meta(t) for t in flat), tuple(_meta(t) for t in params))
+        if key in self.backward_programs:
+            return self.backward_programs[key]
+        program = None
+        try:
+            program = BackwardProgram(self, dout2, params, cos, sin, flat)
+        except Exception as err:  # noqa: BLE001  (any trace failure: run the walked fast path)
+            _refuse(key, err)
+        self.backward_programs[key] = program
+        return program
+
+
+class BackwardProgram:
+    """The traced backward of a ForwardProgram for one dout layout: -> dx, parameter grads in ``names`` order."""
+
+    def __init__(self, fwd: ForwardProgram, dout2, params, cos, sin, flat):
+        from . import functional
+
+        self.fwd = fwd
+        n_present, n_flat = len(fwd.present), len(flat)
+        names, present, cfg, shape = fwd.names, fwd.present, fwd.cfg, fwd.shape
+
+        def backward(dout, *rest):
+            p = dict.fromkeys(functional.ALL_PARAM_NAMES)
+            p.update((names[i], t) for i, t in zip(present, rest[:n_present]))
+            rope_cs = tuple(rest[n_present : n_present + 2]) if fwd.has_rope else None
+            saved = rest[len(rest) - n_flat :]
+            ac = functional._AutocastState(dout.device.type)
+            with functional.kernels_direct(fwd.device_type):
+                dx, g = functional.backward_from_saved(dout, saved, fwd.layout, p, cfg, shape, None, rope_cs, None, ac)
+            return (dx, *(g[names[i]] for i in present))
+
+        inputs = [dout2, *fwd._inputs(params, cos, sin), *flat]
+        self.run = _trace(backward, [t.detach() for t in inputs])
+
+    def run_backward(self, dout2: Tensor, params, cos, sin, flat) -> tuple[Tensor, tuple]:
+        dx, *present_grads = self.run(dout2, *self.fwd._inputs(params, cos, sin), *flat)
+        grads = [None] * len(self.fwd.names)
+        for i, g in zip(self.fwd.present, present_grads):
+            grads[i] = g
+        return dx, tuple(grads)
+
+
+def forward_program(x2: Tensor, shape, cfg, names, params, cos, sin) -> Optional[ForwardProgram]:
+    """The traced forward for this call's key, or None: while the key is new (the first TRACE_AFTER - 1 calls of a
+    key walk the fast path, so one-off shapes are never traced) or where tracing was refused."""
+    metas = tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in params)
+    key = (cfg, backend.concrete_backend(x2.device.type), x2.device, _meta(x2), metas, _meta(cos), _meta(sin))
+    program = _programs.get(key, _UNSEEN)
+    if program is not _UNSEEN:
+        return program
+    with _lock:
+        seen = _seen[key] = _seen.get(key, 0) + 1
+        if len(_seen) > MAX_SEEN:
+            _seen.popitem(last=False)
+    if seen < TRACE_AFTER:
+        return None
+    program = None
+    try:
+        program = _trace_forward(x2, shape, cfg, names, params, cos, sin)
+    except Exception as err:  # noqa: BLE001  (any trace failure: run the walked fast path)
+        _refuse(key, err)
+    with _lock:
+        _seen.pop(key, None)
+        _programs[key] = program
+        while len(_programs) > MAX_PROGRAMS:
+            _programs.popitem(last=False)
+    return program
+
+
+def _trace_forward(x2, shape, cfg, names, params, cos, sin) -> ForwardProgram:
+    from . import functional
+
+    present = _present(params)
+    has_rope = cos is not None
+    device_type = x2.device.type
+    layout_box = []
+
+    def forward(x, *rest):
+        p = dict.fromkeys(functional.ALL_PARAM_NAMES)
+        p.update((names[i], t) for i, t in zip(present, rest))
+        rope_cs = tuple(rest[len(present) :]) if has_rope else None
+        with functional.kernels_direct(device_type):
+            out, flat, layout = functional.forward_saved(x, shape, p, cfg, None, rope_cs, None)
+        layout_box.append(layout)
+        return (out, *flat)
+
+    inputs = [x2] + [params[i] for i in present] + ([cos, sin] if has_rope else [])
+    run = _trace(forward, [t.detach() for t in inputs])
+    return ForwardProgram(run, layout_box[0], cfg, shape, names, present, has_rope, device_type)
