@@ -13,13 +13,13 @@ Tiles: ``gpu_tiles`` (one config per kernel and head dim; 16×16 tiles under the
 from __future__ import annotations
 
 import torch
-import triton
 
 from ckpt_ext import reference, segments
 from ckpt_ext.ops import native_attention
 from ckpt_ext.reference_attention import check_gqa_args, empty_threshold, mask4
 
 from .flash_attention import gqa_bwd_dkdv_kernel, gqa_bwd_dq_kernel, gqa_fwd_kernel
+from .launch_utils import cdiv, next_pow2
 from .matmul_configs import interpreting
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,7 +55,7 @@ def gpu_tiles(name: str, dh: int, arch: int = 90, dtype: torch.dtype = torch.flo
     """(BLOCK_M, BLOCK_N, BLOCK_D) and (num_warps, num_stages) for kernel ``name`` (gqa_fwd, gqa_bwd_dq,
     gqa_bwd_dkdv) at head dim dh (BLOCK_D = next power of two, at least 16) from ``SM90_TILES``; before sm_90
     (A100: 164 KB of shared memory) at most 2 pipeline stages. 16×16 tiles under the interpreter."""
-    block_d = max(16, triton.next_power_of_2(dh))
+    block_d = max(16, next_pow2(dh))
     if interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": block_d}, {}
     bm, bn, warps, stages = SM90_TILES[(name, dtype == torch.float32)][block_d]
@@ -135,7 +135,7 @@ def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segmen
     out = torch.empty((b, t, h, dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     tiles, opts = gpu_tiles("gqa_fwd", dh, _arch(q.device), q.dtype)
-    grid = (triton.cdiv(t, tiles["BLOCK_M"]), b * h)
+    grid = (cdiv(t, tiles["BLOCK_M"]), b * h)
     gqa_fwd_kernel[grid](q, k, v, *masks, out, lse, *strides, *shape, scale, empty_threshold(attn_mask), *drop,
                          **flags, **tiles, **opts)  # fmt: skip
     return out, lse
@@ -157,11 +157,11 @@ def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mas
     dk = torch.empty((b, s, hk, dh), dtype=k.dtype, device=q.device)
     dv = torch.empty((b, s, hk, dh), dtype=v.dtype, device=q.device)
     tiles, opts = gpu_tiles("gqa_bwd_dq", dh, _arch(q.device), q.dtype)
-    gqa_bwd_dq_kernel[(triton.cdiv(t, tiles["BLOCK_M"]), b * h)](
+    gqa_bwd_dq_kernel[(cdiv(t, tiles["BLOCK_M"]), b * h)](
         dout, q, k, v, out, lse, delta, dq, *masks, *strides, *shape, scale, *drop, **flags, **tiles, **opts
     )
     tiles, opts = gpu_tiles("gqa_bwd_dkdv", dh, _arch(q.device), q.dtype)
-    gqa_bwd_dkdv_kernel[(triton.cdiv(s, tiles["BLOCK_N"]), b * hk)](
+    gqa_bwd_dkdv_kernel[(cdiv(s, tiles["BLOCK_N"]), b * hk)](
         dout, q, k, v, lse, delta, dk, dv, *masks, *strides, *shape, scale, *drop, **flags, **tiles, **opts
     )
     return dq, dk, dv

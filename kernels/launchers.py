@@ -13,7 +13,6 @@ Importing this module imports triton; ckpt_ext.backend imports it only when the 
 from __future__ import annotations
 
 import torch
-import triton
 
 from ckpt_ext import reference
 from ckpt_ext.ops import native_attention
@@ -26,9 +25,11 @@ from .launch_utils import (
     KERNEL_DTYPES,
     POINTWISE_BLOCK,
     bwd_programs,
+    cdiv,
     column_sums,
     covered,
     matmul_grid,
+    next_pow2,
     row_warps,
     rows,
     upcast,
@@ -49,7 +50,7 @@ def layer_norm_fwd(x, weight, bias, eps):
     y = torch.empty((n, d), dtype=x.dtype, device=x.device)
     mean = torch.empty((n,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((n,), dtype=torch.float32, device=x.device)
-    block_d = triton.next_power_of_2(d)
+    block_d = next_pow2(d)
     layer_norm_fwd_kernel[(n,)](x, weight, bias, y, mean, rstd, x.stride(0), d, eps, BLOCK_D=block_d,
                                 num_warps=row_warps(block_d))  # fmt: skip
     return y, mean, rstd
@@ -67,10 +68,10 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, bias, dresidual, emit_y):
     programs = bwd_programs(n, x.device)
     dw_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     db_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
-    block_d = triton.next_power_of_2(d)
+    block_d = next_pow2(d)
     layer_norm_bwd_kernel[(programs,)](
         dy, x, mean.contiguous(), rstd.contiguous(), weight, bias, dres if dres is not None else dy, dx,
-        y if emit_y else dx, dw_part, db_part, n, d, x.stride(0), triton.cdiv(n, programs),
+        y if emit_y else dx, dw_part, db_part, n, d, x.stride(0), cdiv(n, programs),
         HAS_DRES=dres is not None, EMIT_Y=emit_y, BLOCK_D=block_d, num_warps=row_warps(block_d),
     )  # fmt: skip
     dw, db = column_sums(dw_part, weight.dtype, db_part, bias.dtype)
@@ -85,7 +86,7 @@ def bias_gelu(x, bias, approximate):
     xc = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     numel = xc.numel()
-    bias_gelu_kernel[(triton.cdiv(numel, POINTWISE_BLOCK),)](
+    bias_gelu_kernel[(cdiv(numel, POINTWISE_BLOCK),)](
         xc, bias if bias is not None else xc, y, numel, x.shape[-1], HAS_BIAS=bias is not None,
         APPROX_TANH=approximate == "tanh", BLOCK=POINTWISE_BLOCK,
     )  # fmt: skip
@@ -99,7 +100,7 @@ def gelu_bwd(da, u, approximate):
     da, uc = da.contiguous(), u.contiguous()
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     numel = uc.numel()
-    gelu_bwd_kernel[(triton.cdiv(numel, POINTWISE_BLOCK),)](
+    gelu_bwd_kernel[(cdiv(numel, POINTWISE_BLOCK),)](
         da, uc, du, numel, APPROX_TANH=approximate == "tanh", BLOCK=POINTWISE_BLOCK
     )
     return du
@@ -118,7 +119,7 @@ def dropout_add(x, residual, p, seed):
     res = residual.contiguous() if residual is not None else None
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     numel = xc.numel()
-    dropout_add_kernel[(triton.cdiv(numel, POINTWISE_BLOCK),)](
+    dropout_add_kernel[(cdiv(numel, POINTWISE_BLOCK),)](
         xc, res if res is not None else xc, out, numel, _as_int32(reference.seed_key(seed)),
         reference.dropout_threshold(p), 1.0 / (1.0 - p), HAS_RES=res is not None, APPLY_DROPOUT=p > 0.0,
         BLOCK=POINTWISE_BLOCK,
@@ -137,7 +138,7 @@ def ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximat
     (block_m,) = {c.kwargs["BLOCK_M"] for c in ffn_recompute_autotuned.configs}
     a = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
     du = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
-    db1_part = torch.empty((triton.cdiv(m, block_m), n), dtype=torch.float32, device=dy.device)
+    db1_part = torch.empty((cdiv(m, block_m), n), dtype=torch.float32, device=dy.device)
     ffn_recompute_autotuned[matmul_grid(m, n)](
         x1, mean.contiguous(), rstd.contiguous(), ln_weight, ln_bias, w1, b1, dy, w2, a, du, db1_part, m, n, k,
         x1.stride(0), w1.stride(0), w1.stride(1), dy.stride(0), w2.stride(0), w2.stride(1),

@@ -13,12 +13,11 @@ linear_swiglu, swiglu_linear_bwd, swiglu_linear_wgrad, swiglu_ffn_recompute   on
 from __future__ import annotations
 
 import torch
-import triton
 
 from ckpt_ext import reference
 
 from .act_linear_wgrad import act_linear_wgrad_autotuned
-from .launch_utils import bwd_programs, column_sums, covered, matmul_grid, row_warps, rows, upcast
+from .launch_utils import bwd_programs, cdiv, column_sums, covered, matmul_grid, next_pow2, row_warps, rows, upcast
 from .linear_swiglu import linear_swiglu_autotuned
 from .rms_norm import rms_norm_bwd_kernel, rms_norm_fwd_kernel
 from .rope import rope_kernel
@@ -37,7 +36,7 @@ def rms_norm_fwd(x, weight, eps):
     n, d = x.shape
     y = torch.empty((n, d), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty((n,), dtype=torch.float32, device=x.device)
-    block_d = triton.next_power_of_2(d)
+    block_d = next_pow2(d)
     rms_norm_fwd_kernel[(n,)](x, weight, y, rstd, x.stride(0), d, eps, ROUND_N=x.dtype != torch.float32,
                               BLOCK_D=block_d, num_warps=row_warps(block_d))  # fmt: skip
     return y, rstd
@@ -62,10 +61,10 @@ def rms_norm_bwd(dy, x, rstd, weight, dresidual, emit_y):
     y = torch.empty((n, d), dtype=y_dtype, device=x.device) if emit_y else x.new_empty((0,))
     programs = bwd_programs(n, x.device)
     dw_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)  # (P, d)
-    block_d = triton.next_power_of_2(d)
+    block_d = next_pow2(d)
     rms_norm_bwd_kernel[(programs,)](
         dy, x, rstd.contiguous(), weight, dres if dres is not None else dy, dx, y if emit_y else dx, dw_part, n, d,
-        dy.stride(0), x.stride(0), dres.stride(0) if dres is not None else 0, triton.cdiv(n, programs),
+        dy.stride(0), x.stride(0), dres.stride(0) if dres is not None else 0, cdiv(n, programs),
         HAS_DRES=dres is not None, EMIT_Y=emit_y, ROUND_N=x.dtype != torch.float32, BLOCK_D=block_d,
         num_warps=row_warps(block_d),
     )  # fmt: skip
@@ -74,8 +73,8 @@ def rms_norm_bwd(dy, x, rstd, weight, dresidual, emit_y):
 
 # ----------------------------------------------------------------------------------------------------- SwiGLU
 def _pointwise_grid(n: int, f: int):
-    block = min(triton.next_power_of_2(f), 1024)
-    return (n, triton.cdiv(f, block)), block
+    block = min(next_pow2(f), 1024)
+    return (n, cdiv(f, block)), block
 
 
 def swiglu_fwd(g, u):
@@ -120,8 +119,8 @@ def rope(q, k, cos, sin, inverse):
     hk = k.shape[2]
     q_out = torch.empty((b, t, hq, dh), dtype=q.dtype, device=q.device)
     k_out = torch.empty((b, t, hk, dh), dtype=k.dtype, device=k.device)
-    block_half = triton.next_power_of_2(dh // 2)
-    block_h = max(1, min(triton.next_power_of_2(max(hq, hk)), ROPE_TILE // block_half))
+    block_half = next_pow2(dh // 2)
+    block_h = max(1, min(next_pow2(max(hq, hk)), ROPE_TILE // block_half))
     rope_kernel[(b * t,)](
         q, k, cos, sin, q_out, k_out, t, hq, hk, dh // 2, *q.stride()[:3], *k.stride()[:3],
         0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), INVERSE=inverse, BLOCK_H=block_h,
