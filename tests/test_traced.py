@@ -7,11 +7,14 @@ import operator
 
 import pytest
 import torch
+from test_llama_block import rope_tables
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import ckpt_ext
 from ckpt_ext import FusedCheckpointBlock, op_program, traced
 from ckpt_ext.block import init_block_
+
+from helpers import run_step
 
 pytestmark = pytest.mark.skipif(not op_program.available(), reason="ckpt_ext._C is not built")
 
@@ -32,24 +35,10 @@ def _block(form: str, policy: str, dtype=torch.float32) -> FusedCheckpointBlock:
     return blk.to(dtype)
 
 
-def _rope(t: int, dh: int, dtype):
-    pos = torch.arange(t, dtype=torch.float64)[:, None] / (100.0 ** (torch.arange(0, dh, 2) / dh))
-    emb = torch.cat((pos, pos), dim=-1)[None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _step(blk, x, grad, **kwargs):
-    x = x.detach().requires_grad_(True)
-    blk.zero_grad(set_to_none=True)
-    out = blk(x, **kwargs)
-    out.backward(grad)
-    return [out.detach(), x.grad] + [p.grad for p in blk.parameters()]
-
-
 def _kwargs(blk, t: int, dtype):
     if not blk.llama:
         return {}
-    return {"position_embeddings": _rope(t, blk.head_dim or blk.d_model // blk.n_heads, dtype)}
+    return {"position_embeddings": rope_tables(1, t, blk.head_dim or blk.d_model // blk.n_heads, dtype)}
 
 
 @pytest.fixture(autouse=True)
@@ -72,15 +61,15 @@ def test_traced_equals_walked_bitwise(form, policy, dtype, b, t):
     grad = torch.randn(b, t, 24, generator=gen).to(dtype)
     kw = _kwargs(blk, t, dtype)
     with ckpt_ext.set_backend("cpp"):
-        _step(blk, x, grad, **kw)  # a new key: walked, counted
-        first = _step(blk, x, grad, **kw)  # traces
-        again = _step(blk, x, grad, **kw)  # runs the programs
+        run_step(blk, x, grad, **kw)  # a new key: walked, counted
+        first = run_step(blk, x, grad, **kw)  # traces
+        again = run_step(blk, x, grad, **kw)  # runs the programs
         (program,) = [p for p in traced._programs.values()]
         assert isinstance(program.run, op_program.OpProgram)
         (bwd,) = program.backward_programs.values()
         assert isinstance(bwd.run, op_program.OpProgram)
         traced.set_enabled(False)
-        walked = _step(blk, x, grad, **kw)
+        walked = run_step(blk, x, grad, **kw)
     for name, a, c, w in zip(["out", "dx"] + [n for n, _ in blk.named_parameters()], first, again, walked):
         assert torch.equal(a, w), name
         assert torch.equal(c, w), name
@@ -162,11 +151,11 @@ def test_keys_cover_shapes_strides_and_dout_layout():
             w = blk.mlp.fc.weight
             blk.mlp.fc.weight = torch.nn.Parameter(w.detach().t().contiguous().t())
         x, g = torch.randn(2, 5, 24), torch.randn(2, 5, 24)
-        _step(blk, x, g)
-        traced_run = _step(blk, x, g)
+        run_step(blk, x, g)
+        traced_run = run_step(blk, x, g)
         assert len(traced._programs) == 3
         traced.set_enabled(False)
-        assert all(torch.equal(a, b) for a, b in zip(traced_run, _step(blk, x, g)))
+        assert all(torch.equal(a, b) for a, b in zip(traced_run, run_step(blk, x, g)))
 
 
 def _graph():
@@ -253,7 +242,7 @@ def test_saved_tensor_hooks_that_change_strides(form):
 
     def run():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            return _step(blk, x, g, **kw)
+            return run_step(blk, x, g, **kw)
 
     with ckpt_ext.set_backend("cpp"):
         for _ in range(3):
