@@ -34,7 +34,7 @@ from ckpt_ext import FusedCheckpointBlock, TransformerBlock, traced
 from ckpt_ext.block import init_block_
 from ckpt_ext.ops import cpp_bridge
 
-from .micro_timing import ratio_text, spread_text, time_interleaved
+from .micro_timing import Timing, ratio_text, spread_text, summarize, time_interleaved
 
 POLICIES = ("none", "pointwise", "ffn", "block_keep_attn", "block")
 BACKENDS = (  # ((backend, traced programs on), row label)
@@ -133,7 +133,32 @@ def dispatch_cost(min_time: float) -> dict:
         ),
         "ckpt_ext::dropout_add p=0 (cpp)": with_backend("cpp", lambda: torch.ops.ckpt_ext.dropout_add(x, x, 0.0, 0)),
     }
-    return time_interleaved(calls, min_time=min_time, min_rounds=7, sample_s=2e-3)
+    chain = _add_chain(x, PROGRAM_OPS)
+    calls[f"aten add in a traced C++ program, per op (÷{PROGRAM_OPS})"] = lambda: chain(x)
+    timings = time_interleaved(calls, min_time=min_time, min_rounds=7, sample_s=2e-3)
+    key = f"aten add in a traced C++ program, per op (÷{PROGRAM_OPS})"
+    t, n = timings[key], PROGRAM_OPS
+    timings[key] = summarize([v / n for v in t.samples]) if t.samples else Timing(t.median / n, t.q20 / n, t.q80 / n)
+    return timings
+
+
+PROGRAM_OPS = 32
+
+
+def _add_chain(x: torch.Tensor, n: int):
+    """n chained aten adds traced into an op_program.OpProgram (what traced.py runs): its per-op cost is the boxed
+    dispatcher call that replaces a Python-issued op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from ckpt_ext import op_program
+
+    def chain(t):
+        for _ in range(n):
+            t = torch.add(t, x)
+        return (t,)
+
+    program = op_program.OpProgram(make_fx(chain)(x))
+    return lambda t: program(t)
 
 
 def run(family="gpt2", d=64, heads=4, seq=8, batch=1, min_time=3.0, threads=1) -> list[dict]:

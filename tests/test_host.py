@@ -24,6 +24,7 @@ def test_host_rows_every_variant_and_op_counts():
 def test_dispatch_cost_rows():
     costs = host.dispatch_cost(min_time=0.0)
     assert "ckpt_ext::layer_norm_fwd (cpp)" in costs and all(t.median > 0 for t in costs.values())
+    assert any("traced C++ program, per op" in name for name in costs)
 
 
 def test_triton_path_host_cost_counts_every_launch():
