@@ -553,7 +553,7 @@ class FusedBlockFunction(torch.autograd.Function):
         x2 = x.reshape(b * t, d)
         ctx.program = None
         with EagerFastPath(x.device.type) as fast:
-            if fast.active and traced.eligible(cfg, attn_mask, segment_ids, x):
+            if fast.active and traced.eligible(cfg, attn_mask, segment_ids, x, params, cos, sin):
                 ctx.program = traced.forward_program(x2, (b, t), cfg, names, params, cos, sin)
             if ctx.program is not None:
                 out, flat = ctx.program.run_forward(x2, params, cos, sin)
@@ -567,6 +567,7 @@ class FusedBlockFunction(torch.autograd.Function):
         ctx.save_for_backward(attn_mask, segment_ids, cos, sin, *params, *flat)
         ctx.cfg, ctx.shape, ctx.names = cfg, (b, t), names
         ctx.autocast = _AutocastState(x.device.type)
+        ctx.backend = backend.get_backend()  # backward runs on the forward's backend (on CUDA, autograd's own thread)
         return out.view(b, t, d)
 
     @staticmethod
@@ -583,7 +584,7 @@ class FusedBlockFunction(torch.autograd.Function):
         cfg, (b, t) = ctx.cfg, ctx.shape
         d = dout.shape[-1]
         dout2 = dout.reshape(b * t, d)
-        with ctx.autocast(), EagerFastPath(dout.device.type) as fast:
+        with backend.set_backend(ctx.backend), ctx.autocast(), EagerFastPath(dout.device.type) as fast:
             program = None
             if fast.active and ctx.program is not None:
                 program = ctx.program.backward_program(dout2, params, cos, sin, flat)

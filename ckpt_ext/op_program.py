@@ -2,7 +2,8 @@
 
 A graph traced by make_fx holds placeholders, calls of OpOverloads (aten ops, ckpt_ext kernel ops), getitems of their
 results and one output. ``OpProgram(gm)`` numbers every tensor value with a slot, writes each call as an instruction
-(operator, every schema argument in order: a slot, a constant, or a list of slots; result slots; the slots whose last
+(operator, every schema argument in order: a slot, a constant, a Python number where the schema takes a Tensor (made
+a wrapped-number tensor, as Python's argument parser does), or a list of slots; result slots; the slots whose last
 use it is, to release) and registers the program with ``ckpt_ext::program_build``; ``program(*inputs)`` then runs all
 instructions in C++ (``ckpt_ext::program_run``): the per-op Python of the generated code (an OpOverload call is ~2-4 µs
 of Python argument handling) is gone, what is left per op is a boxed dispatcher call.
@@ -23,7 +24,7 @@ _DTYPES = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.
 _MEMORY_FORMATS = {torch.contiguous_format: 0, torch.preserve_format: 1, torch.channels_last: 2,
                    torch.channels_last_3d: 3}  # fmt: skip
 _LAYOUTS = {torch.strided: 0}
-SLOT, INT, FLOAT, BOOL, NONE, INTS, SLOTS, STR, DEVICE = range(9)  # argument kinds, as in csrc/program.cpp
+SLOT, INT, FLOAT, BOOL, NONE, INTS, SLOTS, STR, DEVICE, NUMBER_INT, NUMBER_FLOAT = range(11)  # csrc/program.cpp
 
 
 class Unsupported(Exception):
@@ -72,6 +73,13 @@ class _Encoder:
             return [SLOT, slot_of[value]]
         if value is None:
             return [NONE]
+        if base == "Tensor":  # a Python number in a Tensor argument (x * 0.5 is aten::mul.Tensor(x, 0.5))
+            if type(value) is int:
+                return [NUMBER_INT, value]
+            if type(value) is float:
+                self.floats.append(value)
+                return [NUMBER_FLOAT, len(self.floats) - 1]
+            raise Unsupported(f"argument {value!r} of type {type_name}")
         if isinstance(value, bool):
             return [BOOL, int(value)]
         if isinstance(value, int) and base in ("float",):

@@ -68,11 +68,19 @@ def clear() -> None:
         _seen.clear()
 
 
-def eligible(cfg, attn_mask: Optional[Tensor], segment_ids: Optional[Tensor], x: Tensor) -> bool:
-    """Whether this call may run a traced program (module docstring)."""
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eligible(cfg, attn_mask: Optional[Tensor], segment_ids: Optional[Tensor], x: Tensor, params, cos, sin) -> bool:
+    """Whether this call may run a traced program (module docstring). Tensor subclasses (DTensor, ...) walk: their
+    __torch_dispatch__ must see the block's ops, not one opaque program_run."""
     if not _state["enabled"] or attn_mask is not None or segment_ids is not None:
         return False
     if cfg.dropout > 0.0 or cfg.attn_dropout > 0.0:
+        return False
+    if type(x) not in _PLAIN or type(cos) not in (*_PLAIN, type(None)) or type(sin) not in (*_PLAIN, type(None)):
+        return False
+    if not all(t is None or type(t) in _PLAIN for t in params):
         return False
     device_type = x.device.type
     if device_type == "cpu" or device_type == "cuda":
@@ -108,10 +116,21 @@ def _trace(fn, inputs):
     gm.recompile()
     if op_program.available():
         try:
-            return op_program.OpProgram(gm)
-        except op_program.Unsupported as err:
+            program = op_program.OpProgram(gm)
+            _verify(program, gm, inputs)
+            return program
+        except (op_program.Unsupported, RuntimeError) as err:
             _refuse(None, err, "runs its traced graph's Python code")
     return gm
+
+
+def _verify(program, gm, inputs) -> None:
+    """Run the C++ program once on the trace's inputs: it must give the graph's outputs bit for bit (same dtypes,
+    shapes, strides), or the caller keeps the graph's Python code."""
+    for i, (got, want) in enumerate(zip(program(*inputs), gm(*inputs), strict=True)):
+        same_layout = got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride()
+        if not same_layout or not torch.equal(got.nan_to_num(), want.nan_to_num()):
+            raise RuntimeError(f"the C++ program's output {i} differs from the traced graph's")
 
 
 def _refuse(key, err: Exception, what: str = "runs untraced") -> None:
@@ -124,8 +143,9 @@ def _refuse(key, err: Exception, what: str = "runs untraced") -> None:
 class ForwardProgram:
     """The traced forward of one key, its save-set layout, and its backward programs by dout layout."""
 
-    def __init__(self, run, layout, cfg, shape, names, present, has_rope: bool, device_type):
+    def __init__(self, run, layout, cfg, shape, names, present, has_rope: bool, device_type, backend_name):
         self.run, self.layout = run, layout
+        self.backend_name = backend_name  # the concrete backend it was traced under
         self.cfg, self.shape, self.names, self.present = cfg, shape, names, present
         self.has_rope, self.device_type = has_rope, device_type
         self.backward_programs: dict = {}
@@ -143,7 +163,9 @@ class ForwardProgram:
     def backward_program(self, dout2: Tensor, params, cos, sin, flat) -> Optional[BackwardProgram]:
         """Keyed by the layout of dout and of the saved tensors as unpacked (saved_tensors_hooks may hand back
         copies with other strides, e.g. torch.autograd.graph.save_on_cpu)."""
-        key = (_meta(dout2), tuple(_meta(t) for t in flat), tuple(_meta(t) for t in params))
+        if backend.concrete_backend(self.device_type) != self.backend_name:
+            return None
+        key = (_meta(dout2), tuple(_meta(t) for t in flat), tuple(_meta(t) for t in params), _meta(cos), _meta(sin))
         if key in self.backward_programs:
             return self.backward_programs[key]
         program = None
@@ -232,4 +254,6 @@ def _trace_forward(x2, shape, cfg, names, params, cos, sin) -> ForwardProgram:
 
     inputs = [x2] + [params[i] for i in present] + ([cos, sin] if has_rope else [])
     run = _trace(forward, [t.detach() for t in inputs])
-    return ForwardProgram(run, layout_box[0], cfg, shape, names, present, has_rope, device_type)
+    return ForwardProgram(
+        run, layout_box[0], cfg, shape, names, present, has_rope, device_type, backend.concrete_backend(device_type)
+    )

@@ -6,13 +6,17 @@
 //   header   n_slots, n_inputs, n_outputs, output slot..., n_instructions
 //   per instruction   op index, n_args, args..., n_outs, out slot..., list_out (0/1), n_frees, freed slot...
 //   an arg is a kind and its payload: SLOT s | INT v | FLOAT i (floats[i]) | BOOL v | NONE | INTS n v... |
-//   SLOTS n s... (a Tensor[]) | STR i (strs[i]) | DEVICE i (strs[i], e.g. "cuda:0")
+//   SLOTS n s... (a Tensor[]) | STR i (strs[i]) | DEVICE i (strs[i], e.g. "cuda:0") |
+//   NUMBER_INT v, NUMBER_FLOAT i (a Python number where the schema takes a Tensor, e.g. x * 0.5 traced as
+//   aten::mul.Tensor: a 0-dim CPU tensor marked as a wrapped number, as Python's argument parser makes it, so type
+//   promotion treats it as a scalar)
 // Inputs occupy slots 0..n_inputs-1. Each instruction pushes its arguments (every schema argument, positional, in
 // order) and calls the operator boxed; its results go to its out slots (list_out: the single Tensor[] result is
 // spread over them); then the slots whose last use it was are released, so temporaries live as long as in eager.
 // program_run(id, inputs) -> the output slots' tensors. program_free(id) drops a program.
 // Device-agnostic: the operators dispatch on their tensors as any aten call does (CPU kernels, CUDA kernels).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ScalarOps.h>
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
@@ -25,7 +29,16 @@
 namespace ckpt_ext {
 namespace {
 
-enum ArgKind : int64_t { SLOT = 0, INT = 1, FLOAT = 2, BOOL = 3, NONE = 4, INTS = 5, SLOTS = 6, STR = 7, DEVICE = 8 };
+enum ArgKind : int64_t {
+  SLOT = 0, INT = 1, FLOAT = 2, BOOL = 3, NONE = 4, INTS = 5, SLOTS = 6, STR = 7, DEVICE = 8,
+  NUMBER_INT = 9, NUMBER_FLOAT = 10
+};
+
+at::Tensor wrapped_number(const at::Scalar& value) {
+  at::Tensor t = at::scalar_to_tensor(value);
+  t.unsafeGetTensorImpl()->set_wrapped_number(true);
+  return t;
+}
 
 struct Instruction {
   explicit Instruction(c10::OperatorHandle handle) : op(std::move(handle)) {}
@@ -123,6 +136,12 @@ Instruction read_instruction(Reader& r, const std::vector<c10::OperatorHandle>& 
         break;
       case DEVICE:
         ins.args.emplace_back(c10::Device(strs.at(r.next())));
+        break;
+      case NUMBER_INT:
+        ins.args.emplace_back(wrapped_number(at::Scalar(r.next())));
+        break;
+      case NUMBER_FLOAT:
+        ins.args.emplace_back(wrapped_number(at::Scalar(floats.at(r.next()))));
         break;
       default:
         TORCH_CHECK(false, "program_build: unknown argument kind ", kind);

@@ -60,18 +60,29 @@ def test_traced_equals_walked_bitwise(form, policy, dtype, b, t):
     x = torch.randn(b, t, 24, generator=gen).to(dtype)
     grad = torch.randn(b, t, 24, generator=gen).to(dtype)
     kw = _kwargs(blk, t, dtype)
+    x2, grad2 = torch.randn(b, t, 24, generator=gen).to(dtype), torch.randn(b, t, 24, generator=gen).to(dtype)
+    names = ["out", "dx"] + [n for n, _ in blk.named_parameters()]
     with ckpt_ext.set_backend("cpp"):
         run_step(blk, x, grad, **kw)  # a new key: walked, counted
         first = run_step(blk, x, grad, **kw)  # traces
-        again = run_step(blk, x, grad, **kw)  # runs the programs
         (program,) = [p for p in traced._programs.values()]
         assert isinstance(program.run, op_program.OpProgram)
         (bwd,) = program.backward_programs.values()
         assert isinstance(bwd.run, op_program.OpProgram)
+        originals = [p.detach().clone() for p in blk.parameters()]
+        with torch.no_grad():  # the programs take their inputs: new x, dout and parameter values
+            for p in blk.parameters():
+                p.mul_(1.5)
+        again = run_step(blk, x2, grad2, **kw)  # runs the programs
         traced.set_enabled(False)
+        walked_again = run_step(blk, x2, grad2, **kw)
+        with torch.no_grad():
+            for p, original in zip(blk.parameters(), originals):
+                p.copy_(original)
         walked = run_step(blk, x, grad, **kw)
-    for name, a, c, w in zip(["out", "dx"] + [n for n, _ in blk.named_parameters()], first, again, walked):
+    for name, a, w in zip(names, first, walked):
         assert torch.equal(a, w), name
+    for name, c, w in zip(names, again, walked_again):
         assert torch.equal(c, w), name
 
 
@@ -252,3 +263,90 @@ def test_saved_tensor_hooks_that_change_strides(form):
         traced.set_enabled(False)
         want = run()
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_op_program_takes_python_numbers_in_tensor_arguments():
+    """x * 0.5 traces as aten::mul.Tensor(x, 0.5): the number becomes a wrapped-number tensor, so type promotion keeps
+    x's dtype as Python's own call does."""
+
+    def fn(x, i):
+        return x * 0.5, x + 1, torch.rsub(x, 2.0), i * 3, x.to(torch.bfloat16) * 0.1
+
+    args = (torch.randn(3, 4), torch.arange(4, dtype=torch.int32))
+    gm = make_fx(fn)(*args)
+    program = op_program.OpProgram(gm)
+    for got, want in zip(program(*args), gm(*args)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_the_tiled_attention_route_traces(monkeypatch):
+    """The tiled math attention (the CUDA route for fp32, h != hk, ...; forced here on CPU) scales scores by a Python
+    float: traced, verified against its graph, bitwise the walked path."""
+    from ckpt_ext.ops import native_attention
+
+    monkeypatch.setattr(native_attention, "_route_gqa", lambda *a, **k: "cpu_math")
+    blk = _block("llama_gqa", "block")
+    gen = torch.Generator().manual_seed(3)
+    x, g = torch.randn(2, 7, 24, generator=gen), torch.randn(2, 7, 24, generator=gen)
+    kw = _kwargs(blk, 7, torch.float32)
+    with ckpt_ext.set_backend("cpp"):
+        for _ in range(3):
+            got = run_step(blk, x, g, **kw)
+        (program,) = traced._programs.values()
+        assert isinstance(program.run, op_program.OpProgram)
+        traced.set_enabled(False)
+        want = run_step(blk, x, g, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_backward_runs_on_the_forwards_backend():
+    """A backward called under another backend (on CUDA autograd runs it on its own thread, where the thread-local
+    backend is the default) runs the forward's: its traced program, equal to the walked path."""
+    blk = _block("gpt2", "ffn")
+    x, g = torch.randn(2, 5, 24), torch.randn(2, 5, 24)
+
+    def step(backward_backend):
+        xr = x.clone().requires_grad_(True)
+        blk.zero_grad(set_to_none=True)
+        with ckpt_ext.set_backend("cpp"):
+            out = blk(xr)
+        with ckpt_ext.set_backend(backward_backend):
+            out.backward(g)
+        return [xr.grad] + [p.grad for p in blk.parameters()]
+
+    for _ in range(3):
+        got = step("reference")
+    (program,) = traced._programs.values()
+    assert all(p is not None for p in program.backward_programs.values())
+    traced.set_enabled(False)
+    want = step("cpp")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_a_program_that_disagrees_with_its_graph_is_not_used(monkeypatch):
+    """_trace verifies the C++ program against the traced graph once; on a mismatch the graph's Python code runs."""
+    real = op_program.OpProgram.__call__
+    monkeypatch.setattr(op_program.OpProgram, "__call__", lambda self, *a: [t + 1 for t in real(self, *a)])
+    blk = _block("gpt2", "none")
+    x, g = torch.randn(1, 4, 24), torch.randn(1, 4, 24)
+    with ckpt_ext.set_backend("cpp"), pytest.warns(UserWarning, match="differs from the traced graph"):
+        for _ in range(3):
+            got = run_step(blk, x, g)
+    (program,) = traced._programs.values()
+    assert isinstance(program.run, torch.fx.GraphModule)
+    traced.set_enabled(False)
+    with ckpt_ext.set_backend("cpp"):
+        want = run_step(blk, x, g)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_tensor_subclasses_walk():
+    class Tagged(torch.Tensor):
+        pass
+
+    blk = _block("gpt2", "none")
+    x = torch.randn(1, 4, 24).as_subclass(Tagged).requires_grad_(True)
+    with ckpt_ext.set_backend("cpp"):
+        for _ in range(3):
+            blk(x).sum().backward()
+    assert not traced._programs and not traced._seen
