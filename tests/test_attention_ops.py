@@ -117,14 +117,18 @@ def _tolerance_check(ours, ref64, *same_dtype, factor=3.0, floor=1e-6):
 @pytest.mark.parametrize("dropout_p, mask", [(0.0, None), (0.3, None), (0.0, "float_b1ts"), (0.2, "bool_b11s")])
 @pytest.mark.parametrize("b, t, h, hk", [(3, 7, 4, 2), (1, 70, 2, 1)])
 def test_cpp_routes_match_float64_reference(dtype, causal, dropout_p, mask, b, t, h, hk):
-    """native_attention (cpu_flash without dropout when the mask is bool or q's dtype, tiled cpu_math otherwise; T=70
-    spans two 64-row tiles)."""
+    """native_attention (fp32 without mask or dropout: ckpt_ext._C's cpu_gqa kernels; cpu_flash without dropout when the
+    mask is bool or q's dtype; tiled cpu_math otherwise; T=70 spans two 64-row tiles)."""
     q, k, v = make_qkv(b, t, h, hk, 16, dtype=dtype, packed=True)
     m = make_mask(mask, b, h, t, t)
     dout = torch.randn(b, t, h, 16, dtype=dtype)
     args = (causal, dropout_p, 5, m, 0.25)
-    route = native_attention._route_gqa(q, k, dropout_p, m)
-    assert route == ("cpu_flash" if dropout_p == 0 and (m is None or m.dtype in (torch.bool, dtype)) else "cpu_math")
+    route = native_attention._route_gqa(q, k, dropout_p, m, None, v)
+    if dropout_p == 0 and m is None and dtype == torch.float32:
+        assert route == "cpu_gqa"
+    else:
+        flash = dropout_p == 0 and (m is None or m.dtype in (torch.bool, dtype))
+        assert route == ("cpu_flash" if flash else "cpu_math")
     out, lse = native_attention.gqa_attention_fwd(q, k, v, *args)
     grads = native_attention.gqa_attention_bwd(dout, q, k, v, out, lse, *args)
     r_out, r_lse = reference_attention.gqa_attention_fwd(q, k, v, *args)

@@ -425,6 +425,8 @@ def test_attention_cpp_routes_match_reference(dtype, causal, dropout_p, mask):
     args = (heads, causal, dropout_p, 11, m)
     flash = dropout_p == 0 and m is not None and m.dtype in (torch.bool, dtype)
     assert native_attention._route(qkv, heads, dropout_p, m) == ("cpu_flash" if flash else "cpu_math")
+    if dropout_p == 0 and dtype == torch.float32:
+        assert native_attention._route(qkv, heads, dropout_p, None) == "cpu_gqa"
     out, lse = native_attention.attention_fwd(qkv, *args)
     dqkv = native_attention.attention_bwd(dout, qkv, out, lse, *args)
     ref_out, ref_lse = reference.attention_fwd(qkv, *args)

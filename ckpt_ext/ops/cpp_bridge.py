@@ -70,6 +70,19 @@ for _name, _graph_op in _GRAPH_OPS.items():
         KERNEL_OPS.append(_kernel_op)
 
 
+# The CPU attention kernels native_attention's cpu_gqa route calls (helper ops with no graph op of their own).
+if hasattr(torch.ops.ckpt_ext, "cpu_gqa_attention_bwd"):
+
+    @torch.library.register_fake("ckpt_ext::cpu_gqa_attention_fwd")
+    def _cpu_gqa_fwd_fake(q, k, v, causal, scale, segment_ids):
+        b, t, h, dh = q.shape
+        return q.new_empty(b, t, h, dh), q.new_empty(b, h, t)  # out (B, T, h, dh), lse (B, h, T)
+
+    @torch.library.register_fake("ckpt_ext::cpu_gqa_attention_bwd")
+    def _cpu_gqa_bwd_fake(dout, q, k, v, out, lse, causal, scale, segment_ids):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # dq, dk, dv
+
+
 def _linear_dropout_add(x, w, b, residual, p, seed):
     """No GEMM epilogue hook on CPU: aten's addmm, then the C++ dropout + residual kernel (reference numerics)."""
     w = w if w.dtype == x.dtype else w.to(x.dtype)

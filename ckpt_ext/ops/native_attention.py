@@ -1,15 +1,22 @@
 """The cpp/cuda backends' attention: aten's fused kernels where they fit, bounded-memory tiled aten math otherwise.
 
 Math, masks, the empty-row rule and the dropout index are reference_attention.py's. Routes (``_route_gqa``):
-- ``cpu_flash``: no dropout, CPU, and no mask or a mask the kernel reads exactly (bool, or the query's float dtype):
-  aten's flash kernel for CPU (``_scaled_dot_product_flash_attention_for_cpu`` and its backward), one call for all
-  heads: it takes GQA natively (h query heads against hk kv heads, no repeat_kv copy; dk/dv come back summed over each
-  group) and reads a mask broadcast over batch and heads without expanding it. Its scratch is per-thread tiles, never
-  (B, h, T, S). A mask is handed over as an additive tensor in q's dtype with -inf wherever a key is invisible (bool
-  False, or a float value at or below empty_threshold: such keys already get probability 0 in the reference); a row
-  with no visible key then comes back as zeros with zero gradients, and its lse is set to -inf here (the row is found
-  from the mask, causality included; the kernel itself reports 0). Without a mask and with causal S == T no row is
-  empty.
+- ``cpu_gqa``: no mask or dropout (segment ids allowed), fp32 CPU tensors with a contiguous last dim, S <=
+  CPU_GQA_MAX_KEYS: ckpt_ext._C's own kernels (csrc/cpu/attention_cpu.cpp, ops
+  ``ckpt_ext::cpu_gqa_attention_fwd/_bwd``): each work item stacks one kv head's G query heads over a tile of rows, so
+  every product is one BLAS sgemm against that kv head's keys (no repeat_kv), with an exact per-row softmax over the
+  keys the tile's rows may see (with ids, the span of their segments: packed sequences skip each other's keys; never a
+  (B, T, S) mask). 1.3-1.6x aten's CPU flash kernel at Llama-block sizes, 3.4-3.8x on packed sequences (``python -m
+  bench.cpu_attention``).
+- ``cpu_flash``: no dropout, CPU, and any other dtype or shape without a mask, or a mask the kernel reads exactly (bool,
+  or the query's float dtype): aten's flash kernel for CPU (``_scaled_dot_product_flash_attention_for_cpu`` and its
+  backward), one call for all heads: it takes GQA natively (h query heads against hk kv heads, no repeat_kv copy; dk/dv
+  come back summed over each group) and reads a mask broadcast over batch and heads without expanding it. Its scratch is
+  per-thread tiles, never (B, h, T, S). A mask is handed over as an additive tensor in q's dtype with -inf wherever a
+  key is invisible (bool False, or a float value at or below empty_threshold: such keys already get probability 0 in the
+  reference); a row with no visible key then comes back as zeros with zero gradients, and its lse is set to -inf here
+  (the row is found from the mask, causality included; the kernel itself reports 0). Without a mask and with causal S ==
+  T no row is empty.
 - ``cuda_flash``: no mask, no dropout, CUDA, fp16/bf16, h == hk, dh % 8 == 0 and <= 256, sm_80+: aten's
   FlashAttention-2 on (B, h, T, dh) views; its logsumexp is (B, h, T) fp32 in natural log.
 - ``cpu_math`` (any device, every mask and dropout): tiles over kv groups × BLOCK_Q query rows. A tile holds the
@@ -26,14 +33,16 @@ Math, masks, the empty-row rule and the dropout index are reference_attention.py
 - ``reference``: empty T or S.
 segment_ids (B, S) (key padding / packed sequences, see ckpt_ext/segments.py): ``cpu_math`` builds each tile's
 (B, tq, n) visibility from the ids of its rows and keys (never a (B, h, T, S) or (B, T, S) tensor) and skips nothing;
-``cpu_flash`` hands them over as the additive (B, 1, T, S) -inf mask (segments.visibility, combined with attn_mask
-when both are given), with the empty rows found from it; ``cuda_flash`` is never taken with them.
+``cpu_gqa`` reads them in the kernel (above); ``cpu_flash`` (ids with an attn_mask, or not fp32) hands them over as
+the additive (B, 1, T, S) -inf mask (segments.visibility, combined with attn_mask when both are given), with the empty
+rows found from it; ``cuda_flash`` is never taken with them.
 The packed-qkv ops (attention_fwd/_bwd) call the same routes on q, k, v views of qkv (h == hk, scale 1/sqrt(dh)).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -41,6 +50,7 @@ from .. import backend, reference, reference_attention, segments
 from ..reference_attention import empty_threshold, mask4
 
 BLOCK_Q = 64  # query rows per cpu_math tile
+CPU_GQA_MAX_KEYS = 8192  # longer key sequences take aten's flash kernel (cpu_gqa's tiles hold every visible key)
 
 
 def _cuda_flash_fits(q, k) -> bool:
@@ -55,10 +65,33 @@ def _cuda_flash_fits(q, k) -> bool:
     )
 
 
-def _route_gqa(q, k, dropout_p, attn_mask, segment_ids=None) -> str:
+@functools.cache
+def _cpu_gqa_available() -> bool:
+    """Whether ckpt_ext._C has the cpu_gqa ops and found its BLAS (an older build has neither; no build, no _C)."""
+    try:
+        importlib.import_module("ckpt_ext._C")
+    except ImportError:
+        return False
+    ops = torch.ops.ckpt_ext
+    return hasattr(ops, "cpu_gqa_available") and hasattr(ops, "cpu_gqa_attention_bwd") and ops.cpu_gqa_available()
+
+
+def _cpu_gqa_fits(q, k, v) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.float32
+        and k.shape[1] <= CPU_GQA_MAX_KEYS
+        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        and _cpu_gqa_available()
+    )
+
+
+def _route_gqa(q, k, dropout_p, attn_mask, segment_ids=None, v=None) -> str:
     if q.shape[1] == 0 or k.shape[1] == 0:
         return "reference"
     if dropout_p == 0.0:
+        if attn_mask is None and _cpu_gqa_fits(q, k, k if v is None else v):
+            return "cpu_gqa"
         if q.device.type == "cpu" and (attn_mask is None or attn_mask.dtype in (torch.bool, q.dtype)):
             return "cpu_flash"
         no_mask = attn_mask is None and segment_ids is None
@@ -69,8 +102,8 @@ def _route_gqa(q, k, dropout_p, attn_mask, segment_ids=None) -> str:
 
 def _route(qkv, n_heads, dropout_p, attn_mask) -> str:
     """The route the packed op takes for qkv (B, T, 3d)."""
-    q, k, _ = reference._split_heads(qkv, n_heads)
-    return _route_gqa(q, k, dropout_p, attn_mask)
+    q, k, v = reference._split_heads(qkv, n_heads)
+    return _route_gqa(q, k, dropout_p, attn_mask, None, v)
 
 
 # ------------------------------------------------------------------------------------------------ packed qkv
@@ -93,9 +126,11 @@ def attention_bwd(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_ma
 # ------------------------------------------------------------------------------------------------ grouped-query
 def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
     reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
-    route = _route_gqa(q, k, dropout_p, attn_mask, segment_ids)
+    route = _route_gqa(q, k, dropout_p, attn_mask, segment_ids, v)
     if route == "reference":
         return reference_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
+    if route == "cpu_gqa":
+        return torch.ops.ckpt_ext.cpu_gqa_attention_fwd(q, k, v, causal, scale, segment_ids)
     if route == "cpu_math":
         return _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
     b, t, h, dh = q.shape
@@ -119,11 +154,14 @@ def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mas
     reference_attention.check_gqa_args(
         q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids
     )
-    route = _route_gqa(q, k, dropout_p, attn_mask, segment_ids)
+    route = _route_gqa(q, k, dropout_p, attn_mask, segment_ids, v)
     if route == "reference":
         return reference_attention.gqa_attention_bwd(
             dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids
         )
+    if route == "cpu_gqa":
+        lse32 = lse if lse.dtype == torch.float32 else lse.float()
+        return torch.ops.ckpt_ext.cpu_gqa_attention_bwd(dout, q, k, v, out, lse32, causal, scale, segment_ids)
     if route == "cpu_math":
         return _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids)
     b, t, h, dh = q.shape
