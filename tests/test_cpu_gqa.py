@@ -6,6 +6,9 @@ chunks whose dk/dv partials are added afterwards. Also: the route taken, opcheck
 across thread counts, segment ids (packed runs, scattered ids, all padding; int32/int64), the aten flash fallback for
 long keys, and a block step through it."""
 
+import platform
+import sys
+
 import pytest
 import torch
 from test_attention_ops import brute_force, make_qkv
@@ -14,8 +17,12 @@ import ckpt_ext
 from ckpt_ext import reference_attention
 from ckpt_ext.ops import cpp_bridge, native_attention  # noqa: F401  (loads ckpt_ext._C and the fakes)
 
+# torch's x86-64 Linux wheels carry MKL's sgemm_ in libtorch_cpu: there the kernels must be available (a test below
+# fails otherwise); elsewhere a build without it routes to aten's flash kernel and these tests skip, saying why.
+X86_LINUX = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
 pytestmark = pytest.mark.skipif(
-    not native_attention._cpu_gqa_available(), reason="no BLAS sgemm_ in this torch build (the route is then unused)"
+    not X86_LINUX and not native_attention._cpu_gqa_available(),
+    reason="no BLAS sgemm_ in this torch build's libtorch_cpu (the cpu_gqa route is then unused)",
 )
 OPS = torch.ops.ckpt_ext
 
@@ -46,12 +53,52 @@ def _run_case(q, k, v, causal, scale):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("b, t, h, hk, dh", [(1, 1, 2, 1, 8), (3, 7, 4, 2, 40), (3, 33, 4, 4, 72), (1, 70, 4, 1, 16),
-                                             (1, 130, 2, 2, 8), (3, 33, 6, 3, 8)])  # fmt: skip
+                                             (1, 130, 2, 2, 8), (3, 33, 6, 3, 8), (2, 9, 4, 2, 3),
+                                             (1, 33, 2, 1, 13)])  # fmt: skip
 @pytest.mark.parametrize("packed", [False, True])
 def test_matches_float64(causal, b, t, h, hk, dh, packed):
     torch.manual_seed(t * 7 + h)
     q, k, v = make_qkv(b, t, h, hk, dh, packed=packed)
     _run_case(q, k, v, causal, dh**-0.5)
+
+
+def _layouts(kind):
+    """(q, k, v) whose k/v row stride is not a usable BLAS leading dimension, or is transposed storage."""
+    if kind == "expanded_over_s":  # stride 0 along S
+        q = torch.randn(2, 9, 4, 5)
+        return q, torch.randn(2, 1, 2, 5).expand(2, 9, 2, 5), torch.randn(2, 1, 2, 5).expand(2, 9, 2, 5)
+    if kind == "one_key_stride_1":  # S == 1 stored with stride 1 (is_contiguous() is True, .contiguous() keeps it)
+        kv = [torch.randn(1, 1, 8, 1).permute(0, 3, 1, 2) for _ in range(2)]  # (1, 1, 1, 8), strides (8, 1, 8, 1)
+        return torch.randn(1, 3, 2, 8), *kv
+    q, k, v = (torch.randn(2, heads, 33, 8).transpose(1, 2) for heads in (4, 2, 2))  # (B, T, h, dh) of (B, h, T, dh)
+    return q, k, v
+
+
+@pytest.mark.parametrize("kind", ["expanded_over_s", "one_key_stride_1", "head_major"])
+def test_awkward_layouts(kind, capfd):
+    """k/v that sgemm cannot read in place are copied first; the BLAS reports no parameter error."""
+    torch.manual_seed(5)
+    q, k, v = _layouts(kind)
+    _run_case(q, k, v, False, 0.4)
+    assert "ERROR" not in "".join(capfd.readouterr())
+
+
+def test_causal_ids_with_shrunk_tiles():
+    """128 query heads on one kv head at T = S = 300: tiles of 27 rows (ragged), causal, packed ids."""
+    torch.manual_seed(6)
+    q, k, v = make_qkv(1, 300, 128, 1, 8)
+    ids = torch.tensor([1] * 100 + [0] * 7 + [2] * 193).view(1, 300)
+    dout = torch.randn(q.shape)
+    out, lse = OPS.cpu_gqa_attention_fwd(q, k, v, True, 0.3, ids)
+    grads = OPS.cpu_gqa_attention_bwd(dout, q, k, v, out, lse, True, 0.3, ids)
+    args = (True, 0.0, 0, None, 0.3, ids)
+    d64 = [x.double() for x in (dout, q, k, v)]
+    o64, l64 = reference_attention.gqa_attention_fwd(*d64[1:], *args)
+    g64 = reference_attention.gqa_attention_bwd(d64[0], *d64[1:], o64, l64, *args)
+    torch.testing.assert_close(out.double(), o64, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse.double(), l64, rtol=0, atol=2e-5)
+    for ours, ref in zip(grads, g64):
+        torch.testing.assert_close(ours.double(), ref, rtol=0, atol=5e-5)
 
 
 def test_noncausal_long_keys_shrink_the_tile():
@@ -61,19 +108,28 @@ def test_noncausal_long_keys_shrink_the_tile():
     _run_case(q, k, v, False, 0.3)
 
 
-def test_threads_do_not_change_bits():
+def test_available_on_x86_linux():
+    """The route is this project's CPU attention on its build machines: finding no sgemm_ there is a failure."""
+    if not X86_LINUX:
+        pytest.skip("torch's x86-64 Linux wheels are where sgemm_ is known to be in libtorch_cpu")
+    assert native_attention._cpu_gqa_available()
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_threads_do_not_change_bits(with_ids):
     """Work splits depend on shapes only: one and two threads give the same bits (backward splits (b, g) pairs into
     query-tile chunks here, B · hk = 2 < 32)."""
     torch.manual_seed(2)
     q, k, v = make_qkv(1, 150, 4, 2, 16)
+    ids = _ids("packed", 1, 150) if with_ids else None
     dout = torch.randn(q.shape)
     results = []
     before = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            out, lse = OPS.cpu_gqa_attention_fwd(q, k, v, True, 0.25, None)
-            results.append((out, lse, *OPS.cpu_gqa_attention_bwd(dout, q, k, v, out, lse, True, 0.25, None)))
+            out, lse = OPS.cpu_gqa_attention_fwd(q, k, v, True, 0.25, ids)
+            results.append((out, lse, *OPS.cpu_gqa_attention_bwd(dout, q, k, v, out, lse, True, 0.25, ids)))
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*results):
@@ -84,7 +140,7 @@ def _ids(kind, b, t):
     """segment_ids (B, T): packed runs with padding between and after them, random interleaved ids (each row sees a
     scattered set of keys), or all padding (every row empty)."""
     if kind == "packed":
-        row = torch.tensor(([1] * 3 + [2] * 2 + [0] + [3] * 60 + [4] * 70 + [0] * 3)[:t])
+        row = torch.tensor(([1] * 3 + [2] * 2 + [0] + [3] * 60 + [4] * 70 + [0] * max(3, t - 136))[:t])
         return torch.stack([row, torch.cat([torch.zeros(3, dtype=torch.int64), torch.full((t - 3,), 7)])][:b])
     if kind == "random":
         return torch.randint(0, 3, (b, t))

@@ -81,6 +81,7 @@ def _cpu_gqa_fits(q, k, v) -> bool:
         q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype == torch.float32
         and k.shape[1] <= CPU_GQA_MAX_KEYS
+        and q.shape[-1] > 0
         and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
         and _cpu_gqa_available()
     )

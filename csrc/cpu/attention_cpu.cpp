@@ -21,8 +21,9 @@
 // kTileFloats (the Python route sends S > kMaxKeys to aten's flash kernel instead). Backward items cover a chunk of
 // query tiles of one (b, g); with fewer than kMinItems (b, g) pairs the query tiles are split into chunks whose dK/dV
 // partials (fp32, beside the output) are added in chunk order: the split depends on shapes only, never on threads.
-// GEMMs are the BLAS sgemm_ ATen itself calls (MKL in the x86 wheels), found in libtorch_cpu at load time; inside
+// GEMMs are the BLAS sgemm_ ATen itself calls (MKL in the x86 wheels), looked up in libtorch_cpu (only there); inside
 // at::parallel_for it runs on the calling thread. Without it, cpu_gqa_available() is false and Python routes elsewhere.
+// k/v whose row stride cannot be sgemm's leading dimension (expanded over S, size-1 S, > INT_MAX) are copied first.
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
 #include <torch/library.h>
@@ -47,19 +48,17 @@ using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const
 constexpr int64_t kTileFloats = int64_t{1} << 20;  // scores per tile: 4 MiB of fp32 at most
 constexpr int64_t kMaxTileRows = 64;               // tq at most
 constexpr int64_t kMinItems = 32;                  // split backward (b, g) work below this many items
+constexpr int64_t kMaxPartialFloats = int64_t{1} << 24;  // backward's dk/dv partials: 64 MiB of fp32 at most
 
+// libtorch_cpu's own sgemm_ (the one ATen calls; LP64 ints), never another library's global symbol.
 SgemmFn find_sgemm() {
   static const SgemmFn fn = [] {
-    void* sym = dlsym(RTLD_DEFAULT, "sgemm_");
-    if (sym == nullptr) {
-      Dl_info info{};
-      if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) != 0 && info.dli_fname != nullptr) {
-        if (void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD)) {
-          sym = dlsym(lib, "sgemm_");
-        }
-      }
+    Dl_info info{};
+    if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) == 0 || info.dli_fname == nullptr) {
+      return SgemmFn{nullptr};
     }
-    return reinterpret_cast<SgemmFn>(sym);
+    void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);  // already loaded; kept open for the process
+    return lib == nullptr ? SgemmFn{nullptr} : reinterpret_cast<SgemmFn>(dlsym(lib, "sgemm_"));
   }();
   return fn;
 }
@@ -188,7 +187,15 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), op, ": q and k differ in batch or head_dim");
   TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, op, ": q's heads must be a multiple of k's");
   TORCH_CHECK(!causal || q.size(1) == k.size(1), op, ": causal needs S == T");
-  TORCH_CHECK(q.size(1) > 0 && k.size(1) > 0, op, ": empty T or S");
+  TORCH_CHECK(q.size(1) > 0 && k.size(1) > 0 && q.size(3) > 0, op, ": empty T, S or head_dim");
+}
+
+// k or v as sgemm reads it: a row stride (its leading dimension) of at least dh that fits an int, else a contiguous
+// copy (k/v expanded over S, a size-1 S with stride 1, a huge stride).
+at::Tensor as_gemm_operand(const at::Tensor& x) {
+  const int64_t st = x.stride(1);
+  const bool ok = x.size(1) > 1 && st >= x.size(3) && st <= std::numeric_limits<int>::max();
+  return ok ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
 // Qs (G·tq, dh) = scale · the tile's rows of the group's G heads; row j·tq + r is head g·G + j, query t0 + r.
@@ -272,7 +279,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
   const Shape s = shape_of(q_in, k_in, causal);
   const std::optional<at::Tensor> ids = ids_of("cpu_gqa_attention_fwd", seg, q_in, k_in);
   const Visibility vis(s, ids);
-  const View q = view_of(q_in), k = view_of(k_in), v = view_of(v_in);
+  const at::Tensor k_op = as_gemm_operand(k_in), v_op = as_gemm_operand(v_in);
+  const View q = view_of(q_in), k = view_of(k_op), v = view_of(v_op);
   at::Tensor out = at::empty({s.B, s.T, s.h, s.dh}, q_in.options());  // (B, T, h, dh)
   at::Tensor lse = at::empty({s.B, s.h, s.T}, q_in.options());        // (B, h, T)
   float* po = out.data_ptr<float>();
@@ -328,10 +336,12 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
   return {out, lse};
 }
 
-// Query-tile chunks per (b, g) in backward: enough items for kMinItems, at most one chunk per tile.
+// Query-tile chunks per (b, g) in backward: enough items for kMinItems, at most one chunk per tile, and partial dk/dv
+// buffers of kMaxPartialFloats at most.
 int64_t bwd_chunks(const Shape& s) {
-  const int64_t pairs = s.B * s.hk;
-  return std::clamp<int64_t>((kMinItems + pairs - 1) / pairs, 1, s.n_tiles);
+  const int64_t pairs = s.B * s.hk, per_chunk = pairs * 2 * s.S * s.dh;
+  const int64_t wanted = std::min((kMinItems + pairs - 1) / pairs, s.n_tiles);
+  return std::clamp<int64_t>(std::min(wanted, 1 + kMaxPartialFloats / per_chunk), 1, s.n_tiles);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, const at::Tensor& q_in,
@@ -352,7 +362,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, co
   const at::Tensor dout_c = dout_in.stride(3) == 1 ? dout_in : dout_in.contiguous();
   const at::Tensor out_c = out_in.stride(3) == 1 ? out_in : out_in.contiguous();
   const at::Tensor lse_c = lse_in.contiguous();
-  const View q = view_of(q_in), k = view_of(k_in), v = view_of(v_in), dout = view_of(dout_c), out = view_of(out_c);
+  const at::Tensor k_op = as_gemm_operand(k_in), v_op = as_gemm_operand(v_in);
+  const View q = view_of(q_in), k = view_of(k_op), v = view_of(v_op), dout = view_of(dout_c), out = view_of(out_c);
   const float* pl = lse_c.data_ptr<float>();
   const int64_t chunks = bwd_chunks(s), tiles_per_chunk = (s.n_tiles + chunks - 1) / chunks;
   at::Tensor dq = at::empty({s.B, s.T, s.h, s.dh}, q_in.options());  // (B, T, h, dh)
