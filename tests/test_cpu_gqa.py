@@ -1,10 +1,10 @@
-"""ckpt_ext._C's CPU attention kernels (csrc/cpu/attention_cpu.cpp; native_attention's ``cpu_gqa`` route): forward
-and backward against float64 math within a few x PyTorch's own fp32 error, on awkward shapes: T 1/7/33/70/130 (one,
-several and ragged 64-row tiles), head_dim 8/40/72, GQA ratios 1/2/4/h, batch 1 and 3, strided (packed-projection)
-inputs, non-causal T != S, a long key axis that shrinks the tile below 64 rows, and backward's split of query tiles into
-chunks whose dk/dv partials are added afterwards. Also: the route taken, opcheck on both helper ops, bitwise equality
-across thread counts, segment ids (packed runs, scattered ids, all padding; int32/int64), the aten flash fallback for
-long keys, and a block step through it."""
+"""ckpt_ext._C's CPU attention kernels (csrc/cpu/attention_cpu.cpp; native_attention's ``cpu_gqa`` route): forward and
+backward against float64 math within a few x PyTorch's own fp32 error, on awkward shapes: T 1/7/33/70/130 (one,
+several and ragged tiles of min(64, 128 / G) rows), head_dim 8/40/72, GQA ratios 1/2/4/h, batch 1 and 3, strided
+(packed-projection) inputs, non-causal T != S, a long key axis that shrinks the tile below 64 rows, and backward's
+split of query tiles into chunks whose dk/dv partials are added afterwards. Also: the route taken, opcheck on both
+helper ops, bitwise equality across thread counts, segment ids (packed runs, scattered ids, all padding;
+int32/int64), the aten flash fallback for long keys, and a block step through it."""
 
 import platform
 import sys
@@ -84,10 +84,11 @@ def test_awkward_layouts(kind, capfd):
 
 
 def test_causal_ids_with_shrunk_tiles():
-    """128 query heads on one kv head at T = S = 300: tiles of 27 rows (ragged), causal, packed ids."""
+    """24 query heads on one kv head at T = S = 301: tiles of 128 // 24 = 5 rows (the last one ragged), causal,
+    packed ids with padding between the sequences."""
     torch.manual_seed(6)
-    q, k, v = make_qkv(1, 300, 128, 1, 8)
-    ids = torch.tensor([1] * 100 + [0] * 7 + [2] * 193).view(1, 300)
+    q, k, v = make_qkv(1, 301, 24, 1, 8)
+    ids = torch.tensor([1] * 100 + [0] * 7 + [2] * 194).view(1, 301)
     dout = torch.randn(q.shape)
     out, lse = OPS.cpu_gqa_attention_fwd(q, k, v, True, 0.3, ids)
     grads = OPS.cpu_gqa_attention_bwd(dout, q, k, v, out, lse, True, 0.3, ids)
@@ -102,9 +103,9 @@ def test_causal_ids_with_shrunk_tiles():
 
 
 def test_noncausal_long_keys_shrink_the_tile():
-    """G · S large: 64 heads on one kv head against 4100 keys gives tiles of 3 query rows (ragged last tile)."""
+    """G · S large: 64 heads on one kv head against 4100 keys gives tiles of 2 query rows (ragged last tile)."""
     torch.manual_seed(1)
-    q, k, v = make_qkv(1, 20, 64, 1, 8, s=4100)
+    q, k, v = make_qkv(1, 21, 64, 1, 8, s=4100)
     _run_case(q, k, v, False, 0.3)
 
 

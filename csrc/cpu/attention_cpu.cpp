@@ -17,8 +17,9 @@
 //             l = rowsum P;  out = (P V) / l;  lse = m + log l
 //   backward  P = exp(Qs Kᵀ - lse);  D = rowsum(dO ∘ O);  dP = dO Vᵀ;  dS = P ∘ (dP - D)
 //             dQ = scale · dS K (written per tile);  dK += dS^T Qs;  dV += Pᵀ dO (accumulated per item)
-// Scratch per item is two (G·tq, n) fp32 tiles plus a few (G·tq, dh) ones; tq shrinks as S grows so a tile stays under
-// kTileFloats (the Python route sends S > kMaxKeys to aten's flash kernel instead). Backward items cover a chunk of
+// Scratch per item is two (G·tq, n) fp32 tiles plus a few (G·tq, dh) ones; tq is 64 rows, fewer so that G·tq stays
+// near kStackedRows (the causal diagonal's wasted half-tile shrinks), and fewer as S grows so a tile stays under
+// kTileFloats (the Python route sends S > CPU_GQA_MAX_KEYS to aten's flash kernel instead). Backward items cover a chunk of
 // query tiles of one (b, g); with fewer than kMinItems (b, g) pairs the query tiles are split into chunks whose dK/dV
 // partials (fp32, beside the output) are added in chunk order: the split depends on shapes only, never on threads.
 // GEMMs are the BLAS sgemm_ ATen itself calls (MKL in the x86 wheels), looked up in libtorch_cpu (only there); inside
@@ -47,6 +48,7 @@ using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const
 
 constexpr int64_t kTileFloats = int64_t{1} << 20;  // scores per tile: 4 MiB of fp32 at most
 constexpr int64_t kMaxTileRows = 64;               // tq at most
+constexpr int64_t kStackedRows = 128;              // G · tq at most where G allows (GQA: smaller causal waste, ~10%)
 constexpr int64_t kMinItems = 32;                  // split backward (b, g) work below this many items
 constexpr int64_t kMaxPartialFloats = int64_t{1} << 24;  // backward's dk/dv partials: 64 MiB of fp32 at most
 
@@ -148,7 +150,8 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k, bool causal) {
   s.B = q.size(0), s.T = q.size(1), s.h = q.size(2), s.dh = q.size(3), s.S = k.size(1), s.hk = k.size(2);
   s.G = s.h / s.hk;
   s.causal = causal;
-  s.tq = std::clamp<int64_t>(kTileFloats / std::max<int64_t>(1, s.G * s.S), 1, kMaxTileRows);
+  const int64_t by_scratch = kTileFloats / std::max<int64_t>(1, s.G * s.S);
+  s.tq = std::clamp<int64_t>(std::min(by_scratch, kStackedRows / s.G), 1, kMaxTileRows);
   s.n_tiles = (s.T + s.tq - 1) / s.tq;
   return s;
 }
