@@ -6,7 +6,7 @@ Math, masks, the empty-row rule and the dropout index are reference_attention.py
   ``ckpt_ext::cpu_gqa_attention_fwd/_bwd``): each work item stacks one kv head's G query heads over a tile of rows, so
   every product is one BLAS sgemm against that kv head's keys (no repeat_kv), with an exact per-row softmax over the
   keys the tile's rows may see (with ids, the span of their segments: packed sequences skip each other's keys; never a
-  (B, T, S) mask). 1.3-1.6x aten's CPU flash kernel at Llama-block sizes, 3.4-3.8x on packed sequences (``python -m
+  (B, T, S) mask). 1.3-1.9x aten's CPU flash kernel (causal), 3.2-4.0x on packed sequences (``python -m
   bench.cpu_attention``).
 - ``cpu_flash``: no dropout, CPU, and any other dtype or shape without a mask, or a mask the kernel reads exactly (bool,
   or the query's float dtype): aten's flash kernel for CPU (``_scaled_dot_product_flash_attention_for_cpu`` and its
