@@ -123,7 +123,7 @@ def test_cpp_routes_match_float64_reference(dtype, causal, dropout_p, mask, b, t
     m = make_mask(mask, b, h, t, t)
     dout = torch.randn(b, t, h, 16, dtype=dtype)
     args = (causal, dropout_p, 5, m, 0.25)
-    route = native_attention._route_gqa(q, k, dropout_p, m, None, v)
+    route = native_attention._route_gqa(q, k, v, dropout_p, m)
     if dropout_p == 0 and m is None and dtype == torch.float32:
         assert route == "cpu_gqa"
     else:

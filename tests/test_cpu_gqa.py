@@ -216,7 +216,7 @@ def test_route(dtype, mask, ids, dropout_p, long_keys, expected, monkeypatch):
     q, k, v = make_qkv(1, 7, 2, 1, 8, dtype=dtype)
     m = torch.ones(7, 7, dtype=torch.bool) if mask else None
     seg = torch.ones(1, 7, dtype=torch.int32) if ids else None
-    assert native_attention._route_gqa(q, k, dropout_p, m, seg, v) == expected
+    assert native_attention._route_gqa(q, k, v, dropout_p, m, seg) == expected
 
 
 def test_long_keys_fall_back_to_aten_flash(monkeypatch):

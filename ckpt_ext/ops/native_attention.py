@@ -42,7 +42,6 @@ The packed-qkv ops (attention_fwd/_bwd) call the same routes on q, k, v views of
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 
@@ -68,9 +67,7 @@ def _cuda_flash_fits(q, k) -> bool:
 @functools.cache
 def _cpu_gqa_available() -> bool:
     """Whether ckpt_ext._C has the cpu_gqa ops and found its BLAS (an older build has neither; no build, no _C)."""
-    try:
-        importlib.import_module("ckpt_ext._C")
-    except ImportError:
+    if not backend.cpp_available():
         return False
     ops = torch.ops.ckpt_ext
     return hasattr(ops, "cpu_gqa_available") and hasattr(ops, "cpu_gqa_attention_bwd") and ops.cpu_gqa_available()
@@ -87,11 +84,11 @@ def _cpu_gqa_fits(q, k, v) -> bool:
     )
 
 
-def _route_gqa(q, k, dropout_p, attn_mask, segment_ids=None, v=None) -> str:
+def _route_gqa(q, k, v, dropout_p, attn_mask, segment_ids=None) -> str:
     if q.shape[1] == 0 or k.shape[1] == 0:
         return "reference"
     if dropout_p == 0.0:
-        if attn_mask is None and _cpu_gqa_fits(q, k, k if v is None else v):
+        if attn_mask is None and _cpu_gqa_fits(q, k, v):
             return "cpu_gqa"
         if q.device.type == "cpu" and (attn_mask is None or attn_mask.dtype in (torch.bool, q.dtype)):
             return "cpu_flash"
@@ -104,7 +101,7 @@ def _route_gqa(q, k, dropout_p, attn_mask, segment_ids=None, v=None) -> str:
 def _route(qkv, n_heads, dropout_p, attn_mask) -> str:
     """The route the packed op takes for qkv (B, T, 3d)."""
     q, k, v = reference._split_heads(qkv, n_heads)
-    return _route_gqa(q, k, dropout_p, attn_mask, None, v)
+    return _route_gqa(q, k, v, dropout_p, attn_mask)
 
 
 # ------------------------------------------------------------------------------------------------ packed qkv
@@ -127,7 +124,7 @@ def attention_bwd(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_ma
 # ------------------------------------------------------------------------------------------------ grouped-query
 def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
     reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
-    route = _route_gqa(q, k, dropout_p, attn_mask, segment_ids, v)
+    route = _route_gqa(q, k, v, dropout_p, attn_mask, segment_ids)
     if route == "reference":
         return reference_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
     if route == "cpu_gqa":
@@ -155,7 +152,7 @@ def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mas
     reference_attention.check_gqa_args(
         q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids
     )
-    route = _route_gqa(q, k, dropout_p, attn_mask, segment_ids, v)
+    route = _route_gqa(q, k, v, dropout_p, attn_mask, segment_ids)
     if route == "reference":
         return reference_attention.gqa_attention_bwd(
             dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids

@@ -201,19 +201,19 @@ at::Tensor as_gemm_operand(const at::Tensor& x) {
   return ok ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
+// Offset of row (b, t, head hh) in a contiguous (B, T, h, dh) output (out, dq).
+int64_t row_offset(const Shape& s, int64_t b, int64_t t, int64_t hh) { return ((b * s.T + t) * s.h + hh) * s.dh; }
+
+// dst[0:n] = f · src[0:n].
+void scale_row(float* dst, const float* src, float f, int64_t n) {
+  at::vec::map([f](Vec x) { return x * Vec(f); }, dst, src, n);
+}
+
 // Qs (G·tq, dh) = scale · the tile's rows of the group's G heads; row j·tq + r is head g·G + j, query t0 + r.
 void pack_rows(const View& x, const Shape& s, int64_t b, int64_t g, int64_t t0, int64_t tq, float scale, float* out) {
   for (int64_t j = 0; j < s.G; ++j) {
     for (int64_t r = 0; r < tq; ++r) {
-      const float* src = x.row(b, t0 + r, g * s.G + j);
-      float* dst = out + (j * tq + r) * s.dh;
-      int64_t d = 0;
-      for (; d + kW <= s.dh; d += kW) {
-        (Vec::loadu(src + d) * Vec(scale)).store(dst + d);
-      }
-      for (; d < s.dh; ++d) {
-        dst[d] = src[d] * scale;
-      }
+      scale_row(out + (j * tq + r) * s.dh, x.row(b, t0 + r, g * s.G + j), scale, s.dh);
     }
   }
 }
@@ -228,7 +228,7 @@ float exp_row(float* x, int64_t nvis, int64_t n, float sub) {
     p.store(x + c);
     acc = acc + p;
   }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  float sum = hsum(acc);
   for (; c < nvis; ++c) {
     x[c] = std::exp(x[c] - sub);
     sum += x[c];
@@ -238,42 +238,16 @@ float exp_row(float* x, int64_t nvis, int64_t n, float sub) {
 }
 
 float row_max(const float* x, int64_t n) {
-  Vec acc(-std::numeric_limits<float>::infinity());
-  int64_t c = 0;
-  for (; c + kW <= n; c += kW) {
-    acc = at::vec::maximum(acc, Vec::loadu(x + c));
-  }
-  float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
-  for (; c < n; ++c) {
-    m = std::max(m, x[c]);
-  }
-  return m;
-}
-
-float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t c = 0;
-  for (; c + kW <= n; c += kW) {
-    acc = at::vec::fmadd(Vec::loadu(a + c), Vec::loadu(b + c), acc);
-  }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; c < n; ++c) {
-    sum += a[c] * b[c];
-  }
-  return sum;
+  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
 }
 
 float row_sum(const float* x, int64_t n) {
-  Vec acc(0.f);
-  int64_t c = 0;
-  for (; c + kW <= n; c += kW) {
-    acc = acc + Vec::loadu(x + c);
-  }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-  for (; c < n; ++c) {
-    sum += x[c];
-  }
-  return sum;
+  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x, n);
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  return at::vec::map2_reduce_all<float>([](Vec x, Vec y) { return x * y; }, [](Vec x, Vec y) { return x + y; }, a, b,
+                                         n);
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -324,15 +298,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
         std::fill_n(ob.data(), m * s.dh, 0.f);
       }
       for (int64_t r = 0; r < m; ++r) {
-        const float* src = ob.data() + r * s.dh;
-        float* dst = po + ((b * s.T + t0 + r % tq) * s.h + g * s.G + r / tq) * s.dh;
-        int64_t d = 0;
-        for (; d + kW <= s.dh; d += kW) {
-          (Vec::loadu(src + d) * Vec(inv[r])).store(dst + d);
-        }
-        for (; d < s.dh; ++d) {
-          dst[d] = src[d] * inv[r];
-        }
+        scale_row(po + row_offset(s, b, t0 + r % tq, g * s.G + r / tq), ob.data() + r * s.dh, inv[r], s.dh);
       }
     }
   });
@@ -397,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, co
         const int64_t n = std::max<int64_t>(0, hi - lo);
         if (n == 0) {  // no row of the tile sees a key: zero dq rows, nothing for dk/dv
           for (int64_t r = 0; r < m; ++r) {
-            std::fill_n(pdq + ((b * s.T + t0 + r % tq) * s.h + g * s.G + r / tq) * s.dh, s.dh, 0.f);
+            std::fill_n(pdq + row_offset(s, b, t0 + r % tq, g * s.G + r / tq), s.dh, 0.f);
           }
           continue;
         }
@@ -422,22 +388,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, co
         }
         gemm(false, true, m, n, s.dh, 1.f, dos.data(), s.dh, v.row(b, lo, g), v.st, 0.f, dpb.data(), n);
         gemm(true, false, n, s.dh, m, 1.f, pb.data(), n, dos.data(), s.dh, 1.f, dv_acc + lo * ld_acc, ld_acc);
-        for (int64_t r = 0; r < m; ++r) {
-          const float* p = pb.data() + r * n;
+        for (int64_t r = 0; r < m; ++r) {  // dS = P ∘ (dP - D), over dP in place
           float* dp = dpb.data() + r * n;
           const Vec vd(delta[r]);
-          int64_t col = 0;
-          for (; col + kW <= n; col += kW) {
-            (Vec::loadu(p + col) * (Vec::loadu(dp + col) - vd)).store(dp + col);
-          }
-          for (; col < n; ++col) {
-            dp[col] = p[col] * (dp[col] - delta[r]);
-          }
+          at::vec::map2([vd](Vec p, Vec x) { return p * (x - vd); }, dp, pb.data() + r * n, dp, n);
         }
         gemm(false, false, m, s.dh, n, scale, dpb.data(), n, k.row(b, lo, g), k.st, 0.f, dqb.data(), s.dh);
         gemm(true, false, n, s.dh, m, 1.f, dpb.data(), n, qs.data(), s.dh, 1.f, dk_acc + lo * ld_acc, ld_acc);
         for (int64_t r = 0; r < m; ++r) {
-          std::copy_n(dqb.data() + r * s.dh, s.dh, pdq + ((b * s.T + t0 + r % tq) * s.h + g * s.G + r / tq) * s.dh);
+          std::copy_n(dqb.data() + r * s.dh, s.dh, pdq + row_offset(s, b, t0 + r % tq, g * s.G + r / tq));
         }
       }
     }
@@ -451,11 +410,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, co
           for (int64_t which = 0; which < 2; ++which) {
             float* dst = (which == 0 ? pdk : pdv) + b * s.S * kv_ld + g * s.dh;
             for (int64_t j = 0; j < s.S; ++j) {
-              const float* a = src + (which * s.S + j) * s.dh;
               float* o = dst + j * kv_ld;
-              for (int64_t d = 0; d < s.dh; ++d) {
-                o[d] += a[d];
-              }
+              at::vec::map2([](Vec x, Vec y) { return x + y; }, o, o, src + (which * s.S + j) * s.dh, s.dh);
             }
           }
         }
