@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import reference, seeds, segments
+from . import lora, reference, seeds, segments
 from .compiled import compiled_block
 from .functional import (
     ALL_PARAM_NAMES,
@@ -239,6 +240,11 @@ _LLAMA_SLOTS = _SHARED_SLOTS + tuple(
     for kind, attr in (("w", "weight"), ("b", "bias"))
 )
 _QK_NORM_SLOTS = (("q_norm_w", ("attn", "q_norm"), "weight"), ("k_norm_w", ("attn", "k_norm"), "weight"))
+# (LoRA target, submodule path) of each family's linears
+_GPT2_LINEARS = (("qkv", ("attn", "qkv")), ("proj", ("attn", "proj")), ("fc", ("mlp", "fc")), ("fc2", ("mlp", "proj")))
+_LLAMA_LINEARS = (("q", ("attn", "q")), ("k", ("attn", "k")), ("v", ("attn", "v")), ("proj", ("attn", "proj")),
+                  ("gate", ("mlp", "gate")), ("up", ("mlp", "up")), ("fc2", ("mlp", "proj")))  # fmt: skip
+_WARNED: set = set()
 
 
 def _param(module: nn.Module, name: str) -> Optional[Tensor]:
@@ -337,20 +343,52 @@ class FusedCheckpointBlock(TransformerBlock):
             p[name] = _param(module, attr)
         return p
 
-    def block_config(self) -> BlockConfig:
+    def read_lora(self, params: dict) -> tuple:
+        """LoRA specs of PEFT LoRA layers on the block's linears (their A and B added to ``params``); raises
+        lora.Unsupported for a linear the fused block would not compute exactly (another wrapper, a LoRA variant,
+        hooks on a linear, whose effect the fused path would skip)."""
+        specs = []
+        for target, path in _LLAMA_LINEARS if self.llama else _GPT2_LINEARS:
+            module = self
+            for part in path:
+                module = module._modules[part]
+            if module._forward_hooks or module._forward_pre_hooks:
+                raise lora.Unsupported(f"{'.'.join(path)} has forward hooks")
+            if type(module) is nn.Linear:
+                continue
+            if not lora.is_lora_layer(module):
+                raise lora.Unsupported(f"{'.'.join(path)} is a {type(module).__name__}, not nn.Linear or PEFT LoRA")
+            read = lora.read_linear(module, target)
+            if type(read.base) is not nn.Linear:
+                raise lora.Unsupported(f"{'.'.join(path)} wraps a {type(read.base).__name__}, not nn.Linear")
+            if read.spec is not None:
+                params[read.spec.a_name], params[read.spec.b_name] = read.a, read.b
+                specs.append(read.spec)
+        return tuple(specs)
+
+    def block_config(self, lora_specs: tuple = ()) -> BlockConfig:
         p_attn = self.attn_dropout if self.training else 0.0
         p = self.dropout if self.training else 0.0
-        seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0) else 0  # DEVICE_SEED under torch.compile
+        drops = p > 0.0 or p_attn > 0.0 or any(s.dropout > 0.0 for s in lora_specs)
+        seed = seeds.host_seed() if drops else 0  # DEVICE_SEED under torch.compile
         return BlockConfig(self.n_heads, self.causal, self.eps, ACTIVATIONS[self.activation], p_attn, p, seed,
                            self.policy, norm=self.norm, mlp="swiglu" if self.llama else "gelu",
                            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, qk_norm=self.qk_norm,
-                           packed_qkv=not self.llama)  # fmt: skip
+                           packed_qkv=not self.llama, lora=lora_specs)  # fmt: skip
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, position_embeddings=None,
                 segment_ids: Optional[Tensor] = None) -> Tensor:  # fmt: skip
         self._check_input(x, attn_mask, position_embeddings, segment_ids)
-        return fused_block(x, self.parameter_tensors(), self.block_config(), attn_mask, position_embeddings,
-                           segment_ids)  # fmt: skip
+        params = self.parameter_tensors()
+        try:
+            specs = self.read_lora(params)
+        except lora.Unsupported as err:
+            if str(err) not in _WARNED:
+                _WARNED.add(str(err))
+                warnings.warn(f"ckpt_ext: FusedCheckpointBlock runs its plain forward (no checkpointing): {err}",
+                              stacklevel=2)  # fmt: skip
+            return super().forward(x, attn_mask, position_embeddings, segment_ids)
+        return fused_block(x, params, self.block_config(specs), attn_mask, position_embeddings, segment_ids)
 
 
 def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor] = None,
@@ -371,6 +409,9 @@ def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor]
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"missing parameter tensors: {', '.join(missing)}")
+    for spec in cfg.lora:  # A (r, in), B (out, r) against the adapted weight (out, in)
+        out_features, in_features = params[f"w_{spec.target}"].shape
+        lora.check_tensors(spec, params[spec.a_name], params[spec.b_name], in_features, out_features)
     tensors = tuple(params[n] for n in names)
     cos, sin = (None, None) if position_embeddings is None else position_embeddings
     b, t, d = x.shape
@@ -378,6 +419,9 @@ def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor]
         return x + sum(p.sum() * 0 for p in tensors if p is not None)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
                                                                       for p in tensors))  # fmt: skip
+    if cfg.lora and torch.compiler.is_compiling():
+        raise NotImplementedError("ckpt_ext: the fused block with LoRA does not run under torch.compile yet; compile "
+                                  "the plain model or run the fused block eagerly")  # fmt: skip
     if torch.compiler.is_compiling() and (needs_grad or seeds.is_device_seed(cfg.seed)):
         return compiled_block(x, attn_mask, cos, sin, cfg, tensors, segment_ids)  # opaque ops: the saved set binds
     if not needs_grad:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backend, ops, traced
+from . import backend, lora, ops, traced
 from .policies import get_policy
 
 PARAM_NAMES = (
@@ -80,6 +80,7 @@ class BlockConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     packed_qkv: bool = True  # one (q + 2 kv width, d) weight w_qkv, or w_q, w_k, w_v
     scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5
+    lora: tuple = ()  # lora.LoraSpec per adapted linear (PEFT LoRA): its A and B follow the block's parameters
 
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
@@ -93,7 +94,7 @@ class BlockConfig:
 
 def param_names(cfg: BlockConfig) -> tuple[str, ...]:
     """The parameter names a configuration uses, in ALL_PARAM_NAMES order."""
-    return _param_names(cfg.norm, cfg.packed_qkv, cfg.qk_norm, cfg.mlp)
+    return _param_names(cfg.norm, cfg.packed_qkv, cfg.qk_norm, cfg.mlp) + lora.param_names(cfg.lora)
 
 
 @functools.cache
@@ -117,6 +118,7 @@ def check_config(cfg: BlockConfig) -> None:
     if cfg.n_heads <= 0 or cfg.kv_heads() <= 0 or cfg.n_heads % cfg.kv_heads() != 0:
         raise ValueError(f"n_kv_heads ({cfg.kv_heads()}) must be positive and divide n_heads ({cfg.n_heads})")
     get_policy(cfg.policy)
+    lora.check_specs(cfg.lora, cfg.packed_qkv, cfg.mlp)
 
 
 class _AutocastState:
@@ -171,6 +173,71 @@ def _norm_bwd(dy, x, stats, p: dict, which: str, cfg: BlockConfig, dresidual, em
     return dx, y
 
 
+# ------------------------------------------------------------------------------------------------------ LoRA
+@functools.lru_cache(maxsize=256)
+def _lora_by_target(specs: tuple) -> dict:
+    return {s.target: s for s in specs}
+
+
+def _lora_input(y: Tensor, spec, cfg: BlockConfig) -> Tensor:
+    """drop(y) with the target's hash mask (its own adjoint: the same call maps a gradient back)."""
+    return _ops.dropout_add(y, None, spec.dropout, spec.seed(cfg.seed)) if spec.dropout > 0.0 else y
+
+
+def _lora_delta(y: Tensor, p: dict, cfg: BlockConfig, spec) -> Tensor:
+    """Δ = s · (drop(y) Aᵀ) Bᵀ: y (N, in) -> (N, out), in the adapter's dtype (PEFT casts the input to it)."""
+    a = p[spec.a_name]
+    z = torch.matmul(_lora_input(y.to(a.dtype), spec, cfg), a.t())  # (N, r)
+    return torch.matmul(z * spec.scaling, p[spec.b_name].t())
+
+
+def _lora_add(out: Tensor, y: Tensor, p: dict, cfg: BlockConfig, target: str) -> Tensor:
+    """out (N, o) + Δ when ``target`` carries LoRA (added in the wider dtype, rounded to out's), else out."""
+    spec = _lora_by_target(cfg.lora).get(target) if cfg.lora else None
+    return out if spec is None else (out + _lora_delta(y, p, cfg, spec)).to(out.dtype)
+
+
+def _lora_residual(residual: Tensor, a: Tensor, p: dict, cfg: BlockConfig, target: str, seed) -> Tensor:
+    """residual + drop_p(Δ) for a residual-branch linear (proj, fc2): the branch's own dropout mask applied to the
+    LoRA update, so ``linear_dropout_add(a, W, b, this, p, seed)`` = residual + drop_p(aWᵀ + b + Δ)."""
+    spec = _lora_by_target(cfg.lora).get(target) if cfg.lora else None
+    if spec is None:
+        return residual
+    return _ops.dropout_add(_lora_delta(a, p, cfg, spec), residual, cfg.dropout, seed).to(residual.dtype)
+
+
+def _lora_input_grads(pairs, p: dict, cfg: BlockConfig):
+    """[(target, dZ (N, out))] -> (Σ drop(s · dZ B A) (N, in) or None, [(spec, dZ, g = s · dZ B)] for the A/B grads)."""
+    if not cfg.lora:
+        return None, []
+    specs = _lora_by_target(cfg.lora)
+    extra, pending = None, []
+    for target, dz in pairs:
+        spec = specs.get(target)
+        if spec is None:
+            continue
+        b = p[spec.b_name]
+        gz = torch.matmul(dz.to(b.dtype), b) * spec.scaling  # (N, r)
+        term = _lora_input(torch.matmul(gz, p[spec.a_name]), spec, cfg)  # (N, in)
+        extra = term if extra is None else extra + term
+        pending.append((spec, dz, gz))
+    return extra, pending
+
+
+def _lora_weight_grads(pending, y: Tensor, p: dict, cfg: BlockConfig, g: dict) -> None:
+    """dA = gᵀ drop(y) and dB = s · dZᵀ (drop(y) Aᵀ) for each pending target; y (N, in) is the linear's input."""
+    for spec, dz, gz in pending:
+        a, b = p[spec.a_name], p[spec.b_name]
+        yd = _lora_input(y.to(a.dtype), spec, cfg)
+        g[spec.a_name] = torch.matmul(gz.t(), yd)  # (r, in)
+        z = torch.matmul(yd, a.t())  # (N, r), recomputed: no policy keeps it
+        g[spec.b_name] = torch.matmul(dz.to(b.dtype).t(), z) * spec.scaling  # (out, r)
+
+
+def _with_input_grad(acc: Tensor, extra: Optional[Tensor]) -> Tensor:
+    return acc if extra is None else acc + extra.to(acc.dtype)
+
+
 # ------------------------------------------------------------------------------------------- attention half
 def _qkv_widths(cfg: BlockConfig, d: int) -> list[int]:
     """Widths of q, k and v in the projection output (and row blocks of a packed q|k|v weight)."""
@@ -194,10 +261,10 @@ def _project(x: Tensor, shape, p: dict, cfg: BlockConfig, rope_cs) -> dict:
     y1, s1 = _norm_fwd(x, p, "ln1", cfg)
     acts = {"ln1_out": y1, "ln1_stats": s1}
     if cfg.packed_qkv:
-        qkv = F.linear(y1, p["w_qkv"], p["b_qkv"])  # (N, (h + 2hk)·dh), one GEMM
+        qkv = _lora_add(F.linear(y1, p["w_qkv"], p["b_qkv"]), y1, p, cfg, "qkv")  # (N, (h + 2hk)·dh), one GEMM
         q, k, v = qkv.split_with_sizes(_qkv_widths(cfg, d), 1)
     else:
-        q, k, v = (F.linear(y1, p[f"w_{s}"], p[f"b_{s}"]) for s in "qkv")  # (N, h·dh), 2 x (N, hk·dh)
+        q, k, v = (_lora_add(F.linear(y1, p[f"w_{s}"], p[f"b_{s}"]), y1, p, cfg, s) for s in "qkv")  # (N, h·dh), ...
     if cfg.qk_norm:
         acts["qkv"] = (q, k, v)
         q, k, acts["qk_stats"] = _qk_norm(q, k, p, cfg, dh)
@@ -252,8 +319,9 @@ def attention_half(x: Tensor, shape, p: dict, cfg: BlockConfig, attn_mask, rope_
                                        cfg.softmax_scale(d), segment_ids)  # fmt: skip
         attn = (o.view(x.shape[0], -1), lse)  # (N, h·dh), (B, h, T)
     acts["attn_out"], acts["attn_lse"] = attn
+    residual = _lora_residual(x, acts["attn_out"], p, cfg, "proj", cfg.seed + 1)
     acts["x1"] = _ops.linear_dropout_add(
-        ac.mm(acts["attn_out"]), ac.mm(p["w_proj"]), ac.mm(p["b_proj"]), x, cfg.dropout, cfg.seed + 1
+        ac.mm(acts["attn_out"]), ac.mm(p["w_proj"]), ac.mm(p["b_proj"]), residual, cfg.dropout, cfg.seed + 1
     )
     return acts
 
@@ -269,22 +337,36 @@ def ffn_half(x1: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, dict]:
     acts = {"ln2_out": y2, "ln2_stats": s2}
     keep_pre = "fc1_out" in get_policy(cfg.policy).keeps
     if cfg.mlp == "swiglu":
-        if keep_pre:
-            g, u = F.linear(y2, p["w_gate"], p["b_gate"]), F.linear(y2, p["w_up"], p["b_up"])  # 2 x (N, H)
+        if keep_pre or _lora_on_fc1(cfg):  # LoRA: the update joins the pre-activations before the activation
+            g, u = _first_linears(y2, p, cfg)  # 2 x (N, H)
             a = _ops.swiglu_fwd(g, u)
-            acts["fc1_out"] = (g, u)
+            if keep_pre:
+                acts["fc1_out"] = (g, u)
         else:
             a = _ops.linear_swiglu(ac.mm(y2), ac.mm(p["w_gate"]), ac.mm(p["b_gate"]), ac.mm(p["w_up"]),
                                   ac.mm(p["b_up"]))  # fmt: skip
-    elif keep_pre:
-        u = F.linear(y2, p["w_fc"], p["b_fc"])  # (N, H)
+    elif keep_pre or _lora_on_fc1(cfg):
+        (u,) = _first_linears(y2, p, cfg)  # (N, H)
         a = _ops.bias_gelu(u, None, cfg.approximate)
-        acts["fc1_out"] = (u,)
+        if keep_pre:
+            acts["fc1_out"] = (u,)
     else:
         a = _ops.linear_bias_gelu(ac.mm(y2), ac.mm(p["w_fc"]), ac.mm(p["b_fc"]), cfg.approximate)  # (N, H)
     acts["act_out"] = a
-    out = _ops.linear_dropout_add(ac.mm(a), ac.mm(p["w_fc2"]), ac.mm(p["b_fc2"]), x1, cfg.dropout, cfg.seed + 2)
+    residual = _lora_residual(x1, a, p, cfg, "fc2", cfg.seed + 2)
+    out = _ops.linear_dropout_add(ac.mm(a), ac.mm(p["w_fc2"]), ac.mm(p["b_fc2"]), residual, cfg.dropout, cfg.seed + 2)
     return out, acts
+
+
+def _lora_on_fc1(cfg: BlockConfig) -> bool:
+    return bool(cfg.lora) and any(t in _lora_by_target(cfg.lora) for t in ("fc", "gate", "up"))
+
+
+def _first_linears(y2: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, ...]:
+    """The MLP's pre-activations with their LoRA updates: (u,) for GELU, (g, u) for SwiGLU, each (N, H)."""
+    if cfg.mlp == "swiglu":
+        return tuple(_lora_add(F.linear(y2, p[f"w_{s}"], p[f"b_{s}"]), y2, p, cfg, s) for s in ("gate", "up"))
+    return (_lora_add(F.linear(y2, p["w_fc"], p["b_fc"]), y2, p, cfg, "fc"),)
 
 
 def block_forward(x: Tensor, shape, params: dict, cfg: BlockConfig, attn_mask, rope_cs=None,
@@ -325,6 +407,8 @@ def _bias(b: Optional[Tensor], w: Tensor) -> Tensor:
 def _mlp_backward(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, ac: _AutocastState, g: dict):
     """The MLP's activation and down-projection backward: [(weight, bias, dZ)] of its first matmul(s)."""
     policy, x1 = cfg.policy, acts["x1"]
+    if cfg.lora and any(t in _lora_by_target(cfg.lora) for t in lora.MLP_TARGETS):
+        return _mlp_backward_lora(dfm, acts, p, cfg, g)
     if cfg.mlp == "gelu":
         if policy == "none":
             (u,) = acts["fc1_out"]
@@ -362,6 +446,30 @@ def _mlp_backward(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, ac: _Autoc
     return [("w_gate", "b_gate", dg), ("w_up", "b_up", du)]
 
 
+def _mlp_backward_lora(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, g: dict):
+    """The MLP backward when LoRA adapts one of its linears, from pointwise ops (the fused recompute kernels have no
+    low-rank term): ffn / block rebuild norm2 → FC1 (with its LoRA) here, as their table says, then dA = dY·W_down +
+    LoRA's input gradient and the activation's backward."""
+    pre = acts.get("fc1_out")
+    if pre is None:  # ffn, block, block_keep_attn: rebuild the pre-activations from x1 (norm2 replayed)
+        y2, _ = _norm_fwd(acts["x1"], p, "ln2", cfg)
+        acts["ln2_out"] = y2  # norm2's backward need not emit it again
+        pre = _first_linears(y2, p, cfg)
+    if "act_out" in acts:
+        a = acts["act_out"]
+    else:
+        a = _ops.bias_gelu(pre[0], None, cfg.approximate) if cfg.mlp == "gelu" else _ops.swiglu_fwd(*pre)  # (N, H)
+    g["w_fc2"] = torch.matmul(dfm.t(), a)
+    extra, pending = _lora_input_grads([("fc2", dfm)], p, cfg)
+    da = _with_input_grad(torch.matmul(dfm, p["w_fc2"]), extra)  # (N, H)
+    _lora_weight_grads(pending, a, p, cfg, g)
+    del a
+    if cfg.mlp == "gelu":
+        return [("w_fc", "b_fc", _ops.gelu_bwd(da, pre[0], cfg.approximate))]
+    dg, du = _ops.swiglu_bwd(da, *pre)
+    return [("w_gate", "b_gate", dg), ("w_up", "b_up", du)]
+
+
 def _attention_backward(dpr: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, attn_mask, rope_cs, ac, g,
                         segment_ids=None):  # fmt: skip
     """From the o_proj input gradient to [(weight, name, dZ (N, width))] of the q, k, v projections (packed: one)."""
@@ -370,7 +478,9 @@ def _attention_backward(dpr: Tensor, acts: dict, p: dict, cfg: BlockConfig, shap
     dh = cfg.dh(d)
     dprm = ac.mm(dpr)
     g["w_proj"] = torch.matmul(dprm.t(), acts["attn_out"])
-    do = torch.matmul(dprm, p["w_proj"])  # (N, h·dh)
+    extra, pending = _lora_input_grads([("proj", dprm)], p, cfg)
+    do = _with_input_grad(torch.matmul(dprm, p["w_proj"]), extra)  # (N, h·dh)
+    _lora_weight_grads(pending, acts["attn_out"], p, cfg, g)
     del dprm
     q, k, v = _attention_inputs(acts, p, cfg, shape, d, rope_cs, ac)
     o = _heads(acts["attn_out"], shape, dh)
@@ -414,9 +524,11 @@ def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, a
     dfm = ac.mm(df)
     mlp = _mlp_backward(dfm, acts, p, cfg, ac, g)
     del dfm, df
-    dy2 = _input_grad([(dz, p[w]) for w, _, dz in mlp])  # (N, d)
+    extra, lora_mlp = _lora_input_grads([(w[2:], dz) for w, _, dz in mlp], p, cfg)
+    dy2 = _with_input_grad(_input_grad([(dz, p[w]) for w, _, dz in mlp]), extra)  # (N, d)
     dx1, y2 = _norm_bwd(dy2, x1, acts["ln2_stats"], p, "ln2", cfg, dout, "ln2_out" not in acts, g)
     y2 = acts.get("ln2_out", y2)
+    _lora_weight_grads(lora_mlp, y2, p, cfg, g)
     for w, bname, dz in mlp:
         g[w] = torch.matmul(dz.t(), y2)
         if bname is not None:
@@ -428,9 +540,12 @@ def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, a
     g["b_proj"] = _sum_rows(dpr, p["b_proj"])
     proj = _attention_backward(dpr, acts, p, cfg, shape, attn_mask, rope_cs, ac, g, segment_ids)
     del dpr
-    dy1 = _input_grad([(dz, w) for w, _, dz in proj])  # (N, d)
+    extra, lora_qkv = _lora_input_grads([(s, dz) for _, s, dz in proj], p, cfg)
+    dy1 = _with_input_grad(_input_grad([(dz, w) for w, _, dz in proj]), extra)  # (N, d)
     dx, y1 = _norm_bwd(dy1, x, acts["ln1_stats"], p, "ln1", cfg, dx1, "ln1_out" not in acts, g)
-    _projection_wgrads(proj, acts.get("ln1_out", y1), p, g)
+    y1 = acts.get("ln1_out", y1)
+    _projection_wgrads(proj, y1, p, g)
+    _lora_weight_grads(lora_qkv, y1, p, cfg, g)
     return dx, g
 
 

@@ -76,7 +76,7 @@ def eligible(cfg, attn_mask: Optional[Tensor], segment_ids: Optional[Tensor], x:
     __torch_dispatch__ must see the block's ops, not one opaque program_run."""
     if not _state["enabled"] or attn_mask is not None or segment_ids is not None:
         return False
-    if cfg.dropout > 0.0 or cfg.attn_dropout > 0.0:
+    if cfg.dropout > 0.0 or cfg.attn_dropout > 0.0 or any(spec.dropout > 0.0 for spec in cfg.lora):
         return False
     if type(x) not in _PLAIN or type(cos) not in (*_PLAIN, type(None)) or type(sin) not in (*_PLAIN, type(None)):
         return False
