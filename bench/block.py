@@ -5,6 +5,9 @@ Families (``--family gpt2|llama|both``), defaults at issue 14's / issue 11's siz
     llama  Llama-form TransformerBlock(d=512, 8 heads, 2 kv heads, d_ff=1408, RMSNorm + SwiGLU + RoPE tables),
            B=4, T=256, beside transformers' own LlamaDecoderLayer (sdpa) with the same weights, eager and with
            Hugging Face's gradient checkpointing (its layer hook, reentrant as gradient_checkpointing_enable sets)
+``--lora R`` (PEFT LoRA of rank R on every linear, base weights frozen, as a LoRA fine-tune runs): every row is the
+PEFT-adapted block (the HF layer adapted the same way), the ckpt_ext rows run LoRA inside the op graph; no compiled
+ckpt_ext rows (LoRA under torch.compile runs the plain model).
 Rows: eager block; torch.utils.checkpoint (non-reentrant); torch SAC (create_selective_checkpoint_contexts saving
 matmuls + attention, recomputing the rest); torch.compile(block) with torch._functorch.config.activation_memory_budget
 1.0 / 0.5 / 0.2 / 0.0; each ckpt_ext policy eager and compiled (inductor, fullgraph).
@@ -120,6 +123,28 @@ def _budget_backend(budget: float) -> Callable:
     return backend
 
 
+LORA_TARGETS = {"gpt2": ["qkv", "attn.proj", "fc", "mlp.proj"],
+                "llama": ["attn.q", "attn.k", "attn.v", "attn.proj", "gate", "up", "mlp.proj"]}  # fmt: skip
+HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def with_lora(module, rank: int, targets: list[str]):
+    """``module`` with PEFT LoRA (rank r, alpha 2r, no dropout) on ``targets`` and every base weight frozen; B drawn
+    at random (PEFT starts it at zero) so A's gradient is not trivially zero."""
+    import peft
+
+    holder = torch.nn.Module()  # PEFT reads ``model.config``; TransformerBlock.config is a method
+    holder.inner = module
+    cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+    module = peft.inject_adapter_in_model(cfg, holder).inner
+    for name, p in module.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if "lora_B" in name:
+            with torch.no_grad():
+                p.normal_(0.0, 0.02)
+    return module
+
+
 def variants(block: TransformerBlock, kw: dict, hf=None, budgets=BUDGETS, compiled_policies=POLICIES) -> list[Variant]:
     """The rows, in print order; ``budgets`` / ``compiled_policies``: which torch.compile rows (empty: none)."""
 
@@ -168,13 +193,17 @@ def gemm_share(fn, x, g, steps: int = 3) -> float:
 
 
 def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch=4, seq=256, min_time=2.0,
-        min_rounds=7, budgets=BUDGETS, compiled_policies=POLICIES, hf=True) -> list[dict]:  # fmt: skip
+        min_rounds=7, budgets=BUDGETS, compiled_policies=POLICIES, hf=True, lora=0) -> list[dict]:  # fmt: skip
     block = make_block(family, d_model, n_heads, n_kv_heads, d_ff)
+    hf_layer = hf_llama_layer(block) if family == "llama" and hf else None
+    if lora:
+        block = with_lora(block, lora, LORA_TARGETS[family])
+        hf_layer = None if hf_layer is None else with_lora(hf_layer, lora, HF_LORA_TARGETS)
+        compiled_policies = ()
     kw, exclude = {}, list(block.parameters())
     if family == "llama":
         kw["position_embeddings"] = rope_tables(seq, block.head_dim)
         exclude += list(kw["position_embeddings"])
-    hf_layer = hf_llama_layer(block) if family == "llama" and hf else None
     table = variants(block, kw, hf_layer, budgets, compiled_policies)
     torch.manual_seed(1)
     x = torch.randn(batch, seq, d_model, requires_grad=True)
@@ -280,6 +309,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-rounds", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    ap.add_argument("--lora", type=int, default=0, metavar="R", help="PEFT LoRA of rank R on every linear, base frozen")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -293,8 +323,9 @@ def main(argv=None) -> int:
         if family == "llama" and args.kv_heads is not None:
             size["n_kv_heads"] = args.kv_heads
         compiled = dict(budgets=(), compiled_policies=()) if args.no_compile else {}
-        rows = run(family, **size, min_time=args.min_time, min_rounds=args.min_rounds, **compiled)
-        print(f"\n{family} block {size}, fp32, backend {ckpt_ext.backend.concrete_backend('cpu')}, "
+        rows = run(family, **size, min_time=args.min_time, min_rounds=args.min_rounds, lora=args.lora, **compiled)
+        adapted = f", PEFT LoRA r={args.lora} on every linear (base frozen)" if args.lora else ""
+        print(f"\n{family} block {size}{adapted}, fp32, backend {ckpt_ext.backend.concrete_backend('cpu')}, "
               f"{torch.get_num_threads()} threads, {malloc}; kept: H hooks, S storages alive")  # fmt: skip
         print(format_table(rows))
         print()
