@@ -58,9 +58,10 @@ def _adapted(family: str, targets: str, *, dropout=0.0, rank=3, d=24, seed=0, us
 
 def _step(module, x, dout, **kwargs):
     x = x.detach().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
     out = module(x, **kwargs)
     out.backward(dout)
-    grads = {n: p.grad for n, p in module.named_parameters()}
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in module.named_parameters()}
     return out.detach(), x.grad, grads
 
 
@@ -241,3 +242,28 @@ def test_frozen_base_lora_step_flops_stay_low_rank():
     eager = flops(plain)
     fused_none = flops(FusedCheckpointBlock.from_block(copy.deepcopy(plain), policy="none"))
     assert fused_none <= eager * 1.02, (fused_none, eager)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_lora_traced_programs_equal_the_walked_path(policy):
+    """LoRA without dropout may run as a traced program (cpp backend, a key's second call): bitwise the walked path."""
+    from ckpt_ext import traced
+
+    plain = _adapted("gpt2", "all")
+    fused = FusedCheckpointBlock.from_block(copy.deepcopy(plain), policy=policy)
+    x = torch.randn(2, 5, 24)
+    dout = torch.randn_like(x)
+    with ckpt_ext.set_backend("cpp"):
+        traced.set_enabled(False)
+        try:
+            walked = _step(fused, x, dout)
+        finally:
+            traced.set_enabled(True)
+        traced.clear()
+        runs = [_step(fused, x, dout) for _ in range(3)]
+    for got in runs:
+        torch.testing.assert_close(got[0], walked[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], walked[1], rtol=0, atol=0)
+        for name, g in walked[2].items():
+            if g is not None:
+                torch.testing.assert_close(got[2][name], g, rtol=0, atol=0)
