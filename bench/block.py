@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 import ckpt_ext
 from ckpt_ext import FusedCheckpointBlock, TransformerBlock, policies
 from ckpt_ext.block import init_block_
+from ckpt_ext.lora import BLOCK_LORA_TARGETS, HF_LORA_TARGETS, add_peft_lora
 from ckpt_ext.measure import count_flops, retained_activation_bytes
 from ckpt_ext.roofline import _selective_context
 
@@ -123,28 +124,6 @@ def _budget_backend(budget: float) -> Callable:
     return backend
 
 
-LORA_TARGETS = {"gpt2": ["qkv", "attn.proj", "fc", "mlp.proj"],
-                "llama": ["attn.q", "attn.k", "attn.v", "attn.proj", "gate", "up", "mlp.proj"]}  # fmt: skip
-HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def with_lora(module, rank: int, targets: list[str]):
-    """``module`` with PEFT LoRA (rank r, alpha 2r, no dropout) on ``targets`` and every base weight frozen; B drawn
-    at random (PEFT starts it at zero) so A's gradient is not trivially zero."""
-    import peft
-
-    holder = torch.nn.Module()  # PEFT reads ``model.config``; TransformerBlock.config is a method
-    holder.inner = module
-    cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
-    module = peft.inject_adapter_in_model(cfg, holder).inner
-    for name, p in module.named_parameters():
-        p.requires_grad_("lora_" in name)
-        if "lora_B" in name:
-            with torch.no_grad():
-                p.normal_(0.0, 0.02)
-    return module
-
-
 def variants(block: TransformerBlock, kw: dict, hf=None, budgets=BUDGETS, compiled_policies=POLICIES) -> list[Variant]:
     """The rows, in print order; ``budgets`` / ``compiled_policies``: which torch.compile rows (empty: none)."""
 
@@ -197,8 +176,8 @@ def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch
     block = make_block(family, d_model, n_heads, n_kv_heads, d_ff)
     hf_layer = hf_llama_layer(block) if family == "llama" and hf else None
     if lora:
-        block = with_lora(block, lora, LORA_TARGETS[family])
-        hf_layer = None if hf_layer is None else with_lora(hf_layer, lora, HF_LORA_TARGETS)
+        block = add_peft_lora(block, lora, BLOCK_LORA_TARGETS[family])
+        hf_layer = None if hf_layer is None else add_peft_lora(hf_layer, lora, HF_LORA_TARGETS)
         compiled_policies = ()
     kw, exclude = {}, list(block.parameters())
     if family == "llama":

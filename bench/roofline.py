@@ -95,13 +95,14 @@ def target_report(table: list[dict], shapes=SHAPES) -> str:
     return "\n".join(lines)
 
 
-def llama_rows(shapes=LLAMA_SHAPES, dtype=torch.bfloat16) -> list[dict]:
-    """Per variant and shape: modeled ms, overhead vs HF eager and vs torch checkpoint, memory × input."""
+def llama_rows(shapes=LLAMA_SHAPES, dtype=torch.bfloat16, lora: int = 0) -> list[dict]:
+    """Per variant and shape: modeled ms, overhead vs HF eager and vs torch checkpoint, memory × input. ``lora``: every
+    layer PEFT-adapted (rank ``lora`` on every linear, base frozen), the fused rows running LoRA in the op graph."""
     out = []
     for variant in roofline.VARIANTS:
         row = {"variant": variant}
         for i, (d, t, b, h, kv, ff) in enumerate(shapes):
-            kw = dict(dtype=dtype, n_kv_heads=kv, d_ff=ff, layer="hf_llama")
+            kw = dict(dtype=dtype, n_kv_heads=kv, d_ff=ff, layer="hf_llama", lora=lora)
             trace = roofline.step_trace(variant, d, t, b, h, **kw)
             eager = roofline.step_time("eager", d, t, b, h, **kw)
             ckpt = roofline.step_time("checkpoint", d, t, b, h, **kw)
@@ -179,6 +180,13 @@ def main(argv=None) -> int:
     parser.add_argument("--activation", default="gelu", choices=("gelu", "gelu_tanh"))
     parser.add_argument("--family", default="gpt2", choices=("gpt2", "llama"))
     parser.add_argument("--long", action="store_true", help="the long-sequence table (block vs block_keep_attn)")
+    parser.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="R",
+        help="--family llama: also the table with PEFT LoRA of rank R on every linear (base frozen)",
+    )
     args = parser.parse_args(argv)
     if args.long:
         print(f"Long sequences, GPT-2 block d=2048 h=16 B=1, {args.dtype}")
@@ -190,6 +198,11 @@ def main(argv=None) -> int:
         print(llama_markdown(table))
         print()
         print(llama_targets(table))
+        if args.lora:
+            shapes = LLAMA_SHAPES[:1]
+            table = llama_rows(shapes, dtype=getattr(torch, args.dtype), lora=args.lora)
+            print(f"\nWith PEFT LoRA r={args.lora} on q, k, v, o, gate, up, down (base frozen): every row adapted")
+            print(llama_markdown(table, shapes).replace("HF LlamaDecoderLayer eager", "HF eager + PEFT"))
         return 0
     table = rows(dtype=getattr(torch, args.dtype), activation=args.activation)
     print(f"Roofline model: one block fwd+bwd, {args.dtype}, each op max(FLOPs/{roofline.PEAK_FLOPS / 1e12:.0f} TF/s, "

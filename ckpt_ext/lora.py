@@ -23,6 +23,7 @@ import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
+import torch
 from torch import Tensor, nn
 
 LORA_TARGETS = ("qkv", "q", "k", "v", "proj", "fc", "gate", "up", "fc2")
@@ -156,3 +157,30 @@ def read_linear(module: nn.Module, target: str) -> LinearRead:
     a, b = lora_a.weight, lora_b.weight
     spec = LoraSpec(target, int(a.shape[0]), float(module.scaling[name]), p)
     return LinearRead(base, spec, a, b)
+
+
+# PEFT target_modules naming every linear of ckpt_ext's TransformerBlock per family, and of a HF Llama-family layer
+BLOCK_LORA_TARGETS = {"gpt2": ["qkv", "attn.proj", "fc", "mlp.proj"],
+                      "llama": ["attn.q", "attn.k", "attn.v", "attn.proj", "gate", "up", "mlp.proj"]}  # fmt: skip
+HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def add_peft_lora(module: nn.Module, rank: int, targets: list[str], *, alpha: Optional[float] = None,
+                  dropout: float = 0.0, freeze_base: bool = True, b_std: float = 0.02) -> nn.Module:  # fmt: skip
+    """``module`` with PEFT LoRA adapters (rank, lora_alpha = ``alpha`` or 2·rank) on the linears whose names end in
+    ``targets``, the base weights frozen, B drawn from N(0, b_std) (PEFT starts it at zero, which would make A's
+    gradient zero): what the benchmarks and the roofline model adapt. Needs peft."""
+    import peft
+
+    holder = nn.Module()  # PEFT reads ``model.config``; ckpt_ext's TransformerBlock.config is a method
+    holder.inner = module
+    cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=dropout,
+                          target_modules=targets)  # fmt: skip
+    module = peft.inject_adapter_in_model(cfg, holder).inner
+    for name, p in module.named_parameters():
+        if freeze_base:
+            p.requires_grad_("lora_" in name)
+        if "lora_B" in name and b_std:
+            with torch.no_grad():
+                p.normal_(0.0, b_std)
+    return module

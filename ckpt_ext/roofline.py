@@ -37,6 +37,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .lora import BLOCK_LORA_TARGETS, HF_LORA_TARGETS, add_peft_lora
+
 PEAK_FLOPS = 788e12
 PEAK_BYTES_PER_S = 4.3e12
 LAUNCH_S = 3e-6
@@ -241,6 +243,7 @@ class LayerShape:
     layer: str = "block"
     attn_dropout: float = 0.0
     padding: bool = False
+    lora: int = 0  # PEFT LoRA rank on every linear, base weights frozen (0: none)
 
     @property
     def llama(self) -> bool:
@@ -249,6 +252,22 @@ class LayerShape:
     @property
     def hidden(self) -> int:
         return self.d_ff if self.d_ff is not None else int(self.mlp_ratio * self.d_model)
+
+
+def _fake_lora(layer, rank: int, targets):
+    """PEFT LoRA on a layer of fake parameters: PEFT moves each new adapter with Module.to, which cannot swap fake
+    tensors, so the (small) adapters are made as real tensors outside the fake mode and then turned fake."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+    fake = torch._subclasses.fake_tensor.FakeTensor
+    with unset_fake_temporarily():
+        layer = add_peft_lora(layer, rank, targets)
+        real = [(m, n, p.detach(), p.requires_grad) for m in layer.modules()
+                for n, p in m.named_parameters(recurse=False) if not isinstance(p, fake)]  # fmt: skip
+    for module, name, tensor, grad in real:
+        setattr(module, name, torch.nn.Parameter(mode.from_tensor(tensor), requires_grad=grad))
+    return layer
 
 
 def _make_layer(shape: LayerShape):
@@ -267,11 +286,15 @@ def _make_layer(shape: LayerShape):
         cfg = LlamaConfig(hidden_size=s.d_model, intermediate_size=s.hidden, num_attention_heads=s.n_heads,
                           num_key_value_heads=s.n_kv_heads or s.n_heads, num_hidden_layers=1)  # fmt: skip
         cfg._attn_implementation = "sdpa"
-        return _cast(LlamaDecoderLayer(cfg, 0), s.dtype).train(), pe
+        layer = LlamaDecoderLayer(cfg, 0)
+        layer = _fake_lora(layer, s.lora, HF_LORA_TARGETS) if s.lora else layer
+        return _cast(layer, s.dtype).train(), pe
     if s.layer != "block":
         raise ValueError(f"unknown layer {s.layer!r}; choose one of {', '.join(LAYERS)}")
     kw = dict(activation="swiglu", n_kv_heads=s.n_kv_heads) if s.llama else dict(activation=s.activation)
     block = TransformerBlock(s.d_model, s.n_heads, d_ff=s.hidden, attn_dropout=s.attn_dropout, **kw)
+    if s.lora:
+        block = _fake_lora(block, s.lora, BLOCK_LORA_TARGETS["llama" if s.llama else "gpt2"])
     return _cast(block, s.dtype).train(), pe
 
 

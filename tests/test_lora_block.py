@@ -10,14 +10,13 @@ import warnings
 
 import pytest
 import torch
+from test_llama_block import f64_plain
 from torch.utils.flop_counter import FlopCounterMode
 
 import ckpt_ext
 from ckpt_ext import FusedCheckpointBlock, TransformerBlock, lora
 from ckpt_ext.block import init_block_
 from ckpt_ext.policies import POLICIES
-
-from test_llama_block import f64_plain
 
 peft = pytest.importorskip("peft")
 
