@@ -171,3 +171,152 @@ def test_mask_changed_in_place_without_version_bump(how, path, fused_calls):
         view[1, :, 5:, 3] = False  # rows 5.. of batch 1 lose key 3: not a segment mask
     assert_same_step(model, ref, inputs)
     assert len(fused_calls) == 4
+
+
+# ------------------------------------------------------------------------------------------------ issue 22, item 2
+LORA_TARGETS = {"llama": ["q_proj", "v_proj", "gate_proj"], "gpt2": ["c_attn", "c_fc"]}
+
+
+def lora_model(family, order, use_dora=False):
+    """(converted PEFT model, unconverted PEFT model) with equal random LoRA weights (B nonzero, so A gets a gradient);
+    ``order``: convert before or after get_peft_model."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[family], init_lora_weights=False,
+                             use_dora=use_dora, fan_in_fan_out=family == "gpt2")  # fmt: skip
+    base = MODELS[family]()
+    ref_base = copy.deepcopy(base)
+    if order == "before":
+        apply_fused_checkpointing(base, "block")
+    torch.manual_seed(3)
+    model = peft.get_peft_model(base, config)
+    torch.manual_seed(3)
+    ref = peft.get_peft_model(ref_base, copy.deepcopy(config))
+    if order == "after":
+        apply_fused_checkpointing(model, "block")
+    return model, ref
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("order", ["before", "after"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_peft_adapters_run_the_original_forward_with_one_warning(family, order, use_dora, fused_calls, warnings_seen):
+    """LoRA/DoRA layers are not plain linears: converted layers run their original forward (the adapters train, with
+    the unconverted PEFT model's gradients) and one warning names the module; merge_and_unload() gives plain linears
+    back, and the layers fuse again."""
+    model, ref = lora_model(family, order, use_dora)
+    ids, mask = left_padded()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    for _ in range(2):
+        assert_same_step(model, ref, inputs, exact=True)
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    assert not fused_calls
+    (message,) = warnings_seen()
+    assert "runs its original forward" in message and "peft" in message and "lora" in message.lower()
+    merged, merged_ref = model.merge_and_unload(), ref.merge_and_unload()
+    for p in [*merged.parameters(), *merged_ref.parameters()]:  # PEFT froze the base weights
+        p.requires_grad_(True)
+    assert_same_step(merged, merged_ref, inputs)
+    assert len(fused_calls) == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_peft_with_input_require_grads_and_gradient_checkpointing(family, fused_calls, warnings_seen):
+    """What Trainer does for PEFT + gradient checkpointing: enable_input_require_grads() and
+    gradient_checkpointing_enable() on the converted PEFT model; the LoRA gradients equal the unconverted model's."""
+    model, ref = lora_model(family, "after")
+    for m in (model, ref):
+        m.enable_input_require_grads()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask = left_padded()
+    assert_same_step(model, ref, dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)))
+    assert not fused_calls
+    assert any("peft" in m for m in warnings_seen())
+
+
+class WrappedLinear(torch.nn.Linear):
+    """Stands for a quantized or otherwise wrapped linear (bitsandbytes' Linear8bitLt/Linear4bit subclass nn.Linear)."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.5
+
+
+@pytest.mark.parametrize("change", ["subclass", "forward_hook", "pre_hook", "norm_hook"])
+def test_wrapped_linears_and_hooks_run_the_original_forward(change, fused_calls, warnings_seen):
+    ref = llama()
+    model = copy.deepcopy(ref)
+    apply_fused_checkpointing(model, "block")  # changed after conversion: checked at every forward
+    for m in (model, ref):
+        attn = m.model.layers[1].self_attn
+        if change == "subclass":
+            old = attn.o_proj
+            attn.o_proj = WrappedLinear(old.in_features, old.out_features, bias=False)
+            attn.o_proj.weight = old.weight
+        elif change == "forward_hook":
+            attn.k_proj.register_forward_hook(lambda mod, args, out: out * 2)
+        elif change == "pre_hook":
+            attn.k_proj.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
+        else:
+            m.model.layers[1].input_layernorm.register_forward_hook(lambda mod, args, out: out + 1)
+    ids, mask = left_padded()
+    assert_same_step(model, ref, dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)))
+    assert len(fused_calls) == 1  # layer 0 fuses, layer 1 falls back
+    (message,) = warnings_seen()
+    name = {"subclass": "self_attn.o_proj", "norm_hook": "input_layernorm"}.get(change, "self_attn.k_proj")
+    assert name in message and ("WrappedLinear" in message if change == "subclass" else "hook" in message)
+
+
+def test_unknown_attention_implementation_runs_the_original_forward(fused_calls, warnings_seen):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    transformers.AttentionInterface.register("ckpt_ext_test_attention", sdpa_attention_forward)
+    ref = llama("sdpa")
+    ref.config._attn_implementation = "ckpt_ext_test_attention"
+    model = copy.deepcopy(ref)
+    apply_fused_checkpointing(model, "block")
+    ids, mask = left_padded()
+    assert_same_step(model, ref, dict(input_ids=ids, labels=ids), exact=True)
+    assert not fused_calls
+    (message,) = warnings_seen()
+    assert "'ckpt_ext_test_attention'" in message
+
+
+def test_flex_attention_warns(warnings_seen):
+    """flex_attention hands the layers a BlockMask: they run the original forward and say so (flex attention has no
+    CPU backward, so here both models raise the same error; on a GPU both train)."""
+    ref = llama("flex_attention", layers=1)
+    model = copy.deepcopy(ref)
+    apply_fused_checkpointing(model, "block")
+    ids, mask = left_padded()
+    for m in (ref, model):
+        with pytest.raises(NotImplementedError, match="FlexAttention"):
+            m(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    (message,) = warnings_seen()
+    assert "'flex_attention'" in message
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gradient_checkpointing_enable_is_replaced_and_reported(family, fused_calls, warnings_seen, monkeypatch):
+    """gradient_checkpointing_enable() on a converted model logs once that ckpt_ext replaces it, does not wrap the
+    fused layers, and is_gradient_checkpointing does not claim Hugging Face's checkpointing is on; with every=2 the
+    unconverted layers keep it (and the claim is true)."""
+    ref = MODELS[family](layers=2)
+    model = copy.deepcopy(ref)
+    apply_fused_checkpointing(model, "block")
+    model.gradient_checkpointing_enable()
+    assert not model.is_gradient_checkpointing
+    assert len([m for m in warnings_seen() if "gradient_checkpointing_enable" in m]) == 1
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids, _ = left_padded()
+    assert_same_step(model, ref, dict(input_ids=ids, labels=ids))
+    assert not calls and len(fused_calls) == 2
+    half = copy.deepcopy(ref)
+    apply_fused_checkpointing(half, "block", every=2)
+    half.gradient_checkpointing_enable()
+    assert half.is_gradient_checkpointing
+    copied = copy.deepcopy(model)  # the copy's flags follow the copy
+    copied.gradient_checkpointing_enable()
+    assert not copied.is_gradient_checkpointing
