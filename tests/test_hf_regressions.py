@@ -320,3 +320,28 @@ def test_gradient_checkpointing_enable_is_replaced_and_reported(family, fused_ca
     copied = copy.deepcopy(model)  # the copy's flags follow the copy
     copied.gradient_checkpointing_enable()
     assert not copied.is_gradient_checkpointing
+
+
+# ------------------------------------------------------------------------------------------------ issue 22, item 4
+def test_top_level_kernels_folder_hands_over_to_the_distribution(tmp_path):
+    """From the repository root, ``import kernels`` must give the installed ``kernels`` distribution (transformers 5
+    imports it), submodules included, while ``ckpt_ext.kernels`` stays ours; without a distribution it stays ours."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dist = tmp_path / "kernels"
+    dist.mkdir()
+    (dist / "__init__.py").write_text("FROM_DISTRIBUTION = True\n")
+    (dist / "layer.py").write_text("LAYER = 7\n")
+    root = Path(__file__).resolve().parents[1]
+    code = "import kernels, kernels.layer, ckpt_ext.kernels as ours; print(kernels.FROM_DISTRIBUTION, kernels.layer.LAYER, ours.__name__)"  # noqa: E501
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "7", "ckpt_ext.kernels"]
+    bare = "import kernels; print(kernels.__file__)"  # -S: no site-packages, so no distribution anywhere
+    run = subprocess.run([sys.executable, "-S", "-c", bare], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert Path(run.stdout.strip()) == root / "kernels" / "__init__.py"

@@ -30,7 +30,7 @@ from .hf_gpt2 import _cached_tokens
 from .hf_masks import layer_mask
 
 FUSED_ATTENTION = ("eager", "sdpa")
-_CACHE_ARGS = ("past_key_values", "past_key_value")
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # 5.x names it cache
 
 
 class LlamaFamilyAdapter:
