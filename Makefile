@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.deps-stamp
 
-.PHONY: install demo test test-fast test-slow bench lint check-cuda clean
+.PHONY: install demo test test-fast test-slow test-hf5 bench lint check-cuda clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,24 @@ test: install
 # The slow lane (long property-based runs); no test collected (pytest exit code 5) fails it like any error.
 test-slow: install
 	$(VPY) -m pytest -q -m slow -p no:cacheprovider
+
+# transformers 5 lane: the Hugging Face suites in a separate venv with the newest transformers 5.x and the `kernels`
+# distribution it imports (which the top-level kernels/ folder must not shadow when run from the repo root).
+VENV5 ?= .venv-tf5
+TF5   ?= transformers>=5,<6
+HF_TESTS := tests/test_hf.py tests/test_hf_llama.py tests/test_hf_regressions.py tests/test_attention_segments.py
+
+$(VENV5)/.deps-stamp:
+	$(PY) -m venv $(VENV5)
+	$(VENV5)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(VENV5)/bin/python -c "import torch" 2>/dev/null || $(VENV5)/bin/python -m pip install -q $(TORCH)
+	$(VENV5)/bin/python -m pip install -q "$(TF5)" kernels peft pytest hypothesis numpy triton==3.9.0 ninja
+	touch $@
+
+test-hf5: $(VENV5)/.deps-stamp
+	$(VENV5)/bin/python -m pip install -q --no-build-isolation -e .
+	$(VENV5)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(VENV5)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(HF_TESTS)
 
 bench: install
 	$(VPY) -m bench.microbench

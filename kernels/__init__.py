@@ -22,3 +22,22 @@ rounding.py        nearest-even rounding to bf16/fp16 kept in fp32 (the interpre
 launchers.py       IMPLS: graph-op signatures on top of the kernels (llama_launchers.py, launch_utils.py)
 compile_check.py   sm_90 compile report: registers, spills, shared memory (compile_jobs_llama.py: the Llama jobs)
 """
+
+# The folder sits at the repository root, so from there ``import kernels`` finds it before the ``kernels`` distribution
+# (Hugging Face's kernel hub, which transformers 5.x imports). Imported under that top-level name, this package hands
+# the name over to the distribution when one is installed: it is looked up on sys.path without the repository root and
+# put in sys.modules in place of this module (the import statement returns what sys.modules holds, so the importer
+# gets the distribution, and its submodules resolve from its own __path__). Imported as ``ckpt_ext.kernels``
+# (editable or regular install, or the in-tree link) nothing happens.
+if __name__ == "kernels":
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec("kernels", [p for p in _sys.path if _os.path.abspath(p or ".") != _root])
+    if _spec is not None and _spec.loader is not None:  # else no distribution: this import-free package stays
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module
+        _spec.loader.exec_module(_module)  # an error propagates (and the importer drops the name), as without us

@@ -355,13 +355,16 @@ def test_hf_llama_padding_and_packing_take_the_segment_path(monkeypatch, layout)
         assert ids.tolist() == [[1, 1, 1, 1, 2, 2, 2, 3, 3]] * 2
 
 
-def test_hf_segment_conversion_is_cached_per_mask():
-    from ckpt_ext.integrations.hf_common import segment_ids_for
+def test_hf_segment_conversion_is_shared_within_a_forward():
+    """The layers of one forward share one conversion; a layer meeting the mask again (a new forward) rebuilds it, so
+    a mask changed in place in between is read afresh."""
+    from ckpt_ext.integrations.hf_masks import layer_mask
 
     keep = torch.tensor([[False, True, True, True]])
     mask = keep[:, None, None, :] & torch.ones(4, 4, dtype=torch.bool).tril()  # (1, 1, 4, 4)
-    first = segment_ids_for(mask, None, 4)
+    layer0, layer1 = torch.nn.Identity(), torch.nn.Identity()
+    first = layer_mask(mask, 4, True, layer0, 1).segment_ids(mask)
     assert first.tolist() == [[0, 1, 1, 1]]
-    assert segment_ids_for(mask, None, 4) is first
-    mask[0, 0, 3, 1] = False  # no longer causal ∧ keep ∧ segment: the version changed, the check refuses it
-    assert segment_ids_for(mask, None, 4) is None
+    assert layer_mask(mask, 4, True, layer1, 1).segment_ids(mask) is first
+    mask[0, 0, 3, 1] = False  # no longer causal ∧ keep ∧ segment
+    assert layer_mask(mask, 4, True, layer0, 1).segment_ids(mask) is None

@@ -64,9 +64,7 @@ def lm_batch(padding):
         mask[1, 11:] = 0
     elif padding == "left":
         mask[2, :5] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    if padding == "left":  # predicted from a fully masked pad row, whose output is implementation-defined in HF too
-        labels[2, 5] = -100
+    labels = ids.masked_fill(mask == 0, -100)  # labels[2, 5] is predicted from a pad row that sees no key
     return ids, (None if padding is None else mask), labels
 
 
@@ -81,7 +79,8 @@ def test_gpt2_loss_and_grads_match(impl, padding, fused_calls):
     loss = model(ids, attention_mask=mask, labels=labels).loss
     loss_ref.backward()
     loss.backward()
-    assert len(fused_calls) == 2
+    # eager attention gives pad rows that see no key uniform weights, the fused kernels zeros: those layers fall back
+    assert len(fused_calls) == (0 if (impl, padding) == ("eager", "left") else 2)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
     assert_grads_match(model, ref)
 

@@ -7,33 +7,33 @@ concatenations of the original parameters, never copies held across calls) and r
 when a training graph is being built; anything else (no_grad, generation with a filled KV cache, attention outputs,
 head masks, cross-attention, hooks on the bypassed submodules) runs the original forward.
 
-Masks: a 4-D mask broadcastable to (B, h, T, T) (bool keep-mask or additive float, as Hugging Face builds for eager and
-SDPA) or a 2-D (B, T) padding mask becomes one additive float32 mask with ``finfo(float32).min`` at masked positions
-(a finite value: rows that padding masks completely stay finite, as in Hugging Face's eager attention). A mask that
-masks nothing beyond causality becomes None, so the fast unmasked kernels run. The conversion is cached on the mask
-tensor object itself, so the layers of one forward share one (B, 1, T, T) buffer (not one per layer) and it is freed
-with the model's mask.
+Masks are converted by hf_masks.py (once per model forward, shared by the layers).
 
-Segment ids (``segment_ids_for``): for a causal layer whose 4-D mask is exactly causal ∧ key-keep ∧ same-segment (left
-padding and/or packed sequences, as transformers 4.57 builds them), the mask becomes (B, T) int32 segment ids: keep is
-the mask's diagonal, the segments come from ``position_ids`` (a new one wherever the position does not grow by 1, as
-Hugging Face detects packing; arange when None), or, when that candidate does not match, keep alone (one segment per
-row: 4.57 skips packing detection when a 2-D padding mask is given). The candidate's (B, 1, T, T) visibility must equal
-the given mask on every row and a float mask must be 0 wherever it keeps a key (no bias), else None (the 4-D path). So
-right padding, whose padded query rows Hugging Face lets see the real keys before them (ids give such rows none), keeps
-the 4-D mask: exactness first. Cached on the mask tensor like the additive form (single entry, keyed by seq, the mask's
-version and the position_ids tensor object and version), so 32 layers convert once.
+Never silent: ``unsupported_submodule`` walks the layer's submodules at every forward (adapters can be added after
+conversion, e.g. get_peft_model after apply_fused_checkpointing) and names the first one the fused block would bypass
+incorrectly: a type other than a plain ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Dropout`` / ``nn.Identity`` / GPT-2's
+``Conv1D`` / an activation from ``transformers.activations`` / a class of the layer's own modeling file (so PEFT LoRA
+and DoRA layers, quantized linears, other tuners, ``modules_to_save`` wrappers, custom wrappers and class-level
+replacements such as Liger's norms all count), forward/backward hooks or pre-hooks, or a forward replaced on the
+instance (accelerate's offload hooks, HF's output recorders); global module hooks count too. The adapter then runs the
+original forward and ``warn_once`` names the module and the reason. ~1 µs per submodule.
+
+Hugging Face's ``gradient_checkpointing_enable()``: a converted layer's ``gradient_checkpointing`` always reads False
+(HF would wrap the fused block in torch.utils.checkpoint and recompute it twice); setting it True logs once that
+ckpt_ext replaces it, and resets the flag of the modules above the layer whose family layers are all converted (e.g.
+LlamaModel, GPT2Model), so ``model.is_gradient_checkpointing`` (any module's flag, in 4.57 and 5.x) does not claim
+Hugging Face's checkpointing is on. Unconverted layers (``every`` > 1) keep it, and so does the claim.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
-
-from .. import segments
 
 logger = logging.getLogger("ckpt_ext.integrations")
 _WARNED: set[str] = set()
@@ -53,16 +53,44 @@ class FusedLayerMixin:
     @property
     def gradient_checkpointing(self) -> bool:
         """Always False: Hugging Face's checkpointing (GradientCheckpointingLayer) would wrap the fused block in
-        torch.utils.checkpoint and recompute it twice. Setting it (gradient_checkpointing_enable) is ignored."""
+        torch.utils.checkpoint and recompute it twice. Setting it True logs once and clears the flag of the modules
+        above whose layers are all converted (see the module docstring)."""
         return False
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, value) -> None:
-        pass
+        if not value:
+            return
+        warn_once(
+            "hf-gradient-checkpointing",
+            "ckpt_ext: gradient_checkpointing_enable() leaves converted layers "
+            "to ckpt_ext's fused checkpointing, which replaces Hugging Face's (unconverted ones keep it)",
+        )
+        for module in self.__dict__.get("_ckpt_containers", ()):
+            if getattr(module, "gradient_checkpointing", False):
+                module.gradient_checkpointing = False
 
     def forward(self, *args, **kwargs):
         original = super().forward  # the model's own forward (FusedLayerMixin is first in the MRO)
-        return self._ckpt_adapter.forward(self, original, args, kwargs)
+        return self._ckpt_adapter.forward(self, original, bind(self._ckpt_signature, args, kwargs))
+
+
+class ContainerRefs:
+    """Weak references to the modules above a converted layer whose ``gradient_checkpointing`` flag describes only
+    converted layers. A deep copy of the model points to the copied modules (found in deepcopy's memo); pickling keeps
+    none."""
+
+    def __init__(self, modules=()):
+        self._refs = tuple(weakref.ref(m) for m in modules)
+
+    def __iter__(self):
+        return (m for m in (ref() for ref in self._refs) if m is not None)
+
+    def __deepcopy__(self, memo):
+        return ContainerRefs(memo[id(m)] for m in self if id(m) in memo)
+
+    def __reduce__(self):
+        return (ContainerRefs, ())
 
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -74,7 +102,9 @@ def fused_class(cls: type, adapter) -> type:
         return cls
     if cls not in _FUSED_CLASSES:
         name = f"Fused{cls.__name__}"
-        new = type(name, (FusedLayerMixin, cls), {"_ckpt_adapter": adapter, "__module__": __name__})
+        attrs = {"_ckpt_adapter": adapter, "_ckpt_signature": signature_of(cls.forward),
+                 "_ckpt_origin": cls.__module__, "__module__": __name__}  # fmt: skip
+        new = type(name, (FusedLayerMixin, cls), attrs)
         new.__qualname__ = name
         globals()[name] = new
         _FUSED_CLASSES[cls] = new
@@ -93,89 +123,106 @@ def needs_graph(x: Tensor, params) -> bool:
     return x.requires_grad or any(p is not None and p.requires_grad for p in params)
 
 
-def is_intercepted(module: nn.Module) -> bool:
-    """True when ``module`` has hooks or an instance-level forward (e.g. HF's output recorders): it must really run."""
-    if module._forward_hooks or module._forward_pre_hooks:
+def signature_of(forward) -> tuple:
+    """(parameter names after self, their defaults, whether **kwargs is accepted) of a layer's forward."""
+    params = list(inspect.signature(forward).parameters.values())[1:]
+    named = tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    defaults = {p.name: p.default for p in params if p.name in named and p.default is not p.empty}
+    return named, defaults, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def bind(signature: tuple, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name (defaults filled in; what **kwargs would take under "kwargs"), plus the call itself
+    under "args" / "call_kwargs". Plain dict work, so torch.compile traces it (inspect.Signature.bind it cannot)."""
+    names, defaults, var_kw = signature
+    if len(args) > len(names):
+        raise TypeError(f"the layer's forward takes {len(names)} arguments, got {len(args)} positional")
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    extra = {}
+    for key, value in kwargs.items():
+        if key in names:
+            bound[key] = value
+        else:
+            extra[key] = value
+    if extra and not var_kw:
+        raise TypeError(f"the layer's forward got unexpected keyword arguments {sorted(extra)}")
+    bound["kwargs"], bound["args"], bound["call_kwargs"] = extra, args, kwargs
+    return bound
+
+
+_PLAIN = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)
+_HOOKS = (("_forward_hooks", "a forward hook"), ("_forward_pre_hooks", "a forward pre-hook"),
+          ("_backward_hooks", "a backward hook"), ("_backward_pre_hooks", "a backward pre-hook"))  # fmt: skip
+
+
+def unsupported_submodule(layer: nn.Module) -> Optional[str]:
+    """'<path> <reason>' for the first submodule of ``layer`` the fused block cannot stand in for, or None.
+
+    Allowed: exact plain torch types, GPT-2's Conv1D, transformers' activations and classes of the layer's own
+    modeling file, without hooks or an instance-level forward (see the module docstring)."""
+    glob = torch.nn.modules.module
+    if glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks:
+        return "(any submodule): a global module hook is registered"
+    origin = layer._ckpt_origin
+    stack = [("", layer)]
+    while stack:
+        prefix, module = stack.pop()
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            path = prefix + name
+            cls = type(child)
+            if not (cls in _PLAIN or cls.__module__ in (origin, "transformers.activations") or _is_conv1d(cls)):
+                return f"{path} is a {cls.__module__}.{cls.__qualname__}, not a plain nn.Linear / Conv1D / norm"
+            for attr, what in _HOOKS:
+                if getattr(child, attr):
+                    return f"{path} has {what}"
+            own = child.__dict__.get("forward")
+            if own is not None and getattr(own, "__func__", None) is not cls.forward:
+                return f"{path} has its forward replaced on the instance"
+            stack.append((path + ".", child))
+    return None
+
+
+def _is_conv1d(cls: type) -> bool:
+    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+
+
+def fallback(layer, key: str, reason: str) -> bool:
+    """Warn once (per layer class and ``key``) that ``layer`` runs its original forward because of ``reason``; False."""
+    name = type(layer).__name__.removeprefix("Fused")
+    warn_once(f"{name}-{key}", f"ckpt_ext: {name} runs its original forward (not fused): {reason}")
+    return False
+
+
+def common_fallback(layer, impl: str, fused_impls: tuple, mask) -> bool:
+    """False (after a one-time warning) for what no adapter fuses: an attention implementation other than
+    ``fused_impls``, a mask that is not a 2-D/4-D tensor (flex attention's BlockMask), an unsupported submodule or a
+    hook. True otherwise."""
+    if impl not in fused_impls:
+        return fallback(layer, f"impl-{impl}", f"attention implementation {impl!r} (fused: {', '.join(fused_impls)})")
+    if mask is not None and not (isinstance(mask, Tensor) and mask.dim() in (2, 4)):
+        return fallback(layer, "mask-type", f"an attention mask of type {type(mask).__name__} (fused: a 2-D or 4-D "
+                        "tensor)")  # fmt: skip
+    problem = unsupported_submodule(layer)
+    if problem is not None:
+        return fallback(layer, problem, problem)
+    return True
+
+
+def eager_rows_ok(layer, impl: str, info, mask: Tensor) -> bool:
+    """False (warned once) when eager attention meets a mask that leaves some query row no key (left padding), or one
+    torch.compile does not let us read: Hugging Face's eager softmax gives such rows uniform weights over the keys
+    (its mask is finfo.min, not -inf), the fused kernels give zeros (as SDPA does)."""
+    if impl != "eager":
         return True
-    own = module.__dict__.get("forward")
-    return own is not None and getattr(own, "__func__", None) is not type(module).forward
-
-
-def any_intercepted(modules) -> bool:
-    return any(is_intercepted(m) for m in modules if m is not None)
-
-
-def additive_mask(mask: Optional[Tensor], seq: int, causal: bool) -> Optional[Tensor]:
-    """HF attention mask -> additive float32 mask broadcastable to (B, 1, T, T), or None when it masks nothing.
-
-    mask: None, (B, T_kv) padding mask (1 = keep), or 4-D (B|1, 1|h, T, T_kv) bool keep-mask / additive float.
-    Columns beyond T are cut (HF may size the key axis for a cache). With ``causal`` the check for "masks nothing"
-    ignores the positions causality masks anyway.
-    """
-    if mask is None:
-        return None
-    key = (seq, causal, mask._version)
-    cached = getattr(mask, "_ckpt_additive", None)
-    if cached is None or cached[0] != key:
-        cached = (key, _build_additive(mask, seq, causal))
-        mask._ckpt_additive = cached  # lives exactly as long as the model's mask tensor
-    return cached[1]
-
-
-def _build_additive(mask: Tensor, seq: int, causal: bool) -> Optional[Tensor]:
-    with torch.no_grad():
-        if mask.dim() == 2:
-            keep = mask[:, None, None, :seq].bool()
-        elif mask.dim() == 4:
-            m = mask[..., :seq]
-            keep = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-        else:
-            raise ValueError(f"unsupported attention mask of shape {tuple(mask.shape)}; expected (B, T) or 4-D")
-        if mask.dim() == 4 and mask.dtype != torch.bool:
-            additive = mask[..., :seq].float().clamp_min(torch.finfo(torch.float32).min)
-        else:
-            additive = torch.zeros(keep.shape, dtype=torch.float32, device=mask.device)
-            additive.masked_fill_(~keep, torch.finfo(torch.float32).min)
-        relevant = keep
-        if causal:
-            lower = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
-            relevant = keep | ~lower
-        if bool(relevant.all()) and (mask.dim() != 4 or mask.dtype == torch.bool or bool((additive[keep] == 0).all())):
-            return None
-        return additive
-
-
-def segment_ids_for(mask: Optional[Tensor], position_ids: Optional[Tensor], seq: int) -> Optional[Tensor]:
-    """(B, T) int32 segment ids equivalent to the causal layer's 4-D mask, or None (see the module docstring)."""
-    if mask is None or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != seq or mask.shape[3] < seq:
-        return None
-    if torch.compiler.is_compiling():  # the exactness check reads the mask's values: under compile keep the 4-D mask
-        return None
-    if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != seq):
-        return None
-    cached = getattr(mask, "_ckpt_segments", None)
-    version = None if position_ids is None else position_ids._version
-    if cached is None or cached[0] != (seq, mask._version, version) or cached[1] is not position_ids:
-        cached = ((seq, mask._version, version), position_ids, _build_segments(mask, position_ids, seq))
-        mask._ckpt_segments = cached
-    return cached[2]
-
-
-def _build_segments(mask: Tensor, position_ids: Optional[Tensor], seq: int) -> Optional[Tensor]:
-    with torch.no_grad():
-        m = mask[..., :seq]  # (B|1, 1, T, T)
-        visible = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-        if m.dtype != torch.bool and not bool((m[visible] == 0).all()):
-            return None  # an additive bias is not a keep-mask
-        b = visible.shape[0] if position_ids is None else max(visible.shape[0], position_ids.shape[0])
-        keep = visible[:, 0].diagonal(dim1=-2, dim2=-1).expand(b, seq)  # (B, T): key t is seen by its own row
-        if position_ids is None:
-            position_ids = torch.arange(seq, device=mask.device)[None]
-        if position_ids.device != mask.device:
-            return None
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
-        packed = segments.from_position_ids(position_ids.expand(b, seq), keep)  # (B, T) int32
-        for ids in (packed, segments.from_keep_mask(keep)):  # packing, else padding alone (a 2-D mask turns
-            if bool((segments.visibility(ids) & causal == visible).all()):  # 4.57's packing detection off)
-                return ids
-        return None
+    empty = info.empty_rows(mask)
+    if empty is None:
+        return fallback(layer, "eager-compile", "eager attention with a mask under torch.compile (rows the mask leaves "
+                        "without keys cannot be checked; attn_implementation='sdpa' fuses)")  # fmt: skip
+    if empty:
+        return fallback(layer, "eager-empty-rows", "eager attention with a mask that leaves query rows no key (e.g. "
+                        "left padding): Hugging Face's eager softmax gives them uniform weights over the keys, the "
+                        "fused kernels zeros; attn_implementation='sdpa' fuses")  # fmt: skip
+    return True

@@ -17,15 +17,13 @@ Return value: 4.57 blocks return a tuple (hidden_states,); 5.x blocks return the
 
 from __future__ import annotations
 
-import functools
-import inspect
-
-import torch
+from torch import Tensor
 
 from .. import seeds
 from ..block import fused_block
 from ..functional import BlockConfig
-from .hf_common import additive_mask, any_intercepted, needs_graph, warn_once
+from .hf_common import common_fallback, eager_rows_ok, needs_graph, warn_once
+from .hf_masks import layer_mask
 
 GELU_FORMS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 FUSED_ATTENTION = ("eager", "sdpa")
@@ -76,35 +74,29 @@ class GPT2Adapter:
         return BlockConfig(layer.attn.num_heads, True, layer.ln_1.eps, GELU_FORMS[cfg.activation_function], p_attn,
                            p, seed, layer._ckpt_policy)  # fmt: skip
 
-    def forward(self, layer, original, args, kwargs):
-        bound = _bind(original, args, kwargs)
+    def forward(self, layer, original, bound: dict):
         x = bound["hidden_states"]
         params = self.params(layer)
-        if not self._can_fuse(layer, bound, params):
-            return original(*args, **kwargs)
+        info = self._fusable_mask(layer, bound, params)
+        if info is False:
+            return original(*bound["args"], **bound["call_kwargs"])
         mask = bound.get("attention_mask")
-        mask = additive_mask(mask, x.shape[1], causal=True)
-        out = fused_block(x, params, self.block_config(layer), mask)
+        out = fused_block(x, params, self.block_config(layer), None if info is None else info.additive(mask))
         return (out,) if "output_attentions" in bound else out
 
-    def _can_fuse(self, layer, bound: dict, params) -> bool:
+    def _fusable_mask(self, layer, bound: dict, params):
+        """False to run the original forward, else the LayerMask of the attention mask (None without one)."""
         x = bound["hidden_states"]
         if not needs_graph(x, params):
             return False
-        extra = bound.get("kwargs", {})
+        extra = bound["kwargs"]
         if bound.get("output_attentions") or extra.get("output_attentions"):
             return False
         if bound.get("head_mask") is not None or bound.get("encoder_hidden_states") is not None:
             return False
         mask = bound.get("attention_mask")
-        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() in (2, 4)):
-            return False
         impl = getattr(layer.attn.config, "_attn_implementation", "eager")
-        if impl not in FUSED_ATTENTION:
-            msg = f"ckpt_ext: GPT-2 attention implementation {impl!r} runs unfused; use one of {FUSED_ATTENTION}"
-            warn_once(f"gpt2-impl-{impl}", msg)
-            return False
-        if any_intercepted((layer.ln_1, layer.attn, layer.ln_2, layer.mlp)):
+        if not common_fallback(layer, impl, FUSED_ATTENTION, mask):
             return False
         cache = next((bound[k] for k in _CACHE_ARGS if bound.get(k) is not None), None)
         cache = cache if cache is not None else next((extra[k] for k in _CACHE_ARGS if extra.get(k) is not None), None)
@@ -113,33 +105,15 @@ class GPT2Adapter:
                 return False  # eval (e.g. a prefix for generation with grad on) or a filled cache: it must be filled
             warn_once("gpt2-cache", "ckpt_ext: fused GPT-2 blocks do not fill the KV cache while training (as with "
                       "Hugging Face's gradient checkpointing); pass use_cache=False to silence this")  # fmt: skip
-        return True
-
-
-@functools.lru_cache(maxsize=64)
-def _signature(func) -> inspect.Signature:
-    return inspect.signature(func)
-
-
-def _bind(original, args, kwargs) -> dict:
-    """Name the call's arguments after the original forward's signature (which differs between versions).
-
-    The signature is cached per function (``original.__func__``), not per bound method, so no layer is kept alive."""
-    func = getattr(original, "__func__", None)
-    if func is None:
-        bound = _signature(original).bind(*args, **kwargs)
-    else:
-        bound = _signature(func).bind(original.__self__, *args, **kwargs)
-    bound.apply_defaults()
-    named = dict(bound.arguments)
-    if func is not None:
-        named.pop(next(iter(_signature(func).parameters)))
-    return named
+        if mask is None:
+            return None
+        info = layer_mask(mask, x.shape[1], True, layer, x.shape[0])
+        return info if eager_rows_ok(layer, impl, info, mask) else False
 
 
 def _cached_tokens(cache, layer_idx) -> int:
     if isinstance(cache, tuple):
-        return int(cache[0].shape[-2]) if len(cache) and isinstance(cache[0], torch.Tensor) else 0
+        return int(cache[0].shape[-2]) if len(cache) and isinstance(cache[0], Tensor) else 0
     inner = getattr(cache, "self_attention_cache", cache)
     try:
         return int(inner.get_seq_length(layer_idx or 0))

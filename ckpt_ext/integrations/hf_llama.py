@@ -22,16 +22,15 @@ Returns what the original returns: the hidden states tensor (4.57, 5.x), a 1-tup
 
 from __future__ import annotations
 
-import torch
-
 from .. import seeds
 from ..block import fused_block
 from ..functional import BlockConfig
-from .hf_common import additive_mask, any_intercepted, needs_graph, segment_ids_for, warn_once
-from .hf_gpt2 import _bind, _cached_tokens
+from .hf_common import common_fallback, eager_rows_ok, fallback, needs_graph, warn_once
+from .hf_gpt2 import _cached_tokens
+from .hf_masks import layer_mask
 
 FUSED_ATTENTION = ("eager", "sdpa")
-_CACHE_ARGS = ("past_key_values", "past_key_value")
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # 5.x names it cache
 
 
 class LlamaFamilyAdapter:
@@ -95,48 +94,47 @@ class LlamaFamilyAdapter:
                            n_kv_heads=a.config.num_key_value_heads, head_dim=a.head_dim, qk_norm=hasattr(a, "q_norm"),
                            packed_qkv=False)  # fmt: skip
 
-    def forward(self, layer, original, args, kwargs):
-        bound = _bind(original, args, kwargs)
+    def forward(self, layer, original, bound: dict):
         x = bound["hidden_states"]
         params = self.params(layer)
-        if not self._can_fuse(layer, bound, params):
-            return original(*args, **kwargs)
+        if not needs_graph(x, params.values()):
+            return original(*bound["args"], **bound["call_kwargs"])
+        mask = bound.get("attention_mask")
+        info = self._fusable_mask(layer, bound, mask)
+        if info is False:
+            return original(*bound["args"], **bound["call_kwargs"])
         pe = tuple(bound["position_embeddings"])
-        ids = segment_ids_for(bound.get("attention_mask"), bound.get("position_ids"), x.shape[1])
+        if info is None:
+            return fused_block(x, params, self.block_config(layer), None, pe)
+        ids = info.segment_ids(mask)
         if ids is not None:  # padding / packing as (B, T) ids: no 4-D mask reaches the kernels
             return fused_block(x, params, self.block_config(layer), None, pe, ids)
-        mask = additive_mask(bound.get("attention_mask"), x.shape[1], causal=True)
-        return fused_block(x, params, self.block_config(layer), mask, pe)
+        return fused_block(x, params, self.block_config(layer), info.additive(mask), pe)
 
-    def _can_fuse(self, layer, bound: dict, params: dict) -> bool:
+    def _fusable_mask(self, layer, bound: dict, mask):
+        """False to run the original forward (warned once where it is not an inference or attention-output call),
+        else the LayerMask of ``mask`` (None without a mask)."""
         x = bound["hidden_states"]
-        if not needs_graph(x, params.values()):
-            return False
-        extra = bound.get("kwargs", {})
+        extra = bound["kwargs"]
         if extra.get("output_attentions") or bound.get("position_embeddings") is None:
             return False
-        mask = bound.get("attention_mask")
-        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() in (2, 4)):
-            return False
         impl = getattr(layer.self_attn.config, "_attn_implementation", "eager")
-        if impl not in FUSED_ATTENTION:
-            warn_once(f"llama-impl-{impl}", f"ckpt_ext: attention implementation {impl!r} runs unfused; use one of "
-                      f"{FUSED_ATTENTION}")  # fmt: skip
+        if not common_fallback(layer, impl, FUSED_ATTENTION, mask):
             return False
         window = _sliding_window(layer)
         if window is not None and window < x.shape[1] and not (mask is not None and mask.dim() == 4):
-            warn_once("llama-window", f"ckpt_ext: a sliding window ({window}) shorter than the sequence without a 4-D "
-                      "mask that encodes it: those layers run their original forward")  # fmt: skip
-            return False
-        if any_intercepted((layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.mlp)):
-            return False
+            return fallback(layer, "window", f"a sliding window ({window}) shorter than the sequence without a 4-D "
+                            "mask that encodes it")  # fmt: skip
         cache = next((src[k] for src in (bound, extra) for k in _CACHE_ARGS if src.get(k) is not None), None)
         if cache is not None:
             if not layer.training or _cached_tokens(cache, layer.self_attn.layer_idx) > 0:
                 return False  # serve the cache: the original forward fills it
             warn_once("llama-cache", "ckpt_ext: fused Llama-family layers do not fill the KV cache while training (as "
                       "with Hugging Face's gradient checkpointing); pass use_cache=False to silence this")  # fmt: skip
-        return True
+        if mask is None:
+            return None
+        info = layer_mask(mask, x.shape[1], True, layer, x.shape[0], bound.get("position_ids"))
+        return info if eager_rows_ok(layer, impl, info, mask) else False
 
 
 def _sliding_window(layer):

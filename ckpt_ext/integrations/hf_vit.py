@@ -13,13 +13,12 @@ Submodule names: 4.57 ``attention.attention.{query,key,value}``, ``attention.out
 
 from __future__ import annotations
 
-import torch
-
 from .. import seeds
 from ..block import fused_block
 from ..functional import BlockConfig
-from .hf_common import additive_mask, any_intercepted, needs_graph
-from .hf_gpt2 import GELU_FORMS, _bind
+from .hf_common import common_fallback, eager_rows_ok, needs_graph
+from .hf_gpt2 import FUSED_ATTENTION, GELU_FORMS
+from .hf_masks import layer_mask
 
 
 class _Parts:
@@ -32,15 +31,12 @@ class _Parts:
             self.fc1, self.fc2 = layer.mlp.fc1, layer.mlp.fc2
             self.p_attn, self.p = att.attention_dropout, layer.dropout.p
             self.config = att.config
-            self.bypassed = (layer.layernorm_before, att, layer.layernorm_after, layer.mlp, layer.dropout)
         else:  # 4.x
             self_att = att.attention
             self.q, self.k, self.v, self.o = self_att.query, self_att.key, self_att.value, att.output.dense
             self.fc1, self.fc2 = layer.intermediate.dense, layer.output.dense
             self.p_attn, self.p = self_att.dropout_prob, att.output.dropout.p
             self.config = self_att.config
-            self.bypassed = (layer.layernorm_before, att, self_att, att.output, layer.layernorm_after,
-                             layer.intermediate, layer.output)  # fmt: skip
             if layer.output.dropout.p != self.p:
                 raise ValueError("ViTLayer cannot be fused: different dropout on the two residual branches")
 
@@ -86,22 +82,25 @@ class ViTAdapter:
         return BlockConfig(n_heads, False, layer.layernorm_before.eps, GELU_FORMS[parts.config.hidden_act], p_attn, p,
                            seed, layer._ckpt_policy, packed_qkv=False)  # fmt: skip
 
-    def forward(self, layer, original, args, kwargs):
-        bound = _bind(original, args, kwargs)
+    def forward(self, layer, original, bound: dict):
         x = bound["hidden_states"]
         parts = _Parts(layer)
         mask = bound.get("attention_mask")
         direct = (parts.q.weight, parts.fc1.weight, parts.fc2.weight, layer.layernorm_before.weight)
+        impl = getattr(parts.config, "_attn_implementation", "eager")
         fusable = (
             needs_graph(x, direct)
             and bound.get("head_mask") is None
             and not bound.get("output_attentions")
-            and not bound.get("kwargs", {}).get("output_attentions")
-            and (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() in (2, 4)))
-            and not any_intercepted(parts.bypassed)
+            and not bound["kwargs"].get("output_attentions")
+            and common_fallback(layer, impl, FUSED_ATTENTION, mask)
         )
+        info = None
+        if fusable and mask is not None:
+            info = layer_mask(mask, x.shape[1], False, layer, x.shape[0])
+            fusable = eager_rows_ok(layer, impl, info, mask)
         if not fusable:
-            return original(*args, **kwargs)
+            return original(*bound["args"], **bound["call_kwargs"])
         out = fused_block(x, self.params(layer, parts), self.block_config(layer, parts),
-                          additive_mask(mask, x.shape[1], causal=False))  # fmt: skip
+                          None if info is None else info.additive(mask))  # fmt: skip
         return (out,) if "output_attentions" in bound else out

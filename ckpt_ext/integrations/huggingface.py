@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..policies import get_policy
-from .hf_common import FusedLayerMixin, fused_class, unfused_class
+from .hf_common import ContainerRefs, FusedLayerMixin, fused_class, unfused_class
 from .hf_gpt2 import GPT2Adapter
 from .hf_llama import LlamaFamilyAdapter
 from .hf_vit import ViTAdapter
@@ -64,7 +64,27 @@ def apply_fused_checkpointing(model: nn.Module, policy: str = "ffn", every: int 
         if not isinstance(layer, FusedLayerMixin):
             layer.__class__ = fused_class(type(layer), adapter)
         layer._ckpt_policy = policy
+    _link_containers(model, [layer for layer, _ in layers])
     return len(chosen)
+
+
+def _link_containers(model: nn.Module, layers: list) -> None:
+    """Give each converted layer weak references to the modules above it with a ``gradient_checkpointing`` flag whose
+    family layers are all converted (their flag is cleared when gradient_checkpointing_enable() reaches the layer, and
+    now if it is already set: hf_common's module docstring)."""
+    family = {id(layer) for layer in layers}
+    for layer in layers:
+        layer.__dict__.pop("_ckpt_containers", None)
+    for module in model.modules():
+        if id(module) in family or not hasattr(module, "gradient_checkpointing"):
+            continue
+        below = [m for m in module.modules() if id(m) in family]
+        if below and all(isinstance(m, FusedLayerMixin) for m in below):
+            for layer in below:
+                above = (*layer.__dict__.get("_ckpt_containers", ()), module)
+                layer.__dict__["_ckpt_containers"] = ContainerRefs(above)
+            if module.gradient_checkpointing:
+                below[0].gradient_checkpointing = True  # logs once and clears the flag
 
 
 def remove_fused_checkpointing(model: nn.Module) -> int:
@@ -77,5 +97,6 @@ def remove_fused_checkpointing(model: nn.Module) -> int:
         if original is not None:
             module.__class__ = original
             module.__dict__.pop("_ckpt_policy", None)
+            module.__dict__.pop("_ckpt_containers", None)
             restored += 1
     return restored

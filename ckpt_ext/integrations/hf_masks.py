@@ -1,0 +1,136 @@
+"""Hugging Face attention masks as the fused block takes them, converted once per model forward.
+
+``layer_mask(mask, seq, causal, layer, batch, position_ids) -> LayerMask`` for the mask a converted layer receives:
+None, a (B, T_kv) padding mask (1 = keep), or a 4-D (B|1, 1|h, T, T_kv) bool keep-mask / additive float mask, as
+transformers builds for eager and SDPA (columns beyond T are cut: HF may size the key axis for a cache).
+
+- ``additive(mask)``: one additive float32 mask broadcastable to (B, 1, T, T) with ``finfo(float32).min`` at masked
+  positions, or None when it masks nothing beyond causality (``causal``), so the unmasked kernels run.
+- ``segment_ids(mask)``: for a causal layer whose 4-D mask is exactly causal ∧ key-keep ∧ same-segment (left padding
+  and/or packed sequences, as transformers 4.57 builds them), (B, T) int32 segment ids: keep is the mask's diagonal,
+  segments come from ``position_ids`` (a new one wherever the position does not grow by 1, as Hugging Face detects
+  packing; arange when None), or, when that candidate does not match, keep alone (one segment per row: 4.57 skips
+  packing detection when a 2-D padding mask is given). A mask of batch 1 and ids of batch 1 are expanded to the
+  input's batch. The candidate's (B, 1, T, T) visibility must equal the given mask on every row and a float mask must be
+  0 wherever it keeps a key (no bias), else None (the 4-D path). So right padding, whose padded query rows Hugging Face
+  lets see the real keys before them (ids give such rows none), keeps the 4-D mask: exactness first.
+- ``empty_rows(mask)``: True when some query row sees no key at all (left padding). The fused kernels give such rows
+  zeros, as SDPA does; eager attention gives them a uniform softmax (its mask is finfo.min, not -inf), so an eager
+  layer must run its original forward for such a mask.
+
+Caching: every conversion reads the mask's values (and syncs a GPU once), so it is done once per model forward and
+shared by the layers: the LayerMask lives on the mask tensor object (``mask._ckpt_mask``, freed with the mask) together
+with the set of layers that used it. A layer meeting an entry it has already used starts a new forward, which
+rebuilds it; so does another seq/causal/batch or another ``position_ids`` object. Nothing is keyed on version counters:
+a mask changed in place between forwards through ``.data`` or a NumPy view (no version bump), or inference tensors
+(no version counter at all), cannot give stale ids. A mask changed in place between the layers of one forward is not
+noticed (no model does that). Under torch.compile nothing is cached or read by value: ``additive`` always returns the
+float mask, ``segment_ids`` None, ``empty_rows`` None (unknown), so the traced region has no data-dependent branch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import segments
+
+_UNSET = object()
+
+
+class LayerMask:
+    """The conversions of one Hugging Face mask for one model forward (see the module docstring)."""
+
+    def __init__(self, seq: int, causal: bool, batch: int, position_ids: Optional[Tensor], cached: bool):
+        self.seq, self.causal, self.batch, self.position_ids, self.cached = seq, causal, batch, position_ids, cached
+        self.users: set[int] = set()  # id() of the layers that took this entry in the current forward
+        self._additive = self._segments = self._empty = _UNSET
+
+    def matches(self, seq: int, causal: bool, batch: int, position_ids: Optional[Tensor]) -> bool:
+        return (self.seq, self.causal, self.batch) == (seq, causal, batch) and self.position_ids is position_ids
+
+    def additive(self, mask: Tensor) -> Optional[Tensor]:
+        if self._additive is _UNSET:
+            self._additive = _build_additive(mask, self.seq, self.causal, check=self.cached)
+        return self._additive
+
+    def segment_ids(self, mask: Tensor) -> Optional[Tensor]:
+        if self._segments is _UNSET:
+            ok = self.cached and self.causal and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == self.seq
+            pos = self.position_ids
+            ok = ok and (pos is None or (pos.dim() == 2 and pos.shape[1] == self.seq and pos.device == mask.device))
+            self._segments = _build_segments(mask, pos, self.seq, self.batch) if ok else None
+        return self._segments
+
+    def empty_rows(self, mask: Tensor) -> Optional[bool]:
+        if self._empty is _UNSET:
+            self._empty = _has_empty_rows(mask, self.seq, self.causal) if self.cached else None
+        return self._empty
+
+
+def layer_mask(mask: Tensor, seq: int, causal: bool, layer, batch: int, position_ids: Optional[Tensor] = None):
+    """The LayerMask of ``mask`` for this forward of ``layer`` (built, or shared with the forward's earlier layers)."""
+    if mask.dim() not in (2, 4):
+        raise ValueError(f"unsupported attention mask of shape {tuple(mask.shape)}; expected (B, T) or 4-D")
+    if torch.compiler.is_compiling():
+        return LayerMask(seq, causal, batch, position_ids, cached=False)
+    entry = getattr(mask, "_ckpt_mask", None)
+    if entry is None or id(layer) in entry.users or not entry.matches(seq, causal, batch, position_ids):
+        entry = LayerMask(seq, causal, batch, position_ids, cached=True)
+        mask._ckpt_mask = entry  # lives exactly as long as the model's mask tensor (no reference back to it)
+    entry.users.add(id(layer))
+    return entry
+
+
+def _keep(mask: Tensor, seq: int) -> Tensor:
+    """Bool keep-mask broadcastable to (B, 1|h, T, T) (a 2-D mask as (B, 1, 1, T))."""
+    if mask.dim() == 2:
+        return mask[:, None, None, :seq].bool()
+    m = mask[..., :seq]
+    return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+
+
+def _build_additive(mask: Tensor, seq: int, causal: bool, check: bool) -> Optional[Tensor]:
+    with torch.no_grad():
+        keep = _keep(mask, seq)
+        if mask.dim() == 4 and mask.dtype != torch.bool:
+            additive = mask[..., :seq].float().clamp_min(torch.finfo(torch.float32).min)
+        else:
+            additive = torch.zeros(keep.shape, dtype=torch.float32, device=mask.device)
+            additive.masked_fill_(~keep, torch.finfo(torch.float32).min)
+        if not check:
+            return additive
+        relevant = keep
+        if causal:
+            lower = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
+            relevant = keep | ~lower
+        if bool(relevant.all()) and (mask.dim() != 4 or mask.dtype == torch.bool or bool((additive[keep] == 0).all())):
+            return None
+        return additive
+
+
+def _has_empty_rows(mask: Tensor, seq: int, causal: bool) -> bool:
+    with torch.no_grad():
+        keep = _keep(mask, seq)
+        if causal:
+            keep = keep & torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
+        return bool((~keep.any(dim=-1)).any())
+
+
+def _build_segments(mask: Tensor, position_ids: Optional[Tensor], seq: int, batch: int) -> Optional[Tensor]:
+    with torch.no_grad():
+        m = mask[..., :seq]  # (B|1, 1, T, T)
+        visible = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        if m.dtype != torch.bool and not bool((m[visible] == 0).all()):
+            return None  # an additive bias is not a keep-mask
+        keep = visible[:, 0].diagonal(dim1=-2, dim2=-1).expand(batch, seq)  # (B, T): key t is seen by its own row
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=mask.device)[None]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
+        packed = segments.from_position_ids(position_ids.expand(batch, seq), keep)  # (B, T) int32
+        for ids in (packed, segments.from_keep_mask(keep)):  # packing, else padding alone (a 2-D mask turns
+            if bool((segments.visibility(ids) & causal == visible).all()):  # 4.57's packing detection off)
+                return ids
+        return None
