@@ -30,10 +30,12 @@ from __future__ import annotations
 import inspect
 import logging
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
+
+from .. import lora
 
 logger = logging.getLogger("ckpt_ext.integrations")
 _WARNED: set[str] = set()
@@ -165,6 +167,7 @@ def unsupported_submodule(layer: nn.Module) -> Optional[str]:
     if glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks:
         return "(any submodule): a global module hook is registered"
     origin = layer._ckpt_origin
+    linear_paths = {path for path, _ in layer._ckpt_adapter.linears(layer).values()}
     stack = [("", layer)]
     while stack:
         prefix, module = stack.pop()
@@ -173,6 +176,11 @@ def unsupported_submodule(layer: nn.Module) -> Optional[str]:
                 continue
             path = prefix + name
             cls = type(child)
+            if path in linear_paths and lora.is_lora_layer(child):  # its form is checked by read_linears
+                problem = _lora_layer_problem(path, child)
+                if problem is not None:
+                    return problem
+                continue
             if not (cls in _PLAIN or cls.__module__ in (origin, "transformers.activations") or _is_conv1d(cls)):
                 return f"{path} is a {cls.__module__}.{cls.__qualname__}, not a plain nn.Linear / Conv1D / norm"
             for attr, what in _HOOKS:
@@ -183,6 +191,59 @@ def unsupported_submodule(layer: nn.Module) -> Optional[str]:
                 return f"{path} has its forward replaced on the instance"
             stack.append((path + ".", child))
     return None
+
+
+def _lora_layer_problem(path: str, child: nn.Module) -> Optional[str]:
+    """Hooks or an instance forward on a PEFT LoRA layer or its base, or a base that is not a plain linear."""
+    for module, where in ((child, path), (child.base_layer, f"{path}.base_layer")):
+        for attr, what in _HOOKS:
+            if getattr(module, attr):
+                return f"{where} has {what}"
+        own = module.__dict__.get("forward")
+        if own is not None and getattr(own, "__func__", None) is not type(module).forward:
+            return f"{where} has its forward replaced on the instance"
+    base = type(child.base_layer)
+    if base is not nn.Linear and not _is_conv1d(base):
+        return f"{path}.base_layer is a {base.__module__}.{base.__qualname__}, not a plain nn.Linear / Conv1D"
+    return None
+
+
+class Linears(NamedTuple):
+    """A layer's linears as the fused block reads them: the base module per LoRA target, the active adapters'
+    A and B tensors by block parameter name, and their specs."""
+
+    base: dict
+    lora_params: dict
+    specs: tuple
+
+
+def read_linears(layer, linears: dict) -> Optional[Linears]:
+    """``linears``: target -> (path, module) (adapter.linears). None, after a one-time warning naming the module,
+    where a PEFT LoRA layer has a form the fused block does not compute (lora.read_linear)."""
+    base, tensors, specs = {}, {}, []
+    for target, (path, module) in linears.items():
+        try:
+            read = lora.read_linear(module, target)
+        except lora.Unsupported as err:
+            fallback(layer, f"lora-{path}-{err}", f"{path}: {err}")
+            return None
+        base[target] = read.base
+        if read.spec is not None:
+            tensors[read.spec.a_name], tensors[read.spec.b_name] = read.a, read.b
+            specs.append(read.spec)
+    return Linears(base, tensors, tuple(specs))
+
+
+def lora_eager_only(layer, lin: Linears) -> bool:
+    """False (warned once) for LoRA adapters under torch.compile: the fused LoRA path runs eagerly only."""
+    if lin.specs and torch.compiler.is_compiling():
+        return fallback(layer, "lora-compile", "LoRA adapters under torch.compile (the fused LoRA path runs eagerly)")
+    return True
+
+
+def lora_seeded(specs: tuple) -> bool:
+    """Whether a LoRA adapter's dropout needs the block's seed."""
+    return any(spec.dropout > 0.0 for spec in specs)
 
 
 def _is_conv1d(cls: type) -> bool:

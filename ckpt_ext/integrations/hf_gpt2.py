@@ -17,12 +17,22 @@ Return value: 4.57 blocks return a tuple (hidden_states,); 5.x blocks return the
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import seeds
 from ..block import fused_block
 from ..functional import BlockConfig
-from .hf_common import common_fallback, eager_rows_ok, needs_graph, warn_once
+from .hf_common import (
+    Linears,
+    common_fallback,
+    eager_rows_ok,
+    lora_eager_only,
+    lora_seeded,
+    needs_graph,
+    read_linears,
+    warn_once,
+)
 from .hf_masks import layer_mask
 
 GELU_FORMS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -59,35 +69,47 @@ class GPT2Adapter:
         if problems:
             raise ValueError("GPT2Block cannot be fused: " + "; ".join(problems))
 
-    def params(self, layer):
+    def linears(self, layer) -> dict:
+        """LoRA target -> (path in the layer, module) of each Conv1D (a PEFT LoRA layer where one is injected)."""
         a, m = layer.attn, layer.mlp
-        return (
-            layer.ln_1.weight, layer.ln_1.bias, a.c_attn.weight.t(), a.c_attn.bias, a.c_proj.weight.t(), a.c_proj.bias,
-            layer.ln_2.weight, layer.ln_2.bias, m.c_fc.weight.t(), m.c_fc.bias, m.c_proj.weight.t(), m.c_proj.bias,
-        )  # fmt: skip
+        return {"qkv": ("attn.c_attn", a.c_attn), "proj": ("attn.c_proj", a.c_proj), "fc": ("mlp.c_fc", m.c_fc),
+                "fc2": ("mlp.c_proj", m.c_proj)}  # fmt: skip
 
-    def block_config(self, layer) -> BlockConfig:
+    def params(self, layer, lin: Linears) -> dict:
+        """The block's tensors: Conv1D weights as (out, in) views W.t(), LoRA A and B as PEFT holds them."""
+        b = lin.base
+        p = dict(ln1_w=layer.ln_1.weight, ln1_b=layer.ln_1.bias, ln2_w=layer.ln_2.weight, ln2_b=layer.ln_2.bias)
+        for target in ("qkv", "proj", "fc", "fc2"):
+            p[f"w_{target}"], p[f"b_{target}"] = b[target].weight.t(), b[target].bias
+        p.update(lin.lora_params)
+        return p
+
+    def block_config(self, layer, specs: tuple = ()) -> BlockConfig:
         cfg = layer.attn.config
         p_attn = cfg.attn_pdrop if layer.training else 0.0
         p = cfg.resid_pdrop if layer.training else 0.0
-        seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0) else 0
+        seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0 or lora_seeded(specs)) else 0
         return BlockConfig(layer.attn.num_heads, True, layer.ln_1.eps, GELU_FORMS[cfg.activation_function], p_attn,
-                           p, seed, layer._ckpt_policy)  # fmt: skip
+                           p, seed, layer._ckpt_policy, lora=specs)  # fmt: skip
 
     def forward(self, layer, original, bound: dict):
         x = bound["hidden_states"]
-        params = self.params(layer)
-        info = self._fusable_mask(layer, bound, params)
+        lin = read_linears(layer, self.linears(layer)) if torch.is_grad_enabled() else None
+        if lin is None:
+            return original(*bound["args"], **bound["call_kwargs"])
+        params = self.params(layer, lin)
+        info = self._fusable_mask(layer, bound, params, lin)
         if info is False:
             return original(*bound["args"], **bound["call_kwargs"])
         mask = bound.get("attention_mask")
-        out = fused_block(x, params, self.block_config(layer), None if info is None else info.additive(mask))
+        cfg = self.block_config(layer, lin.specs)
+        out = fused_block(x, params, cfg, None if info is None else info.additive(mask))
         return (out,) if "output_attentions" in bound else out
 
-    def _fusable_mask(self, layer, bound: dict, params):
+    def _fusable_mask(self, layer, bound: dict, params: dict, lin: Linears):
         """False to run the original forward, else the LayerMask of the attention mask (None without one)."""
         x = bound["hidden_states"]
-        if not needs_graph(x, params):
+        if not needs_graph(x, params.values()):
             return False
         extra = bound["kwargs"]
         if bound.get("output_attentions") or extra.get("output_attentions"):
@@ -97,6 +119,8 @@ class GPT2Adapter:
         mask = bound.get("attention_mask")
         impl = getattr(layer.attn.config, "_attn_implementation", "eager")
         if not common_fallback(layer, impl, FUSED_ATTENTION, mask):
+            return False
+        if not lora_eager_only(layer, lin):
             return False
         cache = next((bound[k] for k in _CACHE_ARGS if bound.get(k) is not None), None)
         cache = cache if cache is not None else next((extra[k] for k in _CACHE_ARGS if extra.get(k) is not None), None)

@@ -22,10 +22,22 @@ Returns what the original returns: the hidden states tensor (4.57, 5.x), a 1-tup
 
 from __future__ import annotations
 
+import torch
+
 from .. import seeds
 from ..block import fused_block
 from ..functional import BlockConfig
-from .hf_common import common_fallback, eager_rows_ok, fallback, needs_graph, warn_once
+from .hf_common import (
+    Linears,
+    common_fallback,
+    eager_rows_ok,
+    fallback,
+    lora_eager_only,
+    lora_seeded,
+    needs_graph,
+    read_linears,
+    warn_once,
+)
 from .hf_gpt2 import _cached_tokens
 from .hf_masks import layer_mask
 
@@ -71,47 +83,57 @@ class LlamaFamilyAdapter:
         if problems:
             raise ValueError(f"{type(layer).__name__} cannot be fused: " + "; ".join(problems))
 
-    def params(self, layer) -> dict:
+    def linears(self, layer) -> dict:
+        """LoRA target -> (path in the layer, module) of each linear (a PEFT LoRA layer where one is injected)."""
         a, m = layer.self_attn, layer.mlp
-        p = dict(
-            ln1_w=layer.input_layernorm.weight, ln2_w=layer.post_attention_layernorm.weight,
-            w_q=a.q_proj.weight, b_q=a.q_proj.bias, w_k=a.k_proj.weight, b_k=a.k_proj.bias,
-            w_v=a.v_proj.weight, b_v=a.v_proj.bias, w_proj=a.o_proj.weight, b_proj=a.o_proj.bias,
-            w_gate=m.gate_proj.weight, b_gate=m.gate_proj.bias, w_up=m.up_proj.weight, b_up=m.up_proj.bias,
-            w_fc2=m.down_proj.weight, b_fc2=m.down_proj.bias,
-        )  # fmt: skip
+        return {"q": ("self_attn.q_proj", a.q_proj), "k": ("self_attn.k_proj", a.k_proj),
+                "v": ("self_attn.v_proj", a.v_proj), "proj": ("self_attn.o_proj", a.o_proj),
+                "gate": ("mlp.gate_proj", m.gate_proj), "up": ("mlp.up_proj", m.up_proj),
+                "fc2": ("mlp.down_proj", m.down_proj)}  # fmt: skip
+
+    def params(self, layer, lin: Linears) -> dict:
+        a, b = layer.self_attn, lin.base
+        p = dict(ln1_w=layer.input_layernorm.weight, ln2_w=layer.post_attention_layernorm.weight)
+        for target, name in (("q", "q"), ("k", "k"), ("v", "v"), ("proj", "proj"), ("gate", "gate"), ("up", "up"),
+                             ("fc2", "fc2")):  # fmt: skip
+            p[f"w_{name}"], p[f"b_{name}"] = b[target].weight, b[target].bias
         if hasattr(a, "q_norm"):
             p.update(q_norm_w=a.q_norm.weight, k_norm_w=a.k_norm.weight)
+        p.update(lin.lora_params)
         return p
 
-    def block_config(self, layer) -> BlockConfig:
+    def block_config(self, layer, specs: tuple = ()) -> BlockConfig:
         a = layer.self_attn
         p_attn = a.attention_dropout if layer.training else 0.0
-        seed = seeds.host_seed() if p_attn > 0.0 else 0
+        seed = seeds.host_seed() if p_attn > 0.0 or lora_seeded(specs) else 0
         n_heads = a.config.num_attention_heads
         return BlockConfig(n_heads, True, layer.input_layernorm.variance_epsilon, "none", p_attn, 0.0, seed,
                            layer._ckpt_policy, norm="rmsnorm", mlp="swiglu",
                            n_kv_heads=a.config.num_key_value_heads, head_dim=a.head_dim, qk_norm=hasattr(a, "q_norm"),
-                           packed_qkv=False)  # fmt: skip
+                           packed_qkv=False, lora=specs)  # fmt: skip
 
     def forward(self, layer, original, bound: dict):
         x = bound["hidden_states"]
-        params = self.params(layer)
+        lin = read_linears(layer, self.linears(layer)) if torch.is_grad_enabled() else None
+        if lin is None:
+            return original(*bound["args"], **bound["call_kwargs"])
+        params = self.params(layer, lin)
         if not needs_graph(x, params.values()):
             return original(*bound["args"], **bound["call_kwargs"])
         mask = bound.get("attention_mask")
-        info = self._fusable_mask(layer, bound, mask)
+        info = self._fusable_mask(layer, bound, mask, lin)
         if info is False:
             return original(*bound["args"], **bound["call_kwargs"])
         pe = tuple(bound["position_embeddings"])
+        cfg = self.block_config(layer, lin.specs)
         if info is None:
-            return fused_block(x, params, self.block_config(layer), None, pe)
+            return fused_block(x, params, cfg, None, pe)
         ids = info.segment_ids(mask)
         if ids is not None:  # padding / packing as (B, T) ids: no 4-D mask reaches the kernels
-            return fused_block(x, params, self.block_config(layer), None, pe, ids)
-        return fused_block(x, params, self.block_config(layer), info.additive(mask), pe)
+            return fused_block(x, params, cfg, None, pe, ids)
+        return fused_block(x, params, cfg, info.additive(mask), pe)
 
-    def _fusable_mask(self, layer, bound: dict, mask):
+    def _fusable_mask(self, layer, bound: dict, mask, lin: Linears):
         """False to run the original forward (warned once where it is not an inference or attention-output call),
         else the LayerMask of ``mask`` (None without a mask)."""
         x = bound["hidden_states"]
@@ -120,6 +142,8 @@ class LlamaFamilyAdapter:
             return False
         impl = getattr(layer.self_attn.config, "_attn_implementation", "eager")
         if not common_fallback(layer, impl, FUSED_ATTENTION, mask):
+            return False
+        if not lora_eager_only(layer, lin):
             return False
         window = _sliding_window(layer)
         if window is not None and window < x.shape[1] and not (mask is not None and mask.dim() == 4):

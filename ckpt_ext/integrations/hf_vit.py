@@ -13,10 +13,12 @@ Submodule names: 4.57 ``attention.attention.{query,key,value}``, ``attention.out
 
 from __future__ import annotations
 
+import torch
+
 from .. import seeds
 from ..block import fused_block
 from ..functional import BlockConfig
-from .hf_common import common_fallback, eager_rows_ok, needs_graph
+from .hf_common import Linears, common_fallback, eager_rows_ok, lora_eager_only, lora_seeded, needs_graph, read_linears
 from .hf_gpt2 import FUSED_ATTENTION, GELU_FORMS
 from .hf_masks import layer_mask
 
@@ -29,12 +31,17 @@ class _Parts:
         if hasattr(att, "q_proj"):  # 5.x
             self.q, self.k, self.v, self.o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
             self.fc1, self.fc2 = layer.mlp.fc1, layer.mlp.fc2
+            self.paths = {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
+                          "proj": "attention.o_proj", "fc": "mlp.fc1", "fc2": "mlp.fc2"}  # fmt: skip
             self.p_attn, self.p = att.attention_dropout, layer.dropout.p
             self.config = att.config
         else:  # 4.x
             self_att = att.attention
             self.q, self.k, self.v, self.o = self_att.query, self_att.key, self_att.value, att.output.dense
             self.fc1, self.fc2 = layer.intermediate.dense, layer.output.dense
+            self.paths = {"q": "attention.attention.query", "k": "attention.attention.key",
+                          "v": "attention.attention.value", "proj": "attention.output.dense",
+                          "fc": "intermediate.dense", "fc2": "output.dense"}  # fmt: skip
             self.p_attn, self.p = self_att.dropout_prob, att.output.dropout.p
             self.config = self_att.config
             if layer.output.dropout.p != self.p:
@@ -65,35 +72,45 @@ class ViTAdapter:
         if problems:
             raise ValueError("ViTLayer cannot be fused: " + "; ".join(problems))
 
-    def params(self, layer, parts: _Parts):
-        q, k, v = parts.q, parts.k, parts.v
-        return dict(
-            ln1_w=layer.layernorm_before.weight, ln1_b=layer.layernorm_before.bias, w_q=q.weight, b_q=q.bias,
-            w_k=k.weight, b_k=k.bias, w_v=v.weight, b_v=v.bias, w_proj=parts.o.weight, b_proj=parts.o.bias,
-            ln2_w=layer.layernorm_after.weight, ln2_b=layer.layernorm_after.bias, w_fc=parts.fc1.weight,
-            b_fc=parts.fc1.bias, w_fc2=parts.fc2.weight, b_fc2=parts.fc2.bias,
-        )  # fmt: skip
+    def linears(self, layer) -> dict:
+        """LoRA target -> (path in the layer, module) of each linear, 4.57 or 5.x names."""
+        parts = _Parts(layer)
+        return {target: (parts.paths[target], getattr(parts, attr))
+                for target, attr in (("q", "q"), ("k", "k"), ("v", "v"), ("proj", "o"), ("fc", "fc1"),
+                                     ("fc2", "fc2"))}  # fmt: skip
 
-    def block_config(self, layer, parts: _Parts) -> BlockConfig:
+    def params(self, layer, lin: Linears):
+        p = dict(ln1_w=layer.layernorm_before.weight, ln1_b=layer.layernorm_before.bias,
+                 ln2_w=layer.layernorm_after.weight, ln2_b=layer.layernorm_after.bias)  # fmt: skip
+        for target, base in lin.base.items():
+            p[f"w_{target}"], p[f"b_{target}"] = base.weight, base.bias
+        p.update(lin.lora_params)
+        return p
+
+    def block_config(self, layer, parts: _Parts, specs: tuple = ()) -> BlockConfig:
         p_attn = parts.p_attn if layer.training else 0.0
         p = parts.p if layer.training else 0.0
-        seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0) else 0
+        seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0 or lora_seeded(specs)) else 0
         n_heads = parts.config.num_attention_heads
         return BlockConfig(n_heads, False, layer.layernorm_before.eps, GELU_FORMS[parts.config.hidden_act], p_attn, p,
-                           seed, layer._ckpt_policy, packed_qkv=False)  # fmt: skip
+                           seed, layer._ckpt_policy, packed_qkv=False, lora=specs)  # fmt: skip
 
     def forward(self, layer, original, bound: dict):
         x = bound["hidden_states"]
         parts = _Parts(layer)
         mask = bound.get("attention_mask")
-        direct = (parts.q.weight, parts.fc1.weight, parts.fc2.weight, layer.layernorm_before.weight)
+        lin = read_linears(layer, self.linears(layer)) if torch.is_grad_enabled() else None
+        if lin is None:
+            return original(*bound["args"], **bound["call_kwargs"])
+        params = self.params(layer, lin)
         impl = getattr(parts.config, "_attn_implementation", "eager")
         fusable = (
-            needs_graph(x, direct)
+            needs_graph(x, params.values())
             and bound.get("head_mask") is None
             and not bound.get("output_attentions")
             and not bound["kwargs"].get("output_attentions")
             and common_fallback(layer, impl, FUSED_ATTENTION, mask)
+            and lora_eager_only(layer, lin)
         )
         info = None
         if fusable and mask is not None:
@@ -101,6 +118,6 @@ class ViTAdapter:
             fusable = eager_rows_ok(layer, impl, info, mask)
         if not fusable:
             return original(*bound["args"], **bound["call_kwargs"])
-        out = fused_block(x, self.params(layer, parts), self.block_config(layer, parts),
+        out = fused_block(x, params, self.block_config(layer, parts, lin.specs),
                           None if info is None else info.additive(mask))  # fmt: skip
         return (out,) if "output_attentions" in bound else out
