@@ -46,7 +46,7 @@ from .functional import (
 )
 from .policies import get_policy
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(BlockConfig) if f.name != "seed")
+_FIELDS = tuple(f.name for f in dataclasses.fields(BlockConfig) if f.name not in ("seed", "lora"))  # LoRA: eager only
 
 
 def make_spec(cfg: BlockConfig, device_type: str, present: str = "") -> str:

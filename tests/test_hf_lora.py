@@ -32,8 +32,19 @@ def _base(family: str, p: float = 0.0):
     if family in LLAMA_FAMILIES:
         return make_model(family, kv=2, attention_dropout=p)
     if family == "gpt2":
-        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=97, attn_pdrop=p,
-                                      resid_pdrop=p, embd_pdrop=p, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        cfg = transformers.GPT2Config(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=32,
+            vocab_size=97,
+            attn_pdrop=p,
+            resid_pdrop=p,
+            embd_pdrop=p,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         cfg._attn_implementation = "sdpa"  # fmt: skip
         return transformers.GPT2LMHeadModel(cfg).train()
     cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
