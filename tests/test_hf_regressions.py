@@ -345,3 +345,40 @@ def test_top_level_kernels_folder_hands_over_to_the_distribution(tmp_path):
     run = subprocess.run([sys.executable, "-S", "-c", bare], cwd=root, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert Path(run.stdout.strip()) == root / "kernels" / "__init__.py"
+
+
+# ------------------------------------------------------------------------------------------------ issue 22, item 5
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fullgraph_compile_of_a_converted_model(family, padding, fused_calls):
+    """torch.compile(fullgraph=True) of a converted model: forward + backward equal the eager converted model's and the
+    unconverted model's, and dynamo finds no graph break (the loss is taken outside the model: GPT-2's own loss
+    function breaks the graph in the unconverted model too)."""
+    torch._dynamo.reset()
+    ref = MODELS[family]()
+    model = copy.deepcopy(ref)
+    apply_fused_checkpointing(model, "block")
+    ids, mask = left_padded()
+    mask = mask if padding else None
+    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+
+    def loss_of(m):
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    def run(fn, m):
+        m.zero_grad(set_to_none=True)
+        loss = fn(m)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    eager = run(loss_of, model)
+    unconverted = run(loss_of, ref)
+    compiled = run(torch.compile(loss_of, fullgraph=True, backend="aot_eager"), model)
+    assert len(fused_calls) == 4  # 2 layers, eager and traced
+    for expected in (eager, unconverted):
+        torch.testing.assert_close(compiled[0], expected[0], rtol=1e-5, atol=1e-6)
+        for name, g in expected[1].items():
+            torch.testing.assert_close(compiled[1][name], g, rtol=1e-4, atol=2e-6)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(loss_of)(model).graph_break_count == 0

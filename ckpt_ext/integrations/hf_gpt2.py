@@ -8,7 +8,8 @@ Attention scale 1/sqrt(dh) (``scale_attn_weights``), probabilities dropped with 
 with ``resid_pdrop``, LayerNorm eps ``layer_norm_epsilon``, ``gelu_new`` = GELU's tanh form.
 
 Fused path: autograd records the call, no attention weights or head mask are requested, no cross-attention input,
-attention implementation eager or sdpa, and no KV cache with earlier tokens for this layer. A cache that is still
+attention implementation eager or sdpa (eager only with a mask that leaves every query row a key), plain submodules
+without hooks, and no KV cache with earlier tokens for this layer. A cache that is still
 empty is left unfilled only while the layer trains (``use_cache=True`` is GPT-2's default, also while training), as
 Hugging Face's own gradient checkpointing does; in eval() a requested cache is always filled, by the original forward.
 Everything else (generate, no_grad, output_attentions, ...) runs the original forward.

@@ -9,14 +9,15 @@ with RMSNorm in Hugging Face's cast order, GQA (``num_key_value_heads``), RoPE a
 The block gets Hugging Face's own weight tensors (separate q/k/v and gate/up: no concatenation is built or kept).
 
 Fused path: autograd records the call, ``position_embeddings`` are given, no attention weights requested, attention
-implementation eager or sdpa, no hooks on the bypassed submodules, and no KV cache to serve: a cache holding tokens,
+implementation eager or sdpa, only plain submodules without hooks (hf_common.unsupported_submodule), eager
+attention only with a mask that leaves every query row a key, and no KV cache to serve: a cache holding tokens,
 or any cache outside training, runs the original forward (so generate() and eval with use_cache fill it); while
 training a cache created by default is left unfilled, as Hugging Face's own gradient checkpointing does. Masks: None
 (causal), 4-D bool or additive (padding, packed sequences' block-diagonal masks, sliding windows as the model built
 them), or a 2-D padding mask; a mask that masks nothing beyond causality reaches the unmasked causal kernel. A
 sliding window shorter than the sequence with no 4-D mask that encodes it runs the original forward (warned once).
 A 4-D mask that is exactly causal ∧ key-keep ∧ same-segment (left padding, packed sequences from position_ids) is
-handed over as (B, T) segment ids instead (hf_common.segment_ids_for, checked against the mask, cached per mask).
+handed over as (B, T) segment ids instead (hf_masks.py: checked against the mask, converted once per forward).
 Returns what the original returns: the hidden states tensor (4.57, 5.x), a 1-tuple where the layer's signature says so.
 """
 

@@ -8,7 +8,7 @@ saving, loading, optimizers, DDP and FSDP2 see the same model. Calling it again 
 layers (they count as converted). Each family adapter (hf_gpt2.py, hf_vit.py, hf_llama.py) provides:
 
     layer_classes() -> classes to convert        check(layer) -> raises ValueError for configs it cannot fuse
-    forward(layer, original_forward, args, kwargs) -> the layer's output (fused, or the original forward)
+    forward(layer, original_forward, bound) -> the layer's output (fused, or the original forward)
 
 ``remove_fused_checkpointing(model)`` restores the original classes. transformers is imported only when called.
 """
