@@ -28,6 +28,7 @@ from .hf_common import (
     Linears,
     common_fallback,
     eager_rows_ok,
+    fallback,
     lora_eager_only,
     lora_seeded,
     needs_graph,
@@ -87,8 +88,8 @@ class GPT2Adapter:
 
     def block_config(self, layer, specs: tuple = ()) -> BlockConfig:
         cfg = layer.attn.config
-        p_attn = cfg.attn_pdrop if layer.training else 0.0
-        p = cfg.resid_pdrop if layer.training else 0.0
+        p_attn = layer.attn.attn_dropout.p if layer.training else 0.0  # the modules' p, as the original forward reads
+        p = layer.attn.resid_dropout.p if layer.training else 0.0
         seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0 or lora_seeded(specs)) else 0
         return BlockConfig(layer.attn.num_heads, True, layer.ln_1.eps, GELU_FORMS[cfg.activation_function], p_attn,
                            p, seed, layer._ckpt_policy, lora=specs)  # fmt: skip
@@ -123,6 +124,9 @@ class GPT2Adapter:
             return False
         if not lora_eager_only(layer, lin):
             return False
+        if layer.training and layer.attn.resid_dropout.p != layer.mlp.dropout.p:
+            return fallback(layer, "dropout", f"different dropout on the residual branches (attn.resid_dropout.p = "
+                            f"{layer.attn.resid_dropout.p}, mlp.dropout.p = {layer.mlp.dropout.p})")  # fmt: skip
         cache = next((bound[k] for k in _CACHE_ARGS if bound.get(k) is not None), None)
         cache = cache if cache is not None else next((extra[k] for k in _CACHE_ARGS if extra.get(k) is not None), None)
         if cache is not None:
