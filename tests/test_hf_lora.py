@@ -24,6 +24,8 @@ TARGETS = {
     "gpt2": {"qv": ["c_attn"], "all": ["c_attn", "c_proj", "c_fc"]},
     "vit": {"qv": ["query", "value"], "all": ["query", "key", "value", "dense"]},
 }
+if int(transformers.__version__.split(".")[0]) >= 5:  # 5.x renamed ViT's linears
+    TARGETS["vit"] = {"qv": ["q_proj", "v_proj"], "all": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]}
 LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
