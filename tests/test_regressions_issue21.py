@@ -324,3 +324,19 @@ def test_functional_call_without_a_transform_still_works():
     plain(x).sum().backward()
     for n, p in plain.named_parameters():
         torch.testing.assert_close(params[n].grad, p.grad, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- the property lane
+LANE_CASE = dict(b=2, t=4, d=8, heads=2, head_dim=None, kv=None, d_ff=7, activation="gelu", causal=True,
+                 dtype="float32", mask="none", policy="block", backend="cpp", seed=3)  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", [dict(strided=True), dict(splits=[(4, 2), (8, 1)]),
+                                   dict(activation="swiglu", kv=1, strided=True, splits=[(1, 8)])],
+                         ids=["strided", "splits", "llama"])  # fmt: skip
+def test_the_property_lane_finds_items_1_and_11(programs, extra):
+    """The lane's checks (tests/block_cases.py) on a strided x (retained bytes: item 11) and on other splits of one
+    token count run on the same module with traced programs (item 1); both fail on c503ee1."""
+    from block_cases import check_parity
+
+    check_parity(LANE_CASE | extra)
