@@ -36,6 +36,7 @@ from .functional import (
     FusedBlockFunction,
     block_forward,
     check_config,
+    is_numpy_bool,
     param_names,
 )
 from .policies import get_policy
@@ -60,7 +61,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, bias: bool, *, packed: bool = True, n_kv_heads: int = 0,
                  head_dim: int = 0, qkv_bias: Optional[bool] = None, qk_norm: bool = False,
-                 eps: float = 1e-6):  # fmt: skip
+                 eps: float = 1e-6, dropout: float = 0.0):  # fmt: skip
         super().__init__()
         kv, dh = n_kv_heads or n_heads, head_dim or d_model // n_heads
         qkv_bias = bias if qkv_bias is None else qkv_bias
@@ -73,6 +74,7 @@ class Attention(nn.Module):
         if qk_norm:
             self.q_norm, self.k_norm = RMSNorm(dh, eps), RMSNorm(dh, eps)
         self.proj = nn.Linear(n_heads * dh, d_model, bias=bias)
+        self.attn_drop = nn.Dropout(dropout)  # its p is the attention dropout of both blocks (no state: no state_dict)
 
 
 class MLP(nn.Module):
@@ -86,13 +88,48 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, d_model, bias=bias)
 
 
-def _positive_int(name: str, value, allow_none: bool = False) -> None:
+def _positive_int(name: str, value, allow_none: bool = False) -> Optional[int]:
+    """value as a Python int (numpy integers included), checked positive."""
     if allow_none and value is None:
-        return
+        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+def _checked_p(name: str, p) -> float:
+    p = _real(name, p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return p
+
+
+def _real(name: str, value) -> float:
+    """value as a Python float (numpy scalars included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _flag(name: str, value, allow_none: bool = False) -> Optional[bool]:
+    """value as a Python bool (numpy bools included)."""
+    if allow_none and value is None:
+        return None
+    if not isinstance(value, bool) and not is_numpy_bool(value):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _dropout_p(where: str, module: nn.Dropout) -> float:
+    """The probability ``module`` applies now (0 in eval mode), checked for the fused kernels."""
+    if not module.training:
+        return 0.0
+    p = module.p
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{where}.p must be in [0, 1) for the fused block, got {p!r}")
+    return float(p)
 
 
 def rotate_half_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -130,11 +167,14 @@ class TransformerBlock(nn.Module):
         if norm != NORM_FOR[activation]:
             raise ValueError(f"norm={norm!r} with activation={activation!r}: the fused block pairs LayerNorm with "
                              "GELU (GPT-2, ViT) and RMSNorm with SwiGLU (Llama family)")  # fmt: skip
-        _positive_int("d_model", d_model)
-        _positive_int("n_heads", n_heads)
-        _positive_int("n_kv_heads", n_kv_heads, allow_none=True)
-        _positive_int("head_dim", head_dim, allow_none=True)
-        _positive_int("d_ff", d_ff, allow_none=True)
+        # hyperparameters become Python numbers (numpy scalars included): configs round-trip through repr() (compile)
+        d_model, n_heads = _positive_int("d_model", d_model), _positive_int("n_heads", n_heads)
+        n_kv_heads = _positive_int("n_kv_heads", n_kv_heads, allow_none=True)
+        head_dim = _positive_int("head_dim", head_dim, allow_none=True)
+        d_ff = _positive_int("d_ff", d_ff, allow_none=True)
+        eps = None if eps is None else _real("eps", eps)
+        causal, qk_norm = _flag("causal", causal), _flag("qk_norm", qk_norm)
+        bias, qkv_bias = _flag("bias", bias, allow_none=True), _flag("qkv_bias", qkv_bias, allow_none=True)
         if head_dim is None and d_model % n_heads != 0:
             raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model}) unless head_dim is given")
         kv = n_heads if n_kv_heads is None else n_kv_heads
@@ -146,25 +186,41 @@ class TransformerBlock(nn.Module):
         if d_ff is None:
             if not isinstance(mlp_ratio, numbers.Real) or isinstance(mlp_ratio, bool) or not mlp_ratio > 0:
                 raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
-            d_ff = int(mlp_ratio * d_model)
+            d_ff = int(float(mlp_ratio) * d_model)
             if d_ff <= 0:
                 raise ValueError(f"mlp_ratio={mlp_ratio} gives an MLP hidden size of 0 at d_model={d_model}")
-        for name, p in (("dropout", dropout), ("attn_dropout", attn_dropout)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        dropout, attn_dropout = _checked_p("dropout", dropout), _checked_p("attn_dropout", attn_dropout)
         llama = norm == "rmsnorm"
         eps = (1e-6 if llama else 1e-5) if eps is None else eps
         bias = (not llama) if bias is None else bias
         self.d_model, self.n_heads, self.hidden = d_model, n_heads, d_ff
         self.n_kv_heads, self.head_dim, self.qkv_bias, self.qk_norm = kv, dh, qkv_bias, qk_norm
-        self.mlp_ratio, self.dropout, self.attn_dropout = d_ff / d_model, dropout, attn_dropout
+        self.mlp_ratio = d_ff / d_model
         self.activation, self.causal, self.eps, self.bias, self.norm = activation, causal, eps, bias, norm
         self.ln_1 = RMSNorm(d_model, eps) if llama else nn.LayerNorm(d_model, eps=eps, bias=bias)
         self.attn = Attention(d_model, n_heads, bias, packed=not llama, n_kv_heads=kv, head_dim=dh, qkv_bias=qkv_bias,
-                              qk_norm=qk_norm, eps=eps)  # fmt: skip
+                              qk_norm=qk_norm, eps=eps, dropout=attn_dropout)  # fmt: skip
         self.ln_2 = RMSNorm(d_model, eps) if llama else nn.LayerNorm(d_model, eps=eps, bias=bias)
         self.mlp = MLP(d_model, d_ff, bias, gated=llama)
         self.resid_drop = nn.Dropout(dropout)
+
+    # The dropout probabilities live in the nn.Dropout modules (one source of truth for both blocks and for
+    # from_block's shared modules): a schedule that sets p on every nn.Dropout reaches the fused block too.
+    @property
+    def dropout(self) -> float:
+        return self.resid_drop.p
+
+    @dropout.setter
+    def dropout(self, p) -> None:
+        self.resid_drop.p = _checked_p("dropout", p)
+
+    @property
+    def attn_dropout(self) -> float:
+        return self.attn.attn_drop.p
+
+    @attn_dropout.setter
+    def attn_dropout(self, p) -> None:
+        self.attn.attn_drop.p = _checked_p("attn_dropout", p)
 
     def config(self) -> dict:
         return dict(
@@ -214,7 +270,7 @@ class TransformerBlock(nn.Module):
         if q.dtype != v.dtype:  # HF's fp32 RoPE tables upcast q and k; SDPA wants one dtype
             q, k = q.to(v.dtype), k.to(v.dtype)
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0,
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn.attn_drop.p if self.attn.attn_drop.training else 0.0,
             is_causal=self.causal and attn_mask is None, scale=dh**-0.5, enable_gqa=kv != h,
         )  # fmt: skip
         x1 = x + self.resid_drop(self.attn.proj(o.transpose(1, 2).reshape(b, t, h * dh)))
@@ -319,8 +375,8 @@ class FusedCheckpointBlock(TransformerBlock):
             raise TypeError(f"from_block expects a ckpt_ext.TransformerBlock, got {type(block).__name__}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        for key in ("d_model", "n_heads", "hidden", "mlp_ratio", "dropout", "attn_dropout", "activation", "causal",
-                    "eps", "bias", "norm", "n_kv_heads", "head_dim", "qkv_bias", "qk_norm"):  # fmt: skip
+        for key in ("d_model", "n_heads", "hidden", "mlp_ratio", "activation", "causal", "eps", "bias", "norm",
+                    "n_kv_heads", "head_dim", "qkv_bias", "qk_norm"):  # fmt: skip
             setattr(new, key, getattr(block, key))
         for name in ("ln_1", "attn", "ln_2", "mlp", "resid_drop"):
             setattr(new, name, getattr(block, name))
@@ -367,8 +423,12 @@ class FusedCheckpointBlock(TransformerBlock):
         return tuple(specs)
 
     def block_config(self, lora_specs: tuple = ()) -> BlockConfig:
-        p_attn = self.attn_dropout if self.training else 0.0
-        p = self.dropout if self.training else 0.0
+        """This call's configuration; the dropout probabilities are read where the plain block reads them (the
+        nn.Dropout modules resid_drop and attn.attn_drop, their p and training flag), so changes to them apply.
+        ``lora_specs``: read_lora's, for the PEFT LoRA layers on the block's linears."""
+        modules = self._modules
+        p_attn = _dropout_p("attn.attn_drop", modules["attn"]._modules["attn_drop"])
+        p = _dropout_p("resid_drop", modules["resid_drop"])
         drops = p > 0.0 or p_attn > 0.0 or any(s.dropout > 0.0 for s in lora_specs)
         seed = seeds.host_seed() if drops else 0  # DEVICE_SEED under torch.compile
         return BlockConfig(self.n_heads, self.causal, self.eps, ACTIVATIONS[self.activation], p_attn, p, seed,
@@ -400,6 +460,15 @@ def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor]
     T = 0) returns an empty output whose gradients are zeros, as the plain block's are.
     """
     check_config(cfg)
+    cos, sin = (None, None) if position_embeddings is None else position_embeddings
+    _check_no_grad_inputs(attn_mask, cos, sin)
+    if not torch.compiler.is_compiling() and _functorch_active(x):
+        raise NotImplementedError(
+            "ckpt_ext's fused block does not support torch.func transforms (grad, vjp, jvp, vmap, jacrev, ...): its "
+            "hand-written backward is an autograd.Function without setup_context/vmap rules. Use "
+            "ckpt_ext.TransformerBlock (same parameters and state_dict) under torch.func, or plain autograd "
+            "(loss.backward() / torch.autograd.grad) with the fused block"
+        )
     names = param_names(cfg)
     if not isinstance(params, dict):
         params = tuple(params)
@@ -413,7 +482,6 @@ def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor]
         out_features, in_features = params[f"w_{spec.target}"].shape
         lora.check_tensors(spec, params[spec.a_name], params[spec.b_name], in_features, out_features)
     tensors = tuple(params[n] for n in names)
-    cos, sin = (None, None) if position_embeddings is None else position_embeddings
     b, t, d = x.shape
     if b * t == 0:
         return x + sum(p.sum() * 0 for p in tensors if p is not None)
@@ -432,6 +500,28 @@ def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor]
             out, _ = block_forward(x.reshape(b * t, d), (b, t), full, cfg, attn_mask, rope_cs, segment_ids)
         return out.view(b, t, d)
     return FusedBlockFunction.apply(x, attn_mask, segment_ids, cos, sin, cfg, names, *tensors)
+
+
+def _check_no_grad_inputs(attn_mask, cos, sin) -> None:
+    """The fused block gives no gradient to the mask or the RoPE tables: one that requires grad (a learnable bias, a
+    learned rotation) raises instead of training without its gradient (only while grad is on: under no_grad nothing
+    would flow anyway)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in (("attn_mask", attn_mask), ("position_embeddings cos", cos), ("position_embeddings sin", sin)):
+        if t is not None and t.requires_grad:
+            raise ValueError(
+                f"ckpt_ext's fused block: {name} requires grad, but the block computes no gradient for it (the "
+                "attention ops take masks and RoPE tables as constants). Pass it detached (e.g. attn_mask.detach()) "
+                "if it is not meant to learn, or use ckpt_ext.TransformerBlock, which differentiates it"
+            )
+
+
+def _functorch_active(x: Tensor) -> bool:
+    """True inside a torch.func transform (grad, vjp, jvp, vmap, jacrev, ...): its interpreter stack is not empty,
+    or x is one of its wrapped tensors."""
+    functorch = torch._C._functorch
+    return functorch.peek_interpreter_stack() is not None or functorch.is_functorch_wrapped_tensor(x)
 
 
 def init_block_(block: TransformerBlock, std: float = 0.02, n_layers: int = 1) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -82,6 +83,17 @@ class BlockConfig:
     scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5
     lora: tuple = ()  # lora.LoraSpec per adapted linear (PEFT LoRA): its A and B follow the block's parameters
 
+    def __post_init__(self):
+        """Numbers become Python numbers (numpy scalars included): the compiled block round-trips a config through
+        repr() (compiled.make_spec), and a numpy scalar's repr is not a number."""
+        for name, kind in _NUMBER_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not kind:
+                object.__setattr__(self, name, _python_number(f"BlockConfig.{name}", kind, value))
+        seed = self.seed
+        if type(seed) is not int and isinstance(seed, numbers.Integral):  # a numpy int; not DEVICE_SEED or a SymInt
+            object.__setattr__(self, "seed", int(seed))
+
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
@@ -90,6 +102,28 @@ class BlockConfig:
 
     def softmax_scale(self, d_model: int) -> float:
         return self.scale or self.dh(d_model) ** -0.5
+
+
+_NUMBER_FIELDS = (("n_heads", int), ("causal", bool), ("eps", float), ("attn_dropout", float), ("dropout", float),
+                  ("n_kv_heads", int), ("head_dim", int), ("qk_norm", bool), ("packed_qkv", bool),
+                  ("scale", float))  # fmt: skip
+
+
+def is_numpy_bool(value) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+
+
+def _python_number(what: str, kind: type, value):
+    """value as ``kind`` (int, float or bool), for Python and numpy numbers; a clear error for anything else."""
+    if kind is bool:
+        ok = isinstance(value, numbers.Integral) and value in (0, 1) or is_numpy_bool(value)
+    elif kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok:
+        raise TypeError(f"{what} must be a Python {kind.__name__}, got {type(value).__name__} {value!r}")
+    return kind(value)
 
 
 def param_names(cfg: BlockConfig) -> tuple[str, ...]:
@@ -133,8 +167,12 @@ class _AutocastState:
         self.dtype = torch.get_autocast_dtype(device_type) if self.enabled else None
 
     def __call__(self):
-        if not self.enabled:  # also devices autocast does not know (meta)
+        """Enter exactly this state: also *disabled*, so an autocast around backward (or recompute) that the forward
+        did not run under does not leak into it. Devices autocast does not know (meta): nothing to enter."""
+        if not torch.amp.is_autocast_available(self.device_type):
             return contextlib.nullcontext()
+        if not self.enabled:
+            return torch.autocast(self.device_type, enabled=False)
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def mm(self, t: Optional[Tensor]) -> Optional[Tensor]:
@@ -669,7 +707,7 @@ class FusedBlockFunction(torch.autograd.Function):
         ctx.program = None
         with EagerFastPath(x.device.type) as fast:
             if fast.active and traced.eligible(cfg, attn_mask, segment_ids, x, params, cos, sin):
-                ctx.program = traced.forward_program(x2, (b, t), cfg, names, params, cos, sin)
+                ctx.program = traced.forward_program(x, attn_mask, segment_ids, cos, sin, cfg, names, params)
             if ctx.program is not None:
                 out, flat = ctx.program.run_forward(x2, params, cos, sin)
                 layout = ctx.program.layout
@@ -679,7 +717,8 @@ class FusedBlockFunction(torch.autograd.Function):
                 rope_cs = None if cos is None else (cos, sin)
                 out, flat, layout = forward_saved(x2, (b, t), p, cfg, attn_mask, rope_cs, segment_ids)
         ctx.layout = layout
-        ctx.save_for_backward(attn_mask, segment_ids, cos, sin, *params, *flat)
+        # flat[0] is x2: a copy of x when x is not viewable as (N, d) (e.g. a transposed input); keep the caller's x
+        ctx.save_for_backward(attn_mask, segment_ids, cos, sin, *params, x, *flat[1:])
         ctx.cfg, ctx.shape, ctx.names = cfg, (b, t), names
         ctx.autocast = _AutocastState(x.device.type)
         ctx.backend = backend.get_backend()  # backward runs on the forward's backend (on CUDA, autograd's own thread)
@@ -695,9 +734,10 @@ class FusedBlockFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         attn_mask, segment_ids, cos, sin = saved[:4]
         k = len(ctx.names)
-        params, flat = saved[4 : 4 + k], saved[4 + k :]
+        params, (x, *flat) = saved[4 : 4 + k], saved[4 + k :]
         cfg, (b, t) = ctx.cfg, ctx.shape
         d = dout.shape[-1]
+        flat = (x.reshape(b * t, d), *flat)
         dout2 = dout.reshape(b * t, d)
         with backend.set_backend(ctx.backend), ctx.autocast(), EagerFastPath(dout.device.type) as fast:
             program = None

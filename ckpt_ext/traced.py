@@ -3,7 +3,8 @@
 At small shapes a block step's time is mostly the host's (bench/host.py): even on the fast path
 (functional.EagerFastPath: kernels called directly, below autograd) every call walks the block's helpers, dicts and
 policy branches again, although all they decide is fixed by the configuration. So for one key
-    (BlockConfig, backend, device; shape, strides and dtype of x and of every parameter / RoPE table)
+    (backend; every argument of the call: BlockConfig, parameter names, and each tensor's shape, strides, dtype,
+     device, layout and requires_grad: x (B, T, d) as given, so its (B, T) split too, every parameter, cos, sin)
 the forward (functional.forward_saved: block_forward and the policy's save set) and, per dout layout, the backward
 (functional.backward_from_saved: the block policies' attention-half recompute and block_backward) are traced once with
 make_fx through the kernels the fast path calls: a graph of aten ops and ckpt_ext C++ kernel ops (``*_kernel``), dead
@@ -92,7 +93,15 @@ def eligible(cfg, attn_mask: Optional[Tensor], segment_ids: Optional[Tensor], x:
 
 
 def _meta(t: Optional[Tensor]):
-    return None if t is None else (t.shape, t.stride(), t.dtype)
+    """Everything about a tensor that a trace may bake in, values excepted."""
+    if t is None:
+        return None
+    return (tuple(t.shape), t.stride(), t.dtype, t.device, t.layout, t.requires_grad, t.is_conj(), t.is_neg())
+
+
+def key_of(*parts) -> tuple:
+    """A cache key from a call's arguments: every tensor by _meta, everything else (config, names) as it is."""
+    return tuple(_meta(a) if isinstance(a, Tensor) else a for a in parts)
 
 
 def _present(params) -> tuple[int, ...]:
@@ -165,7 +174,7 @@ class ForwardProgram:
         copies with other strides, e.g. torch.autograd.graph.save_on_cpu)."""
         if backend.concrete_backend(self.device_type) != self.backend_name:
             return None
-        key = (_meta(dout2), tuple(_meta(t) for t in flat), tuple(_meta(t) for t in params), _meta(cos), _meta(sin))
+        key = key_of(dout2, cos, sin, *params, *flat)
         if key in self.backward_programs:
             return self.backward_programs[key]
         program = None
@@ -208,11 +217,13 @@ class BackwardProgram:
         return dx, tuple(grads)
 
 
-def forward_program(x2: Tensor, shape, cfg, names, params, cos, sin) -> Optional[ForwardProgram]:
+def forward_program(x: Tensor, attn_mask, segment_ids, cos, sin, cfg, names, params) -> Optional[ForwardProgram]:
     """The traced forward for this call's key, or None: while the key is new (the first TRACE_AFTER - 1 calls of a
-    key walk the fast path, so one-off shapes are never traced) or where tracing was refused."""
-    metas = tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in params)
-    key = (cfg, backend.concrete_backend(x2.device.type), x2.device, _meta(x2), metas, _meta(cos), _meta(sin))
+    key walk the fast path, so one-off shapes are never traced) or where tracing was refused.
+
+    The key is every argument of the call (x (B, T, d) itself, not its (B·T, d) view: the trace bakes (B, T) in),
+    tensors by _meta, and the concrete backend."""
+    key = key_of(backend.concrete_backend(x.device.type), cfg, names, x, attn_mask, segment_ids, cos, sin, *params)
     program = _programs.get(key, _UNSEEN)
     if program is not _UNSEEN:
         return program
@@ -223,8 +234,9 @@ def forward_program(x2: Tensor, shape, cfg, names, params, cos, sin) -> Optional
     if seen < TRACE_AFTER:
         return None
     program = None
+    b, t, d = x.shape
     try:
-        program = _trace_forward(x2, shape, cfg, names, params, cos, sin)
+        program = _trace_forward(x.reshape(b * t, d), (b, t), cfg, names, params, cos, sin)
     except Exception as err:  # noqa: BLE001  (any trace failure: run the walked fast path)
         _refuse(key, err)
     with _lock:

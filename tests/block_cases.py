@@ -7,6 +7,8 @@ A case is a plain dict (so hypothesis can draw it and @example / regression test
     mask            "none" | "bool" | "additive" | "-inf" | "finfo.min"; mask_shape "B1TT" | "BHTT" | "TT"
     padding         "none" | "left" | "right" | "rows" (random query rows with every key masked)
     policy, backend ("reference" | "cpp"), p (residual dropout), p_attn (attention dropout), seed
+    strided         x is handed over non-contiguous: a (T, B, d) tensor transposed to (B, T, d)
+    splits          other (B, T) splits of the same B·T tokens, run on the same module after it (see check_resplits)
 
 Masks: "bool" is a keep-mask; "-inf" / "finfo.min" are additive float masks whose masked positions hold that value and
 whose visible positions hold random finite biases; "additive" has only finite biases (masked positions -30), so every
@@ -16,8 +18,13 @@ with those rows unmasked (a row's own mask never reaches any other row's output,
 
 check_parity (no dropout): output, dx and every parameter gradient of the fused block against the plain block run in
 the same dtype and in float64 (tolerance: 4 x torch's own error + a small floor), and nothing non-finite where the
-plain block is finite. check_dropout_policies: with dropout the plain block draws other masks, so each policy is held
-to the tolerance rule against policy "none" of the fused block under one seed (float64 run = the reference).
+plain block is finite; the bytes the fused forward retains equal the policy table's (policies.retained_bytes: no
+private copy of a strided x, nothing beyond the table); then check_resplits: the same module, traced programs on
+(cpp), runs the case's split twice (traced on the second call) and each other split of the same token count (no
+mask), each against the plain block — a program replayed for the wrong (B, T) shows there.
+check_dropout_policies: with dropout the plain block draws other masks, so each policy is held to the tolerance rule
+against policy "none" of the fused block under one seed (float64 run = the reference), and its retained bytes to the
+table (seeded masks keep nothing).
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ import copy
 
 import torch
 
-from ckpt_ext import FusedCheckpointBlock, TransformerBlock, set_backend
+from ckpt_ext import FusedCheckpointBlock, TransformerBlock, set_backend, traced
 from ckpt_ext.block import init_block_
+from ckpt_ext.measure import retained_activation_bytes
+from ckpt_ext.policies import retained_bytes
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 FLOOR = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the tensor's scale
@@ -107,9 +116,16 @@ def _repaired(mask, empty_rows):
     return full
 
 
-def run(block, x, g, mask, seed=None):
-    """(out, dx, parameter grads in named_parameters order), with the global RNG seeded first if ``seed``."""
-    x = x.detach().clone().requires_grad_(True)
+def strided(x: torch.Tensor) -> torch.Tensor:
+    """x's values as a non-contiguous (B, T, d) tensor: a (T, B, d) one transposed (not viewable as (B·T, d))."""
+    return x.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def run(block, x, g, mask, seed=None, layout=None):
+    """(out, dx, parameter grads in named_parameters order), with the global RNG seeded first if ``seed``; x handed
+    over through ``layout`` (e.g. strided) if given."""
+    x = x.detach().clone()
+    x = (x if layout is None else layout(x)).requires_grad_(True)
     block.zero_grad(set_to_none=True)
     if seed is not None:
         torch.manual_seed(seed)
@@ -168,14 +184,57 @@ def check_parity(case: dict) -> None:
     with torch.no_grad():
         plain_out = blk(x.to(dtype), attn_mask=_in(mask, dtype))
     fused = FusedCheckpointBlock.from_block(copy.deepcopy(blk), policy=case["policy"])
+    layout = strided if case.get("strided") else None
     with set_backend(case["backend"]):
-        ours = run(fused, x.to(dtype), g, _in(mask, dtype))
+        ours = run(fused, x.to(dtype), g, _in(mask, dtype), layout=layout)
+        check_retained(case, fused, x.to(dtype), _in(mask, dtype), layout)
     names = _names(blk)
     for tensors in (ours, ref, ref64):
         tensors[0] = tensors[0].masked_fill(bad_rows[..., None], 0.0)
     assert_finite_where([ours[0]], [plain_out.masked_fill(bad_rows[..., None], 0.0)], ["out"], what)
     assert_finite_where(ours, ref, names, what)
     assert_close_rule(ours, ref, ref64, floor(case), names, what)
+    if case.get("splits"):
+        check_resplits(case, blk64, fused)
+
+
+def table_bytes(case: dict, b: int, t: int) -> int:
+    """policies.retained_bytes for the case's block at (b, t): every tensor in the case's dtype, statistics fp32
+    (float64 in a float64 block)."""
+    size = DTYPES[case["dtype"]].itemsize
+    llama = case["activation"] == "swiglu"
+    return retained_bytes(case["policy"], b, t, case["d"], case["heads"], case["d_ff"], act_bytes=size,
+                          matmul_bytes=size, stat_bytes=max(size, 4), n_kv_heads=case.get("kv") if llama else None,
+                          head_dim=case.get("head_dim"), norm="rmsnorm" if llama else "layernorm",
+                          mlp="swiglu" if llama else "gelu")  # fmt: skip
+
+
+def check_retained(case: dict, fused, x, mask, layout) -> None:
+    """The bytes the fused forward keeps for backward (measure.retained_activation_bytes) are the policy table's."""
+    x = x.detach().clone()
+    x = (x if layout is None else layout(x)).requires_grad_(True)
+    kept, _ = retained_activation_bytes(fused, x, attn_mask=mask)
+    want = table_bytes(case, *x.shape[:2])
+    assert kept == want, f"case {case}: the forward retains {kept} bytes, the policy table says {want}"
+
+
+def check_resplits(case: dict, blk64: TransformerBlock, fused: FusedCheckpointBlock) -> None:
+    """One module, several (B, T) splits of the case's token count, traced programs on: the case's split twice (the
+    second call traces it), then each split of case["splits"]; every call (no mask) against the plain block in the
+    case's dtype and in float64."""
+    dtype = DTYPES[case["dtype"]]
+    blk = copy.deepcopy(blk64).to(dtype)
+    names, layout = _names(blk), strided if case.get("strided") else None
+    gen = torch.Generator().manual_seed(case["seed"] + 2)
+    traced.clear()
+    for b, t in [(case["b"], case["t"])] * traced.TRACE_AFTER + list(case["splits"]):
+        x = torch.randn(b, t, case["d"], generator=gen, dtype=torch.float64)
+        g = torch.randn(b, t, case["d"], generator=gen, dtype=torch.float64)
+        ref64, ref = run(blk64, x, g, None), run(blk, x.to(dtype), g, None)
+        with set_backend(case["backend"]):
+            ours = run(fused, x.to(dtype), g, None, layout=layout)
+        assert_close_rule(ours, ref, ref64, floor(case), names, f"case {case}, split ({b}, {t})")
+    traced.clear()
 
 
 def check_dropout_policies(case: dict) -> None:
@@ -192,10 +251,12 @@ def check_dropout_policies(case: dict) -> None:
     with set_backend("reference"):
         ref64 = run(FusedCheckpointBlock.from_block(copy.deepcopy(blk64), policy="none"), x, g, mask, seed=step)
     blk = copy.deepcopy(blk64).to(dtype)
+    fused = FusedCheckpointBlock.from_block(copy.deepcopy(blk), policy=case["policy"])
+    layout = strided if case.get("strided") else None
     with set_backend(case["backend"]):
         ref = run(FusedCheckpointBlock.from_block(copy.deepcopy(blk), policy="none"), x.to(dtype), g, m, seed=step)
-        ours = run(FusedCheckpointBlock.from_block(copy.deepcopy(blk), policy=case["policy"]), x.to(dtype), g, m,
-                   seed=step)  # fmt: skip
+        ours = run(fused, x.to(dtype), g, m, seed=step, layout=layout)
+        check_retained(case, fused, x.to(dtype), m, layout)
     names = _names(blk)
     for tensors in (ours, ref, ref64):
         tensors[0] = tensors[0].masked_fill(bad_rows[..., None], 0.0)
