@@ -138,8 +138,7 @@ def test_lora_dropout_replayed_by_every_policy(family):
     for policy in POLICIES:
         for backend in ("reference", "cpp"):
             blk = copy.deepcopy(base).double()
-            blk.dropout, blk.attn_dropout = extra["dropout"], extra["attn_dropout"]
-            blk.resid_drop.p = extra["dropout"]
+            blk.resid_drop.p, blk.attn.attn_drop.p = extra["dropout"], extra["attn_dropout"]
             fused = FusedCheckpointBlock.from_block(blk, policy=policy)
             torch.manual_seed(123)
             with ckpt_ext.set_backend(backend):
