@@ -6,8 +6,11 @@ AOTAutograd's partitioner would choose the saved set itself (re-saving, for ``bl
 
     ckpt_ext::fused_block_fwd(x (B, T, d), mask?, cos?, sin?, params: Tensor[], seed (1,) int64, spec, segment_ids?)
         -> [out (B, T, d), *saved]      saved = exactly policies.POLICIES[policy].keeps minus x, in table order
-    ckpt_ext::fused_block_bwd(dout (B, T, d), x, mask?, cos?, sin?, params, saved: Tensor[], seed, spec, segment_ids?)
-        -> [dx (B, T, d), *grads]       one grad per parameter, in params order
+    ckpt_ext::fused_block_bwd(dout (B, T, d), x, mask?, cos?, sin?, params, saved: Tensor[], seed, spec, segment_ids?,
+                              needs: str = "")
+        -> [dx (B, T, d), *grads]       one grad per parameter, in params order; where ``needs`` ("1"/"0" for x,
+                                        then each parameter: requires_grad at forward; "": all) says "0", an
+                                        empty tensor and no work (a frozen weight's dW GEMM is skipped)
 
 (segment_ids: a required Tensor? argument, last: under dynamo a defaulted one is dropped from the call while
 autograd still counts it) with fakes and autograd registered: the partitioner sees one op whose outputs are what
@@ -126,7 +129,16 @@ def _layout(cfg: BlockConfig, rope: bool) -> tuple[tuple[str, int], ...]:
     return tuple((k, counts[k]) for k in _saved_keys(cfg) if counts[k])
 
 
-def _backward(dout, x, attn_mask, segment_ids, cos, sin, params, saved, seed: int, spec: str) -> list[Tensor]:
+def _needed(names: tuple[str, ...], needs: str) -> Optional[frozenset]:
+    """``needs``: "1"/"0" for x, then for each parameter the op receives ("": all): the names block_backward
+    computes (None: all)."""
+    return frozenset(n for n, bit in zip(("x", *names), needs) if bit == "1") if needs else None
+
+
+def _backward(dout, x, attn_mask, segment_ids, cos, sin, params, saved, seed: int, spec: str,
+              needs: str) -> list[Tensor]:  # fmt: skip
+    """[dx, *grads]; a gradient ``needs`` does not ask for (a frozen weight: its dW is never computed) is an empty
+    tensor (a list[Tensor] output cannot hold None); the autograd backward turns it into None."""
     cfg, names, device_type, dtype = _parse_spec(spec)
     cfg = BlockConfig(**{**cfg.__dict__, "seed": seed})
     b, t, d = x.shape
@@ -143,9 +155,11 @@ def _backward(dout, x, attn_mask, segment_ids, cos, sin, params, saved, seed: in
             replay.pop("ln1_out")
             replay.pop("ln1_stats")
             acts.update(replay)
-        dx, g = block_backward(dout.reshape(b * t, d), acts, p, cfg, (b, t), attn_mask, ac, rope_cs, segment_ids)
-    grads = [g[n].to(w.dtype).contiguous() for n, w in zip(names, params)]
-    return [dx.view(b, t, d).to(x.dtype).contiguous(), *grads]
+        dx, g = block_backward(dout.reshape(b * t, d), acts, p, cfg, (b, t), attn_mask, ac, rope_cs, segment_ids,
+                               _needed(names, needs))  # fmt: skip
+    grads = [g[n].to(w.dtype).contiguous() if n in g else w.new_empty(0) for n, w in zip(names, params)]
+    dx = x.new_empty(0) if dx is None else dx.view(b, t, d).to(x.dtype).contiguous()
+    return [dx, *grads]
 
 
 def _define(suffix: str, tags: tuple, read_seed) -> tuple:
@@ -162,24 +176,27 @@ def _define(suffix: str, tags: tuple, read_seed) -> tuple:
 
     @torch.library.custom_op(f"ckpt_ext::fused_block_bwd{suffix}", mutates_args=(), tags=tags)
     def bwd(dout: Tensor, x: Tensor, attn_mask: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
-            params: list[Tensor], saved: list[Tensor], seed: Tensor, spec: str, segment_ids: Optional[Tensor]
-            ) -> list[Tensor]:  # fmt: skip
-        return _backward(dout, x, attn_mask, segment_ids, cos, sin, params, saved, read_seed(seed), spec)
+            params: list[Tensor], saved: list[Tensor], seed: Tensor, spec: str, segment_ids: Optional[Tensor],
+            needs: str = "") -> list[Tensor]:  # fmt: skip
+        return _backward(dout, x, attn_mask, segment_ids, cos, sin, params, saved, read_seed(seed), spec, needs)
 
     @bwd.register_fake
-    def _(dout, x, attn_mask, cos, sin, params, saved, seed, spec, segment_ids):
-        return [x.new_empty(x.shape), *(w.new_empty(w.shape) for w in params)]
+    def _(dout, x, attn_mask, cos, sin, params, saved, seed, spec, segment_ids, needs=""):
+        bits = needs or "1" * (1 + len(params))
+        return [t.new_empty(t.shape if bit == "1" else 0) for t, bit in zip([x, *params], bits)]
 
     def setup_context(ctx, inputs, output):
         x, attn_mask, cos, sin, params, seed, spec, segment_ids = inputs
         ctx.n_params, ctx.spec = len(params), spec
+        ctx.needs = "".join("1" if t.requires_grad else "0" for t in (x, *params))  # frozen weights: no dW
         ctx.save_for_backward(x, attn_mask, segment_ids, cos, sin, seed, *params, *output[1:])
 
     def backward(ctx, grads):
         x, attn_mask, segment_ids, cos, sin, seed, *rest = ctx.saved_tensors
         params, saved = rest[: ctx.n_params], rest[ctx.n_params :]
         dout = grads[0] if grads[0] is not None else torch.zeros_like(x)
-        dx, *dparams = bwd(dout.contiguous(), x, attn_mask, cos, sin, params, saved, seed, ctx.spec, segment_ids)
+        out = bwd(dout.contiguous(), x, attn_mask, cos, sin, params, saved, seed, ctx.spec, segment_ids, ctx.needs)
+        dx, *dparams = (t if bit == "1" else None for t, bit in zip(out, ctx.needs))
         return dx, None, None, None, dparams, None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)

@@ -22,8 +22,10 @@ Backward (dY = d out; df = dropout_add(dY, None) replays the residual dropout ma
     dY1 = Σ dZ @ W_{q,k,v}, dx = norm1_bwd(dY1, x, s1, dresidual=dx1) + y1 for dW_{q,k,v}.
 ``block`` first replays the attention half's forward from x and the saved statistics; ``block_keep_attn`` replays it
 without the attention core (it kept o and lse). What each policy saves is ``policies.POLICIES[policy].keeps``, read
-here and nowhere else. Recompute runs under the forward's autocast state. Double backward (create_graph=True) raises
-instead of returning wrong second-order gradients.
+here and nowhere else. Recompute and backward run under the forward's autocast state (disabled included: an outer
+autocast around backward does not leak in). Frozen weights (ctx.needs_input_grad False) skip their dW GEMM and db
+reduction and get None; without dx needed and with norm1 frozen, the dY1 GEMM is skipped too. Double backward
+(create_graph=True) raises instead of returning wrong second-order gradients.
 """
 
 from __future__ import annotations
@@ -199,15 +201,16 @@ def _norm_fwd(x: Tensor, p: dict, which: str, cfg: BlockConfig) -> tuple[Tensor,
     return y, (mean, rstd)
 
 
-def _norm_bwd(dy, x, stats, p: dict, which: str, cfg: BlockConfig, dresidual, emit_y: bool, g: dict):
-    """dx (N, d) (+ dresidual) and the norm's weight grads into g; returns (dx, y or an empty tensor)."""
+def _norm_bwd(dy, x, stats, p: dict, which: str, cfg: BlockConfig, dresidual, emit_y: bool, g: dict, want):
+    """dx (N, d) (+ dresidual) and the norm's weight grads into g where ``want`` has them (the ops reduce dγ, dβ
+    anyway: they have no switch); returns (dx, y or an empty tensor)."""
     if cfg.norm == "rmsnorm":
-        dx, g[f"{which}_w"], y = _ops.rms_norm_bwd(dy.contiguous(), x, stats[0], p[f"{which}_w"], dresidual, emit_y)
-        return dx, y
-    w, b = _ln_params(p[f"{which}_w"], p[f"{which}_b"], x.shape[1], x)
-    dx, dw, db, y = _ops.layer_norm_bwd(dy.contiguous(), x, stats[0], stats[1], w, b, dresidual, emit_y)
-    g[f"{which}_w"] = None if p[f"{which}_w"] is None else dw
-    g[f"{which}_b"] = None if p[f"{which}_b"] is None else db
+        dx, dw, y = _ops.rms_norm_bwd(dy.contiguous(), x, stats[0], p[f"{which}_w"], dresidual, emit_y)
+        db = None
+    else:
+        w, b = _ln_params(p[f"{which}_w"], p[f"{which}_b"], x.shape[1], x)
+        dx, dw, db, y = _ops.layer_norm_bwd(dy.contiguous(), x, stats[0], stats[1], w, b, dresidual, emit_y)
+    g.update((f"{which}_{s}", t) for s, t in (("w", dw), ("b", db)) if f"{which}_{s}" in want)
     return dx, y
 
 
@@ -262,14 +265,23 @@ def _lora_input_grads(pairs, p: dict, cfg: BlockConfig):
     return extra, pending
 
 
-def _lora_weight_grads(pending, y: Tensor, p: dict, cfg: BlockConfig, g: dict) -> None:
-    """dA = gᵀ drop(y) and dB = s · dZᵀ (drop(y) Aᵀ) for each pending target; y (N, in) is the linear's input."""
+def _lora_wanted(pending, want) -> bool:
+    return any(spec.a_name in want or spec.b_name in want for spec, _, _ in pending)
+
+
+def _lora_weight_grads(pending, y: Optional[Tensor], p: dict, cfg: BlockConfig, g: dict, want) -> None:
+    """dA = gᵀ drop(y) and dB = s · dZᵀ (drop(y) Aᵀ) for each pending target, where ``want`` has them; y (N, in) is
+    the linear's input."""
     for spec, dz, gz in pending:
+        if spec.a_name not in want and spec.b_name not in want:
+            continue
         a, b = p[spec.a_name], p[spec.b_name]
         yd = _lora_input(y.to(a.dtype), spec, cfg)
-        g[spec.a_name] = torch.matmul(gz.t(), yd)  # (r, in)
-        z = torch.matmul(yd, a.t())  # (N, r), recomputed: no policy keeps it
-        g[spec.b_name] = torch.matmul(dz.to(b.dtype).t(), z) * spec.scaling  # (out, r)
+        if spec.a_name in want:
+            g[spec.a_name] = torch.matmul(gz.t(), yd)  # (r, in)
+        if spec.b_name in want:
+            z = torch.matmul(yd, a.t())  # (N, r), recomputed: no policy keeps it
+            g[spec.b_name] = torch.matmul(dz.to(b.dtype).t(), z) * spec.scaling  # (out, r)
 
 
 def _with_input_grad(acc: Tensor, extra: Optional[Tensor]) -> Tensor:
@@ -442,49 +454,58 @@ def _bias(b: Optional[Tensor], w: Tensor) -> Tensor:
     return b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
 
 
-def _mlp_backward(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, ac: _AutocastState, g: dict):
-    """The MLP's activation and down-projection backward: [(weight, bias, dZ)] of its first matmul(s)."""
+def _mlp_backward(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, ac: _AutocastState, g: dict, want):
+    """The MLP's activation and down-projection backward: [(weight, bias, dZ)] of its first matmul(s). dW_down
+    (and the recompute kernels' db1) only where ``want`` has it."""
     policy, x1 = cfg.policy, acts["x1"]
     if cfg.lora and any(t in _lora_by_target(cfg.lora) for t in lora.MLP_TARGETS):
-        return _mlp_backward_lora(dfm, acts, p, cfg, g)
+        return _mlp_backward_lora(dfm, acts, p, cfg, g, want)
+    need_w2 = "w_fc2" in want
     if cfg.mlp == "gelu":
         if policy == "none":
             (u,) = acts["fc1_out"]
             du = _ops.gelu_bwd(torch.matmul(dfm, p["w_fc2"]), u, cfg.approximate)  # (N, H)
-            g["w_fc2"] = torch.matmul(dfm.t(), acts["act_out"])
+            if need_w2:
+                g["w_fc2"] = torch.matmul(dfm.t(), acts["act_out"])
         elif policy == "pointwise":
             (u,) = acts["fc1_out"]
             du = _ops.linear_gelu_bwd(dfm, ac.mm(p["w_fc2"]), u, cfg.approximate)
-            g["w_fc2"] = _ops.gelu_linear_wgrad(dfm, u, cfg.approximate)
+            if need_w2:
+                g["w_fc2"] = _ops.gelu_linear_wgrad(dfm, u, cfg.approximate)
         else:
             m2, r2 = acts["ln2_stats"]
             ln2_w, ln2_b = _ln_params(p["ln2_w"], p["ln2_b"], x1.shape[1], x1)
             b1 = ac.mm(_bias(p["b_fc"], p["w_fc"]))
             a, du, db1 = _ops.ffn_recompute(x1, m2, r2, ln2_w, ln2_b, ac.mm(p["w_fc"]), b1, dfm, ac.mm(p["w_fc2"]),
                                            cfg.approximate)  # fmt: skip
-            g["w_fc2"] = torch.matmul(dfm.t(), a)
+            if need_w2:
+                g["w_fc2"] = torch.matmul(dfm.t(), a)
             del a
-            g["b_fc"] = None if p["b_fc"] is None else db1.to(p["b_fc"].dtype)
+            if "b_fc" in want:
+                g["b_fc"] = db1.to(p["b_fc"].dtype)
             return [("w_fc", None, du)]
         return [("w_fc", "b_fc", du)]
     if policy == "none":
         gt, ut = acts["fc1_out"]
         dg, du = _ops.swiglu_bwd(torch.matmul(dfm, p["w_fc2"]), gt, ut)  # 2 x (N, H)
-        g["w_fc2"] = torch.matmul(dfm.t(), acts["act_out"])
+        if need_w2:
+            g["w_fc2"] = torch.matmul(dfm.t(), acts["act_out"])
     elif policy == "pointwise":
         gt, ut = acts["fc1_out"]
         dg, du = _ops.swiglu_linear_bwd(dfm, ac.mm(p["w_fc2"]), gt, ut)
-        g["w_fc2"] = _ops.swiglu_linear_wgrad(dfm, gt, ut)
+        if need_w2:
+            g["w_fc2"] = _ops.swiglu_linear_wgrad(dfm, gt, ut)
     else:
         (r2,) = acts["ln2_stats"]
         h, dg, du = _ops.swiglu_ffn_recompute(x1, r2, p["ln2_w"], ac.mm(p["w_gate"]), ac.mm(p["b_gate"]),
                                              ac.mm(p["w_up"]), ac.mm(p["b_up"]), dfm, ac.mm(p["w_fc2"]))  # fmt: skip
-        g["w_fc2"] = torch.matmul(dfm.t(), h)
+        if need_w2:
+            g["w_fc2"] = torch.matmul(dfm.t(), h)
         del h
     return [("w_gate", "b_gate", dg), ("w_up", "b_up", du)]
 
 
-def _mlp_backward_lora(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, g: dict):
+def _mlp_backward_lora(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, g: dict, want):
     """The MLP backward when LoRA adapts one of its linears, from pointwise ops (the fused recompute kernels have no
     low-rank term): ffn / block rebuild norm2 → FC1 (with its LoRA) here, as their table says, then dA = dY·W_down +
     LoRA's input gradient and the activation's backward."""
@@ -497,10 +518,11 @@ def _mlp_backward_lora(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, g: di
         a = acts["act_out"]
     else:
         a = _ops.bias_gelu(pre[0], None, cfg.approximate) if cfg.mlp == "gelu" else _ops.swiglu_fwd(*pre)  # (N, H)
-    g["w_fc2"] = torch.matmul(dfm.t(), a)
+    if "w_fc2" in want:
+        g["w_fc2"] = torch.matmul(dfm.t(), a)
     extra, pending = _lora_input_grads([("fc2", dfm)], p, cfg)
     da = _with_input_grad(torch.matmul(dfm, p["w_fc2"]), extra)  # (N, H)
-    _lora_weight_grads(pending, a, p, cfg, g)
+    _lora_weight_grads(pending, a, p, cfg, g, want)
     del a
     if cfg.mlp == "gelu":
         return [("w_fc", "b_fc", _ops.gelu_bwd(da, pre[0], cfg.approximate))]
@@ -509,16 +531,18 @@ def _mlp_backward_lora(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, g: di
 
 
 def _attention_backward(dpr: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, attn_mask, rope_cs, ac, g,
-                        segment_ids=None):  # fmt: skip
-    """From the o_proj input gradient to [(weight, name, dZ (N, width))] of the q, k, v projections (packed: one)."""
+                        segment_ids=None, want=frozenset()):  # fmt: skip
+    """From the o_proj input gradient to [(weight, name, dZ (N, width))] of the q, k, v projections (packed: one).
+    dW_o and the q/k norm weight grads only where ``want`` has them."""
     b, t = shape
     d = acts["x"].shape[1]
     dh = cfg.dh(d)
     dprm = ac.mm(dpr)
-    g["w_proj"] = torch.matmul(dprm.t(), acts["attn_out"])
+    if "w_proj" in want:
+        g["w_proj"] = torch.matmul(dprm.t(), acts["attn_out"])
     extra, pending = _lora_input_grads([("proj", dprm)], p, cfg)
     do = _with_input_grad(torch.matmul(dprm, p["w_proj"]), extra)  # (N, h·dh)
-    _lora_weight_grads(pending, acts["attn_out"], p, cfg, g)
+    _lora_weight_grads(pending, acts["attn_out"], p, cfg, g, want)
     del dprm
     q, k, v = _attention_inputs(acts, p, cfg, shape, d, rope_cs, ac)
     o = _heads(acts["attn_out"], shape, dh)
@@ -530,60 +554,82 @@ def _attention_backward(dpr: Tensor, acts: dict, p: dict, cfg: BlockConfig, shap
         dq, dk = _ops.rope(dq, dk, rope_cs[0], rope_cs[1], True)  # the rotation's adjoint
     n = b * t
     dq, dk, dv = dq.reshape(n, -1), dk.reshape(n, -1), dv.reshape(n, -1)
-    if cfg.qk_norm:
+    if cfg.qk_norm:  # the op reduces dγ anyway (it has no switch); a frozen norm weight just drops it
         q_pre, k_pre, _ = acts["qkv"]
         rq, rk = acts["qk_stats"]
-        dq, g["q_norm_w"], _ = _ops.rms_norm_bwd(dq.reshape(-1, dh), q_pre.reshape(-1, dh), rq, p["q_norm_w"], None,
-                                                False)  # fmt: skip
-        dk, g["k_norm_w"], _ = _ops.rms_norm_bwd(dk.reshape(-1, dh), k_pre.reshape(-1, dh), rk, p["k_norm_w"], None,
-                                                False)  # fmt: skip
+        dq, dwq, _ = _ops.rms_norm_bwd(dq.reshape(-1, dh), q_pre.reshape(-1, dh), rq, p["q_norm_w"], None, False)
+        dk, dwk, _ = _ops.rms_norm_bwd(dk.reshape(-1, dh), k_pre.reshape(-1, dh), rk, p["k_norm_w"], None, False)
+        g.update((name, dw) for name, dw in (("q_norm_w", dwq), ("k_norm_w", dwk)) if name in want)
         dq, dk = dq.view(n, -1), dk.view(n, -1)
     if cfg.packed_qkv:  # one (N, q + 2 kv width) gradient in w_qkv's row order: one GEMM each for dY1 and dW_qkv
         return [(p["w_qkv"], "qkv", torch.cat((dq, dk, dv), dim=1))]
     return [(p[f"w_{s}"], s, dz) for s, dz in zip("qkv", (dq, dk, dv))]
 
 
-def _projection_wgrads(pairs, y: Tensor, p: dict, g: dict) -> None:
-    """dW = dZᵀ @ y and db = Σ dZ for the q, k, v projections (or the packed q|k|v one)."""
+def _projection_wgrads(pairs, y: Optional[Tensor], p: dict, g: dict, want) -> None:
+    """dW = dZᵀ @ y and db = Σ dZ for the q, k, v projections (or the packed q|k|v one), where ``want`` has them."""
     for _, s, dz in pairs:
-        g[f"w_{s}"] = torch.matmul(dz.t(), y)
-        g[f"b_{s}"] = _sum_rows(dz, p[f"b_{s}"])
+        if f"w_{s}" in want:
+            g[f"w_{s}"] = torch.matmul(dz.t(), y)
+        if f"b_{s}" in want:
+            g[f"b_{s}"] = _sum_rows(dz, p[f"b_{s}"])
+
+
+def wanted(p: dict, needs) -> frozenset:
+    """The names of the present parameters whose gradient is wanted: all (``needs`` None) or those in ``needs``."""
+    return frozenset(n for n, t in p.items() if t is not None and (needs is None or n in needs))
 
 
 def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, attn_mask, ac: _AutocastState,
-                   rope_cs=None, segment_ids=None):  # fmt: skip
-    """dout (N, d) -> dx (N, d) and a dict of parameter grads. ``acts`` holds the policy's saved tensors."""
+                   rope_cs=None, segment_ids=None, needs=None):  # fmt: skip
+    """dout (N, d) -> dx (N, d) and a dict of parameter grads. ``acts`` holds the policy's saved tensors.
+
+    ``needs``: None (every gradient), or the names wanted: parameter names, and "x" for dx. A frozen weight's dW GEMM
+    and a frozen bias's reduction are skipped (norm weights: the norm backward op reduces them anyway; dropped), and
+    it has no entry in the dict. Without "x", and with both norm1 weights frozen, dx (None) and its Σ dZ W_{q,k,v}
+    GEMM are skipped too."""
+    want = wanted(p, needs)
     x, x1 = acts["x"], acts["x1"]
     g: dict = {}
 
     # ---- MLP half (a gradient that feeds two matmuls is cast to the autocast dtype once: dfm)
     df = _dropout_grad(dout, cfg.dropout, cfg.seed + 2)  # (N, d)
-    g["b_fc2"] = _sum_rows(df, p["b_fc2"])
+    if "b_fc2" in want:
+        g["b_fc2"] = _sum_rows(df, p["b_fc2"])
     dfm = ac.mm(df)
-    mlp = _mlp_backward(dfm, acts, p, cfg, ac, g)
+    mlp = _mlp_backward(dfm, acts, p, cfg, ac, g, want)
     del dfm, df
     extra, lora_mlp = _lora_input_grads([(w[2:], dz) for w, _, dz in mlp], p, cfg)
     dy2 = _with_input_grad(_input_grad([(dz, p[w]) for w, _, dz in mlp]), extra)  # (N, d)
-    dx1, y2 = _norm_bwd(dy2, x1, acts["ln2_stats"], p, "ln2", cfg, dout, "ln2_out" not in acts, g)
+    emit_y2 = "ln2_out" not in acts and (any(w in want for w, _, _ in mlp) or _lora_wanted(lora_mlp, want))
+    dx1, y2 = _norm_bwd(dy2, x1, acts["ln2_stats"], p, "ln2", cfg, dout, emit_y2, g, want)
     y2 = acts.get("ln2_out", y2)
     _lora_weight_grads(lora_mlp, y2, p, cfg, g)
     for w, bname, dz in mlp:
-        g[w] = torch.matmul(dz.t(), y2)
-        if bname is not None:
+        if w in want:
+            g[w] = torch.matmul(dz.t(), y2)
+        if bname in want:
             g[bname] = _sum_rows(dz, p[bname])
+    _lora_weight_grads(lora_mlp, y2, p, cfg, g, want)
     del mlp, dy2, y2
 
     # ---- attention half
     dpr = _dropout_grad(dx1, cfg.dropout, cfg.seed + 1)  # (N, d)
-    g["b_proj"] = _sum_rows(dpr, p["b_proj"])
-    proj = _attention_backward(dpr, acts, p, cfg, shape, attn_mask, rope_cs, ac, g, segment_ids)
+    if "b_proj" in want:
+        g["b_proj"] = _sum_rows(dpr, p["b_proj"])
+    proj = _attention_backward(dpr, acts, p, cfg, shape, attn_mask, rope_cs, ac, g, segment_ids, want)
     del dpr
     extra, lora_qkv = _lora_input_grads([(s, dz) for _, s, dz in proj], p, cfg)
-    dy1 = _with_input_grad(_input_grad([(dz, w) for w, _, dz in proj]), extra)  # (N, d)
-    dx, y1 = _norm_bwd(dy1, x, acts["ln1_stats"], p, "ln1", cfg, dx1, "ln1_out" not in acts, g)
+    need_y1 = any(f"w_{s}" in want for _, s, _ in proj) or _lora_wanted(lora_qkv, want)
+    if needs is None or "x" in needs or "ln1_w" in want or "ln1_b" in want:
+        dy1 = _with_input_grad(_input_grad([(dz, w) for w, _, dz in proj]), extra)  # (N, d)
+        dx, y1 = _norm_bwd(dy1, x, acts["ln1_stats"], p, "ln1", cfg, dx1, need_y1 and "ln1_out" not in acts, g, want)
+    else:  # nothing below the q/k/v projections needs a gradient
+        dx = None
+        y1 = _norm_fwd(x, p, "ln1", cfg)[0] if need_y1 and "ln1_out" not in acts else None
     y1 = acts.get("ln1_out", y1)
-    _projection_wgrads(proj, y1, p, g)
-    _lora_weight_grads(lora_qkv, y1, p, cfg, g)
+    _projection_wgrads(proj, y1, p, g, want)
+    _lora_weight_grads(lora_qkv, y1, p, cfg, g, want)
     return dx, g
 
 
@@ -670,9 +716,10 @@ def forward_saved(x: Tensor, shape, p: dict, cfg: BlockConfig, attn_mask, rope_c
 
 
 def backward_from_saved(dout: Tensor, flat, layout, p: dict, cfg: BlockConfig, shape, attn_mask, rope_cs,
-                        segment_ids, ac: _AutocastState):  # fmt: skip
-    """dout (N, d) and forward_saved's kept tensors -> dx (N, d), parameter grads by name. The block policies first
-    replay the attention half (block_keep_attn without its core: it kept o and lse)."""
+                        segment_ids, ac: _AutocastState, needs=None):  # fmt: skip
+    """dout (N, d) and forward_saved's kept tensors -> dx (N, d), parameter grads by name (``needs``: see
+    block_backward). The block policies first replay the attention half (block_keep_attn without its core: it kept o
+    and lse)."""
     acts = _unflatten_saved(flat, layout)
     if cfg.policy in ("block", "block_keep_attn"):
         kept = (acts["attn_out"], acts["attn_lse"]) if cfg.policy == "block_keep_attn" else None
@@ -680,7 +727,14 @@ def backward_from_saved(dout: Tensor, flat, layout, p: dict, cfg: BlockConfig, s
         replay.pop("ln1_out")  # norm1's backward emits it again when dW_qkv needs it
         replay.pop("ln1_stats")
         acts.update(replay)
-    return block_backward(dout, acts, p, cfg, shape, attn_mask, ac, rope_cs, segment_ids)
+    return block_backward(dout, acts, p, cfg, shape, attn_mask, ac, rope_cs, segment_ids, needs)
+
+
+def needed_grads(names: tuple, needs_input_grad) -> frozenset:
+    """From an autograd ctx's needs_input_grad (x first, the parameters last, in ``names`` order): the names
+    block_backward computes — "x" and the parameters that need a gradient (frozen weights skip their dW / db)."""
+    needs = [n for n, need in zip(names, needs_input_grad[len(needs_input_grad) - len(names) :]) if need]
+    return frozenset(needs + ["x"] if needs_input_grad[0] else needs)
 
 
 @contextlib.contextmanager
@@ -739,10 +793,11 @@ class FusedBlockFunction(torch.autograd.Function):
         d = dout.shape[-1]
         flat = (x.reshape(b * t, d), *flat)
         dout2 = dout.reshape(b * t, d)
+        needs = needed_grads(ctx.names, ctx.needs_input_grad)
         with backend.set_backend(ctx.backend), ctx.autocast(), EagerFastPath(dout.device.type) as fast:
             program = None
             if fast.active and ctx.program is not None:
-                program = ctx.program.backward_program(dout2, params, cos, sin, flat)
+                program = ctx.program.backward_program(dout2, params, cos, sin, flat, needs)
             if program is not None:
                 dx, grads = program.run_backward(dout2, params, cos, sin, flat)
             else:
@@ -750,6 +805,7 @@ class FusedBlockFunction(torch.autograd.Function):
                 p.update(zip(ctx.names, params))
                 rope_cs = None if cos is None else (cos, sin)
                 dx, g = backward_from_saved(dout2, flat, ctx.layout, p, cfg, (b, t), attn_mask, rope_cs, segment_ids,
-                                            ctx.autocast)  # fmt: skip
-                grads = tuple(None if p[name] is None else g[name] for name in ctx.names)
-        return (dx.view(b, t, d), None, None, None, None, None, None, *grads)
+                                            ctx.autocast, needs)  # fmt: skip
+                grads = tuple(g.get(name) for name in ctx.names)
+        dx = None if dx is None else dx.view(b, t, d)
+        return (dx, None, None, None, None, None, None, *grads)

@@ -169,17 +169,18 @@ class ForwardProgram:
         out, *flat = self.run(x2, *self._inputs(params, cos, sin))
         return out, flat
 
-    def backward_program(self, dout2: Tensor, params, cos, sin, flat) -> Optional[BackwardProgram]:
+    def backward_program(self, dout2: Tensor, params, cos, sin, flat, needs: frozenset) -> Optional[BackwardProgram]:
         """Keyed by the layout of dout and of the saved tensors as unpacked (saved_tensors_hooks may hand back
-        copies with other strides, e.g. torch.autograd.graph.save_on_cpu)."""
+        copies with other strides, e.g. torch.autograd.graph.save_on_cpu) and by the gradients needed (``needs``:
+        functional.needed_grads; frozen weights are not computed)."""
         if backend.concrete_backend(self.device_type) != self.backend_name:
             return None
-        key = key_of(dout2, cos, sin, *params, *flat)
+        key = key_of(tuple(sorted(needs)), dout2, cos, sin, *params, *flat)
         if key in self.backward_programs:
             return self.backward_programs[key]
         program = None
         try:
-            program = BackwardProgram(self, dout2, params, cos, sin, flat)
+            program = BackwardProgram(self, dout2, params, cos, sin, flat, needs)
         except Exception as err:  # noqa: BLE001  (any trace failure: run the walked fast path)
             _refuse(key, err)
         self.backward_programs[key] = program
@@ -187,14 +188,17 @@ class ForwardProgram:
 
 
 class BackwardProgram:
-    """The traced backward of a ForwardProgram for one dout layout: -> dx, parameter grads in ``names`` order."""
+    """The traced backward of a ForwardProgram for one dout layout and one set of needed gradients: -> dx (if "x" is
+    needed), the needed parameter grads in ``names`` order."""
 
-    def __init__(self, fwd: ForwardProgram, dout2, params, cos, sin, flat):
+    def __init__(self, fwd: ForwardProgram, dout2, params, cos, sin, flat, needs: frozenset):
         from . import functional
 
         self.fwd = fwd
         n_present, n_flat = len(fwd.present), len(flat)
         names, present, cfg, shape = fwd.names, fwd.present, fwd.cfg, fwd.shape
+        self.with_dx = "x" in needs
+        self.computed = tuple(i for i in present if names[i] in needs)  # indices into names of the grads returned
 
         def backward(dout, *rest):
             p = dict.fromkeys(functional.ALL_PARAM_NAMES)
@@ -203,16 +207,18 @@ class BackwardProgram:
             saved = rest[len(rest) - n_flat :]
             ac = functional._AutocastState(dout.device.type)
             with functional.kernels_direct(fwd.device_type):
-                dx, g = functional.backward_from_saved(dout, saved, fwd.layout, p, cfg, shape, None, rope_cs, None, ac)
-            return (dx, *(g[names[i]] for i in present))
+                dx, g = functional.backward_from_saved(dout, saved, fwd.layout, p, cfg, shape, None, rope_cs, None, ac,
+                                                       needs)  # fmt: skip
+            return (*((dx,) if self.with_dx else ()), *(g[names[i]] for i in self.computed))
 
         inputs = [dout2, *fwd._inputs(params, cos, sin), *flat]
         self.run = _trace(backward, [t.detach() for t in inputs])
 
-    def run_backward(self, dout2: Tensor, params, cos, sin, flat) -> tuple[Tensor, tuple]:
-        dx, *present_grads = self.run(dout2, *self.fwd._inputs(params, cos, sin), *flat)
+    def run_backward(self, dout2: Tensor, params, cos, sin, flat) -> tuple[Optional[Tensor], tuple]:
+        out = list(self.run(dout2, *self.fwd._inputs(params, cos, sin), *flat))
+        dx = out.pop(0) if self.with_dx else None
         grads = [None] * len(self.fwd.names)
-        for i, g in zip(self.fwd.present, present_grads):
+        for i, g in zip(self.computed, out):
             grads[i] = g
         return dx, tuple(grads)
 

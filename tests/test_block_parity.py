@@ -5,9 +5,11 @@ import copy
 
 import pytest
 import torch
+from test_llama_block import rope_tables
 
 import ckpt_ext
-from ckpt_ext import FusedCheckpointBlock
+from ckpt_ext import FusedCheckpointBlock, TransformerBlock, traced
+from ckpt_ext.block import init_block_
 
 from helpers import assert_within_torch_error, fused_copy, make_block, run_step
 
@@ -150,3 +152,61 @@ def test_backward_outside_autocast_replays_forward_autocast_state(policy):
         results.append([xr.grad] + [p.grad for p in fused.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ frozen weights (issue 22)
+FROZEN_FORMS = {"gpt2": dict(), "qwen3": dict(activation="swiglu", n_kv_heads=2, d_ff=40, qk_norm=True, qkv_bias=True)}
+FROZEN_SETS = {
+    "all_weights": lambda n: True,  # x alone needs a gradient (a frozen base model under LoRA)
+    "matrices": lambda n: n.endswith("weight") and "ln" not in n and "norm" not in n,
+    "attention": lambda n: n.startswith("attn."),
+    "mlp_and_norms": lambda n: n.startswith(("mlp.", "ln_", "attn.q_norm", "attn.k_norm")),
+    "all_but_ln1": lambda n: not n.startswith("ln_1."),  # x frozen below: only norm1 needs the dY1 GEMM
+}
+
+
+def _frozen_step(module, x, grad, frozen, x_grad: bool, **kw):
+    """run_step with the parameters named by ``frozen`` frozen (requires_grad False) and x needing grad or not."""
+    for n, p in module.named_parameters():
+        p.requires_grad_(not frozen(n))
+    xr = x.detach().requires_grad_(x_grad)
+    module.zero_grad(set_to_none=True)
+    out = module(xr, **kw)
+    out.backward(grad)
+    return [out.detach(), xr.grad] + [p.grad for _, p in module.named_parameters()]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("policy", POLICIES + ["block_keep_attn"])
+@pytest.mark.parametrize("form", list(FROZEN_FORMS))
+def test_frozen_weights_get_no_gradient_and_the_rest_match(form, policy, backend):
+    """Any frozen subset (x needing a gradient or not): frozen weights get None (their dW / db never computed), every
+    other gradient equals the plain block's; cpp runs the steps with x needing grad three times (walked, traced,
+    replayed program: backward programs are keyed by the gradients needed)."""
+    torch.manual_seed(0)
+    blk = TransformerBlock(24, 4, **FROZEN_FORMS[form]).double()
+    init_block_(blk, std=0.3)
+    with torch.no_grad():  # non-trivial norm weights and biases
+        for n, p in blk.named_parameters():
+            if "ln" in n or "norm" in n or n.endswith("bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    kw = {"position_embeddings": rope_tables(1, 5, 6)} if form == "qwen3" else {}
+    fused = fused_copy(blk, policy)
+    x, grad = torch.randn(2, 5, 24, dtype=torch.float64), torch.randn(2, 5, 24, dtype=torch.float64)
+    names = _names(blk)
+    traced.clear()
+    with ckpt_ext.set_backend(backend):
+        for set_name, frozen in FROZEN_SETS.items():
+            for x_grad in (True, False):
+                if set_name == "all_weights" and not x_grad:
+                    continue  # nothing needs a gradient
+                want = _frozen_step(blk, x, grad, frozen, x_grad, **kw)
+                for _ in range(3 if backend == "cpp" and x_grad else 1):
+                    ours = _frozen_step(fused, x, grad, frozen, x_grad, **kw)
+                    for name, a, w in zip(names, ours, want):
+                        what = f"{set_name}, x_grad={x_grad}: {name}"
+                        assert (a is None) == (w is None), what
+                        if a is not None:  # float64, but the Llama form's RMSNorm computes in fp32 (HF's order)
+                            atol = (1e-9 if form == "gpt2" else 1e-5) * (1 + w.abs().max().item())
+                            torch.testing.assert_close(a, w, rtol=0, atol=atol, msg=lambda m, s=what: f"{s}: {m}")
+    traced.clear()

@@ -4,6 +4,8 @@ Retained bytes are measured as the storages created during forward that are stil
 custom autograd.Functions and torch.utils.checkpoint) and must equal what the policy table in ckpt_ext.policies says.
 """
 
+import copy
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -123,3 +125,26 @@ def test_retained_bytes_of_a_strided_input(setup, policy):
     fused(x).backward(g)
     torch.testing.assert_close(xt.grad, x.grad, rtol=1e-5, atol=1e-6)
     x.grad = None
+
+
+def test_frozen_weights_skip_their_dw_flops(setup):
+    """Issue 22: with every weight frozen (x still needs a gradient: a LoRA base model) each policy's step counts
+    exactly the four dW GEMMs fewer (QKV, proj, FC1, FC2), and no more than the unconverted plain block's frozen step
+    plus the policy's recompute."""
+    blk, x = setup
+    g = torch.randn_like(x)
+    n = B * T
+    dw = 2 * n * D * 3 * D + 2 * n * D * D + 2 * 2 * n * D * 4 * D
+    plain = copy.deepcopy(blk)
+    plain_full = count_flops(training_step, plain, x, g)
+    plain.requires_grad_(False)
+    plain_frozen = count_flops(training_step, plain, x, g)
+    assert plain_full - plain_frozen == dw  # eager PyTorch skips them too
+    full = {}
+    for policy in policies.POLICIES:
+        fused = FusedCheckpointBlock.from_block(copy.deepcopy(blk), policy)
+        full[policy] = count_flops(training_step, fused, x, g)
+        fused.requires_grad_(False)
+        frozen = count_flops(training_step, fused, x, g)
+        assert full[policy] - frozen == dw, policy
+        assert frozen <= plain_frozen + (full[policy] - full["none"]), policy
