@@ -604,7 +604,6 @@ def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, a
     emit_y2 = "ln2_out" not in acts and (any(w in want for w, _, _ in mlp) or _lora_wanted(lora_mlp, want))
     dx1, y2 = _norm_bwd(dy2, x1, acts["ln2_stats"], p, "ln2", cfg, dout, emit_y2, g, want)
     y2 = acts.get("ln2_out", y2)
-    _lora_weight_grads(lora_mlp, y2, p, cfg, g)
     for w, bname, dz in mlp:
         if w in want:
             g[w] = torch.matmul(dz.t(), y2)

@@ -232,14 +232,19 @@ def test_frozen_base_lora_step_flops_stay_low_rank():
     ang = torch.randn(1, 32, 8)
     pe = (torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1))
 
-    def flops(module):
-        with FlopCounterMode(display=False) as counter:
-            _step(module, x, torch.randn_like(x), position_embeddings=pe)
-        return counter.get_total_flops()
+    eager = matmul_flops(lambda: _step(plain, x, torch.randn_like(x), position_embeddings=pe))
+    fused = FusedCheckpointBlock.from_block(copy.deepcopy(plain), policy="none")
+    fused_none = matmul_flops(lambda: _step(fused, x, torch.randn_like(x), position_embeddings=pe))
+    assert fused_none <= eager * 1.03, (fused_none, eager)  # + LoRA's z = drop(y)Aᵀ recomputed for dB (N·in·r)
 
-    eager = flops(plain)
-    fused_none = flops(FusedCheckpointBlock.from_block(copy.deepcopy(plain), policy="none"))
-    assert fused_none <= eager * 1.02, (fused_none, eager)
+
+def matmul_flops(fn) -> int:
+    """FLOPs of ``fn`` without the attention core (torch's CPU SDPA has no FLOP formula; ours does): what the
+    projections, their LoRA updates and their gradients cost."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    counts = counter.get_flop_counts()["Global"]
+    return sum(v for op, v in counts.items() if "attention" not in str(op))
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
