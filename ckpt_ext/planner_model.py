@@ -104,9 +104,11 @@ class Setup:
         if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)} or bytes per parameter, "
                              f"got {self.optimizer!r}")  # fmt: skip
-        if not isinstance(self.optimizer, str) and not (isinstance(self.optimizer, (int, float))
-                                                         and math.isfinite(self.optimizer) and self.optimizer >= 0):
-            raise ValueError(f"optimizer bytes per parameter must be a finite number >= 0, got {self.optimizer!r}")  # fmt: skip
+        number = isinstance(self.optimizer, (int, float)) and not isinstance(self.optimizer, bool)
+        if not isinstance(self.optimizer, str) and not (
+            number and math.isfinite(self.optimizer) and self.optimizer >= 0
+        ):
+            raise ValueError(f"optimizer bytes per parameter must be a finite number >= 0, got {self.optimizer!r}")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ValueError(f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
         if isinstance(self.fused_chunk_bytes, bool) or not isinstance(self.fused_chunk_bytes, int) or \
@@ -285,19 +287,24 @@ KINDS = ("eager", "checkpoint", *POLICIES)
 class MemoryModel:
     """Bytes and modeled seconds of one step of ``spec`` under ``setup`` (see the module docstring)."""
 
-    def __init__(self, spec: ModelSpec):
-        self.spec, self.setup = spec, spec.setup
+    def __init__(self, spec: ModelSpec, exact: bool = False):
+        """``exact``: trace every (batch, T) asked for instead of interpolating (slower; the search verifies its
+        answer this way, since a peak, a maximum over the step, is quadratic in T only piecewise)."""
+        self.spec, self.setup, self.exact = spec, spec.setup, exact
         self._rope = spec.head_dim if spec.family.rope else None
 
-    # ---- per layer: traces at batch 1 and 2 give bytes = fixed + batch * per sample (autocast weight copies are fixed)
+    # ---- per layer: every traced tensor is (fixed or) batch x (1, T or T^2) elements, so bytes are affine in the batch
+    # and quadratic in T: traces at batch 1, 2 and T = 64, 128, 192 give them exactly at any (batch, T).
     def _traced(self, kind: str, seq: int, batch: int, field: str) -> int:
         from .planner_trace import trace_layer
 
-        s = self.setup
-        mask = self.spec.family.causal_mask
-        one, two = (getattr(trace_layer(self.spec.template, kind, seq, s.param_dtype, s.compute_dtype, self._rope, b,
-                                        mask), field) for b in (1, 2))  # fmt: skip
-        return one + (batch - 1) * (two - one)
+        s, mask = self.setup, self.spec.family.causal_mask
+
+        def at(b, t):
+            trace = trace_layer(self.spec.template, kind, t, s.param_dtype, s.compute_dtype, self._rope, b, mask)
+            return getattr(trace, field)
+
+        return at(batch, seq) if self.exact else _bilinear_quadratic(at, batch, seq)
 
     def layer_bytes(self, kind: str, batch: int, seq: int) -> int:
         """Activation bytes one ``kind`` layer keeps, its input included."""
@@ -334,9 +341,8 @@ class MemoryModel:
         from .planner_trace import trace_module
 
         s = self.setup
-        one, two = (trace_module(self.spec.norm_module, seq, self.spec.d, s.param_dtype, s.compute_dtype, b)
-                    for b in (1, 2))  # fmt: skip
-        return one + (batch - 1) * (two - one)
+        return _bilinear_quadratic(lambda b, t: trace_module(self.spec.norm_module, t, self.spec.d, s.param_dtype,
+                                                             s.compute_dtype, b), batch, seq)  # fmt: skip
 
     def head_bytes(self, head: str, batch: int, seq: int) -> tuple[int, int]:
         """(kept after forward, alive at the head's backward peak) of the final norm, head and loss."""
@@ -418,6 +424,31 @@ class MemoryModel:
 
     def seconds(self, kinds: tuple[str, ...], head: str, seq: int) -> float:
         return sum(self.layer_seconds(k, seq) for k in kinds) + self.head_seconds(head, seq)
+
+
+_SEQS = (64, 128, 192)
+
+
+def _bilinear_quadratic(at, batch: int, seq: int) -> int:
+    """f(batch, seq) from f at batch 1, 2 and seq 64, 128, 192, for f affine in the batch and quadratic in seq
+    (Lagrange interpolation in exact integer arithmetic)."""
+    from fractions import Fraction
+
+    def in_seq(b: int) -> Fraction:
+        total = Fraction(0)
+        for i, ti in enumerate(_SEQS):
+            weight = Fraction(1)
+            for j, tj in enumerate(_SEQS):
+                if j != i:
+                    weight *= Fraction(seq - tj, ti - tj)
+            total += weight * at(b, ti)
+        return total
+
+    one, two = in_seq(1), in_seq(2)
+    value = one + (batch - 1) * (two - one)
+    if value.denominator != 1:
+        raise RuntimeError("traced bytes are not affine in the batch and quadratic in the sequence length")
+    return int(value)
 
 
 def price_batch(seq: int) -> int:
