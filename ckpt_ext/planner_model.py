@@ -26,7 +26,8 @@ Memory of one step (bytes; N = B·T tokens, d width, V vocabulary, act = param d
               head weight (V·d·2) + logits (mm·V per token, held by the output when keep_logits) + fp32 log-probs
               (4·V, saved by log_softmax; ``logits.float()`` in ForCausalLMLoss); in backward the loss gradient and the
               log-softmax gradient (2 × 4·V) are alive at once beside them: ~6·V retained, ~14·V at the peak in bf16.
-  fused head  final norm + fp32 logsumexp (4 B/token) + labels; in backward one chunk buffer (fused_chunk_bytes) and
+  fused head  final norm + fp32 logsumexp (4 B/token) + labels; in backward one chunk buffer (fused_chunk_bytes, at
+              most the (N, V) fp32 logits) and
               the hidden-state gradient (N·d·act). No (N, V) tensor.
   peak        state + max(embedding + all layers + head peak, max over layers i of embedding + layers before i +
               layer i's traced peak during its backward (recompute, gradients)).
@@ -355,7 +356,7 @@ class MemoryModel:
         labels = n * 8
         if head == "fused":
             kept = base + n * sp.d * s.act + labels + 4 * n  # norm output (the op's input), labels, fp32 logsumexp
-            return kept, kept + s.fused_chunk_bytes + n * sp.d * s.act
+            return kept, kept + min(s.fused_chunk_bytes, 4 * n * v) + n * sp.d * s.act
         if head != "hf":
             raise ValueError(f"head must be 'hf' or 'fused', got {head!r}")
         weight_copy = v * sp.d * 2 if s.mm < s.act else 0
@@ -431,7 +432,7 @@ _SEQS = (64, 128, 192)
 
 def _bilinear_quadratic(at, batch: int, seq: int) -> int:
     """f(batch, seq) from f at batch 1, 2 and seq 64, 128, 192, for f affine in the batch and quadratic in seq
-    (Lagrange interpolation in exact integer arithmetic)."""
+    (Lagrange interpolation in exact integer arithmetic; f itself where the result is not an integer)."""
     from fractions import Fraction
 
     def in_seq(b: int) -> Fraction:
@@ -446,8 +447,8 @@ def _bilinear_quadratic(at, batch: int, seq: int) -> int:
 
     one, two = in_seq(1), in_seq(2)
     value = one + (batch - 1) * (two - one)
-    if value.denominator != 1:
-        raise RuntimeError("traced bytes are not affine in the batch and quadratic in the sequence length")
+    if value.denominator != 1:  # not of that form (some layer picks another path by size): trace the point itself
+        return at(batch, seq)
     return int(value)
 
 
