@@ -35,7 +35,7 @@ from . import malloc_tuning
 from .demo_corpus import load_corpus
 from .demo_model import FAMILIES, STRATEGIES, build, check_strategies, label, make_strategy
 from .demo_report import Row, plot, table, write_markdown
-from .demo_roofline import modeled_overhead
+from .demo_roofline import describe, modeled_overhead
 
 TITLE = "Checkpointing Strategy Comparison"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -182,10 +182,6 @@ def run(args: argparse.Namespace, family: str = "gpt") -> dict:
     device, names = args.device, args.strategies
     torch.manual_seed(args.seed)
     base = build(family, args.layers, args.d_model, args.heads, args.seq)
-    layer = {}
-    if family == "llama":
-        blk = base.blocks[0]
-        layer = dict(activation="swiglu", n_kv_heads=blk.n_kv_heads, d_ff=blk.hidden)
     batches = measure.make_batches(load_corpus(), args.steps, args.batch, args.seq, args.seed, device)
     models = {n: make_strategy(base, n).to(device) for n in names}
 
@@ -231,7 +227,7 @@ def run(args: argparse.Namespace, family: str = "gpt") -> dict:
                 tokens_per_s=args.batch * args.seq / steps_s[n],
                 final_loss=losses[n][-1],
                 loss_rel_diff=abs(losses[n][-1] - base_loss) / abs(base_loss),
-                modeled_x=modeled_overhead(n, args.layers, args.d_model, args.seq, args.batch, args.heads, **layer),
+                modeled_x=modeled_overhead(n, args.layers, family),
                 peak_bytes=peaks.get(n),
                 max_batch=max_batch.get(n),
             )
@@ -239,7 +235,7 @@ def run(args: argparse.Namespace, family: str = "gpt") -> dict:
     return dict(rows=rows, losses=losses, seconds=seconds, steps=steps_run, elapsed=time.perf_counter() - started)
 
 
-def notes(args: argparse.Namespace, rows: list[Row], steps: int, elapsed: float) -> list[str]:
+def notes(args: argparse.Namespace, rows: list[Row], steps: int, elapsed: float, family: str = "gpt") -> list[str]:
     out = [
         "Activations kept: bytes the autograd graph holds after one forward (tokens -> loss), measured with "
         "ckpt_ext.measure.retained_activation_bytes; weights, gradients and optimizer state excluded.",
@@ -252,7 +248,9 @@ def notes(args: argparse.Namespace, rows: list[Row], steps: int, elapsed: float)
         f"{max(r.loss_rel_diff for r in rows):.1e}).",
     ]
     if any(r.modeled_x is not None for r in rows):
-        out.append("H200 model: ckpt_ext.roofline step time of the blocks in bf16 at this shape, × no checkpointing.")
+        out.append(f"H200 model: ckpt_ext.roofline step time of one block in bf16, × no checkpointing, priced at a "
+                   f"realistic shape of the same family, {describe(family)} (at this demo's width every op would sit at "
+                   f"the model's launch floor); every-k-th rows use this run's {args.layers} layers.")  # fmt: skip
     else:
         out.append("H200 model column omitted: the roofline cost model (ckpt_ext.roofline) is not available.")
     if args.device.startswith("cuda"):
@@ -283,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         model = "byte-level GPT" if family == "gpt" else "byte-level Llama-style (RMSNorm, SwiGLU, RoPE, GQA)"
         shape = f"{args.layers} layers, d={args.d_model}, {args.heads} heads, T={args.seq}, batch {args.batch}"
         md_table = table(rows, cuda=args.device.startswith("cuda"), budget=args.budget)
-        note_lines = notes(args, rows, result["steps"], result["elapsed"])
+        note_lines = notes(args, rows, result["steps"], result["elapsed"], family)
         config = {"model": f"{model}, {shape}", "steps": f"{result['steps']} of {args.steps}", "lr": args.lr,
                   "seed": args.seed, "torch threads": args.threads or torch.get_num_threads(), "malloc": malloc,
                   "strategies": ", ".join(args.strategies), **versions(args.device)}  # fmt: skip

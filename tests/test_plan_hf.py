@@ -195,7 +195,8 @@ def test_setup_state_bytes():
 
 def test_gqa_head_dim_and_tied_embeddings_are_read():
     cfg = transformers.Qwen3Config(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                                   head_dim=32, num_hidden_layers=2, vocab_size=300, tie_word_embeddings=True)  # fmt: skip
+                                   head_dim=32, num_hidden_layers=2, vocab_size=300,
+                                   tie_word_embeddings=True)  # fmt: skip
     spec = ModelSpec(cfg, Setup())
     assert (spec.n_heads, spec.n_kv, spec.head_dim, spec.hidden, spec.vocab, spec.tied) == (4, 2, 32, 96, 300, True)
     assert spec.family.qk_norm and spec.family.mlp == "swiglu"
