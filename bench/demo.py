@@ -8,7 +8,9 @@ run, × no checkpointing), tokens/s and the final loss (identical up to rounding
 ``--device cuda`` it adds the peak memory of a step and the largest batch that fits ``--budget``.
 
 Writes <out>/strategies.md and .png (GPT) and <out>/strategies_llama.md and .png (``--family`` picks; both by
-default). The default size finishes in about 6 minutes on 2 CPU cores.
+default), then <out>/batch_answer.md: the planner's largest batch at T=1024 on 24 GiB for GPT-2 small and a
+Llama-3.2-1B-shaped model per strategy, with Hugging Face's and the fused LM head (bench.demo_batch). The default
+size finishes in about 6 minutes on 2 CPU cores (the batch tables add about half a minute).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from tqdm import tqdm
 import ckpt_ext
 from ckpt_ext.backend import concrete_backend
 
+from . import demo_batch, malloc_tuning
 from . import demo_measure as measure
-from . import malloc_tuning
 from .demo_corpus import load_corpus
 from .demo_model import FAMILIES, STRATEGIES, build, check_strategies, label, make_strategy
 from .demo_report import Row, plot, table, write_markdown
@@ -139,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    p.add_argument(
+        "--no-batch-answer",
+        action="store_true",
+        help="skip the planner's max-batch tables (GPT-2 small, Llama-3.2-1B shape; T=1024, 24 GiB)",
+    )
     return p
 
 
@@ -249,8 +256,8 @@ def notes(args: argparse.Namespace, rows: list[Row], steps: int, elapsed: float,
     ]
     if any(r.modeled_x is not None for r in rows):
         out.append(f"H200 model: ckpt_ext.roofline step time of one block in bf16, × no checkpointing, priced at a "
-                   f"realistic shape of the same family, {describe(family)} (at this demo's width every op would sit at "
-                   f"the model's launch floor); every-k-th rows use this run's {args.layers} layers.")  # fmt: skip
+                   f"realistic shape of the same family, {describe(family)} (at this demo's width every op would sit "
+                   f"at the model's launch floor); every-k-th rows use this run's {args.layers} layers.")  # fmt: skip
     else:
         out.append("H200 model column omitted: the roofline cost model (ckpt_ext.roofline) is not available.")
     if args.device.startswith("cuda"):
@@ -296,6 +303,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         result["table"] = md_table
     result = dict(results[families[-1]])
     result["families"] = results
+    if not args.no_batch_answer:
+        answers = demo_batch.reports()
+        if answers:
+            text = demo_batch.markdown(answers)
+            (args.out / "batch_answer.md").write_text(text, encoding="utf-8")
+            sys.stdout.write(f"\n{text}\nwrote {args.out / 'batch_answer.md'}\n")
+        result["batch_answer"] = answers
     return result
 
 

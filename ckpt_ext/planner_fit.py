@@ -47,8 +47,12 @@ class ModelReport:
     batch: Optional[int]
     rows: tuple[Row, ...]
 
-    def row(self, label_start: str, head: str) -> Row:
-        return next(r for r in self.rows if r.label.startswith(label_start) and r.head == head)
+    def row(self, label: str, head: str) -> Row:
+        """The row of strategy ``label`` (as strategies() names it) with ``head``."""
+        for r in self.rows:
+            if r.label == label and r.head == head:
+                return r
+        raise KeyError(f"no row {label!r} with head {head!r}")
 
     def __str__(self) -> str:
         return format_report(self)

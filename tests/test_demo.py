@@ -137,9 +137,8 @@ def test_modeled_column_is_priced_at_a_realistic_shape(tiny_run):
     (Llama form: ckpt_ext block 0.30× of no checkpointing). Priced at the family's realistic shape instead: that
     shape is not launch-bound, and a block policy, which recomputes matmuls, is never modeled faster than the same
     fused kernels keeping everything (policy none) at that shape."""
-    from ckpt_ext import roofline
-
     from bench import demo_roofline
+    from ckpt_ext import roofline
 
     _, result = tiny_run
     for family, res in result["families"].items():
@@ -180,3 +179,20 @@ def test_plot_title_fits_the_figure(tmp_path, monkeypatch):
     ((box, frame, text),) = saved
     assert box.x0 >= 0 and box.x1 <= frame.width and box.y1 <= frame.height, (box, frame)
     assert text.replace("\n", " ") == title
+
+
+def test_batch_answer_written(tiny_run):
+    """Issue 25: the planner's largest batch at T=1024 on 24 GiB for GPT-2 small and a Llama-3.2-1B-shaped model,
+    per strategy, with Hugging Face's and the fused head, beside the seed's claim."""
+    out, result = tiny_run
+    md = (out / "batch_answer.md").read_text(encoding="utf-8")
+    assert "24-32" in md and "64-96" in md
+    answers = dict(result["batch_answer"])
+    assert len(answers) == 3 and any("GPT-2 small" in t for t in answers) and any("Llama-3.2-1B" in t for t in answers)
+    for title, report in answers.items():
+        assert report.seq_len == 1024 and report.budget == 24 * 2**30
+        assert f"## {title}" in md and md.count("| ckpt_ext block |") == 3
+        for name in ("no checkpointing", "torch checkpoint, every layer", "ckpt_ext block"):
+            hf, fused = report.row(name, "hf"), report.row(name, "fused")
+            assert fused.answer >= hf.answer, (title, name)
+        assert report.row("ckpt_ext block", "fused").answer > report.row("no checkpointing", "hf").answer
