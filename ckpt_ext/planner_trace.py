@@ -8,13 +8,16 @@ model state, not activations). Storages created outside the mode (parameters, th
 Allocations inside one C++ kernel that never reach the dispatcher are not seen. The same mode measures a real CPU step
 (tests/test_plan_hf.py) and a fake-tensor trace (below).
 
-trace_layer(template, kind, seq, setup, rope_dim) -> LayerTrace of one layer at batch 1 (every retained tensor has the
-batch as its leading dimension, so bytes scale with the batch; the planner multiplies), for kind "eager" (the layer as
-written), "checkpoint" (torch.utils.checkpoint, non-reentrant) or a ckpt_ext policy (the layer converted as
-apply_fused_checkpointing does). The layer is a fake-tensor copy of ``template`` in the setup's parameter dtype, its
-forward run under CPU autocast when the compute dtype differs (backward outside autocast, as a training loop does);
-SDPA is priced as the fused GPU kernel (ckpt_ext.roofline). Shapes: x (B, T, d) in the parameter dtype; RoPE tables
-(1, T, head_dim) made outside the trace (the model shares them across layers).
+trace_layer(template, kind, seq, param_dtype, compute_dtype, rope_dim, batch, causal_mask) -> LayerTrace of one layer
+(bytes kept after its forward beyond its input and output, and the most alive during its forward + backward), for kind
+"eager" (the layer as written), "checkpoint" (torch.utils.checkpoint, non-reentrant) or a ckpt_ext policy (the layer
+converted as apply_fused_checkpointing does). The layer is a fake-tensor copy of ``template`` (no data is copied) in
+the parameter dtype, its forward run under CPU autocast when the compute dtype differs (backward outside autocast, as
+a training loop does); SDPA is priced as the fused GPU kernel (ckpt_ext.roofline). Inputs made outside the trace, as
+the model shares them across layers: x (B, T, d) in the parameter dtype, RoPE tables (1, T, head_dim), and the
+(B, 1, T, T) bool causal mask transformers 4.57 hands its layers (converted layers are called without it: they turn an
+exactly causal mask into none, which fake tensors cannot check). layer_seconds: the same step priced by
+ckpt_ext.roofline (modeled H200 seconds). trace_module: bytes a small module (the final norm) keeps after forward.
 """
 
 from __future__ import annotations
