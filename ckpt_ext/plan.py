@@ -7,7 +7,7 @@ With ``--config`` (a Hugging Face config.json or its folder; GPT-2, Llama, Mistr
 a "max batch" column (the largest batch at --seq; with --batch alone, "max seq": the longest sequence at that batch)
 per strategy, each with Hugging Face's LM head and with the fused linear + cross-entropy head, beside activation
 bytes, peak and modeled overhead; --param-dtype, --optimizer, --no-master-weights, --lora-rank, --lora-targets and
---drop-logits describe the training setup (planner_model.py states every assumption).
+--drop-logits describe the training setup (planner_spec.py and planner_model.py state every assumption).
 
 Rows: no checkpointing, torch.utils.checkpoint on every 4th / 2nd / every layer, each ckpt_ext policy on all layers;
 columns: activation memory, peak (model state + activations + one layer's recompute workspace), modeled step-time
@@ -94,7 +94,7 @@ def _attach_values(argv: list[str]) -> list[str]:
 
 
 def _optimizer(text: str):
-    from .planner_model import OPTIMIZERS
+    from .planner_spec import OPTIMIZERS
 
     if text in OPTIMIZERS:
         return text

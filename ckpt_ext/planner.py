@@ -181,7 +181,7 @@ def plan(
 
     With a Hugging Face config, config.json path or model as the first argument: the largest batch at ``seq_len``
     (or the longest sequence at ``batch``) per strategy and LM head, a planner_fit.ModelReport; ``dtype`` is then the
-    compute (autocast) dtype and ``setup`` takes planner_model.Setup's fields (param_dtype, optimizer, lora_rank,
+    compute (autocast) dtype and ``setup`` takes planner_spec.Setup's fields (param_dtype, optimizer, lora_rank,
     ...)."""
     if _is_model_source(d_model):
         if n_layers is not None or n_heads is not None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from .planner_model import MemoryModel, ModelSpec, Setup, price_batch
+from .planner_model import MemoryModel, price_batch
+from .planner_spec import ModelSpec, Setup
 from .policies import POLICIES
 
 _CAP = 1 << 24  # the largest batch the search tries

@@ -24,7 +24,8 @@ transformers = pytest.importorskip("transformers")
 from ckpt_ext import planner  # noqa: E402
 from ckpt_ext.integrations.huggingface import apply_fused_checkpointing  # noqa: E402
 from ckpt_ext.planner_fit import plan_model, strategies  # noqa: E402
-from ckpt_ext.planner_model import MemoryModel, ModelSpec, Setup  # noqa: E402
+from ckpt_ext.planner_model import MemoryModel  # noqa: E402
+from ckpt_ext.planner_spec import ModelSpec, Setup  # noqa: E402
 from ckpt_ext.planner_trace import LiveBytes, trace_layer  # noqa: E402
 
 B, T, V = 2, 64, 512
