@@ -8,7 +8,9 @@ run, × no checkpointing), tokens/s and the final loss (identical up to rounding
 ``--device cuda`` it adds the peak memory of a step and the largest batch that fits ``--budget``.
 
 Writes <out>/strategies.md and .png (GPT) and <out>/strategies_llama.md and .png (``--family`` picks; both by
-default). The default size finishes in about 6 minutes on 2 CPU cores.
+default), then <out>/batch_answer.md: the planner's largest batch at T=1024 on 24 GiB for GPT-2 small and a
+Llama-3.2-1B-shaped model per strategy, with Hugging Face's and the fused LM head (bench.demo_batch). The default
+size finishes in about 6 minutes on 2 CPU cores (the batch tables add about half a minute).
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ from tqdm import tqdm
 import ckpt_ext
 from ckpt_ext.backend import concrete_backend
 
+from . import demo_batch, malloc_tuning
 from . import demo_measure as measure
-from . import malloc_tuning
 from .demo_corpus import load_corpus
 from .demo_model import FAMILIES, STRATEGIES, build, check_strategies, label, make_strategy
 from .demo_report import Row, plot, table, write_markdown
-from .demo_roofline import modeled_overhead
+from .demo_roofline import describe, modeled_overhead
 
 TITLE = "Checkpointing Strategy Comparison"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -139,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    p.add_argument(
+        "--no-batch-answer",
+        action="store_true",
+        help="skip the planner's max-batch tables (GPT-2 small, Llama-3.2-1B shape; T=1024, 24 GiB)",
+    )
     return p
 
 
@@ -182,10 +189,6 @@ def run(args: argparse.Namespace, family: str = "gpt") -> dict:
     device, names = args.device, args.strategies
     torch.manual_seed(args.seed)
     base = build(family, args.layers, args.d_model, args.heads, args.seq)
-    layer = {}
-    if family == "llama":
-        blk = base.blocks[0]
-        layer = dict(activation="swiglu", n_kv_heads=blk.n_kv_heads, d_ff=blk.hidden)
     batches = measure.make_batches(load_corpus(), args.steps, args.batch, args.seq, args.seed, device)
     models = {n: make_strategy(base, n).to(device) for n in names}
 
@@ -231,7 +234,7 @@ def run(args: argparse.Namespace, family: str = "gpt") -> dict:
                 tokens_per_s=args.batch * args.seq / steps_s[n],
                 final_loss=losses[n][-1],
                 loss_rel_diff=abs(losses[n][-1] - base_loss) / abs(base_loss),
-                modeled_x=modeled_overhead(n, args.layers, args.d_model, args.seq, args.batch, args.heads, **layer),
+                modeled_x=modeled_overhead(n, args.layers, family),
                 peak_bytes=peaks.get(n),
                 max_batch=max_batch.get(n),
             )
@@ -239,7 +242,7 @@ def run(args: argparse.Namespace, family: str = "gpt") -> dict:
     return dict(rows=rows, losses=losses, seconds=seconds, steps=steps_run, elapsed=time.perf_counter() - started)
 
 
-def notes(args: argparse.Namespace, rows: list[Row], steps: int, elapsed: float) -> list[str]:
+def notes(args: argparse.Namespace, rows: list[Row], steps: int, elapsed: float, family: str = "gpt") -> list[str]:
     out = [
         "Activations kept: bytes the autograd graph holds after one forward (tokens -> loss), measured with "
         "ckpt_ext.measure.retained_activation_bytes; weights, gradients and optimizer state excluded.",
@@ -252,7 +255,9 @@ def notes(args: argparse.Namespace, rows: list[Row], steps: int, elapsed: float)
         f"{max(r.loss_rel_diff for r in rows):.1e}).",
     ]
     if any(r.modeled_x is not None for r in rows):
-        out.append("H200 model: ckpt_ext.roofline step time of the blocks in bf16 at this shape, × no checkpointing.")
+        out.append(f"H200 model: ckpt_ext.roofline step time of one block in bf16, × no checkpointing, priced at a "
+                   f"realistic shape of the same family, {describe(family)} (at this demo's width every op would sit "
+                   f"at the model's launch floor); every-k-th rows use this run's {args.layers} layers.")  # fmt: skip
     else:
         out.append("H200 model column omitted: the roofline cost model (ckpt_ext.roofline) is not available.")
     if args.device.startswith("cuda"):
@@ -283,7 +288,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         model = "byte-level GPT" if family == "gpt" else "byte-level Llama-style (RMSNorm, SwiGLU, RoPE, GQA)"
         shape = f"{args.layers} layers, d={args.d_model}, {args.heads} heads, T={args.seq}, batch {args.batch}"
         md_table = table(rows, cuda=args.device.startswith("cuda"), budget=args.budget)
-        note_lines = notes(args, rows, result["steps"], result["elapsed"])
+        note_lines = notes(args, rows, result["steps"], result["elapsed"], family)
         config = {"model": f"{model}, {shape}", "steps": f"{result['steps']} of {args.steps}", "lr": args.lr,
                   "seed": args.seed, "torch threads": args.threads or torch.get_num_threads(), "malloc": malloc,
                   "strategies": ", ".join(args.strategies), **versions(args.device)}  # fmt: skip
@@ -298,6 +303,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         result["table"] = md_table
     result = dict(results[families[-1]])
     result["families"] = results
+    if not args.no_batch_answer:
+        answers = demo_batch.reports()
+        if answers:
+            text = demo_batch.markdown(answers)
+            (args.out / "batch_answer.md").write_text(text, encoding="utf-8")
+            sys.stdout.write(f"\n{text}\nwrote {args.out / 'batch_answer.md'}\n")
+        result["batch_answer"] = answers
     return result
 
 

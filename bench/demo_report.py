@@ -102,8 +102,22 @@ def _label_offsets(xs: list[float], ys: list[float]) -> list[int]:
     return offsets
 
 
+TITLE_CHARS = 78  # characters per title line: 10-pt text fits the 7.5-inch figure with margin
+
+
 def plot(path: Path, rows: list[Row], title: str) -> None:
     """Activation memory kept vs step-time overhead, one labeled point per strategy, Pareto front as a step line."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure(rows: list[Row], title: str):
+    """The plot's matplotlib Figure (Agg); the title is wrapped at word boundaries so it fits the figure's width."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,9 +135,8 @@ def plot(path: Path, rows: list[Row], title: str) -> None:
     ax.margins(x=0.2, y=0.08)
     ax.set_xlabel("step-time overhead vs no checkpointing (%)")
     ax.set_ylabel("activation memory kept (MiB)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, TITLE_CHARS), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

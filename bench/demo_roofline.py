@@ -1,8 +1,12 @@
 """The modeled H200 step-time overhead of each demo strategy, from ckpt_ext's roofline cost model (if installed).
 
-The cost model prices one transformer block's training step per checkpointing variant; a model with L blocks of
-which every k-th is checkpointed costs (L/k · t_checkpoint + (L - L/k) · t_eager) / (L · t_eager). Embedding, final
-LayerNorm and head are left out (the same for every strategy). Returns None when the model is unavailable.
+The demo trains toy models (d=256) where every op of the cost model sits at its launch floor, so the column would
+count kernels, not time. It is priced instead at a realistic shape of the same family (PRICED_SHAPES): the GPT form
+at d=2048, 16 heads, T=2048, batch 4 (the seed anchors' large shape) and the Llama form shaped like Llama-3.2-1B
+(d=2048, 32 heads of 64, 8 kv heads, SwiGLU d_ff=8192) at T=2048, batch 2, bf16. The cost model prices one block's
+training step per checkpointing variant; a model with L blocks of which every k-th is checkpointed costs
+(L/k · t_checkpoint + (L - L/k) · t_eager) / (L · t_eager). Embedding, final norm and head are left out (the same
+for every strategy). Returns None when the model is unavailable.
 """
 
 from __future__ import annotations
@@ -12,6 +16,18 @@ from typing import Optional
 
 FUSED_VARIANTS = {"fused_pointwise": "pointwise", "fused_ffn": "ffn", "fused_block_keep_attn": "block_keep_attn",
                   "fused_block": "block"}  # fmt: skip
+PRICED_SHAPES = {
+    "gpt": dict(d_model=2048, seq=2048, batch=4, n_heads=16),
+    "llama": dict(d_model=2048, seq=2048, batch=2, n_heads=32, activation="swiglu", n_kv_heads=8, d_ff=8192),
+}
+
+
+def describe(family: str) -> str:
+    s = PRICED_SHAPES[family]
+    if family == "llama":
+        return (f"Llama-3.2-1B-shaped block (d={s['d_model']}, {s['n_heads']} heads, {s['n_kv_heads']} kv heads, "
+                f"d_ff={s['d_ff']}) at T={s['seq']}, batch {s['batch']}")  # fmt: skip
+    return f"GPT block at d={s['d_model']}, {s['n_heads']} heads, T={s['seq']}, batch {s['batch']}"
 
 
 def _roofline_module():
@@ -26,15 +42,13 @@ def roofline_available() -> bool:
     return _roofline_module() is not None
 
 
-def modeled_overhead(strategy: str, n_layers: int, d_model: int, seq: int, batch: int, n_heads: int,
-                     **layer) -> Optional[float]:  # fmt: skip
-    """Modeled step time of ``strategy`` / no checkpointing on an H200 in bf16 (blocks only), or None.
-
-    ``layer``: the roofline's layer keywords (activation="swiglu", n_kv_heads, d_ff for the Llama-style model)."""
+def modeled_overhead(strategy: str, n_layers: int, family: str) -> Optional[float]:
+    """Modeled step time of ``strategy`` / no checkpointing on an H200 in bf16 (blocks only, at the family's
+    PRICED_SHAPES shape, with the demo's layer count for the every-k-th strategies), or None."""
     roofline = _roofline_module()
     if roofline is None:
         return None
-    shape = dict(d_model=d_model, seq=seq, batch=batch, n_heads=n_heads, **layer)
+    shape = PRICED_SHAPES[family]
     try:
         eager = roofline.step_time("eager", **shape)
         if strategy == "none":

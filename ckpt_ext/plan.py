@@ -1,6 +1,13 @@
 """``python -m ckpt_ext.plan``: the seed's strategy table for one model and memory budget, then the recommendation.
 
     python -m ckpt_ext.plan --d-model 1024 --layers 24 --heads 16 --seq 1024 --batch 32 --gpu-memory 24GiB
+    python -m ckpt_ext.plan --config path/to/config.json --seq 1024 --gpu-memory 24GiB [--batch 8]
+
+With ``--config`` (a Hugging Face config.json or its folder; GPT-2, Llama, Mistral, Qwen2, Qwen3, ViT) the table has
+a "max batch" column (the largest batch at --seq; with --batch alone, "max seq": the longest sequence at that batch)
+per strategy, each with Hugging Face's LM head and with the fused linear + cross-entropy head, beside activation
+bytes, peak and modeled overhead; --param-dtype, --optimizer, --no-master-weights, --lora-rank, --lora-targets and
+--drop-logits describe the training setup (planner_spec.py and planner_model.py state every assumption).
 
 Rows: no checkpointing, torch.utils.checkpoint on every 4th / 2nd / every layer, each ckpt_ext policy on all layers;
 columns: activation memory, peak (model state + activations + one layer's recompute workspace), modeled step-time
@@ -66,7 +73,9 @@ def _memory(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-VALUE_OPTIONS = ("--d-model", "--layers", "--heads", "--seq", "--batch", "--gpu-memory", "--dtype", "--mlp-ratio")
+VALUE_OPTIONS = ("--d-model", "--layers", "--heads", "--seq", "--batch", "--gpu-memory", "--dtype", "--mlp-ratio",
+                 "--config", "--param-dtype", "--optimizer", "--lora-rank", "--lora-targets",
+                 "--fused-chunk")  # fmt: skip
 
 
 def _attach_values(argv: list[str]) -> list[str]:
@@ -84,17 +93,77 @@ def _attach_values(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv=None) -> int:
+def _optimizer(text: str):
+    from .planner_spec import OPTIMIZERS
+
+    if text in OPTIMIZERS:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(OPTIMIZERS)} or bytes per parameter, "
+                                         f"got {text!r}") from None  # fmt: skip
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected bytes per parameter >= 0, got {text!r}")
+    return value
+
+
+def _rank(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ckpt_ext.plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--d-model", type=_positive(int), required=True)
-    ap.add_argument("--layers", type=_positive(int), required=True)
-    ap.add_argument("--heads", type=_positive(int), required=True)
-    ap.add_argument("--seq", type=_positive(int), required=True)
-    ap.add_argument("--batch", type=_positive(int), required=True)
+    ap.add_argument("--config", help="Hugging Face config.json (or its folder): plan the whole model")
+    ap.add_argument("--d-model", type=_positive(int))
+    ap.add_argument("--layers", type=_positive(int))
+    ap.add_argument("--heads", type=_positive(int))
+    ap.add_argument("--seq", type=_positive(int))
+    ap.add_argument("--batch", type=_positive(int))
     ap.add_argument("--gpu-memory", type=_memory, required=True, help="e.g. 24GiB, 80GB, 1e3GB, or bytes")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="compute (autocast) dtype")
     ap.add_argument("--mlp-ratio", type=_positive(float), default=4.0)
+    ap.add_argument("--param-dtype", default="fp32", choices=sorted(DTYPES), help="weights (--config)")
+    ap.add_argument("--optimizer", type=_optimizer, default="adamw",
+                    help="adamw, adamw_8bit, sgd, sgd_momentum or state bytes per parameter (--config)")  # fmt: skip
+    ap.add_argument("--no-master-weights", action="store_true", help="no fp32 master copy of 16-bit params (--config)")
+    ap.add_argument("--lora-rank", type=_rank, default=0, help="LoRA rank; 0 = full fine-tuning (--config)")
+    ap.add_argument("--lora-targets", default="all-linear", help="comma-separated module names or all-linear")
+    ap.add_argument("--drop-logits", action="store_true", help="the loop does not hold outputs.logits (--config)")
+    ap.add_argument("--fused-chunk", type=_memory, default=256 * 2**20, help="fused head chunk budget (--config)")
+    return ap
+
+
+def _config_table(ap, a) -> str:
+    from .planner_fit import plan_model
+
+    if a.seq is None and a.batch is None:
+        ap.error("argument --seq: give --seq (max batch) or --batch (max seq) with --config")
+    targets = a.lora_targets if a.lora_targets == "all-linear" else tuple(t for t in a.lora_targets.split(",") if t)
+    setup = dict(param_dtype=a.param_dtype, compute_dtype=a.dtype, optimizer=a.optimizer,
+                 master_weights=False if a.no_master_weights else None, lora_rank=a.lora_rank, lora_targets=targets,
+                 keep_logits=not a.drop_logits, fused_chunk_bytes=a.fused_chunk)  # fmt: skip
+    try:
+        return str(plan_model(a.config, seq_len=a.seq, batch=a.batch, memory_budget=a.gpu_memory, **setup))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        ap.error(f"argument --config: {e}")
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(_attach_values(list(sys.argv[1:] if argv is None else argv)))
+    if a.config is not None:
+        print(_config_table(ap, a))
+        return 0
+    for flag in ("d_model", "layers", "heads", "seq", "batch"):
+        if getattr(a, flag) is None:
+            ap.error(f"the following arguments are required: --{flag.replace('_', '-')} (or give --config)")
     if a.d_model % a.heads:
         ap.error(f"argument --heads: {a.heads} heads do not divide --d-model {a.d_model}")
     if int(a.mlp_ratio * a.d_model) < 1:

@@ -1,6 +1,9 @@
 """The memory-budget planner: per-layer checkpointing policies that minimize step time within a GPU memory budget.
 
 ``plan(d_model, n_layers, n_heads, seq_len, batch, memory_budget, dtype="bf16", mlp_ratio=4.0) -> Plan``
+``plan(config, seq_len=..., memory_budget=..., batch=None, **setup) -> planner_fit.ModelReport``: a Hugging Face model
+(config, config.json path or model) with embeddings, LM head, optimizer and LoRA; the largest batch (or sequence) per
+strategy. Its memory model is planner_model.py's; the rest of this docstring is the GPT-2-shaped block planner.
 
 Memory model (bytes; N = batch * seq_len tokens, H = mlp_ratio * d_model):
   per layer      x (the block input, N*d residual-stream values) + policies.retained_bytes(kind) of the policy table;
@@ -26,10 +29,11 @@ checkpointing goes to the first layers in the returned list.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -163,16 +167,31 @@ def evaluate(shape: Shape, kinds, budget: int) -> Plan:
 
 
 def plan(
-    d_model: int,
-    n_layers: int,
-    n_heads: int,
-    seq_len: int,
-    batch: int,
-    memory_budget: Union[int, float, str],
+    d_model,
+    n_layers: Optional[int] = None,
+    n_heads: Optional[int] = None,
+    seq_len: Optional[int] = None,
+    batch: Optional[int] = None,
+    memory_budget: Union[int, float, str, None] = None,
     dtype: str = "bf16",
     mlp_ratio: float = 4.0,
-) -> Plan:
-    """The per-layer policies with the least modeled overhead whose peak memory fits ``memory_budget``."""
+    **setup,
+):
+    """The per-layer policies with the least modeled overhead whose peak memory fits ``memory_budget`` (a Plan).
+
+    With a Hugging Face config, config.json path or model as the first argument: the largest batch at ``seq_len``
+    (or the longest sequence at ``batch``) per strategy and LM head, a planner_fit.ModelReport; ``dtype`` is then the
+    compute (autocast) dtype and ``setup`` takes planner_spec.Setup's fields (param_dtype, optimizer, lora_rank,
+    ...)."""
+    if _is_model_source(d_model):
+        if n_layers is not None or n_heads is not None:
+            raise TypeError("plan(config, ...): pass seq_len=, batch= and memory_budget= as keywords")
+        from .planner_fit import plan_model
+
+        setup.setdefault("compute_dtype", _dtype_name(dtype))
+        return plan_model(d_model, seq_len=seq_len, batch=batch, memory_budget=memory_budget, **setup)
+    if setup:
+        raise TypeError(f"plan() got unexpected keyword arguments {', '.join(setup)} (they need a model config)")
     shape = make_shape(d_model, n_layers, n_heads, seq_len, batch, dtype, mlp_ratio)
     budget = parse_memory(memory_budget)
     keep_all = "eager" if shape.step_time("eager") < shape.step_time("none") else "none"
@@ -184,6 +203,13 @@ def plan(
     if counts is None:
         counts = leanest_mix(n_layers, mem, work, time)
     return _with_message(evaluate(shape, [k for k, n in zip(options, counts) for _ in range(n)], budget), shape)
+
+
+def _is_model_source(value) -> bool:
+    """A Hugging Face config, a path to a config.json (or its folder), or a model."""
+    if isinstance(value, (str, os.PathLike)) or isinstance(value, torch.nn.Module):
+        return True
+    return any(c.__name__ == "PretrainedConfig" for c in type(value).__mro__)
 
 
 def strategies(shape: Shape) -> list[tuple[str, tuple[str, ...]]]:

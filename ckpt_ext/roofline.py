@@ -300,7 +300,13 @@ def _make_layer(shape: LayerShape):
 
 def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """F.scaled_dot_product_attention as one fused kernel (aten's flash-for-CPU op: its FLOP formula is the CUDA
-    kernels'; it reads k/v heads per group as GQA kernels do), a bool mask first converted as SDPA does."""
+    kernels'; it reads k/v heads per group as GQA kernels do), a bool mask first converted as SDPA does. Under
+    autocast q, k and v are cast first, as autocast casts F.scaled_dot_product_attention's inputs (the aten op itself
+    is not on autocast's lists)."""
+    device = q.device.type if q.device.type in ("cpu", "cuda") else "cpu"
+    if torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+        q, k, v = (t.to(low) if t.is_floating_point() else t for t in (q, k, v))
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill_(~attn_mask, float("-inf"))
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
