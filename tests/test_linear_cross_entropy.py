@@ -221,7 +221,7 @@ def test_kernel_ops_opcheck():
     if not cpp_available() or not hasattr(torch.ops.ckpt_ext, "linear_cross_entropy_fwd_kernel"):
         pytest.skip("ckpt_ext._C without the LM-head kernels")
     for op, args in _op_samples():
-        kernel = getattr(torch.ops.ckpt_ext, f"{op._name.split('::')[1]}_kernel")
+        kernel = getattr(torch.ops.ckpt_ext, f"{op._name.split('::')[-1]}_kernel")
         torch.library.opcheck(kernel, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
 
 
@@ -315,6 +315,22 @@ def test_triton_kernels_fp32(n, v, d):
         with ckpt_ext.set_backend("triton"):
             got = _loss_and_grads(_ours, hidden, weight, b, labels, chunk_bytes=4 * v * 16, **kw)
         assert_close_to_truth(got, low, truth)
+
+
+@pytest.mark.triton
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, v, d", [(33, 97, 72), (200, 1000, 72), (1000, 50257, 64)])
+def test_triton_kernels_cuda(n, v, d, dtype):
+    """The compiled kernels on a GPU (the default backend there): tensor-core bf16 tiles, V splits, several chunks."""
+    hidden, weight, b, labels = (t.cuda() for t in _case(n, v, d, dtype=dtype))
+    kw = dict(label_smoothing=0.1)
+    truth = _loss_and_grads(_torch_loss, hidden.double(), weight.double(), b.double(), labels, **kw)
+    low = _loss_and_grads(_torch_loss, hidden, weight, b, labels, **kw)
+    with ckpt_ext.set_backend("triton"):
+        got = _loss_and_grads(_ours, hidden, weight, b, labels, chunk_bytes=6 * v * 64, **kw)
+    assert_close_to_truth(got, low, truth, floor=ATOL.get(dtype))
 
 
 @pytest.mark.triton

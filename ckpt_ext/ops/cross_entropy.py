@@ -4,7 +4,7 @@ linear_cross_entropy_fwd(hidden (N, d), weight (V, d), bias (V,)?, labels (N,) i
                          chunk_rows) -> losses (N,), lse (N,)  fp32 (fp64 for fp64 hidden)     FLOPs: 2·N·V·d
 linear_cross_entropy_bwd(dloss (N,), hidden, weight, bias?, labels, lse, ignore_index, label_smoothing, chunk_rows,
                          need_dweight) -> dhidden (N, d) hidden.dtype, dweight (V, d) weight.dtype or (0,),
-                                          dbias (V,) bias.dtype or (0,)                         FLOPs: 6·N·V·d
+                                          dbias (V,) bias.dtype or (0,)    FLOPs: 6·N·V·d (4 without dweight)
 The forward keeps one fp32 logsumexp per row; the backward rebuilds each chunk's logits from it (2·N·V·d) and runs
 the two gradient GEMMs (dhidden = dz @ W, dweight = dzᵀ @ hidden: 2·2·N·V·d). Kernels work on ``chunk_rows`` rows at
 a time (the C++ kernel's (chunk_rows, V) buffers; Triton's forward needs none). Math: reference.py. The public
