@@ -12,8 +12,8 @@ all three), the CPU time of one fwd + bwd (best of --repeat, measured without th
 the modeled H200 time (ckpt_ext.roofline's prices: max(FLOPs / 788 TFLOP/s, bytes / 4.3 TB/s) + 3 µs per kernel):
 hf from its ops traced under FakeTensorMode; compiled as its three GEMMs plus one fused pass over the bf16 logits in
 forward (read them, write the logsumexp) and one in backward (read them, write dlogits); fused as the Triton backend
-runs it (a forward kernel reading hidden and weight once; per chunk the dz kernel, the dhidden and dweight GEMMs and,
-for 16-bit weights over several chunks, the fp32 dweight accumulation).
+runs it (a forward kernel reading hidden and weight once; per vocabulary chunk the dz kernel, the dweight and dhidden
+GEMMs and, for 16-bit over several chunks, the fp32 dhidden accumulation).
 Peak memory: torch.profiler(profile_memory=True)'s exported trace, whose "[memory]" events carry the running total of
 CPU bytes allocated since profiling began ("Total Allocated"); the peak is its maximum.
 """
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import ckpt_ext
 from ckpt_ext import roofline
-from ckpt_ext.lm_head import DEFAULT_CHUNK_BYTES, chunk_rows_for
+from ckpt_ext.lm_head import DEFAULT_CHUNK_BYTES, chunk_len
 
 VOCABS = (50257, 128256)
 TOKENS = (4096, 16384)
@@ -126,14 +126,14 @@ def model_compiled(n, v, d, dtype) -> float:
 def model_fused(n, v, d, dtype, chunk_bytes=DEFAULT_CHUNK_BYTES["cuda"]) -> float:
     e = torch.empty((), dtype=dtype).element_size()
     fwd = roofline.price(2 * n * v * d + 5 * n * v, (n * d + v * d) * e + 16 * n)
-    rows = chunk_rows_for(n, v, dtype, chunk_bytes)
+    cols = chunk_len(chunk_bytes, n, dtype, v)
     bwd = 0.0
-    for r0 in range(0, n, rows):
-        r = min(rows, n - r0)
-        bwd += roofline.price(2 * r * v * d + 5 * r * v, (r * d + v * d + r * v) * e + 12 * r)  # dz kernel
-        bwd += _gemm(r, d, v, e) + _gemm(v, d, r, e)
-        if e < 4 and rows < n:
-            bwd += roofline.price(v * d, v * d * (e + 8))  # fp32 accumulator += this chunk's dweight
+    for c0 in range(0, v, cols):
+        c = min(cols, v - c0)
+        bwd += roofline.price(2 * n * c * d + 5 * n * c, (n * d + c * d + n * c) * e + 12 * n)  # dz kernel
+        bwd += _gemm(c, d, n, e) + _gemm(n, d, c, e)  # dweight rows, dhidden partial
+        if e < 4 and cols < v:
+            bwd += roofline.price(n * d, n * d * (e + 8))  # fp32 dhidden accumulator += this chunk's product
     return fwd + bwd
 
 

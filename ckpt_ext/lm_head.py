@@ -1,10 +1,12 @@
 """``ckpt_ext.linear_cross_entropy``: the loss of ``F.cross_entropy(hidden @ weightᵀ + bias, labels, ...)`` without
 ever holding the (N, V) logits.
 
-Design: recompute in backward. The forward (``ckpt_ext::linear_cross_entropy_fwd``) walks the tokens in chunks of
-``chunk_rows`` rows and keeps per row only the fp32 loss and logsumexp (8 bytes a token); the backward
-(``_bwd``) rebuilds each chunk's logits from hidden, weight and the saved logsumexp, forms
-dz = dloss·(softmax - (1-ε)·onehot - ε/V) in place and adds dz @ W into dhidden and dzᵀ @ hidden into an fp32 dweight.
+Design: recompute in backward. The forward (``ckpt_ext::linear_cross_entropy_fwd``) walks the tokens in chunks and
+keeps per row only the fp32 loss and logsumexp (8 bytes a token); the backward (``_bwd``) walks the vocabulary in
+chunks: it rebuilds a chunk's logits for all tokens from hidden, weight and the saved logsumexp (exact: each row's
+normalizer is known), forms dz = dloss·(softmax - (1-ε)·onehot - ε/V) in place, writes that chunk's dweight rows
+with one GEMM over all tokens (complete, fp32-accumulated inside the GEMM: no (V, d) fp32 accumulator, no per-chunk
+read-modify-write of dweight) and adds dz @ W_chunk into an fp32 dhidden (N·d: small beside V·d).
 Liger-Kernel instead computes the gradients inside the forward (no recompute, 2·N·V·d fewer FLOPs, i.e. 4 instead of
 6 matmul passes over the logits): we do not, because (1) a forward under no_grad or in evaluation must not pay for
 gradients, nor hold dhidden (N, d) and dweight (V, d) buffers between forward and backward; (2) gradients made in
@@ -12,9 +14,10 @@ forward must assume the loss is the graph's output with gradient 1 (Liger scales
 loss that is weighted, combined or differentiated twice; (3) it is the project's recompute-in-backward design. The
 cost is one extra GEMM pass (+33% head FLOPs; the head is ~V/(12·d·L) of a model's FLOPs: a few percent).
 
-Chunks come from a byte budget (``chunk_bytes``, default 32 MiB on CPU, 256 MiB on CUDA) for the (chunk_rows, V)
-working buffers of the kernels (fp32 logits plus a copy in the GEMM dtype), never from a fraction of N; rows are
-rounded down to a multiple of 16 (GEMM tiles) when the budget allows.
+Chunks come from a byte budget (``chunk_bytes``, default 32 MiB on CPU, 256 MiB on CUDA) for the kernels' working
+buffers (fp32 logits plus a copy in the GEMM dtype): forward rows = budget / (V·bytes), backward columns =
+budget / (N·bytes) (``chunk_len``), never a fraction of N; rounded down to a multiple of 16 (GEMM tiles) when the
+budget allows. The ops take the budget itself.
 
 Reductions: per-row losses are fp32 (fp64 for fp64 inputs), 0 on ignored rows. "mean" divides the sum by the number
 of rows whose label is not ignore_index (NaN when there is none, as F.cross_entropy); "sum" sums; "none" returns the
@@ -38,15 +41,17 @@ CPU_CHUNK_BYTES = 32 << 20
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def chunk_rows_for(n: int, vocab: int, dtype: torch.dtype, chunk_bytes: int) -> int:
-    """Rows per chunk such that the kernels' (rows, V) buffers fit ``chunk_bytes``: fp32 logits (fp64 for fp64) and,
-    for a 16-bit dtype, the GEMM's copy in that dtype. At least 1, at most n; a multiple of 16 when ≥ 16."""
+def chunk_len(chunk_bytes: int, other: int, dtype: torch.dtype, limit: int) -> int:
+    """Length of a chunk along one side of the (N, V) logits whose buffers, ``other`` elements across, fit
+    ``chunk_bytes``: an fp32 logit (fp64 for fp64) and, for a 16-bit dtype, its copy in that dtype per element.
+    Forward rows: chunk_len(b, V, dtype, N); backward columns: chunk_len(b, N, dtype, V). In [1, limit], a multiple
+    of 16 when ≥ 16. The C++ kernel applies the same rule (csrc/cpu/cross_entropy_cpu.cpp)."""
     acc = 8 if dtype == torch.float64 else 4
-    extra = 0 if dtype in (torch.float32, torch.float64) else torch.empty((), dtype=dtype).element_size()
-    rows = max(1, chunk_bytes // max(1, vocab * (acc + extra)))
-    if rows >= 16:
-        rows -= rows % 16
-    return max(1, min(rows, n))
+    extra = 2 if dtype in (torch.float16, torch.bfloat16) else 0
+    length = max(1, chunk_bytes // max(1, other * (acc + extra)))
+    if length >= 16:
+        length -= length % 16
+    return max(1, min(length, limit))
 
 
 def _autocast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -119,10 +124,9 @@ def linear_cross_entropy(
     hidden, weight, bias = _autocast(hidden, weight, bias)
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_CHUNK_BYTES.get(device, CPU_CHUNK_BYTES)
-    rows = chunk_rows_for(hidden.shape[0], weight.shape[0], hidden.dtype, chunk_bytes)
     with torch.autocast(device, enabled=False):
         losses, _ = linear_cross_entropy_fwd(
-            hidden, weight, bias, labels, int(ignore_index), float(label_smoothing), rows
+            hidden, weight, bias, labels, int(ignore_index), float(label_smoothing), int(chunk_bytes)
         )  # (N,) fp32, 0 on ignored rows
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):

@@ -452,14 +452,14 @@ def linear_cross_entropy_fwd(
     labels: Tensor,
     ignore_index: int,
     label_smoothing: float,
-    chunk_rows: int,
+    chunk_bytes: int,
 ) -> tuple[Tensor, Tensor]:
     """Per-row cross-entropy of the logits z = hidden @ weightᵀ + bias, and their logsumexp.
 
     hidden (N, d), weight (V, d), bias (V,)?, labels (N,) int -> losses (N,), lse (N,) in fp32 (fp64 for fp64 hidden).
     lse_i = log Σ_c exp z_ic; with ε = label_smoothing (F.cross_entropy's definition, targets (1-ε)·onehot + ε/V):
     loss_i = lse_i - (1-ε)·z_{i,y_i} - ε·mean_c z_ic, and loss_i = 0 where labels_i == ignore_index (lse_i is still
-    the row's logsumexp). The kernels process ``chunk_rows`` rows at a time; this definition is unchunked.
+    the row's logsumexp). The kernels keep their chunk buffers within ``chunk_bytes``; this definition is unchunked.
     """
     cdt = compute_dtype(hidden)
     z = _ce_logits(hidden, weight, bias, cdt)  # (N, V)
@@ -482,14 +482,15 @@ def linear_cross_entropy_bwd(
     lse: Tensor,
     ignore_index: int,
     label_smoothing: float,
-    chunk_rows: int,
+    chunk_bytes: int,
     need_dweight: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """VJP of linear_cross_entropy_fwd's losses, from the saved lse (the logits are rebuilt):
     dz_ic = dloss_i · (softmax(z)_ic - ε/V - (1-ε)·[c == y_i]), 0 on ignored rows; dz is rounded to hidden.dtype
     before the two GEMMs (as the grad of HF's bf16 logits is). dhidden = dz @ weight (N, d) hidden.dtype;
     dweight = dzᵀ @ hidden (V, d) weight.dtype, or (0,) when not need_dweight; dbias = Σ_i dz_i (V,) bias.dtype, or
-    (0,) without a bias. The kernels accumulate dweight over row chunks in fp32.
+    (0,) without a bias. The kernels chunk the vocabulary (each dweight row in one GEMM) and sum dhidden over the
+    chunks in fp32.
     """
     cdt = compute_dtype(hidden)
     z = _ce_logits(hidden, weight, bias, cdt)  # (N, V)

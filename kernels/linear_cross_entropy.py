@@ -5,11 +5,12 @@ tile z = hidden[rows] @ weight[tile]ᵀ (+ bias) is made in registers (fp32 accu
 running statistics: m = max z, s = Σ exp(z - m) (online rescaling), z_y (the label's logit) and Σ z (label
 smoothing). The (SPLITS, N) fp32 partials are combined on the host side with torch: lse = M + log Σ_k s_k exp(m_k - M),
 loss = lse - (1-ε)·z_y - ε·Σz / V. V splits give a short N enough programs to fill the GPU.
-Backward, per chunk of chunk_rows rows: one kernel rebuilds each (rows × V) tile of logits and writes
-dz = g·(exp(z - lse) - ε/V) - g·(1-ε)·[col == y] (g = dloss, 0 on ignored rows) in hidden.dtype into a (rows, V)
-chunk buffer; cuBLAS then runs dhidden[chunk] = dz @ W and dweight (+)= dzᵀ @ hidden[chunk]. fp32 weights
-accumulate into dweight directly; 16-bit ones take each chunk's product in dweight's own buffer and add it into an
-fp32 accumulator (one chunk: none). dbias sums dz in fp32.
+Backward, per vocabulary chunk of c columns (ckpt_ext.lm_head.chunk_len(chunk_bytes, N, dtype, V)): one kernel
+rebuilds each (tokens × columns) tile of logits and writes dz = g·(exp(z - lse) - ε/V) - g·(1-ε)·[col == y]
+(g = dloss, 0 on ignored rows) in hidden.dtype into an (N, c) chunk buffer; cuBLAS then writes the chunk's rows
+dweight[c0:c0+c] = dzᵀ @ hidden (complete in one GEMM, fp32-accumulated inside it) and adds dz @ W[c0:c0+c] into
+dhidden, in fp32 across chunks (into dhidden itself for fp32; an (N, d) fp32 accumulator for 16-bit, none for a
+single chunk). dbias sums dz in fp32.
 
 Under TRITON_INTERPRET=1 only fp32 runs here (the interpreter's bf16 arithmetic is wrong); float64, empty inputs and
 16-bit tensors under the interpreter take the reference math. Importing this module imports triton.
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ckpt_ext import reference
+from ckpt_ext.lm_head import chunk_len
 
 from .launch_utils import cdiv, rows
 from .matmul_configs import interpreting
@@ -104,21 +106,22 @@ def linear_cross_entropy_fwd_kernel(
 
 @triton.jit
 def linear_cross_entropy_dz_kernel(
-    X,  # (R, K) row stride stride_xm, unit column stride: this chunk's hidden rows
-    W,  # (V, K) strides (stride_wn, stride_wk): weight
-    B,  # (V,) bias (unused when HAS_BIAS is False)
+    X,  # (R, K) row stride stride_xm, unit column stride: hidden
+    W,  # (V, K) strides (stride_wn, stride_wk): this chunk's weight rows
+    B,  # (V,) this chunk's bias (unused when HAS_BIAS is False)
     Y,  # (R,) int64 labels
     LSE,  # (R,) fp32 saved logsumexp
     G,  # (R,) fp32 dloss
     DZ,  # (R, V) contiguous, hidden.dtype: dz of the chunk
     R,
-    V,
+    V,  # columns of this vocabulary chunk
     K,
     stride_xm,
     stride_wn,
     stride_wk,
+    col0,  # the chunk's first column in the whole vocabulary (labels count from 0 there)
     ignore_index,
-    smooth,  # ε / V
+    smooth,  # ε / (whole vocabulary)
     hit,  # 1 - ε
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -135,7 +138,7 @@ def linear_cross_entropy_dz_kernel(
     lse = tl.load(LSE + rm, mask=m_ok, other=0.0)
     g = tl.where(y == ignore_index, 0.0, tl.load(G + rm, mask=m_ok, other=0.0))
     dz = g[:, None] * (tl.exp(z - lse[:, None]) - smooth)
-    dz -= tl.where(rn[None, :] == y[:, None], g[:, None] * hit, 0.0)
+    dz -= tl.where(rn[None, :] + col0 == y[:, None], g[:, None] * hit, 0.0)
     store_tile(DZ, rm, rn, V, dz, m_ok[:, None] & n_ok[None, :])
 
 
@@ -161,10 +164,10 @@ def _splits(n_row_blocks: int, v_tiles: int, device: torch.device) -> int:
     return max(1, min(v_tiles, cdiv(2 * sms, n_row_blocks)))
 
 
-def linear_cross_entropy_fwd(hidden, weight, bias, labels, ignore_index, label_smoothing, chunk_rows):
+def linear_cross_entropy_fwd(hidden, weight, bias, labels, ignore_index, label_smoothing, chunk_bytes):
     if not _covered(hidden):
         return reference.linear_cross_entropy_fwd(hidden, weight, bias, labels, ignore_index, label_smoothing,
-                                                  chunk_rows)  # fmt: skip
+                                                  chunk_bytes)  # fmt: skip
     x = rows(hidden)
     n, k = x.shape
     v = weight.shape[0]
@@ -190,11 +193,11 @@ def linear_cross_entropy_fwd(hidden, weight, bias, labels, ignore_index, label_s
     return torch.where(y != ignore_index, loss, 0.0), lse
 
 
-def linear_cross_entropy_bwd(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, chunk_rows,
+def linear_cross_entropy_bwd(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, chunk_bytes,
                              need_dweight):  # fmt: skip
     if not _covered(hidden) or lse.dtype != torch.float32:
         return reference.linear_cross_entropy_bwd(dloss, hidden, weight, bias, labels, lse, ignore_index,
-                                                  label_smoothing, chunk_rows, need_dweight)  # fmt: skip
+                                                  label_smoothing, chunk_bytes, need_dweight)  # fmt: skip
     x = rows(hidden)
     n, k = x.shape
     v = weight.shape[0]
@@ -202,34 +205,35 @@ def linear_cross_entropy_bwd(dloss, hidden, weight, bias, labels, lse, ignore_in
     y = labels.to(torch.int64).contiguous()
     g = dloss.to(torch.float32).contiguous()
     lse = lse.contiguous()
-    chunk = max(1, min(chunk_rows, n))
-    dz_buf = torch.empty((chunk, v), dtype=x.dtype, device=x.device)
-    dh = torch.empty((n, k), dtype=x.dtype, device=x.device)
-    dw = torch.zeros(weight.shape, dtype=weight.dtype, device=x.device) if need_dweight else x.new_empty((0,))
-    fp32_sum = need_dweight and weight.dtype != torch.float32 and chunk < n
-    dw_acc = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if fp32_sum else None
-    db = torch.zeros((v,), dtype=torch.float32, device=x.device) if bias is not None else None
-    for r0 in range(0, n, chunk):
-        r = min(chunk, n - r0)
-        xc, dz = x[r0 : r0 + r], dz_buf[:r]
-        linear_cross_entropy_dz_kernel[(cdiv(r, bm) * cdiv(v, bn),)](
-            xc, weight, bias if bias is not None else weight, y[r0:], lse[r0:], g[r0:], dz, r, v, k, x.stride(0),
-            weight.stride(0), weight.stride(1), ignore_index, label_smoothing / v, 1.0 - label_smoothing,
-            HAS_BIAS=bias is not None, UPCAST=x.dtype == torch.float32 or interpreting(), BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages,
+    cols = chunk_len(chunk_bytes, n, x.dtype, v)
+    dz_buf = torch.empty((n * cols,), dtype=x.dtype, device=x.device)
+    dh = torch.zeros((n, k), dtype=x.dtype, device=x.device)
+    dh_acc = (
+        torch.zeros((n, k), dtype=torch.float32, device=x.device) if x.dtype != torch.float32 and cols < v else None
+    )
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if need_dweight else x.new_empty((0,))
+    db = torch.empty((v,), dtype=torch.float32, device=x.device) if bias is not None else None
+    for c0 in range(0, v, cols):
+        c = min(cols, v - c0)
+        wc, dz = weight[c0 : c0 + c], dz_buf[: n * c].view(n, c)
+        linear_cross_entropy_dz_kernel[(cdiv(n, bm) * cdiv(c, bn),)](
+            x, wc, bias[c0:] if bias is not None else wc, y, lse, g, dz, n, c, k, x.stride(0), wc.stride(0),
+            wc.stride(1), c0, ignore_index, label_smoothing / v, 1.0 - label_smoothing, HAS_BIAS=bias is not None,
+            UPCAST=x.dtype == torch.float32 or interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
-        torch.mm(dz, weight, out=dh[r0 : r0 + r])
         if need_dweight:
-            if weight.dtype == torch.float32:
-                dw.addmm_(dz.t(), xc)
-            else:
-                torch.mm(dz.t(), xc, out=dw)
-                if dw_acc is not None:
-                    dw_acc.add_(dw)
+            torch.mm(dz.t(), x, out=dw[c0 : c0 + c])  # this chunk's rows, complete
+        if x.dtype == torch.float32:
+            dh.addmm_(dz, wc)
+        else:
+            torch.mm(dz, wc, out=dh)
+            if dh_acc is not None:
+                dh_acc += dh  # fp32 sum across chunks (the 16-bit product is widened in the add kernel)
         if db is not None:
-            db += dz.sum(dim=0, dtype=torch.float32)
-    if dw_acc is not None:
-        dw.copy_(dw_acc)
+            db[c0 : c0 + c] = dz.sum(dim=0, dtype=torch.float32)
+    if dh_acc is not None:
+        dh.copy_(dh_acc)
     dbias = db.to(bias.dtype) if bias is not None else x.new_empty((0,))
     return dh, dw, dbias
 
@@ -259,7 +263,8 @@ def compile_jobs(arch: int = 90):
         dz_const = {**const, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}
         opts = {"num_warps": warps, "num_stages": stages}
         dz_sig = dict(X=p, W=p, B=p, Y="*i64", LSE=f32, G=f32, DZ=p, R="i32", V="i32", K="i32", stride_xm="i32",
-                      stride_wn="i32", stride_wk="constexpr", ignore_index="i32", smooth="fp32", hit="fp32",
+                      stride_wn="i32", stride_wk="constexpr", col0="i32", ignore_index="i32", smooth="fp32",
+                      hit="fp32",
                       **{k: "constexpr" for k in dz_const if k != "stride_wk"})  # fmt: skip
         yield ("linear_cross_entropy_dz", linear_cross_entropy_dz_kernel, dz_sig, dz_const, opts,
                _divisible(linear_cross_entropy_dz_kernel, dz_sig, ("K", "stride_xm", "stride_wn")))  # fmt: skip

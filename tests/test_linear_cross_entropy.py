@@ -141,9 +141,9 @@ def test_bf16_autocast(backend, n, v, d):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_inputs_accumulate_dweight_in_fp32(backend):
-    """bf16 tensors over many chunks: dweight's sum over chunks is fp32 (a bf16 running sum would lose ~N/chunk
-    roundings)."""
+def test_bf16_inputs_over_many_chunks(backend):
+    """bf16 tensors over many chunks both ways (4-row forward chunks, few-column backward chunks): dhidden's sum over
+    vocabulary chunks is fp32 (a bf16 running sum would add a rounding per chunk)."""
     hidden, weight, b, labels = _case(200, 97, 72, dtype=torch.bfloat16)
     truth = _loss_and_grads(_torch_loss, hidden.double(), weight.double(), b.double(), labels)
     low = _loss_and_grads(_torch_loss, hidden, weight, b, labels)
@@ -198,14 +198,15 @@ def test_gradcheck_float64(backend):
 
 def _op_samples():
     hidden, weight, b, labels = _case(33, 97, 8)
-    losses, lse = reference.linear_cross_entropy_fwd(hidden, weight, b, labels, -100, 0.1, 5)
+    losses, lse = reference.linear_cross_entropy_fwd(hidden, weight, b, labels, -100, 0.1, 4000)
     dloss = torch.randn(33)
+    hd, wd = hidden.detach(), weight.detach()
     strided_w = weight.t().contiguous().t()
     return [
-        (ops.linear_cross_entropy_fwd, (hidden.requires_grad_(), weight.requires_grad_(), b, labels, -100, 0.1, 5)),
-        (ops.linear_cross_entropy_fwd, (hidden.detach(), strided_w, None, labels.int(), -100, 0.0, 64)),
-        (ops.linear_cross_entropy_bwd, (dloss, hidden.detach(), weight.detach(), b, labels, lse, -100, 0.1, 5, True)),
-        (ops.linear_cross_entropy_bwd, (dloss, hidden.detach(), strided_w, None, labels, lse, -100, 0.1, 7, False)),
+        (ops.linear_cross_entropy_fwd, (hidden.requires_grad_(), weight.requires_grad_(), b, labels, -100, 0.1, 4000)),
+        (ops.linear_cross_entropy_fwd, (hd, strided_w, None, labels.int(), -100, 0.0, 1 << 20)),
+        (ops.linear_cross_entropy_bwd, (dloss, hd, wd, b, labels, lse, -100, 0.1, 4000, True)),
+        (ops.linear_cross_entropy_bwd, (dloss, hd, strided_w, None, labels, lse, -100, 0.1, 999, False)),
     ]
 
 
@@ -249,14 +250,15 @@ def test_validation_names_the_argument():
             linear_cross_entropy(args["hidden"], args["weight"], args["labels"], **kw)
 
 
-def test_chunk_rows_come_from_a_byte_budget():
-    from ckpt_ext.lm_head import chunk_rows_for
+def test_chunks_come_from_a_byte_budget():
+    from ckpt_ext.lm_head import chunk_len
 
-    assert chunk_rows_for(2048, 32000, torch.float32, 32 << 20) == 256  # 32 MiB / (32000 · 4 B), multiple of 16
-    assert chunk_rows_for(10**6, 32000, torch.float32, 32 << 20) == 256  # independent of N
-    assert chunk_rows_for(2048, 32000, torch.bfloat16, 32 << 20) == 160  # fp32 logits + their bf16 GEMM copy
-    assert chunk_rows_for(5, 32000, torch.float32, 32 << 20) == 5
-    assert chunk_rows_for(100, 10**9, torch.float32, 1) == 1
+    assert chunk_len(32 << 20, 32000, torch.float32, 2048) == 256  # forward rows: 32 MiB / (32000 · 4 B), ×16
+    assert chunk_len(32 << 20, 32000, torch.float32, 10**6) == 256  # independent of N
+    assert chunk_len(32 << 20, 32000, torch.bfloat16, 2048) == 160  # fp32 logits + their bf16 GEMM copy
+    assert chunk_len(32 << 20, 2048, torch.float32, 32000) == 4096  # backward columns for N = 2048
+    assert chunk_len(32 << 20, 32000, torch.float32, 5) == 5
+    assert chunk_len(1, 10**9, torch.float32, 100) == 1
 
 
 def test_memory_stays_below_a_quarter_of_the_logits():

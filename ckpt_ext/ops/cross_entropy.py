@@ -1,14 +1,15 @@
 """``ckpt_ext::linear_cross_entropy_fwd`` / ``_bwd``: the LM head (linear + cross-entropy) without (N, V) logits.
 
 linear_cross_entropy_fwd(hidden (N, d), weight (V, d), bias (V,)?, labels (N,) int, ignore_index, label_smoothing,
-                         chunk_rows) -> losses (N,), lse (N,)  fp32 (fp64 for fp64 hidden)     FLOPs: 2·N·V·d
-linear_cross_entropy_bwd(dloss (N,), hidden, weight, bias?, labels, lse, ignore_index, label_smoothing, chunk_rows,
+                         chunk_bytes) -> losses (N,), lse (N,)  fp32 (fp64 for fp64 hidden)     FLOPs: 2·N·V·d
+linear_cross_entropy_bwd(dloss (N,), hidden, weight, bias?, labels, lse, ignore_index, label_smoothing, chunk_bytes,
                          need_dweight) -> dhidden (N, d) hidden.dtype, dweight (V, d) weight.dtype or (0,),
                                           dbias (V,) bias.dtype or (0,)    FLOPs: 6·N·V·d (4 without dweight)
 The forward keeps one fp32 logsumexp per row; the backward rebuilds each chunk's logits from it (2·N·V·d) and runs
-the two gradient GEMMs (dhidden = dz @ W, dweight = dzᵀ @ hidden: 2·2·N·V·d). Kernels work on ``chunk_rows`` rows at
-a time (the C++ kernel's (chunk_rows, V) buffers; Triton's forward needs none). Math: reference.py. The public
-function with validation, reductions and autocast is ckpt_ext.lm_head.linear_cross_entropy.
+the two gradient GEMMs (dhidden = dz @ W, dweight = dzᵀ @ hidden: 2·2·N·V·d). ``chunk_bytes`` bounds the kernels'
+chunk buffers: the forward walks token chunks (Triton's forward needs no buffer), the backward vocabulary chunks
+(ckpt_ext.lm_head.chunk_len gives both shapes). Math: reference.py. The public function with validation, reductions
+and autocast is ckpt_ext.lm_head.linear_cross_entropy.
 """
 
 from __future__ import annotations
@@ -41,15 +42,15 @@ def linear_cross_entropy_fwd(
     labels: Tensor,
     ignore_index: int,
     label_smoothing: float,
-    chunk_rows: int,
+    chunk_bytes: int,
 ) -> tuple[Tensor, Tensor]:
     return backend.kernel("linear_cross_entropy_fwd", hidden.device.type)(
-        hidden, weight, bias, labels, ignore_index, label_smoothing, chunk_rows
+        hidden, weight, bias, labels, ignore_index, label_smoothing, chunk_bytes
     )
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(hidden, weight, bias, labels, ignore_index, label_smoothing, chunk_rows):
+def _(hidden, weight, bias, labels, ignore_index, label_smoothing, chunk_bytes):
     _check("linear_cross_entropy_fwd", hidden, weight, bias, labels)
     n = hidden.shape[0]
     dt = _stats_dtype(hidden)
@@ -66,16 +67,16 @@ def linear_cross_entropy_bwd(
     lse: Tensor,
     ignore_index: int,
     label_smoothing: float,
-    chunk_rows: int,
+    chunk_bytes: int,
     need_dweight: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return backend.kernel("linear_cross_entropy_bwd", hidden.device.type)(
-        dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, chunk_rows, need_dweight
+        dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, chunk_bytes, need_dweight
     )
 
 
 @linear_cross_entropy_bwd.register_fake
-def _(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, chunk_rows, need_dweight):
+def _(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, chunk_bytes, need_dweight):
     _check("linear_cross_entropy_bwd", hidden, weight, bias, labels)
     n = hidden.shape[0]
     torch._check(dloss.shape == (n,) and lse.shape == (n,), lambda: f"linear_cross_entropy_bwd: dloss, lse ({n},)")
@@ -85,11 +86,11 @@ def _(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, c
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, label_smoothing, chunk_rows = inputs
+    hidden, weight, bias, labels, ignore_index, label_smoothing, chunk_bytes = inputs
     _, lse = output
     ctx.mark_non_differentiable(lse)  # a saved statistic: the loss's gradient flows through the losses only
     ctx.save_for_backward(hidden, weight, bias, labels, lse)  # the (N, V) logits are not saved: bwd rebuilds them
-    ctx.args = (ignore_index, label_smoothing, chunk_rows)
+    ctx.args = (ignore_index, label_smoothing, chunk_bytes)
 
 
 def _backward(ctx, dloss, _dlse):

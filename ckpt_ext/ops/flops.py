@@ -91,7 +91,7 @@ def linear_cross_entropy_fwd_flops(hidden_shape, weight_shape, *args, out_shape=
 
 
 def linear_cross_entropy_bwd_flops(dloss_shape, hidden_shape, weight_shape, bias_shape, labels_shape, lse_shape,
-                                   ignore_index, label_smoothing, chunk_rows, need_dweight, out_shape=None,
+                                   ignore_index, label_smoothing, chunk_bytes, need_dweight, out_shape=None,
                                    **kwargs) -> int:  # fmt: skip
     gemms = 3 if need_dweight else 2  # rebuilt logits, dhidden = dz @ W, dweight = dzᵀ @ hidden
     return 2 * gemms * hidden_shape[0] * hidden_shape[1] * weight_shape[0]
