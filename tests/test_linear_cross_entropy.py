@@ -358,12 +358,19 @@ def _tiny_models():
     transformers = pytest.importorskip("transformers")
     gpt2 = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=101, n_positions=64, resid_pdrop=0.0,
                                    embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
-    llama = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=101, tie_word_embeddings=False)  # fmt: skip
-    return [transformers.AutoModelForCausalLM.from_config(c, attn_implementation="eager") for c in (gpt2, llama)]
+    small = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=101, tie_word_embeddings=False)  # fmt: skip
+    configs = (
+        gpt2,
+        transformers.LlamaConfig(**small),
+        transformers.MistralConfig(**small),
+        transformers.Qwen2Config(**small),
+        transformers.Qwen3Config(**small, head_dim=8),
+    )
+    return [transformers.AutoModelForCausalLM.from_config(c, attn_implementation="eager") for c in configs]
 
 
-@pytest.mark.parametrize("index", [0, 1], ids=["gpt2_tied", "llama"])
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4], ids=["gpt2_tied", "llama", "mistral", "qwen2", "qwen3"])
 def test_hf_patch_matches_the_original_loss_and_gradients(index):
     from ckpt_ext.integrations.hf_loss import patch_causal_lm_loss, unpatch_causal_lm_loss
 
@@ -472,3 +479,14 @@ def test_lm_head_kernels_compile_for_sm90_without_spills():
                                             for dt in ("bf16", "fp16", "fp32")}  # fmt: skip
     for name, dtype, regs, spills, shared in rows:
         assert int(spills) == 0 and int(regs) <= 255 and int(shared) <= 232448, (name, dtype, regs, spills, shared)
+
+
+def test_torch_compile_fullgraph():
+    """The public function traces into one graph (the label-range check, which syncs, is skipped while compiling)."""
+    hidden, weight, b, labels = _case(33, 97, 8)
+    compiled = torch.compile(lambda h, w, bb, y: linear_cross_entropy(h, w, y, bias=bb, label_smoothing=0.1),
+                             fullgraph=True, backend="aot_eager")  # fmt: skip
+    expected = _loss_and_grads(_torch_loss, hidden, weight, b, labels, label_smoothing=0.1)
+    got = _loss_and_grads(compiled, hidden, weight, b, labels)
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5)
