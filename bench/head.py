@@ -15,7 +15,7 @@ forward (read them, write the logsumexp) and one in backward (read them, write d
 runs it (a forward kernel reading hidden and weight once; per vocabulary chunk the dz kernel, the dweight and dhidden
 GEMMs and, for 16-bit over several chunks, the fp32 dhidden accumulation).
 Peak memory: torch.profiler(profile_memory=True)'s exported trace, whose "[memory]" events carry the running total of
-CPU bytes allocated since profiling began ("Total Allocated"); the peak is its maximum.
+CPU bytes allocated ("Total Allocated"); the peak is its maximum minus its level before the first event.
 """
 
 from __future__ import annotations
@@ -62,8 +62,13 @@ def peak_cpu_bytes(fn) -> int:
             events = json.load(f)["traceEvents"]
     finally:
         os.remove(path)
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return max([0, *totals])
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["args"]["Ev Idx"])
+    if not memory:
+        return 0
+    # The running total carries bytes of earlier profiling sessions (blocks they saw allocated but not freed): the
+    # level before this session's first event is the baseline.
+    base = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return max(0, max(e["args"]["Total Allocated"] for e in memory) - base)
 
 
 def _inputs(n, v, d, dtype, seed=0):
