@@ -12,6 +12,7 @@ from . import (
 from .apply import apply_checkpointing
 from .backend import get_backend, set_backend
 from .block import FusedCheckpointBlock, TransformerBlock
+from .lm_head import linear_cross_entropy
 from .planner import plan
 from .policies import POLICIES, retained_bytes
 
@@ -23,6 +24,7 @@ __all__ = [
     "TransformerBlock",
     "apply_checkpointing",
     "get_backend",
+    "linear_cross_entropy",
     "plan",
     "retained_bytes",
     "segments",

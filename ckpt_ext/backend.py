@@ -120,10 +120,10 @@ def _cpp_impls() -> dict[str, Callable]:
 
 @functools.cache
 def _triton_impls() -> dict[str, Callable]:
-    """launchers.IMPLS with the flash-attention launchers' ops (gqa and packed attention) merged over it."""
-    from .kernels import flash_attention_launchers, launchers
+    """launchers.IMPLS with the flash-attention launchers' ops (gqa and packed attention) and the LM head merged."""
+    from .kernels import flash_attention_launchers, launchers, linear_cross_entropy
 
-    return {**launchers.IMPLS, **flash_attention_launchers.IMPLS}
+    return {**launchers.IMPLS, **flash_attention_launchers.IMPLS, **linear_cross_entropy.IMPLS}
 
 
 def implements(name: str) -> frozenset[str]:

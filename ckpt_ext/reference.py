@@ -435,3 +435,73 @@ def attention_bwd(
 
 
 from .reference_attention import gqa_attention_bwd, gqa_attention_fwd  # noqa: E402  (re-exported for backend.kernel)
+
+
+# ------------------------------------------------------------------------------ LM head: linear + cross-entropy
+def _ce_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], cdt: torch.dtype) -> Tensor:
+    """z = hidden @ weightᵀ (+ bias): (N, V) in cdt. The GEMM runs in the inputs' dtype (bf16 logits are rounded to
+    bf16, as Hugging Face's lm_head output is, before they are widened); the bias is added in cdt."""
+    z = _mm(hidden, weight.t(), cdt)
+    return z if bias is None else z + bias.to(cdt)
+
+
+def linear_cross_entropy_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_bytes: int,
+) -> tuple[Tensor, Tensor]:
+    """Per-row cross-entropy of the logits z = hidden @ weightᵀ + bias, and their logsumexp.
+
+    hidden (N, d), weight (V, d), bias (V,)?, labels (N,) int -> losses (N,), lse (N,) in fp32 (fp64 for fp64 hidden).
+    lse_i = log Σ_c exp z_ic; with ε = label_smoothing (F.cross_entropy's definition, targets (1-ε)·onehot + ε/V):
+    loss_i = lse_i - (1-ε)·z_{i,y_i} - ε·mean_c z_ic, and loss_i = 0 where labels_i == ignore_index (lse_i is still
+    the row's logsumexp). The kernels keep their chunk buffers within ``chunk_bytes``; this definition is unchunked.
+    """
+    cdt = compute_dtype(hidden)
+    z = _ce_logits(hidden, weight, bias, cdt)  # (N, V)
+    lse = torch.logsumexp(z, dim=1)
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, 0).long()
+    z_y = z.gather(1, target[:, None])[:, 0]
+    loss = lse - (1.0 - label_smoothing) * z_y
+    if label_smoothing != 0.0:
+        loss = loss - label_smoothing * z.mean(dim=1)
+    return torch.where(valid, loss, 0.0), lse
+
+
+def linear_cross_entropy_bwd(
+    dloss: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_bytes: int,
+    need_dweight: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """VJP of linear_cross_entropy_fwd's losses, from the saved lse (the logits are rebuilt):
+    dz_ic = dloss_i · (softmax(z)_ic - ε/V - (1-ε)·[c == y_i]), 0 on ignored rows; dz is rounded to hidden.dtype
+    before the two GEMMs (as the grad of HF's bf16 logits is). dhidden = dz @ weight (N, d) hidden.dtype;
+    dweight = dzᵀ @ hidden (V, d) weight.dtype, or (0,) when not need_dweight; dbias = Σ_i dz_i (V,) bias.dtype, or
+    (0,) without a bias. The kernels chunk the vocabulary (each dweight row in one GEMM) and sum dhidden over the
+    chunks in fp32.
+    """
+    cdt = compute_dtype(hidden)
+    z = _ce_logits(hidden, weight, bias, cdt)  # (N, V)
+    v = z.shape[1]
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, 0).long()
+    dz = torch.exp(z - lse.to(cdt)[:, None]) - label_smoothing / v
+    dz = dz - (1.0 - label_smoothing) * torch.nn.functional.one_hot(target, v).to(cdt)
+    dz = dz * torch.where(valid, dloss.to(cdt), 0.0)[:, None]
+    dz_t = dz.to(hidden.dtype)
+    dhidden = _mm(dz_t, weight, cdt).to(hidden.dtype)
+    dweight = _mm(dz_t.t(), hidden, cdt).to(weight.dtype) if need_dweight else hidden.new_empty((0,))
+    dbias = dz.sum(dim=0).to(bias.dtype) if bias is not None else hidden.new_empty((0,))
+    return dhidden, dweight, dbias

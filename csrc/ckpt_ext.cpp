@@ -54,6 +54,13 @@ TORCH_LIBRARY(ckpt_ext, m) {
   m.def(
       "swiglu_ffn_recompute_kernel(Tensor x1, Tensor rstd, Tensor norm_weight, Tensor w_gate, Tensor? b_gate, "
       "Tensor w_up, Tensor? b_up, Tensor dy, Tensor w_down) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_cross_entropy_fwd_kernel(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, SymInt ignore_index, "
+      "float label_smoothing, SymInt chunk_bytes) -> (Tensor, Tensor)");
+  m.def(
+      "linear_cross_entropy_bwd_kernel(Tensor dloss, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
+      "Tensor lse, SymInt ignore_index, float label_smoothing, SymInt chunk_bytes, bool need_dweight) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("rope_kernel(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)");
   // Not a graph op: the hash dropout of one attention-probability tile, in place, for the cpp/cuda backends' tiled
   // attention (ckpt_ext/ops/native_attention.py).

@@ -76,6 +76,14 @@ def _jobs(arch: int, all_configs: bool):
     yield _dropout_matmul_job("*fp32", SINGLE[0], upcast=True)
     yield from llama_jobs(arch, all_configs)
     yield from _attention_jobs(arch)
+    yield from _lm_head_jobs(arch)
+
+
+def _lm_head_jobs(arch: int):
+    """The fused LM head's forward and dz kernels (ckpt_ext.kernels.linear_cross_entropy.compile_jobs)."""
+    from . import linear_cross_entropy
+
+    yield from linear_cross_entropy.compile_jobs(arch)
 
 
 def _attention_jobs(arch: int):

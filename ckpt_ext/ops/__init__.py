@@ -2,6 +2,7 @@
 
 from . import flops
 from .attention import attention_bwd, attention_fwd, gqa_attention_bwd, gqa_attention_fwd
+from .cross_entropy import linear_cross_entropy_bwd, linear_cross_entropy_fwd  # noqa: F401  (opcheck: tests/test_linear_cross_entropy.py)
 from .dropout import dropout_add
 from .ffn import ffn_recompute, gelu_linear_wgrad, linear_bias_gelu, linear_dropout_add, linear_gelu_bwd
 from .gelu import bias_gelu, gelu_bwd

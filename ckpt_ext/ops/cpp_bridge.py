@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch._library.custom_ops import CustomOpDef
 
-from . import attention, dropout, ffn, gelu, layer_norm, native_attention, rms_norm, rotary, swiglu
+from . import attention, cross_entropy, dropout, ffn, gelu, layer_norm, native_attention, rms_norm, rotary, swiglu
 
 importlib.import_module("ckpt_ext._C")
 
@@ -40,6 +40,8 @@ _GRAPH_OPS: dict[str, CustomOpDef] = {
     "swiglu_linear_wgrad": swiglu.swiglu_linear_wgrad,
     "swiglu_ffn_recompute": swiglu.swiglu_ffn_recompute,
     "rope": rotary.rope,
+    "linear_cross_entropy_fwd": cross_entropy.linear_cross_entropy_fwd,
+    "linear_cross_entropy_bwd": cross_entropy.linear_cross_entropy_bwd,
 }
 
 IMPLS = {
@@ -114,3 +116,23 @@ for _name in ("linear_swiglu", "swiglu_linear_bwd", "swiglu_linear_wgrad", "swig
               "linear_bias_gelu", "linear_gelu_bwd", "gelu_linear_wgrad"):  # fmt: skip
     if _name in IMPLS and _name not in STALE:
         IMPLS[_name] = _outside_autocast(IMPLS[_name])
+
+
+def _cpu_kernel_or_reference(name, kernel_op):
+    """The LM-head kernels exist for CPU only (csrc/cuda has none; CUDA tensors take the triton backend): other
+    devices run the reference math. Called with autocast off, as the matmul-fused kernels above."""
+    ref = getattr(importlib.import_module("ckpt_ext.reference"), name)
+
+    def call(*args):
+        if args[0].device.type != "cpu":
+            return ref(*args)
+        with torch.autocast("cpu", enabled=False):
+            return kernel_op(*args)
+
+    call.__wrapped__ = kernel_op
+    return call
+
+
+for _name in ("linear_cross_entropy_fwd", "linear_cross_entropy_bwd"):
+    if _name in IMPLS and _name not in STALE:
+        IMPLS[_name] = _cpu_kernel_or_reference(_name, IMPLS[_name])

@@ -5,6 +5,8 @@ gelu_linear_wgrad: 2·N·K·out.
 linear_swiglu: 4·N·K·F; swiglu_linear_bwd, swiglu_linear_wgrad: 2·N·d·F; swiglu_ffn_recompute: 6·N·d·F.
 attention_fwd: 4·B·h·T²·dh, attention_bwd: 10·B·h·T²·dh (torch's SDPA convention, causal not halved);
 gqa_attention_fwd: 4·B·h·T·S·dh, gqa_attention_bwd: 10·B·h·T·S·dh (h query heads; GQA shares k/v, not FLOPs).
+linear_cross_entropy_fwd: 2·N·V·d; linear_cross_entropy_bwd: 6·N·V·d (logits rebuilt, dhidden and dweight GEMMs;
+4·N·V·d when the weight needs no gradient).
 
 torch.utils.flop_counter imports triton when it is first imported, and ckpt_ext promises not to import triton at import
 time. So the formulas are registered the moment torch.utils.flop_counter is imported by anyone (a post-import hook on
@@ -84,6 +86,17 @@ def gqa_attention_bwd_flops(dout_shape, q_shape, k_shape, *args, out_shape=None,
     return 10 * b * h * t * k_shape[1] * dh  # as attention_bwd: dV, dP, dQ, dK and the rebuilt scores
 
 
+def linear_cross_entropy_fwd_flops(hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * hidden_shape[0] * hidden_shape[1] * weight_shape[0]
+
+
+def linear_cross_entropy_bwd_flops(dloss_shape, hidden_shape, weight_shape, bias_shape, labels_shape, lse_shape,
+                                   ignore_index, label_smoothing, chunk_bytes, need_dweight, out_shape=None,
+                                   **kwargs) -> int:  # fmt: skip
+    gemms = 3 if need_dweight else 2  # rebuilt logits, dhidden = dz @ W, dweight = dzᵀ @ hidden
+    return 2 * gemms * hidden_shape[0] * hidden_shape[1] * weight_shape[0]
+
+
 def _register() -> None:
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
@@ -102,6 +115,8 @@ def _register() -> None:
         (ops.attention_bwd, attention_bwd_flops),
         (ops.gqa_attention_fwd, gqa_attention_fwd_flops),
         (ops.gqa_attention_bwd, gqa_attention_bwd_flops),
+        (ops.linear_cross_entropy_fwd, linear_cross_entropy_fwd_flops),
+        (ops.linear_cross_entropy_bwd, linear_cross_entropy_bwd_flops),
     ):
         if packet not in flop_registry:
             register_flop_formula(packet)(formula)
