@@ -238,3 +238,23 @@ def test_trainer_gradient_checkpointing_lora_20_steps(tmp_path):
     assert len(losses) == 20
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
     assert sorted(moved) == sorted(start), "every LoRA tensor must move"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fused_layers_lora_and_fused_loss_together(family):
+    """apply_fused_checkpointing(..., fused_loss=True) on a PEFT model: fused LoRA layers and the fused LM head (found
+    inside the PeftModel) give the unconverted PEFT model's loss and LoRA gradients, with logits None; remove undoes
+    both."""
+    from ckpt_ext.integrations.huggingface import remove_fused_checkpointing
+
+    ref, fused = models(family, "all", "block", "after")
+    apply_fused_checkpointing(fused, "block", fused_loss=True)
+    batch = inputs(family)
+    batch["labels"][0, :3] = -100
+    out = fused(**batch)
+    assert out.logits is None
+    assert_same_step(ref, fused, batch)
+    assert remove_fused_checkpointing(fused) == 2
+    assert fused(**batch).logits is not None
+    with pytest.raises(TypeError, match="fused_loss"):
+        apply_fused_checkpointing(_base("vit"), "block", fused_loss=True)

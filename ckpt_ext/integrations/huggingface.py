@@ -21,6 +21,7 @@ from ..policies import get_policy
 from .hf_common import ContainerRefs, FusedLayerMixin, fused_class, unfused_class
 from .hf_gpt2 import GPT2Adapter
 from .hf_llama import LlamaFamilyAdapter
+from .hf_loss import SUPPORTED_MODEL_TYPES, patch_causal_lm_loss, unpatch_causal_lm_loss
 from .hf_vit import ViTAdapter
 
 FAMILIES = (GPT2Adapter(), ViTAdapter(), LlamaFamilyAdapter())
@@ -46,9 +47,15 @@ def _family_layers(model: nn.Module) -> list[tuple[nn.Module, object]]:
     return found
 
 
-def apply_fused_checkpointing(model: nn.Module, policy: str = "ffn", every: int = 1) -> int:
-    """Convert layers in place; returns how many layers now run fused checkpointing with ``policy``."""
+def apply_fused_checkpointing(model: nn.Module, policy: str = "ffn", every: int = 1, fused_loss: bool = False) -> int:
+    """Convert layers in place; returns how many layers now run fused checkpointing with ``policy``.
+
+    ``fused_loss``: the causal LM in ``model`` (itself, or the one a PEFT model wraps) computes its training loss with
+    the fused LM head (ckpt_ext.linear_cross_entropy: no (B, T, V) logits; ``logits`` is None in the output), see
+    integrations/hf_loss.py."""
     get_policy(policy)
+    if not isinstance(fused_loss, bool):
+        raise TypeError(f"fused_loss must be a bool, got {type(fused_loss).__name__}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive int, got {every!r}")
     if not isinstance(model, nn.Module):
@@ -65,7 +72,23 @@ def apply_fused_checkpointing(model: nn.Module, policy: str = "ffn", every: int 
             layer.__class__ = fused_class(type(layer), adapter)
         layer._ckpt_policy = policy
     _link_containers(model, [layer for layer, _ in layers])
+    if fused_loss:
+        patch_causal_lm_loss(_causal_lm(model))
     return len(chosen)
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The outermost supported causal LM in ``model``: the model itself, or the transformers model a wrapper (a
+    PeftModel, which forwards ``config`` and ``get_output_embeddings``) holds."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        if module.config.model_type in SUPPORTED_MODEL_TYPES and module.get_output_embeddings() is not None:
+            return module
+    raise TypeError(f"fused_loss=True: {type(model).__name__} holds no supported causal LM with an LM head "
+                    f"(model types: {', '.join(SUPPORTED_MODEL_TYPES)})")  # fmt: skip
 
 
 def _link_containers(model: nn.Module, layers: list) -> None:
@@ -93,6 +116,7 @@ def remove_fused_checkpointing(model: nn.Module) -> int:
     Layers whose class was swapped again afterwards (e.g. by FSDP2's fully_shard) are left as they are."""
     restored = 0
     for module in model.modules():
+        unpatch_causal_lm_loss(module)
         original = unfused_class(type(module))
         if original is not None:
             module.__class__ = original
