@@ -408,3 +408,21 @@ def test_gpt2_dropout_p_read_from_the_modules(fused_calls, warnings_seen):
     model.transformer.h[0].mlp.dropout.p = 0.2
     model(**inputs)
     assert any("different dropout on the residual branches" in m for m in warnings_seen())
+
+
+def test_vit_dropout_read_live_and_mixed_residual_dropout_falls_back(warnings_seen):
+    """ViT's residual dropouts are read from its modules at every forward; set apart (a schedule touching one), the
+    layer runs its original forward with a warning instead of raising."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=4, intermediate_size=64, num_labels=5)  # fmt: skip
+    model = transformers.ViTForImageClassification(cfg).train()
+    apply_fused_checkpointing(model, "block")
+    layer = model.vit.encoder.layer[0]
+    mlp_dropout = layer.output.dropout if hasattr(layer, "output") else None
+    if mlp_dropout is None:  # 5.x has one dropout module for both branches
+        pytest.skip("transformers 5.x ViT shares one residual dropout module")
+    mlp_dropout.p = 0.3
+    out = model(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert any("different dropout on the residual branches" in m for m in warnings_seen())

@@ -18,7 +18,16 @@ import torch
 from .. import seeds
 from ..block import fused_block
 from ..functional import BlockConfig
-from .hf_common import Linears, common_fallback, eager_rows_ok, lora_eager_only, lora_seeded, needs_graph, read_linears
+from .hf_common import (
+    Linears,
+    common_fallback,
+    eager_rows_ok,
+    fallback,
+    lora_eager_only,
+    lora_seeded,
+    needs_graph,
+    read_linears,
+)
 from .hf_gpt2 import FUSED_ATTENTION, GELU_FORMS
 from .hf_masks import layer_mask
 
@@ -34,6 +43,7 @@ class _Parts:
             self.paths = {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
                           "proj": "attention.o_proj", "fc": "mlp.fc1", "fc2": "mlp.fc2"}  # fmt: skip
             self.p_attn, self.p = att.attention_dropout, layer.dropout.p
+            self.p_out = self.p
             self.config = att.config
         else:  # 4.x
             self_att = att.attention
@@ -44,8 +54,7 @@ class _Parts:
                           "fc": "intermediate.dense", "fc2": "output.dense"}  # fmt: skip
             self.p_attn, self.p = self_att.dropout_prob, att.output.dropout.p
             self.config = self_att.config
-            if layer.output.dropout.p != self.p:
-                raise ValueError("ViTLayer cannot be fused: different dropout on the two residual branches")
+            self.p_out = layer.output.dropout.p  # the MLP branch's (the block has one residual p)
 
 
 class ViTAdapter:
@@ -111,6 +120,16 @@ class ViTAdapter:
             and not bound["kwargs"].get("output_attentions")
             and common_fallback(layer, impl, FUSED_ATTENTION, mask)
             and lora_eager_only(layer, lin)
+            and (
+                parts.p_out == parts.p
+                or not layer.training
+                or fallback(
+                    layer,
+                    "dropout",
+                    "different dropout on the "
+                    f"residual branches ({parts.p} after attention, {parts.p_out} after the MLP)",
+                )
+            )
         )
         info = None
         if fusable and mask is not None:
