@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 from test_cpp_llama_kernels import LLAMA_OPS  # tests/ is on sys.path (pytest's rootdir import mode)
+from test_linear_cross_entropy import _op_samples as lm_head_samples
 
 import ckpt_ext
 from ckpt_ext import reference
@@ -306,9 +307,11 @@ def _op_samples():
 
 
 def test_every_kernel_op_has_samples():
-    """Here or, for the Llama-family ops, in test_cpp_llama_kernels.py (which opchecks them)."""
+    """Here or, for the Llama-family ops, in test_cpp_llama_kernels.py, and for the LM head's in
+    test_linear_cross_entropy.py (each opchecks them)."""
     names = {op._schema.name.split("::")[1].removesuffix("_kernel") for op in cpp_bridge.KERNEL_OPS}
-    assert names == set(_op_samples()) | set(LLAMA_OPS)
+    lm_head = {op._name.split("::")[-1] for op, _ in lm_head_samples()}
+    assert names == set(_op_samples()) | set(LLAMA_OPS) | lm_head
 
 
 @pytest.mark.parametrize("name", sorted(_op_samples()))

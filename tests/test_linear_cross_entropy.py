@@ -335,6 +335,22 @@ def test_triton_kernels_cuda(n, v, d, dtype):
     assert_close_to_truth(got, low, truth, floor=ATOL.get(dtype))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, v, d", [(33, 97, 72), (1000, 50257, 64)])
+def test_cuda_backend_kernels(n, v, d, dtype):
+    """csrc/cuda/cross_entropy_cuda.cu (the cuda backend: cuBLAS per chunk, ATen row passes) on a GPU."""
+    hidden, weight, b, labels = (t.cuda() for t in _case(n, v, d, dtype=dtype))
+    labels[::5] = -100
+    kw = dict(label_smoothing=0.1)
+    truth = _loss_and_grads(_torch_loss, hidden.double(), weight.double(), b.double(), labels, **kw)
+    low = _loss_and_grads(_torch_loss, hidden, weight, b, labels, **kw)
+    with ckpt_ext.set_backend("cuda"):
+        got = _loss_and_grads(_ours, hidden, weight, b, labels, chunk_bytes=6 * v * 64, **kw)
+    assert_close_to_truth(got, low, truth, floor=ATOL.get(dtype))
+
+
 @pytest.mark.triton
 def test_triton_ops_without_bias_and_strided_weight():
     pytest.importorskip("triton")

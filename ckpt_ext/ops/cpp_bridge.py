@@ -113,26 +113,7 @@ def _outside_autocast(kernel_op):
 
 
 for _name in ("linear_swiglu", "swiglu_linear_bwd", "swiglu_linear_wgrad", "swiglu_ffn_recompute", "ffn_recompute",
-              "linear_bias_gelu", "linear_gelu_bwd", "gelu_linear_wgrad"):  # fmt: skip
+              "linear_bias_gelu", "linear_gelu_bwd", "gelu_linear_wgrad", "linear_cross_entropy_fwd",
+              "linear_cross_entropy_bwd"):  # fmt: skip
     if _name in IMPLS and _name not in STALE:
         IMPLS[_name] = _outside_autocast(IMPLS[_name])
-
-
-def _cpu_kernel_or_reference(name, kernel_op):
-    """The LM-head kernels exist for CPU only (csrc/cuda has none; CUDA tensors take the triton backend): other
-    devices run the reference math. Called with autocast off, as the matmul-fused kernels above."""
-    ref = getattr(importlib.import_module("ckpt_ext.reference"), name)
-
-    def call(*args):
-        if args[0].device.type != "cpu":
-            return ref(*args)
-        with torch.autocast("cpu", enabled=False):
-            return kernel_op(*args)
-
-    call.__wrapped__ = kernel_op
-    return call
-
-
-for _name in ("linear_cross_entropy_fwd", "linear_cross_entropy_bwd"):
-    if _name in IMPLS and _name not in STALE:
-        IMPLS[_name] = _cpu_kernel_or_reference(_name, IMPLS[_name])

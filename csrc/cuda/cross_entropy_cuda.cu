@@ -1,0 +1,113 @@
+// The LM head on CUDA for the `cuda` backend (the same chunking and rounding as csrc/cpu/cross_entropy_cpu.cpp; the
+// `triton` backend runs kernels/linear_cross_entropy.py instead). ATen ops only: each chunk's GEMM is cuBLAS, the row
+// passes are ATen's fused reductions and elementwise kernels. T = hidden.dtype = weight.dtype, acc_t = float (double
+// for float64).
+//
+// linear_cross_entropy_fwd_kernel(hidden (N, d), weight (V, d), bias (V,)?, labels (N,), ignore_index, eps,
+//                                 chunk_bytes) -> losses (N,) acc_t, lse (N,) acc_t
+//   token chunks of r rows: z = hidden[r0:r0+r] @ weightᵀ in T (rounded as Hugging Face's lm_head output is), widened
+//   to acc_t (+ bias); lse = logsumexp(z); loss = lse - (1-eps) z_y - eps mean(z), 0 where labels == ignore_index.
+// linear_cross_entropy_bwd_kernel(dloss (N,), hidden, weight, bias?, labels, lse (N,), ignore_index, eps, chunk_bytes,
+//                                 need_dweight) -> dhidden (N, d) T, dweight (V, d) T or (0,), dbias (V,) T or (0,)
+//   vocabulary chunks of c columns: z rebuilt as in the forward; dz = g (exp(z - lse) - eps/V), dz_y -= g (1-eps)
+//   where the label falls in the chunk, g = dloss (0 on ignored rows); dz rounded to T for
+//   dweight[c0:c0+c] = dzᵀ @ hidden (complete per chunk: no (V, d) accumulator), dhidden += dz @ W_c (fp32 across
+//   chunks), dbias[c0:c0+c] = Σ_rows dz (acc_t, before rounding).
+#include <torch/library.h>
+
+#include "../common/host_args.h"
+#include "../common/lm_head_host.h"
+
+namespace ckpt_ext {
+namespace cuda {
+namespace {
+
+using host::acc_dtype;
+using host::check_args;
+using host::checked_labels;
+using host::chunk_len;
+using host::defined;
+
+// (r, c) acc_t logits of h (r, d) against w (c, d), the GEMM in T, bias added in acc_t.
+at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b) {
+  at::Tensor z = at::mm(h, w.t()).to(acc_dtype(h.scalar_type()));
+  return b.defined() ? z.add_(b) : z;
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                                                 const std::optional<at::Tensor>& bias,
+                                                                 const at::Tensor& labels, int64_t ignore_index,
+                                                                 double eps, int64_t chunk_bytes) {
+  const auto [n, d, v] = check_args("linear_cross_entropy_fwd_kernel", hidden, weight, bias, labels, chunk_bytes);
+  const auto acc = acc_dtype(hidden.scalar_type());
+  const at::Tensor h = hidden.contiguous();
+  const at::Tensor y = checked_labels("linear_cross_entropy_fwd_kernel", labels, v, ignore_index);
+  const at::Tensor b = defined(bias) ? bias->to(acc) : at::Tensor();
+  at::Tensor losses = at::empty({n}, hidden.options().dtype(acc)), lse = at::empty({n}, losses.options());
+  const int64_t rows = chunk_len(chunk_bytes, v, h.scalar_type(), std::max<int64_t>(n, 1));
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t r = std::min(rows, n - r0);
+    const at::Tensor z = chunk_logits(h.narrow(0, r0, r), weight, b);  // (r, V) acc_t
+    const at::Tensor yc = y.narrow(0, r0, r), ignored = yc.eq(ignore_index);
+    const at::Tensor s = at::logsumexp(z, {1});  // (r,)
+    const at::Tensor zy = z.gather(1, yc.masked_fill(ignored, 0).unsqueeze(1)).squeeze(1);
+    at::Tensor loss = s - zy * (1.0 - eps);
+    if (eps != 0.0) loss = loss - z.mean(1) * eps;
+    losses.narrow(0, r0, r).copy_(loss.masked_fill_(ignored, 0));
+    lse.narrow(0, r0, r).copy_(s);
+  }
+  return {losses, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cuda(
+    const at::Tensor& dloss, const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index, double eps, int64_t chunk_bytes,
+    bool need_dweight) {
+  const auto [n, d, v] = check_args("linear_cross_entropy_bwd_kernel", hidden, weight, bias, labels, chunk_bytes);
+  TORCH_CHECK(dloss.sizes() == at::IntArrayRef{n} && lse.sizes() == at::IntArrayRef{n},
+              "linear_cross_entropy_bwd_kernel: dloss and lse must be (N,)");
+  const auto dt = hidden.scalar_type(), acc = acc_dtype(dt);
+  const at::Tensor h = hidden.contiguous();
+  const at::Tensor y = checked_labels("linear_cross_entropy_bwd_kernel", labels, v, ignore_index);
+  const at::Tensor ignored = y.eq(ignore_index);
+  const at::Tensor g = host::as_contig(dloss, acc).masked_fill(ignored, 0).unsqueeze(1);  // (N, 1)
+  const at::Tensor s = host::as_contig(lse, acc).unsqueeze(1);                           // (N, 1)
+  const bool has_bias = defined(bias);
+  const at::Tensor b = has_bias ? bias->to(acc) : at::Tensor();
+  at::Tensor dh_acc = at::zeros({n, d}, h.options().dtype(acc));
+  at::Tensor dw = need_dweight ? at::zeros({v, d}, h.options()) : at::empty({0}, h.options());
+  at::Tensor db = has_bias ? at::zeros({v}, h.options().dtype(acc)) : at::Tensor();
+  const int64_t cols = chunk_len(chunk_bytes, std::max<int64_t>(n, 1), dt, v);
+  for (int64_t c0 = 0; n > 0 && c0 < v; c0 += cols) {
+    const int64_t c = std::min(cols, v - c0);
+    const at::Tensor wc = weight.narrow(0, c0, c);
+    at::Tensor dz = chunk_logits(h, wc, has_bias ? b.narrow(0, c0, c) : at::Tensor());  // (N, c) acc_t
+    dz.sub_(s).exp_().sub_(eps / static_cast<double>(v)).mul_(g);
+    const at::Tensor in_chunk = y.ge(c0).logical_and(y.lt(c0 + c)).logical_and(ignored.logical_not());
+    const at::Tensor hit_rows = in_chunk.nonzero().squeeze(1);
+    if (hit_rows.numel() > 0) {
+      const at::Tensor cols_hit = y.index_select(0, hit_rows) - c0;
+      const at::Tensor delta = g.squeeze(1).index_select(0, hit_rows) * (1.0 - eps);
+      dz.index_put_({hit_rows, cols_hit}, delta.neg(), /*accumulate=*/true);
+    }
+    const at::Tensor dzt = dz.to(dt);
+    if (need_dweight) {
+      at::Tensor dw_c = dw.narrow(0, c0, c);
+      at::mm_out(dw_c, dzt.t(), h);
+    }
+    dh_acc.add_(at::mm(dzt, wc));
+    if (has_bias) db.narrow(0, c0, c).add_(dz.sum(0));
+  }
+  at::Tensor dbias = has_bias ? db.to(dt) : at::empty({0}, h.options());
+  return {dh_acc.to(dt), dw, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ckpt_ext, CUDA, m) {
+  m.impl("linear_cross_entropy_fwd_kernel", &linear_cross_entropy_fwd_cuda);
+  m.impl("linear_cross_entropy_bwd_kernel", &linear_cross_entropy_bwd_cuda);
+}
+
+}  // namespace cuda
+}  // namespace ckpt_ext
