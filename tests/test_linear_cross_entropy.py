@@ -319,34 +319,20 @@ def test_triton_kernels_fp32(n, v, d):
         assert_close_to_truth(got, low, truth)
 
 
-@pytest.mark.triton
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton), "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n, v, d", [(33, 97, 72), (200, 1000, 72), (1000, 50257, 64)])
-def test_triton_kernels_cuda(n, v, d, dtype):
-    """The compiled kernels on a GPU (the default backend there): tensor-core bf16 tiles, V splits, several chunks."""
-    hidden, weight, b, labels = (t.cuda() for t in _case(n, v, d, dtype=dtype))
-    kw = dict(label_smoothing=0.1)
-    truth = _loss_and_grads(_torch_loss, hidden.double(), weight.double(), b.double(), labels, **kw)
-    low = _loss_and_grads(_torch_loss, hidden, weight, b, labels, **kw)
-    with ckpt_ext.set_backend("triton"):
-        got = _loss_and_grads(_ours, hidden, weight, b, labels, chunk_bytes=6 * v * 64, **kw)
-    assert_close_to_truth(got, low, truth, floor=ATOL.get(dtype))
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n, v, d", [(33, 97, 72), (1000, 50257, 64)])
-def test_cuda_backend_kernels(n, v, d, dtype):
-    """csrc/cuda/cross_entropy_cuda.cu (the cuda backend: cuBLAS per chunk, ATen row passes) on a GPU."""
+def test_kernels_on_a_gpu(n, v, d, dtype, backend):
+    """On a GPU: the Triton kernels (the default backend there: tensor-core bf16 tiles, V splits, several chunks) and
+    csrc/cuda/cross_entropy_cuda.cu (the cuda backend: cuBLAS per chunk, ATen row passes), ignored rows included."""
     hidden, weight, b, labels = (t.cuda() for t in _case(n, v, d, dtype=dtype))
     labels[::5] = -100
     kw = dict(label_smoothing=0.1)
     truth = _loss_and_grads(_torch_loss, hidden.double(), weight.double(), b.double(), labels, **kw)
     low = _loss_and_grads(_torch_loss, hidden, weight, b, labels, **kw)
-    with ckpt_ext.set_backend("cuda"):
+    with ckpt_ext.set_backend(backend):
         got = _loss_and_grads(_ours, hidden, weight, b, labels, chunk_bytes=6 * v * 64, **kw)
     assert_close_to_truth(got, low, truth, floor=ATOL.get(dtype))
 

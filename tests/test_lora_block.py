@@ -270,3 +270,26 @@ def test_lora_traced_programs_equal_the_walked_path(policy):
         for name, g in walked[2].items():
             if g is not None:
                 torch.testing.assert_close(got[2][name], g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["pointwise", "block"])
+def test_bf16_model_with_fp32_adapters(policy):
+    """A bf16 base with fp32 LoRA matrices and no autocast (PEFT keeps adapters in fp32 and casts the input to them):
+    the update is computed in fp32 and rounded into the bf16 output; within the tolerance rule of PEFT's own bf16
+    step against the float64 one."""
+    plain = _adapted("llama", "all")
+    for name, p in plain.named_parameters():
+        if "lora_" not in name:
+            p.data = p.data.bfloat16()
+    fused = FusedCheckpointBlock.from_block(copy.deepcopy(plain), policy=policy)
+    ref = f64_plain(copy.deepcopy(plain).double())
+    x = torch.randn(2, 7, 24)
+    ang = torch.randn(1, 7, 3)
+    pe = (torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1))
+    dout = torch.randn_like(x)
+    want = _step(ref, x.double(), dout.double(), position_embeddings=tuple(c.double() for c in pe))
+    theirs = _step(plain, x.bfloat16(), dout.bfloat16(), position_embeddings=tuple(c.bfloat16() for c in pe))
+    ours = _step(fused, x.bfloat16(), dout.bfloat16(), position_embeddings=tuple(c.bfloat16() for c in pe))
+    assert ours[0].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for n, g in ours[2].items() if g is not None)
+    _assert_within_torch_error(ours, theirs, want, atol=1e-2)
