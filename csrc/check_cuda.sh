@@ -24,7 +24,7 @@ if ! "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.__version__.s
   "$VENV/bin/pip" install -q "torch==2.14.1"
 fi
 
-tar -C "$ROOT" --exclude=./.venv --exclude=./build --exclude=./.git --exclude='*.so' -cf - . | tar -C "$WORK" -xf -
+tar -C "$ROOT" --exclude=./.venv --exclude=./.venv-tf5 --exclude=./build --exclude=./.git --exclude='*.so' -cf - . | tar -C "$WORK" -xf -
 echo "check-cuda: building the CUDA extension in $WORK"
 if ! (cd "$WORK" && CKPT_EXT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-2} \
   "$VENV/bin/pip" install -v --no-build-isolation --no-deps . >"$WORK/build.log" 2>&1); then
