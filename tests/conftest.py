@@ -12,3 +12,15 @@ import torch  # noqa: E402
 def _seed_and_reference_determinism():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts Hugging Face layer calls that took the fused path (GPT-2, Llama-family and ViT adapters)."""
+    from ckpt_ext.integrations import hf_gpt2, hf_llama, hf_vit
+
+    calls = []
+    for mod in (hf_gpt2, hf_llama, hf_vit):
+        real = mod.fused_block
+        monkeypatch.setattr(mod, "fused_block", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    return calls

@@ -12,7 +12,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from ckpt_ext.integrations import hf_gpt2, hf_vit  # noqa: E402
 from ckpt_ext.integrations.huggingface import apply_fused_checkpointing, remove_fused_checkpointing  # noqa: E402
 
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
@@ -32,16 +31,6 @@ def vit(p=0.0, **overrides):
               intermediate_size=64, hidden_dropout_prob=p, attention_probs_dropout_prob=p, num_labels=5)  # fmt: skip
     kw.update(overrides)
     return transformers.ViTForImageClassification(transformers.ViTConfig(**kw)).train()
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts calls that took the fused path (in either adapter)."""
-    calls = []
-    for mod in (hf_gpt2, hf_vit):
-        real = mod.fused_block
-        monkeypatch.setattr(mod, "fused_block", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
-    return calls
 
 
 def assert_grads_match(fused, ref, rtol=1e-5):

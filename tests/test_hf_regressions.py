@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from ckpt_ext.integrations import hf_common, hf_gpt2, hf_llama  # noqa: E402
+from ckpt_ext.integrations import hf_common  # noqa: E402
 from ckpt_ext.integrations.huggingface import apply_fused_checkpointing  # noqa: E402
 
 VOCAB, T = 61, 10
@@ -37,16 +37,6 @@ def gpt2(impl="sdpa", layers=2):
 
 
 MODELS = {"llama": llama, "gpt2": gpt2}
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts layer calls that took the fused path."""
-    calls = []
-    for mod in (hf_gpt2, hf_llama):
-        real = mod.fused_block
-        monkeypatch.setattr(mod, "fused_block", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
-    return calls
 
 
 @pytest.fixture
@@ -410,19 +400,26 @@ def test_gpt2_dropout_p_read_from_the_modules(fused_calls, warnings_seen):
     assert any("different dropout on the residual branches" in m for m in warnings_seen())
 
 
-def test_vit_dropout_read_live_and_mixed_residual_dropout_falls_back(warnings_seen):
-    """ViT's residual dropouts are read from its modules at every forward; set apart (a schedule touching one), the
-    layer runs its original forward with a warning instead of raising."""
+def test_vit_dropout_read_live_and_mixed_residual_dropout_falls_back(fused_calls, warnings_seen):
+    """ViT's dropouts are read from its modules at every forward: a schedule that sets p on the modules (config says
+    0.1) reaches the fused layer. 4.57 has one module per residual branch: set apart, the layer runs its original
+    forward with a warning instead of raising (5.x has one module for both branches, so they cannot differ)."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1,
-                                 num_attention_heads=4, intermediate_size=64, num_labels=5)  # fmt: skip
+                                 num_attention_heads=4, intermediate_size=64, num_labels=5, hidden_dropout_prob=0.1,
+                                 attention_probs_dropout_prob=0.0)  # fmt: skip
     model = transformers.ViTForImageClassification(cfg).train()
+    ref = copy.deepcopy(model)
     apply_fused_checkpointing(model, "block")
+    for m in (*model.modules(), *ref.modules()):
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    inputs = dict(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]))
+    assert_same_step(model, ref, inputs)
+    assert len(fused_calls) == 1
     layer = next(m for m in model.modules() if hasattr(m, "_ckpt_policy"))  # the converted ViTLayer
-    mlp_dropout = layer.output.dropout if hasattr(layer, "output") else None
-    if mlp_dropout is None:  # 5.x has one dropout module for both branches
-        pytest.skip("transformers 5.x ViT shares one residual dropout module")
-    mlp_dropout.p = 0.3
-    out = model(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]))
-    out.loss.backward()
-    assert any("different dropout on the residual branches" in m for m in warnings_seen())
+    if hasattr(layer, "output"):  # 4.57: attention.output.dropout and output.dropout
+        layer.output.dropout.p = 0.3
+        model(**inputs).loss.backward()
+        assert len(fused_calls) == 1
+        assert any("different dropout on the residual branches" in m for m in warnings_seen())

@@ -19,7 +19,7 @@ import torch
 from test_llama_block import rope_tables
 
 import ckpt_ext
-from ckpt_ext import FusedCheckpointBlock, TransformerBlock, op_program, traced
+from ckpt_ext import FusedCheckpointBlock, TransformerBlock, traced
 from ckpt_ext.block import init_block_
 from ckpt_ext.compiled import _parse_spec, make_spec
 from ckpt_ext.functional import BlockConfig
@@ -59,7 +59,6 @@ def _split_inputs(b: int, t: int, dtype):
 
 
 # ------------------------------------------------------------------------------------------------------- item 1
-@pytest.mark.skipif(not op_program.available(), reason="ckpt_ext._C is not built")
 @pytest.mark.parametrize("form,policy", [("gpt2", p) for p in POLICIES] + [("llama_gqa", "pointwise"),
                                                                            ("llama_gqa", "block")])  # fmt: skip
 def test_traced_programs_follow_the_batch_split(programs, form, policy):
@@ -80,7 +79,6 @@ def test_traced_programs_follow_the_batch_split(programs, form, policy):
                 assert torch.equal(a, w), f"split {split}, call {i}: {name}"
 
 
-@pytest.mark.skipif(not op_program.available(), reason="ckpt_ext._C is not built")
 def test_traced_key_covers_every_argument(programs):
     """The key derives from all of the call's arguments: the split of x, x's requires_grad, and the dout layout of the
     backward program (keyed separately per forward program)."""
