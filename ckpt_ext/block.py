@@ -403,24 +403,23 @@ class FusedCheckpointBlock(TransformerBlock):
         """LoRA specs of PEFT LoRA layers on the block's linears (their A and B added to ``params``); raises
         lora.Unsupported for a linear the fused block would not compute exactly (another wrapper, a LoRA variant,
         hooks on a linear, whose effect the fused path would skip)."""
-        specs = []
+        linears = {}
         for target, path in _LLAMA_LINEARS if self.llama else _GPT2_LINEARS:
-            module = self
+            module, name = self, ".".join(path)
             for part in path:
                 module = module._modules[part]
             if module._forward_hooks or module._forward_pre_hooks:
-                raise lora.Unsupported(f"{'.'.join(path)} has forward hooks")
-            if type(module) is nn.Linear:
-                continue
-            if not lora.is_lora_layer(module):
-                raise lora.Unsupported(f"{'.'.join(path)} is a {type(module).__name__}, not nn.Linear or PEFT LoRA")
-            read = lora.read_linear(module, target)
-            if type(read.base) is not nn.Linear:
-                raise lora.Unsupported(f"{'.'.join(path)} wraps a {type(read.base).__name__}, not nn.Linear")
-            if read.spec is not None:
-                params[read.spec.a_name], params[read.spec.b_name] = read.a, read.b
-                specs.append(read.spec)
-        return tuple(specs)
+                raise lora.Unsupported(f"{name} has forward hooks")
+            if type(module) is not nn.Linear and not lora.is_lora_layer(module):
+                raise lora.Unsupported(f"{name} is a {type(module).__name__}, not nn.Linear or PEFT LoRA")
+            linears[target] = (name, module)
+        lin = lora.read_linears(linears)
+        wrapped = [t for t, base in lin.base.items() if type(base) is not nn.Linear]
+        if wrapped:
+            raise lora.Unsupported(f"{linears[wrapped[0]][0]} wraps a {type(lin.base[wrapped[0]]).__name__}, not "
+                                   "nn.Linear")  # fmt: skip
+        params.update(lin.lora_params)
+        return lin.specs
 
     def block_config(self, lora_specs: tuple = ()) -> BlockConfig:
         """This call's configuration; the dropout probabilities are read where the plain block reads them (the

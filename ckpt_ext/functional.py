@@ -220,6 +220,16 @@ def _lora_by_target(specs: tuple) -> dict:
     return {s.target: s for s in specs}
 
 
+def _lora_spec(cfg: BlockConfig, target: str):
+    """The LoraSpec adapting ``target`` in this configuration, or None."""
+    return _lora_by_target(cfg.lora).get(target) if cfg.lora else None
+
+
+def _lora_on(cfg: BlockConfig, targets) -> bool:
+    """Whether LoRA adapts any of ``targets``."""
+    return any(_lora_spec(cfg, t) is not None for t in targets)
+
+
 def _lora_input(y: Tensor, spec, cfg: BlockConfig) -> Tensor:
     """drop(y) with the target's hash mask (its own adjoint: the same call maps a gradient back)."""
     return _ops.dropout_add(y, None, spec.dropout, spec.seed(cfg.seed)) if spec.dropout > 0.0 else y
@@ -234,14 +244,14 @@ def _lora_delta(y: Tensor, p: dict, cfg: BlockConfig, spec) -> Tensor:
 
 def _lora_add(out: Tensor, y: Tensor, p: dict, cfg: BlockConfig, target: str) -> Tensor:
     """out (N, o) + Δ when ``target`` carries LoRA (added in the wider dtype, rounded to out's), else out."""
-    spec = _lora_by_target(cfg.lora).get(target) if cfg.lora else None
+    spec = _lora_spec(cfg, target)
     return out if spec is None else (out + _lora_delta(y, p, cfg, spec)).to(out.dtype)
 
 
 def _lora_residual(residual: Tensor, a: Tensor, p: dict, cfg: BlockConfig, target: str, seed) -> Tensor:
     """residual + drop_p(Δ) for a residual-branch linear (proj, fc2): the branch's own dropout mask applied to the
     LoRA update, so ``linear_dropout_add(a, W, b, this, p, seed)`` = residual + drop_p(aWᵀ + b + Δ)."""
-    spec = _lora_by_target(cfg.lora).get(target) if cfg.lora else None
+    spec = _lora_spec(cfg, target)
     if spec is None:
         return residual
     return _ops.dropout_add(_lora_delta(a, p, cfg, spec), residual, cfg.dropout, seed).to(residual.dtype)
@@ -249,12 +259,9 @@ def _lora_residual(residual: Tensor, a: Tensor, p: dict, cfg: BlockConfig, targe
 
 def _lora_input_grads(pairs, p: dict, cfg: BlockConfig):
     """[(target, dZ (N, out))] -> (Σ drop(s · dZ B A) (N, in) or None, [(spec, dZ, g = s · dZ B)] for the A/B grads)."""
-    if not cfg.lora:
-        return None, []
-    specs = _lora_by_target(cfg.lora)
     extra, pending = None, []
     for target, dz in pairs:
-        spec = specs.get(target)
+        spec = _lora_spec(cfg, target)
         if spec is None:
             continue
         b = p[spec.b_name]
@@ -386,8 +393,9 @@ def ffn_half(x1: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, dict]:
     y2, s2 = _norm_fwd(x1, p, "ln2", cfg)
     acts = {"ln2_out": y2, "ln2_stats": s2}
     keep_pre = "fc1_out" in get_policy(cfg.policy).keeps
+    unfused = keep_pre or _lora_on(cfg, ("fc", "gate", "up"))  # LoRA joins the pre-activations before the activation
     if cfg.mlp == "swiglu":
-        if keep_pre or _lora_on_fc1(cfg):  # LoRA: the update joins the pre-activations before the activation
+        if unfused:
             g, u = _first_linears(y2, p, cfg)  # 2 x (N, H)
             a = _ops.swiglu_fwd(g, u)
             if keep_pre:
@@ -395,7 +403,7 @@ def ffn_half(x1: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, dict]:
         else:
             a = _ops.linear_swiglu(ac.mm(y2), ac.mm(p["w_gate"]), ac.mm(p["b_gate"]), ac.mm(p["w_up"]),
                                   ac.mm(p["b_up"]))  # fmt: skip
-    elif keep_pre or _lora_on_fc1(cfg):
+    elif unfused:
         (u,) = _first_linears(y2, p, cfg)  # (N, H)
         a = _ops.bias_gelu(u, None, cfg.approximate)
         if keep_pre:
@@ -406,10 +414,6 @@ def ffn_half(x1: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, dict]:
     residual = _lora_residual(x1, a, p, cfg, "fc2", cfg.seed + 2)
     out = _ops.linear_dropout_add(ac.mm(a), ac.mm(p["w_fc2"]), ac.mm(p["b_fc2"]), residual, cfg.dropout, cfg.seed + 2)
     return out, acts
-
-
-def _lora_on_fc1(cfg: BlockConfig) -> bool:
-    return bool(cfg.lora) and any(t in _lora_by_target(cfg.lora) for t in ("fc", "gate", "up"))
 
 
 def _first_linears(y2: Tensor, p: dict, cfg: BlockConfig) -> tuple[Tensor, ...]:
@@ -458,7 +462,7 @@ def _mlp_backward(dfm: Tensor, acts: dict, p: dict, cfg: BlockConfig, ac: _Autoc
     """The MLP's activation and down-projection backward: [(weight, bias, dZ)] of its first matmul(s). dW_down
     (and the recompute kernels' db1) only where ``want`` has it."""
     policy, x1 = cfg.policy, acts["x1"]
-    if cfg.lora and any(t in _lora_by_target(cfg.lora) for t in lora.MLP_TARGETS):
+    if _lora_on(cfg, lora.MLP_TARGETS):
         return _mlp_backward_lora(dfm, acts, p, cfg, g, want)
     need_w2 = "w_fc2" in want
     if cfg.mlp == "gelu":

@@ -159,6 +159,32 @@ def read_linear(module: nn.Module, target: str) -> LinearRead:
     return LinearRead(base, spec, a, b)
 
 
+class Linears(NamedTuple):
+    """A layer's linears as the fused block reads them: the base module per target, the active adapters' A and B
+    by block parameter name (``lora_a_<target>``, ``lora_b_<target>``), their specs, and the linears' paths."""
+
+    base: dict
+    lora_params: dict
+    specs: tuple
+    paths: frozenset
+
+
+def read_linears(linears: dict) -> Linears:
+    """``linears``: target -> (path, module), each a plain linear or a PEFT LoRA layer; raises Unsupported, naming
+    the path, for a LoRA form the fused block does not compute (read_linear)."""
+    base, tensors, specs = {}, {}, []
+    for target, (path, module) in linears.items():
+        try:
+            read = read_linear(module, target)
+        except Unsupported as err:
+            raise Unsupported(f"{path}: {err}") from None
+        base[target] = read.base
+        if read.spec is not None:
+            tensors[read.spec.a_name], tensors[read.spec.b_name] = read.a, read.b
+            specs.append(read.spec)
+    return Linears(base, tensors, tuple(specs), frozenset(path for path, _ in linears.values()))
+
+
 # PEFT target_modules naming every linear of ckpt_ext's TransformerBlock per family, and of a HF Llama-family layer
 BLOCK_LORA_TARGETS = {"gpt2": ["qkv", "attn.proj", "fc", "mlp.proj"],
                       "llama": ["attn.q", "attn.k", "attn.v", "attn.proj", "gate", "up", "mlp.proj"]}  # fmt: skip

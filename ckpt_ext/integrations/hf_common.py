@@ -30,12 +30,13 @@ from __future__ import annotations
 import inspect
 import logging
 import weakref
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import lora
+from ..lora import Linears
 
 logger = logging.getLogger("ckpt_ext.integrations")
 _WARNED: set[str] = set()
@@ -158,16 +159,16 @@ _HOOKS = (("_forward_hooks", "a forward hook"), ("_forward_pre_hooks", "a forwar
           ("_backward_hooks", "a backward hook"), ("_backward_pre_hooks", "a backward pre-hook"))  # fmt: skip
 
 
-def unsupported_submodule(layer: nn.Module) -> Optional[str]:
+def unsupported_submodule(layer: nn.Module, linear_paths: frozenset = frozenset()) -> Optional[str]:
     """'<path> <reason>' for the first submodule of ``layer`` the fused block cannot stand in for, or None.
 
     Allowed: exact plain torch types, GPT-2's Conv1D, transformers' activations and classes of the layer's own
-    modeling file, without hooks or an instance-level forward (see the module docstring)."""
+    modeling file, without hooks or an instance-level forward (see the module docstring); at ``linear_paths`` (the
+    adapter's linears, Linears.paths) also a PEFT LoRA layer, whose form read_linears checks."""
     glob = torch.nn.modules.module
     if glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks:
         return "(any submodule): a global module hook is registered"
     origin = layer._ckpt_origin
-    linear_paths = {path for path, _ in layer._ckpt_adapter.linears(layer).values()}
     stack = [("", layer)]
     while stack:
         prefix, module = stack.pop()
@@ -208,30 +209,14 @@ def _lora_layer_problem(path: str, child: nn.Module) -> Optional[str]:
     return None
 
 
-class Linears(NamedTuple):
-    """A layer's linears as the fused block reads them: the base module per LoRA target, the active adapters'
-    A and B tensors by block parameter name, and their specs."""
-
-    base: dict
-    lora_params: dict
-    specs: tuple
-
-
 def read_linears(layer, linears: dict) -> Optional[Linears]:
-    """``linears``: target -> (path, module) (adapter.linears). None, after a one-time warning naming the module,
-    where a PEFT LoRA layer has a form the fused block does not compute (lora.read_linear)."""
-    base, tensors, specs = {}, {}, []
-    for target, (path, module) in linears.items():
-        try:
-            read = lora.read_linear(module, target)
-        except lora.Unsupported as err:
-            fallback(layer, f"lora-{path}-{err}", f"{path}: {err}")
-            return None
-        base[target] = read.base
-        if read.spec is not None:
-            tensors[read.spec.a_name], tensors[read.spec.b_name] = read.a, read.b
-            specs.append(read.spec)
-    return Linears(base, tensors, tuple(specs))
+    """lora.read_linears of ``linears`` (adapter.linears); None, after a one-time warning naming the module, where a
+    PEFT LoRA layer has a form the fused block does not compute."""
+    try:
+        return lora.read_linears(linears)
+    except lora.Unsupported as err:
+        fallback(layer, f"lora-{err}", str(err))
+        return None
 
 
 def lora_eager_only(layer, lin: Linears) -> bool:
@@ -257,7 +242,7 @@ def fallback(layer, key: str, reason: str) -> bool:
     return False
 
 
-def common_fallback(layer, impl: str, fused_impls: tuple, mask) -> bool:
+def common_fallback(layer, impl: str, fused_impls: tuple, mask, lin: Linears) -> bool:
     """False (after a one-time warning) for what no adapter fuses: an attention implementation other than
     ``fused_impls``, a mask that is not a 2-D/4-D tensor (flex attention's BlockMask), an unsupported submodule or a
     hook. True otherwise."""
@@ -266,7 +251,7 @@ def common_fallback(layer, impl: str, fused_impls: tuple, mask) -> bool:
     if mask is not None and not (isinstance(mask, Tensor) and mask.dim() in (2, 4)):
         return fallback(layer, "mask-type", f"an attention mask of type {type(mask).__name__} (fused: a 2-D or 4-D "
                         "tensor)")  # fmt: skip
-    problem = unsupported_submodule(layer)
+    problem = unsupported_submodule(layer, lin.paths)
     if problem is not None:
         return fallback(layer, problem, problem)
     return True

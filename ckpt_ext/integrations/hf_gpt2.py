@@ -120,7 +120,7 @@ class GPT2Adapter:
             return False
         mask = bound.get("attention_mask")
         impl = getattr(layer.attn.config, "_attn_implementation", "eager")
-        if not common_fallback(layer, impl, FUSED_ATTENTION, mask):
+        if not common_fallback(layer, impl, FUSED_ATTENTION, mask, lin):
             return False
         if not lora_eager_only(layer, lin):
             return False

@@ -142,7 +142,7 @@ class LlamaFamilyAdapter:
         if extra.get("output_attentions") or bound.get("position_embeddings") is None:
             return False
         impl = getattr(layer.self_attn.config, "_attn_implementation", "eager")
-        if not common_fallback(layer, impl, FUSED_ATTENTION, mask):
+        if not common_fallback(layer, impl, FUSED_ATTENTION, mask, lin):
             return False
         if not lora_eager_only(layer, lin):
             return False

@@ -13,6 +13,8 @@ Submodule names: 4.57 ``attention.attention.{query,key,value}``, ``attention.out
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import seeds
@@ -81,9 +83,9 @@ class ViTAdapter:
         if problems:
             raise ValueError("ViTLayer cannot be fused: " + "; ".join(problems))
 
-    def linears(self, layer) -> dict:
+    def linears(self, layer, parts: Optional[_Parts] = None) -> dict:
         """LoRA target -> (path in the layer, module) of each linear, 4.57 or 5.x names."""
-        parts = _Parts(layer)
+        parts = _Parts(layer) if parts is None else parts
         return {target: (parts.paths[target], getattr(parts, attr))
                 for target, attr in (("q", "q"), ("k", "k"), ("v", "v"), ("proj", "o"), ("fc", "fc1"),
                                      ("fc2", "fc2"))}  # fmt: skip
@@ -108,7 +110,7 @@ class ViTAdapter:
         x = bound["hidden_states"]
         parts = _Parts(layer)
         mask = bound.get("attention_mask")
-        lin = read_linears(layer, self.linears(layer)) if torch.is_grad_enabled() else None
+        lin = read_linears(layer, self.linears(layer, parts)) if torch.is_grad_enabled() else None
         if lin is None:
             return original(*bound["args"], **bound["call_kwargs"])
         params = self.params(layer, lin)
@@ -118,7 +120,7 @@ class ViTAdapter:
             and bound.get("head_mask") is None
             and not bound.get("output_attentions")
             and not bound["kwargs"].get("output_attentions")
-            and common_fallback(layer, impl, FUSED_ATTENTION, mask)
+            and common_fallback(layer, impl, FUSED_ATTENTION, mask, lin)
             and lora_eager_only(layer, lin)
             and (
                 parts.p_out == parts.p
