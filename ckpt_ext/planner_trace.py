@@ -156,8 +156,10 @@ def _inputs(template, batch, seq, params, rope_dim, causal_mask):
     return x, pe, mask
 
 
-@functools.lru_cache(maxsize=512)
-def _trace_layer(template, kind, seq, param_dtype, compute_dtype, rope_dim, causal_mask, batch) -> LayerTrace:
+def _fake_step(template, kind, seq, batch, param_dtype, compute_dtype, rope_dim, causal_mask, mode, between):
+    """One fake-tensor forward + backward of a ``kind`` layer shaped like ``template`` under the dispatch mode
+    ``mode`` (SDPA priced as the fused kernel); ``between(out)`` runs after the forward. Returns (layer, out, what
+    ``between`` returned)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from . import roofline
@@ -167,15 +169,21 @@ def _trace_layer(template, kind, seq, param_dtype, compute_dtype, rope_dim, caus
         layer = fake_copy(template, params).train()
         x, pe, mask = _inputs(template, batch, seq, params, rope_dim, causal_mask)
         fn = _layer_fn(layer, kind, pe, mask)
-        live = LiveBytes()
-        with roofline._fused_sdpa_pricing(), live:
+        with roofline._fused_sdpa_pricing(), mode:
             with _autocast(compute, params):
                 out = _first_tensor(fn(x))  # (B, T, d)
-            retained = live.alive(exclude=(out,))
+            result = between(out)
             out.backward(torch.empty_like(out))
-        grads = [p.grad for p in layer.parameters() if p.grad is not None]
-        peak = live.peak(exclude=(out, *grads))
-    return LayerTrace(retained, peak)
+    return layer, out, result
+
+
+@functools.lru_cache(maxsize=512)
+def _trace_layer(template, kind, seq, param_dtype, compute_dtype, rope_dim, causal_mask, batch) -> LayerTrace:
+    live = LiveBytes()
+    layer, out, retained = _fake_step(template, kind, seq, batch, param_dtype, compute_dtype, rope_dim, causal_mask,
+                                      live, lambda out: live.alive(exclude=(out,)))  # fmt: skip
+    grads = [p.grad for p in layer.parameters() if p.grad is not None]
+    return LayerTrace(retained, live.peak(exclude=(out, *grads)))
 
 
 def _width(layer: nn.Module) -> int:
@@ -224,19 +232,9 @@ def layer_seconds(template: nn.Module, kind: str, seq: int, batch: int, param_dt
 
 @functools.lru_cache(maxsize=256)
 def _layer_seconds(template, kind, seq, batch, param_dtype, compute_dtype, rope_dim, causal_mask) -> float:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from . import roofline
 
-    params, compute = _DTYPES[param_dtype], _DTYPES[compute_dtype]
-    with FakeTensorMode(allow_non_fake_inputs=False):
-        layer = fake_copy(template, params).train()
-        x, pe, mask = _inputs(template, batch, seq, params, rope_dim, causal_mask)
-        fn = _layer_fn(layer, kind, pe, mask)
-        rec = roofline.CostRecorder()
-        with roofline._fused_sdpa_pricing(), rec:
-            with _autocast(compute, params):
-                out = _first_tensor(fn(x))
-            rec.phase = "backward"
-            out.backward(torch.empty_like(out))
+    rec = roofline.CostRecorder()
+    _fake_step(template, kind, seq, batch, param_dtype, compute_dtype, rope_dim, causal_mask, rec,
+               lambda out: setattr(rec, "phase", "backward"))  # fmt: skip
     return sum(op.seconds for op in rec.ops)
