@@ -18,6 +18,8 @@ plain block turns them into the equivalent bool mask for SDPA.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import numbers
 import warnings
@@ -32,6 +34,7 @@ from .compiled import compiled_block
 from .functional import (
     ALL_PARAM_NAMES,
     BlockConfig,
+    BlockSpec,
     EagerFastPath,
     FusedBlockFunction,
     block_forward,
@@ -40,9 +43,10 @@ from .functional import (
     param_names,
 )
 from .policies import get_policy
+from .spec import GATE_ACTIVATIONS, GELU_FORM, MLPS, NORMS, PLACEMENTS
 
-ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh", "swiglu": "none"}
-NORM_FOR = {"gelu": "layernorm", "gelu_tanh": "layernorm", "swiglu": "rmsnorm"}
+ACTIVATIONS = MLPS  # the MLP forms (spec.py): "gelu", "gelu_tanh", "swiglu", "geglu"
+_GATE_FNS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
 class RMSNorm(nn.Module):
@@ -150,6 +154,8 @@ class TransformerBlock(nn.Module):
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
         activation: str = "gelu",
+        norm_placement: str = "pre",
+        packed_qkv: Optional[bool] = None,
         causal: bool = True,
         eps: Optional[float] = None,
         bias: Optional[bool] = None,
@@ -163,10 +169,11 @@ class TransformerBlock(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-        norm = NORM_FOR[activation] if norm is None else norm
-        if norm != NORM_FOR[activation]:
-            raise ValueError(f"norm={norm!r} with activation={activation!r}: the fused block pairs LayerNorm with "
-                             "GELU (GPT-2, ViT) and RMSNorm with SwiGLU (Llama family)")  # fmt: skip
+        norm = ("rmsnorm" if activation == "swiglu" else "layernorm") if norm is None else norm
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+        if norm_placement not in PLACEMENTS:
+            raise ValueError(f"norm_placement must be one of {PLACEMENTS}, got {norm_placement!r}")
         # hyperparameters become Python numbers (numpy scalars included): configs round-trip through repr() (compile)
         d_model, n_heads = _positive_int("d_model", d_model), _positive_int("n_heads", n_heads)
         n_kv_heads = _positive_int("n_kv_heads", n_kv_heads, allow_none=True)
@@ -181,8 +188,9 @@ class TransformerBlock(nn.Module):
         if n_heads % kv != 0:
             raise ValueError(f"n_kv_heads ({kv}) must divide n_heads ({n_heads})")
         dh = d_model // n_heads if head_dim is None else head_dim
-        if qk_norm and norm != "rmsnorm":
-            raise ValueError("qk_norm=True needs the Llama form (activation='swiglu')")
+        if qk_norm and norm_placement == "post":
+            raise ValueError("qk_norm=True needs norm_placement='pre'")
+        packed_qkv = _flag("packed_qkv", packed_qkv, allow_none=True)
         if d_ff is None:
             if not isinstance(mlp_ratio, numbers.Real) or isinstance(mlp_ratio, bool) or not mlp_ratio > 0:
                 raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
@@ -197,11 +205,12 @@ class TransformerBlock(nn.Module):
         self.n_kv_heads, self.head_dim, self.qkv_bias, self.qk_norm = kv, dh, qkv_bias, qk_norm
         self.mlp_ratio = d_ff / d_model
         self.activation, self.causal, self.eps, self.bias, self.norm = activation, causal, eps, bias, norm
+        self.norm_placement, self.packed_qkv = norm_placement, (not llama) if packed_qkv is None else packed_qkv
         self.ln_1 = RMSNorm(d_model, eps) if llama else nn.LayerNorm(d_model, eps=eps, bias=bias)
-        self.attn = Attention(d_model, n_heads, bias, packed=not llama, n_kv_heads=kv, head_dim=dh, qkv_bias=qkv_bias,
-                              qk_norm=qk_norm, eps=eps, dropout=attn_dropout)  # fmt: skip
+        self.attn = Attention(d_model, n_heads, bias, packed=self.packed_qkv, n_kv_heads=kv, head_dim=dh,
+                              qkv_bias=qkv_bias, qk_norm=qk_norm, eps=eps, dropout=attn_dropout)  # fmt: skip
         self.ln_2 = RMSNorm(d_model, eps) if llama else nn.LayerNorm(d_model, eps=eps, bias=bias)
-        self.mlp = MLP(d_model, d_ff, bias, gated=llama)
+        self.mlp = MLP(d_model, d_ff, bias, gated=activation in GATE_ACTIVATIONS)
         self.resid_drop = nn.Dropout(dropout)
 
     # The dropout probabilities live in the nn.Dropout modules (one source of truth for both blocks and for
@@ -227,8 +236,16 @@ class TransformerBlock(nn.Module):
             d_model=self.d_model, n_heads=self.n_heads, d_ff=self.hidden, dropout=self.dropout,
             attn_dropout=self.attn_dropout, activation=self.activation, causal=self.causal, eps=self.eps,
             bias=self.bias, norm=self.norm, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
-            qkv_bias=self.qkv_bias, qk_norm=self.qk_norm,
+            qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, norm_placement=self.norm_placement,
+            packed_qkv=self.packed_qkv,
         )  # fmt: skip
+
+    def spec(self, lora_specs: tuple = ()) -> BlockSpec:
+        """This block's form as a BlockSpec (what the fused ops run)."""
+        return BlockSpec(self.n_heads, self.causal, self.eps, norm=self.norm, norm_bias=True,
+                         placement=self.norm_placement, mlp=self.activation, n_kv_heads=self.n_kv_heads,
+                         head_dim=self.head_dim, qk_norm=self.qk_norm, packed_qkv=self.packed_qkv,
+                         lora=lora_specs)  # fmt: skip
 
     @property
     def llama(self) -> bool:
@@ -254,8 +271,9 @@ class TransformerBlock(nn.Module):
         attn_mask = segments.with_mask(attn_mask, segment_ids)
         b, t, _ = x.shape
         dh, h, kv = self.head_dim, self.n_heads, self.n_kv_heads
-        n1 = self.ln_1(x)
-        if self.llama:
+        post = self.norm_placement == "post"
+        n1 = x if post else self.ln_1(x)
+        if not self.packed_qkv:
             q, k, v = self.attn.q(n1), self.attn.k(n1), self.attn.v(n1)
         else:
             q, k, v = self.attn.qkv(n1).split([h * dh, kv * dh, kv * dh], dim=-1)
@@ -274,32 +292,45 @@ class TransformerBlock(nn.Module):
             is_causal=self.causal and attn_mask is None, scale=dh**-0.5, enable_gqa=kv != h,
         )  # fmt: skip
         x1 = x + self.resid_drop(self.attn.proj(o.transpose(1, 2).reshape(b, t, h * dh)))
-        n2 = self.ln_2(x1)
-        if self.llama:
-            a = F.silu(self.mlp.gate(n2)) * self.mlp.up(n2)
+        x1 = self.ln_1(x1) if post else x1
+        n2 = x1 if post else self.ln_2(x1)
+        if self.activation in GATE_ACTIVATIONS:
+            a = _GATE_FNS[GATE_ACTIVATIONS[self.activation]](self.mlp.gate(n2)) * self.mlp.up(n2)
         else:
-            a = F.gelu(self.mlp.fc(n2), approximate=ACTIVATIONS[self.activation])
-        return x1 + self.resid_drop(self.mlp.proj(a))
+            a = F.gelu(self.mlp.fc(n2), approximate=GELU_FORM[self.activation])
+        out = x1 + self.resid_drop(self.mlp.proj(a))
+        return self.ln_2(out) if post else out
 
 
-# (ALL_PARAM_NAMES name, submodule path, attribute) of each family's parameters
+# (ALL_PARAM_NAMES name, submodule path, attribute) of the parameters, per part of the block
 _SHARED_SLOTS = (("ln1_w", ("ln_1",), "weight"), ("ln2_w", ("ln_2",), "weight"), ("w_proj", ("attn", "proj"), "weight"),
                  ("b_proj", ("attn", "proj"), "bias"), ("w_fc2", ("mlp", "proj"), "weight"),
                  ("b_fc2", ("mlp", "proj"), "bias"))  # fmt: skip
-_GPT2_SLOTS = _SHARED_SLOTS + (("ln1_b", ("ln_1",), "bias"), ("ln2_b", ("ln_2",), "bias"),
-                               ("w_qkv", ("attn", "qkv"), "weight"), ("b_qkv", ("attn", "qkv"), "bias"),
-                               ("w_fc", ("mlp", "fc"), "weight"), ("b_fc", ("mlp", "fc"), "bias"))  # fmt: skip
-_LLAMA_SLOTS = _SHARED_SLOTS + tuple(
-    (f"{kind}_{s}", (half, s), attr)
-    for half, names in (("attn", ("q", "k", "v")), ("mlp", ("gate", "up")))
-    for s in names
-    for kind, attr in (("w", "weight"), ("b", "bias"))
-)
+_NORM_BIAS_SLOTS = (("ln1_b", ("ln_1",), "bias"), ("ln2_b", ("ln_2",), "bias"))
 _QK_NORM_SLOTS = (("q_norm_w", ("attn", "q_norm"), "weight"), ("k_norm_w", ("attn", "k_norm"), "weight"))
-# (LoRA target, submodule path) of each family's linears
-_GPT2_LINEARS = (("qkv", ("attn", "qkv")), ("proj", ("attn", "proj")), ("fc", ("mlp", "fc")), ("fc2", ("mlp", "proj")))
-_LLAMA_LINEARS = (("q", ("attn", "q")), ("k", ("attn", "k")), ("v", ("attn", "v")), ("proj", ("attn", "proj")),
-                  ("gate", ("mlp", "gate")), ("up", ("mlp", "up")), ("fc2", ("mlp", "proj")))  # fmt: skip
+# (LoRA target = parameter suffix, submodule path) of the linears besides proj and fc2
+_QKV_LINEARS = {True: (("qkv", ("attn", "qkv")),), False: tuple((s, ("attn", s)) for s in "qkv")}
+_MLP_LINEARS = {False: (("fc", ("mlp", "fc")),), True: (("gate", ("mlp", "gate")), ("up", ("mlp", "up")))}
+
+
+# (packed_qkv, gated) -> (LoRA target, submodule path) of every linear of the block (tables, not caches: dynamo
+# traces plain dict lookups)
+_LINEARS = {(packed, gated): (*_QKV_LINEARS[packed], ("proj", ("attn", "proj")), *_MLP_LINEARS[gated],
+                              ("fc2", ("mlp", "proj")))
+            for packed in (True, False) for gated in (True, False)}  # fmt: skip
+
+
+def _slot_table(norm: str, packed_qkv: bool, gated: bool, qk_norm: bool) -> tuple:
+    linears = (*_QKV_LINEARS[packed_qkv], *_MLP_LINEARS[gated])
+    return (*_SHARED_SLOTS, *(_NORM_BIAS_SLOTS if norm == "layernorm" else ()), *(_QK_NORM_SLOTS if qk_norm else ()),
+            *((f"{kind}_{target}", path, attr) for target, path in linears
+              for kind, attr in (("w", "weight"), ("b", "bias"))))  # fmt: skip
+
+
+# (norm, packed_qkv, gated, qk_norm) -> (parameter name, submodule path, attribute) of every parameter
+_SLOTS = {key: _slot_table(*key) for key in itertools.product(NORMS, (True, False), (True, False), (True, False))}
+
+
 _WARNED: set = set()
 
 
@@ -376,7 +407,7 @@ class FusedCheckpointBlock(TransformerBlock):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for key in ("d_model", "n_heads", "hidden", "mlp_ratio", "activation", "causal", "eps", "bias", "norm",
-                    "n_kv_heads", "head_dim", "qkv_bias", "qk_norm"):  # fmt: skip
+                    "n_kv_heads", "head_dim", "qkv_bias", "qk_norm", "norm_placement", "packed_qkv"):  # fmt: skip
             setattr(new, key, getattr(block, key))
         for name in ("ln_1", "attn", "ln_2", "mlp", "resid_drop"):
             setattr(new, name, getattr(block, name))
@@ -390,9 +421,8 @@ class FusedCheckpointBlock(TransformerBlock):
     def parameter_tensors(self) -> dict[str, Optional[Tensor]]:
         """The block's tensors by functional.ALL_PARAM_NAMES name (None where a bias is off), read through
         ``_parameters`` (nn.Module.__getattr__ costs ~1 µs a lookup, ~25 of them a step)."""
-        slots = _LLAMA_SLOTS + (_QK_NORM_SLOTS if self.qk_norm else ()) if self.llama else _GPT2_SLOTS
         p = {}
-        for name, path, attr in slots:
+        for name, path, attr in _SLOTS[self.norm, self.packed_qkv, self.activation in GATE_ACTIVATIONS, self.qk_norm]:
             module = self
             for part in path:
                 module = module._modules[part]
@@ -404,7 +434,7 @@ class FusedCheckpointBlock(TransformerBlock):
         lora.Unsupported for a linear the fused block would not compute exactly (another wrapper, a LoRA variant,
         hooks on a linear, whose effect the fused path would skip)."""
         linears = {}
-        for target, path in _LLAMA_LINEARS if self.llama else _GPT2_LINEARS:
+        for target, path in _LINEARS[self.packed_qkv, self.activation in GATE_ACTIVATIONS]:
             module, name = self, ".".join(path)
             for part in path:
                 module = module._modules[part]
@@ -430,10 +460,7 @@ class FusedCheckpointBlock(TransformerBlock):
         p = _dropout_p("resid_drop", modules["resid_drop"])
         drops = p > 0.0 or p_attn > 0.0 or any(s.dropout > 0.0 for s in lora_specs)
         seed = seeds.host_seed() if drops else 0  # DEVICE_SEED under torch.compile
-        return BlockConfig(self.n_heads, self.causal, self.eps, ACTIVATIONS[self.activation], p_attn, p, seed,
-                           self.policy, norm=self.norm, mlp="swiglu" if self.llama else "gelu",
-                           n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, qk_norm=self.qk_norm,
-                           packed_qkv=not self.llama, lora=lora_specs)  # fmt: skip
+        return BlockConfig(self.spec(lora_specs), self.policy, seed, p_attn, p)
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, position_embeddings=None,
                 segment_ids: Optional[Tensor] = None) -> Tensor:  # fmt: skip
@@ -477,7 +504,7 @@ def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor]
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"missing parameter tensors: {', '.join(missing)}")
-    for spec in cfg.lora:  # A (r, in), B (out, r) against the adapted weight (out, in)
+    for spec in cfg.spec.lora:  # A (r, in), B (out, r) against the adapted weight (out, in)
         out_features, in_features = params[f"w_{spec.target}"].shape
         lora.check_tensors(spec, params[spec.a_name], params[spec.b_name], in_features, out_features)
     tensors = tuple(params[n] for n in names)
@@ -486,7 +513,7 @@ def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor]
         return x + sum(p.sum() * 0 for p in tensors if p is not None)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
                                                                       for p in tensors))  # fmt: skip
-    if cfg.lora and torch.compiler.is_compiling():
+    if cfg.spec.lora and torch.compiler.is_compiling():
         raise NotImplementedError("ckpt_ext: the fused block with LoRA does not run under torch.compile yet; compile "
                                   "the plain model or run the fused block eagerly")  # fmt: skip
     if torch.compiler.is_compiling() and (needs_grad or seeds.is_device_seed(cfg.seed)):

@@ -37,50 +37,44 @@ from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import seeds
-from .functional import (
-    ALL_PARAM_NAMES,
-    BlockConfig,
-    _AutocastState,
-    _unflatten_saved,
-    attention_half,
-    block_backward,
-    block_forward,
-    param_names,
-)
-from .policies import get_policy
+from .functional import AutocastState, backward_from_saved, forward_saved
+from .save_layout import save_layout
+from .spec import ALL_PARAM_NAMES, BlockConfig, BlockSpec
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(BlockConfig) if f.name not in ("seed", "lora"))  # LoRA: eager only
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(BlockSpec) if f.name != "lora")  # LoRA: eager only
+_CALL_FIELDS = ("policy", "attn_dropout", "dropout")  # the BlockConfig fields besides spec and seed
 
 
 def make_spec(cfg: BlockConfig, device_type: str, present: str = "") -> str:
-    """The op's ``spec``: cfg's fields (not the seed), ``present`` ("1" per param_names entry given, "0" per None) and
-    the autocast state of ``device_type`` now."""
+    """The op's ``spec``: the BlockSpec's and cfg's fields (not the seed), ``present`` ("1" per param_names entry
+    given, "0" per None) and the autocast state of ``device_type`` now."""
     enabled = torch.is_autocast_enabled(device_type) if device_type in ("cpu", "cuda") else False
     dtype = str(torch.get_autocast_dtype(device_type)).removeprefix("torch.") if enabled else "none"
-    values = [repr(getattr(cfg, f)) for f in _FIELDS]
+    values = [repr(getattr(cfg.spec, f)) for f in _SPEC_FIELDS] + [repr(getattr(cfg, f)) for f in _CALL_FIELDS]
     return ";".join([*values, present, device_type, dtype])
+
+
+def _value(text: str):
+    if text.startswith("'"):
+        return text.strip("'")
+    if text in ("True", "False"):
+        return text == "True"
+    return float(text) if any(c in text for c in ".en") else int(text)
 
 
 @functools.lru_cache(maxsize=256)
 def _parse_spec(spec: str) -> tuple[BlockConfig, tuple[str, ...], str, Optional[torch.dtype]]:
     """(config with seed 0, names of the parameters the op receives, autocast device type, autocast dtype or None)."""
     *values, present, device_type, dtype = spec.split(";")
-    kw = {}
-    for name, text in zip(_FIELDS, values):
-        kw[name] = text.strip("'") if text.startswith("'") else {"True": True, "False": False}.get(text, None)
-        if kw[name] is None:
-            kw[name] = float(text) if any(c in text for c in ".en") else int(text)
-    cfg = BlockConfig(seed=0, **kw)
-    names = tuple(n for n, bit in zip(param_names(cfg), present) if bit == "1")
+    kw = {name: _value(text) for name, text in zip(_SPEC_FIELDS + _CALL_FIELDS, values)}
+    block = BlockSpec(**{f: kw.pop(f) for f in _SPEC_FIELDS})
+    cfg = BlockConfig(block, seed=0, **kw)
+    names = tuple(n for n, bit in zip(block.param_names(), present) if bit == "1")
     return cfg, names, device_type, None if dtype == "none" else getattr(torch, dtype)
 
 
 def _autocast(device_type: str, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
-
-
-def _saved_keys(cfg: BlockConfig) -> tuple[str, ...]:
-    return tuple(k for k in get_policy(cfg.policy).keeps if k != "x")
 
 
 def _params(names: tuple[str, ...], params) -> dict:
@@ -102,31 +96,13 @@ def _fresh(tensors: list[Tensor], inputs) -> list[Tensor]:
 
 def _forward(x, attn_mask, segment_ids, cos, sin, params, seed: int, spec: str) -> list[Tensor]:
     cfg, names, device_type, dtype = _parse_spec(spec)
-    cfg = BlockConfig(**{**cfg.__dict__, "seed": seed})
+    cfg = cfg.with_(seed=seed)
     b, t, d = x.shape
     rope_cs = None if cos is None else (cos, sin)
     with _autocast(device_type, dtype):
-        out, acts = block_forward(x.reshape(b * t, d), (b, t), _params(names, params), cfg, attn_mask, rope_cs,
-                                  segment_ids)  # fmt: skip
-    flat, layout = [], []
-    for name in _saved_keys(cfg):
-        if name in acts:
-            v = acts[name] if isinstance(acts[name], tuple) else (acts[name],)
-            flat.extend(v)
-            layout.append((name, len(v)))
-    if tuple(layout) != _layout(cfg, rope_cs is not None):
-        raise RuntimeError(f"ckpt_ext: saved layout {layout} disagrees with compiled._layout for {spec!r}")
-    return _fresh([out.view(b, t, d), *flat], [x, attn_mask, segment_ids, cos, sin, *params])
-
-
-def _layout(cfg: BlockConfig, rope: bool) -> tuple[tuple[str, int], ...]:
-    """(name, tensor count) of the saved list, as functional._flatten_saved lays it out (forward checks they agree)."""
-    n_stats = 2 if cfg.norm == "layernorm" else 1
-    qkv = 3 if cfg.qk_norm or rope or not cfg.packed_qkv else 1
-    counts = {"ln1_stats": n_stats, "ln1_out": 1, "qkv": qkv, "qk_stats": 2 if cfg.qk_norm else 0,
-              "qk_rope": 2 if cfg.qk_norm else 0, "attn_out": 1, "attn_lse": 1, "x1": 1, "ln2_stats": n_stats,
-              "ln2_out": 1, "fc1_out": 2 if cfg.mlp == "swiglu" else 1, "act_out": 1}  # fmt: skip
-    return tuple((k, counts[k]) for k in _saved_keys(cfg) if counts[k])
+        out, flat, _ = forward_saved(x.reshape(b * t, d), (b, t), _params(names, params), cfg, attn_mask, rope_cs,
+                                     segment_ids)  # fmt: skip
+    return _fresh([out.view(b, t, d), *flat[1:]], [x, attn_mask, segment_ids, cos, sin, *params])
 
 
 def _needed(names: tuple[str, ...], needs: str) -> Optional[frozenset]:
@@ -140,23 +116,16 @@ def _backward(dout, x, attn_mask, segment_ids, cos, sin, params, saved, seed: in
     """[dx, *grads]; a gradient ``needs`` does not ask for (a frozen weight: its dW is never computed) is an empty
     tensor (a list[Tensor] output cannot hold None); the autograd backward turns it into None."""
     cfg, names, device_type, dtype = _parse_spec(spec)
-    cfg = BlockConfig(**{**cfg.__dict__, "seed": seed})
+    cfg = cfg.with_(seed=seed)
     b, t, d = x.shape
-    p = _params(names, params)
     rope_cs = None if cos is None else (cos, sin)
-    acts = _unflatten_saved(saved, _layout(cfg, rope_cs is not None))
-    acts["x"] = x.reshape(b * t, d)
-    ac = _AutocastState(device_type)
+    layout = (("x", 1), *save_layout(cfg.spec, cfg.policy, rope_cs is not None))
+    ac = AutocastState(device_type)
     ac.enabled, ac.dtype = dtype is not None, dtype
     with ac():
-        if cfg.policy in ("block", "block_keep_attn"):
-            kept = (acts["attn_out"], acts["attn_lse"]) if cfg.policy == "block_keep_attn" else None
-            replay = attention_half(acts["x"], (b, t), p, cfg, attn_mask, rope_cs, kept, segment_ids)
-            replay.pop("ln1_out")
-            replay.pop("ln1_stats")
-            acts.update(replay)
-        dx, g = block_backward(dout.reshape(b * t, d), acts, p, cfg, (b, t), attn_mask, ac, rope_cs, segment_ids,
-                               _needed(names, needs))  # fmt: skip
+        dx, g = backward_from_saved(dout.reshape(b * t, d), (x.reshape(b * t, d), *saved), layout,
+                                    _params(names, params), cfg, (b, t), attn_mask, rope_cs, segment_ids, ac,
+                                    _needed(names, needs))  # fmt: skip
     grads = [g[n].to(w.dtype).contiguous() if n in g else w.new_empty(0) for n, w in zip(names, params)]
     dx = x.new_empty(0) if dx is None else dx.view(b, t, d).to(x.dtype).contiguous()
     return [dx, *grads]
@@ -212,7 +181,7 @@ def compiled_block(x: Tensor, attn_mask, cos, sin, cfg: BlockConfig, params: tup
     used without grad when the seed is seeds.DEVICE_SEED (dropout drawn in the graph), with the smallest saved set."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in params))
     if not needs_grad:  # no autograd node: shrink the op's extra outputs (freed at once) to the statistics
-        cfg = BlockConfig(**{**cfg.__dict__, "policy": "block"})
+        cfg = cfg.with_(policy="block")
     present = "".join("0" if t is None else "1" for t in params)
     params = [t for t in params if t is not None]
     spec = make_spec(cfg, x.device.type, present)

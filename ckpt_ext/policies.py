@@ -57,6 +57,8 @@ ALL_TENSORS = (
     "ln2_out",
     "fc1_out",
     "act_out",
+    "h1",
+    "h2",
 )
 _ATTN_SIDE = ("qkv", "qk_stats", "attn_out", "attn_lse", "x1")
 
@@ -75,7 +77,7 @@ class Policy:
 POLICIES: dict[str, Policy] = {
     p.name: p
     for p in (
-        Policy("none", ALL_TENSORS, "none"),
+        Policy("none", tuple(t for t in ALL_TENSORS if t not in ("h1", "h2")), "none"),
         Policy("pointwise", ("x", "ln1_stats", *_ATTN_SIDE, "ln2_stats", "fc1_out"), "none"),
         Policy("ffn", ("x", "ln1_stats", *_ATTN_SIDE, "ln2_stats"), "FC1 (or gate and up) once"),
         Policy(
@@ -88,10 +90,35 @@ POLICIES: dict[str, Policy] = {
 }
 
 
-def get_policy(name: str) -> Policy:
+# Post-LN (BERT): h1 = x + drop(attn(x) Wo + bo), x1 = norm1(h1), h2 = x1 + drop(MLP(x1)), out = norm2(h2). The
+# MLP's input norm is norm1 (of h1), so ffn / block rebuild norm1 → FC1 with the pre-LN kernels; x1 is rebuilt by
+# norm1's backward (emit) where dW_fc needs it; norm2's backward reads the pre-norm sum h2 (kept: rebuilding it needs
+# the MLP's last matmul, which no policy recomputes).
+_POST_ATTN_SIDE = ("qkv", "attn_out", "attn_lse", "h1", "ln1_stats")
+POST_LN_POLICIES: dict[str, Policy] = {
+    p.name: p
+    for p in (
+        Policy("none", ("x", *_POST_ATTN_SIDE, "x1", "fc1_out", "act_out", "h2", "ln2_stats"), "none"),
+        Policy("pointwise", ("x", *_POST_ATTN_SIDE, "fc1_out", "h2", "ln2_stats"), "none"),
+        Policy("ffn", ("x", *_POST_ATTN_SIDE, "h2", "ln2_stats"), "FC1 (or gate and up) once"),
+        Policy(
+            "block_keep_attn",
+            ("x", "attn_out", "attn_lse", "ln1_stats", "h2", "ln2_stats"),
+            "QKV, proj, FC1 (or gate and up); no attention forward",
+        ),  # fmt: skip
+        Policy("block", ("x", "ln1_stats", "h2", "ln2_stats"), "QKV, attention forward, proj, FC1 (or gate and up)"),
+    )
+}
+_TABLES = {"pre": POLICIES, "post": POST_LN_POLICIES}
+
+
+def get_policy(name: str, placement: str = "pre") -> Policy:
+    """The policy ``name`` of the pre-LN or post-LN table."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name]
+    if placement not in _TABLES:
+        raise ValueError(f"placement must be 'pre' or 'post', got {placement!r}")
+    return _TABLES[placement][name]
 
 
 def tensor_bytes(
@@ -132,8 +159,10 @@ def tensor_bytes(
         "x1": n * d_model * act_bytes,
         "ln2_stats": n_stats * n * stat_bytes,
         "ln2_out": n * d_model * act_bytes,
-        "fc1_out": (2 if mlp == "swiglu" else 1) * n * hidden * matmul_bytes,
+        "fc1_out": (2 if mlp in ("swiglu", "geglu") else 1) * n * hidden * matmul_bytes,
         "act_out": n * hidden * matmul_bytes,
+        "h1": n * d_model * act_bytes,
+        "h2": n * d_model * act_bytes,
     }
     return sizes[name]
 
@@ -141,7 +170,7 @@ def tensor_bytes(
 def retained_bytes(policy: str, batch: int, seq: int, d_model: int, n_heads: int, hidden: int, **sizes) -> int:
     """Activation bytes one block keeps for backward beyond its input x, from the table above.
 
-    ``sizes``: act_bytes, matmul_bytes, stat_bytes and the shape keywords of tensor_bytes (n_kv_heads, head_dim,
-    norm, mlp, qk_norm)."""
-    keeps = get_policy(policy).keeps
+    ``sizes``: act_bytes, matmul_bytes, stat_bytes, the shape keywords of tensor_bytes (n_kv_heads, head_dim,
+    norm, mlp, qk_norm) and ``placement`` ("pre" or "post": which table)."""
+    keeps = get_policy(policy, sizes.pop("placement", "pre")).keeps
     return sum(tensor_bytes(t, batch, seq, d_model, n_heads, hidden, **sizes) for t in keeps if t != "x")

@@ -77,7 +77,7 @@ def eligible(cfg, attn_mask: Optional[Tensor], segment_ids: Optional[Tensor], x:
     __torch_dispatch__ must see the block's ops, not one opaque program_run."""
     if not _state["enabled"] or attn_mask is not None or segment_ids is not None:
         return False
-    if cfg.dropout > 0.0 or cfg.attn_dropout > 0.0 or any(spec.dropout > 0.0 for spec in cfg.lora):
+    if cfg.dropout > 0.0 or cfg.attn_dropout > 0.0 or any(spec.dropout > 0.0 for spec in cfg.spec.lora):
         return False
     if type(x) not in _PLAIN or type(cos) not in (*_PLAIN, type(None)) or type(sin) not in (*_PLAIN, type(None)):
         return False
@@ -205,7 +205,7 @@ class BackwardProgram:
             p.update((names[i], t) for i, t in zip(present, rest[:n_present]))
             rope_cs = tuple(rest[n_present : n_present + 2]) if fwd.has_rope else None
             saved = rest[len(rest) - n_flat :]
-            ac = functional._AutocastState(dout.device.type)
+            ac = functional.AutocastState(dout.device.type)
             with functional.kernels_direct(fwd.device_type):
                 dx, g = functional.backward_from_saved(dout, saved, fwd.layout, p, cfg, shape, None, rope_cs, None, ac,
                                                        needs)  # fmt: skip

@@ -22,7 +22,7 @@ import ckpt_ext
 from ckpt_ext import FusedCheckpointBlock, TransformerBlock, traced
 from ckpt_ext.block import init_block_
 from ckpt_ext.compiled import _parse_spec, make_spec
-from ckpt_ext.functional import BlockConfig
+from ckpt_ext.spec import BlockConfig, BlockSpec
 
 from helpers import make_block, run_step
 
@@ -266,14 +266,15 @@ def test_numpy_hyperparameters_become_python_numbers():
     for key in ("eps", "dropout", "attn_dropout"):
         assert type(cfg[key]) is float, key
     assert type(cfg["causal"]) is bool
-    raw = BlockConfig(np.int64(4), np.bool_(True), np.float32(1e-5), "none", np.float64(0.1), np.float32(0.2),
-                      np.int64(3), "block", n_kv_heads=np.int32(2), head_dim=np.int64(6))  # fmt: skip
-    assert type(raw.n_heads) is int and type(raw.eps) is float and type(raw.seed) is int
-    assert type(raw.causal) is bool and type(raw.n_kv_heads) is int and type(raw.head_dim) is int
+    spec = BlockSpec(np.int64(4), np.bool_(True), np.float32(1e-5), n_kv_heads=np.int32(2), head_dim=np.int64(6))
+    raw = BlockConfig(spec, "block", np.int64(3), np.float64(0.1), np.float32(0.2))
+    assert type(spec.n_heads) is int and type(spec.eps) is float and type(raw.seed) is int
+    assert type(spec.causal) is bool and type(spec.n_kv_heads) is int and type(spec.head_dim) is int
+    assert type(raw.dropout) is float and type(raw.attn_dropout) is float
     parsed, _, _, _ = _parse_spec(make_spec(raw, "cpu"))
-    assert parsed == BlockConfig(**{**raw.__dict__, "seed": 0})
-    with pytest.raises(TypeError, match="BlockConfig.eps"):
-        BlockConfig(4, True, "1e-5", "none", 0.0, 0.0, 0, "block")
+    assert parsed == raw.with_(seed=0)
+    with pytest.raises(TypeError, match="BlockSpec.eps"):
+        BlockSpec(4, True, "1e-5")
     with pytest.raises(TypeError, match="dropout"):
         TransformerBlock(24, 4, dropout="0.1")
 

@@ -109,7 +109,7 @@ def test_compiled_dropout_without_grad_and_with_traced_item_seeds():
     """No grad (train mode, dropout on): the seed is still drawn in the graph. An explicit .item() seed traced with
     capture_scalar_outputs (what the Hugging Face adapters pass) is honoured: compiled equals eager."""
     from ckpt_ext.block import fused_block
-    from ckpt_ext.functional import BlockConfig
+    from ckpt_ext.spec import BlockConfig, BlockSpec
 
     torch._dynamo.reset()
     blk = FusedCheckpointBlock.from_block(make_block(72, 4, dropout=0.3), "pointwise")
@@ -126,7 +126,7 @@ def test_compiled_dropout_without_grad_and_with_traced_item_seeds():
 
     def explicit_seed(x):
         seed = int(torch.randint(0, 2**31 - 8, (1,)).item())
-        cfg = BlockConfig(4, True, 1e-5, "none", 0.1, 0.3, seed, "block")
+        cfg = BlockConfig(BlockSpec(4, True, 1e-5), "block", seed, 0.1, 0.3)
         return fused_block(x, blk.parameter_tensors(), cfg)
 
     xg = x.clone().requires_grad_(True)

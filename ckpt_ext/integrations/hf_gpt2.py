@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import seeds
 from ..block import fused_block
-from ..functional import BlockConfig
+from ..spec import BlockConfig, BlockSpec
 from .hf_common import (
     Linears,
     common_fallback,
@@ -37,7 +37,7 @@ from .hf_common import (
 )
 from .hf_masks import layer_mask
 
-GELU_FORMS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+GELU_FORMS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}  # HF name -> MLP form
 FUSED_ATTENTION = ("eager", "sdpa")
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -91,8 +91,9 @@ class GPT2Adapter:
         p_attn = layer.attn.attn_dropout.p if layer.training else 0.0  # the modules' p, as the original forward reads
         p = layer.attn.resid_dropout.p if layer.training else 0.0
         seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0 or lora_seeded(specs)) else 0
-        return BlockConfig(layer.attn.num_heads, True, layer.ln_1.eps, GELU_FORMS[cfg.activation_function], p_attn,
-                           p, seed, layer._ckpt_policy, lora=specs)  # fmt: skip
+        spec = BlockSpec(layer.attn.num_heads, True, layer.ln_1.eps, mlp=GELU_FORMS[cfg.activation_function],
+                         lora=specs)  # fmt: skip
+        return BlockConfig(spec, layer._ckpt_policy, seed, p_attn, p)
 
     def forward(self, layer, original, bound: dict):
         x = bound["hidden_states"]

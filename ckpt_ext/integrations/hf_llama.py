@@ -27,7 +27,7 @@ import torch
 
 from .. import seeds
 from ..block import fused_block
-from ..functional import BlockConfig
+from ..spec import BlockConfig, BlockSpec
 from .hf_common import (
     Linears,
     common_fallback,
@@ -108,10 +108,10 @@ class LlamaFamilyAdapter:
         p_attn = a.attention_dropout if layer.training else 0.0
         seed = seeds.host_seed() if p_attn > 0.0 or lora_seeded(specs) else 0
         n_heads = a.config.num_attention_heads
-        return BlockConfig(n_heads, True, layer.input_layernorm.variance_epsilon, "none", p_attn, 0.0, seed,
-                           layer._ckpt_policy, norm="rmsnorm", mlp="swiglu",
-                           n_kv_heads=a.config.num_key_value_heads, head_dim=a.head_dim, qk_norm=hasattr(a, "q_norm"),
-                           packed_qkv=False, lora=specs)  # fmt: skip
+        spec = BlockSpec(n_heads, True, layer.input_layernorm.variance_epsilon, norm="rmsnorm", mlp="swiglu",
+                         n_kv_heads=a.config.num_key_value_heads, head_dim=a.head_dim, qk_norm=hasattr(a, "q_norm"),
+                         packed_qkv=False, lora=specs)  # fmt: skip
+        return BlockConfig(spec, layer._ckpt_policy, seed, p_attn, 0.0)
 
     def forward(self, layer, original, bound: dict):
         x = bound["hidden_states"]

@@ -19,7 +19,7 @@ import torch
 
 from .. import seeds
 from ..block import fused_block
-from ..functional import BlockConfig
+from ..spec import BlockConfig, BlockSpec
 from .hf_common import (
     Linears,
     common_fallback,
@@ -103,8 +103,9 @@ class ViTAdapter:
         p = parts.p if layer.training else 0.0
         seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0 or lora_seeded(specs)) else 0
         n_heads = parts.config.num_attention_heads
-        return BlockConfig(n_heads, False, layer.layernorm_before.eps, GELU_FORMS[parts.config.hidden_act], p_attn, p,
-                           seed, layer._ckpt_policy, packed_qkv=False, lora=specs)  # fmt: skip
+        spec = BlockSpec(n_heads, False, layer.layernorm_before.eps, mlp=GELU_FORMS[parts.config.hidden_act],
+                         packed_qkv=False, lora=specs)  # fmt: skip
+        return BlockConfig(spec, layer._ckpt_policy, seed, p_attn, p)
 
     def forward(self, layer, original, bound: dict):
         x = bound["hidden_states"]

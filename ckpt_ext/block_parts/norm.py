@@ -1,0 +1,53 @@
+"""The norm segments (norm1, norm2): LayerNorm or RMSNorm forward with fp32 row statistics, and their backward.
+
+x (N, d) -> y (N, d) and statistics: LayerNorm (mean, rstd), RMSNorm (rstd,), each (N,) fp32 — what the policies keep
+instead of y. The backward rebuilds x̂ from x and the statistics inside the kernel, adds the residual gradient
+(``dresidual``) in its epilogue and can emit y again (``emit_y``) for the dW GEMMs that read it. Spec fields:
+``norm`` (kind), ``norm_bias`` (LayerNorm β; absent = zeros), ``norm_offset`` (the weight is used as offset + γ, as
+Gemma's 1 + γ: dγ is the same), ``eps``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .dispatch import block_ops as _ops
+
+
+def ln_params(w: Optional[Tensor], b: Optional[Tensor], d: int, like: Tensor, spec) -> tuple[Tensor, Tensor]:
+    """LayerNorm (γ + offset, β), ones / zeros for an absent one."""
+    w = w if w is not None else torch.ones(d, dtype=like.dtype, device=like.device)
+    b = b if b is not None else torch.zeros(d, dtype=like.dtype, device=like.device)
+    return _offset(w, spec), b
+
+
+def _offset(w: Tensor, spec) -> Tensor:
+    return w + spec.norm_offset if spec.norm_offset else w
+
+
+def norm_fwd(x: Tensor, p: dict, which: str, cfg) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """x (N, d) -> norm output (N, d), fp32 statistics: (mean, rstd) for LayerNorm, (rstd,) for RMSNorm."""
+    spec = cfg.spec
+    if spec.norm == "rmsnorm":
+        y, rstd = _ops.rms_norm_fwd(x, _offset(p[f"{which}_w"], spec), spec.eps)
+        return y, (rstd,)
+    w, b = ln_params(p[f"{which}_w"], p[f"{which}_b"], x.shape[1], x, spec)
+    y, mean, rstd = _ops.layer_norm_fwd(x, w, b, spec.eps)
+    return y, (mean, rstd)
+
+
+def norm_bwd(dy, x, stats, p: dict, which: str, cfg, dresidual, emit_y: bool, g: dict, want):
+    """dx (N, d) (+ dresidual) and the norm's weight grads into g where ``want`` has them (the ops reduce dγ, dβ
+    anyway: they have no switch); returns (dx, y or an empty tensor)."""
+    spec = cfg.spec
+    if spec.norm == "rmsnorm":
+        dx, dw, y = _ops.rms_norm_bwd(dy.contiguous(), x, stats[0], _offset(p[f"{which}_w"], spec), dresidual, emit_y)
+        db = None
+    else:
+        w, b = ln_params(p[f"{which}_w"], p[f"{which}_b"], x.shape[1], x, spec)
+        dx, dw, db, y = _ops.layer_norm_bwd(dy.contiguous(), x, stats[0], stats[1], w, b, dresidual, emit_y)
+    g.update((f"{which}_{s}", t) for s, t in (("w", dw), ("b", db)) if f"{which}_{s}" in want)
+    return dx, y

@@ -1,0 +1,129 @@
+"""The block spec's forms: any norm × any MLP form × pre/post placement runs through the one op graph.
+
+Each form of the fused block (FusedCheckpointBlock, every policy, reference and C++ backends) against the plain
+TransformerBlock of the same form in float64; post-LN's retained bytes against its policy table; the save layout
+against what the forward really keeps; bad spec fields raise naming the field.
+"""
+
+import pytest
+import torch
+
+import ckpt_ext
+from ckpt_ext import FusedCheckpointBlock, TransformerBlock, policies, retained_bytes
+from ckpt_ext.block import init_block_
+from ckpt_ext.measure import retained_activation_bytes
+from ckpt_ext.save_layout import save_layout
+from ckpt_ext.spec import BlockConfig, BlockSpec
+
+from helpers import make_block, run_step
+
+FORMS = [  # (norm, activation, placement): the two historical pairs, the crossed ones, post-LN (BERT)
+    ("layernorm", "gelu", "pre"),
+    ("rmsnorm", "swiglu", "pre"),
+    ("layernorm", "swiglu", "pre"),
+    ("rmsnorm", "gelu_tanh", "pre"),
+    ("layernorm", "gelu", "post"),
+    ("layernorm", "gelu_tanh", "post"),
+    ("rmsnorm", "swiglu", "post"),
+]
+POLICIES = list(policies.POLICIES)
+
+
+def _block(norm, activation, placement, d=72, dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    blk = TransformerBlock(d, 4, norm=norm, activation=activation, norm_placement=placement, **kw)
+    init_block_(blk, std=0.2)
+    with torch.no_grad():  # norm weights start at one, biases at zero: move them so their gradients are exercised
+        for p in blk.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return blk.to(dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("form", FORMS, ids=["-".join(f) for f in FORMS])
+def test_every_form_matches_the_plain_block_in_float64(form, causal, backend):
+    blk = _block(*form, causal=causal)
+    x = torch.randn(3, 7, 72, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    want = run_step(blk, x, grad)
+    # RMSNorm follows Hugging Face's cast order (x.float(): fp32 even for a float64 x), so those forms agree to fp32
+    tol = dict(rtol=1e-5, atol=1e-6) if form[0] == "layernorm" else dict(rtol=2e-4, atol=2e-5)
+    with ckpt_ext.set_backend(backend):
+        for policy in POLICIES:
+            got = run_step(FusedCheckpointBlock.from_block(blk, policy), x, grad)
+            for name, a, b in zip(["out", "dx", *dict(blk.named_parameters())], got, want):
+                torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name, p=policy: f"{p} {n}: {m}")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_post_ln_retained_bytes_match_its_table(policy):
+    b, t, d, heads = 2, 64, 128, 4
+    blk = make_block(d, heads, norm_placement="post", causal=False)
+    x = torch.randn(b, t, d, requires_grad=True)
+    kept, _ = retained_activation_bytes(FusedCheckpointBlock.from_block(blk, policy), x)
+    assert kept == retained_bytes(policy, b, t, d, heads, 4 * d, placement="post")
+    eager_kept, _ = retained_activation_bytes(blk, x)
+    assert kept <= eager_kept if policy == "none" else kept < eager_kept
+
+
+def test_post_ln_table_rebuilds_what_pre_ln_rebuilds():
+    """Each post-LN policy keeps no more than the one before it, and block keeps only statistics plus h2."""
+    sizes = dict(batch=4, seq=128, d_model=256, n_heads=4, hidden=1024, placement="post")
+    kept = [retained_bytes(p, **sizes) for p in POLICIES]
+    assert kept == sorted(kept, reverse=True)
+    assert set(policies.POST_LN_POLICIES["block"].keeps) == {"x", "ln1_stats", "h2", "ln2_stats"}
+
+
+@pytest.mark.parametrize("form", FORMS, ids=["-".join(f) for f in FORMS])
+@pytest.mark.parametrize("rope", [False, True])
+def test_save_layout_is_what_the_forward_keeps(form, rope):
+    """save_layout's counts equal the tensors the fused forward saves (the Function's saved list, minus the fixed
+    inputs), for every policy."""
+    norm, activation, placement = form
+    blk = _block(norm, activation, placement, dtype=torch.float32)
+    x = torch.randn(2, 5, 72, requires_grad=True)
+    pe = None
+    if rope:
+        cos, sin = torch.randn(1, 5, 18), torch.randn(1, 5, 18)
+        pe = (cos, sin)
+    for policy in POLICIES:
+        fused = FusedCheckpointBlock.from_block(blk, policy)
+        out = fused(x, position_embeddings=pe)
+        n_params = len(fused.block_config().spec.param_names())
+        saved = out.grad_fn.saved_tensors  # attn_mask, segment_ids, cos, sin, params, x, *saved
+        layout = save_layout(fused.spec(), policy, rope)
+        assert len(saved) - 4 - n_params - 1 == sum(count for _, count in layout), (policy, layout)
+
+
+def test_bad_spec_fields_raise_naming_the_field():
+    for field, value in (("norm", "batchnorm"), ("mlp", "relu"), ("placement", "sandwich")):
+        with pytest.raises(ValueError, match=f"BlockSpec.{field}"):
+            BlockSpec(4, **{field: value}).check()
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        BlockSpec(4, n_kv_heads=3).check()
+    with pytest.raises(TypeError, match="BlockConfig.spec"):
+        BlockConfig("gpt2", "block")
+    with pytest.raises(ValueError, match="norm_placement"):
+        TransformerBlock(72, 4, norm_placement="middle")
+    with pytest.raises(ValueError, match="unknown norm"):
+        TransformerBlock(72, 4, norm="batchnorm")
+
+
+def test_parameter_list_follows_the_spec():
+    assert BlockSpec(4).param_names()[:2] == ("ln1_w", "ln1_b")
+    names = BlockSpec(4, norm="rmsnorm", mlp="geglu", packed_qkv=False).param_names()
+    assert "ln1_b" not in names and {"w_gate", "w_up", "w_q"} <= set(names) and "w_fc" not in names
+    assert "ln1_b" not in BlockSpec(4, norm_bias=False).param_names()
+
+
+def test_post_ln_under_torch_compile_matches_eager():
+    blk = _block("layernorm", "gelu", "post", dtype=torch.float32)
+    fused = FusedCheckpointBlock.from_block(blk, "block")
+    x = torch.randn(2, 9, 72)
+    grad = torch.randn_like(x)
+    want = run_step(fused, x, grad)
+    torch._dynamo.reset()
+    got = run_step(torch.compile(fused, fullgraph=True), x, grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
