@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backend, lora, ops, traced
+from . import backend, lora, ops
 from .policies import get_policy
 
 PARAM_NAMES = (
@@ -740,39 +740,18 @@ def needed_grads(names: tuple, needs_input_grad) -> frozenset:
     return frozenset(needs + ["x"] if needs_input_grad[0] else needs)
 
 
-@contextlib.contextmanager
-def kernels_direct(device_type: str):
-    """The ckpt_ext ops call their kernels directly (as on the fast path) while traced.py records the block."""
-    previous = getattr(_fast_path, "table", None)
-    _fast_path.table = backend.kernel_table(device_type)
-    try:
-        yield
-    finally:
-        _fast_path.table = previous
-
-
 class FusedBlockFunction(torch.autograd.Function):
-    """x (B, T, d), attn_mask, segment_ids, cos, sin, cfg, names, *params (``names`` order) -> out (B, T, d).
-
-    On the eager fast path an eligible configuration runs traced.py's recorded programs of forward_saved /
-    backward_from_saved instead of walking them (the same kernels in the same order)."""
+    """x (B, T, d), attn_mask, segment_ids, cos, sin, cfg, names, *params (``names`` order) -> out (B, T, d)."""
 
     @staticmethod
     def forward(ctx, x, attn_mask, segment_ids, cos, sin, cfg: BlockConfig, names: tuple, *params):
         b, t, d = x.shape
         x2 = x.reshape(b * t, d)
-        ctx.program = None
-        with EagerFastPath(x.device.type) as fast:
-            if fast.active and traced.eligible(cfg, attn_mask, segment_ids, x, params, cos, sin):
-                ctx.program = traced.forward_program(x, attn_mask, segment_ids, cos, sin, cfg, names, params)
-            if ctx.program is not None:
-                out, flat = ctx.program.run_forward(x2, params, cos, sin)
-                layout = ctx.program.layout
-            else:
-                p = dict.fromkeys(ALL_PARAM_NAMES)
-                p.update(zip(names, params))
-                rope_cs = None if cos is None else (cos, sin)
-                out, flat, layout = forward_saved(x2, (b, t), p, cfg, attn_mask, rope_cs, segment_ids)
+        with EagerFastPath(x.device.type):
+            p = dict.fromkeys(ALL_PARAM_NAMES)
+            p.update(zip(names, params))
+            rope_cs = None if cos is None else (cos, sin)
+            out, flat, layout = forward_saved(x2, (b, t), p, cfg, attn_mask, rope_cs, segment_ids)
         ctx.layout = layout
         # flat[0] is x2: a copy of x when x is not viewable as (N, d) (e.g. a transposed input); keep the caller's x
         ctx.save_for_backward(attn_mask, segment_ids, cos, sin, *params, x, *flat[1:])
@@ -797,18 +776,12 @@ class FusedBlockFunction(torch.autograd.Function):
         flat = (x.reshape(b * t, d), *flat)
         dout2 = dout.reshape(b * t, d)
         needs = needed_grads(ctx.names, ctx.needs_input_grad)
-        with backend.set_backend(ctx.backend), ctx.autocast(), EagerFastPath(dout.device.type) as fast:
-            program = None
-            if fast.active and ctx.program is not None:
-                program = ctx.program.backward_program(dout2, params, cos, sin, flat, needs)
-            if program is not None:
-                dx, grads = program.run_backward(dout2, params, cos, sin, flat)
-            else:
-                p = dict.fromkeys(ALL_PARAM_NAMES)
-                p.update(zip(ctx.names, params))
-                rope_cs = None if cos is None else (cos, sin)
-                dx, g = backward_from_saved(dout2, flat, ctx.layout, p, cfg, (b, t), attn_mask, rope_cs, segment_ids,
-                                            ctx.autocast, needs)  # fmt: skip
-                grads = tuple(g.get(name) for name in ctx.names)
+        with backend.set_backend(ctx.backend), ctx.autocast(), EagerFastPath(dout.device.type):
+            p = dict.fromkeys(ALL_PARAM_NAMES)
+            p.update(zip(ctx.names, params))
+            rope_cs = None if cos is None else (cos, sin)
+            dx, g = backward_from_saved(dout2, flat, ctx.layout, p, cfg, (b, t), attn_mask, rope_cs, segment_ids,
+                                        ctx.autocast, needs)  # fmt: skip
+            grads = tuple(g.get(name) for name in ctx.names)
         dx = None if dx is None else dx.view(b, t, d)
         return (dx, None, None, None, None, None, None, *grads)
