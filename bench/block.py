@@ -188,7 +188,7 @@ def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch
     x = torch.randn(batch, seq, d_model, requires_grad=True)
     g = torch.randn_like(x)
     in_bytes = x.numel() * x.element_size()
-    for v in table:  # compile, trace (ckpt_ext/traced.py: a key's second call) and warm up before anything is measured
+    for v in table:  # compile and warm up before anything is measured
         for _ in range(3):
             _step(v.fn, x, g)
     rows = {}

@@ -2,17 +2,19 @@
 
 At tiny shapes (default d=64, 4 heads, T=8, B=1, one thread) compute is ~0, so a step's wall time is what the host
 spends issuing it: Python, torch dispatch, custom-op wrappers, kernel launch glue. A GPU step is only as fast as the
-host can issue it, so this is the floor ckpt_ext adds per block before CUDA graphs or torch.compile.
+host can issue it, so this is the floor ckpt_ext adds per block before CUDA graphs or torch.compile (on a GPU, host
+overhead is CUDA graphs' job: torch.compile(mode="reduce-overhead")).
 
-Rows: eager TransformerBlock, torch.utils.checkpoint over it, and every ckpt_ext policy on each CPU backend, for the
-GPT-2 form and the Llama form (RoPE tables, GQA): ``cpp`` as a user gets it (the block's forward and backward run as
-traced C++ programs, ckpt_ext/traced.py), ``cpp walked`` with those programs off (the Python fast path walking
-functional.py: what runs where a configuration is not eligible, e.g. dropout, masks, autocast), and ``reference``.
-Columns: µs per step (forward + backward, median [25%-75%] of round-robin samples, bench.micro_timing: drift hits every
-variant alike), ops dispatched per step (aten + ckpt_ext graph ops, counted by a TorchDispatchMode: the op graph, the
-same with or without programs; ops inside a ckpt_ext op are not counted), and the paired ratio to the eager block and
-to torch.utils.checkpoint ("noisy" when its spread exceeds its distance from 1). Then µs per call of a ckpt_ext graph
-op, of the same C++ kernel called directly (the difference is torch's Python custom_op wrapper, which the block's fast
+Rows: eager TransformerBlock, torch.utils.checkpoint over it, every ckpt_ext policy on each CPU backend (``cpp``: the
+eager fast path walking functional.py, the C++ kernels called directly; ``reference``: plain-PyTorch math), and
+``torch.compile cpp block``: the same fused block (policy "block", cpp backend) under torch.compile in its default mode,
+compiled (forward and backward) once before anything is timed, so the table shows the fast path and torch.compile side
+by side. For the GPT-2 form and the Llama form (RoPE tables, GQA). Columns: µs per step (forward + backward, median
+[25%-75%] of round-robin samples, bench.micro_timing: drift hits every variant alike), ops dispatched per step (aten +
+ckpt_ext graph ops, counted by a TorchDispatchMode; ops inside a ckpt_ext op are not counted; none for the
+torch.compile row: under a dispatch mode its module runs eagerly), and the paired ratio to the eager block and to
+torch.utils.checkpoint ("noisy" when its spread exceeds its distance from 1). Then µs per call of a ckpt_ext graph op,
+of the same C++ kernel called directly (the difference is torch's Python custom_op wrapper, which the block's fast
 path skips), and of aten ops of the same tiny size. Last, the Triton path's host cost with every kernel launch stubbed
 (bench/host_triton.py, its own process: it needs TRITON_INTERPRET=1 before triton is imported).
 """
@@ -30,18 +32,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import ckpt_ext
-from ckpt_ext import FusedCheckpointBlock, TransformerBlock, traced
+from ckpt_ext import FusedCheckpointBlock, TransformerBlock
 from ckpt_ext.block import init_block_
 from ckpt_ext.ops import cpp_bridge
 
-from .micro_timing import Timing, ratio_text, spread_text, summarize, time_interleaved
+from .micro_timing import ratio_text, spread_text, time_interleaved
 
 POLICIES = ("none", "pointwise", "ffn", "block_keep_attn", "block")
-BACKENDS = (  # ((backend, traced programs on), row label)
-    (("cpp", True), "cpp"),
-    (("cpp", False), "cpp walked"),
-    (("reference", True), "reference"),
-)
+BACKENDS = ("cpp", "reference")  # a row label is the backend's name
+COMPILED_POLICY = "block"  # the fused block run under torch.compile (cpp backend)
+COMPILED = f"torch.compile cpp {COMPILED_POLICY}"
 
 
 class _OpCounter(TorchDispatchMode):
@@ -72,8 +72,9 @@ def rope_tables(t: int, dh: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ang.cos(), ang.sin()
 
 
-def variants(block: TransformerBlock, kwargs: dict) -> dict:
-    """name -> (backend or None, step(x, g))."""
+def variants(block: TransformerBlock, kwargs: dict, x: torch.Tensor, g: torch.Tensor) -> dict:
+    """name -> (backend or None, step(x, g)); the torch.compile variant is compiled here, on (x, g), forward and
+    backward, so that no timed call compiles."""
 
     def step_of(fn):
         return lambda x, g: fn(x, **kwargs).backward(g)
@@ -82,9 +83,12 @@ def variants(block: TransformerBlock, kwargs: dict) -> dict:
         "TransformerBlock": (None, step_of(block)),
         "torch checkpoint": (None, step_of(lambda x, **kw: checkpoint(block, x, use_reentrant=False, **kw))),
     }
-    for backend, label in BACKENDS:
+    for backend in BACKENDS:
         for policy in POLICIES:
-            out[f"{label} {policy}"] = (backend, step_of(FusedCheckpointBlock.from_block(block, policy)))
+            out[f"{backend} {policy}"] = (backend, step_of(FusedCheckpointBlock.from_block(block, policy)))
+    torch._dynamo.reset()
+    out[COMPILED] = ("cpp", step_of(torch.compile(FusedCheckpointBlock.from_block(block, COMPILED_POLICY))))
+    _run(out[COMPILED], x, g)
     return out
 
 
@@ -93,14 +97,8 @@ def _run(entry, x, g):
     if backend is None:
         step(x, g)
         return
-    name, traced_on = backend
-    previous = traced.is_enabled()
-    traced.set_enabled(traced_on)
-    try:
-        with ckpt_ext.set_backend(name):
-            step(x, g)
-    finally:
-        traced.set_enabled(previous)
+    with ckpt_ext.set_backend(backend):
+        step(x, g)
 
 
 def count_ops(entry, x, g) -> Counter:
@@ -133,32 +131,7 @@ def dispatch_cost(min_time: float) -> dict:
         ),
         "ckpt_ext::dropout_add p=0 (cpp)": with_backend("cpp", lambda: torch.ops.ckpt_ext.dropout_add(x, x, 0.0, 0)),
     }
-    chain = _add_chain(x, PROGRAM_OPS)
-    calls[f"aten add in a traced C++ program, per op (÷{PROGRAM_OPS})"] = lambda: chain(x)
-    timings = time_interleaved(calls, min_time=min_time, min_rounds=7, sample_s=2e-3)
-    key = f"aten add in a traced C++ program, per op (÷{PROGRAM_OPS})"
-    t, n = timings[key], PROGRAM_OPS
-    timings[key] = summarize([v / n for v in t.samples]) if t.samples else Timing(t.median / n, t.q20 / n, t.q80 / n)
-    return timings
-
-
-PROGRAM_OPS = 32
-
-
-def _add_chain(x: torch.Tensor, n: int):
-    """n chained aten adds traced into an op_program.OpProgram (what traced.py runs): its per-op cost is the boxed
-    dispatcher call that replaces a Python-issued op."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from ckpt_ext import op_program
-
-    def chain(t):
-        for _ in range(n):
-            t = torch.add(t, x)
-        return (t,)
-
-    program = op_program.OpProgram(make_fx(chain)(x))
-    return lambda t: program(t)
+    return time_interleaved(calls, min_time=min_time, min_rounds=7, sample_s=2e-3)
 
 
 def run(family="gpt2", d=64, heads=4, seq=8, batch=1, min_time=3.0, threads=1) -> list[dict]:
@@ -167,17 +140,17 @@ def run(family="gpt2", d=64, heads=4, seq=8, batch=1, min_time=3.0, threads=1) -
     kwargs = {"position_embeddings": rope_tables(seq, d // heads)} if family == "llama" else {}
     x = torch.randn(batch, seq, d, requires_grad=True)
     g = torch.randn_like(x)
-    table = variants(block, kwargs)
+    table = variants(block, kwargs, x, g)
     times = time_interleaved({n: functools.partial(_run, e, x, g) for n, e in table.items()}, min_time, 7, 3, 5e-3)
     rows = []
     for name, entry in table.items():
-        ops = count_ops(entry, x, g)
+        ops = count_ops(entry, x, g) if name != COMPILED else dict.fromkeys(("aten", "prims", "ckpt_ext"), None)
         rows.append(
             dict(
                 variant=name,
                 us=times[name].median * 1e6,
                 step=spread_text(times[name], 1e6),
-                aten_ops=ops["aten"] + ops["prims"],
+                aten_ops=None if ops["aten"] is None else ops["aten"] + ops["prims"],
                 ckpt_ops=ops["ckpt_ext"],
                 vs_eager=ratio_text(times[name], times["TransformerBlock"]),
                 vs_ckpt=ratio_text(times[name], times["torch checkpoint"]),
@@ -192,9 +165,8 @@ def format_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['variant']} | {r['step']} | {r['aten_ops']} | {r['ckpt_ops']} | {r['vs_eager']} | {r['vs_ckpt']} |"
-        )
+        aten, ckpt = ("—" if n is None else n for n in (r["aten_ops"], r["ckpt_ops"]))
+        lines.append(f"| {r['variant']} | {r['step']} | {aten} | {ckpt} | {r['vs_eager']} | {r['vs_ckpt']} |")
     return "\n".join(lines)
 
 

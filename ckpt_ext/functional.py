@@ -22,25 +22,27 @@ Backward (dY = d out; df = dropout_add(dY, None) replays the residual dropout ma
     then    dY2 = Σ dZ @ W; dx1, dγ2, y2 = norm2_bwd(dY2, x1, s2, dresidual=dY, emit_y); dW = dZᵀ @ y2
     attention: dWp = dprᵀ @ o, do = dpr @ Wp, dq, dk, dv = gqa_attention_bwd(...), rope adjoint, q/k norm backward,
     dY1 = Σ dZ @ W_{q,k,v}, dx = norm1_bwd(dY1, x, s1, dresidual=dx1) + y1 for dW_{q,k,v}.
+Post-LN (``placement="post"``, BERT): q/k/v read x, h1 = x + drop(o Wp + bp), x1 = norm1(h1) feeds the MLP and its
+residual, h2 = x1 + drop(a W2 + b2), out = norm2(h2); backward starts with norm2's backward from h2, and norm1 plays
+the MLP-input norm's part above (the same recompute kernels, reading h1 and norm1's statistics).
 ``block`` first replays the attention half's forward from x and the saved statistics; ``block_keep_attn`` replays it
-without the attention core (it kept o and lse). What each policy saves is ``policies.POLICIES[policy].keeps``, read
-here and nowhere else. Recompute and backward run under the forward's autocast state (disabled included: an outer
-autocast around backward does not leak in). Frozen weights (ctx.needs_input_grad False) skip their dW GEMM and db
-reduction and get None; without dx needed and with norm1 frozen, the dY1 GEMM is skipped too. Double backward
-(create_graph=True) raises instead of returning wrong second-order gradients.
+without the attention core (it kept o and lse). What is saved is ``save_layout.save_layout(spec, policy, rope)``
+(the policy table × each segment's tensor counts), read here and by compiled.py. Recompute and backward run under
+the forward's autocast state (disabled included: an outer autocast around backward does not leak in). Frozen weights
+(ctx.needs_input_grad False) skip their dW GEMM and db reduction and get None; without dx needed and with norm1
+frozen, the dY1 GEMM is skipped too. Double backward (create_graph=True) raises instead of returning wrong
+second-order gradients.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
-from . import backend, save_layout, traced
+from . import backend, save_layout
 from .block_parts.attention import attention_backward, attention_half, projection_wgrads, replay_key
 from .block_parts.common import AutocastState, dropout_grad, input_grad, sum_rows, wanted
-from .block_parts.dispatch import EagerFastPath, _fast_path
+from .block_parts.dispatch import EagerFastPath
 from .block_parts.lora_terms import input_grads, lora_wanted, weight_grads, with_input_grad
 from .block_parts.mlp import ffn_half, mlp_backward
 from .block_parts.mlp import input_norm as mlp_input_norm
@@ -164,39 +166,18 @@ def needed_grads(names: tuple, needs_input_grad) -> frozenset:
     return frozenset(needs + ["x"] if needs_input_grad[0] else needs)
 
 
-@contextlib.contextmanager
-def kernels_direct(device_type: str):
-    """The ckpt_ext ops call their kernels directly (as on the fast path) while traced.py records the block."""
-    previous = getattr(_fast_path, "table", None)
-    _fast_path.table = backend.kernel_table(device_type)
-    try:
-        yield
-    finally:
-        _fast_path.table = previous
-
-
 class FusedBlockFunction(torch.autograd.Function):
-    """x (B, T, d), attn_mask, segment_ids, cos, sin, cfg, names, *params (``names`` order) -> out (B, T, d).
-
-    On the eager fast path an eligible configuration runs traced.py's recorded programs of forward_saved /
-    backward_from_saved instead of walking them (the same kernels in the same order)."""
+    """x (B, T, d), attn_mask, segment_ids, cos, sin, cfg, names, *params (``names`` order) -> out (B, T, d)."""
 
     @staticmethod
     def forward(ctx, x, attn_mask, segment_ids, cos, sin, cfg: BlockConfig, names: tuple, *params):
         b, t, d = x.shape
         x2 = x.reshape(b * t, d)
-        ctx.program = None
-        with EagerFastPath(x.device.type) as fast:
-            if fast.active and traced.eligible(cfg, attn_mask, segment_ids, x, params, cos, sin):
-                ctx.program = traced.forward_program(x, attn_mask, segment_ids, cos, sin, cfg, names, params)
-            if ctx.program is not None:
-                out, flat = ctx.program.run_forward(x2, params, cos, sin)
-                layout = ctx.program.layout
-            else:
-                p = dict.fromkeys(ALL_PARAM_NAMES)
-                p.update(zip(names, params))
-                rope_cs = None if cos is None else (cos, sin)
-                out, flat, layout = forward_saved(x2, (b, t), p, cfg, attn_mask, rope_cs, segment_ids)
+        with EagerFastPath(x.device.type):
+            p = dict.fromkeys(ALL_PARAM_NAMES)
+            p.update(zip(names, params))
+            rope_cs = None if cos is None else (cos, sin)
+            out, flat, layout = forward_saved(x2, (b, t), p, cfg, attn_mask, rope_cs, segment_ids)
         ctx.layout = layout
         # flat[0] is x2: a copy of x when x is not viewable as (N, d) (e.g. a transposed input); keep the caller's x
         ctx.save_for_backward(attn_mask, segment_ids, cos, sin, *params, x, *flat[1:])
@@ -221,18 +202,12 @@ class FusedBlockFunction(torch.autograd.Function):
         flat = (x.reshape(b * t, d), *flat)
         dout2 = dout.reshape(b * t, d)
         needs = needed_grads(ctx.names, ctx.needs_input_grad)
-        with backend.set_backend(ctx.backend), ctx.autocast(), EagerFastPath(dout.device.type) as fast:
-            program = None
-            if fast.active and ctx.program is not None:
-                program = ctx.program.backward_program(dout2, params, cos, sin, flat, needs)
-            if program is not None:
-                dx, grads = program.run_backward(dout2, params, cos, sin, flat)
-            else:
-                p = dict.fromkeys(ALL_PARAM_NAMES)
-                p.update(zip(ctx.names, params))
-                rope_cs = None if cos is None else (cos, sin)
-                dx, g = backward_from_saved(dout2, flat, ctx.layout, p, cfg, (b, t), attn_mask, rope_cs, segment_ids,
-                                            ctx.autocast, needs)  # fmt: skip
-                grads = tuple(g.get(name) for name in ctx.names)
+        with backend.set_backend(ctx.backend), ctx.autocast(), EagerFastPath(dout.device.type):
+            p = dict.fromkeys(ALL_PARAM_NAMES)
+            p.update(zip(ctx.names, params))
+            rope_cs = None if cos is None else (cos, sin)
+            dx, g = backward_from_saved(dout2, flat, ctx.layout, p, cfg, (b, t), attn_mask, rope_cs, segment_ids,
+                                        ctx.autocast, needs)  # fmt: skip
+            grads = tuple(g.get(name) for name in ctx.names)
         dx = None if dx is None else dx.view(b, t, d)
         return (dx, None, None, None, None, None, None, *grads)

@@ -8,7 +8,6 @@ A case is a plain dict (so hypothesis can draw it and @example / regression test
     padding         "none" | "left" | "right" | "rows" (random query rows with every key masked)
     policy, backend ("reference" | "cpp"), p (residual dropout), p_attn (attention dropout), seed
     strided         x is handed over non-contiguous: a (T, B, d) tensor transposed to (B, T, d)
-    splits          other (B, T) splits of the same B·T tokens, run on the same module after it (see check_resplits)
 
 Masks: "bool" is a keep-mask; "-inf" / "finfo.min" are additive float masks whose masked positions hold that value and
 whose visible positions hold random finite biases; "additive" has only finite biases (masked positions -30), so every
@@ -19,9 +18,7 @@ with those rows unmasked (a row's own mask never reaches any other row's output,
 check_parity (no dropout): output, dx and every parameter gradient of the fused block against the plain block run in
 the same dtype and in float64 (tolerance: 4 x torch's own error + a small floor), and nothing non-finite where the
 plain block is finite; the bytes the fused forward retains equal the policy table's (policies.retained_bytes: no
-private copy of a strided x, nothing beyond the table); then check_resplits: the same module, traced programs on
-(cpp), runs the case's split twice (traced on the second call) and each other split of the same token count (no
-mask), each against the plain block — a program replayed for the wrong (B, T) shows there.
+private copy of a strided x, nothing beyond the table).
 check_dropout_policies: with dropout the plain block draws other masks, so each policy is held to the tolerance rule
 against policy "none" of the fused block under one seed (float64 run = the reference), and its retained bytes to the
 table (seeded masks keep nothing).
@@ -33,7 +30,7 @@ import copy
 
 import torch
 
-from ckpt_ext import FusedCheckpointBlock, TransformerBlock, set_backend, traced
+from ckpt_ext import FusedCheckpointBlock, TransformerBlock, set_backend
 from ckpt_ext.block import init_block_
 from ckpt_ext.measure import retained_activation_bytes
 from ckpt_ext.policies import retained_bytes
@@ -194,8 +191,6 @@ def check_parity(case: dict) -> None:
     assert_finite_where([ours[0]], [plain_out.masked_fill(bad_rows[..., None], 0.0)], ["out"], what)
     assert_finite_where(ours, ref, names, what)
     assert_close_rule(ours, ref, ref64, floor(case), names, what)
-    if case.get("splits"):
-        check_resplits(case, blk64, fused)
 
 
 def table_bytes(case: dict, b: int, t: int) -> int:
@@ -216,25 +211,6 @@ def check_retained(case: dict, fused, x, mask, layout) -> None:
     kept, _ = retained_activation_bytes(fused, x, attn_mask=mask)
     want = table_bytes(case, *x.shape[:2])
     assert kept == want, f"case {case}: the forward retains {kept} bytes, the policy table says {want}"
-
-
-def check_resplits(case: dict, blk64: TransformerBlock, fused: FusedCheckpointBlock) -> None:
-    """One module, several (B, T) splits of the case's token count, traced programs on: the case's split twice (the
-    second call traces it), then each split of case["splits"]; every call (no mask) against the plain block in the
-    case's dtype and in float64."""
-    dtype = DTYPES[case["dtype"]]
-    blk = copy.deepcopy(blk64).to(dtype)
-    names, layout = _names(blk), strided if case.get("strided") else None
-    gen = torch.Generator().manual_seed(case["seed"] + 2)
-    traced.clear()
-    for b, t in [(case["b"], case["t"])] * traced.TRACE_AFTER + list(case["splits"]):
-        x = torch.randn(b, t, case["d"], generator=gen, dtype=torch.float64)
-        g = torch.randn(b, t, case["d"], generator=gen, dtype=torch.float64)
-        ref64, ref = run(blk64, x, g, None), run(blk, x.to(dtype), g, None)
-        with set_backend(case["backend"]):
-            ours = run(fused, x.to(dtype), g, None, layout=layout)
-        assert_close_rule(ours, ref, ref64, floor(case), names, f"case {case}, split ({b}, {t})")
-    traced.clear()
 
 
 def check_dropout_policies(case: dict) -> None:

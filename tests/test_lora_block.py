@@ -247,31 +247,6 @@ def matmul_flops(fn) -> int:
     return sum(v for op, v in counts.items() if "attention" not in str(op))
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
-def test_lora_traced_programs_equal_the_walked_path(policy):
-    """LoRA without dropout may run as a traced program (cpp backend, a key's second call): bitwise the walked path."""
-    from ckpt_ext import traced
-
-    plain = _adapted("gpt2", "all")
-    fused = FusedCheckpointBlock.from_block(copy.deepcopy(plain), policy=policy)
-    x = torch.randn(2, 5, 24)
-    dout = torch.randn_like(x)
-    with ckpt_ext.set_backend("cpp"):
-        traced.set_enabled(False)
-        try:
-            walked = _step(fused, x, dout)
-        finally:
-            traced.set_enabled(True)
-        traced.clear()
-        runs = [_step(fused, x, dout) for _ in range(3)]
-    for got in runs:
-        torch.testing.assert_close(got[0], walked[0], rtol=0, atol=0)
-        torch.testing.assert_close(got[1], walked[1], rtol=0, atol=0)
-        for name, g in walked[2].items():
-            if g is not None:
-                torch.testing.assert_close(got[2][name], g, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("policy", ["pointwise", "block"])
 def test_bf16_model_with_fp32_adapters(policy):
     """A bf16 base with fp32 LoRA matrices and no autocast (PEFT keeps adapters in fp32 and casts the input to them):

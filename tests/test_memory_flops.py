@@ -109,7 +109,7 @@ def test_dropout_adds_no_recompute_for_us_but_fc2_for_torch_checkpoint():
 def test_retained_bytes_of_a_strided_input(setup, policy):
     """A non-contiguous input (x = (T, B, d).transpose(0, 1), not viewable as (B·T, d)) is kept as the caller's
     tensor, never as a private (B·T, d) copy (+1.0x the input): the table's bytes (here block 0.031x, ffn 5.06x), on the
-    walked path and on the traced program (second call), with the contiguous input's gradients."""
+    first and on the second call, with the contiguous input's gradients."""
     blk, x = setup
     xt = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)  # (B, T, D), strides (D, B·D, 1)
     assert not xt.is_contiguous() and torch.equal(xt, x)

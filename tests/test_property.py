@@ -4,8 +4,7 @@ Drawn per example: B in 0..3, T in 0..9, heads 1..3, head_dim in {1, 2, 3, 5, 8}
 unrelated d in {1, 3, 7, 8, 12}), MLP width 1..9, GELU (erf/tanh) or SwiGLU with GQA, causal or not, dtype
 float32/float64/bfloat16, mask none/bool/additive/-inf/finfo.min in three broadcast shapes with left or right
 padding or fully masked query rows, every policy, backends reference and cpp, x contiguous or strided (a transposed
-(T, B, d) tensor), and on cpp up to two other (B, T) splits of the same token count run on the same module after the
-case's own, traced programs on. tests/block_cases.py holds the checks (output and every gradient against the plain
+(T, B, d) tensor). tests/block_cases.py holds the checks (output and every gradient against the plain
 block in the same dtype and in float64; nothing non-finite where the plain block is finite; retained bytes of the
 fused forward equal to the policy table's) and, with dropout, the policy-against-policy comparison under one seed.
 
@@ -51,12 +50,6 @@ def cases(draw, dropout: bool) -> dict:
         p=0.0, p_attn=0.0, seed=draw(st.integers(0, 2**16)),
     )  # fmt: skip
     case["strided"] = draw(st.booleans())
-    n = case["b"] * case["t"]
-    splits = [(n // t, t) for t in range(1, n + 1) if n % t == 0 and t != case["t"]]
-    # traced programs (cpp, no dropout) on other splits of the same token count; in one cpp case of four (each
-    # traces the case's own split once: the lane's time stays about what it was)
-    if not dropout and case["backend"] == "cpp" and splits and draw(st.sampled_from([True, False, False, False])):
-        case["splits"] = draw(st.lists(st.sampled_from(splits), min_size=1, max_size=2, unique=True))
     if dropout:
         case["p"] = draw(st.sampled_from([0.0, 0.1, 0.5]))
         case["p_attn"] = draw(st.sampled_from([0.0, 0.2] if case["p"] else [0.2, 0.5]))

@@ -1,7 +1,8 @@
 """Regression tests for issue 21, the block core (items 1, 2, 3, 7, 8, 10; item 11 is in test_memory_flops.py).
 
-Each test here fails on c503ee1 (except the mask/ids eligibility check of item 1, which pins that it stays true):
-1. a traced program keyed without (B, T) replayed for another split of the same B·T;
+Each test here fails on c503ee1 (except the mask/ids check of item 1, which pins that it stays true):
+1. traced programs replayed for the wrong call (the traced executor is removed since issue 23; what stays is that
+   masks and segment ids of one shape but other values each give their own result);
 2. dropout p set on the module's nn.Dropout ignored by the fused block;
 3. a mask (or RoPE table) that requires grad silently got no gradient;
 7. an outer autocast around backward leaked into the backward of a block run without autocast;
@@ -19,8 +20,7 @@ import torch
 from test_llama_block import rope_tables
 
 import ckpt_ext
-from ckpt_ext import FusedCheckpointBlock, TransformerBlock, traced
-from ckpt_ext.block import init_block_
+from ckpt_ext import FusedCheckpointBlock, TransformerBlock
 from ckpt_ext.compiled import _parse_spec, make_spec
 from ckpt_ext.spec import BlockConfig, BlockSpec
 
@@ -28,74 +28,13 @@ from helpers import make_block, run_step
 
 POLICIES = ("none", "pointwise", "ffn", "block_keep_attn", "block")
 BACKENDS = ("reference", "cpp")
-FORMS = {
-    "gpt2": dict(),
-    "llama_gqa": dict(activation="swiglu", n_kv_heads=2, d_ff=40),  # no RoPE: x's split is the only change
-    "qwen3": dict(activation="swiglu", n_kv_heads=1, d_ff=40, qk_norm=True, head_dim=8),
-}
-SPLITS = ((2, 4), (4, 2), (1, 8), (8, 1))  # one token count, four (B, T) splits
-
-
-@pytest.fixture
-def programs():
-    """Traced programs on and empty, restored after the test."""
-    traced.clear()
-    traced.set_enabled(True)
-    yield
-    traced.set_enabled(True)
-    traced.clear()
-
-
-def _block(form: str, policy: str, dtype=torch.float32) -> FusedCheckpointBlock:
-    torch.manual_seed(0)
-    blk = FusedCheckpointBlock(24, 4, policy=policy, **FORMS[form])
-    init_block_(blk, std=0.3)
-    return blk.to(dtype)
-
-
-def _split_inputs(b: int, t: int, dtype):
-    gen = torch.Generator().manual_seed(10 * b + t)
-    return torch.randn(b, t, 24, generator=gen).to(dtype), torch.randn(b, t, 24, generator=gen).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------------- item 1
-@pytest.mark.parametrize("form,policy", [("gpt2", p) for p in POLICIES] + [("llama_gqa", "pointwise"),
-                                                                           ("llama_gqa", "block")])  # fmt: skip
-def test_traced_programs_follow_the_batch_split(programs, form, policy):
-    """One module, one token count, four (B, T) splits, three rounds: every call (the walked first round, the traced
-    second, the replayed third) equals the walked path bitwise. c503ee1 keyed programs on the (B·T, d) view and
-    replayed the first traced split's program for all four."""
-    dtype = torch.float64
-    blk = _block(form, policy, dtype)
-    with ckpt_ext.set_backend("cpp"):
-        got = {split: [run_step(blk, *_split_inputs(*split, dtype)) for _ in range(3)] for split in SPLITS}
-        assert len(traced._programs) == len(SPLITS)  # one program per split
-        traced.set_enabled(False)
-        want = {split: run_step(blk, *_split_inputs(*split, dtype)) for split in SPLITS}
-    names = ["out", "dx"] + [n for n, _ in blk.named_parameters()]
-    for split in SPLITS:
-        for i, run in enumerate(got[split]):
-            for name, a, w in zip(names, run, want[split]):
-                assert torch.equal(a, w), f"split {split}, call {i}: {name}"
-
-
-def test_traced_key_covers_every_argument(programs):
-    """The key derives from all of the call's arguments: the split of x, x's requires_grad, and the dout layout of the
-    backward program (keyed separately per forward program)."""
-    blk = _block("gpt2", "none")
-    with ckpt_ext.set_backend("cpp"):
-        for requires_grad in (True, False):
-            for _ in range(traced.TRACE_AFTER):
-                blk(torch.randn(2, 4, 24, requires_grad=requires_grad)).sum().backward()
-        assert len(traced._programs) == 2
-        keys = list(traced._programs)
-        assert keys[0] != keys[1] and keys[0] == traced.key_of(*keys[0])
-
-
 @pytest.mark.parametrize("policy", ["none", "block"])
-def test_masks_and_ids_of_one_shape_stay_untraced_and_exact(programs, policy):
-    """Masks and segment ids are read on the host: calls with them are never traced, so two masks (or id tensors) of
-    the same shape but different values each give the plain block's result."""
+def test_masks_and_ids_of_one_shape_are_exact(policy):
+    """Two masks (or id tensors) of the same shape but different values, each called three times on one module on the
+    cpp fast path: every call gives the plain block's result (nothing is keyed by shape alone)."""
     torch.manual_seed(0)
     plain = make_block(24, 4)
     fused = FusedCheckpointBlock.from_block(copy.deepcopy(plain), policy)
@@ -107,7 +46,6 @@ def test_masks_and_ids_of_one_shape_stay_untraced_and_exact(programs, policy):
     cases = [dict(attn_mask=m) for m in masks] + [dict(segment_ids=i) for i in ids]
     with ckpt_ext.set_backend("cpp"):
         results = [[run_step(fused, x, g * _real_rows(kw), **kw) for kw in cases] for _ in range(3)]
-    assert not traced._programs and not traced._seen
     for kw, *calls in zip(cases, *results):
         want = run_step(plain, x, g * _real_rows(kw), **kw)
         for ours in calls:
@@ -212,9 +150,9 @@ def test_rope_tables_that_require_grad_raise():
 # ------------------------------------------------------------------------------------------------------- item 7
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("policy", ["none", "ffn", "block"])
-def test_backward_runs_under_the_forwards_autocast_state(programs, backend, policy):
+def test_backward_runs_under_the_forwards_autocast_state(backend, policy):
     """fp32 forward with autocast off, backward inside an outer bf16 autocast: the fused block's backward (recompute
-    included, traced or walked) runs in fp32 as its forward did, equal to the plain block's fp32 step. c503ee1 let the
+    included) runs in fp32 as its forward did, equal to the plain block's fp32 step. c503ee1 let the
     outer autocast in (cpp: 'dout, out and lse must be float32'; reference: bf16 gradients)."""
     plain = make_block(24, 4)
     fused = FusedCheckpointBlock.from_block(copy.deepcopy(plain), policy)
@@ -231,10 +169,9 @@ def test_backward_runs_under_the_forwards_autocast_state(programs, backend, poli
 
     want = run_step(plain, x, g)  # fp32 throughout
     with ckpt_ext.set_backend(backend):
-        for _ in range(3):  # cpp: walked, traced, replayed
-            for a, w in zip(step(fused), want):
-                assert a.dtype == torch.float32
-                torch.testing.assert_close(a, w, rtol=1e-4, atol=2e-5)
+        for a, w in zip(step(fused), want):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, w, rtol=1e-4, atol=2e-5)
 
 
 def test_bf16_forward_backward_outside_autocast_still_runs_bf16():
@@ -330,12 +267,10 @@ LANE_CASE = dict(b=2, t=4, d=8, heads=2, head_dim=None, kv=None, d_ff=7, activat
                  dtype="float32", mask="none", policy="block", backend="cpp", seed=3)  # fmt: skip
 
 
-@pytest.mark.parametrize("extra", [dict(strided=True), dict(splits=[(4, 2), (8, 1)]),
-                                   dict(activation="swiglu", kv=1, strided=True, splits=[(1, 8)])],
-                         ids=["strided", "splits", "llama"])  # fmt: skip
-def test_the_property_lane_finds_items_1_and_11(programs, extra):
-    """The lane's checks (tests/block_cases.py) on a strided x (retained bytes: item 11) and on other splits of one
-    token count run on the same module with traced programs (item 1); both fail on c503ee1."""
+@pytest.mark.parametrize("extra", [dict(strided=True), dict(activation="swiglu", kv=1, strided=True)],
+                         ids=["strided", "llama"])  # fmt: skip
+def test_the_property_lane_finds_item_11(extra):
+    """The lane's checks (tests/block_cases.py) on a strided x (retained bytes: item 11); fails on c503ee1."""
     from block_cases import check_parity
 
     check_parity(LANE_CASE | extra)

@@ -159,3 +159,72 @@ def test_compiled_frozen_weights_get_no_gradient(policy):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+def _graph_steps(module, x, g, steps=3):
+    """``steps`` training steps, each result cloned (CUDA graphs reuse their output memory on the next replay);
+    cudagraph_mark_step_begin marks each step's start, as a training loop under reduce-overhead does."""
+    runs = []
+    for _ in range(steps):
+        torch.compiler.cudagraph_mark_step_begin()
+        runs.append([None if t is None else t.clone() for t in run_step(module, x, g)])
+    return runs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["pointwise", "block"])
+def test_reduce_overhead_mode_matches_eager(device, policy):
+    """torch.compile(mode="reduce-overhead") (CUDA graphs over Inductor's code on a GPU; Inductor alone on CPU, where
+    cudagraphs do not apply): three steps (warm-up, record, replay on a GPU), forward and every gradient equal to the
+    eager block's."""
+    torch._dynamo.reset()
+    blk = make_block(72, 4).to(device)
+    x, g = torch.randn(2, 7, 72, device=device), torch.randn(2, 7, 72, device=device)
+    ref = run_step(FusedCheckpointBlock.from_block(blk, policy), x, g)
+    compiled = torch.compile(FusedCheckpointBlock.from_block(blk, policy), mode="reduce-overhead")
+    for ours in _graph_steps(compiled, x, g):
+        for a, b in zip(ours, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reduce_overhead_mode_on_a_converted_hf_llama(device, fused_calls):
+    """A tiny Hugging Face Llama converted by apply_fused_checkpointing, under torch.compile(mode="reduce-overhead"):
+    loss and every parameter gradient equal to the converted model run eagerly, on three steps; both layers take the
+    fused path in the compiled model too."""
+    transformers = pytest.importorskip("transformers")
+    from ckpt_ext.integrations.huggingface import apply_fused_checkpointing
+
+    torch._dynamo.reset()
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=False)  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(device).train()
+    assert apply_fused_checkpointing(model, policy="block") == 2
+    ids = torch.randint(1, 61, (2, 9), device=device)
+
+    def loss_of(m):
+        return m(input_ids=ids, labels=ids).loss
+
+    def step(fn):
+        model.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()
+        loss = fn(model)
+        loss.backward()
+        return loss.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want = step(loss_of)
+    assert len(fused_calls) == 2
+    compiled = torch.compile(loss_of, mode="reduce-overhead")
+    for _ in range(3):
+        loss, grads = step(compiled)
+        torch.testing.assert_close(loss, want[0], rtol=1e-5, atol=1e-6)
+        assert grads.keys() == want[1].keys()
+        for name, g in want[1].items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert len(fused_calls) >= 4
