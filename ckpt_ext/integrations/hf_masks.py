@@ -14,6 +14,10 @@ transformers builds for eager and SDPA (columns beyond T are cut: HF may size th
   input's batch. The candidate's (B, 1, T, T) visibility must equal the given mask on every row and a float mask must be
   0 wherever it keeps a key (no bias), else None (the 4-D path). So right padding, whose padded query rows Hugging Face
   lets see the real keys before them (ids give such rows none), keeps the 4-D mask: exactness first.
+- ``key_additive(mask)``: for a bidirectional layer (the encoders), the mask as one additive float32 (B|1, 1, 1, T)
+  key mask (None when it masks nothing), or False when it is not a key mask: a 4-D mask whose query rows differ
+  (SDPA's (B, 1, T, T) expansion of a 2-D padding mask has equal rows; it is read once per forward), or, under
+  torch.compile, a 4-D mask with T materialized query rows (its rows cannot be compared there).
 - ``empty_rows(mask)``: True when some query row sees no key at all (left padding). The fused kernels give such rows
   zeros, as SDPA does; eager attention gives them a uniform softmax (its mask is finfo.min, not -inf), so an eager
   layer must run its original forward for such a mask.
@@ -46,7 +50,7 @@ class LayerMask:
     def __init__(self, seq: int, causal: bool, batch: int, position_ids: Optional[Tensor], cached: bool):
         self.seq, self.causal, self.batch, self.position_ids, self.cached = seq, causal, batch, position_ids, cached
         self.users: set[int] = set()  # id() of the layers that took this entry in the current forward
-        self._additive = self._segments = self._empty = _UNSET
+        self._additive = self._segments = self._empty = self._key = _UNSET
 
     def matches(self, seq: int, causal: bool, batch: int, position_ids: Optional[Tensor]) -> bool:
         return (self.seq, self.causal, self.batch) == (seq, causal, batch) and self.position_ids is position_ids
@@ -63,6 +67,11 @@ class LayerMask:
             ok = ok and (pos is None or (pos.dim() == 2 and pos.shape[1] == self.seq and pos.device == mask.device))
             self._segments = _build_segments(mask, pos, self.seq, self.batch) if ok else None
         return self._segments
+
+    def key_additive(self, mask: Tensor):
+        if self._key is _UNSET:
+            self._key = _build_key_additive(mask, self.seq, self.cached)
+        return self._key
 
     def empty_rows(self, mask: Tensor) -> Optional[bool]:
         if self._empty is _UNSET:
@@ -109,6 +118,17 @@ def _build_additive(mask: Tensor, seq: int, causal: bool, check: bool) -> Option
         if bool(relevant.all()) and (mask.dim() != 4 or mask.dtype == torch.bool or bool((additive[keep] == 0).all())):
             return None
         return additive
+
+
+def _build_key_additive(mask: Tensor, seq: int, cached: bool):
+    with torch.no_grad():
+        rows = mask
+        if mask.dim() == 4 and mask.shape[2] != 1:
+            rows = mask[:, :, :1]  # (B|1, 1|h, 1, T_kv)
+            if mask.stride(2) != 0:  # materialized rows: a key mask only if they are all equal
+                if not cached or not bool((mask[:, :, :seq] == rows).all()):
+                    return False
+        return _build_additive(rows, seq, False, check=cached)
 
 
 def _has_empty_rows(mask: Tensor, seq: int, causal: bool) -> bool:

@@ -1,11 +1,12 @@
 """``apply_fused_checkpointing(model, policy="ffn", every=1) -> int``: fused checkpointing for Hugging Face models.
 
-Finds the transformer layers of every registered family (``FAMILIES``: GPT-2's GPT2Block, ViT's ViTLayer, the
-Llama family's Llama/Mistral/Qwen2/Qwen3 decoder layers) in module
-order and converts the ``every``-th, 2·``every``-th, ... of them (every=1: all) in place, by swapping each layer's class
-for a ``Fused<Layer>`` subclass (hf_common.py). Parameters, submodules and ``state_dict()`` keys do not change, so
-saving, loading, optimizers, DDP and FSDP2 see the same model. Calling it again updates the policy of converted
-layers (they count as converted). Each family adapter (hf_gpt2.py, hf_vit.py, hf_llama.py) provides:
+Finds the transformer layers of every registered family (``FAMILIES``: GPT-2's GPT2Block, ViT's ViTLayer, the Llama
+family's Llama/Mistral/Qwen2/Qwen3 decoder layers, the post-LN encoders' BERT/RoBERTa/XLM-R/ELECTRA layers and
+DistilBERT's TransformerBlock) in module order and converts the ``every``-th, 2·``every``-th, ... of them (every=1: all)
+in place, by swapping each layer's class for a ``Fused<Layer>`` subclass (hf_common.py). Parameters, submodules and
+``state_dict()`` keys do not change, so saving, loading, optimizers, DDP and FSDP2 see the same model. Calling it again
+updates the policy of converted layers (they count as converted). Each family adapter (hf_gpt2.py, hf_vit.py,
+hf_llama.py, hf_bert.py) provides:
 
     layer_classes() -> classes to convert        check(layer) -> raises ValueError for configs it cannot fuse
     forward(layer, original_forward, bound) -> the layer's output (fused, or the original forward)
@@ -18,13 +19,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..policies import get_policy
+from .hf_bert import BertFamilyAdapter, DistilBertAdapter
 from .hf_common import ContainerRefs, FusedLayerMixin, fused_class, unfused_class
 from .hf_gpt2 import GPT2Adapter
 from .hf_llama import LlamaFamilyAdapter
 from .hf_loss import SUPPORTED_MODEL_TYPES, patch_causal_lm_loss, unpatch_causal_lm_loss
 from .hf_vit import ViTAdapter
 
-FAMILIES = (GPT2Adapter(), ViTAdapter(), LlamaFamilyAdapter())
+FAMILIES = (GPT2Adapter(), ViTAdapter(), LlamaFamilyAdapter(), BertFamilyAdapter(), DistilBertAdapter())
 
 
 def supported() -> str:

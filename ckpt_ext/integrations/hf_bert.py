@@ -1,0 +1,240 @@
+"""Hugging Face post-LN encoder adapters: the BERT family (``BertLayer``, ``RobertaLayer``, ``XLMRobertaLayer``,
+``ElectraLayer``) and DistilBERT (``TransformerBlock``); transformers 4.57 and 5.x.
+
+    x1  = LN1(x + Dropout_a(W_o attn(q, k, v) + b_o)),  q, k, v = three Linears of x, bidirectional attention
+    out = LN2(x1 + Dropout_m(W_2 act(W_1 x1 + b_1) + b_2))
+
+i.e. BlockSpec(placement="post", packed_qkv=False): the block takes the q, k, v weights as they are (no concatenation
+built or kept). Attention scale 1/sqrt(head_dim), dropout on the probabilities, LayerNorm eps from the modules.
+Module names: BERT family ``attention.self.{query,key,value}``, ``attention.output.{dense,LayerNorm,dropout}``,
+``intermediate.dense`` (+ ``intermediate_act_fn``), ``output.{dense,LayerNorm,dropout}``; DistilBERT
+``attention.{q,k,v,out}_lin``, ``sa_layer_norm``, ``ffn.lin1/lin2`` (+ ``ffn.activation``), ``output_layer_norm``.
+Activations: the module's own object decides (erf GELU: ``gelu``, ``gelu_python``; tanh GELU: ``gelu_new``,
+``gelu_pytorch_tanh``, ``gelu_python_tanh``); any other is refused by ``check``.
+
+Dropout: the fused block applies one p to both residual branches. BERT's two (attention.output / output dropout) are
+the same config field; DistilBERT drops only the FFN output (the attention output enters sa_layer_norm undropped), so a
+DistilBERT block training with ``dropout`` > 0 runs its original forward (warned once); eval or dropout 0 is fused.
+
+Masks (the key-padding mask, one per model forward, converted once: hf_masks.LayerMask.key_additive): BERT eager gets
+an additive (B, 1, 1, S) mask, SDPA None or a (B, 1, T, S) mask expanded from the 2-D padding mask, DistilBERT eager
+the raw (B, S) mask; all reach the block as one additive (B, 1, 1, S) key mask (padded query rows still attend to the
+real keys, as Hugging Face computes them). A 4-D mask whose query rows differ, one torch.compile does not let us read,
+or a batch row without any key (Hugging Face's finfo.min softmax gives it uniform weights, the fused kernels zeros)
+runs the original forward.
+
+Original forward, warned once with the reason: relative position embeddings (``position_embedding_type`` other than
+"absolute"), ``head_mask``, ``output_attentions``, a KV cache, different dropout on the two residual branches, an
+attention implementation other than eager/sdpa, hooks or non-plain submodules, an unsupported LoRA form. Silently:
+no autograd graph (no_grad, frozen). Refused by ``check`` (ValueError naming the field): ``is_decoder`` /
+``add_cross_attention`` (causal or cross attention), unsupported ``hidden_act`` / ``activation``, pruned heads,
+LayerNorms without affine parameters or with different eps. Returns what the original returns: a 1-tuple in 4.57 (the
+forward takes ``output_attentions``), the tensor in 5.x.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from .. import seeds
+from ..block import fused_block
+from ..spec import BlockConfig, BlockSpec
+from .hf_common import (
+    Linears,
+    common_fallback,
+    fallback,
+    lora_eager_only,
+    lora_seeded,
+    needs_graph,
+    read_linears,
+)
+from .hf_masks import layer_mask
+
+FUSED_ATTENTION = ("eager", "sdpa")
+# transformers.activations class -> MLP form (GELUActivation: erf, also its python form; the rest: the tanh form)
+_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
+                "PytorchGELUTanh": "gelu_tanh"}  # fmt: skip
+_ACT_NAMES = "gelu, gelu_python, gelu_new, gelu_pytorch_tanh"
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
+
+
+class _Parts:
+    """The modules, names and dropout rates of one encoder layer, whichever family and transformers version built it."""
+
+    def mlp_form(self) -> Optional[str]:
+        act = self.act
+        if type(act).__module__ != "transformers.activations":
+            return None
+        return _ACTIVATIONS.get(type(act).__name__)
+
+
+class _BertParts(_Parts):
+    def __init__(self, layer):
+        att = layer.attention
+        s = att.self
+        self.self_att = s
+        self.q, self.k, self.v, self.o = s.query, s.key, s.value, att.output.dense
+        self.fc1, self.fc2 = layer.intermediate.dense, layer.output.dense
+        self.ln1, self.ln2 = att.output.LayerNorm, layer.output.LayerNorm
+        self.paths = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+                      "proj": "attention.output.dense", "fc": "intermediate.dense", "fc2": "output.dense"}  # fmt: skip
+        self.p_attn = s.dropout_prob if hasattr(s, "dropout_prob") else s.dropout.p  # 4.57 SDPA reads dropout_prob
+        self.p, self.p_out = att.output.dropout.p, layer.output.dropout.p
+        self.n_heads, self.head_size = s.num_attention_heads, s.attention_head_size
+        self.act, self.act_field = layer.intermediate.intermediate_act_fn, "hidden_act"
+        if hasattr(s, "config"):  # 5.x
+            self.impl = getattr(s.config, "_attn_implementation", "eager")
+        else:  # 4.57: the self-attention class is chosen by the implementation
+            self.impl = "sdpa" if "Sdpa" in type(s).__name__ else "eager"
+
+
+class _DistilParts(_Parts):
+    def __init__(self, layer):
+        att = layer.attention
+        self.q, self.k, self.v, self.o = att.q_lin, att.k_lin, att.v_lin, att.out_lin
+        self.fc1, self.fc2 = layer.ffn.lin1, layer.ffn.lin2
+        self.ln1, self.ln2 = layer.sa_layer_norm, layer.output_layer_norm
+        self.paths = {"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin",
+                      "proj": "attention.out_lin", "fc": "ffn.lin1", "fc2": "ffn.lin2"}  # fmt: skip
+        self.p_attn = att.dropout_prob if hasattr(att, "dropout_prob") else att.dropout.p
+        self.p, self.p_out = 0.0, layer.ffn.dropout.p  # no dropout on the attention branch
+        self.n_heads, self.head_size = att.n_heads, att.attention_head_size
+        self.act, self.act_field = layer.ffn.activation, "activation"
+        self.impl = getattr(att.config, "_attn_implementation", "eager")
+
+
+class _EncoderAdapter:
+    """The fused-or-fallback logic shared by the BERT family and DistilBERT (``parts`` reads a layer's modules)."""
+
+    parts = _Parts
+
+    def check(self, layer) -> None:
+        """Raise ValueError naming every field the fused block does not compute."""
+        parts = self.parts(layer)
+        problems = []
+        if getattr(layer, "is_decoder", False) or getattr(layer, "add_cross_attention", False):
+            problems.append("is_decoder / add_cross_attention (causal and cross attention are not fused; use the "
+                            "model as an encoder)")  # fmt: skip
+        if parts.mlp_form() is None:
+            act = type(parts.act)
+            problems.append(f"{parts.act_field}: {act.__module__}.{act.__qualname__} (supported: {_ACT_NAMES})")
+        d = parts.ln1.normalized_shape[0]
+        width = parts.n_heads * parts.head_size
+        if parts.q.out_features != d or parts.o.in_features != d or width != d:
+            problems.append("attention width != hidden size (pruned heads or a custom head size)")
+        lns = (parts.ln1, parts.ln2)
+        if not all(ln.elementwise_affine and ln.bias is not None for ln in lns) or lns[0].eps != lns[1].eps:
+            problems.append("LayerNorms without affine parameters or with different eps")
+        if problems:
+            raise ValueError(f"{type(layer).__name__.removeprefix('Fused')} cannot be fused: " + "; ".join(problems))
+
+    def linears(self, layer, parts: Optional[_Parts] = None) -> dict:
+        """LoRA target -> (path in the layer, module) of each linear (a PEFT LoRA layer where one is injected)."""
+        parts = self.parts(layer) if parts is None else parts
+        return {target: (parts.paths[target], getattr(parts, attr))
+                for target, attr in (("q", "q"), ("k", "k"), ("v", "v"), ("proj", "o"), ("fc", "fc1"),
+                                     ("fc2", "fc2"))}  # fmt: skip
+
+    def params(self, parts: _Parts, lin: Linears) -> dict:
+        p = dict(ln1_w=parts.ln1.weight, ln1_b=parts.ln1.bias, ln2_w=parts.ln2.weight, ln2_b=parts.ln2.bias)
+        for target, base in lin.base.items():
+            p[f"w_{target}"], p[f"b_{target}"] = base.weight, base.bias
+        p.update(lin.lora_params)
+        return p
+
+    def block_config(self, layer, parts: _Parts, specs: tuple = ()) -> BlockConfig:
+        p_attn = parts.p_attn if layer.training else 0.0
+        p = parts.p_out if layer.training else 0.0  # equal to parts.p whenever training (else the original runs)
+        seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0 or lora_seeded(specs)) else 0
+        spec = BlockSpec(parts.n_heads, False, parts.ln1.eps, placement="post", mlp=parts.mlp_form(),
+                         packed_qkv=False, lora=specs)  # fmt: skip
+        return BlockConfig(spec, layer._ckpt_policy, seed, p_attn, p)
+
+    def forward(self, layer, original, bound: dict):
+        parts = self.parts(layer)
+        x = _arg(bound, "hidden_states", "x")
+        lin = read_linears(layer, self.linears(layer, parts)) if torch.is_grad_enabled() else None
+        if lin is None:
+            return original(*bound["args"], **bound["call_kwargs"])
+        params = self.params(parts, lin)
+        mask = self._fusable_mask(layer, parts, bound, params, lin)
+        if mask is False:
+            return original(*bound["args"], **bound["call_kwargs"])
+        out = fused_block(x, params, self.block_config(layer, parts, lin.specs), mask)
+        return (out,) if "output_attentions" in bound else out
+
+    def _fusable_mask(self, layer, parts: _Parts, bound: dict, params: dict, lin: Linears):
+        """False to run the original forward, else the additive (B, 1, 1, S) key mask (None: nothing masked)."""
+        x = _arg(bound, "hidden_states", "x")
+        if not needs_graph(x, params.values()):
+            return False
+        extra = bound["kwargs"]
+        if bound.get("output_attentions") or extra.get("output_attentions"):
+            return fallback(layer, "output-attentions", "output_attentions=True (the fused block keeps no weights)")
+        if bound.get("head_mask") is not None or extra.get("head_mask") is not None:
+            return fallback(layer, "head-mask", "a head_mask")
+        if any(bound.get(k) is not None or extra.get(k) is not None for k in _CACHE_ARGS):
+            return fallback(layer, "cache", "a KV cache (decoder use)")
+        if bound.get("encoder_hidden_states") is not None and getattr(layer, "is_decoder", False):
+            return fallback(layer, "cross-attention", "cross-attention (encoder_hidden_states)")
+        position = getattr(getattr(parts, "self_att", None), "position_embedding_type", "absolute")
+        if position != "absolute":
+            return fallback(layer, f"position-{position}", f"position_embedding_type={position!r} (relative "
+                            "position scores are not fused; 'absolute' is)")  # fmt: skip
+        mask = _arg(bound, "attention_mask", "attn_mask")
+        if not common_fallback(layer, parts.impl, FUSED_ATTENTION, mask, lin) or not lora_eager_only(layer, lin):
+            return False
+        if layer.training and parts.p != parts.p_out:
+            return fallback(layer, "dropout", f"different dropout on the residual branches ({parts.p} after the "
+                            f"attention, {parts.p_out} after the MLP); eval() or dropout 0 is fused")  # fmt: skip
+        if mask is None:
+            return None
+        info = layer_mask(mask, x.shape[1], False, layer, x.shape[0])
+        additive = info.key_additive(mask)
+        if additive is False:
+            return fallback(layer, "mask-rows", "a 4-D attention mask that is not a key-padding mask (its query rows "
+                            "differ) or that torch.compile does not let us read")  # fmt: skip
+        empty = info.empty_rows(mask)
+        if empty is None and additive is not None:
+            return fallback(layer, "mask-compile", "a padding mask under torch.compile (a batch row without any key "
+                            "cannot be ruled out)")  # fmt: skip
+        if empty:
+            return fallback(layer, "mask-empty", "a padding mask that leaves a batch row no key (Hugging Face's "
+                            "softmax gives it uniform weights, the fused kernels zeros)")  # fmt: skip
+        return additive
+
+
+def _arg(bound: dict, name: str, name_457: str):
+    """An argument by its 5.x / BERT name or DistilBERT 4.57's (``x``, ``attn_mask``)."""
+    return bound[name_457] if name_457 in bound else bound.get(name)
+
+
+def _classes(pairs) -> tuple[type, ...]:
+    classes = []
+    for family, name in pairs:
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            continue
+        classes.append(getattr(module, name))
+    return tuple(classes)
+
+
+class BertFamilyAdapter(_EncoderAdapter):
+    name = "BERT, RoBERTa, XLM-R, ELECTRA (*Model, *ForMaskedLM, *ForSequenceClassification, *For...)"
+    parts = _BertParts
+
+    def layer_classes(self) -> tuple[type, ...]:
+        return _classes((("bert", "BertLayer"), ("roberta", "RobertaLayer"), ("xlm_roberta", "XLMRobertaLayer"),
+                         ("electra", "ElectraLayer")))  # fmt: skip
+
+
+class DistilBertAdapter(_EncoderAdapter):
+    name = "DistilBERT (DistilBertModel, DistilBertFor*)"
+    parts = _DistilParts
+
+    def layer_classes(self) -> tuple[type, ...]:
+        return _classes((("distilbert", "TransformerBlock"),))
