@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import lora, reference, seeds, segments
+from .block_parts.norm import invertible
 from .compiled import compiled_block
 from .functional import (
     ALL_PARAM_NAMES,
@@ -516,6 +517,8 @@ def fused_block(x: Tensor, params, cfg: BlockConfig, attn_mask: Optional[Tensor]
     if cfg.spec.lora and torch.compiler.is_compiling():
         raise NotImplementedError("ckpt_ext: the fused block with LoRA does not run under torch.compile yet; compile "
                                   "the plain model or run the fused block eagerly")  # fmt: skip
+    if cfg.spec.placement == "post" and needs_grad and not torch.compiler.is_compiling():
+        cfg = cfg.with_(ln2_from_out=invertible(params.get("ln2_w"), x.dtype, cfg.spec))
     if torch.compiler.is_compiling() and (needs_grad or seeds.is_device_seed(cfg.seed)):
         return compiled_block(x, attn_mask, cos, sin, cfg, tensors, segment_ids)  # opaque ops: the saved set binds
     if not needs_grad:

@@ -119,7 +119,7 @@ def _backward(dout, x, attn_mask, segment_ids, cos, sin, params, saved, seed: in
     cfg = cfg.with_(seed=seed)
     b, t, d = x.shape
     rope_cs = None if cos is None else (cos, sin)
-    layout = (("x", 1), *save_layout(cfg.spec, cfg.policy, rope_cs is not None))
+    layout = (("x", 1), *save_layout(cfg.spec, cfg.policy, rope_cs is not None, cfg.ln2_from_out))
     ac = AutocastState(device_type)
     ac.enabled, ac.dtype = dtype is not None, dtype
     with ac():

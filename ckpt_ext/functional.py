@@ -46,7 +46,7 @@ from .block_parts.dispatch import EagerFastPath
 from .block_parts.lora_terms import input_grads, lora_wanted, weight_grads, with_input_grad
 from .block_parts.mlp import ffn_half, mlp_backward
 from .block_parts.mlp import input_norm as mlp_input_norm
-from .block_parts.norm import norm_bwd, norm_fwd
+from .block_parts.norm import norm_bwd, norm_bwd_from_output, norm_fwd
 from .spec import ALL_PARAM_NAMES, BlockConfig, BlockSpec, is_numpy_bool
 
 __all__ = ["ALL_PARAM_NAMES", "AutocastState", "BlockConfig", "BlockSpec", "EagerFastPath", "FusedBlockFunction",
@@ -69,6 +69,7 @@ def block_forward(x: Tensor, shape, params: dict, cfg: BlockConfig, attn_mask, r
     out, ffn_acts = ffn_half(acts["x1"], params, cfg)
     acts.update(ffn_acts)
     acts["x"] = x
+    acts["out"] = out
     return out, acts
 
 
@@ -88,7 +89,11 @@ def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, a
     post = cfg.spec.placement == "post"
     x = acts["x"]
     g: dict = {}
-    dres = norm_bwd(dout, acts["h2"], acts["ln2_stats"], p, "ln2", cfg, None, False, g, want)[0] if post else dout
+    dres = dout
+    if post and "h2" in acts:
+        dres = norm_bwd(dout, acts["h2"], acts["ln2_stats"], p, "ln2", cfg, None, False, g, want)[0]
+    elif post:  # x̂2 rebuilt from the block's output
+        dres = norm_bwd_from_output(dout, acts["out"], acts["ln2_stats"], p, "ln2", cfg, g, want)
 
     # ---- MLP half (a gradient that feeds two matmuls is cast to the autocast dtype once: dfm)
     df = dropout_grad(dres, cfg.dropout, cfg.seed + 2)  # (N, d)
@@ -141,7 +146,7 @@ def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, a
 def forward_saved(x: Tensor, shape, p: dict, cfg: BlockConfig, attn_mask, rope_cs, segment_ids):
     """x (N, d) -> out (N, d), [x, *the saved tensors] and their layout (x first, then save_layout's)."""
     out, acts = block_forward(x, shape, p, cfg, attn_mask, rope_cs, segment_ids)
-    layout = (("x", 1), *save_layout.save_layout(cfg.spec, cfg.policy, rope_cs is not None))
+    layout = (("x", 1), *save_layout.save_layout(cfg.spec, cfg.policy, rope_cs is not None, cfg.ln2_from_out))
     return out, save_layout.flatten(acts, layout), layout
 
 

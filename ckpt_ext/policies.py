@@ -92,8 +92,10 @@ POLICIES: dict[str, Policy] = {
 
 # Post-LN (BERT): h1 = x + drop(attn(x) Wo + bo), x1 = norm1(h1), h2 = x1 + drop(MLP(x1)), out = norm2(h2). The
 # MLP's input norm is norm1 (of h1), so ffn / block rebuild norm1 → FC1 with the pre-LN kernels; x1 is rebuilt by
-# norm1's backward (emit) where dW_fc needs it; norm2's backward reads the pre-norm sum h2 (kept: rebuilding it needs
-# the MLP's last matmul, which no policy recomputes).
+# norm1's backward (emit) where dW_fc needs it; norm2's backward reads the pre-norm sum h2 — or, where γ2 allows
+# (block_parts/norm.invertible: fp32 outputs, no tiny |γ|), rebuilds x̂2 = (out - β)/γ from the block's output, which
+# the caller keeps anyway (the next block's input): then h2 is not kept (retained_bytes(..., ln2_from_out=True)).
+# Rebuilding h2 otherwise would need the MLP's last matmul, which no policy recomputes.
 _POST_ATTN_SIDE = ("qkv", "attn_out", "attn_lse", "h1", "ln1_stats")
 POST_LN_POLICIES: dict[str, Policy] = {
     p.name: p
@@ -171,6 +173,9 @@ def retained_bytes(policy: str, batch: int, seq: int, d_model: int, n_heads: int
     """Activation bytes one block keeps for backward beyond its input x, from the table above.
 
     ``sizes``: act_bytes, matmul_bytes, stat_bytes, the shape keywords of tensor_bytes (n_kv_heads, head_dim,
-    norm, mlp, qk_norm) and ``placement`` ("pre" or "post": which table)."""
+    norm, mlp, qk_norm), ``placement`` ("pre" or "post": which table) and ``ln2_from_out`` (post-LN: norm2's backward
+    rebuilds x̂ from the block's output, which the caller owns, so h2 is not kept)."""
     keeps = get_policy(policy, sizes.pop("placement", "pre")).keeps
+    if sizes.pop("ln2_from_out", False):
+        keeps = tuple(t for t in keeps if t != "h2")
     return sum(tensor_bytes(t, batch, seq, d_model, n_heads, hidden, **sizes) for t in keeps if t != "x")

@@ -18,13 +18,17 @@ from .policies import get_policy
 from .spec import BlockSpec
 
 # names that hold one tensor in acts (the others hold a tuple)
-_SINGLE = ("x", "ln1_out", "attn_out", "attn_lse", "x1", "ln2_out", "act_out", "h1", "h2")
+_SINGLE = ("x", "ln1_out", "attn_out", "attn_lse", "x1", "ln2_out", "act_out", "h1", "h2", "out")
 
 
 @functools.lru_cache(maxsize=512)
-def save_layout(spec: BlockSpec, policy: str, rope: bool) -> tuple[tuple[str, int], ...]:
-    """((name, tensor count), ...) the block saves beyond x under ``policy``, in policies.ALL_TENSORS order."""
+def save_layout(spec: BlockSpec, policy: str, rope: bool, ln2_from_out: bool = False) -> tuple[tuple[str, int], ...]:
+    """((name, tensor count), ...) the block saves beyond x under ``policy``, in policies.ALL_TENSORS order.
+    ``ln2_from_out`` (post-LN): the block's output ``out`` (owned by the caller: 0 bytes) stands in for h2."""
     counts = {**attention.saves(spec, rope), **mlp.saves(spec)}
+    if ln2_from_out:
+        keeps = tuple("out" if name == "h2" else name for name in get_policy(policy, spec.placement).keeps)
+        return tuple((name, counts.get(name, 1)) for name in keeps if name != "x" and counts.get(name, 1))
     return tuple(
         (name, counts[name]) for name in get_policy(policy, spec.placement).keeps if name != "x" and counts[name]
     )

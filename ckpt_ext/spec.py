@@ -129,13 +129,16 @@ def _param_names(norm: str, norm_bias: bool, packed_qkv: bool, qk_norm: bool, ga
 class BlockConfig:
     """One call of the fused block: its spec, the recompute policy and the dropout of this call.
 
-    seed: base seed of this call's dropout masks (attention +0, residual 1 +1, residual 2 +2, LoRA +3 + i)."""
+    seed: base seed of this call's dropout masks (attention +0, residual 1 +1, residual 2 +2, LoRA +3 + i).
+    ln2_from_out: chosen per call by ``block.fused_block`` (post-LN only): where x̂ = (out - β)/γ is exact enough
+    (norm.invertible), norm2's backward reads the output the caller keeps anyway instead of the pre-norm sum h2."""
 
     spec: BlockSpec
     policy: str
     seed: int = 0
     attn_dropout: float = 0.0
     dropout: float = 0.0
+    ln2_from_out: bool = False  # post-LN: norm2's backward rebuilds x̂ from the block's output instead of keeping h2
 
     def __post_init__(self):
         if not isinstance(self.spec, BlockSpec):

