@@ -282,7 +282,7 @@ def test_op_program_takes_python_numbers_in_tensor_arguments():
 def test_the_tiled_attention_route_traces(monkeypatch):
     """The tiled math attention (the CUDA route for fp32, h != hk, ...; forced here on CPU) scales scores by a Python
     float: traced, verified against its graph, bitwise the walked path."""
-    from ckpt_ext.ops import native_attention
+    from ckpt_ext.backends import aten_attention as native_attention
 
     monkeypatch.setattr(native_attention, "_route_gqa", lambda *a, **k: "cpu_math")
     blk = _block("llama_gqa", "block")

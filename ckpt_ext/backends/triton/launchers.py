@@ -5,22 +5,24 @@ Each launcher views its inputs as 2-D or flat, copies only what a kernel cannot 
 column stride on activations; weights are always read through their strides), allocates fresh outputs (never
 aliases an input), picks the grid and launches. Inputs the kernels do not cover (float64, empty tensors, more than
 2³² dropout elements) run the reference math, so every call returns the reference's result.
-The Llama-family ops (RMSNorm, SwiGLU, RoPE) are in llama_launchers.py and merged into IMPLS here; the norm
+The Llama-family ops (RMSNorm, SwiGLU, RoPE) are in llama_launchers.py (the backend merges the tables); the norm
 backwards and ffn_recompute reduce their fp32 partials with a second small launch (launch_utils.column_sums).
-Importing this module imports triton; ckpt_ext.backend imports it only when the triton backend is asked for a kernel.
+Importing this module imports triton; the backend imports it only when asked for a kernel (backends/triton).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ckpt_ext import reference
-from ckpt_ext.ops import native_attention
-
-from .act_linear_wgrad import act_linear_wgrad_autotuned
-from .dropout import dropout_add_kernel
-from .ffn_pointwise import linear_gelu_bwd_autotuned
-from .ffn_recompute import ffn_recompute_autotuned
+from ... import reference
+from ...kernels.act_linear_wgrad import act_linear_wgrad_autotuned
+from ...kernels.dropout import dropout_add_kernel
+from ...kernels.ffn_pointwise import linear_gelu_bwd_autotuned
+from ...kernels.ffn_recompute import ffn_recompute_autotuned
+from ...kernels.layer_norm import layer_norm_bwd_kernel, layer_norm_fwd_kernel
+from ...kernels.linear_dropout_add import linear_dropout_add_autotuned
+from ...kernels.linear_gelu import linear_bias_gelu_autotuned
+from ...kernels.pointwise import bias_gelu_kernel, gelu_bwd_kernel
 from .launch_utils import (
     KERNEL_DTYPES,
     POINTWISE_BLOCK,
@@ -34,11 +36,6 @@ from .launch_utils import (
     rows,
     upcast,
 )
-from .layer_norm import layer_norm_bwd_kernel, layer_norm_fwd_kernel
-from .linear_dropout_add import linear_dropout_add_autotuned
-from .linear_gelu import linear_bias_gelu_autotuned
-from .llama_launchers import LLAMA_IMPLS
-from .pointwise import bias_gelu_kernel, gelu_bwd_kernel
 
 
 # ------------------------------------------------------------------------------------------------- LayerNorm
@@ -217,7 +214,4 @@ IMPLS = {
     "linear_dropout_add": linear_dropout_add,
     "linear_gelu_bwd": linear_gelu_bwd,
     "gelu_linear_wgrad": gelu_linear_wgrad,
-    "attention_fwd": native_attention.attention_fwd,
-    "attention_bwd": native_attention.attention_bwd,
-    **LLAMA_IMPLS,
 }
