@@ -47,7 +47,7 @@ import torch
 
 from .. import reference, reference_attention, segments
 from ..reference_attention import empty_threshold, mask4, packed_bwd, packed_fwd, split_heads
-from . import cpp, cuda
+from .extension import built, cuda_built
 
 BLOCK_Q = 64  # query rows per cpu_math tile
 CPU_GQA_MAX_KEYS = 8192  # longer key sequences take aten's flash kernel (cpu_gqa's tiles hold every visible key)
@@ -68,7 +68,7 @@ def _cuda_flash_fits(q, k) -> bool:
 @functools.cache
 def _cpu_gqa_available() -> bool:
     """Whether ckpt_ext._C has the cpu_gqa ops and found its BLAS (an older build has neither; no build, no _C)."""
-    if not cpp.built():
+    if not built():
         return False
     ops = torch.ops.ckpt_ext
     return hasattr(ops, "cpu_gqa_available") and hasattr(ops, "cpu_gqa_attention_bwd") and ops.cpu_gqa_available()
@@ -221,7 +221,7 @@ def _drop_(x, keep, dropout_p):
 def _tile_dropout_kernel(device_type: str):
     """ckpt_ext._C's attention_tile_dropout_kernel for ``device_type`` (one pass, the hash in registers), or None when
     the extension lacks it (not built, CPU-only build on CUDA tensors, or built before the op existed)."""
-    if not cpp.built() or (device_type == "cuda" and not cuda.built()):
+    if not built() or (device_type == "cuda" and not cuda_built()):
         return None
     if device_type not in ("cpu", "cuda"):
         return None

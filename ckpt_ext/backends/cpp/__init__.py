@@ -3,9 +3,9 @@ by bridge.py; attention runs ckpt_ext/backends/aten_attention.py. Importing this
 
 from __future__ import annotations
 
-import functools
-import importlib
 from typing import Callable, Optional
+
+from ..extension import built
 
 AUTO_DEVICES = ("cpu",)
 
@@ -13,15 +13,6 @@ MISSING = (
     "needs the C++ extension ckpt_ext._C, which is not built; install the package with "
     "`pip install --no-build-isolation .` (needs a C++ compiler and torch)"
 )
-
-
-@functools.cache
-def built() -> bool:
-    try:
-        importlib.import_module("ckpt_ext._C")
-    except ImportError:
-        return False
-    return True
 
 
 def unavailable(device_type: Optional[str] = None) -> Optional[str]:
