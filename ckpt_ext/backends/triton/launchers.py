@@ -12,6 +12,8 @@ Importing this module imports triton; the backend imports it only when asked for
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ... import reference
@@ -76,10 +78,22 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, bias, dresidual, emit_y):
 
 
 # ------------------------------------------------------------------------------------------------------ GELU
+def _gelu_launcher(launch):
+    """A GELU-form launcher whose tensors are every argument before ``approximate`` (the last): the form is checked,
+    and tensors the kernels do not cover run the reference op of the same name."""
+
+    @functools.wraps(launch)
+    def call(*args):
+        reference._check_approximate(args[-1])
+        if not covered(*args[:-1]):
+            return getattr(reference, launch.__name__)(*args)
+        return launch(*args)
+
+    return call
+
+
+@_gelu_launcher
 def bias_gelu(x, bias, approximate):
-    reference._check_approximate(approximate)
-    if not covered(x, bias):
-        return reference.bias_gelu(x, bias, approximate)
     xc = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     numel = xc.numel()
@@ -90,10 +104,8 @@ def bias_gelu(x, bias, approximate):
     return y
 
 
+@_gelu_launcher
 def gelu_bwd(da, u, approximate):
-    reference._check_approximate(approximate)
-    if not covered(da, u):
-        return reference.gelu_bwd(da, u, approximate)
     da, uc = da.contiguous(), u.contiguous()
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     numel = uc.numel()
@@ -144,10 +156,8 @@ def ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximat
     return a, du, column_sums(db1_part, torch.float32)
 
 
+@_gelu_launcher
 def linear_bias_gelu(x, w, b, approximate):
-    reference._check_approximate(approximate)
-    if not covered(x, w, b):
-        return reference.linear_bias_gelu(x, w, b, approximate)
     m, k = x.shape
     n = w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -173,10 +183,8 @@ def linear_dropout_add(x, w, b, residual, p, seed):
     return out
 
 
+@_gelu_launcher
 def linear_gelu_bwd(dy, w2, u, approximate):
-    reference._check_approximate(approximate)
-    if not covered(dy, w2, u):
-        return reference.linear_gelu_bwd(dy, w2, u, approximate)
     u = rows(u)
     m, k = dy.shape
     n = w2.shape[1]
@@ -188,10 +196,8 @@ def linear_gelu_bwd(dy, w2, u, approximate):
     return du
 
 
+@_gelu_launcher
 def gelu_linear_wgrad(dy, u, approximate):
-    reference._check_approximate(approximate)
-    if not covered(dy, u):
-        return reference.gelu_linear_wgrad(dy, u, approximate)
     u = rows(u)
     n_rows, m = dy.shape
     n = u.shape[1]
