@@ -10,7 +10,7 @@ every call returns the reference's result. Importing this module imports nothing
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib
 import os
 from typing import Callable, Optional
 
@@ -19,7 +19,12 @@ AUTO_DEVICES = ("cuda",)
 
 @functools.cache
 def installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton imports (asked when a kernel is first resolved, never at package import)."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
 
 
 def interpreting() -> bool:
