@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import ckpt_ext
+from ckpt_ext.backends.cpp import bridge  # noqa: F401  (loads ckpt_ext._C: the *_kernel ops)
 from ckpt_ext.block import init_block_
-from ckpt_ext.ops import cpp_bridge  # noqa: F401  (loads ckpt_ext._C: the *_kernel ops)
 
 from . import malloc_tuning
 from .micro_timing import Timing, ratio_text, spread_text, summarize, time_interleaved

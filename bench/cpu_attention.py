@@ -70,9 +70,9 @@ def _variants(b, t, h, hk, dh, causal, packed):
 
 
 def run(min_time: float = 1.0) -> list[dict]:
-    from ckpt_ext.ops import native_attention
+    from ckpt_ext.backends import aten_attention
 
-    if not native_attention._cpu_gqa_available():
+    if not aten_attention._cpu_gqa_available():
         raise SystemExit("bench.cpu_attention: ckpt_ext._C has no cpu_gqa kernels (no BLAS sgemm_ found)")
     rows = []
     for shape in SHAPES:

@@ -8,7 +8,7 @@ a key-padding mask as a bool (B, 1, T, T) tensor (batch b sees keys s < L_b, L =
 give SDPA the mask combined with the causal triangle (SDPA takes no is_causal beside a mask) and ckpt_ext the same
 mask with causal=True (so its kernels skip the tiles above the diagonal, as SDPA's is_causal does).
 Implementations, each timed on the same q (B, T, h, dh) / k, v (B, T, hk, dh) tensors:
-- ``ckpt_ext_triton``: kernels/flash_attention_launchers.gqa_attention_fwd / _bwd (the kernels the triton backend
+- ``ckpt_ext_triton``: ckpt_ext/backends/triton/attention.gqa_attention_fwd / _bwd (the kernels the triton backend
   runs; forward + backward = one forward, then the dq and dk/dv kernels from the saved out and lse);
 - ``ckpt_ext_triton_segments`` (padding rows only): the same kernels given the padding as segment ids
   (ckpt_ext.segments.from_lengths: T ints per batch row, compared in registers, key tiles past a row's length
@@ -51,7 +51,7 @@ def _padding_mask(b: int, t: int, device) -> torch.Tensor:
 
 def _ours(q, k, v, mask, dout, segment_ids=None):
     """(forward fn, forward + backward fn, forward output) of the Triton launchers."""
-    from ckpt_ext.kernels import flash_attention_launchers as fa
+    from ckpt_ext.backends.triton import attention as fa
 
     args = (True, 0.0, 0, mask, q.shape[-1] ** -0.5)
 

@@ -23,7 +23,7 @@ def _nbytes(*tensors) -> int:
 def cases(n: int, d: int, h: int, dtype: torch.dtype, device: str):
     """(name, triton fn, eager fn, reference fn, flops, bytes) per op."""
     from ckpt_ext import reference as R
-    from ckpt_ext.kernels import launchers as L
+    from ckpt_ext.backends.triton import launchers as L
 
     g = torch.Generator(device=device).manual_seed(0)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=device) * scale).to(dtype)

@@ -33,8 +33,8 @@ from torch.utils.checkpoint import checkpoint
 
 import ckpt_ext
 from ckpt_ext import FusedCheckpointBlock, TransformerBlock
+from ckpt_ext.backends.cpp import bridge as cpp_bridge
 from ckpt_ext.block import init_block_
-from ckpt_ext.ops import cpp_bridge
 
 from .micro_timing import ratio_text, spread_text, time_interleaved
 

@@ -1,6 +1,7 @@
-"""Which kernel runs behind each ``ckpt_ext::*`` op: the backend switch.
+"""Which kernel runs behind each ``ckpt_ext::*`` op: the dispatch table the ops call.
 
-The op graph never changes; a backend only chooses the implementation an op's kernel calls for a device.
+The op graph never changes; a backend only chooses the implementation an op's kernel calls for a device. Backends
+are the folders of ckpt_ext/backends, listed once in ``backends.REGISTRY`` (which also orders ``auto``):
 
 | backend     | CPU tensors                                   | CUDA tensors                                   |
 |-------------|-----------------------------------------------|------------------------------------------------|
@@ -12,7 +13,8 @@ The op graph never changes; a backend only chooses the implementation an op's ke
 
 An op a backend does not implement runs the reference math (itself aten calls on the same device); `implements()`
 tells which ops each backend covers. Select with ``set_backend(name)`` (also a context manager) or the environment
-variable ``CKPT_EXT_BACKEND``. Nothing here imports triton or touches CUDA until a kernel is actually requested.
+variable ``CKPT_EXT_BACKEND``. Backends are loaded by name (importlib) when first asked: nothing here imports triton or
+touches CUDA until a kernel is actually requested, and this module imports no backend.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import functools
 import importlib
 import os
 import threading
+from types import ModuleType
 from typing import Callable
 
-from . import reference
+from .backends import REGISTRY
 
-BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
+BACKENDS = ("auto", *REGISTRY)
 
 _state = threading.local()
 
@@ -34,6 +37,10 @@ def _validate(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown ckpt_ext backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return name
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(REGISTRY[name])
 
 
 def get_backend() -> str:
@@ -53,7 +60,8 @@ class set_backend:
 
     def __init__(self, name: str):
         _validate(name)
-        _require(name)
+        if name != "auto":
+            _require(name)
         self._previous = getattr(_state, "name", None)
         _state.name = name
 
@@ -65,89 +73,59 @@ class set_backend:
 
 
 # ------------------------------------------------------------------------------------------------ availability
-@functools.cache
+def available(name: str, device_type: str | None = None) -> bool:
+    """Whether backend ``name`` can run (on ``device_type``, when given)."""
+    return _module(name).unavailable(device_type) is None
+
+
 def cpp_available() -> bool:
-    try:
-        importlib.import_module("ckpt_ext._C")
-    except ImportError:
-        return False
-    return True
+    return available("cpp")
 
 
-@functools.cache
 def cuda_ext_available() -> bool:
-    if not cpp_available():
-        return False
-    import torch
-
-    return int(torch.ops.ckpt_ext.cuda_version()) >= 0
+    return available("cuda")
 
 
-@functools.cache
 def triton_available() -> bool:
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
+    return available("triton")
 
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _require(name: str) -> None:
-    if name in ("cpp", "cuda") and not cpp_available():
-        raise RuntimeError(
-            f"backend {name!r} needs the C++ extension ckpt_ext._C, which is not built; "
-            "install the package with `pip install --no-build-isolation .` (needs a C++ compiler and torch)"
-        )
-    if name == "cuda" and not cuda_ext_available():
-        raise RuntimeError(
-            "backend 'cuda' needs ckpt_ext._C built with CUDA kernels, but it was built CPU-only "
-            "(torch.ops.ckpt_ext.cuda_version() == -1); rebuild with CKPT_EXT_BUILD_CUDA=1 on a CUDA torch"
-        )
-    if name == "triton" and not triton_available():
-        raise RuntimeError("backend 'triton' needs the triton package: `pip install triton`")
+def _require(name: str, device_type: str | None = None) -> None:
+    reason = _module(name).unavailable(device_type)
+    if reason is not None:
+        raise RuntimeError(reason)
 
 
 # -------------------------------------------------------------------------------------------------- resolution
-def _cpp_impls() -> dict[str, Callable]:
-    from .ops import cpp_bridge
-
-    return cpp_bridge.IMPLS
-
-
-@functools.cache
-def _triton_impls() -> dict[str, Callable]:
-    """launchers.IMPLS with the flash-attention launchers' ops (gqa and packed attention) and the LM head merged."""
-    from .kernels import flash_attention_launchers, launchers, linear_cross_entropy
-
-    return {**launchers.IMPLS, **flash_attention_launchers.IMPLS, **linear_cross_entropy.IMPLS}
+def impls(name: str) -> dict[str, Callable]:
+    """Backend ``name``'s own kernels: op name -> implementation (loads the backend)."""
+    _require(name)
+    return _module(name).impls()
 
 
 def implements(name: str) -> frozenset[str]:
     """The ops for which backend ``name`` has its own kernels (the rest run reference math)."""
-    if name == "reference":
+    if name == "auto" or name not in REGISTRY:
+        raise ValueError(f"implements() takes a concrete backend, not {name!r}")
+    if name == "reference" or not available(name):
         return frozenset()
-    if name in ("cpp", "cuda"):
-        return frozenset(_cpp_impls()) if cpp_available() else frozenset()
-    if name == "triton":
-        return frozenset(_triton_impls()) if triton_available() else frozenset()
-    raise ValueError(f"implements() takes a concrete backend, not {name!r}")
+    return frozenset(impls(name))
 
 
 def concrete_backend(device_type: str) -> str:
-    """The backend that runs ops on ``device_type`` now (``auto`` resolved)."""
+    """The backend that runs ops on ``device_type`` now (``auto``: the first registered backend that runs on that
+    device by default and is available)."""
     name = get_backend()
     if name != "auto":
         return name
-    if device_type == "cuda":
-        if triton_available():
-            return "triton"
-        return "cuda" if cuda_ext_available() else "reference"
-    if device_type == "cpu" and cpp_available():
-        return "cpp"
+    for candidate in REGISTRY:
+        module = _module(candidate)
+        if device_type in module.AUTO_DEVICES and module.unavailable() is None:
+            return candidate
     return "reference"
 
 
@@ -183,15 +161,6 @@ def kernel(op: str, device_type: str) -> Callable:
 
 
 def _resolve(name: str, op: str, device_type: str) -> Callable:
-    if name == "reference":
-        return getattr(reference, op)
-    if name == "triton":
-        if device_type == "cpu" and not triton_interpreting():
-            raise RuntimeError(
-                "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before ckpt_ext.kernels is imported"
-            )
-        impls = _triton_impls()
-    else:
-        _require(name)
-        impls = _cpp_impls()
-    return impls.get(op) or getattr(reference, op)
+    _require(name, device_type)
+    own = _module(name).impls().get(op)
+    return own if own is not None else _module("reference").impls()[op]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Optional, Union
@@ -38,6 +37,7 @@ from typing import Optional, Union
 import torch
 
 from .planner_search import fastest_mix, leanest_mix
+from .planner_spec import parse_memory
 from .policies import POLICIES, retained_bytes, tensor_bytes
 
 STATE_BYTES_PER_PARAM = 16
@@ -48,30 +48,6 @@ DTYPES = {
 }
 TORCH_KINDS = ("eager", "checkpoint")
 ORDER = ("checkpoint", "block", "block_keep_attn", "ffn", "pointwise", "none", "eager")  # heaviest checkpointing first
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}  # fmt: skip
-
-
-def parse_memory(value: Union[int, float, str], name: str = "memory_budget") -> int:
-    """Bytes from an int/float or a string: "24GiB", "80GB", "512 MiB", "24G", "1e3GB" (bare K/M/G/T are binary).
-
-    Errors are ValueError/TypeError naming ``name`` (the argument being read)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise TypeError(f"{name} must be bytes (int) or a string such as '24GiB', got {type(value).__name__}")
-    original = value
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            raise ValueError(
-                f"cannot read {name} {value!r} as a memory size; use bytes or e.g. '24GiB', '80GB', '1e3GB'"
-            )
-        value = float(match.group(1)) * _UNITS[unit]
-    if not math.isfinite(value) or value < 1:
-        raise ValueError(f"{name} must be a positive, finite number of bytes, got {original!r}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class Shape:
     d_model: int

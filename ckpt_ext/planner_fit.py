@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .planner_model import MemoryModel, price_batch
-from .planner_spec import ModelSpec, Setup
+from .planner_spec import ModelSpec, Setup, parse_memory
 from .policies import POLICIES
 
 _CAP = 1 << 24  # the largest batch the search tries
@@ -112,8 +112,6 @@ def _largest_verified(fast, exact, start: int, cap: int) -> int:
 def plan_model(config, seq_len: Optional[int] = None, batch: Optional[int] = None,
                memory_budget: Union[int, float, str, None] = None, **setup) -> ModelReport:  # fmt: skip
     """The strategy table for a Hugging Face model (see the module docstring); ``setup``: the fields of Setup."""
-    from .planner import parse_memory
-
     budget = parse_memory(memory_budget)
     spec = ModelSpec(config, Setup(**setup))
     for name, v in (("seq_len", seq_len), ("batch", batch)):

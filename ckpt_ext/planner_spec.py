@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -257,3 +258,27 @@ class ModelSpec:
         return (f"{self.family.name} ({self.config.model_type}): {self.n_layers} layers, d={self.d}, {self.n_heads} "
                 f"heads{kv}, head_dim {self.head_dim}, MLP {self.hidden} ({self.family.mlp}), {head}, "
                 f"{self.total_params / 1e6:.1f}M params ({self.trainable_params / 1e6:.2f}M trainable)")  # fmt: skip
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}  # fmt: skip
+
+
+def parse_memory(value: Union[int, float, str], name: str = "memory_budget") -> int:
+    """Bytes from an int/float or a string: "24GiB", "80GB", "512 MiB", "24G", "1e3GB" (bare K/M/G/T are binary).
+
+    Errors are ValueError/TypeError naming ``name`` (the argument being read)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"{name} must be bytes (int) or a string such as '24GiB', got {type(value).__name__}")
+    original = value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(
+                f"cannot read {name} {value!r} as a memory size; use bytes or e.g. '24GiB', '80GB', '1e3GB'"
+            )
+        value = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"{name} must be a positive, finite number of bytes, got {original!r}")
+    return int(value)

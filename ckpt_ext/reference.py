@@ -393,50 +393,6 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple
     return one(q), one(k)
 
 
-# -------------------------------------------------------------------------------------------------- attention
-def _split_heads(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """qkv (B, T, 3d) -> q, k, v each (B, T, h, dh) strided views; head i = columns i*dh:(i+1)*dh of each third."""
-    b, t, three_d = qkv.shape
-    return qkv.view(b, t, 3, n_heads, three_d // 3 // n_heads).unbind(2)
-
-
-def attention_fwd(
-    qkv: Tensor, n_heads: int, causal: bool, dropout_p: float, seed: int, attn_mask: Optional[Tensor]
-) -> tuple[Tensor, Tensor]:
-    """Softmax attention on packed qkv (B, T, 3d) -> out (B, T, d) in qkv.dtype, lse (B, h, T) float32/float64.
-
-    gqa_attention_fwd (reference_attention.py) on q, k, v views of qkv with h query and kv heads, scale 1/sqrt(dh):
-    the same masks, empty-row rule and hash dropout over the flat (B, h, T, T) index.
-    """
-    b, t, three_d = qkv.shape
-    q, k, v = _split_heads(qkv, n_heads)
-    out, lse = gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5)
-    return out.view(b, t, three_d // 3), lse
-
-
-def attention_bwd(
-    dout: Tensor,
-    qkv: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    n_heads: int,
-    causal: bool,
-    dropout_p: float,
-    seed: int,
-    attn_mask: Optional[Tensor],
-) -> Tensor:
-    """VJP of attention_fwd: dqkv (B, T, 3d) in qkv.dtype (gqa_attention_bwd's dq | dk | dv packed)."""
-    b, t, three_d = qkv.shape
-    q, k, v = _split_heads(qkv, n_heads)
-    grads = gqa_attention_bwd(
-        dout.view(q.shape), q, k, v, out.view(q.shape), lse, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5
-    )
-    return torch.stack(grads, dim=2).view(b, t, three_d)
-
-
-from .reference_attention import gqa_attention_bwd, gqa_attention_fwd  # noqa: E402  (re-exported for backend.kernel)
-
-
 # ------------------------------------------------------------------------------ LM head: linear + cross-entropy
 def _ce_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], cdt: torch.dtype) -> Tensor:
     """z = hidden @ weightᵀ (+ bias): (N, V) in cdt. The GEMM runs in the inputs' dtype (bf16 logits are rounded to

@@ -1,4 +1,6 @@
-"""Reference math of ``ckpt_ext::gqa_attention_fwd`` / ``gqa_attention_bwd``: grouped-query softmax attention.
+"""Reference math of ``ckpt_ext::gqa_attention_fwd`` / ``gqa_attention_bwd`` (grouped-query softmax attention) and of
+``attention_fwd`` / ``attention_bwd`` (packed qkv, the same math on its views: ``packed_fwd`` / ``packed_bwd`` serve
+every backend).
 
 q (B, T, h, dh), k and v (B, S, hk, dh), h % hk == 0, g = h // hk: query head i reads kv head j = i // g (k and v are
 never repeated). One query head at a time, on one (B, T, S) score tile; no (B, h, T, S) tensor is ever built:
@@ -205,3 +207,51 @@ def gqa_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         dq[:, :, i] = (ds @ k[:, :, j].to(cdt)) * scale
         dk[:, :, j] += (ds.transpose(1, 2) @ q[:, :, i].to(cdt)) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ packed qkv
+def split_heads(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """qkv (B, T, 3d) -> q, k, v each (B, T, h, dh) strided views; head i = columns i*dh:(i+1)*dh of each third."""
+    b, t, three_d = qkv.shape
+    return qkv.view(b, t, 3, n_heads, three_d // 3 // n_heads).unbind(2)
+
+
+def packed_fwd(gqa_fwd, qkv, n_heads, causal, dropout_p, seed, attn_mask):
+    """attention_fwd through a backend's gqa forward ``gqa_fwd`` on q, k, v views of qkv (h == hk, scale 1/sqrt(dh))."""
+    b, t, three_d = qkv.shape
+    q, k, v = split_heads(qkv, n_heads)  # (B, T, h, dh) strided views
+    out, lse = gqa_fwd(q, k, v, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5)
+    return out.view(b, t, three_d // 3), lse
+
+
+def packed_bwd(gqa_bwd, dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask):
+    """attention_bwd through a backend's gqa backward ``gqa_bwd``: dq | dk | dv packed as dqkv (B, T, 3d)."""
+    b, t, three_d = qkv.shape
+    q, k, v = split_heads(qkv, n_heads)
+    grads = gqa_bwd(
+        dout.view(q.shape), q, k, v, out.view(q.shape), lse, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5
+    )
+    return torch.stack(grads, dim=2).view(b, t, three_d)  # (B, T, 3, h, dh) -> (B, T, 3d)
+
+
+def attention_fwd(
+    qkv: Tensor, n_heads: int, causal: bool, dropout_p: float, seed: int, attn_mask: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention on packed qkv (B, T, 3d) -> out (B, T, d) in qkv.dtype, lse (B, h, T) float32/float64:
+    gqa_attention_fwd with h query and kv heads, scale 1/sqrt(dh); the hash dropout over the flat (B, h, T, T) index."""
+    return packed_fwd(gqa_attention_fwd, qkv, n_heads, causal, dropout_p, seed, attn_mask)
+
+
+def attention_bwd(
+    dout: Tensor,
+    qkv: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    n_heads: int,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    attn_mask: Optional[Tensor],
+) -> Tensor:
+    """VJP of attention_fwd: dqkv (B, T, 3d) in qkv.dtype."""
+    return packed_bwd(gqa_attention_bwd, dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask)

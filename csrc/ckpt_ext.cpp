@@ -1,8 +1,10 @@
-// ckpt_ext._C: declares the schemas of the extension's kernel ops (namespace ckpt_ext, suffix _kernel) once.
-// Each schema equals that of the graph op ckpt_ext::<name> (ckpt_ext/ops/*.py), so ckpt_ext/ops/cpp_bridge.py can
-// route the graph op to its kernel op unchanged (attention_tile_dropout_kernel, a helper of the tiled attention
-// route, has no graph op). Kernels live per backend in csrc/cpu (TORCH_LIBRARY_IMPL CPU) and
-// csrc/cuda (TORCH_LIBRARY_IMPL CUDA). The module itself is empty: importing it runs the static registrations.
+// ckpt_ext._C: the one place that declares the extension's op schemas (namespace ckpt_ext). A kernel op
+// <name>_kernel has exactly the schema of the graph op ckpt_ext::<name> (the op table, ckpt_ext/ops/), so the cpp
+// backend (ckpt_ext/backends/cpp/) routes the graph op to it unchanged; tests/test_op_schemas.py checks every
+// schema here against the table. attention_tile_dropout_kernel and cpu_gqa_* are helpers of the cpp backend's
+// attention routes (ckpt_ext/backends/aten_attention.py) with no graph op. Kernels live per device in csrc/cpu
+// (TORCH_LIBRARY_IMPL CPU) and csrc/cuda (TORCH_LIBRARY_IMPL CUDA). The module itself is empty: importing it runs
+// the static registrations.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -15,6 +17,7 @@ PyObject* PyInit__C(void) {
 
 namespace ckpt_ext::cpu {
 int64_t cpu_threads_used();  // threads one at::parallel_for of this extension runs on (csrc/cpu/threads_cpu.cpp)
+bool cpu_gqa_available();    // libtorch_cpu exports the BLAS sgemm_ the cpu_gqa kernels call (csrc/cpu/attention_cpu.cpp)
 }
 
 #ifdef CKPT_EXT_WITH_CUDA
@@ -62,9 +65,16 @@ TORCH_LIBRARY(ckpt_ext, m) {
       "Tensor lse, SymInt ignore_index, float label_smoothing, SymInt chunk_bytes, bool need_dweight) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("rope_kernel(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)");
-  // Not a graph op: the hash dropout of one attention-probability tile, in place, for the cpp/cuda backends' tiled
-  // attention (ckpt_ext/ops/native_attention.py).
+  // Not graph ops: helpers of the cpp/cuda backends' attention (ckpt_ext/backends/aten_attention.py). The hash
+  // dropout of one attention-probability tile, in place, for the tiled route; the CPU-only grouped-query kernels.
   m.def(
       "attention_tile_dropout_kernel(Tensor(a!) x, int heads, int seq_q, int seq_k, int head0, int row0, float p, "
       "SymInt seed) -> ()");
+  m.def("cpu_gqa_available() -> bool", &ckpt_ext::cpu::cpu_gqa_available);
+  m.def(
+      "cpu_gqa_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? segment_ids) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "cpu_gqa_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+      "float scale, Tensor? segment_ids) -> (Tensor, Tensor, Tensor)");
 }

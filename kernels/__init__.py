@@ -19,8 +19,11 @@ swiglu_ffn_recompute.py  RMSNorm prologue → gate, up and dH = dY·W_down on on
 reduce.py          fp32 per-program partials → one column sum (norm dweight/dbias, ffn_recompute db1), owned row ranges
 rows.py            row-kernel helpers: a program's row block, masked row loads/stores
 rounding.py        nearest-even rounding to bf16/fp16 kept in fp32 (the interpreter's bf16 cast truncates)
-launchers.py       IMPLS: graph-op signatures on top of the kernels (llama_launchers.py, launch_utils.py)
+flash_attention.py  flash attention forward, dq and dk/dv kernels     flash_attention_tiles.py  their sm_90 tile table
+linear_cross_entropy.py  the LM head's forward and dz kernels (and its tile choice)
 compile_check.py   sm_90 compile report: registers, spills, shared memory (compile_jobs_llama.py: the Llama jobs)
+The launchers (graph-op signatures, argument checks, fallbacks, grids) are ckpt_ext/backends/triton/; nothing here
+imports the rest of ckpt_ext (tests/test_imports.py).
 """
 
 # The folder sits at the repository root, so from there ``import kernels`` finds it before the ``kernels`` distribution

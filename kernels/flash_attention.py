@@ -32,7 +32,7 @@ UPCAST (fp32 inputs, and always under TRITON_INTERPRET=1 where 16-bit dots misco
 input_precision="ieee"; otherwise 16-bit operand dots with fp32 accumulation (P and dS rounded to the input dtype as
 operands, as FlashAttention does). The mask's key stride is 1 (the launcher guarantees it): each mask tile is
 BLOCK_M contiguous runs from (BLOCK_M,) int64 row offsets. ``compile_jobs(arch)`` yields the sm_90 compile-lane jobs
-(tiles per head dim: flash_attention_launchers.SM90_TILES).
+(tiles per head dim: flash_attention_tiles.SM90_TILES).
 """
 
 import triton
@@ -332,7 +332,7 @@ def compile_jobs(arch: int):
     usual layouts; the mask's key stride is 1 by construction, see the launcher)."""
     import torch
 
-    from .flash_attention_launchers import gpu_tiles
+    from .flash_attention_tiles import gpu_tiles
 
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     variants = [(dt, bd, "*fp32", 2) for bd in BLOCK_DS for dt in dtypes]

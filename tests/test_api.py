@@ -173,10 +173,12 @@ def test_set_backend_call_context_and_errors(monkeypatch):
     set_backend("auto")
     with pytest.raises(ValueError, match="unknown ckpt_ext backend"):
         set_backend("tpu")
-    monkeypatch.setattr(ckpt_ext.backend, "triton_available", lambda: False)
+    from ckpt_ext.backends import cpp, triton
+
+    monkeypatch.setattr(triton, "installed", lambda: False)
     with pytest.raises(RuntimeError, match="pip install triton"):
         set_backend("triton")
-    monkeypatch.setattr(ckpt_ext.backend, "cpp_available", lambda: False)
+    monkeypatch.setattr(cpp, "built", lambda: False)
     with pytest.raises(RuntimeError, match="ckpt_ext._C"):
         set_backend("cpp")
 

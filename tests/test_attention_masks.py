@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import ckpt_ext
-from ckpt_ext import ops, reference
+from ckpt_ext import ops, reference_attention
 
 BACKENDS = ["reference", "cpp"]
 OP_BACKENDS = [*BACKENDS, pytest.param("triton", marks=pytest.mark.triton)]  # triton: interpreter, CPU tensors
@@ -234,6 +234,6 @@ def test_plain_sdpa_agrees_on_bool_and_neg_inf_empty_rows():
         m = m & causal if kind == "bool" else m.masked_fill(~causal, float("-inf"))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
         with ckpt_ext.set_backend("reference"):
-            ours = reference.gqa_attention_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), False, 0.0,
-                                               0, m, 0.5)[0]  # fmt: skip
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            ours = reference_attention.gqa_attention_fwd(qt, kt, vt, False, 0.0, 0, m, 0.5)[0]
         torch.testing.assert_close(ours.transpose(1, 2), o)

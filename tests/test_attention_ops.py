@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ckpt_ext
 from ckpt_ext import ops, reference, reference_attention
-from ckpt_ext.ops import native_attention
+from ckpt_ext.backends import aten_attention as native_attention
 
 MASKS = [None, "float_b1ts", "bool_1hts", "float_ts", "bool_b11s"]
 
@@ -199,7 +199,7 @@ def test_packed_ops_equal_gqa_ops_on_views():
     b, t, heads, dh = 3, 7, 2, 4
     qkv = torch.randn(b, t, 3 * heads * dh, dtype=torch.float64)
     mask = make_mask("float_b1ts", b, heads, t, t, torch.float64)
-    out, lse = reference.attention_fwd(qkv, heads, True, 0.3, 4, mask)
+    out, lse = reference_attention.attention_fwd(qkv, heads, True, 0.3, 4, mask)
     q, k, v = qkv.view(b, t, 3, heads, dh).unbind(2)
     ref_out, ref_lse = brute_force(q, k, v, True, 0.3, 4, mask, dh**-0.5)
     torch.testing.assert_close(out, ref_out.reshape(b, t, -1))

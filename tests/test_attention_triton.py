@@ -32,7 +32,7 @@ CASES = [  # b, t, s, h, hk, dh, causal, mask, dropout_p, dtype
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy evaluates both sides of tl.where
 @pytest.mark.parametrize("b, t, s, h, hk, dh, causal, mask, dropout_p, dtype", CASES)
 def test_triton_matches_float64_reference(b, t, s, h, hk, dh, causal, mask, dropout_p, dtype):
-    from ckpt_ext.kernels import flash_attention_launchers as fa
+    from ckpt_ext.backends.triton import attention as fa
 
     q, k, v = make_qkv(b, t, h, hk, dh, s=s, dtype=dtype)
     m = make_mask(mask, b, h, t, s, dtype if dtype != torch.bfloat16 else torch.float32)
@@ -68,7 +68,7 @@ CUDA_CASES = [  # b, t, h, hk, dh, causal, mask, dropout_p
 @pytest.mark.parametrize("b, t, h, hk, dh, causal, mask, dropout_p", CUDA_CASES)
 def test_triton_matches_float64_reference_cuda(dtype, b, t, h, hk, dh, causal, mask, dropout_p):
     """The compiled kernels (16-bit operand dots, GPU tiles 128×64 / 64×64) against float64 on the GPU."""
-    from ckpt_ext.kernels import flash_attention_launchers as fa
+    from ckpt_ext.backends.triton import attention as fa
 
     q, k, v = (x.cuda() for x in make_qkv(b, t, h, hk, dh, dtype=dtype, packed=True))
     m = make_mask(mask, b, h, t, t)
@@ -91,7 +91,7 @@ def test_triton_matches_float64_reference_cuda(dtype, b, t, h, hk, dh, causal, m
 def test_triton_dropout_mask_is_bit_identical():
     """v = one-hot rows per key (dh = S): out reads back P ∘ keep / (1 - p) per (b, i, t, s); its zeros are the
     dropped elements, which must be exactly reference.dropout_keep_mask's over the flat (B, h, T, S) index."""
-    from ckpt_ext.kernels import flash_attention_launchers as fa
+    from ckpt_ext.backends.triton import attention as fa
 
     b, t, h, hk = 2, 16, 2, 1
     q, k, _ = make_qkv(b, t, h, hk, 16)
@@ -106,9 +106,9 @@ def test_triton_dropout_mask_is_bit_identical():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_packed_ops_through_triton_backend():
     """GPT-2's packed attention ops run the flash kernels on the triton backend (strided q, k, v views of qkv)."""
-    from ckpt_ext.kernels import flash_attention_launchers as fa
+    from ckpt_ext.backends.triton import attention as fa
 
-    assert ckpt_ext.backend._triton_impls()["attention_fwd"] is fa.attention_fwd
+    assert ckpt_ext.backend.impls("triton")["attention_fwd"] is fa.attention_fwd
     b, t, heads, dh = 2, 9, 2, 8
     qkv = torch.randn(b, t, 3 * heads * dh, requires_grad=True)
     mask = make_mask("float_b1ts", b, heads, t, t)
@@ -116,8 +116,8 @@ def test_packed_ops_through_triton_backend():
         out, lse = ops.attention_fwd(qkv, heads, True, 0.25, 8, mask)
         (dqkv,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
     x = qkv.detach().double()
-    ref, ref_lse = reference.attention_fwd(x, heads, True, 0.25, 8, mask)
-    ref_d = reference.attention_bwd(torch.ones_like(ref), x, ref, ref_lse, heads, True, 0.25, 8, mask)
+    ref, ref_lse = reference_attention.attention_fwd(x, heads, True, 0.25, 8, mask)
+    ref_d = reference_attention.attention_bwd(torch.ones_like(ref), x, ref, ref_lse, heads, True, 0.25, 8, mask)
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(dqkv.double(), ref_d, atol=1e-5, rtol=1e-5)
 
@@ -127,7 +127,7 @@ def test_packed_ops_through_triton_backend():
 def test_mask_without_unit_key_stride(form):
     """The kernels take no key stride: a mask whose key stride is not 1 (a transposed view, or a (B, 1, T, 1) mask
     broadcast over keys) is read through the launcher's unit-key-stride copy, against float64 math."""
-    from ckpt_ext.kernels import flash_attention_launchers as fa
+    from ckpt_ext.backends.triton import attention as fa
 
     b, t, h, hk, dh = 2, 19, 2, 1, 8
     q, k, v = make_qkv(b, t, h, hk, dh)
@@ -153,8 +153,8 @@ def test_compile_jobs_cover_every_launcher_config(monkeypatch):
     """flash_attention.compile_jobs(90) (the sm_90 compile lane, tests/test_triton_compile.py, which fails on any
     spill) holds every (kernel, tiles, warps, stages, operand dtype) that gpu_tiles can pick on sm_90 for head dims
     1..256, at the heaviest flags (causal, fp32 additive mask, dropout)."""
+    from ckpt_ext.backends.triton import attention as fa
     from ckpt_ext.kernels import flash_attention
-    from ckpt_ext.kernels import flash_attention_launchers as fa
 
     monkeypatch.delenv("TRITON_INTERPRET")  # gpu_tiles returns the GPU configs only when not interpreting
     dtypes = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}

@@ -16,10 +16,10 @@ from test_cpp_llama_kernels import LLAMA_OPS  # tests/ is on sys.path (pytest's 
 from test_linear_cross_entropy import _op_samples as lm_head_samples
 
 import ckpt_ext
-from ckpt_ext import reference
+from ckpt_ext import reference, reference_attention
 
 # `make test` always builds ckpt_ext._C: a missing extension must fail this file loudly, never skip it.
-from ckpt_ext.ops import cpp_bridge  # noqa: E402  (loads _C and registers the kernel ops' fake kernels)
+from ckpt_ext.backends.cpp import bridge as cpp_bridge  # noqa: E402  (loads _C and registers the kernel ops' fake kernels)
 
 K = torch.ops.ckpt_ext
 SHAPES = [(1, 72), (7, 200), (1000, 1000)]
@@ -420,7 +420,7 @@ def test_attention_cpp_routes_match_reference(dtype, causal, dropout_p, mask):
     """With dropout the cpp backend's attention runs tiled aten math + the int32 hash; a mask without dropout goes to
     aten's CPU flash kernel when it is bool or q's dtype: the same masks (bit for bit) and values as
     reference.attention_*, forward and backward, within the tolerance rule."""
-    from ckpt_ext.ops import native_attention
+    from ckpt_ext.backends import aten_attention as native_attention
 
     b, t, heads, d = 3, 33, 4, 72
     qkv, dout = torch.randn(b, t, 3 * d).to(dtype), torch.randn(b, t, d).to(dtype)
@@ -432,10 +432,10 @@ def test_attention_cpp_routes_match_reference(dtype, causal, dropout_p, mask):
         assert native_attention._route(qkv, heads, dropout_p, None) == "cpu_gqa"
     out, lse = native_attention.attention_fwd(qkv, *args)
     dqkv = native_attention.attention_bwd(dout, qkv, out, lse, *args)
-    ref_out, ref_lse = reference.attention_fwd(qkv, *args)
-    ref_dqkv = reference.attention_bwd(dout, qkv, ref_out, ref_lse, *args)
-    o64, l64 = reference.attention_fwd(qkv.double(), *args)
-    d64 = reference.attention_bwd(dout.double(), qkv.double(), o64, l64, *args)
+    ref_out, ref_lse = reference_attention.attention_fwd(qkv, *args)
+    ref_dqkv = reference_attention.attention_bwd(dout, qkv, ref_out, ref_lse, *args)
+    o64, l64 = reference_attention.attention_fwd(qkv.double(), *args)
+    d64 = reference_attention.attention_bwd(dout.double(), qkv.double(), o64, l64, *args)
     # fp64: the reference is its own float64 answer, so atol is ~0: ours must use the very same dropout masks
     for ours, ref, r64 in ((out, ref_out, o64), (lse, ref_lse, l64), (dqkv, ref_dqkv, d64)):
         assert ours.dtype == ref.dtype and ours.shape == ref.shape

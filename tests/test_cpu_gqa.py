@@ -1,4 +1,4 @@
-"""ckpt_ext._C's CPU attention kernels (csrc/cpu/attention_cpu.cpp; native_attention's ``cpu_gqa`` route): forward and
+"""ckpt_ext._C's CPU attention kernels (csrc/cpu/attention_cpu.cpp; aten_attention's ``cpu_gqa`` route): forward and
 backward against float64 math within a few x PyTorch's own fp32 error, on awkward shapes: T 1/7/33/70/130 (one,
 several and ragged tiles of min(64, 128 / G) rows), head_dim 8/40/72, GQA ratios 1/2/4/h, batch 1 and 3, strided
 (packed-projection) inputs, non-causal T != S, a long key axis that shrinks the tile below 64 rows, and backward's
@@ -15,7 +15,8 @@ from test_attention_ops import brute_force, make_qkv
 
 import ckpt_ext
 from ckpt_ext import reference_attention
-from ckpt_ext.ops import cpp_bridge, native_attention  # noqa: F401  (loads ckpt_ext._C and the fakes)
+from ckpt_ext.backends import aten_attention as native_attention
+from ckpt_ext.backends.cpp import bridge as cpp_bridge  # noqa: F401  (loads ckpt_ext._C and the fakes)
 
 # torch's x86-64 Linux wheels carry MKL's sgemm_ in libtorch_cpu: there the kernels must be available (a test below
 # fails otherwise); elsewhere a build without it routes to aten's flash kernel and these tests skip, saying why.

@@ -54,7 +54,7 @@ def _impls(pattern: str) -> set[str]:
     return names
 
 
-# CPU-only helper ops: native_attention's cpu_gqa route calls them on CPU tensors only (CUDA attention takes aten's
+# CPU-only helper ops: aten_attention's cpu_gqa route calls them on CPU tensors only (CUDA attention takes aten's
 # flash kernel or the Triton kernels); they are not graph-op kernels (no ``_kernel`` suffix, so check-cuda skips them).
 CPU_ONLY = {"cpu_gqa_attention_fwd", "cpu_gqa_attention_bwd"}
 

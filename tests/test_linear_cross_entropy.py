@@ -339,7 +339,7 @@ def test_kernels_on_a_gpu(n, v, d, dtype, backend):
 @pytest.mark.triton
 def test_triton_ops_without_bias_and_strided_weight():
     pytest.importorskip("triton")
-    from ckpt_ext.kernels import linear_cross_entropy as lce
+    from ckpt_ext.backends.triton import lm_head as lce
 
     hidden, weight, _, labels = _case(20, 70, 8, bias=False)
     weight = weight.t().contiguous().t()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ckpt_ext
-from ckpt_ext import ops, reference
+from ckpt_ext import ops, reference, reference_attention
 
 APPROX = ["none", "tanh"]
 
@@ -24,7 +24,7 @@ def sample_calls(requires_grad=False):
     _, mean, rstd = reference.layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
     u = torch.randn(n, h, requires_grad=requires_grad)
     qkv = torch.randn(bsz, t, 3 * d, requires_grad=requires_grad)
-    out, lse = reference.attention_fwd(qkv.detach(), heads, True, 0.0, 0, None)
+    out, lse = reference_attention.attention_fwd(qkv.detach(), heads, True, 0.0, 0, None)
     w1, b1, w2 = torch.randn(h, d), torch.randn(h), torch.randn(d, h)
     calls = [
         (ops.layer_norm_fwd, (x, w, b, 1e-5)),
@@ -80,7 +80,7 @@ def llama_sample_calls(requires_grad=False):
     q, k, v = torch.randn(bsz, t, heads, dh, **rg), torch.randn(bsz, t, kv, dh, **rg), torch.randn(bsz, t, kv, dh, **rg)
     ang = torch.randn(1, t, dh // 2)
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    out, lse = reference.gqa_attention_fwd(q.detach(), k.detach(), v.detach(), True, 0.0, 0, None, dh**-0.5)
+    out, lse = reference_attention.gqa_attention_fwd(q.detach(), k.detach(), v.detach(), True, 0.0, 0, None, dh**-0.5)
     mask = torch.rand(bsz, 1, t, t) > 0.3
     return [
         (ops.rms_norm_fwd, (x, w, 1e-6)),

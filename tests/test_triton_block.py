@@ -61,9 +61,10 @@ def test_block_runs_the_fused_kernels(monkeypatch):
     """policy "ffn" on the triton backend reaches the Triton FC1 (linear_bias_gelu), the projection/FC2 epilogue GEMM
     (linear_dropout_add), ffn_recompute and LayerNorm launchers."""
     from ckpt_ext import backend
+    from ckpt_ext.backends import triton as triton_backend
 
     calls = []
-    real = backend._triton_impls
+    real = triton_backend.impls
 
     def recording():
         impls = dict(real())
@@ -71,7 +72,7 @@ def test_block_runs_the_fused_kernels(monkeypatch):
             impls[name] = lambda *a, _f=impls[name], _n=name: calls.append(_n) or _f(*a)
         return impls
 
-    monkeypatch.setattr(backend, "_triton_impls", recording)
+    monkeypatch.setattr(triton_backend, "impls", recording)
     monkeypatch.setattr(backend, "_tables", {})  # resolutions are cached: resolve afresh through the recorder
     block = ckpt_ext.FusedCheckpointBlock(72, 4, policy="ffn")
     x = torch.randn(1, 5, 72, requires_grad=True)

@@ -41,7 +41,7 @@ APPROX = ("none", "tanh")
 
 @pytest.fixture(scope="module")
 def L():
-    from ckpt_ext.kernels import launchers
+    from ckpt_ext.backends.triton import launchers
 
     return launchers
 

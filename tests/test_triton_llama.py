@@ -42,10 +42,10 @@ def _check(ours, ref_fn, *args, factor: float = 4.0):
 @pytest.fixture()
 def K(monkeypatch):
     """The triton launchers, with the reference math hidden from them (no silent fallback)."""
-    from ckpt_ext.kernels import launchers, llama_launchers
+    from ckpt_ext.backends.triton import llama_launchers
 
     monkeypatch.setattr(llama_launchers, "reference", None)
-    return launchers.IMPLS
+    return llama_launchers.IMPLS
 
 
 def _strided(t: torch.Tensor) -> torch.Tensor:

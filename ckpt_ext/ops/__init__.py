@@ -1,6 +1,7 @@
-"""The ``ckpt_ext::*`` op graph. Importing this package registers every op (schema, fake, autograd, FLOP formula)."""
+"""The ``ckpt_ext::*`` op graph. Importing this package registers every op (schema, fake, autograd, FLOP formula);
+table.OPS is the op table (one row per op) that backends, FLOP counting and the schema test read."""
 
-from . import flops
+from . import flops, table  # noqa: F401  (table: ops.table.OPS)
 from .attention import attention_bwd, attention_fwd, gqa_attention_bwd, gqa_attention_fwd
 from .cross_entropy import linear_cross_entropy_bwd, linear_cross_entropy_fwd  # noqa: F401  (opcheck: tests/test_linear_cross_entropy.py)
 from .dropout import dropout_add

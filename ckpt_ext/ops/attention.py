@@ -11,67 +11,55 @@ ids). It combines with attn_mask (a key must pass both) and, being integer, neve
 Query head i reads kv head i // (h // hk); dk/dv sum over the heads of a group. Math, masks, the empty-row rule and
 the dropout index: ckpt_ext/reference_attention.py. q, k, v may be strided views with unit last stride (GPT-2 passes
 views of its packed qkv). Integer masks raise TypeError; a mask that requires grad raises ValueError when autograd
-records the op (no mask gradient is defined). The cpp/cuda backends run native_attention's bounded-memory CPU path
-until cpp_bridge lists these ops (backend.kernel would otherwise give the reference math).
+records the op (no mask gradient is defined).
 
 attention_fwd(qkv (B, T, 3d), n_heads, causal, dropout_p, seed, attn_mask?) -> out (B, T, d) qkv.dtype,
                                                                              lse (B, h, T) fp32 (fp64 for fp64 qkv)
 attention_bwd(dout (B, T, d), qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask?) -> dqkv (B, T, 3d)
 q|k|v are the three thirds of qkv's last dim, head i = columns i*dh:(i+1)*dh of each. Probability dropout uses the
 hash mask (reproducible from seed). attn_mask is additive (float) or keep (bool), broadcastable to (B, h, T, T).
-Kernels: reference math always works; without dropout and mask, CPU runs aten's flash kernel for CPU (see cpp_bridge).
+Kernels: the reference math always works; the cpp/cuda backends run ckpt_ext/backends/aten_attention.py's routes.
 FLOPs follow torch's SDPA convention: forward 4·B·h·T²·dh, backward 10·B·h·T²·dh (causal not halved; T·S for gqa).
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
-from .. import backend, reference_attention
-
-
-def _lse_dtype(qkv: Tensor) -> torch.dtype:
-    return torch.float64 if qkv.dtype == torch.float64 else torch.float32
+from .. import reference, reference_attention
+from .table import define
 
 
-@torch.library.custom_op("ckpt_ext::attention_fwd", mutates_args=())
-def attention_fwd(
-    qkv: Tensor, n_heads: int, causal: bool, dropout_p: float, seed: int, attn_mask: Optional[Tensor]
-) -> tuple[Tensor, Tensor]:
-    return backend.kernel("attention_fwd", qkv.device.type)(qkv, n_heads, causal, dropout_p, seed, attn_mask)
+# ------------------------------------------------------------------------------------------------ packed qkv
+def _bhtd(qkv_shape, n_heads):
+    b, t, three_d = qkv_shape
+    return b, n_heads, t, three_d // 3 // n_heads
 
 
-@attention_fwd.register_fake
-def _(qkv, n_heads, causal, dropout_p, seed, attn_mask):
+def _attention_fwd_flops(qkv_shape, n_heads, *args, out_shape=None, **kwargs) -> int:
+    b, h, t, dh = _bhtd(qkv_shape, n_heads)
+    return 4 * b * h * t * t * dh
+
+
+def _attention_bwd_flops(dout_shape, qkv_shape, o_shape, lse_shape, n_heads, *args, out_shape=None, **kwargs) -> int:
+    b, h, t, dh = _bhtd(qkv_shape, n_heads)
+    return 10 * b * h * t * t * dh  # dV, dP, dQ, dK and the rebuilt scores, as torch counts SDPA's backward
+
+
+def _attention_fwd_fake(qkv, n_heads, causal, dropout_p, seed, attn_mask):
     torch._check(qkv.dim() == 3 and qkv.shape[2] % (3 * n_heads) == 0, lambda: "attention_fwd: qkv must be (B, T, 3d)")
     b, t, three_d = qkv.shape
-    return qkv.new_empty((b, t, three_d // 3)), qkv.new_empty((b, n_heads, t), dtype=_lse_dtype(qkv))
+    lse_dtype = reference.compute_dtype(qkv)
+    return qkv.new_empty((b, t, three_d // 3)), qkv.new_empty((b, n_heads, t), dtype=lse_dtype)
 
 
-@torch.library.custom_op("ckpt_ext::attention_bwd", mutates_args=())
-def attention_bwd(
-    dout: Tensor,
-    qkv: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    n_heads: int,
-    causal: bool,
-    dropout_p: float,
-    seed: int,
-    attn_mask: Optional[Tensor],
-) -> Tensor:
-    return backend.kernel("attention_bwd", qkv.device.type)(
-        dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask
-    )
-
-
-@attention_bwd.register_fake
-def _(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask):
+def _attention_bwd_fake(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask):
     torch._check(dout.shape == out.shape, lambda: "attention_bwd: dout must match out")
     return qkv.new_empty(qkv.shape)
+
+
+attention_fwd = define(reference_attention.attention_fwd, fake=_attention_fwd_fake, flops=_attention_fwd_flops)
+attention_bwd = define(reference_attention.attention_bwd, fake=_attention_bwd_fake, flops=_attention_bwd_flops)
 
 
 def _setup(ctx, inputs, output):
@@ -92,61 +80,45 @@ attention_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------------------------------------ grouped-query
-@torch.library.custom_op("ckpt_ext::gqa_attention_fwd", mutates_args=())
-def gqa_attention_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    causal: bool,
-    dropout_p: float,
-    seed: int,
-    attn_mask: Optional[Tensor],
-    scale: float,
-    segment_ids: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
+def _gqa_fwd_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    b, t, h, dh = q_shape
+    return 4 * b * h * t * k_shape[1] * dh
+
+
+def _gqa_bwd_flops(dout_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    b, t, h, dh = q_shape
+    return 10 * b * h * t * k_shape[1] * dh  # as attention_bwd: dV, dP, dQ, dK and the rebuilt scores
+
+
+def _gqa_fwd_check(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
     reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
-    return backend.kernel("gqa_attention_fwd", q.device.type)(
-        q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids
+
+
+def _gqa_bwd_check(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+    reference_attention.check_gqa_args(
+        q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids
     )
 
 
-@gqa_attention_fwd.register_fake
-def _(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
-    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
+def _gqa_fwd_fake(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+    _gqa_fwd_check(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
     b, t, h, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, t), dtype=_lse_dtype(q))
+    lse_dtype = reference.compute_dtype(q)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, t), dtype=lse_dtype)
 
 
-@torch.library.custom_op("ckpt_ext::gqa_attention_bwd", mutates_args=())
-def gqa_attention_bwd(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    dropout_p: float,
-    seed: int,
-    attn_mask: Optional[Tensor],
-    scale: float,
-    segment_ids: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    reference_attention.check_gqa_args(
-        q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids
-    )
-    return backend.kernel("gqa_attention_bwd", q.device.type)(
-        dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids
-    )
-
-
-@gqa_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
-    reference_attention.check_gqa_args(
-        q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids
-    )
+def _gqa_bwd_fake(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+    _gqa_bwd_check(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids)
     torch._check(dout.shape == q.shape, lambda: "gqa_attention_bwd: dout must be (B, T, h, dh) like q")
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+gqa_attention_fwd = define(
+    reference_attention.gqa_attention_fwd, fake=_gqa_fwd_fake, check=_gqa_fwd_check, flops=_gqa_fwd_flops
+)
+gqa_attention_bwd = define(
+    reference_attention.gqa_attention_bwd, fake=_gqa_bwd_fake, check=_gqa_bwd_check, flops=_gqa_bwd_flops
+)
 
 
 def _gqa_setup(ctx, inputs, output):

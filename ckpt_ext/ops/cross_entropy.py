@@ -19,11 +19,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backend
+from .. import reference
+from .table import define
 
 
-def _stats_dtype(hidden: Tensor) -> torch.dtype:
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+def _fwd_flops(hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * hidden_shape[0] * hidden_shape[1] * weight_shape[0]
+
+
+def _bwd_flops(dloss_shape, hidden_shape, weight_shape, bias_shape, labels_shape, lse_shape, ignore_index,
+               label_smoothing, chunk_bytes, need_dweight, out_shape=None, **kwargs) -> int:  # fmt: skip
+    gemms = 3 if need_dweight else 2  # rebuilt logits, dhidden = dz @ W, dweight = dzᵀ @ hidden
+    return 2 * gemms * hidden_shape[0] * hidden_shape[1] * weight_shape[0]
 
 
 def _check(name: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor) -> None:
@@ -34,55 +41,32 @@ def _check(name: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], la
     torch._check(labels.shape == (n,), lambda: f"{name}: labels must be ({n},)")
 
 
-@torch.library.custom_op("ckpt_ext::linear_cross_entropy_fwd", mutates_args=())
-def linear_cross_entropy_fwd(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    labels: Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    chunk_bytes: int,
-) -> tuple[Tensor, Tensor]:
-    return backend.kernel("linear_cross_entropy_fwd", hidden.device.type)(
-        hidden, weight, bias, labels, ignore_index, label_smoothing, chunk_bytes
-    )
-
-
-@linear_cross_entropy_fwd.register_fake
-def _(hidden, weight, bias, labels, ignore_index, label_smoothing, chunk_bytes):
+def _linear_cross_entropy_fwd_fake(hidden, weight, bias, labels, ignore_index, label_smoothing, chunk_bytes):
     _check("linear_cross_entropy_fwd", hidden, weight, bias, labels)
     n = hidden.shape[0]
-    dt = _stats_dtype(hidden)
+    dt = reference.compute_dtype(hidden)
     return hidden.new_empty((n,), dtype=dt), hidden.new_empty((n,), dtype=dt)
 
 
-@torch.library.custom_op("ckpt_ext::linear_cross_entropy_bwd", mutates_args=())
-def linear_cross_entropy_bwd(
-    dloss: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    labels: Tensor,
-    lse: Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    chunk_bytes: int,
-    need_dweight: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return backend.kernel("linear_cross_entropy_bwd", hidden.device.type)(
-        dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, chunk_bytes, need_dweight
-    )
+linear_cross_entropy_fwd = define(
+    reference.linear_cross_entropy_fwd, fake=_linear_cross_entropy_fwd_fake, flops=_fwd_flops, autocast_off=True
+)
 
 
-@linear_cross_entropy_bwd.register_fake
-def _(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, chunk_bytes, need_dweight):
+def _linear_cross_entropy_bwd_fake(
+    dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, chunk_bytes, need_dweight
+):
     _check("linear_cross_entropy_bwd", hidden, weight, bias, labels)
     n = hidden.shape[0]
     torch._check(dloss.shape == (n,) and lse.shape == (n,), lambda: f"linear_cross_entropy_bwd: dloss, lse ({n},)")
     dweight = weight.new_empty(weight.shape) if need_dweight else hidden.new_empty((0,))
     dbias = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty((0,))
     return hidden.new_empty(hidden.shape), dweight, dbias
+
+
+linear_cross_entropy_bwd = define(
+    reference.linear_cross_entropy_bwd, fake=_linear_cross_entropy_bwd_fake, flops=_bwd_flops, autocast_off=True
+)
 
 
 def _setup(ctx, inputs, output):

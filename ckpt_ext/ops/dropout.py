@@ -8,26 +8,24 @@ d x = dropout_add(d out, None, p, seed), d residual = d out.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
-from .. import backend
+from .. import reference
+from .table import define
 
 
-@torch.library.custom_op("ckpt_ext::dropout_add", mutates_args=())
-def dropout_add(x: Tensor, residual: Optional[Tensor], p: float, seed: int) -> Tensor:
+def _check_residual(x, residual, p, seed):
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"dropout_add: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-    return backend.kernel("dropout_add", x.device.type)(x, residual, p, seed)
 
 
-@dropout_add.register_fake
-def _(x, residual, p, seed):
+def _dropout_add_fake(x, residual, p, seed):
     torch._check(0.0 <= p < 1.0, lambda: f"dropout_add: p must be in [0, 1), got {p}")
     dtype = x.dtype if residual is None else torch.result_type(x, residual)
     return torch.empty(x.shape, dtype=dtype, device=x.device)
+
+
+dropout_add = define(reference.dropout_add, fake=_dropout_add_fake, check=_check_residual)
 
 
 def _setup(ctx, inputs, output):

@@ -20,35 +20,31 @@ Weights may be strided views (e.g. a transposed Conv1D weight); kernels read the
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
-from .. import backend
+from .. import reference
 from .dropout import dropout_add
+from .table import define
 
 
-@torch.library.custom_op("ckpt_ext::ffn_recompute", mutates_args=())
-def ffn_recompute(
-    x1: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    dy: Tensor,
-    w2: Tensor,
-    approximate: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return backend.kernel("ffn_recompute", x1.device.type)(
-        x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximate
-    )
+def _ffn_recompute_flops(x1_shape, mean_shape, rstd_shape, lnw_shape, lnb_shape, w1_shape, *args, out_shape=None,
+                         **kwargs) -> int:  # fmt: skip
+    n, d = x1_shape
+    return 4 * n * d * w1_shape[0]  # u = LN(x1) @ w1ᵀ and dA = dy @ w2
 
 
-@ffn_recompute.register_fake
-def _(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximate):
+def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """2·N·K·out of x (N, K) @ w (out, K)ᵀ: linear_bias_gelu, linear_dropout_add."""
+    return 2 * x_shape[0] * x_shape[1] * w_shape[0]
+
+
+def _dy_times_flops(dy_shape, second_shape, *args, out_shape=None, **kwargs) -> int:
+    """2·N·d·H of a GEMM reducing over dy (N, d)'s rows or columns against a (., H) operand: linear_gelu_bwd (w2
+    (d, H)), gelu_linear_wgrad (u (N, H)); the SwiGLU backward GEMMs alike."""
+    return 2 * dy_shape[0] * dy_shape[1] * second_shape[1]
+
+
+def _ffn_recompute_fake(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximate):
     n, d = x1.shape
     h = w1.shape[0]
     torch._check(w1.shape == (h, d), lambda: f"ffn_recompute: w1 must be (H, d={d}), got {tuple(w1.shape)}")
@@ -59,13 +55,10 @@ def _(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximate):
     return dy.new_empty((n, h)), dy.new_empty((n, h)), dy.new_empty((h,), dtype=acc)
 
 
-@torch.library.custom_op("ckpt_ext::linear_bias_gelu", mutates_args=())
-def linear_bias_gelu(x: Tensor, w: Tensor, b: Optional[Tensor], approximate: str) -> Tensor:
-    return backend.kernel("linear_bias_gelu", x.device.type)(x, w, b, approximate)
+ffn_recompute = define(reference.ffn_recompute, fake=_ffn_recompute_fake, flops=_ffn_recompute_flops, autocast_off=True)
 
 
-@linear_bias_gelu.register_fake
-def _(x, w, b, approximate):
+def _linear_bias_gelu_fake(x, w, b, approximate):
     torch._check(
         x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], lambda: "linear_bias_gelu: x (N, K), w (H, K)"
     )
@@ -73,42 +66,42 @@ def _(x, w, b, approximate):
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
-@torch.library.custom_op("ckpt_ext::linear_gelu_bwd", mutates_args=())
-def linear_gelu_bwd(dy: Tensor, w2: Tensor, u: Tensor, approximate: str) -> Tensor:
-    return backend.kernel("linear_gelu_bwd", u.device.type)(dy, w2, u, approximate)
+linear_bias_gelu = define(
+    reference.linear_bias_gelu, fake=_linear_bias_gelu_fake, flops=_linear_flops, autocast_off=True
+)
 
 
-@linear_gelu_bwd.register_fake
-def _(dy, w2, u, approximate):
+def _linear_gelu_bwd_fake(dy, w2, u, approximate):
     torch._check(dy.shape[1] == w2.shape[0] and w2.shape[1] == u.shape[1], lambda: "linear_gelu_bwd: shape mismatch")
     torch._check(dy.shape[0] == u.shape[0], lambda: "linear_gelu_bwd: dy and u must have the same rows")
     return u.new_empty(u.shape)
 
 
-@torch.library.custom_op("ckpt_ext::gelu_linear_wgrad", mutates_args=())
-def gelu_linear_wgrad(dy: Tensor, u: Tensor, approximate: str) -> Tensor:
-    return backend.kernel("gelu_linear_wgrad", u.device.type)(dy, u, approximate)
+linear_gelu_bwd = define(
+    reference.linear_gelu_bwd, fake=_linear_gelu_bwd_fake, flops=_dy_times_flops, autocast_off=True
+)
 
 
-@gelu_linear_wgrad.register_fake
-def _(dy, u, approximate):
+def _gelu_linear_wgrad_fake(dy, u, approximate):
     torch._check(dy.shape[0] == u.shape[0], lambda: "gelu_linear_wgrad: dy and u must have the same rows")
     return dy.new_empty((dy.shape[1], u.shape[1]))
 
 
-@torch.library.custom_op("ckpt_ext::linear_dropout_add", mutates_args=())
-def linear_dropout_add(x: Tensor, w: Tensor, b: Optional[Tensor], residual: Tensor, p: float, seed: int) -> Tensor:
-    return backend.kernel("linear_dropout_add", x.device.type)(x, w, b, residual, p, seed)
+gelu_linear_wgrad = define(
+    reference.gelu_linear_wgrad, fake=_gelu_linear_wgrad_fake, flops=_dy_times_flops, autocast_off=True
+)
 
 
-@linear_dropout_add.register_fake
-def _(x, w, b, residual, p, seed):
+def _linear_dropout_add_fake(x, w, b, residual, p, seed):
     torch._check(
         x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], lambda: "linear_dropout_add: x (N, K), w (d, K)"
     )
     torch._check(residual.shape == (x.shape[0], w.shape[0]), lambda: "linear_dropout_add: residual must be (N, d)")
     torch._check(0.0 <= p < 1.0, lambda: f"linear_dropout_add: p must be in [0, 1), got {p}")
     return torch.empty_like(residual, memory_format=torch.contiguous_format)
+
+
+linear_dropout_add = define(reference.linear_dropout_add, fake=_linear_dropout_add_fake, flops=_linear_flops)
 
 
 def _setup_linear_dropout_add(ctx, inputs, output):

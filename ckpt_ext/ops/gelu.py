@@ -7,40 +7,32 @@ approximate is "none" (y = x Φ(x)) or "tanh" (GPT-2's gelu_new). fp32 math insi
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
-from .. import backend
+from .. import reference
+from .table import define
 
 
 def _check(approximate: str) -> None:
     torch._check(approximate in ("none", "tanh"), lambda: f"approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
-@torch.library.custom_op("ckpt_ext::bias_gelu", mutates_args=())
-def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
-    return backend.kernel("bias_gelu", x.device.type)(x, bias, approximate)
-
-
-@bias_gelu.register_fake
-def _(x, bias, approximate):
+def _bias_gelu_fake(x, bias, approximate):
     _check(approximate)
     torch._check(bias is None or bias.shape == (x.shape[-1],), lambda: "bias_gelu: bias must be (H,)")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("ckpt_ext::gelu_bwd", mutates_args=())
-def gelu_bwd(da: Tensor, u: Tensor, approximate: str) -> Tensor:
-    return backend.kernel("gelu_bwd", u.device.type)(da, u, approximate)
+bias_gelu = define(reference.bias_gelu, fake=_bias_gelu_fake)
 
 
-@gelu_bwd.register_fake
-def _(da, u, approximate):
+def _gelu_bwd_fake(da, u, approximate):
     _check(approximate)
     torch._check(da.shape == u.shape, lambda: "gelu_bwd: da and u must have the same shape")
     return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+
+gelu_bwd = define(reference.gelu_bwd, fake=_gelu_bwd_fake)
 
 
 def _setup(ctx, inputs, output):

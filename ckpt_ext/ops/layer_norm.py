@@ -9,51 +9,24 @@ the weight gradient of the matmul that consumed it, so the LN output never has t
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
-from .. import backend
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .. import reference
+from .table import define
 
 
-@torch.library.custom_op("ckpt_ext::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return backend.kernel("layer_norm_fwd", x.device.type)(x, weight, bias, eps)
-
-
-@layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
+def _fwd_fake(x, weight, bias, eps):
     torch._check(x.dim() == 2, lambda: f"layer_norm_fwd: x must be (N, d), got {tuple(x.shape)}")
     torch._check(weight.shape == (x.shape[1],) and bias.shape == (x.shape[1],), lambda: "weight/bias must be (d,)")
     n = x.shape[0]
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
-        x.new_empty((n,), dtype=_stats_dtype(x)),
-        x.new_empty((n,), dtype=_stats_dtype(x)),
+        x.new_empty((n,), dtype=reference.compute_dtype(x)),
+        x.new_empty((n,), dtype=reference.compute_dtype(x)),
     )
 
 
-@torch.library.custom_op("ckpt_ext::layer_norm_bwd", mutates_args=())
-def layer_norm_bwd(
-    dy: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    dresidual: Optional[Tensor],
-    emit_y: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return backend.kernel("layer_norm_bwd", x.device.type)(dy, x, mean, rstd, weight, bias, dresidual, emit_y)
-
-
-@layer_norm_bwd.register_fake
-def _(dy, x, mean, rstd, weight, bias, dresidual, emit_y):
+def _bwd_fake(dy, x, mean, rstd, weight, bias, dresidual, emit_y):
     torch._check(dy.shape == x.shape and x.dim() == 2, lambda: "layer_norm_bwd: dy and x must be the same (N, d)")
     torch._check(mean.shape == (x.shape[0],) and rstd.shape == (x.shape[0],), lambda: "mean/rstd must be (N,)")
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if emit_y else x.new_empty((0,))
@@ -63,6 +36,10 @@ def _(dy, x, mean, rstd, weight, bias, dresidual, emit_y):
         torch.empty_like(bias, memory_format=torch.contiguous_format),
         y,
     )
+
+
+layer_norm_fwd = define(reference.layer_norm_fwd, fake=_fwd_fake)
+layer_norm_bwd = define(reference.layer_norm_bwd, fake=_bwd_fake)
 
 
 def _setup_fwd(ctx, inputs, output):

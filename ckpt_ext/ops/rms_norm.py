@@ -10,46 +10,32 @@ and, when asked, emits y for the weight gradient of the matmul that consumed it.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
-from .. import backend
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .. import reference
+from .table import define
 
 
-@torch.library.custom_op("ckpt_ext::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return backend.kernel("rms_norm_fwd", x.device.type)(x, weight, eps)
-
-
-@rms_norm_fwd.register_fake
-def _(x, weight, eps):
+def _rms_norm_fwd_fake(x, weight, eps):
     torch._check(x.dim() == 2, lambda: f"rms_norm_fwd: x must be (N, d), got {tuple(x.shape)}")
     torch._check(weight.shape == (x.shape[1],), lambda: f"rms_norm_fwd: weight must be ({x.shape[1]},)")
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
-    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0],), dtype=_stats_dtype(x))
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0],), dtype=reference.compute_dtype(x))
 
 
-@torch.library.custom_op("ckpt_ext::rms_norm_bwd", mutates_args=())
-def rms_norm_bwd(
-    dy: Tensor, x: Tensor, rstd: Tensor, weight: Tensor, dresidual: Optional[Tensor], emit_y: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    return backend.kernel("rms_norm_bwd", x.device.type)(dy, x, rstd, weight, dresidual, emit_y)
+rms_norm_fwd = define(reference.rms_norm_fwd, fake=_rms_norm_fwd_fake)
 
 
-@rms_norm_bwd.register_fake
-def _(dy, x, rstd, weight, dresidual, emit_y):
+def _rms_norm_bwd_fake(dy, x, rstd, weight, dresidual, emit_y):
     torch._check(dy.shape == x.shape and x.dim() == 2, lambda: "rms_norm_bwd: dy and x must be the same (N, d)")
     torch._check(rstd.shape == (x.shape[0],), lambda: "rms_norm_bwd: rstd must be (N,)")
     torch._check(dresidual is None or dresidual.shape == x.shape, lambda: "rms_norm_bwd: dresidual must be (N, d)")
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     y = x.new_empty(x.shape, dtype=out_dtype) if emit_y else x.new_empty((0,))
     return x.new_empty(x.shape), torch.empty_like(weight, memory_format=torch.contiguous_format), y
+
+
+rms_norm_bwd = define(reference.rms_norm_bwd, fake=_rms_norm_bwd_fake)
 
 
 def _setup_fwd(ctx, inputs, output):

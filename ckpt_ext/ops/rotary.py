@@ -10,18 +10,12 @@ autograd formula and the block's backward call on dq, dk. fp32 math inside. Math
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from .. import backend
-
-
-@torch.library.custom_op("ckpt_ext::rope", mutates_args=())
-def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-    return backend.kernel("rope", q.device.type)(q, k, cos, sin, inverse)
+from .. import reference
+from .table import define
 
 
-@rope.register_fake
-def _(q, k, cos, sin, inverse):
+def _rope_fake(q, k, cos, sin, inverse):
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "rope: q and k must be (B, T, heads, head_dim)")
     b, t, _, dh = q.shape
     torch._check(k.shape[0] == b and k.shape[1] == t and k.shape[3] == dh, lambda: "rope: k must be (B, T, hk, dh)")
@@ -34,6 +28,9 @@ def _(q, k, cos, sin, inverse):
             ),
         )
     return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+rope = define(reference.rope, fake=_rope_fake)
 
 
 def _setup(ctx, inputs, output):

@@ -18,39 +18,42 @@ fp32 accumulation and pointwise math everywhere. Weights may be strided views. M
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from .. import backend
+from .. import reference
+from .ffn import _dy_times_flops
+from .table import define
+
+
+def _linear_swiglu_flops(x_shape, w_gate_shape, *args, out_shape=None, **kwargs) -> int:
+    return 4 * x_shape[0] * x_shape[1] * w_gate_shape[0]  # gate and up GEMMs
+
+
+def _swiglu_ffn_recompute_flops(x1_shape, rstd_shape, nw_shape, w_gate_shape, *args, out_shape=None, **kwargs) -> int:
+    n, d = x1_shape
+    return 6 * n * d * w_gate_shape[0]  # gate and up GEMMs redone, dH = dy @ w_down
 
 
 def _check_pair(name: str, a: Tensor, b: Tensor) -> None:
     torch._check(a.dim() == 2 and a.shape == b.shape, lambda: f"{name}: g and u must be the same (N, F)")
 
 
-@torch.library.custom_op("ckpt_ext::swiglu_fwd", mutates_args=())
-def swiglu_fwd(g: Tensor, u: Tensor) -> Tensor:
-    return backend.kernel("swiglu_fwd", g.device.type)(g, u)
-
-
-@swiglu_fwd.register_fake
-def _(g, u):
+def _swiglu_fwd_fake(g, u):
     _check_pair("swiglu_fwd", g, u)
     return g.new_empty(g.shape)
 
 
-@torch.library.custom_op("ckpt_ext::swiglu_bwd", mutates_args=())
-def swiglu_bwd(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    return backend.kernel("swiglu_bwd", g.device.type)(dh, g, u)
+swiglu_fwd = define(reference.swiglu_fwd, fake=_swiglu_fwd_fake)
 
 
-@swiglu_bwd.register_fake
-def _(dh, g, u):
+def _swiglu_bwd_fake(dh, g, u):
     _check_pair("swiglu_bwd", g, u)
     torch._check(dh.shape == g.shape, lambda: "swiglu_bwd: dh must match g")
     return g.new_empty(g.shape), u.new_empty(u.shape)
+
+
+swiglu_bwd = define(reference.swiglu_bwd, fake=_swiglu_bwd_fake)
 
 
 def _setup(ctx, inputs, output):
@@ -74,25 +77,16 @@ def _check_weights(name: str, k: int, w_gate: Tensor, b_gate, w_up: Tensor, b_up
     return f
 
 
-@torch.library.custom_op("ckpt_ext::linear_swiglu", mutates_args=())
-def linear_swiglu(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor]) -> Tensor:
-    return backend.kernel("linear_swiglu", x.device.type)(x, w_gate, b_gate, w_up, b_up)
-
-
-@linear_swiglu.register_fake
-def _(x, w_gate, b_gate, w_up, b_up):
+def _linear_swiglu_fake(x, w_gate, b_gate, w_up, b_up):
     torch._check(x.dim() == 2, lambda: "linear_swiglu: x must be (N, K)")
     f = _check_weights("linear_swiglu", x.shape[1], w_gate, b_gate, w_up, b_up)
     return x.new_empty((x.shape[0], f))
 
 
-@torch.library.custom_op("ckpt_ext::swiglu_linear_bwd", mutates_args=())
-def swiglu_linear_bwd(dy: Tensor, w_down: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    return backend.kernel("swiglu_linear_bwd", g.device.type)(dy, w_down, g, u)
+linear_swiglu = define(reference.linear_swiglu, fake=_linear_swiglu_fake, flops=_linear_swiglu_flops, autocast_off=True)
 
 
-@swiglu_linear_bwd.register_fake
-def _(dy, w_down, g, u):
+def _swiglu_linear_bwd_fake(dy, w_down, g, u):
     _check_pair("swiglu_linear_bwd", g, u)
     n, f = g.shape
     torch._check(dy.dim() == 2 and dy.shape[0] == n, lambda: f"swiglu_linear_bwd: dy must be ({n}, d)")
@@ -100,37 +94,23 @@ def _(dy, w_down, g, u):
     return g.new_empty(g.shape), u.new_empty(u.shape)
 
 
-@torch.library.custom_op("ckpt_ext::swiglu_linear_wgrad", mutates_args=())
-def swiglu_linear_wgrad(dy: Tensor, g: Tensor, u: Tensor) -> Tensor:
-    return backend.kernel("swiglu_linear_wgrad", g.device.type)(dy, g, u)
+swiglu_linear_bwd = define(
+    reference.swiglu_linear_bwd, fake=_swiglu_linear_bwd_fake, flops=_dy_times_flops, autocast_off=True
+)
 
 
-@swiglu_linear_wgrad.register_fake
-def _(dy, g, u):
+def _swiglu_linear_wgrad_fake(dy, g, u):
     _check_pair("swiglu_linear_wgrad", g, u)
     torch._check(dy.dim() == 2 and dy.shape[0] == g.shape[0], lambda: "swiglu_linear_wgrad: dy must be (N, d)")
     return dy.new_empty((dy.shape[1], g.shape[1]))
 
 
-@torch.library.custom_op("ckpt_ext::swiglu_ffn_recompute", mutates_args=())
-def swiglu_ffn_recompute(
-    x1: Tensor,
-    rstd: Tensor,
-    norm_weight: Tensor,
-    w_gate: Tensor,
-    b_gate: Optional[Tensor],
-    w_up: Tensor,
-    b_up: Optional[Tensor],
-    dy: Tensor,
-    w_down: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return backend.kernel("swiglu_ffn_recompute", x1.device.type)(
-        x1, rstd, norm_weight, w_gate, b_gate, w_up, b_up, dy, w_down
-    )
+swiglu_linear_wgrad = define(
+    reference.swiglu_linear_wgrad, fake=_swiglu_linear_wgrad_fake, flops=_dy_times_flops, autocast_off=True
+)
 
 
-@swiglu_ffn_recompute.register_fake
-def _(x1, rstd, norm_weight, w_gate, b_gate, w_up, b_up, dy, w_down):
+def _swiglu_ffn_recompute_fake(x1, rstd, norm_weight, w_gate, b_gate, w_up, b_up, dy, w_down):
     torch._check(x1.dim() == 2, lambda: "swiglu_ffn_recompute: x1 must be (N, d)")
     n, d = x1.shape
     f = _check_weights("swiglu_ffn_recompute", d, w_gate, b_gate, w_up, b_up)
@@ -138,3 +118,11 @@ def _(x1, rstd, norm_weight, w_gate, b_gate, w_up, b_up, dy, w_down):
     torch._check(dy.shape == (n, d), lambda: f"swiglu_ffn_recompute: dy must be ({n}, {d})")
     torch._check(w_down.shape == (d, f), lambda: f"swiglu_ffn_recompute: w_down must be ({d}, {f})")
     return dy.new_empty((n, f)), dy.new_empty((n, f)), dy.new_empty((n, f))
+
+
+swiglu_ffn_recompute = define(
+    reference.swiglu_ffn_recompute,
+    fake=_swiglu_ffn_recompute_fake,
+    flops=_swiglu_ffn_recompute_flops,
+    autocast_off=True,
+)

@@ -1,5 +1,5 @@
 // Grouped-query attention on CPU, fp32, no mask / dropout (causal or not): the `cpu_gqa` route of
-// ckpt_ext/ops/native_attention.py, called as ckpt_ext::cpu_gqa_attention_fwd / _bwd (CPU-only helper ops).
+// ckpt_ext/backends/aten_attention.py, called as ckpt_ext::cpu_gqa_attention_fwd / _bwd (CPU-only helper ops).
 //
 // q (B, T, h, dh), k/v (B, S, hk, dh), h % hk == 0, G = h / hk query heads per kv head, last dim contiguous;
 // causal needs S == T (query t sees keys j <= t). scale multiplies q kᵀ. segment_ids (B, S) int32/int64, optional, needs
@@ -425,15 +425,8 @@ bool available() { return find_sgemm() != nullptr; }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(ckpt_ext, m) {
-  m.def("cpu_gqa_available() -> bool", &available);
-  m.def(
-      "cpu_gqa_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? segment_ids) -> "
-      "(Tensor, Tensor)");
-  m.def(
-      "cpu_gqa_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
-      "float scale, Tensor? segment_ids) -> (Tensor, Tensor, Tensor)");
-}
+// Whether libtorch_cpu exports the BLAS sgemm_ these kernels call (the op cpu_gqa_available, csrc/ckpt_ext.cpp).
+bool cpu_gqa_available() { return available(); }
 
 TORCH_LIBRARY_IMPL(ckpt_ext, CPU, m) {
   m.impl("cpu_gqa_attention_fwd", &fwd);

@@ -10,7 +10,7 @@
 // attention_tile_dropout_kernel(x (B, G, R, N) fp32/fp64 contiguous, heads, seq_q, seq_k, head0, row0, p, seed):
 // in place, x[b, g, r, c] = keep(i) ? x[b, g, r, c] / (1 - p) : 0 with i = ((b·heads + head0 + g)·seq_q + row0 + r)·
 // seq_k + c, the flat (B, heads, seq_q, seq_k) index of the attention probability the tile holds (the tiles of
-// ckpt_ext/ops/native_attention.py: G query heads of one kv group, R query rows from row0, the first N keys).
+// ckpt_ext/backends/aten_attention.py: G query heads of one kv group, R query rows from row0, the first N keys).
 // Parallel over the tile's rows; the hash per element is the same keep as dropout_add's.
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -45,8 +45,9 @@ import functools
 
 import torch
 
-from .. import backend, reference, reference_attention, segments
-from ..reference_attention import empty_threshold, mask4
+from .. import reference, reference_attention, segments
+from ..reference_attention import empty_threshold, mask4, packed_bwd, packed_fwd, split_heads
+from .extension import built, cuda_built
 
 BLOCK_Q = 64  # query rows per cpu_math tile
 CPU_GQA_MAX_KEYS = 8192  # longer key sequences take aten's flash kernel (cpu_gqa's tiles hold every visible key)
@@ -67,7 +68,7 @@ def _cuda_flash_fits(q, k) -> bool:
 @functools.cache
 def _cpu_gqa_available() -> bool:
     """Whether ckpt_ext._C has the cpu_gqa ops and found its BLAS (an older build has neither; no build, no _C)."""
-    if not backend.cpp_available():
+    if not built():
         return False
     ops = torch.ops.ckpt_ext
     return hasattr(ops, "cpu_gqa_available") and hasattr(ops, "cpu_gqa_attention_bwd") and ops.cpu_gqa_available()
@@ -100,25 +101,8 @@ def _route_gqa(q, k, v, dropout_p, attn_mask, segment_ids=None) -> str:
 
 def _route(qkv, n_heads, dropout_p, attn_mask) -> str:
     """The route the packed op takes for qkv (B, T, 3d)."""
-    q, k, v = reference._split_heads(qkv, n_heads)
+    q, k, v = split_heads(qkv, n_heads)
     return _route_gqa(q, k, v, dropout_p, attn_mask)
-
-
-# ------------------------------------------------------------------------------------------------ packed qkv
-def attention_fwd(qkv, n_heads, causal, dropout_p, seed, attn_mask):
-    b, t, three_d = qkv.shape
-    q, k, v = reference._split_heads(qkv, n_heads)  # (B, T, h, dh) strided views
-    out, lse = gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5)
-    return out.view(b, t, three_d // 3), lse
-
-
-def attention_bwd(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask):
-    b, t, three_d = qkv.shape
-    q, k, v = reference._split_heads(qkv, n_heads)
-    grads = gqa_attention_bwd(
-        dout.view(q.shape), q, k, v, out.view(q.shape), lse, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5
-    )
-    return torch.stack(grads, dim=2).view(b, t, three_d)  # (B, T, 3, h, dh) -> (B, T, 3d)
 
 
 # ------------------------------------------------------------------------------------------------ grouped-query
@@ -237,7 +221,7 @@ def _drop_(x, keep, dropout_p):
 def _tile_dropout_kernel(device_type: str):
     """ckpt_ext._C's attention_tile_dropout_kernel for ``device_type`` (one pass, the hash in registers), or None when
     the extension lacks it (not built, CPU-only build on CUDA tensors, or built before the op existed)."""
-    if not backend.cpp_available() or (device_type == "cuda" and not backend.cuda_ext_available()):
+    if not built() or (device_type == "cuda" and not cuda_built()):
         return None
     if device_type not in ("cpu", "cuda"):
         return None
@@ -344,3 +328,8 @@ def _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale, seg
         dq[:, t0:t1, heads] = torch.bmm(ds, k[:, :n, j].to(cdt)).mul_(scale).view(b, g, tq, dh).transpose(1, 2)
         dk[:, :n, j] += torch.bmm(ds.transpose(1, 2), qt)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ packed qkv
+attention_fwd = functools.partial(packed_fwd, gqa_attention_fwd)
+attention_bwd = functools.partial(packed_bwd, gqa_attention_bwd)

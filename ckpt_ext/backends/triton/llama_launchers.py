@@ -1,6 +1,6 @@
-"""Launchers of the Llama-family graph ops (RMSNorm, SwiGLU, RoPE and the fused SwiGLU matmuls), merged into
-launchers.IMPLS. Same rules as launchers.py: the graph op's exact signature and output dtypes (ckpt_ext.reference
-and the op contract), inputs read through their strides where the kernel can, fresh contiguous outputs, and the
+"""Launchers of the Llama-family graph ops (RMSNorm, SwiGLU, RoPE and the fused SwiGLU matmuls); the backend merges
+IMPLS with launchers.IMPLS. Same rules as launchers.py: the graph op's exact signature and output dtypes (the op
+contract, ckpt_ext.reference), inputs read through their strides where the kernel can, fresh contiguous outputs, and the
 reference math for what the kernels do not cover (float64, empty tensors, shapes the reference rejects).
 
 rms_norm_fwd         one launch: y, rstd
@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from ckpt_ext import reference
-
-from .act_linear_wgrad import act_linear_wgrad_autotuned
+from ... import reference
+from ...kernels.act_linear_wgrad import act_linear_wgrad_autotuned
+from ...kernels.linear_swiglu import linear_swiglu_autotuned
+from ...kernels.rms_norm import rms_norm_bwd_kernel, rms_norm_fwd_kernel
+from ...kernels.rope import rope_kernel
+from ...kernels.swiglu import swiglu_bwd_kernel, swiglu_fwd_kernel
+from ...kernels.swiglu_ffn_recompute import swiglu_ffn_recompute_autotuned
+from ...kernels.swiglu_pointwise import swiglu_linear_bwd_autotuned
 from .launch_utils import bwd_programs, cdiv, column_sums, covered, matmul_grid, next_pow2, row_warps, rows, upcast
-from .linear_swiglu import linear_swiglu_autotuned
-from .rms_norm import rms_norm_bwd_kernel, rms_norm_fwd_kernel
-from .rope import rope_kernel
-from .swiglu import swiglu_bwd_kernel, swiglu_fwd_kernel
-from .swiglu_ffn_recompute import swiglu_ffn_recompute_autotuned
-from .swiglu_pointwise import swiglu_linear_bwd_autotuned
 
 ROPE_TILE = 2048  # elements of one (heads, dh/2) tile of the RoPE kernel
 
@@ -197,7 +196,7 @@ def swiglu_ffn_recompute(x1, rstd, norm_weight, w_gate, b_gate, w_up, b_up, dy, 
     return h, dg, du
 
 
-LLAMA_IMPLS = {
+IMPLS = {
     "rms_norm_fwd": rms_norm_fwd,
     "rms_norm_bwd": rms_norm_bwd,
     "swiglu_fwd": swiglu_fwd,

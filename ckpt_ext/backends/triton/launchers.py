@@ -5,22 +5,26 @@ Each launcher views its inputs as 2-D or flat, copies only what a kernel cannot 
 column stride on activations; weights are always read through their strides), allocates fresh outputs (never
 aliases an input), picks the grid and launches. Inputs the kernels do not cover (float64, empty tensors, more than
 2³² dropout elements) run the reference math, so every call returns the reference's result.
-The Llama-family ops (RMSNorm, SwiGLU, RoPE) are in llama_launchers.py and merged into IMPLS here; the norm
+The Llama-family ops (RMSNorm, SwiGLU, RoPE) are in llama_launchers.py (the backend merges the tables); the norm
 backwards and ffn_recompute reduce their fp32 partials with a second small launch (launch_utils.column_sums).
-Importing this module imports triton; ckpt_ext.backend imports it only when the triton backend is asked for a kernel.
+Importing this module imports triton; the backend imports it only when asked for a kernel (backends/triton).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ckpt_ext import reference
-from ckpt_ext.ops import native_attention
-
-from .act_linear_wgrad import act_linear_wgrad_autotuned
-from .dropout import dropout_add_kernel
-from .ffn_pointwise import linear_gelu_bwd_autotuned
-from .ffn_recompute import ffn_recompute_autotuned
+from ... import reference
+from ...kernels.act_linear_wgrad import act_linear_wgrad_autotuned
+from ...kernels.dropout import dropout_add_kernel
+from ...kernels.ffn_pointwise import linear_gelu_bwd_autotuned
+from ...kernels.ffn_recompute import ffn_recompute_autotuned
+from ...kernels.layer_norm import layer_norm_bwd_kernel, layer_norm_fwd_kernel
+from ...kernels.linear_dropout_add import linear_dropout_add_autotuned
+from ...kernels.linear_gelu import linear_bias_gelu_autotuned
+from ...kernels.pointwise import bias_gelu_kernel, gelu_bwd_kernel
 from .launch_utils import (
     KERNEL_DTYPES,
     POINTWISE_BLOCK,
@@ -34,11 +38,6 @@ from .launch_utils import (
     rows,
     upcast,
 )
-from .layer_norm import layer_norm_bwd_kernel, layer_norm_fwd_kernel
-from .linear_dropout_add import linear_dropout_add_autotuned
-from .linear_gelu import linear_bias_gelu_autotuned
-from .llama_launchers import LLAMA_IMPLS
-from .pointwise import bias_gelu_kernel, gelu_bwd_kernel
 
 
 # ------------------------------------------------------------------------------------------------- LayerNorm
@@ -79,10 +78,22 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, bias, dresidual, emit_y):
 
 
 # ------------------------------------------------------------------------------------------------------ GELU
+def _gelu_launcher(launch):
+    """A GELU-form launcher whose tensors are every argument before ``approximate`` (the last): the form is checked,
+    and tensors the kernels do not cover run the reference op of the same name."""
+
+    @functools.wraps(launch)
+    def call(*args):
+        reference._check_approximate(args[-1])
+        if not covered(*args[:-1]):
+            return getattr(reference, launch.__name__)(*args)
+        return launch(*args)
+
+    return call
+
+
+@_gelu_launcher
 def bias_gelu(x, bias, approximate):
-    reference._check_approximate(approximate)
-    if not covered(x, bias):
-        return reference.bias_gelu(x, bias, approximate)
     xc = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     numel = xc.numel()
@@ -93,10 +104,8 @@ def bias_gelu(x, bias, approximate):
     return y
 
 
+@_gelu_launcher
 def gelu_bwd(da, u, approximate):
-    reference._check_approximate(approximate)
-    if not covered(da, u):
-        return reference.gelu_bwd(da, u, approximate)
     da, uc = da.contiguous(), u.contiguous()
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     numel = uc.numel()
@@ -147,10 +156,8 @@ def ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximat
     return a, du, column_sums(db1_part, torch.float32)
 
 
+@_gelu_launcher
 def linear_bias_gelu(x, w, b, approximate):
-    reference._check_approximate(approximate)
-    if not covered(x, w, b):
-        return reference.linear_bias_gelu(x, w, b, approximate)
     m, k = x.shape
     n = w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -176,10 +183,8 @@ def linear_dropout_add(x, w, b, residual, p, seed):
     return out
 
 
+@_gelu_launcher
 def linear_gelu_bwd(dy, w2, u, approximate):
-    reference._check_approximate(approximate)
-    if not covered(dy, w2, u):
-        return reference.linear_gelu_bwd(dy, w2, u, approximate)
     u = rows(u)
     m, k = dy.shape
     n = w2.shape[1]
@@ -191,10 +196,8 @@ def linear_gelu_bwd(dy, w2, u, approximate):
     return du
 
 
+@_gelu_launcher
 def gelu_linear_wgrad(dy, u, approximate):
-    reference._check_approximate(approximate)
-    if not covered(dy, u):
-        return reference.gelu_linear_wgrad(dy, u, approximate)
     u = rows(u)
     n_rows, m = dy.shape
     n = u.shape[1]
@@ -217,7 +220,4 @@ IMPLS = {
     "linear_dropout_add": linear_dropout_add,
     "linear_gelu_bwd": linear_gelu_bwd,
     "gelu_linear_wgrad": gelu_linear_wgrad,
-    "attention_fwd": native_attention.attention_fwd,
-    "attention_bwd": native_attention.attention_bwd,
-    **LLAMA_IMPLS,
 }

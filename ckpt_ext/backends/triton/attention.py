@@ -1,66 +1,32 @@
-"""Launchers of kernels/flash_attention.py with the graph ops' signatures (backend "triton"): ``IMPLS`` maps
+"""Launchers of ckpt_ext/kernels/flash_attention.py with the graph ops' signatures (backend "triton"): ``IMPLS`` maps
 gqa_attention_fwd / _bwd and the packed-qkv attention_fwd / _bwd (q, k, v views of qkv, scale 1/sqrt(dh)).
 
 Every mask and dropout case runs the flash kernels (on CUDA and under TRITON_INTERPRET=1); inputs they do not cover
 (float64, head dim > 256, an empty T or S, an integer-free but non-kernel mask dtype such as float64) run
-native_attention's routes, so every call returns the reference's result. q, k, v are read through their strides
+aten_attention's routes, so every call returns the reference's result. q, k, v are read through their strides
 (copied only if the last stride is not 1); the mask through its broadcast strides (bool viewed as uint8, no copy).
 segment_ids (B, S) go to the kernels as they are (int32 or int64, made contiguous) with their per-row key ranges
 (ckpt_ext.segments.key_ranges, two (B, S) int32 tensors built on the device without a sync) for tile skipping.
-Tiles: ``gpu_tiles`` (one config per kernel and head dim; 16×16 tiles under the interpreter).
+Tiles: ckpt_ext/kernels/flash_attention_tiles.gpu_tiles (one config per kernel and head dim; 16×16 tiles under the
+interpreter).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ckpt_ext import reference, segments
-from ckpt_ext.ops import native_attention
-from ckpt_ext.reference_attention import check_gqa_args, empty_threshold, mask4
-
-from .flash_attention import gqa_bwd_dkdv_kernel, gqa_bwd_dq_kernel, gqa_fwd_kernel
-from .launch_utils import cdiv, next_pow2
-from .matmul_configs import interpreting
+from ... import reference, segments
+from ...kernels.flash_attention import gqa_bwd_dkdv_kernel, gqa_bwd_dq_kernel, gqa_fwd_kernel
+from ...kernels.flash_attention_tiles import gpu_tiles
+from ...kernels.matmul_configs import interpreting
+from ...reference_attention import check_gqa_args, empty_threshold, mask4, packed_bwd, packed_fwd
+from .. import aten_attention
+from .launch_utils import cdiv
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-
-
-# (kernel, fp32 operands) -> {BLOCK_D: (BLOCK_M, BLOCK_N, num_warps, num_stages)} on sm_90. Every entry compiles
-# without register spills (flash_attention.compile_jobs, checked by the compile lane) at the heaviest flags and, for
-# the 16-bit head dims 64 and 128, at six flag mixes (causal or not × bool / fp32 / same-dtype / no mask × dropout
-# or not): the forward sits at 200-254 registers with 128×64 tiles and 8 warps; 4 warps (128 fp32 accumulator
-# and score registers per thread at head dim 64) and the dk/dv kernel's 64×64×128 tiles (k, v, dk, dv held over
-# the loop) spilled 8-576 bytes, so dk/dv takes 32 query rows per step at head dim 128 and 1 pipeline stage.
-# fp32 operands (ieee dots on FMA units, operand slices in registers) take 32×32 tiles and 16-row dk/dv steps: 64×32
-# forward tiles and 32-row dk/dv steps spilled 8-15,184 bytes (ptxas sometimes settles at 32-80 registers plus stack
-# there; .maxnreg 255 made other configs spill instead, so no register limit is set).
-SM90_TILES = {
-    ("gqa_fwd", False): {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3),
-                         256: (64, 32, 8, 2)},
-    ("gqa_bwd_dq", False): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2),
-                            256: (64, 32, 8, 2)},
-    ("gqa_bwd_dkdv", False): {16: (64, 64, 8, 1), 32: (64, 64, 8, 1), 64: (64, 64, 8, 1), 128: (32, 64, 8, 1),
-                              256: (32, 32, 8, 1)},
-    ("gqa_fwd", True): {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2),
-                        256: (32, 32, 8, 2)},
-    ("gqa_bwd_dq", True): {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 8, 2),
-                           256: (32, 32, 8, 2)},
-    ("gqa_bwd_dkdv", True): {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 4, 2),
-                             256: (16, 16, 4, 2)},
-}  # fmt: skip
-
-
-def gpu_tiles(name: str, dh: int, arch: int = 90, dtype: torch.dtype = torch.float16) -> tuple[dict, dict]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D) and (num_warps, num_stages) for kernel ``name`` (gqa_fwd, gqa_bwd_dq,
-    gqa_bwd_dkdv) at head dim dh (BLOCK_D = next power of two, at least 16) from ``SM90_TILES``; before sm_90
-    (A100: 164 KB of shared memory) at most 2 pipeline stages. 16×16 tiles under the interpreter."""
-    block_d = max(16, next_pow2(dh))
-    if interpreting():
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": block_d}, {}
-    bm, bn, warps, stages = SM90_TILES[(name, dtype == torch.float32)][block_d]
-    stages = stages if arch >= 90 else min(stages, 2)
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d}, {"num_warps": warps, "num_stages": stages}
 
 
 def _arch(device) -> int:
@@ -128,7 +94,7 @@ def _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids):
 def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
     check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
     if not _covered(q, k, attn_mask):
-        return native_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
+        return aten_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     b, t, h, dh = q.shape
     masks, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids)
@@ -144,7 +110,7 @@ def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segmen
 def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
     check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids)
     if not _covered(q, k, attn_mask) or lse.dtype != torch.float32:
-        return native_attention.gqa_attention_bwd(
+        return aten_attention.gqa_attention_bwd(
             dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids
         )
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -167,20 +133,8 @@ def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mas
     return dq, dk, dv
 
 
-def attention_fwd(qkv, n_heads, causal, dropout_p, seed, attn_mask):
-    b, t, three_d = qkv.shape
-    q, k, v = reference._split_heads(qkv, n_heads)
-    out, lse = gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5)
-    return out.view(b, t, three_d // 3), lse
-
-
-def attention_bwd(dout, qkv, out, lse, n_heads, causal, dropout_p, seed, attn_mask):
-    b, t, three_d = qkv.shape
-    q, k, v = reference._split_heads(qkv, n_heads)
-    grads = gqa_attention_bwd(
-        dout.view(q.shape), q, k, v, out.view(q.shape), lse, causal, dropout_p, seed, attn_mask, q.shape[-1] ** -0.5
-    )
-    return torch.stack(grads, dim=2).view(b, t, three_d)
+attention_fwd = functools.partial(packed_fwd, gqa_attention_fwd)
+attention_bwd = functools.partial(packed_bwd, gqa_attention_bwd)
 
 
 IMPLS = {

@@ -7,8 +7,8 @@ import functools
 
 import torch
 
-from .matmul_configs import interpreting
-from .reduce import column_sums_kernel
+from ...kernels.matmul_configs import interpreting
+from ...kernels.reduce import column_sums_kernel
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 POINTWISE_BLOCK = 1024
