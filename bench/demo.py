@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import ckpt_ext
 from ckpt_ext.backend import concrete_backend
+from ckpt_ext.plan import positive_arg
 
 from . import demo_batch, malloc_tuning
 from . import demo_measure as measure
@@ -44,14 +45,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}  # fmt: skip
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+positive_int = positive_arg(int, "integer")
 
 
 def memory_size(text: str) -> int:
@@ -107,18 +101,31 @@ def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--device cuda: no CUDA device is available to torch (torch.cuda.is_available() is False)")
 
 
+SHAPE_OPTIONS = (  # flag, default, help
+    ("--batch", 4, "sequences per step (B)"),
+    ("--seq", 256, "sequence length (T; bytes for the demo)"),
+    ("--d-model", 256, "model width (d)"),
+    ("--heads", 4, "attention heads, must divide --d-model (h)"),
+)
+
+
+def new_parser(module: str, description: str) -> argparse.ArgumentParser:
+    """The bench command lines' parser (``python -m bench.<module>``, defaults shown in --help) with the model-shape
+    options both the demo and the microbenchmark take: --batch, --seq, --d-model, --heads."""
+    p = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    for flag, default, text in SHAPE_OPTIONS:
+        p.add_argument(flag, type=positive_int, default=default, help=text)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.demo",
-        description="Measure activation checkpointing strategies on a small byte-level GPT: activation memory kept, "
+    p = new_parser(
+        "demo",
+        "Measure activation checkpointing strategies on a small byte-level GPT: activation memory kept, "
         "recompute FLOPs, step time, tokens/s and final loss, side by side in one run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--layers", type=positive_int, default=6, help="transformer blocks")
-    p.add_argument("--d-model", type=positive_int, default=256, help="model width")
-    p.add_argument("--heads", type=positive_int, default=4, help="attention heads (must divide --d-model)")
-    p.add_argument("--seq", type=positive_int, default=256, help="sequence length in bytes")
-    p.add_argument("--batch", type=positive_int, default=4, help="sequences per step")
     p.add_argument("--steps", type=positive_int, default=16, help="training steps per strategy (first is warm-up)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     p.add_argument(

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 import ckpt_ext
 from ckpt_ext.backend import concrete_backend
+from ckpt_ext.plan import positive_arg
 
-from .demo import add_threads_option, check_common_args, cpu_name, cpu_threads, positive_int
+from .demo import add_threads_option, check_common_args, cpu_name, cpu_threads, new_parser, positive_int
 from .micro_cases import Shape, build_cases, known_names, select
 from .micro_report import Result, append_csv, plot_family, table
 from .micro_timing import Timing, ratio_text, roofline_seconds, time_fn, time_interleaved
@@ -40,27 +41,15 @@ def name_list(text: str) -> list[str]:
     return names
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+positive_float = positive_arg(float, "number")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.microbench",
-        description="Time each ckpt_ext op (forward and backward) against torch eager and optionally torch.compile; "
+    p = new_parser(
+        "microbench",
+        "Time each ckpt_ext op (forward and backward) against torch eager and optionally torch.compile; "
         "report GB/s, TFLOP/s and the modeled H200 roofline time; append to a long-format CSV and plot.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--batch", type=positive_int, default=4, help="B")
-    p.add_argument("--seq", type=positive_int, default=256, help="T")
-    p.add_argument("--d-model", type=positive_int, default=256, help="d")
-    p.add_argument("--heads", type=positive_int, default=4, help="h (must divide --d-model)")
     p.add_argument("--hidden", type=positive_int, default=None, help="FFN width H (default 4 × d)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")

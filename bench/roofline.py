@@ -65,21 +65,28 @@ def rows(shapes=SHAPES, dtype=torch.bfloat16, activation="gelu") -> list[dict]:
     return out
 
 
-def markdown(table: list[dict], shapes=SHAPES) -> str:
-    head = "| variant | memory (× input) |"
-    rule = "|---|---|"
-    for d, t, b, _ in shapes:
-        head += f" d={d} T={t} B={b}: ms | vs eager | vs ckpt | vs reentrant |"
-        rule += "---|---|---|---|"
+def _markdown(table: list[dict], shapes, head: str, shape_head, row_head, cells) -> str:
+    """A markdown table: the leading columns ``head``, then per shape the columns of ``shape_head(shape)`` (its text,
+    its column count); per row ``row_head(row)`` and, per shape i, ``cells(row[i])``."""
+    rule = "|---" * head.count(" |") + "|"
+    for shape in shapes:
+        text, columns = shape_head(shape)
+        head += text
+        rule += "---|" * columns
     lines = [head, rule]
     for row in table:
-        line = f"| {LABELS[row['variant']]} | {row[0]['retained']:.2f} |"
-        for i in range(len(shapes)):
-            r = row[i]
-            line += f" {r['ms']:.3f} | {_pct(r['vs_eager'])} | {_pct(r['vs_checkpoint'])} | "
-            line += f"{_pct(r['vs_checkpoint_reentrant'])} |"
-        lines.append(line)
+        lines.append(row_head(row) + "".join(cells(row[i]) for i in range(len(shapes))))
     return "\n".join(lines)
+
+
+def markdown(table: list[dict], shapes=SHAPES) -> str:
+    return _markdown(
+        table, shapes, "| variant | memory (× input) |",
+        lambda s: (f" d={s[0]} T={s[1]} B={s[2]}: ms | vs eager | vs ckpt | vs reentrant |", 4),
+        lambda row: f"| {LABELS[row['variant']]} | {row[0]['retained']:.2f} |",
+        lambda r: f" {r['ms']:.3f} | {_pct(r['vs_eager'])} | {_pct(r['vs_checkpoint'])} | "
+        f"{_pct(r['vs_checkpoint_reentrant'])} |",
+    )  # fmt: skip
 
 
 def target_report(table: list[dict], shapes=SHAPES) -> str:
@@ -114,18 +121,12 @@ def llama_rows(shapes=LLAMA_SHAPES, dtype=torch.bfloat16, lora: int = 0) -> list
 
 
 def llama_markdown(table: list[dict], shapes=LLAMA_SHAPES) -> str:
-    head, rule = "| variant |", "|---|"
-    for d, t, b, h, kv, ff in shapes:
-        head += f" d={d} h={h}/{kv} F={ff} B={b} T={t}: memory (× input) | ms | vs HF eager |"
-        rule += "---|---|---|"
-    lines = [head, rule]
-    for row in table:
-        line = f"| {LLAMA_LABELS[row['variant']]} |"
-        for i in range(len(shapes)):
-            r = row[i]
-            line += f" {r['retained']:.2f} | {r['ms']:.2f} | {_pct(r['vs_eager'])} |"
-        lines.append(line)
-    return "\n".join(lines)
+    def shape_head(shape):
+        d, t, b, h, kv, ff = shape
+        return f" d={d} h={h}/{kv} F={ff} B={b} T={t}: memory (× input) | ms | vs HF eager |", 3
+
+    return _markdown(table, shapes, "| variant |", shape_head, lambda row: f"| {LLAMA_LABELS[row['variant']]} |",
+                     lambda r: f" {r['retained']:.2f} | {r['ms']:.2f} | {_pct(r['vs_eager'])} |")  # fmt: skip
 
 
 def llama_targets(table: list[dict], shapes=LLAMA_SHAPES) -> str:

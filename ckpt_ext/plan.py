@@ -50,16 +50,18 @@ def table(d_model, n_layers, n_heads, seq_len, batch, memory_budget, dtype="bf16
     return "\n".join(lines)
 
 
-def _positive(kind):
-    """argparse type: a positive int or float (argparse names the option in its error)."""
+def positive_arg(kind, noun: str | None = None):
+    """argparse type: a positive finite int or float (argparse names the option in its error; noun names the kind
+    there, kind's own name by default). Also serves the bench command lines."""
+    noun = noun or kind.__name__
 
     def read(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a positive {noun}, got {text!r}") from None
         if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a positive {noun}, got {text!r}")
         return value
 
     read.__name__ = kind.__name__
@@ -121,14 +123,14 @@ def _rank(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ckpt_ext.plan", description=__doc__.split("\n")[0])
     ap.add_argument("--config", help="Hugging Face config.json (or its folder): plan the whole model")
-    ap.add_argument("--d-model", type=_positive(int))
-    ap.add_argument("--layers", type=_positive(int))
-    ap.add_argument("--heads", type=_positive(int))
-    ap.add_argument("--seq", type=_positive(int))
-    ap.add_argument("--batch", type=_positive(int))
+    ap.add_argument("--d-model", type=positive_arg(int))
+    ap.add_argument("--layers", type=positive_arg(int))
+    ap.add_argument("--heads", type=positive_arg(int))
+    ap.add_argument("--seq", type=positive_arg(int))
+    ap.add_argument("--batch", type=positive_arg(int))
     ap.add_argument("--gpu-memory", type=_memory, required=True, help="e.g. 24GiB, 80GB, 1e3GB, or bytes")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="compute (autocast) dtype")
-    ap.add_argument("--mlp-ratio", type=_positive(float), default=4.0)
+    ap.add_argument("--mlp-ratio", type=positive_arg(float), default=4.0)
     ap.add_argument("--param-dtype", default="fp32", choices=sorted(DTYPES), help="weights (--config)")
     ap.add_argument("--optimizer", type=_optimizer, default="adamw",
                     help="adamw, adamw_8bit, sgd, sgd_momentum or state bytes per parameter (--config)")  # fmt: skip

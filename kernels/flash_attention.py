@@ -116,6 +116,58 @@ def _tile(PTR, base, offs_r, stride_r, n_rows, offs_d, dh, UPCAST: tl.constexpr)
     return x
 
 
+@triton.jit
+def _key_bounds(RSTART, REND, b, pid_m, T, S, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):  # fmt: skip
+    """[lo, hi) of the keys query tile pid_m may see: up to its diagonal when causal, its rows' segment key ranges
+    when HAS_SEG (lo a BLOCK_N multiple)."""
+    lo = 0
+    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
+    if HAS_SEG:
+        lo, seg_hi = _range(RSTART, REND, b, pid_m * BLOCK_M, tl.minimum(T, (pid_m + 1) * BLOCK_M) - 1, S, BLOCK_N)
+        hi = tl.minimum(hi, seg_hi)
+    return lo, hi
+
+
+@triton.jit
+def _query_bases(b, i, j, offs_m, skb, skh, svb, svh, smb, smh, smt, T, S, H):
+    """Offsets a query tile of head i (kv head j) reads keys with: K / V bases, (BLOCK_M,) int64 mask row offsets
+    and uint32 flat (B, h, T, S) index of each row's key 0 (mod 2³², the dropout hash's index)."""
+    k_base = b.to(tl.int64) * skb + j * skh
+    v_base = b.to(tl.int64) * svb + j * svh
+    mask_rows = b.to(tl.int64) * smb + i * smh + offs_m.to(tl.int64) * smt
+    row_flat = (((b.to(tl.int64) * H + i) * T + offs_m) * S).to(tl.uint32)
+    return k_base, v_base, mask_rows, row_flat
+
+
+@triton.jit
+def _key_step(q, K, V, MASK, SEG, b, k_base, v_base, skt, svt, mask_rows, offs_m, offs_n, offs_d, sq, T, S, dh,
+              scale, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SEG: tl.constexpr,
+              UPCAST: tl.constexpr):  # fmt: skip
+    """One key tile offs_n of a query tile's loop: its (BLOCK_N, BLOCK_D) k and v tiles and the (BLOCK_M, BLOCK_N)
+    fp32 scores against q (-inf where hidden)."""
+    k = _tile(K, k_base, offs_n, skt, S, offs_d, dh, UPCAST)
+    v = _tile(V, v_base, offs_n, svt, S, offs_d, dh, UPCAST)
+    sk = _ids(SEG, b, offs_n, S, HAS_SEG)
+    s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale, CAUSAL, MASK_KIND, HAS_SEG, UPCAST)
+    return k, v, s
+
+
+@triton.jit
+def _row_lse(LSE, lse_ptrs, offs_m, T):
+    """The rows' forward log-sum-exp (0 for a row that saw no key) and that no-key flag, both (BLOCK_M,)."""
+    lse = tl.load(LSE + lse_ptrs, mask=offs_m < T, other=float("-inf"))
+    no_key = lse == float("-inf")
+    return tl.where(no_key, 0.0, lse), no_key
+
+
+@triton.jit
+def _probs_dp(s, lse, no_key, do, v, UPCAST: tl.constexpr):
+    """Backward's P = exp(s - lse) (0 on no-key rows) and dP = dO vᵀ (before dropout), both (BLOCK_M, BLOCK_N)."""
+    p = tl.where(no_key[:, None], 0.0, tl.exp(s - lse[:, None]))
+    return p, _mm(do, tl.trans(v), UPCAST)
+
+
 @triton.jit(do_not_specialize=["key", "threshold"])
 def gqa_fwd_kernel(
     Q, K, V,  # (B, T, h, dh) / (B, S, hk, dh) through strides, unit last stride
@@ -137,25 +189,16 @@ def gqa_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _tile(Q, b.to(tl.int64) * sqb + i * sqh, offs_m, sqt, T, offs_d, dh, UPCAST)
-    k_base = b.to(tl.int64) * skb + j * skh
-    v_base = b.to(tl.int64) * svb + j * svh
-    mask_rows = b.to(tl.int64) * smb + i * smh + offs_m.to(tl.int64) * smt  # (BLOCK_M,)
-    row_flat = (((b.to(tl.int64) * H + i) * T + offs_m) * S).to(tl.uint32)  # flat index of each row's key 0, mod 2³²
+    k_base, v_base, mask_rows, row_flat = _query_bases(b, i, j, offs_m, skb, skh, svb, svh, smb, smh, smt, T, S, H)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     sq = _ids(SEG, b, offs_m, T, HAS_SEG)
-    lo = 0
-    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
-    if HAS_SEG:
-        lo, seg_hi = _range(RSTART, REND, b, pid_m * BLOCK_M, tl.minimum(T, (pid_m + 1) * BLOCK_M) - 1, S, BLOCK_N)
-        hi = tl.minimum(hi, seg_hi)
+    lo, hi = _key_bounds(RSTART, REND, b, pid_m, T, S, CAUSAL, HAS_SEG, BLOCK_M, BLOCK_N)
     for n0 in range(0, hi - lo, BLOCK_N):
         offs_n = lo + n0 + tl.arange(0, BLOCK_N)
-        k = _tile(K, k_base, offs_n, skt, S, offs_d, dh, UPCAST)
-        v = _tile(V, v_base, offs_n, svt, S, offs_d, dh, UPCAST)
-        sk = _ids(SEG, b, offs_n, S, HAS_SEG)
-        s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale, CAUSAL, MASK_KIND, HAS_SEG, UPCAST)
+        k, v, s = _key_step(q, K, V, MASK, SEG, b, k_base, v_base, skt, svt, mask_rows, offs_m, offs_n, offs_d, sq, T,
+                            S, dh, scale, CAUSAL, MASK_KIND, HAS_SEG, UPCAST)  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
@@ -204,28 +247,16 @@ def gqa_bwd_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * o, axis=1)  # (BLOCK_M,)
     lse_ptrs = (b.to(tl.int64) * H + i) * T + offs_m
     tl.store(DELTA + lse_ptrs, delta, mask=offs_m < T)
-    lse = tl.load(LSE + lse_ptrs, mask=offs_m < T, other=float("-inf"))
-    no_key = lse == float("-inf")
-    lse = tl.where(no_key, 0.0, lse)
-    k_base = b.to(tl.int64) * skb + j * skh
-    v_base = b.to(tl.int64) * svb + j * svh
-    mask_rows = b.to(tl.int64) * smb + i * smh + offs_m.to(tl.int64) * smt
-    row_flat = (((b.to(tl.int64) * H + i) * T + offs_m) * S).to(tl.uint32)
+    lse, no_key = _row_lse(LSE, lse_ptrs, offs_m, T)
+    k_base, v_base, mask_rows, row_flat = _query_bases(b, i, j, offs_m, skb, skh, svb, svh, smb, smh, smt, T, S, H)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     sq = _ids(SEG, b, offs_m, T, HAS_SEG)
-    lo = 0
-    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
-    if HAS_SEG:
-        lo, seg_hi = _range(RSTART, REND, b, pid_m * BLOCK_M, tl.minimum(T, (pid_m + 1) * BLOCK_M) - 1, S, BLOCK_N)
-        hi = tl.minimum(hi, seg_hi)
+    lo, hi = _key_bounds(RSTART, REND, b, pid_m, T, S, CAUSAL, HAS_SEG, BLOCK_M, BLOCK_N)
     for n0 in range(0, hi - lo, BLOCK_N):
         offs_n = lo + n0 + tl.arange(0, BLOCK_N)
-        k = _tile(K, k_base, offs_n, skt, S, offs_d, dh, UPCAST)
-        v = _tile(V, v_base, offs_n, svt, S, offs_d, dh, UPCAST)
-        sk = _ids(SEG, b, offs_n, S, HAS_SEG)
-        s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale, CAUSAL, MASK_KIND, HAS_SEG, UPCAST)
-        p = tl.where(no_key[:, None], 0.0, tl.exp(s - lse[:, None]))
-        dp = _mm(do, tl.trans(v), UPCAST)
+        k, v, s = _key_step(q, K, V, MASK, SEG, b, k_base, v_base, skt, svt, mask_rows, offs_m, offs_n, offs_d, sq, T,
+                            S, dh, scale, CAUSAL, MASK_KIND, HAS_SEG, UPCAST)  # fmt: skip
+        p, dp = _probs_dp(s, lse, no_key, do, v, UPCAST)
         if DROPOUT:
             keep = _keep(row_flat[:, None] + offs_n[None, :].to(tl.uint32), key, threshold)
             dp = tl.where(keep, dp * drop_scale, 0.0)
@@ -277,15 +308,12 @@ def gqa_bwd_dkdv_kernel(
             q = _tile(Q, q_base, offs_m, sqt, T, offs_d, dh, UPCAST)
             do = _tile(DO, row_base, offs_m, H * dh, T, offs_d, dh, UPCAST)
             lse_ptrs = (b.to(tl.int64) * H + i) * T + offs_m
-            lse = tl.load(LSE + lse_ptrs, mask=offs_m < T, other=float("-inf"))
+            lse, no_key = _row_lse(LSE, lse_ptrs, offs_m, T)
             delta = tl.load(DELTA + lse_ptrs, mask=offs_m < T, other=0.0)
-            no_key = lse == float("-inf")
-            lse = tl.where(no_key, 0.0, lse)
             mask_rows = mask_base + offs_m.to(tl.int64) * smt
             s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale, CAUSAL, MASK_KIND, HAS_SEG,
                         UPCAST)  # fmt: skip
-            p = tl.where(no_key[:, None], 0.0, tl.exp(s - lse[:, None]))  # (BLOCK_M, BLOCK_N)
-            dp = _mm(do, tl.trans(v), UPCAST)
+            p, dp = _probs_dp(s, lse, no_key, do, v, UPCAST)  # (BLOCK_M, BLOCK_N)
             pd = p
             if DROPOUT:
                 flat = ((flat_base + offs_m) * S).to(tl.uint32)[:, None] + offs_n[None, :].to(tl.uint32)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .dropout import apply_dropout
 from .matmul_configs import AUTOTUNE, configs
-from .matmul_tiles import load_bias, load_tile, matmul_tile, store_tile
+from .matmul_tiles import add_bias, load_tile, matmul_tile, store_tile
 from .rounding import round_to
 
 
@@ -52,9 +52,7 @@ def linear_dropout_add_kernel(
 ):
     acc, rm, rn, m_ok, n_ok = matmul_tile(X, W, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, UPCAST, BLOCK_M,
                                           BLOCK_N, BLOCK_K, GROUP_M)  # fmt: skip
-    if HAS_BIAS:
-        acc += load_bias(B, rn, n_ok)
-    y = round_to(acc, X.dtype.element_ty)
+    y = round_to(add_bias(acc, B, rn, n_ok, HAS_BIAS), X.dtype.element_ty)
     if APPLY_DROPOUT:
         y = apply_dropout(y, rm[:, None] * N + rn[None, :], key, threshold, scale)
     mask = m_ok[:, None] & n_ok[None, :]

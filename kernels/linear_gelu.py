@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .gelu_math import gelu_and_grad
 from .matmul_configs import AUTOTUNE, configs
-from .matmul_tiles import load_bias, matmul_tile, store_tile
+from .matmul_tiles import add_bias, matmul_tile, store_tile
 
 
 @triton.jit
@@ -39,9 +39,7 @@ def linear_bias_gelu_kernel(
 ):
     acc, rm, rn, m_ok, n_ok = matmul_tile(X, W, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, UPCAST, BLOCK_M,
                                           BLOCK_N, BLOCK_K, GROUP_M)  # fmt: skip
-    if HAS_BIAS:
-        acc += load_bias(B, rn, n_ok)
-    act, _ = gelu_and_grad(acc, APPROX_TANH)
+    act, _ = gelu_and_grad(add_bias(acc, B, rn, n_ok, HAS_BIAS), APPROX_TANH)
     store_tile(OUT, rm, rn, N, act, m_ok[:, None] & n_ok[None, :])
 
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .matmul_configs import DUAL_AUTOTUNE, dual_configs
-from .matmul_tiles import k_slice, load_a, load_bias, mma_b, store_tile, tile_offsets
+from .matmul_tiles import add_bias, k_slice, load_a, mma_b, store_tile, tile_offsets
 from .swiglu_math import swiglu
 
 
@@ -52,11 +52,8 @@ def linear_swiglu_kernel(
         x = load_a(X, rm, kk, stride_xm, stride_xk, m_ok, k_ok)  # (BLOCK_M, BLOCK_K), feeds both dots
         acc_g = mma_b(x, WG, kk, rn, stride_wgk, stride_wgn, k_ok, n_ok, acc_g, UPCAST)
         acc_u = mma_b(x, WU, kk, rn, stride_wuk, stride_wun, k_ok, n_ok, acc_u, UPCAST)
-    if HAS_BG:
-        acc_g += load_bias(BG, rn, n_ok)
-    if HAS_BU:
-        acc_u += load_bias(BU, rn, n_ok)
-    store_tile(OUT, rm, rn, N, swiglu(acc_g, acc_u), m_ok[:, None] & n_ok[None, :])
+    h = swiglu(add_bias(acc_g, BG, rn, n_ok, HAS_BG), add_bias(acc_u, BU, rn, n_ok, HAS_BU))
+    store_tile(OUT, rm, rn, N, h, m_ok[:, None] & n_ok[None, :])
 
 
 linear_swiglu_autotuned = triton.autotune(configs=dual_configs(), **DUAL_AUTOTUNE)(linear_swiglu_kernel)

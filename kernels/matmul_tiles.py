@@ -19,6 +19,7 @@ matmul_tile    tile setup and the whole K-loop of a kernel with no prologue: the
 load_tile      an fp32 (BLOCK_M, BLOCK_N) tile of a (M, N) tensor with unit column stride (a kept g, u or residual)
 store_tile     a tile into a contiguous (M, N) output, cast to its dtype
 load_bias      a (1, BLOCK_N) fp32 bias row
+add_bias       acc + that bias row when HAS_BIAS (constexpr), else acc: a fused linear's bias epilogue
 Every block size and UPCAST stays a constexpr parameter, so the inlined code is what a hand-written loop compiles to.
 """
 
@@ -137,3 +138,11 @@ def store_tile(P, rm, rn, N, v, mask):
 def load_bias(B, rn, n_ok):
     """B[rn] of a (N,) bias as a (1, BLOCK_N) fp32 row, 0 where masked off."""
     return tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def add_bias(acc, B, rn, n_ok, HAS_BIAS: tl.constexpr):
+    """acc + B[rn] as a (1, BLOCK_N) fp32 row when HAS_BIAS, else acc unchanged."""
+    if HAS_BIAS:
+        acc += load_bias(B, rn, n_ok)
+    return acc

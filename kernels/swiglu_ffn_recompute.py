@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .matmul_configs import TRIPLE_AUTOTUNE, triple_configs
-from .matmul_tiles import k_slice, load_a, load_bias, mma_ab, mma_b, store_tile, tile_offsets
+from .matmul_tiles import add_bias, k_slice, load_a, mma_ab, mma_b, store_tile, tile_offsets
 from .rounding import round_to
 from .swiglu_math import swiglu_and_grads
 
@@ -89,11 +89,8 @@ def swiglu_ffn_recompute_kernel(
         acc_g = mma_b(n, WG, kk, rn, stride_wgk, stride_wgn, k_ok, n_ok, acc_g, UPCAST)
         acc_u = mma_b(n, WU, kk, rn, stride_wuk, stride_wun, k_ok, n_ok, acc_u, UPCAST)
         acc_dh = mma_ab(DY, WD, rm, kk, rn, stride_dym, 1, stride_wdk, stride_wdn, m_ok, k_ok, n_ok, acc_dh, UPCAST)
-    if HAS_BG:
-        acc_g += load_bias(BG, rn, n_ok)
-    if HAS_BU:
-        acc_u += load_bias(BU, rn, n_ok)
-    h, dg, du = swiglu_and_grads(acc_dh, acc_g, acc_u)
+    g = add_bias(acc_g, BG, rn, n_ok, HAS_BG)
+    h, dg, du = swiglu_and_grads(acc_dh, g, add_bias(acc_u, BU, rn, n_ok, HAS_BU))
     mask = m_ok[:, None] & n_ok[None, :]
     store_tile(H_OUT, rm, rn, N, h, mask)
     store_tile(DG_OUT, rm, rn, N, dg, mask)

@@ -3,6 +3,8 @@
 against the float64 reference (error at most a few x the reference's own same-dtype error), opcheck, FLOP formulas.
 Awkward sizes: T 1/7/33 (and 70 > one 64-row tile), batch 1 and 3, GQA ratios 1, 2, 4."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -104,6 +106,23 @@ def test_gradcheck_float64(causal, dropout_p, mask, hk):
         assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+def run_with_references(impl, dout, q, k, v, *args, same_dtype_reference=True):
+    """impl's gqa_attention_fwd / _bwd on (q, k, v) and the computations it is judged against, as a namespace: ours
+    (out, lse, grads), PyTorch eager in q.dtype (t_out, t_lse, t_grads), the float64 reference (o64, l64, g64) and,
+    when same_dtype_reference, reference_attention in q.dtype (r_out, r_lse, r_grads)."""
+    r = SimpleNamespace()
+    r.out, r.lse = impl.gqa_attention_fwd(q, k, v, *args)
+    r.grads = impl.gqa_attention_bwd(dout, q, k, v, r.out, r.lse, *args)
+    if same_dtype_reference:
+        r.r_out, r.r_lse = reference_attention.gqa_attention_fwd(q, k, v, *args)
+        r.r_grads = reference_attention.gqa_attention_bwd(dout, q, k, v, r.r_out, r.r_lse, *args)
+    r.t_out, r.t_lse, r.t_grads = torch_same_dtype(dout, q, k, v, *args)
+    d = [x.double() for x in (dout, q, k, v)]
+    r.o64, r.l64 = reference_attention.gqa_attention_fwd(*d[1:], *args)
+    r.g64 = reference_attention.gqa_attention_bwd(d[0], *d[1:], r.o64, r.l64, *args)
+    return r
+
+
 def _tolerance_check(ours, ref64, *same_dtype, factor=3.0, floor=1e-6):
     """max |ours - ref64| <= factor · (same-dtype error) + floor; the same-dtype error is the largest of the given
     same-dtype computations' (our reference math, PyTorch's eager math in that dtype)."""
@@ -129,18 +148,11 @@ def test_cpp_routes_match_float64_reference(dtype, causal, dropout_p, mask, b, t
     else:
         flash = dropout_p == 0 and (m is None or m.dtype in (torch.bool, dtype))
         assert route == ("cpu_flash" if flash else "cpu_math")
-    out, lse = native_attention.gqa_attention_fwd(q, k, v, *args)
-    grads = native_attention.gqa_attention_bwd(dout, q, k, v, out, lse, *args)
-    r_out, r_lse = reference_attention.gqa_attention_fwd(q, k, v, *args)
-    r_grads = reference_attention.gqa_attention_bwd(dout, q, k, v, r_out, r_lse, *args)
-    t_out, t_lse, t_grads = torch_same_dtype(dout, q, k, v, *args)
-    d = [x.double() for x in (dout, q, k, v)]
-    o64, l64 = reference_attention.gqa_attention_fwd(*d[1:], *args)
-    g64 = reference_attention.gqa_attention_bwd(d[0], *d[1:], o64, l64, *args)
-    assert out.dtype == dtype and out.is_contiguous() and lse.dtype == torch.float32
-    _tolerance_check(out, o64, r_out, t_out)
-    _tolerance_check(lse, l64, r_lse, t_lse, floor=1e-5)
-    for ours, ref64, ref, eager in zip(grads, g64, r_grads, t_grads):
+    r = run_with_references(native_attention, dout, q, k, v, *args)
+    assert r.out.dtype == dtype and r.out.is_contiguous() and r.lse.dtype == torch.float32
+    _tolerance_check(r.out, r.o64, r.r_out, r.t_out)
+    _tolerance_check(r.lse, r.l64, r.r_lse, r.t_lse, floor=1e-5)
+    for ours, ref64, ref, eager in zip(r.grads, r.g64, r.r_grads, r.t_grads):
         assert ours.dtype == dtype and ours.shape == ref.shape and ours.is_contiguous()
         _tolerance_check(ours, ref64, ref, eager, floor=1e-5)
 

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_attention_ops import _tolerance_check, make_mask, make_qkv, torch_same_dtype  # noqa: E402
+from test_attention_ops import _tolerance_check, make_mask, make_qkv, run_with_references  # noqa: E402
 
 import ckpt_ext  # noqa: E402
 from ckpt_ext import ops, reference, reference_attention  # noqa: E402
@@ -38,18 +38,11 @@ def test_triton_matches_float64_reference(b, t, s, h, hk, dh, causal, mask, drop
     m = make_mask(mask, b, h, t, s, dtype if dtype != torch.bfloat16 else torch.float32)
     dout = torch.randn(b, t, h, dh, dtype=dtype)
     args = (causal, dropout_p, 21, m, dh**-0.5)
-    out, lse = fa.gqa_attention_fwd(q, k, v, *args)
-    grads = fa.gqa_attention_bwd(dout, q, k, v, out, lse, *args)
-    r_out, r_lse = reference_attention.gqa_attention_fwd(q, k, v, *args)
-    r_grads = reference_attention.gqa_attention_bwd(dout, q, k, v, r_out, r_lse, *args)
-    t_out, _, t_grads = torch_same_dtype(dout, q, k, v, *args)
-    d = [x.double() for x in (dout, q, k, v)]
-    o64, l64 = reference_attention.gqa_attention_fwd(*d[1:], *args)
-    g64 = reference_attention.gqa_attention_bwd(d[0], *d[1:], o64, l64, *args)
-    assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == (b, t, h, dh)
-    _tolerance_check(out, o64, r_out, t_out)
-    torch.testing.assert_close(lse.double(), l64, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
-    for ours, ref64, ref, eager in zip(grads, g64, r_grads, t_grads):
+    r = run_with_references(fa, dout, q, k, v, *args)
+    assert r.out.dtype == dtype and r.lse.dtype == torch.float32 and r.out.shape == (b, t, h, dh)
+    _tolerance_check(r.out, r.o64, r.r_out, r.t_out)
+    torch.testing.assert_close(r.lse.double(), r.l64, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+    for ours, ref64, ref, eager in zip(r.grads, r.g64, r.r_grads, r.t_grads):
         assert ours.dtype == dtype and ours.shape == ref.shape
         _tolerance_check(ours, ref64, ref, eager, floor=1e-5)
 
@@ -75,15 +68,10 @@ def test_triton_matches_float64_reference_cuda(dtype, b, t, h, hk, dh, causal, m
     m = None if m is None else m.cuda()
     dout = torch.randn(b, t, h, dh, dtype=dtype, device="cuda")
     args = (causal, dropout_p, 99, m, dh**-0.5)
-    out, lse = fa.gqa_attention_fwd(q, k, v, *args)
-    grads = fa.gqa_attention_bwd(dout, q, k, v, out, lse, *args)
-    t_out, _, t_grads = torch_same_dtype(dout, q, k, v, *args)
-    d = [x.double() for x in (dout, q, k, v)]
-    o64, l64 = reference_attention.gqa_attention_fwd(*d[1:], *args)
-    g64 = reference_attention.gqa_attention_bwd(d[0], *d[1:], o64, l64, *args)
-    _tolerance_check(out, o64, t_out, floor=1e-5)
-    torch.testing.assert_close(lse.double(), l64, atol=2e-3 if dtype == torch.float32 else 2e-2, rtol=0)
-    for ours, ref64, eager in zip(grads, g64, t_grads):
+    r = run_with_references(fa, dout, q, k, v, *args, same_dtype_reference=False)
+    _tolerance_check(r.out, r.o64, r.t_out, floor=1e-5)
+    torch.testing.assert_close(r.lse.double(), r.l64, atol=2e-3 if dtype == torch.float32 else 2e-2, rtol=0)
+    for ours, ref64, eager in zip(r.grads, r.g64, r.t_grads):
         _tolerance_check(ours, ref64, eager, floor=1e-4)
 
 

@@ -14,6 +14,13 @@
 //   run_pointwise(pass, tanh_form, f)           dispatches on out's dtype T and the GELU form and calls
 //                                               f(m_ptr, out_ptr, tanh_tag): m_ptr is const T* when m has T's dtype,
 //                                               else const acc_type<T>*; tanh_tag a std::bool_constant
+//   ffn_recompute<Impl, Guard>                  the op's entry point: checks, the device guard, FfnRecomputeInputs
+//                                               (x1 in dy's dtype or widened, LN stats and params and b1 in acc_t,
+//                                               the LN output buffer y), then the device's Impl(in, w1, dy, w2)
+//   ffn_gemms(in, w1, dy, w2)                   a = y @ w1ᵀ (u, made a in place), frees y, du = dy @ w2 (dA, made du)
+//   linear_gelu_bwd<Pass, Guard> / gelu_linear_wgrad<Pass, Guard>
+//                                               the two ops' entry points in schema order: checks, the device guard
+//                                               (NoGuard on CPU), the GEMMs above around the device's pointwise Pass
 // Host code only (no device functions); m and out are contiguous.
 #pragma once
 
@@ -22,6 +29,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/core/ScalarType.h>
+#include <c10/core/MemoryFormat.h>
+#include <c10/util/string_view.h>
+
+#include <tuple>
+#include <utility>
 
 #include "host_args.h"
 
@@ -111,6 +123,78 @@ void run_pointwise(const PointwisePass& pass, bool tanh_form, F&& f) {
       }
     });
   });
+}
+
+// ffn_recompute_kernel's operands as both devices' kernels read them (see the header comment).
+struct FfnRecomputeInputs {
+  bool tanh_form;
+  int64_t n, d, h;
+  at::ScalarType dt, acc;
+  at::Tensor xc, mc, rc, wc, bc, b1c;  // x1 (N, d); mean, rstd (N,); ln_weight, ln_bias (d,); b1 (H,)
+  at::Tensor y;                        // (N, d) dy.dtype, contiguous: the LN output the device writes
+};
+
+// (a, du), both (N, H) in dy's dtype: the two GEMMs of the recompute on the device's LN output in.y (freed after).
+inline std::pair<at::Tensor, at::Tensor> ffn_gemms(FfnRecomputeInputs& in, const at::Tensor& w1, const at::Tensor& dy,
+                                                   const at::Tensor& w2) {
+  at::Tensor a = at::mm(in.y, w1.t().to(in.dt));  // (N, H): u, then a in place
+  in.y.reset();
+  at::Tensor du = at::mm(dy, w2.to(in.dt));  // (N, H): dA, then du in place
+  return {a, du};
+}
+
+// The CPU's device guard: nothing to switch.
+struct NoGuard {
+  explicit NoGuard(const c10::Device&) {}
+};
+
+// ffn_recompute_kernel(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2, approximate) -> (a, du, db1).
+template <auto Impl, typename Guard>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute(
+    const at::Tensor& x1, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& ln_weight,
+    const at::Tensor& ln_bias, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& dy, const at::Tensor& w2,
+    c10::string_view approximate) {
+  const bool tanh_form = parse_approximate(approximate);
+  check_ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2);
+  const int64_t n = x1.size(0), d = x1.size(1);
+  const Guard guard(dy.device());
+  const auto dt = dy.scalar_type(), acc = acc_dtype(dt);
+  FfnRecomputeInputs in{tanh_form, n, d, w1.size(0), dt, acc};
+  in.xc = x1.scalar_type() == dt ? x1.contiguous() : as_contig(x1, acc);
+  in.mc = as_contig(mean, acc);
+  in.rc = as_contig(rstd, acc);
+  in.wc = as_contig(ln_weight, acc);
+  in.bc = as_contig(ln_bias, acc);
+  in.b1c = as_contig(b1, acc);
+  in.y = at::empty({n, d}, dy.options().memory_format(at::MemoryFormat::Contiguous));
+  return Impl(in, w1, dy, w2);
+}
+
+// linear_gelu_bwd_kernel(dy (N, d), w2 (d, H), u (N, H), approximate) -> du = (dy @ w2) · gelu'(u): the device's
+// Pass(pass, uc, tanh_form) runs the pointwise du over pass (m = dy @ w2, out) with u contiguous.
+template <auto Pass, typename Guard>
+at::Tensor linear_gelu_bwd(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u,
+                           c10::string_view approximate) {
+  const bool tanh_form = parse_approximate(approximate);
+  check_linear_gelu_bwd(dy, w2, u);
+  const Guard guard(u.device());
+  const at::Tensor uc = u.contiguous();
+  const PointwisePass pass = linear_gelu_bwd_gemm(dy, w2, uc);
+  Pass(pass, uc, tanh_form);
+  return pass.out;
+}
+
+// gelu_linear_wgrad_kernel(dy (N, d), u (N, H), approximate) -> dW2 = dyᵀ @ gelu(u): the device's Pass(pass,
+// tanh_form) writes a = gelu(u) from pass.m = u into pass.out.
+template <auto Pass, typename Guard>
+at::Tensor gelu_linear_wgrad(const at::Tensor& dy, const at::Tensor& u, c10::string_view approximate) {
+  const bool tanh_form = parse_approximate(approximate);
+  check_gelu_linear_wgrad(dy, u);
+  const Guard guard(u.device());
+  const at::Tensor uc = u.contiguous();
+  const PointwisePass pass{uc, at::empty(u.sizes(), uc.options())};  // a = gelu(u), then dW2 = dyᵀ @ a
+  Pass(pass, tanh_form);
+  return gelu_linear_wgrad_mm(dy, pass.out);
 }
 
 }  // namespace host

@@ -4,6 +4,7 @@
 //   acc_dtype(dtype)           float64 stays float64; every other floating dtype computes in float32
 //   acc_type<T>                the same as a C++ type: double for double, float for every other storage type
 //   check_dropout_add(...)     p in [0, 1), residual shaped like x -> {has residual, output dtype}
+//   dropout_add_buffers(...)   the checks above, x / residual contiguous in the output dtype, the output allocated
 //   check_tile_dropout(...)    x a contiguous fp32/fp64 (B, G, R, N) tile inside (B, heads, seq_q, seq_k) -> its sizes
 //   check_layer_norm_bwd(...)  dy/x (N, d), mean/rstd (N,), weight/bias (d,), dresidual (N, d) -> has dresidual
 //   parse_approximate(s)       "none" (erf GELU) -> false, "tanh" -> true, anything else an error
@@ -12,6 +13,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/result_type.h>
 #include <c10/util/Exception.h>
 
@@ -43,6 +45,19 @@ inline DropoutAddArgs check_dropout_add(const at::Tensor& x, const std::optional
   const bool has_res = defined(residual);
   TORCH_CHECK(!has_res || residual->sizes() == x.sizes(), "dropout_add_kernel: residual must have x's shape");
   return {has_res, has_res ? at::result_type(x, *residual) : x.scalar_type()};
+}
+
+// dropout_add_kernel's operands on either device: x and residual contiguous in the output dtype, the fresh output.
+struct DropoutAddBuffers {
+  DropoutAddArgs args;
+  at::Tensor xc, rc, out;  // rc undefined without a residual
+};
+
+inline DropoutAddBuffers dropout_add_buffers(const at::Tensor& x, const std::optional<at::Tensor>& residual, double p) {
+  const DropoutAddArgs args = check_dropout_add(x, residual, p);
+  const at::Tensor xc = as_contig(x, args.out_dtype);
+  const at::Tensor rc = args.has_residual ? as_contig(*residual, args.out_dtype) : at::Tensor();
+  return {args, xc, rc, at::empty(x.sizes(), xc.options())};
 }
 
 struct TileDropoutArgs {

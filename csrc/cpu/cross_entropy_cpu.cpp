@@ -38,10 +38,7 @@ namespace cpu {
 namespace {
 
 using host::acc_dtype;
-using host::check_args;
-using host::checked_labels;
 using host::chunk_len;
-using host::defined;
 
 // Buffers of one chunk, flat: z acc_t, and its copy in T for the GEMMs when T is 16-bit (else z itself).
 struct ChunkBuffers {
@@ -96,20 +93,15 @@ void add_into_fp32(at::Tensor& acc, const at::Tensor& x) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                                                const std::optional<at::Tensor>& bias,
-                                                                const at::Tensor& labels, int64_t ignore_index,
-                                                                double eps, int64_t chunk_bytes) {
-  const auto [n, d, v] = check_args("linear_cross_entropy_fwd_kernel", hidden, weight, bias, labels, chunk_bytes);
-  const auto acc = acc_dtype(hidden.scalar_type());
-  const at::Tensor h = hidden.contiguous();
-  const at::Tensor y = checked_labels("linear_cross_entropy_fwd_kernel", labels, v, ignore_index);
-  const at::Tensor b = defined(bias) ? bias->to(acc).contiguous() : at::Tensor();
-  at::Tensor losses = at::empty({n}, hidden.options().dtype(acc)), lse = at::empty({n}, losses.options());
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const host::FwdInputs& in, const at::Tensor& weight, int64_t ignore_index,
+                                           double eps, int64_t chunk_bytes) {
+  const int64_t n = in.shape.n, v = in.shape.v;
+  const at::Tensor &h = in.h, &y = in.y, &b = in.b;
+  at::Tensor losses = in.losses, lse = in.lse;
   if (n == 0) return {losses, lse};
   const int64_t rows = chunk_len(chunk_bytes, v, h.scalar_type(), n);
   ChunkBuffers buf(rows * v, h);
-  AT_DISPATCH_FLOATING_TYPES(acc, "linear_cross_entropy_fwd_kernel", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_cross_entropy_fwd_kernel", [&] {
     using acc_t = scalar_t;
     using M = RowMath<acc_t>;
     const int64_t* yp = y.const_data_ptr<int64_t>();
@@ -142,23 +134,14 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(const at::Tensor
   return {losses, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
-    const at::Tensor& dloss, const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index, double eps, int64_t chunk_bytes,
-    bool need_dweight) {
-  const auto [n, d, v] = check_args("linear_cross_entropy_bwd_kernel", hidden, weight, bias, labels, chunk_bytes);
-  TORCH_CHECK(dloss.sizes() == at::IntArrayRef{n} && lse.sizes() == at::IntArrayRef{n},
-              "linear_cross_entropy_bwd_kernel: dloss and lse must be (N,)");
-  const auto dt = hidden.scalar_type(), acc = acc_dtype(dt);
-  const at::Tensor h = hidden.contiguous();
-  const at::Tensor y = checked_labels("linear_cross_entropy_bwd_kernel", labels, v, ignore_index);
-  const at::Tensor g = host::as_contig(dloss, acc), s = host::as_contig(lse, acc);
-  const bool has_bias = defined(bias);
-  const at::Tensor b = has_bias ? bias->to(acc).contiguous() : at::Tensor();
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const host::BwdInputs& in, const at::Tensor& weight,
+                                                       int64_t ignore_index, double eps, bool need_dweight) {
+  const int64_t n = in.shape.n, d = in.shape.d, v = in.shape.v, cols = in.cols;
+  const auto dt = in.dt, acc = in.acc;
+  const at::Tensor &h = in.h, &y = in.y, &g = in.g, &s = in.s, &b = in.b;
+  const bool has_bias = in.has_bias();
   at::Tensor dh = at::zeros({n, d}, h.options());
-  at::Tensor dw = need_dweight ? at::zeros({v, d}, h.options()) : at::empty({0}, h.options());
-  at::Tensor db = has_bias ? at::zeros({v}, h.options().dtype(acc)) : at::Tensor();
-  const int64_t cols = chunk_len(chunk_bytes, std::max<int64_t>(n, 1), dt, v);
+  const at::Tensor &dw = in.dw, &db = in.db;
   // 16-bit over several vocabulary chunks: each chunk's dz @ W_c lands in dh's buffer and is summed here in fp32.
   at::Tensor dh_acc = dt != acc && cols < v ? at::zeros({n, d}, h.options().dtype(acc)) : at::Tensor();
   if (n > 0) {
@@ -214,15 +197,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
     });
   }
   if (dh_acc.defined()) dh.copy_(dh_acc);
-  at::Tensor dbias = has_bias ? db.to(dt) : at::empty({0}, h.options());
-  return {dh, dw, dbias};
+  return {dh, dw, host::dbias_out(in)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ckpt_ext, CPU, m) {
-  m.impl("linear_cross_entropy_fwd_kernel", &linear_cross_entropy_fwd_cpu);
-  m.impl("linear_cross_entropy_bwd_kernel", &linear_cross_entropy_bwd_cpu);
+  m.impl("linear_cross_entropy_fwd_kernel", &host::lce_fwd<&fwd_cpu>);
+  m.impl("linear_cross_entropy_bwd_kernel", &host::lce_bwd<&bwd_cpu>);
 }
 
 }  // namespace cpu

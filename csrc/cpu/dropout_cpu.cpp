@@ -54,17 +54,14 @@ void dropout_add_range(const T* x, const T* res, T* out, int64_t start, int64_t 
 }
 
 at::Tensor dropout_add_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual, double p, int64_t seed) {
-  const host::DropoutAddArgs args = host::check_dropout_add(x, residual, p);
-  const bool has_res = args.has_residual;
-  const auto out_dtype = args.out_dtype;
-  const at::Tensor xc = as_contig(x, out_dtype);
-  const at::Tensor rc = has_res ? as_contig(*residual, out_dtype) : at::Tensor();
-  at::Tensor out = at::empty(x.sizes(), xc.options());
+  const host::DropoutAddBuffers buf = host::dropout_add_buffers(x, residual, p);
+  const bool has_res = buf.args.has_residual;
+  const at::Tensor &xc = buf.xc, &rc = buf.rc, &out = buf.out;
   const int64_t numel = x.numel();
   if (numel == 0) return out;
   const uint32_t key = math::seed_key(seed), thr = math::dropout_threshold(p);
   const bool drop = p > 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "dropout_add_kernel", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buf.args.out_dtype, "dropout_add_kernel", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t scale = drop ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(1);
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();

@@ -40,11 +40,6 @@ namespace {
 
 constexpr int64_t kFlatGrain = 1 << 15;
 
-// t contiguous in dtype `dt` when it has it, else in acc_dtype(dt) (exact for every widening we meet).
-at::Tensor same_or_acc(const at::Tensor& t, at::ScalarType dt) {
-  return t.scalar_type() == dt ? t.contiguous() : as_contig(t, acc_dtype(dt));
-}
-
 // y[i, :] = (x[i, :] - mean[i]) * rstd[i] * w + b for rows [begin, end); X is T or acc_t.
 template <typename T, typename X>
 void ln_apply_rows(const X* x, const acc_type<T>* mean, const acc_type<T>* rstd, const acc_type<T>* w,
@@ -106,18 +101,12 @@ using host::with_form;
 
 constexpr int64_t kSumRows = 32;  // rows per db1 partial: fixed, so db1 does not depend on the thread count
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cpu(
-    const at::Tensor& x1, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& ln_weight,
-    const at::Tensor& ln_bias, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& dy, const at::Tensor& w2,
-    c10::string_view approximate) {
-  const bool tanh_form = parse_approximate(approximate);
-  host::check_ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2);
-  const int64_t n = x1.size(0), d = x1.size(1), h = w1.size(0);
-  const auto dt = dy.scalar_type(), acc = acc_dtype(dt);
-  const at::Tensor xc = same_or_acc(x1, dt);
-  const at::Tensor mc = as_contig(mean, acc), rc = as_contig(rstd, acc);
-  const at::Tensor wc = as_contig(ln_weight, acc), bc = as_contig(ln_bias, acc), b1c = as_contig(b1, acc);
-  at::Tensor y = at::empty({n, d}, dy.options().memory_format(at::MemoryFormat::Contiguous));
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cpu(host::FfnRecomputeInputs& in,
+                                                                 const at::Tensor& w1, const at::Tensor& dy,
+                                                                 const at::Tensor& w2) {
+  const int64_t n = in.n, d = in.d, h = in.h;
+  const auto dt = in.dt, acc = in.acc;
+  const at::Tensor &xc = in.xc, &mc = in.mc, &rc = in.rc, &wc = in.wc, &bc = in.bc, &b1c = in.b1c, &y = in.y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "ffn_recompute_kernel", [&] {
     using acc_t = acc_type<scalar_t>;
     auto run = [&](const auto* xp) {
@@ -128,9 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cpu(
     };
     xc.scalar_type() == dt ? run(xc.const_data_ptr<scalar_t>()) : run(xc.const_data_ptr<acc_t>());
   });
-  at::Tensor a = at::mm(y, w1.t().to(dt));  // (N, H): u, then a in place
-  y.reset();
-  at::Tensor du = at::mm(dy, w2.to(dt));  // (N, H): dA, then du in place
+  auto [a, du] = host::ffn_gemms(in, w1, dy, w2);
   const int64_t chunks = (n + kSumRows - 1) / kSumRows;
   at::Tensor partial = at::zeros({std::max<int64_t>(chunks, 1), h}, dy.options().dtype(acc));
   if (n > 0 && h > 0) {
@@ -141,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cpu(
       scalar_t* dup = du.mutable_data_ptr<scalar_t>();
       acc_t* pp = partial.mutable_data_ptr<acc_t>();
       const acc_t* bp = b1c.const_data_ptr<acc_t>();
-      with_form(tanh_form, [&](auto tanh_tag) {
+      with_form(in.tanh_form, [&](auto tanh_tag) {
         constexpr bool kTanh = decltype(tanh_tag)::value;
         at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(h) / kSumRows), [&](int64_t begin, int64_t end) {
           for (int64_t c = begin; c < end; ++c) {
@@ -187,12 +174,7 @@ at::Tensor linear_bias_gelu_cpu(const at::Tensor& x, const at::Tensor& w, const 
   return pass.out;
 }
 
-at::Tensor linear_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u,
-                               c10::string_view approximate) {
-  const bool tanh_form = parse_approximate(approximate);
-  host::check_linear_gelu_bwd(dy, w2, u);
-  const at::Tensor uc = u.contiguous();
-  const host::PointwisePass pass = host::linear_gelu_bwd_gemm(dy, w2, uc);
+void gelu_bwd_pass_cpu(const host::PointwisePass& pass, const at::Tensor& uc, bool tanh_form) {
   host::run_pointwise(pass, tanh_form, [&](const auto* mp, auto* op, auto tanh_tag) {
     using T = std::remove_pointer_t<decltype(op)>;
     using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
@@ -201,31 +183,25 @@ at::Tensor linear_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& w2, const
       gelu_bwd_range<T, M, decltype(tanh_tag)::value>(mp + begin, up + begin, op + begin, end - begin);
     });
   });
-  return pass.out;
 }
 
-at::Tensor gelu_linear_wgrad_cpu(const at::Tensor& dy, const at::Tensor& u, c10::string_view approximate) {
-  const bool tanh_form = parse_approximate(approximate);
-  host::check_gelu_linear_wgrad(dy, u);
-  const at::Tensor uc = u.contiguous();
-  const host::PointwisePass pass{uc, at::empty(u.sizes(), uc.options())};  // a = gelu(u), then dW2 = dyᵀ @ a
+void gelu_pass_cpu(const host::PointwisePass& pass, bool tanh_form) {
   host::run_pointwise(pass, tanh_form, [&](const auto* up, auto* ap, auto tanh_tag) {
     using T = std::remove_pointer_t<decltype(ap)>;
     using M = std::remove_cv_t<std::remove_pointer_t<decltype(up)>>;  // T (u is read as it is)
-    at::parallel_for(0, uc.numel(), kFlatGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pass.m.numel(), kFlatGrain, [&](int64_t begin, int64_t end) {
       bias_gelu_range<T, M, decltype(tanh_tag)::value>(up + begin, nullptr, ap + begin, end - begin);
     });
   });
-  return host::gelu_linear_wgrad_mm(dy, pass.out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ckpt_ext, CPU, m) {
-  m.impl("ffn_recompute_kernel", &ffn_recompute_cpu);
+  m.impl("ffn_recompute_kernel", &host::ffn_recompute<&ffn_recompute_cpu, host::NoGuard>);
   m.impl("linear_bias_gelu_kernel", &linear_bias_gelu_cpu);
-  m.impl("linear_gelu_bwd_kernel", &linear_gelu_bwd_cpu);
-  m.impl("gelu_linear_wgrad_kernel", &gelu_linear_wgrad_cpu);
+  m.impl("linear_gelu_bwd_kernel", &host::linear_gelu_bwd<&gelu_bwd_pass_cpu, host::NoGuard>);
+  m.impl("gelu_linear_wgrad_kernel", &host::gelu_linear_wgrad<&gelu_pass_cpu, host::NoGuard>);
 }
 
 }  // namespace cpu

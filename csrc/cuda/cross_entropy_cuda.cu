@@ -23,10 +23,7 @@ namespace cuda {
 namespace {
 
 using host::acc_dtype;
-using host::check_args;
-using host::checked_labels;
 using host::chunk_len;
-using host::defined;
 
 // (r, c) acc_t logits of h (r, d) against w (c, d), the GEMM in T, bias added in acc_t.
 at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b) {
@@ -34,16 +31,11 @@ at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w, const at::Tens
   return b.defined() ? z.add_(b) : z;
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cuda(const at::Tensor& hidden, const at::Tensor& weight,
-                                                                 const std::optional<at::Tensor>& bias,
-                                                                 const at::Tensor& labels, int64_t ignore_index,
-                                                                 double eps, int64_t chunk_bytes) {
-  const auto [n, d, v] = check_args("linear_cross_entropy_fwd_kernel", hidden, weight, bias, labels, chunk_bytes);
-  const auto acc = acc_dtype(hidden.scalar_type());
-  const at::Tensor h = hidden.contiguous();
-  const at::Tensor y = checked_labels("linear_cross_entropy_fwd_kernel", labels, v, ignore_index);
-  const at::Tensor b = defined(bias) ? bias->to(acc) : at::Tensor();
-  at::Tensor losses = at::empty({n}, hidden.options().dtype(acc)), lse = at::empty({n}, losses.options());
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const host::FwdInputs& in, const at::Tensor& weight, int64_t ignore_index,
+                                            double eps, int64_t chunk_bytes) {
+  const int64_t n = in.shape.n, v = in.shape.v;
+  const at::Tensor &h = in.h, &y = in.y, &b = in.b;
+  at::Tensor losses = in.losses, lse = in.lse;
   const int64_t rows = chunk_len(chunk_bytes, v, h.scalar_type(), std::max<int64_t>(n, 1));
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
@@ -59,54 +51,41 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cuda(const at::Tenso
   return {losses, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cuda(
-    const at::Tensor& dloss, const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index, double eps, int64_t chunk_bytes,
-    bool need_dweight) {
-  const auto [n, d, v] = check_args("linear_cross_entropy_bwd_kernel", hidden, weight, bias, labels, chunk_bytes);
-  TORCH_CHECK(dloss.sizes() == at::IntArrayRef{n} && lse.sizes() == at::IntArrayRef{n},
-              "linear_cross_entropy_bwd_kernel: dloss and lse must be (N,)");
-  const auto dt = hidden.scalar_type(), acc = acc_dtype(dt);
-  const at::Tensor h = hidden.contiguous();
-  const at::Tensor y = checked_labels("linear_cross_entropy_bwd_kernel", labels, v, ignore_index);
-  const at::Tensor ignored = y.eq(ignore_index);
-  const at::Tensor g = host::as_contig(dloss, acc).masked_fill(ignored, 0).unsqueeze(1);  // (N, 1)
-  const at::Tensor s = host::as_contig(lse, acc).unsqueeze(1);                           // (N, 1)
-  const bool has_bias = defined(bias);
-  const at::Tensor b = has_bias ? bias->to(acc) : at::Tensor();
-  at::Tensor dh_acc = at::zeros({n, d}, h.options().dtype(acc));
-  at::Tensor dw = need_dweight ? at::zeros({v, d}, h.options()) : at::empty({0}, h.options());
-  at::Tensor db = has_bias ? at::zeros({v}, h.options().dtype(acc)) : at::Tensor();
-  const int64_t cols = chunk_len(chunk_bytes, std::max<int64_t>(n, 1), dt, v);
-  for (int64_t c0 = 0; n > 0 && c0 < v; c0 += cols) {
-    const int64_t c = std::min(cols, v - c0);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const host::BwdInputs& in, const at::Tensor& weight,
+                                                        int64_t ignore_index, double eps, bool need_dweight) {
+  const at::Tensor ignored = in.y.eq(ignore_index);
+  const at::Tensor g = in.g.masked_fill(ignored, 0).unsqueeze(1);  // (N, 1)
+  const at::Tensor s = in.s.unsqueeze(1);                          // (N, 1)
+  at::Tensor dh_acc = at::zeros({in.shape.n, in.shape.d}, in.h.options().dtype(in.acc));
+  const int64_t v = in.shape.v;
+  for (int64_t c0 = 0; in.shape.n > 0 && c0 < v; c0 += in.cols) {
+    const int64_t c = std::min(in.cols, v - c0);
     const at::Tensor wc = weight.narrow(0, c0, c);
-    at::Tensor dz = chunk_logits(h, wc, has_bias ? b.narrow(0, c0, c) : at::Tensor());  // (N, c) acc_t
+    at::Tensor dz = chunk_logits(in.h, wc, in.has_bias() ? in.b.narrow(0, c0, c) : at::Tensor());  // (N, c) acc_t
     dz.sub_(s).exp_().sub_(eps / static_cast<double>(v)).mul_(g);
-    const at::Tensor in_chunk = y.ge(c0).logical_and(y.lt(c0 + c)).logical_and(ignored.logical_not());
+    const at::Tensor in_chunk = in.y.ge(c0).logical_and(in.y.lt(c0 + c)).logical_and(ignored.logical_not());
     const at::Tensor hit_rows = in_chunk.nonzero().squeeze(1);
     if (hit_rows.numel() > 0) {
-      const at::Tensor cols_hit = y.index_select(0, hit_rows) - c0;
+      const at::Tensor cols_hit = in.y.index_select(0, hit_rows) - c0;
       const at::Tensor delta = g.squeeze(1).index_select(0, hit_rows) * (1.0 - eps);
       dz.index_put_({hit_rows, cols_hit}, delta.neg(), /*accumulate=*/true);
     }
-    const at::Tensor dzt = dz.to(dt);
+    const at::Tensor dzt = dz.to(in.dt);
     if (need_dweight) {
-      at::Tensor dw_c = dw.narrow(0, c0, c);
-      at::mm_out(dw_c, dzt.t(), h);
+      at::Tensor dw_c = in.dw.narrow(0, c0, c);
+      at::mm_out(dw_c, dzt.t(), in.h);
     }
     dh_acc.add_(at::mm(dzt, wc));
-    if (has_bias) db.narrow(0, c0, c).add_(dz.sum(0));
+    if (in.has_bias()) in.db.narrow(0, c0, c).add_(dz.sum(0));
   }
-  at::Tensor dbias = has_bias ? db.to(dt) : at::empty({0}, h.options());
-  return {dh_acc.to(dt), dw, dbias};
+  return {dh_acc.to(in.dt), in.dw, host::dbias_out(in)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ckpt_ext, CUDA, m) {
-  m.impl("linear_cross_entropy_fwd_kernel", &linear_cross_entropy_fwd_cuda);
-  m.impl("linear_cross_entropy_bwd_kernel", &linear_cross_entropy_bwd_cuda);
+  m.impl("linear_cross_entropy_fwd_kernel", &host::lce_fwd<&fwd_cuda>);
+  m.impl("linear_cross_entropy_bwd_kernel", &host::lce_bwd<&bwd_cuda>);
 }
 
 }  // namespace cuda

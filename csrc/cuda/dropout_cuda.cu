@@ -40,19 +40,16 @@ __global__ void dropout_add_kernel(const T* __restrict__ x, const T* __restrict_
 }
 
 at::Tensor dropout_add_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, double p, int64_t seed) {
-  const host::DropoutAddArgs args = host::check_dropout_add(x, residual, p);
-  const bool has_res = args.has_residual;
-  const auto out_dtype = args.out_dtype;
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = as_contig(x, out_dtype);
-  const at::Tensor rc = has_res ? as_contig(*residual, out_dtype) : at::Tensor();
-  at::Tensor out = at::empty(x.sizes(), xc.options());
+  const host::DropoutAddBuffers buf = host::dropout_add_buffers(x, residual, p);
+  const bool has_res = buf.args.has_residual;
+  const at::Tensor &xc = buf.xc, &rc = buf.rc, &out = buf.out;
   const int64_t numel = x.numel();
   if (numel == 0) return out;
   const uint32_t key = math::seed_key(seed), thr = math::dropout_threshold(p);
   const bool drop = p > 0.0;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "dropout_add_kernel", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buf.args.out_dtype, "dropout_add_kernel", [&] {
     using acc_t = acc_type<scalar_t>;
     constexpr int V = kPack<scalar_t>;
     const acc_t scale = drop ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(1);

@@ -33,11 +33,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kSumRows = 32;  // rows per db1 partial: fixed, so db1 does not depend on the launch shape
 
-inline unsigned flat_grid(int64_t numel) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((numel + kThreads - 1) / kThreads, 65536)));
-}
-
-
 using host::with_form;
 
 // y[row, :] = (x[row, :] - mean[row]) * rstd[row] * w + b; one block per row. X is T or acc_t.
@@ -121,20 +116,13 @@ __global__ void dgelu_mul_kernel(const M* m, const T* __restrict__ u, T* out, in
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cuda(
-    const at::Tensor& x1, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& ln_weight,
-    const at::Tensor& ln_bias, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& dy, const at::Tensor& w2,
-    c10::string_view approximate) {
-  const bool tanh_form = parse_approximate(approximate);
-  host::check_ffn_recompute(x1, mean, rstd, ln_weight, ln_bias, w1, b1, dy, w2);
-  const int64_t n = x1.size(0), d = x1.size(1), h = w1.size(0);
-  const c10::cuda::CUDAGuard guard(dy.device());
-  const auto dt = dy.scalar_type(), acc = acc_dtype(dt);
-  const at::Tensor xc = x1.scalar_type() == dt ? x1.contiguous() : as_contig(x1, acc);
-  const at::Tensor mc = as_contig(mean, acc), rc = as_contig(rstd, acc);
-  const at::Tensor wc = as_contig(ln_weight, acc), bc = as_contig(ln_bias, acc), b1c = as_contig(b1, acc);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cuda(host::FfnRecomputeInputs& in,
+                                                                  const at::Tensor& w1, const at::Tensor& dy,
+                                                                  const at::Tensor& w2) {
+  const int64_t n = in.n, d = in.d, h = in.h;
+  const auto dt = in.dt, acc = in.acc;
+  const at::Tensor &xc = in.xc, &mc = in.mc, &rc = in.rc, &wc = in.wc, &bc = in.bc, &b1c = in.b1c, &y = in.y;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor y = at::empty({n, d}, dy.options().memory_format(at::MemoryFormat::Contiguous));
   if (n > 0 && d > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "ffn_recompute_kernel", [&] {
       using acc_t = acc_type<scalar_t>;
@@ -148,9 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cuda(
       xc.scalar_type() == dt ? run(xc.const_data_ptr<scalar_t>()) : run(xc.const_data_ptr<acc_t>());
     });
   }
-  at::Tensor a = at::mm(y, w1.t().to(dt));  // (N, H): u, then a in place
-  y.reset();
-  at::Tensor du = at::mm(dy, w2.to(dt));  // (N, H): dA, then du in place
+  auto [a, du] = host::ffn_gemms(in, w1, dy, w2);
   const int64_t chunks = (n + kSumRows - 1) / kSumRows;
   at::Tensor partial = at::empty({std::max<int64_t>(chunks, 1), h}, dy.options().dtype(acc));
   at::Tensor db1 = at::empty({h}, dy.options().dtype(acc));
@@ -160,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_recompute_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "ffn_recompute_kernel", [&] {
       using acc_t = acc_type<scalar_t>;
       if (n > 0) {
-        with_form(tanh_form, [&](auto tanh_tag) {
+        with_form(in.tanh_form, [&](auto tanh_tag) {
           constexpr bool kTanh = decltype(tanh_tag)::value;
           const dim3 grid(col_blocks, static_cast<unsigned>(std::min<int64_t>(chunks, 65535)));
           ffn_epilogue_kernel<scalar_t, kTanh><<<grid, kThreads, 0, stream>>>(
@@ -198,33 +184,21 @@ at::Tensor linear_bias_gelu_cuda(const at::Tensor& x, const at::Tensor& w, const
   return pass.out;
 }
 
-at::Tensor linear_gelu_bwd_cuda(const at::Tensor& dy, const at::Tensor& w2, const at::Tensor& u,
-                                c10::string_view approximate) {
-  const bool tanh_form = parse_approximate(approximate);
-  host::check_linear_gelu_bwd(dy, w2, u);
-  const c10::cuda::CUDAGuard guard(u.device());
-  const at::Tensor uc = u.contiguous();
-  const host::PointwisePass pass = host::linear_gelu_bwd_gemm(dy, w2, uc);
+void gelu_bwd_pass_cuda(const host::PointwisePass& pass, const at::Tensor& uc, bool tanh_form) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t numel = uc.numel();
   host::run_pointwise(pass, tanh_form, [&](const auto* mp, auto* op, auto tanh_tag) {
     using T = std::remove_pointer_t<decltype(op)>;
     using M = std::remove_cv_t<std::remove_pointer_t<decltype(mp)>>;
-    dgelu_mul_kernel<T, M, decltype(tanh_tag)::value><<<flat_grid(numel), kThreads, 0, stream>>>(
+    dgelu_mul_kernel<T, M, decltype(tanh_tag)::value><<<flat_grid(numel, kThreads), kThreads, 0, stream>>>(
         mp, uc.const_data_ptr<T>(), op, numel);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return pass.out;
 }
 
-at::Tensor gelu_linear_wgrad_cuda(const at::Tensor& dy, const at::Tensor& u, c10::string_view approximate) {
-  const bool tanh_form = parse_approximate(approximate);
-  host::check_gelu_linear_wgrad(dy, u);
-  const c10::cuda::CUDAGuard guard(u.device());
-  const at::Tensor uc = u.contiguous();
-  const host::PointwisePass pass{uc, at::empty(u.sizes(), uc.options())};  // a = gelu(u), then dW2 = dyᵀ @ a
+void gelu_pass_cuda(const host::PointwisePass& pass, bool tanh_form) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t numel = uc.numel();
+  const int64_t numel = pass.m.numel();
   host::run_pointwise(pass, tanh_form, [&](const auto* up, auto* ap, auto tanh_tag) {
     using T = std::remove_pointer_t<decltype(ap)>;
     using M = std::remove_cv_t<std::remove_pointer_t<decltype(up)>>;  // T (u is read as it is)
@@ -232,16 +206,15 @@ at::Tensor gelu_linear_wgrad_cuda(const at::Tensor& dy, const at::Tensor& u, c10
         up, static_cast<const acc_type<T>*>(nullptr), ap, 1, numel);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return host::gelu_linear_wgrad_mm(dy, pass.out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ckpt_ext, CUDA, m) {
-  m.impl("ffn_recompute_kernel", &ffn_recompute_cuda);
+  m.impl("ffn_recompute_kernel", &host::ffn_recompute<&ffn_recompute_cuda, c10::cuda::CUDAGuard>);
   m.impl("linear_bias_gelu_kernel", &linear_bias_gelu_cuda);
-  m.impl("linear_gelu_bwd_kernel", &linear_gelu_bwd_cuda);
-  m.impl("gelu_linear_wgrad_kernel", &gelu_linear_wgrad_cuda);
+  m.impl("linear_gelu_bwd_kernel", &host::linear_gelu_bwd<&gelu_bwd_pass_cuda, c10::cuda::CUDAGuard>);
+  m.impl("gelu_linear_wgrad_kernel", &host::gelu_linear_wgrad<&gelu_pass_cuda, c10::cuda::CUDAGuard>);
 }
 
 }  // namespace cuda

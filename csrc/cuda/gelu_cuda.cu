@@ -18,10 +18,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-inline unsigned grid_for(int64_t packs) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((packs + kThreads - 1) / kThreads, 65536)));
-}
-
 // x viewed as (rows, h): rows split over blockIdx.y (grid-stride), columns in packs over blockIdx.x/threadIdx.x, so the
 // bias index is the column itself (no per-element 64-bit i % h). Without a bias the caller passes rows = 1, h = numel.
 template <typename T, int V, bool kTanh>
@@ -63,7 +59,6 @@ __global__ void gelu_bwd_kernel(const D* __restrict__ da, const T* __restrict__ 
   }
 }
 
-
 at::Tensor bias_gelu_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view approximate) {
   const bool tanh_form = parse_approximate(approximate);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -80,7 +75,7 @@ at::Tensor bias_gelu_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
       const int64_t rows = bp != nullptr ? numel / h : 1, cols = bp != nullptr ? h : numel;
       const bool vec = packable<T>(cols, {xp, op});
       auto launch = [&](auto kernel, int v) {
-        const unsigned gx = grid_for(cols / v);
+        const unsigned gx = flat_grid(cols / v, kThreads);
         const dim3 grid(gx, static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, 65535))));
         kernel<<<grid, kThreads, 0, stream>>>(xp, bp, op, rows, cols);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -105,7 +100,7 @@ at::Tensor gelu_bwd_cuda(const at::Tensor& da, const at::Tensor& u, c10::string_
     const T* up = args.u.const_data_ptr<T>();
     const bool vec = packable<T>(numel, {up, op}) && packable<D>(numel, {dp}) && numel % V == 0;
     auto launch = [&](auto kernel, int v) {
-      kernel<<<grid_for(numel / v), kThreads, 0, stream>>>(dp, up, op, numel);
+      kernel<<<flat_grid(numel / v, kThreads), kThreads, 0, stream>>>(dp, up, op, numel);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     vec ? launch(gelu_bwd_kernel<T, D, V, kTanh>, V) : launch(gelu_bwd_kernel<T, D, 1, kTanh>, 1);

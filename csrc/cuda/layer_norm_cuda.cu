@@ -60,9 +60,6 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const acc_type<T>
   }
 }
 
-constexpr int kMaxThreads = 512;  // row_threads() never launches more
-constexpr int kRegChunks = 4;     // packs per thread whose dweight/dbias partials stay in registers
-
 // G is the dtype of dy and dresidual: T, or acc_t when either came in another dtype (then both were widened).
 template <typename T, typename G, int V>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -103,18 +100,16 @@ __global__ void __launch_bounds__(kMaxThreads)
     block_sum2(sgx, sg);
     const acc_t c1 = sgx / static_cast<acc_t>(d), c2 = sg / static_cast<acc_t>(d);
     // dx, y and the dweight/dbias contributions of the pack at column j, accumulated into aw/ab[0 .. V).
+    const G* dres_row = dres ? dres + row * d : nullptr;
     auto pack = [&](int64_t j, acc_t* aw, acc_t* ab) {
-      const Pack<T, V> xp = load_pack<T, V>(xr + j);
-      const Pack<G, V> gp = load_pack<G, V>(dyr + j);
-      Pack<G, V> rp;
-      if (dres) rp = load_pack<G, V>(dres + row * d + j);
+      const NormBwdPacks<T, G, V> in = load_norm_bwd_packs<T, G, V>(xr, dyr, dres_row, j);
       Pack<T, V> dxp, yp;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const acc_t xhat = (static_cast<acc_t>(xp.v[k]) - mu) * r;
-        const acc_t dyv = static_cast<acc_t>(gp.v[k]);
+        const acc_t xhat = (static_cast<acc_t>(in.x.v[k]) - mu) * r;
+        const acc_t dyv = static_cast<acc_t>(in.dy.v[k]);
         acc_t v = (dyv * w[j + k] - c2 - xhat * c1) * r;
-        if (dres) v += static_cast<acc_t>(rp.v[k]);
+        if (dres) v += static_cast<acc_t>(in.res.v[k]);
         dxp.v[k] = static_cast<T>(v);
         yp.v[k] = static_cast<T>(xhat * w[j + k] + b[j + k]);
         aw[k] += dyv * xhat;
@@ -123,41 +118,19 @@ __global__ void __launch_bounds__(kMaxThreads)
       store_pack<T, V>(dx + row * d + j, dxp);
       if (y) store_pack<T, V>(y + row * d + j, yp);
     };
-    if (in_registers) {
-#pragma unroll
-      for (int c = 0; c < kRegChunks; ++c) {
-        const int64_t j = (threadIdx.x + static_cast<int64_t>(c) * blockDim.x) * V;
-        if (j < d) pack(j, rw[c], rb[c]);
-      }
-    } else {
-      for (int64_t j = threadIdx.x * V; j < d; j += step) pack(j, pw + j, pb + j);
-    }
+    owned_packs<V>(
+        d, in_registers, [&](int64_t j, int c) { pack(j, rw[c], rb[c]); }, [&](int64_t j) { pack(j, pw + j, pb + j); });
   }
   if (in_registers) {
+    auto flush = [&](int64_t j, int c) {
 #pragma unroll
-    for (int c = 0; c < kRegChunks; ++c) {
-      const int64_t j = (threadIdx.x + static_cast<int64_t>(c) * blockDim.x) * V;
-      if (j < d) {
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-          pw[j + k] = rw[c][k];
-          pb[j + k] = rb[c][k];
-        }
+      for (int k = 0; k < V; ++k) {
+        pw[j + k] = rw[c][k];
+        pb[j + k] = rb[c][k];
       }
-    }
+    };
+    owned_packs<V>(d, true, flush, [](int64_t) {});
   }
-}
-
-// out (2, d): out[h][j] = Σ_k partials[h * blocks + k][j], k ascending; blockIdx.y = h.
-template <typename acc_t>
-__global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t blocks, int64_t d,
-                                    acc_t* __restrict__ out) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= d) return;
-  const acc_t* p = partials + blockIdx.y * blocks * d + j;
-  acc_t s = 0;
-  for (int64_t k = 0; k < blocks; ++k) s += p[k * d];
-  out[blockIdx.y * d + j] = s;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -196,47 +169,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
   const int64_t n = x.size(0), d = x.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto xt = x.scalar_type(), acc = acc_dtype(xt);
-  const bool same = dy.scalar_type() == xt && (!has_res || dresidual->scalar_type() == xt);
-  const auto gt = same ? xt : acc;
-  const at::Tensor xc = x.contiguous(), dyc = as_contig(dy, gt);
-  const at::Tensor resc = has_res ? as_contig(*dresidual, gt) : at::Tensor();
+  const NormGrads grads = norm_grads(dy, x, dresidual, has_res);
+  const at::Tensor xc = x.contiguous();
   const at::Tensor m = as_contig(mean, acc), r = as_contig(rstd, acc);
   const at::Tensor w = as_contig(weight, acc), b = as_contig(bias, acc);
   at::Tensor dx = at::empty({n, d}, xc.options());
   at::Tensor y = emit_y ? at::empty({n, d}, xc.options()) : at::empty({0}, xc.options());
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(n, 512));
+  const int64_t blocks = norm_bwd_blocks(n);
   at::Tensor partials = at::empty({2 * blocks, d}, xc.options().dtype(acc));
   at::Tensor sums = at::empty({2, d}, xc.options().dtype(acc));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "layer_norm_bwd_kernel", [&] {
     using acc_t = acc_type<scalar_t>;
-    auto run = [&](auto g_tag) {
+    with_norm_grads<scalar_t>(grads, [&](auto g_tag, const auto* dyp, const auto* rp) {
       using G = typename decltype(g_tag)::type;
-      constexpr int V = kPack<scalar_t> < kPack<G> ? kPack<scalar_t> : kPack<G>;
-      const G* dyp = dyc.const_data_ptr<G>();
-      const G* rp = has_res ? resc.const_data_ptr<G>() : nullptr;
+      constexpr int V = kPack2<scalar_t, G>;
       const scalar_t* xp = xc.const_data_ptr<scalar_t>();
       scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
       scalar_t* yp = emit_y ? y.mutable_data_ptr<scalar_t>() : nullptr;
       const bool vec = packable<scalar_t>(d, {xp, dxp, yp}) && packable<G>(d, {dyp, rp}) && d % V == 0;
       auto launch = [&](auto kernel, int v) {
-        const int threads = row_threads(d, v);
-        const bool in_registers = (d + static_cast<int64_t>(threads) * v - 1) / (threads * v) <= kRegChunks;
-        kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-            dyp, xp, m.const_data_ptr<acc_t>(), r.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
-            b.const_data_ptr<acc_t>(), rp, dxp, yp, partials.mutable_data_ptr<acc_t>(), n, d, in_registers);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_norm_bwd(kernel, blocks, n, d, v, stream, dyp, xp, m.const_data_ptr<acc_t>(), r.const_data_ptr<acc_t>(),
+                        w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), rp, dxp, yp,
+                        partials.mutable_data_ptr<acc_t>());
       };
       vec ? launch(layer_norm_bwd_kernel<scalar_t, G, V>, V) : launch(layer_norm_bwd_kernel<scalar_t, G, 1>, 1);
-    };
-    same ? run(TypeTag<scalar_t>{}) : run(TypeTag<acc_t>{});
-    if (d > 0) {
-      const int threads = 256;
-      const dim3 grid(static_cast<unsigned>((d + threads - 1) / threads), 2);
-      sum_partials_kernel<acc_t><<<grid, threads, 0, stream>>>(
-          partials.const_data_ptr<acc_t>(), blocks, d, sums.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    });
+    sum_partials<acc_t>(partials, blocks, d, sums, 2, stream);
   });
   at::Tensor dweight = sums[0].to(weight.scalar_type(), false, true).view(weight.sizes());
   at::Tensor dbias = sums[1].to(bias.scalar_type(), false, true).view(bias.sizes());

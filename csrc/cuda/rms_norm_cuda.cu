@@ -21,8 +21,6 @@ namespace ckpt_ext {
 namespace cuda {
 namespace {
 
-constexpr int kMaxThreads = 512;
-constexpr int kRegChunks = 4;  // packs per thread kept in registers: 4 * V accumulators
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -90,17 +88,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     block_sum2(sgx, unused);
     const acc_t c1 = sgx * r / static_cast<acc_t>(d);
     // dx, y and the dweight contribution of the pack at column j, accumulated into acc[0 .. V).
+    const G* dres_row = dres ? dres + row * d : nullptr;
     auto pack = [&](int64_t j, acc_t* acc) {
-      const Pack<T, V> xp = load_pack<T, V>(xr + j);
-      const Pack<G, V> gp = load_pack<G, V>(dyr + j);
-      Pack<G, V> rp;
-      if (dres) rp = load_pack<G, V>(dres + row * d + j);
+      const NormBwdPacks<T, G, V> in = load_norm_bwd_packs<T, G, V>(xr, dyr, dres_row, j);
       Pack<T, V> dxp, yp;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const acc_t xhat = static_cast<acc_t>(xp.v[k]) * r, dyv = static_cast<acc_t>(gp.v[k]);
+        const acc_t xhat = static_cast<acc_t>(in.x.v[k]) * r, dyv = static_cast<acc_t>(in.dy.v[k]);
         acc_t v = (dyv * w[j + k] - xhat * c1) * r;
-        if (dres) v += static_cast<acc_t>(rp.v[k]);
+        if (dres) v += static_cast<acc_t>(in.res.v[k]);
         dxp.v[k] = static_cast<T>(v);
         const acc_t nv = static_cast<acc_t>(static_cast<T>(xhat));
         acc[k] += dyv * nv;
@@ -110,37 +106,16 @@ __global__ void __launch_bounds__(kMaxThreads)
       store_pack<T, V>(dx + row * d + j, dxp);
       if (y != nullptr && !y_acc) store_pack<T, V>(static_cast<T*>(y) + row * d + j, yp);
     };
-    if (in_registers) {
-#pragma unroll
-      for (int c = 0; c < kRegChunks; ++c) {
-        const int64_t j = (threadIdx.x + static_cast<int64_t>(c) * blockDim.x) * V;
-        if (j < d) pack(j, preg[c]);
-      }
-    } else {
-      for (int64_t j = threadIdx.x * V; j < d; j += step) pack(j, pglobal + j);
-    }
+    owned_packs<V>(
+        d, in_registers, [&](int64_t j, int c) { pack(j, preg[c]); }, [&](int64_t j) { pack(j, pglobal + j); });
   }
   if (in_registers) {
+    auto flush = [&](int64_t j, int c) {
 #pragma unroll
-    for (int c = 0; c < kRegChunks; ++c) {
-      const int64_t j = (threadIdx.x + static_cast<int64_t>(c) * blockDim.x) * V;
-      if (j < d) {
-#pragma unroll
-        for (int k = 0; k < V; ++k) pglobal[j + k] = preg[c][k];
-      }
-    }
+      for (int k = 0; k < V; ++k) pglobal[j + k] = preg[c][k];
+    };
+    owned_packs<V>(d, true, flush, [](int64_t) {});
   }
-}
-
-// out[j] = Σ_k partials[k][j] over the blocks k = 0, 1, ... in order.
-template <typename acc_t>
-__global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t blocks, int64_t d,
-                                    acc_t* __restrict__ out) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= d) return;
-  acc_t s = 0;
-  for (int64_t k = 0; k < blocks; ++k) s += partials[k * d + j];
-  out[j] = s;
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -179,46 +154,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tenso
   const int64_t n = x.size(0), d = x.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto xt = x.scalar_type(), acc = acc_dtype(xt), od = c10::promoteTypes(xt, weight.scalar_type());
-  const bool same = dy.scalar_type() == xt && (!has_res || dresidual->scalar_type() == xt);
-  const auto gt = same ? xt : acc;
-  const at::Tensor xc = x.contiguous(), dyc = as_contig(dy, gt);
-  const at::Tensor resc = has_res ? as_contig(*dresidual, gt) : at::Tensor();
+  const NormGrads grads = norm_grads(dy, x, dresidual, has_res);
+  const at::Tensor xc = x.contiguous();
   const at::Tensor r = as_contig(rstd, acc), w = as_contig(weight, acc);
   const bool y_acc = od != xt;
   at::Tensor dx = at::empty({n, d}, xc.options());
   at::Tensor y = emit_y ? at::empty({n, d}, xc.options().dtype(y_acc ? acc : xt)) : at::empty({0}, xc.options());
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(n, 512));
+  const int64_t blocks = norm_bwd_blocks(n);
   at::Tensor partials = at::zeros({blocks, d}, xc.options().dtype(acc));
   at::Tensor dweight = at::empty({d}, xc.options().dtype(acc));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "rms_norm_bwd_kernel", [&] {
     using acc_t = acc_type<scalar_t>;
-    auto run = [&](auto g_tag) {
-      using G = typename decltype(g_tag)::type;
-      constexpr int V = kPack<scalar_t> < kPack<G> ? kPack<scalar_t> : kPack<G>;
-      const G* dyp = dyc.const_data_ptr<G>();
-      const G* rp = has_res ? resc.const_data_ptr<G>() : nullptr;
-      const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-      scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-      void* yp = emit_y ? y.mutable_data_ptr() : nullptr;
-      const bool vec = packable<scalar_t>(d, {xp, dxp, y_acc ? nullptr : yp}) && packable<G>(d, {dyp, rp});
-      auto launch = [&](auto kernel, int v) {
-        const int threads = row_threads(d, v);
-        const bool in_registers = (d + static_cast<int64_t>(threads) * v - 1) / (threads * v) <= kRegChunks;
-        kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-            dyp, xp, r.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), rp, dxp, yp, y_acc,
-            partials.mutable_data_ptr<acc_t>(), n, d, in_registers);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      vec ? launch(rms_norm_bwd_kernel<scalar_t, G, V>, V) : launch(rms_norm_bwd_kernel<scalar_t, G, 1>, 1);
-    };
-    if (n > 0 && d > 0) same ? run(TypeTag<scalar_t>{}) : run(TypeTag<acc_t>{});
-    if (d > 0) {
-      constexpr int threads = 256;
-      sum_partials_kernel<acc_t><<<static_cast<unsigned>((d + threads - 1) / threads), threads, 0, stream>>>(
-          partials.const_data_ptr<acc_t>(), blocks, d, dweight.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (n > 0 && d > 0) {
+      with_norm_grads<scalar_t>(grads, [&](auto g_tag, const auto* dyp, const auto* rp) {
+        using G = typename decltype(g_tag)::type;
+        constexpr int V = kPack2<scalar_t, G>;
+        const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+        scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+        void* yp = emit_y ? y.mutable_data_ptr() : nullptr;
+        const bool vec = packable<scalar_t>(d, {xp, dxp, y_acc ? nullptr : yp}) && packable<G>(d, {dyp, rp});
+        auto launch = [&](auto kernel, int v) {
+          launch_norm_bwd(kernel, blocks, n, d, v, stream, dyp, xp, r.const_data_ptr<acc_t>(),
+                          w.const_data_ptr<acc_t>(), rp, dxp, yp, y_acc, partials.mutable_data_ptr<acc_t>());
+        };
+        vec ? launch(rms_norm_bwd_kernel<scalar_t, G, V>, V) : launch(rms_norm_bwd_kernel<scalar_t, G, 1>, 1);
+      });
     }
+    sum_partials<acc_t>(partials, blocks, d, dweight, 1, stream);
   });
   if (emit_y && y.scalar_type() != od) y = y.to(od);
   return {dx, dweight.to(weight.scalar_type()), y};

@@ -29,10 +29,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-inline unsigned flat_grid(int64_t packs) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((packs + kThreads - 1) / kThreads, 65536)));
-}
-
 inline dim3 rows_grid(int64_t rows, int64_t f) {
   const int64_t gx = std::max<int64_t>(1, std::min<int64_t>((f + kThreads - 1) / kThreads, 1024));
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, 65535))));
@@ -167,9 +163,9 @@ at::Tensor swiglu_fwd_cuda(const at::Tensor& g, const at::Tensor& u) {
       scalar_t* hp = h.mutable_data_ptr<scalar_t>();
       const auto stream = c10::cuda::getCurrentCUDAStream();
       if (packable<scalar_t>(numel, {gp, up, hp})) {
-        swiglu_fwd_kernel<scalar_t, V><<<flat_grid(numel / V), kThreads, 0, stream>>>(gp, up, hp, numel);
+        swiglu_fwd_kernel<scalar_t, V><<<flat_grid(numel / V, kThreads), kThreads, 0, stream>>>(gp, up, hp, numel);
       } else {
-        swiglu_fwd_kernel<scalar_t, 1><<<flat_grid(numel), kThreads, 0, stream>>>(gp, up, hp, numel);
+        swiglu_fwd_kernel<scalar_t, 1><<<flat_grid(numel, kThreads), kThreads, 0, stream>>>(gp, up, hp, numel);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -195,9 +191,11 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& dh, const a
       scalar_t *dgp = dg.mutable_data_ptr<scalar_t>(), *dup = du.mutable_data_ptr<scalar_t>();
       const auto stream = c10::cuda::getCurrentCUDAStream();
       if (packable<scalar_t>(numel, {gp, up, dp, dgp, dup})) {
-        swiglu_bwd_kernel<scalar_t, V><<<flat_grid(numel / V), kThreads, 0, stream>>>(dp, gp, up, dgp, dup, numel);
+        swiglu_bwd_kernel<scalar_t, V><<<flat_grid(numel / V, kThreads), kThreads, 0, stream>>>(dp, gp, up, dgp, dup,
+                                                                                                 numel);
       } else {
-        swiglu_bwd_kernel<scalar_t, 1><<<flat_grid(numel), kThreads, 0, stream>>>(dp, gp, up, dgp, dup, numel);
+        swiglu_bwd_kernel<scalar_t, 1><<<flat_grid(numel, kThreads), kThreads, 0, stream>>>(dp, gp, up, dgp, dup,
+                                                                                             numel);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
