@@ -313,6 +313,19 @@ def swiglu_bwd(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     return dg.to(g.dtype), du.to(u.dtype)
 
 
+def geglu_fwd(g: Tensor, u: Tensor) -> Tensor:
+    """h = gelu_tanh(g) · u (GeGLU: Gemma, ModernBERT): g, u (N, F) -> (N, F) in g.dtype, computed in fp32."""
+    cdt = compute_dtype(g)
+    return (gelu(g.to(cdt), "tanh") * u.to(cdt)).to(g.dtype)
+
+
+def geglu_bwd(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """VJP of geglu_fwd: dg = dh · u · gelu_tanh'(g), du = dh · gelu_tanh(g); dg (N, F) in g.dtype, du in u.dtype."""
+    cdt = compute_dtype(g)
+    dhf, gf, uf = dh.to(cdt), g.to(cdt), u.to(cdt)
+    return (dhf * uf * gelu_grad(gf, "tanh")).to(g.dtype), (dhf * gelu(gf, "tanh")).to(u.dtype)
+
+
 def _linear_f32(x: Tensor, w: Tensor, b: Optional[Tensor], cdt: torch.dtype) -> Tensor:
     y = _mm(x, w.t(), cdt)
     return y if b is None else y + b.to(cdt)

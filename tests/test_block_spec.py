@@ -25,6 +25,8 @@ FORMS = [  # (norm, activation, placement): the two historical pairs, the crosse
     ("layernorm", "gelu", "post"),
     ("layernorm", "gelu_tanh", "post"),
     ("rmsnorm", "swiglu", "post"),
+    ("layernorm", "geglu", "pre"),
+    ("rmsnorm", "geglu", "pre"),
 ]
 POLICIES = list(policies.POLICIES)
 

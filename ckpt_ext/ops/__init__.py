@@ -6,6 +6,7 @@ from .attention import attention_bwd, attention_fwd, gqa_attention_bwd, gqa_atte
 from .cross_entropy import linear_cross_entropy_bwd, linear_cross_entropy_fwd  # noqa: F401  (opcheck: tests/test_linear_cross_entropy.py)
 from .dropout import dropout_add
 from .ffn import ffn_recompute, gelu_linear_wgrad, linear_bias_gelu, linear_dropout_add, linear_gelu_bwd
+from .geglu import geglu_bwd, geglu_fwd
 from .gelu import bias_gelu, gelu_bwd
 from .layer_norm import layer_norm_bwd, layer_norm_fwd
 from .rms_norm import rms_norm_bwd, rms_norm_fwd
@@ -27,6 +28,8 @@ __all__ = [
     "bias_gelu",
     "dropout_add",
     "ffn_recompute",
+    "geglu_bwd",
+    "geglu_fwd",
     "gelu_bwd",
     "gelu_linear_wgrad",
     "gqa_attention_bwd",
