@@ -6,8 +6,9 @@ q (B, T, h, dh), k and v (B, S, hk, dh), h % hk == 0, g = h // hk: query head i 
 never repeated). One query head at a time, on one (B, T, S) score tile; no (B, h, T, S) tensor is ever built:
 
     S_i  = scale · q_i k_jᵀ + bias_i      bias_i: the additive float mask, or -inf where a bool keep-mask is False,
-                                          -inf where segment_ids hide the key, and -inf above the diagonal when
-                                          causal (causal requires S == T)
+                                          -inf where segment_ids hide the key, -inf above the diagonal when
+                                          causal (causal requires S == T), and -inf where |t - s| > window when
+                                          window > 0 (a sliding window; requires S == T)
     m    = rowmax S_i                     a row is empty (no visible key) iff m <= threshold: -inf without a mask or
                                           with a bool one, finfo(mask.dtype).min / 2 with a float mask, so rows
                                           emptied by -inf and by finfo.min (Hugging Face's padding) are both found
@@ -26,6 +27,10 @@ seg[b, t] == seg[b, s] (0 = padding; ckpt_ext/segments.py builds them from lengt
 position ids). The reference applies them as their (B, 1, T, S) bool visibility (segments.visibility), on top of
 attn_mask when both are given (a key must pass both). Dropout indices do not depend on the mask, so the hash mask is
 the same whether visibility comes from segment_ids or from the equivalent bool attn_mask.
+
+window (int >= 0, the last argument; 0 = none): query t sees key s only if |t - s| <= window, on top of causal,
+attn_mask and segment_ids (ModernBERT's local layers: window = local_attention // 2, bidirectional). Kernels apply it
+per tile and skip key tiles outside [t - window, t + window]; the reference builds the (T, S) band per head.
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_gqa_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, attn_mask: Optional[Tensor],
-                   scale: float, op: str = "gqa_attention_fwd", segment_ids: Optional[Tensor] = None
-                   ) -> None:  # fmt: skip
+                   scale: float, op: str = "gqa_attention_fwd", segment_ids: Optional[Tensor] = None,
+                   window: int = 0) -> None:  # fmt: skip
     """Raise a clear error naming the argument for anything the attention ops do not define."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{op}: q must be (B, T, h, dh) and k, v (B, S, hk, dh); got q {tuple(q.shape)}, "
@@ -64,6 +69,7 @@ def check_gqa_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: flo
         raise ValueError(f"{op}: dropout_p must be in [0, 1); got {dropout_p}")
     if not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be finite; got {scale}")
+    _check_window(window, t, k.shape[1], op)
     if segment_ids is not None:
         _check_segment_ids(segment_ids, q, k, op)
     if attn_mask is None:
@@ -90,6 +96,24 @@ def _check_segment_ids(seg: Tensor, q: Tensor, k: Tensor, op: str) -> None:
         raise ValueError(f"{op}: segment_ids need as many keys as queries (S == T); got T={t}, S={s}")
     if seg.device != q.device:
         raise ValueError(f"{op}: segment_ids is on {seg.device}, q on {q.device}")
+
+
+def _check_window(window, t: int, s: int, op: str) -> None:
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"{op}: window must be an int (0 = no window, w > 0: |i - j| <= w); got {window!r}")
+    if window < 0:
+        raise ValueError(f"{op}: window must be >= 0 (0 = no window, w > 0: |i - j| <= w); got {window}")
+    if window > 0 and t != s:
+        raise ValueError(f"{op}: window > 0 needs as many keys as queries (S == T); got T={t}, S={s}")
+
+
+def band_hidden(t: int, s: int, window: int, device) -> Optional[Tensor]:
+    """(T, S) bool, True where |t - s| > window (the keys a sliding window hides); None when window == 0."""
+    if window == 0:
+        return None
+    rows = torch.arange(t, device=device)[:, None]
+    keys = torch.arange(s, device=device)[None, :]
+    return (rows - keys).abs_() > window
 
 
 def check_mask_grad(attn_mask: Optional[Tensor]) -> None:
@@ -127,9 +151,9 @@ def _head_flat_index(b: int, h: int, i: int, t: int, s: int, device) -> Tensor:
     return ((ar(b) * h + i) * (t * s))[:, None, None] + (ar(t) * s)[None, :, None] + ar(s)[None, None, :]
 
 
-def _head_scores(q, k, i, g, causal, m4, scale, cdt, seg_vis=None) -> Tensor:
-    """S_i (B, T, S) in cdt for query head i: scale · q_i k_jᵀ + bias_i, -inf where seg_vis (B, T, S) is False and
-    above the diagonal when causal."""
+def _head_scores(q, k, i, g, causal, m4, scale, cdt, seg_vis=None, band=None) -> Tensor:
+    """S_i (B, T, S) in cdt for query head i: scale · q_i k_jᵀ + bias_i, -inf where seg_vis (B, T, S) is False,
+    above the diagonal when causal and where band (T, S) is True (outside the window)."""
     qi, kj = q[:, :, i].to(cdt), k[:, :, i // g].to(cdt)  # (B, T, dh), (B, S, dh)
     s = torch.bmm(qi, kj.transpose(1, 2)).mul_(scale)  # (B, T, S)
     if m4 is not None:
@@ -140,6 +164,8 @@ def _head_scores(q, k, i, g, causal, m4, scale, cdt, seg_vis=None) -> Tensor:
             s.add_(mi.to(cdt))
     if seg_vis is not None:
         s.masked_fill_(~seg_vis, float("-inf"))
+    if band is not None:
+        s.masked_fill_(band, float("-inf"))
     if causal:
         t, n = s.shape[1:]
         s.masked_fill_(torch.ones(t, n, dtype=torch.bool, device=s.device).triu_(1), float("-inf"))
@@ -155,13 +181,14 @@ def _seg_vis(segment_ids: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def gqa_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, seed: int,
-                      attn_mask: Optional[Tensor], scale: float, segment_ids: Optional[Tensor] = None
-                      ) -> tuple[Tensor, Tensor]:  # fmt: skip
+                      attn_mask: Optional[Tensor], scale: float, segment_ids: Optional[Tensor] = None,
+                      window: int = 0) -> tuple[Tensor, Tensor]:  # fmt: skip
     """out (B, T, h, dh) in q.dtype, lse (B, h, T) in the compute dtype; see the module docstring."""
-    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
+    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids, window=window)
     seg_vis = _seg_vis(segment_ids)
     b, t, h, dh = q.shape
     s_len, g = k.shape[1], h // k.shape[2]
+    band = band_hidden(t, s_len, window, q.device)
     cdt = reference.compute_dtype(q)
     m4, thr = mask4(attn_mask), empty_threshold(attn_mask)
     out = torch.zeros((b, t, h, dh), dtype=cdt, device=q.device)
@@ -169,7 +196,7 @@ def gqa_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: 
     if t == 0 or s_len == 0:
         return out.to(q.dtype), lse
     for i in range(h):
-        s = _head_scores(q, k, i, g, causal, m4, scale, cdt, seg_vis)  # (B, T, S)
+        s = _head_scores(q, k, i, g, causal, m4, scale, cdt, seg_vis, band)  # (B, T, S)
         row_max = s.amax(dim=-1, keepdim=True)  # (B, T, 1)
         empty = row_max <= thr
         e = torch.exp(s - torch.where(empty, 0.0, row_max))
@@ -183,12 +210,15 @@ def gqa_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: 
 
 def gqa_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
                       dropout_p: float, seed: int, attn_mask: Optional[Tensor], scale: float,
-                      segment_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                      segment_ids: Optional[Tensor] = None, window: int = 0
+                      ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """VJP of gqa_attention_fwd: dq (B, T, h, dh), dk, dv (B, S, hk, dh); P rebuilt per head from the saved lse."""
-    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids)
+    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids,
+                   window=window)  # fmt: skip
     seg_vis = _seg_vis(segment_ids)
     b, t, h, dh = q.shape
     s_len, g = k.shape[1], h // k.shape[2]
+    band = band_hidden(t, s_len, window, q.device)
     cdt = reference.compute_dtype(q)
     m4 = mask4(attn_mask)
     dq = torch.zeros((b, t, h, dh), dtype=cdt, device=q.device)
@@ -197,7 +227,7 @@ def gqa_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     for i in range(0 if t == 0 or s_len == 0 else h):
         j = i // g
         lse_i = lse[:, i].to(cdt)[..., None]  # (B, T, 1)
-        s = _head_scores(q, k, i, g, causal, m4, scale, cdt, seg_vis)
+        s = _head_scores(q, k, i, g, causal, m4, scale, cdt, seg_vis, band)
         p = torch.where(torch.isneginf(lse_i), 0.0, torch.exp(s - lse_i))  # (B, T, S)
         keep = hash_keep(_head_flat_index(b, h, i, t, s_len, q.device), dropout_p, seed) if dropout_p > 0 else None
         do = dout[:, :, i].to(cdt)  # (B, T, dh)

@@ -72,9 +72,9 @@ TORCH_LIBRARY(ckpt_ext, m) {
       "SymInt seed) -> ()");
   m.def("cpu_gqa_available() -> bool", &ckpt_ext::cpu::cpu_gqa_available);
   m.def(
-      "cpu_gqa_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? segment_ids) -> "
-      "(Tensor, Tensor)");
+      "cpu_gqa_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? segment_ids, "
+      "int window=0) -> (Tensor, Tensor)");
   m.def(
       "cpu_gqa_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
-      "float scale, Tensor? segment_ids) -> (Tensor, Tensor, Tensor)");
+      "float scale, Tensor? segment_ids, int window=0) -> (Tensor, Tensor, Tensor)");
 }

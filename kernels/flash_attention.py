@@ -28,6 +28,11 @@ RSTART[first row] to REND[last row] only, the dk/dv kernel over query tiles from
 (T == S makes the ranges symmetric), so a packed batch costs about Σ len_i² instead of T². The forward and dq loops
 count from 0 and offset by lo (a loop starting at a runtime lo cost up to 40 more registers and spilled at head dim
 256).
+Sliding window (WINDOW, runtime ``window`` = w > 0, T == S): query t sees key s only if |t - s| <= w, on top of the
+rest: scores outside the band are -inf, and the tile loops shrink to the band: the forward and dq kernels run key tiles
+from max(0, first row - w) (rounded down to BLOCK_N) to last row + w, the dk/dv kernel query tiles from
+max(0, first key - w) to last key + w, so a local layer costs O(T·w) instead of T². Without it (WINDOW=False) the
+kernels are the same code as before (constexpr branches).
 UPCAST (fp32 inputs, and always under TRITON_INTERPRET=1 where 16-bit dots miscompute): tiles go to fp32 and dots use
 input_precision="ieee"; otherwise 16-bit operand dots with fp32 accumulation (P and dS rounded to the input dtype as
 operands, as FlashAttention does). The mask's key stride is 1 (the launcher guarantees it): each mask tile is
@@ -50,11 +55,11 @@ def _mm(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _masked(s, MASK, mask_offs, qi, kj, sq, sk, T, S, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-            HAS_SEG: tl.constexpr):  # fmt: skip
+def _masked(s, MASK, mask_offs, qi, kj, sq, sk, T, S, win, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+            HAS_SEG: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
     """Scores tile s plus the mask read at MASK + mask_offs, -inf where hidden (bool mask 0, causal, key past S,
-    a key id unlike the row's); qi / kj and sq / sk: query / key index and id tiles broadcastable to s
-    (either orientation: s or sᵀ)."""
+    a key id unlike the row's, |qi - kj| > win when WINDOW); qi / kj and sq / sk: query / key index and id tiles
+    broadcastable to s (either orientation: s or sᵀ)."""
     inside = (qi < T) & (kj < S)
     if MASK_KIND == 1:
         keep = tl.load(MASK + mask_offs, mask=inside, other=0)
@@ -66,19 +71,22 @@ def _masked(s, MASK, mask_offs, qi, kj, sq, sk, T, S, CAUSAL: tl.constexpr, MASK
         hidden = hidden | (kj > qi)
     if HAS_SEG:  # rows of id 0 (padding) are emptied by the forward's epilogue, so one compare suffices here
         hidden = hidden | (sk != sq)
+    if WINDOW:
+        hidden = hidden | (kj > qi + win) | (qi > kj + win)
     return tl.where(hidden, float("-inf"), s)
 
 
 @triton.jit
-def _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale,
-            CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+def _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale, win,
+            CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr,
+            WINDOW: tl.constexpr):  # fmt: skip
     """(BLOCK_M, BLOCK_N) fp32 scores of query rows offs_m against keys offs_n: scale · q kᵀ + mask, -inf where
     hidden. mask_rows: (BLOCK_M,) int64 offsets of the rows' mask key 0 (the mask's key stride is 1); sq (BLOCK_M,)
     and sk (BLOCK_N,): the rows' and keys' segment ids (read when HAS_SEG)."""
     s = _mm(q, tl.trans(k), UPCAST) * scale
     mask_offs = mask_rows[:, None] + offs_n[None, :]
-    return _masked(s, MASK, mask_offs, offs_m[:, None], offs_n[None, :], sq[:, None], sk[None, :], T, S, CAUSAL,
-                   MASK_KIND, HAS_SEG)  # fmt: skip
+    return _masked(s, MASK, mask_offs, offs_m[:, None], offs_n[None, :], sq[:, None], sk[None, :], T, S, win, CAUSAL,
+                   MASK_KIND, HAS_SEG, WINDOW)  # fmt: skip
 
 
 @triton.jit
@@ -117,15 +125,18 @@ def _tile(PTR, base, offs_r, stride_r, n_rows, offs_d, dh, UPCAST: tl.constexpr)
 
 
 @triton.jit
-def _key_bounds(RSTART, REND, b, pid_m, T, S, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):  # fmt: skip
+def _key_bounds(RSTART, REND, b, pid_m, T, S, win, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+                WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """[lo, hi) of the keys query tile pid_m may see: up to its diagonal when causal, its rows' segment key ranges
-    when HAS_SEG (lo a BLOCK_N multiple)."""
+    when HAS_SEG, first row - win .. last row + win when WINDOW (lo a BLOCK_N multiple)."""
     lo = 0
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
     if HAS_SEG:
         lo, seg_hi = _range(RSTART, REND, b, pid_m * BLOCK_M, tl.minimum(T, (pid_m + 1) * BLOCK_M) - 1, S, BLOCK_N)
         hi = tl.minimum(hi, seg_hi)
+    if WINDOW:
+        lo = tl.maximum(lo, (tl.maximum(pid_m * BLOCK_M - win, 0) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(hi, tl.minimum(T, (pid_m + 1) * BLOCK_M) + win)
     return lo, hi
 
 
@@ -142,14 +153,15 @@ def _query_bases(b, i, j, offs_m, skb, skh, svb, svh, smb, smh, smt, T, S, H):
 
 @triton.jit
 def _key_step(q, K, V, MASK, SEG, b, k_base, v_base, skt, svt, mask_rows, offs_m, offs_n, offs_d, sq, T, S, dh,
-              scale, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SEG: tl.constexpr,
-              UPCAST: tl.constexpr):  # fmt: skip
+              scale, win, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SEG: tl.constexpr,
+              UPCAST: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
     """One key tile offs_n of a query tile's loop: its (BLOCK_N, BLOCK_D) k and v tiles and the (BLOCK_M, BLOCK_N)
     fp32 scores against q (-inf where hidden)."""
     k = _tile(K, k_base, offs_n, skt, S, offs_d, dh, UPCAST)
     v = _tile(V, v_base, offs_n, svt, S, offs_d, dh, UPCAST)
     sk = _ids(SEG, b, offs_n, S, HAS_SEG)
-    s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale, CAUSAL, MASK_KIND, HAS_SEG, UPCAST)
+    s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale, win, CAUSAL, MASK_KIND, HAS_SEG, UPCAST,
+                WINDOW)  # fmt: skip
     return k, v, s
 
 
@@ -180,8 +192,9 @@ def gqa_fwd_kernel(
     T, S, H, G, dh,
     scale, empty_thr,
     key, threshold, drop_scale,  # hash dropout: int32 key bit pattern, floor(p · 2²⁴), 1 / (1 - p)
+    win,  # sliding window w (read when WINDOW)
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SEG: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, i = pid_bh // H, pid_bh % H
@@ -194,11 +207,11 @@ def gqa_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     sq = _ids(SEG, b, offs_m, T, HAS_SEG)
-    lo, hi = _key_bounds(RSTART, REND, b, pid_m, T, S, CAUSAL, HAS_SEG, BLOCK_M, BLOCK_N)
+    lo, hi = _key_bounds(RSTART, REND, b, pid_m, T, S, win, CAUSAL, HAS_SEG, WINDOW, BLOCK_M, BLOCK_N)
     for n0 in range(0, hi - lo, BLOCK_N):
         offs_n = lo + n0 + tl.arange(0, BLOCK_N)
         k, v, s = _key_step(q, K, V, MASK, SEG, b, k_base, v_base, skt, svt, mask_rows, offs_m, offs_n, offs_d, sq, T,
-                            S, dh, scale, CAUSAL, MASK_KIND, HAS_SEG, UPCAST)  # fmt: skip
+                            S, dh, scale, win, CAUSAL, MASK_KIND, HAS_SEG, UPCAST, WINDOW)  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
@@ -232,8 +245,9 @@ def gqa_bwd_dq_kernel(
     T, S, H, G, dh,
     scale,
     key, threshold, drop_scale,
+    win,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SEG: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, i = pid_bh // H, pid_bh % H
@@ -251,11 +265,11 @@ def gqa_bwd_dq_kernel(
     k_base, v_base, mask_rows, row_flat = _query_bases(b, i, j, offs_m, skb, skh, svb, svh, smb, smh, smt, T, S, H)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     sq = _ids(SEG, b, offs_m, T, HAS_SEG)
-    lo, hi = _key_bounds(RSTART, REND, b, pid_m, T, S, CAUSAL, HAS_SEG, BLOCK_M, BLOCK_N)
+    lo, hi = _key_bounds(RSTART, REND, b, pid_m, T, S, win, CAUSAL, HAS_SEG, WINDOW, BLOCK_M, BLOCK_N)
     for n0 in range(0, hi - lo, BLOCK_N):
         offs_n = lo + n0 + tl.arange(0, BLOCK_N)
         k, v, s = _key_step(q, K, V, MASK, SEG, b, k_base, v_base, skt, svt, mask_rows, offs_m, offs_n, offs_d, sq, T,
-                            S, dh, scale, CAUSAL, MASK_KIND, HAS_SEG, UPCAST)  # fmt: skip
+                            S, dh, scale, win, CAUSAL, MASK_KIND, HAS_SEG, UPCAST, WINDOW)  # fmt: skip
         p, dp = _probs_dp(s, lse, no_key, do, v, UPCAST)
         if DROPOUT:
             keep = _keep(row_flat[:, None] + offs_n[None, :].to(tl.uint32), key, threshold)
@@ -278,8 +292,9 @@ def gqa_bwd_dkdv_kernel(
     T, S, H, G, dh,
     scale,
     key, threshold, drop_scale,
+    win,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SEG: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_bj = tl.program_id(0), tl.program_id(1)
     HK = H // G
@@ -296,6 +311,9 @@ def gqa_bwd_dkdv_kernel(
     if HAS_SEG:  # the rows that may see keys offs_n: T == S, so the key ranges bound them too
         seg_lo, hi = _range(RSTART, REND, b, pid_n * BLOCK_N, tl.minimum(S, (pid_n + 1) * BLOCK_N) - 1, S, BLOCK_M)
         lo = tl.maximum(lo, seg_lo)
+    if WINDOW:  # the rows within win of keys offs_n
+        lo = tl.maximum(lo, (tl.maximum(pid_n * BLOCK_N - win, 0) // BLOCK_M) * BLOCK_M)
+        hi = tl.minimum(hi, tl.minimum(S, (pid_n + 1) * BLOCK_N) + win)
     for gi in range(0, G):
         i = j * G + gi
         q_base = b.to(tl.int64) * sqb + i * sqh
@@ -311,8 +329,8 @@ def gqa_bwd_dkdv_kernel(
             lse, no_key = _row_lse(LSE, lse_ptrs, offs_m, T)
             delta = tl.load(DELTA + lse_ptrs, mask=offs_m < T, other=0.0)
             mask_rows = mask_base + offs_m.to(tl.int64) * smt
-            s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale, CAUSAL, MASK_KIND, HAS_SEG,
-                        UPCAST)  # fmt: skip
+            s = _scores(q, k, MASK, mask_rows, offs_m, offs_n, sq, sk, T, S, scale, win, CAUSAL, MASK_KIND, HAS_SEG,
+                        UPCAST, WINDOW)  # fmt: skip
             p, dp = _probs_dp(s, lse, no_key, do, v, UPCAST)  # (BLOCK_M, BLOCK_N)
             pd = p
             if DROPOUT:
@@ -346,13 +364,15 @@ def _signature(name: str, dt: str, mask_t: str) -> dict:
     ints = ("sqb", "sqt", "sqh", "skb", "skt", "skh", "svb", "svt", "svh", "smb", "smh", "smt",
             "T", "S", "H", "G", "dh")  # fmt: skip
     scalars = dict(scale="fp32", empty_thr="fp32") if name == "gqa_fwd" else dict(scale="fp32")
-    return {**ptrs, **{n: "i32" for n in ints}, **scalars, "key": "i32", "threshold": "i32", "drop_scale": "fp32"}
+    drop = {"key": "i32", "threshold": "i32", "drop_scale": "fp32", "win": "i32"}
+    return {**ptrs, **{n: "i32" for n in ints}, **scalars, **drop}
 
 
 def compile_jobs(arch: int):
     """(name, jit fn, signature, constexprs, options, attrs) for the compile lane (kernels/compile_check.py): every
     (kernel, BLOCK_D, operand dtype) the launcher's ``gpu_tiles(name, dh, arch, dtype)`` can pick, in fp16, bf16 and
-    fp32 (UPCAST), at the heaviest flags (causal, an fp32 additive mask read per key tile, segment ids, dropout),
+    fp32 (UPCAST), at the heaviest flags (causal, an fp32 additive mask read per key tile, segment ids, dropout, a
+    sliding window),
     and in bf16 at head dims 64 and 128 with a bool mask and with segment ids alone too (the register allocation is
     not monotone in the flags: a bool-mask variant spilled where the fp32-mask one did not). Without segment ids
     (HAS_SEG=False) the kernels are the same code as before they took them (the branches are constexpr). attrs:
@@ -368,12 +388,12 @@ def compile_jobs(arch: int):
     for name, fn in KERNELS.items():
         for dt, block_d, mask_t, kind in variants:
             tiles, opts = gpu_tiles(name, block_d, arch, dtypes[dt])
-            const = dict(CAUSAL=True, MASK_KIND=kind, HAS_SEG=True, DROPOUT=True, UPCAST=dt == "fp32",
+            const = dict(CAUSAL=True, MASK_KIND=kind, HAS_SEG=True, DROPOUT=True, UPCAST=dt == "fp32", WINDOW=True,
                          **tiles)  # fmt: skip
             sig = {**_signature(name, dt, mask_t), **{c: "constexpr" for c in const}}
             attrs = {
                 (fn.arg_names.index(a),): [["tt.divisibility", 16]]
                 for a, ty in sig.items()
-                if ty.startswith("*") or (ty == "i32" and a not in ("T", "S", "key", "threshold"))
+                if ty.startswith("*") or (ty == "i32" and a not in ("T", "S", "key", "threshold", "win"))
             }
             yield (name, fn, sig, const, opts, attrs)

@@ -31,6 +31,11 @@ Math, masks, the empty-row rule and the dropout index are reference_attention.py
   attention_tile_dropout_kernel (CPU and CUDA; ~4x faster than the fallback), else wrapping int32 tensor arithmetic
   (logical shifts by masking; ~4x cheaper than the reference's int64 emulation).
 - ``reference``: empty T or S.
+window w > 0 (query t sees keys |t - s| <= w only): never a (T, S) mask and never aten's flash kernels (they would need
+one). ``cpu_gqa`` takes it as an argument (each tile reads keys t0 - w .. t1 - 1 + w only); every other case runs
+``cpu_math``, whose tiles then cover keys max(0, t0 - w) .. min(S, t1 + w) (hidden beyond each row's band by a
+(tq, n) tile mask), so a local layer costs O(T·w) and its scratch is (B, g, BLOCK_Q, BLOCK_Q + 2w) at most; dropout
+on such a tile takes the int32 emulation at the tile's key offset.
 segment_ids (B, S) (key padding / packed sequences, see ckpt_ext/segments.py): ``cpu_math`` builds each tile's
 (B, tq, n) visibility from the ids of its rows and keys (never a (B, h, T, S) or (B, T, S) tensor) and skips nothing;
 ``cpu_gqa`` reads them in the kernel (above); ``cpu_flash`` (ids with an attn_mask, or not fp32) hands them over as
@@ -67,11 +72,15 @@ def _cuda_flash_fits(q, k) -> bool:
 
 @functools.cache
 def _cpu_gqa_available() -> bool:
-    """Whether ckpt_ext._C has the cpu_gqa ops and found its BLAS (an older build has neither; no build, no _C)."""
+    """Whether ckpt_ext._C has the cpu_gqa ops (with their window argument) and found its BLAS (an older build lacks
+    them; no build, no _C)."""
     if not built():
         return False
     ops = torch.ops.ckpt_ext
-    return hasattr(ops, "cpu_gqa_available") and hasattr(ops, "cpu_gqa_attention_bwd") and ops.cpu_gqa_available()
+    if not (hasattr(ops, "cpu_gqa_available") and hasattr(ops, "cpu_gqa_attention_bwd")):
+        return False
+    args = [a.name for a in ops.cpu_gqa_attention_bwd.default._schema.arguments]
+    return "window" in args and ops.cpu_gqa_available()
 
 
 def _cpu_gqa_fits(q, k, v) -> bool:
@@ -85,12 +94,14 @@ def _cpu_gqa_fits(q, k, v) -> bool:
     )
 
 
-def _route_gqa(q, k, v, dropout_p, attn_mask, segment_ids=None) -> str:
+def _route_gqa(q, k, v, dropout_p, attn_mask, segment_ids=None, window=0) -> str:
     if q.shape[1] == 0 or k.shape[1] == 0:
         return "reference"
     if dropout_p == 0.0:
         if attn_mask is None and _cpu_gqa_fits(q, k, v):
             return "cpu_gqa"
+        if window > 0:
+            return "cpu_math"
         if q.device.type == "cpu" and (attn_mask is None or attn_mask.dtype in (torch.bool, q.dtype)):
             return "cpu_flash"
         no_mask = attn_mask is None and segment_ids is None
@@ -106,15 +117,19 @@ def _route(qkv, n_heads, dropout_p, attn_mask) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ grouped-query
-def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
-    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
-    route = _route_gqa(q, k, v, dropout_p, attn_mask, segment_ids)
+def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):
+    reference_attention.check_gqa_args(
+        q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids, window=window
+    )
+    route = _route_gqa(q, k, v, dropout_p, attn_mask, segment_ids, window)
     if route == "reference":
-        return reference_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
+        return reference_attention.gqa_attention_fwd(
+            q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids, window
+        )
     if route == "cpu_gqa":
-        return torch.ops.ckpt_ext.cpu_gqa_attention_fwd(q, k, v, causal, scale, segment_ids)
+        return torch.ops.ckpt_ext.cpu_gqa_attention_fwd(q, k, v, causal, scale, segment_ids, window)
     if route == "cpu_math":
-        return _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
+        return _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids, window)
     b, t, h, dh = q.shape
     if route == "cuda_flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
@@ -132,20 +147,20 @@ def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segmen
     return out.transpose(1, 2).contiguous(), lse
 
 
-def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):
     reference_attention.check_gqa_args(
-        q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids
+        q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids, window=window
     )
-    route = _route_gqa(q, k, v, dropout_p, attn_mask, segment_ids)
+    route = _route_gqa(q, k, v, dropout_p, attn_mask, segment_ids, window)
     if route == "reference":
         return reference_attention.gqa_attention_bwd(
-            dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids
+            dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids, window
         )
     if route == "cpu_gqa":
         lse32 = lse if lse.dtype == torch.float32 else lse.float()
-        return torch.ops.ckpt_ext.cpu_gqa_attention_bwd(dout, q, k, v, out, lse32, causal, scale, segment_ids)
+        return torch.ops.ckpt_ext.cpu_gqa_attention_bwd(dout, q, k, v, out, lse32, causal, scale, segment_ids, window)
     if route == "cpu_math":
-        return _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids)
+        return _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids, window)
     b, t, h, dh = q.shape
     if route == "cuda_flash":
         rng_state = torch.empty((2,), dtype=torch.uint64, device=q.device)
@@ -197,13 +212,13 @@ def _fmix32_i32_(h):
     return h
 
 
-def _tile_keep(shape, j, g, t0, t1, n, dropout_p, seed, device):
+def _tile_keep(shape, j, g, t0, t1, n, dropout_p, seed, device, lo=0):
     """Keep-mask (B, g, tq, n) of a tile: the hash at flat (B, h, T, S) index ((b·h + j·g + i)·T + t)·S + s mod 2³²
-    for keys s < n."""
+    for keys lo <= s < lo + n."""
     b, h, t, s = shape
     ar = lambda k, start=0: torch.arange(start, start + k, dtype=torch.int64, device=device)  # noqa: E731
     rows = ((ar(b)[:, None] * h + j * g + ar(g)[None, :]) * t)[:, :, None] + ar(t1 - t0, t0)  # (B, g, tq)
-    hsh = (rows * s).to(torch.int32)[..., None] + ar(n).to(torch.int32)  # (B, g, tq, n), wraps mod 2³²
+    hsh = (rows * s).to(torch.int32)[..., None] + ar(n, lo).to(torch.int32)  # (B, g, tq, n), wraps mod 2³²
     key = _c32(reference.seed_key(seed))
     hsh ^= key
     _fmix32_i32_(hsh)
@@ -228,32 +243,33 @@ def _tile_dropout_kernel(device_type: str):
     return getattr(torch.ops.ckpt_ext, "attention_tile_dropout_kernel", None)
 
 
-def _tile_dropout_(x, shape, j, g, t0, t1, n, dropout_p, seed):
-    """The tile x (B, g, tq, n) (contiguous, cdt) ∘ keep / (1 - p) in place, keep the reference hash at the tile's flat
-    (B, h, T, S) indices: the extension's kernel when there is one, else _tile_keep's int32 emulation; x without
-    dropout."""
+def _tile_dropout_(x, shape, j, g, t0, t1, n, dropout_p, seed, lo=0):
+    """The tile x (B, g, tq, n) (contiguous, cdt; keys lo..lo+n-1) ∘ keep / (1 - p) in place, keep the reference hash
+    at the tile's flat (B, h, T, S) indices: the extension's kernel when there is one and lo == 0 (it numbers keys from
+    0), else _tile_keep's int32 emulation; x without dropout."""
     if dropout_p == 0.0:
         return x
     kernel = _tile_dropout_kernel(x.device.type)
-    if kernel is not None:
+    if kernel is not None and lo == 0:
         _, h, t, s = shape
         kernel(x, h, t, s, j * g, t0, dropout_p, seed)
         return x
-    return _drop_(x, _tile_keep(shape, j, g, t0, t1, n, dropout_p, seed, x.device), dropout_p)
+    return _drop_(x, _tile_keep(shape, j, g, t0, t1, n, dropout_p, seed, x.device, lo), dropout_p)
 
 
-def _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt, seg=None):
+def _tile_scores(q, k, j, g, t0, t1, lo, hi, causal, m4, scale, cdt, seg=None, window=0):
     """scale · q tile (B, g·tq, dh) and S = scale · q kᵀ + mask (B, g, tq, n) in cdt for kv group j, query rows
-    t0:t1, keys 0:n (n = t1 when causal: the keys past the tile's last row are never visible, so never computed);
-    -inf where the segment ids seg (B, S) hide a key."""
-    b, tq = q.shape[0], t1 - t0
+    t0:t1, keys lo:hi (n = hi - lo; hi = t1 when causal: the keys past the tile's last row are never visible, so never
+    computed; lo = t0 - window with a window); -inf where the segment ids seg (B, S) hide a key and outside the
+    window."""
+    b, tq, n = q.shape[0], t1 - t0, hi - lo
     qt = q[:, t0:t1, j * g : (j + 1) * g].transpose(1, 2).to(cdt).reshape(b, g * tq, -1) * scale
-    kt = k[:, :n, j].to(cdt).transpose(1, 2)  # (B, dh, n)
+    kt = k[:, lo:hi, j].to(cdt).transpose(1, 2)  # (B, dh, n)
     mt = None
     if m4 is not None:
         mt = m4[:, j * g : (j + 1) * g] if m4.shape[1] > 1 else m4
         mt = mt[:, :, t0:t1] if mt.shape[2] > 1 else mt
-        mt = mt[..., :n] if mt.shape[3] > 1 else mt  # (B|1, g|1, tq|1, n|1)
+        mt = mt[..., lo:hi] if mt.shape[3] > 1 else mt  # (B|1, g|1, tq|1, n|1)
     if mt is not None and mt.dtype != torch.bool:
         bias = mt.to(cdt).expand(mt.shape[0], g, tq, n).reshape(mt.shape[0], g * tq, n)
         s = torch.baddbmm(bias, qt, kt).view(b, g, tq, n)
@@ -262,48 +278,56 @@ def _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt, seg=None):
         if mt is not None:
             s.masked_fill_(~mt, float("-inf"))
     if seg is not None:
-        rows, keys = seg[:, t0:t1, None], seg[:, None, :n]  # (B, tq, 1), (B, 1, n)
+        rows, keys = seg[:, t0:t1, None], seg[:, None, lo:hi]  # (B, tq, 1), (B, 1, n)
         s.masked_fill_(((keys == 0) | (rows != keys))[:, None], float("-inf"))  # (B, 1, tq, n)
     if causal:  # the diagonal block, keys t0:t1
         above = torch.ones(tq, tq, dtype=torch.bool, device=s.device).triu_(1)
-        s[..., t0:t1].masked_fill_(above, float("-inf"))
+        s[..., t0 - lo : t1 - lo].masked_fill_(above, float("-inf"))
+    if window > 0:  # (tq, n): the tile's band, never (T, S)
+        dist = torch.arange(t0, t1, device=s.device)[:, None] - torch.arange(lo, hi, device=s.device)[None, :]
+        s.masked_fill_(dist.abs_() > window, float("-inf"))
     return qt, s
 
 
-def _tiles(q, k, causal):
-    """(kv head j, group size g, its query heads, rows t0:t1, visible keys n) for each tile."""
+def _tiles(q, k, causal, window=0):
+    """(kv head j, group size g, its query heads, rows t0:t1, visible keys lo:hi) for each tile."""
     b, t, h, _ = q.shape
-    g = h // k.shape[2]
+    g, s = h // k.shape[2], k.shape[1]
     for j in range(k.shape[2]):
         for t0 in range(0, t, BLOCK_Q):
             t1 = min(t, t0 + BLOCK_Q)
-            yield j, g, slice(j * g, (j + 1) * g), t0, t1, t1 if causal else k.shape[1]
+            hi = t1 if causal else s
+            lo = 0
+            if window > 0:
+                lo, hi = max(0, t0 - window), min(hi, t1 + window)
+            yield j, g, slice(j * g, (j + 1) * g), t0, t1, lo, hi
 
 
-def _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+def _math_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):
     b, t, h, dh = q.shape
     s_len = k.shape[1]
     cdt = reference.compute_dtype(q)
     m4, thr = mask4(attn_mask), empty_threshold(attn_mask)
     out = q.new_empty((b, t, h, dh))
     lse = q.new_empty((b, h, t), dtype=cdt)
-    for j, g, heads, t0, t1, n in _tiles(q, k, causal):
-        _, s = _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt, segment_ids)  # (B, g, tq, n)
+    for j, g, heads, t0, t1, lo, hi in _tiles(q, k, causal, window):
+        n = hi - lo
+        _, s = _tile_scores(q, k, j, g, t0, t1, lo, hi, causal, m4, scale, cdt, segment_ids, window)  # (B, g, tq, n)
         row_max = s.amax(dim=-1, keepdim=True)  # (B, g, tq, 1)
         p = torch.softmax(s, dim=-1)
         lse_t = row_max - p.amax(dim=-1, keepdim=True).log_()  # max P = 1 / Σ exp(S - max S)
-        if m4 is not None or segment_ids is not None:  # only a mask can leave a row without a visible key
+        if m4 is not None or segment_ids is not None:  # only a mask or ids can leave a row without a visible key
             empty = row_max <= thr
             p.masked_fill_(empty, 0.0)
             lse_t.masked_fill_(empty, float("-inf"))
         lse[:, heads, t0:t1] = lse_t.squeeze(-1)
-        p = _tile_dropout_(p, (b, h, t, s_len), j, g, t0, t1, n, dropout_p, seed)
-        o = torch.bmm(p.view(b, -1, n), v[:, :n, j].to(cdt))  # (B, g·tq, dh)
+        p = _tile_dropout_(p, (b, h, t, s_len), j, g, t0, t1, n, dropout_p, seed, lo)
+        o = torch.bmm(p.view(b, -1, n), v[:, lo:hi, j].to(cdt))  # (B, g·tq, dh)
         out[:, t0:t1, heads] = o.view(b, g, t1 - t0, dh).transpose(1, 2)
     return out, lse
 
 
-def _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+def _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):
     b, t, h, dh = q.shape
     s_len = k.shape[1]
     cdt = reference.compute_dtype(q)
@@ -312,21 +336,21 @@ def _math_bwd(dout, q, k, v, lse, causal, dropout_p, seed, attn_mask, scale, seg
     dq = q.new_empty((b, t, h, dh))
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
-    for j, g, heads, t0, t1, n in _tiles(q, k, causal):
-        tq = t1 - t0
-        qt, s = _tile_scores(q, k, j, g, t0, t1, n, causal, m4, scale, cdt, segment_ids)  # qt = scale · q
+    for j, g, heads, t0, t1, lo, hi in _tiles(q, k, causal, window):
+        tq, n = t1 - t0, hi - lo
+        qt, s = _tile_scores(q, k, j, g, t0, t1, lo, hi, causal, m4, scale, cdt, segment_ids, window)  # qt = scale·q
         lse_t = lse[:, heads, t0:t1].to(cdt)[..., None]  # (B, g, tq, 1)
         p = s.sub_(lse_t).exp_()  # (B, g, tq, n)
         if any_empty:
             p.masked_fill_(torch.isneginf(lse_t), 0.0)
-        tile = ((b, h, t, s_len), j, g, t0, t1, n, dropout_p, seed)
+        tile = ((b, h, t, s_len), j, g, t0, t1, n, dropout_p, seed, lo)
         do = dout[:, t0:t1, heads].transpose(1, 2).to(cdt).reshape(b, g * tq, dh)
         pd = p if dropout_p == 0.0 else _tile_dropout_(p.clone(), *tile)
-        dv[:, :n, j] += torch.bmm(pd.view(b, g * tq, n).transpose(1, 2), do)
-        dp = _tile_dropout_(torch.bmm(do, v[:, :n, j].to(cdt).transpose(1, 2)).view(b, g, tq, n), *tile)
+        dv[:, lo:hi, j] += torch.bmm(pd.view(b, g * tq, n).transpose(1, 2), do)
+        dp = _tile_dropout_(torch.bmm(do, v[:, lo:hi, j].to(cdt).transpose(1, 2)).view(b, g, tq, n), *tile)
         ds = torch._softmax_backward_data(dp, p, -1, p.dtype).view(b, g * tq, n)  # P ∘ (dP - rowsum(P ∘ dP))
-        dq[:, t0:t1, heads] = torch.bmm(ds, k[:, :n, j].to(cdt)).mul_(scale).view(b, g, tq, dh).transpose(1, 2)
-        dk[:, :n, j] += torch.bmm(ds.transpose(1, 2), qt)
+        dq[:, t0:t1, heads] = torch.bmm(ds, k[:, lo:hi, j].to(cdt)).mul_(scale).view(b, g, tq, dh).transpose(1, 2)
+        dk[:, lo:hi, j] += torch.bmm(ds.transpose(1, 2), qt)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -1,10 +1,13 @@
 """``ckpt_ext::gqa_attention_fwd``/``_bwd`` (separate q, k, v; grouped-query) and ``ckpt_ext::attention_fwd``/``_bwd``
 (the packed qkv projection): softmax attention ops.
 
-gqa_attention_fwd(q (B, T, h, dh), k, v (B, S, hk, dh), causal, dropout_p, seed, attn_mask?, scale, segment_ids?)
-    -> out (B, T, h, dh) q.dtype, lse (B, h, T) fp32 (fp64 for fp64)
-gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask?, scale, segment_ids?)
+gqa_attention_fwd(q (B, T, h, dh), k, v (B, S, hk, dh), causal, dropout_p, seed, attn_mask?, scale, segment_ids?,
+                  window=0) -> out (B, T, h, dh) q.dtype, lse (B, h, T) fp32 (fp64 for fp64)
+gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask?, scale, segment_ids?, window=0)
     -> dq, dk, dv (q/k/v shapes)
+window (int >= 0, T == S when > 0): query t sees key s only if |t - s| <= window (0 = every key), on top of causal,
+attn_mask and segment_ids: a sliding window the kernels apply per tile (key tiles outside it are skipped), never a
+(T, S) mask.
 segment_ids (B, S) int32/int64 (T == S): key padding and packed sequences without a 4-D mask; row t sees key s iff
 seg[b, s] != 0 and seg[b, t] == seg[b, s] (ckpt_ext/segments.py converts lengths, keep masks, cu_seqlens and position
 ids). It combines with attn_mask (a key must pass both) and, being integer, never takes a gradient.
@@ -90,25 +93,27 @@ def _gqa_bwd_flops(dout_shape, q_shape, k_shape, *args, out_shape=None, **kwargs
     return 10 * b * h * t * k_shape[1] * dh  # as attention_bwd: dV, dP, dQ, dK and the rebuilt scores
 
 
-def _gqa_fwd_check(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
-    reference_attention.check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
-
-
-def _gqa_bwd_check(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
+def _gqa_fwd_check(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):
     reference_attention.check_gqa_args(
-        q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids
+        q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids, window=window
     )
 
 
-def _gqa_fwd_fake(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
-    _gqa_fwd_check(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
+def _gqa_bwd_check(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):
+    reference_attention.check_gqa_args(
+        q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids, window=window
+    )
+
+
+def _gqa_fwd_fake(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):
+    _gqa_fwd_check(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids, window)
     b, t, h, _ = q.shape
     lse_dtype = reference.compute_dtype(q)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, t), dtype=lse_dtype)
 
 
-def _gqa_bwd_fake(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
-    _gqa_bwd_check(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids)
+def _gqa_bwd_fake(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):
+    _gqa_bwd_check(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids, window)
     torch._check(dout.shape == q.shape, lambda: "gqa_attention_bwd: dout must be (B, T, h, dh) like q")
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
@@ -122,18 +127,20 @@ gqa_attention_bwd = define(
 
 
 def _gqa_setup(ctx, inputs, output):
-    q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids = inputs
+    q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids, window = inputs
     reference_attention.check_mask_grad(attn_mask)
     out, lse = output
     ctx.args = (causal, dropout_p, seed)
-    ctx.scale = scale
+    ctx.scale, ctx.window = scale, window
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, segment_ids)
 
 
 def _gqa_backward(ctx, dout, _dlse):
     q, k, v, out, lse, attn_mask, segment_ids = ctx.saved_tensors
-    dq, dk, dv = gqa_attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args, attn_mask, ctx.scale, segment_ids)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = gqa_attention_bwd(
+        dout.contiguous(), q, k, v, out, lse, *ctx.args, attn_mask, ctx.scale, segment_ids, ctx.window
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 gqa_attention_fwd.register_autograd(_gqa_backward, setup_context=_gqa_setup)

@@ -4,14 +4,15 @@
 // q (B, T, h, dh), k/v (B, S, hk, dh), h % hk == 0, G = h / hk query heads per kv head, last dim contiguous;
 // causal needs S == T (query t sees keys j <= t). scale multiplies q kᵀ. segment_ids (B, S) int32/int64, optional, needs
 // S == T: query t sees key j iff ids[j] != 0 and ids[t] == ids[j] (ckpt_ext/segments.py); a row that sees no key gets
-// out = 0, lse = -inf and zero gradients (reference_attention's empty-row rule).
+// out = 0, lse = -inf and zero gradients (reference_attention's empty-row rule). window w >= 0 (0 = none; w > 0 needs
+// S == T): query t sees key j only if |t - j| <= w as well (a sliding window, on top of causal and the ids).
 // fwd -> out (B, T, h, dh) fp32 contiguous, lse (B, h, T) fp32 (natural log of each row's softmax denominator)
 // bwd(dout, q, k, v, out, lse) -> dq (B, T, h, dh), dk/dv (B, S, hk, dh), dk/dv summed over each group's G heads.
 //
 // Work item = (batch b, kv head g, tile of tq query rows); the tile stacks its G heads' rows (G·tq of them) so every
 // product is one BLAS sgemm against the group's keys, never a repeated k/v. A tile reads the window of n keys its rows
 // may see (all S; up to its last row when causal; with ids, from the first to the last key carrying one of its rows'
-// ids), so its softmax is exact per row with no online rescaling; keys inside the window that a row may not see
+// ids; with a window w, keys t0 - w .. t1 - 1 + w: a local layer costs O(T·w), not O(T²)), so its softmax is exact per row with no online rescaling; keys inside the window that a row may not see
 // (causal diagonal, other ids) get probability exactly 0:
 //   forward   Qs = scale·Q_tile (G·tq, dh);  S = Qs Kᵀ (G·tq, n);  m = rowmax;  P = exp(S - m) (0 above the diagonal);
 //             l = rowsum P;  out = (P V) / l;  lse = m + log l
@@ -78,6 +79,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 struct Shape {
   int64_t B, T, S, h, hk, G, dh, tq, n_tiles;
   bool causal;
+  int64_t window;  // 0: none; w > 0: |t - j| <= w
 };
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -106,8 +108,11 @@ struct Visibility {
   }
 
   // [lo, hi): the keys rows t0..t1-1 of batch b may see, at most (lo >= hi: none).
-  std::pair<int64_t, int64_t> window(int64_t b, int64_t t0, int64_t t1) const {
+  std::pair<int64_t, int64_t> keys(int64_t b, int64_t t0, int64_t t1) const {
     int64_t lo = 0, hi = s.causal ? t1 : s.S;
+    if (s.window > 0) {
+      lo = std::max<int64_t>(0, t0 - s.window), hi = std::min(hi, t1 + s.window);
+    }
     if (ids != nullptr) {
       int64_t first = s.S, last = -1;
       for (int64_t t = t0; t < t1; ++t) {
@@ -116,15 +121,19 @@ struct Visibility {
           first = std::min(first, it->second.first), last = std::max(last, it->second.second);
         }
       }
-      lo = first, hi = std::min(hi, last + 1);
+      lo = std::max(lo, first), hi = std::min(hi, last + 1);
     }
     return {lo, hi};
   }
 
-  // Visible columns of query t's row over the window's keys lo..lo+n-1: a prefix of `return` columns (causal), inside
-  // which hide() masks other ids.
-  int64_t prefix(int64_t t, int64_t lo, int64_t n) const {
-    return s.causal ? std::clamp<int64_t>(t + 1 - lo, 0, n) : n;
+  // Columns [c0, c1) of query t's row over the tile's keys lo..lo+n-1 that causality and the window leave visible
+  // (c0 <= c1), inside which hide() masks other ids.
+  std::pair<int64_t, int64_t> columns(int64_t t, int64_t lo, int64_t n) const {
+    int64_t c0 = 0, c1 = s.causal ? std::clamp<int64_t>(t + 1 - lo, 0, n) : n;
+    if (s.window > 0) {
+      c0 = std::clamp<int64_t>(t - s.window - lo, 0, n), c1 = std::clamp<int64_t>(t + s.window + 1 - lo, 0, c1);
+    }
+    return {c0, std::max(c0, c1)};
   }
 
   // Sets row[c] = value for every column c < cols whose key lo + c carries another id than query t (all, if t's id is
@@ -145,8 +154,9 @@ struct Visibility {
   }
 };
 
-Shape shape_of(const at::Tensor& q, const at::Tensor& k, bool causal) {
+Shape shape_of(const at::Tensor& q, const at::Tensor& k, bool causal, int64_t window) {
   Shape s{};
+  s.window = window;
   s.B = q.size(0), s.T = q.size(1), s.h = q.size(2), s.dh = q.size(3), s.S = k.size(1), s.hk = k.size(2);
   s.G = s.h / s.hk;
   s.causal = causal;
@@ -179,7 +189,10 @@ std::optional<at::Tensor> ids_of(const char* op, const std::optional<at::Tensor>
   return seg->to(at::kLong).contiguous();
 }
 
-void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal) {
+void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                  int64_t window) {
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0 = no window); got ", window);
+  TORCH_CHECK(window == 0 || q.size(1) == k.size(1), op, ": a window needs S == T");
   TORCH_CHECK(find_sgemm() != nullptr, op, ": no BLAS sgemm_ in libtorch_cpu (see cpu_gqa_available())");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, T|S, heads, dh)");
   for (const at::Tensor* t : {&q, &k, &v}) {
@@ -251,9 +264,10 @@ float dot(const float* a, const float* b, int64_t n) {
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                       bool causal, double scale_d, const std::optional<at::Tensor>& seg) {
-  check_inputs("cpu_gqa_attention_fwd", q_in, k_in, v_in, causal);
-  const Shape s = shape_of(q_in, k_in, causal);
+                                       bool causal, double scale_d, const std::optional<at::Tensor>& seg,
+                                       int64_t window) {
+  check_inputs("cpu_gqa_attention_fwd", q_in, k_in, v_in, causal, window);
+  const Shape s = shape_of(q_in, k_in, causal, window);
   const std::optional<at::Tensor> ids = ids_of("cpu_gqa_attention_fwd", seg, q_in, k_in);
   const Visibility vis(s, ids);
   const at::Tensor k_op = as_gemm_operand(k_in), v_op = as_gemm_operand(v_in);
@@ -269,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (s.hk * s.n_tiles), g = item / s.n_tiles % s.hk, tile = item % s.n_tiles;
       const int64_t t0 = tile * s.tq, tq = std::min(s.tq, s.T - t0), m = s.G * tq;
-      const auto [lo, hi] = vis.window(b, t0, t0 + tq);
+      const auto [lo, hi] = vis.keys(b, t0, t0 + tq);
       const int64_t n = std::max<int64_t>(0, hi - lo);
       if (n > 0) {
         pack_rows(q, s, b, g, t0, tq, scale, qs.data());
@@ -277,18 +291,22 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
       }
       for (int64_t r = 0; r < m; ++r) {
         float* row = sc.data() + r * n;
-        const int64_t t = t0 + r % tq, cols = vis.prefix(t, lo, n);
+        const int64_t t = t0 + r % tq;
+        const auto [c0, c1] = vis.columns(t, lo, n);
+        float* seen = row + c0;  // the visible columns c0..c1-1; the others become exactly 0
+        const int64_t cols = c1 - c0;
         float* lse_at = pl + (b * s.h + g * s.G + r / tq) * s.T + t;
-        if (!vis.hide(row, b, t, lo, cols, kNegInf)) {  // the row sees no key
+        if (!vis.hide(seen, b, t, lo + c0, cols, kNegInf)) {  // the row sees no key
           std::fill(row, row + n, 0.f);
           inv[r] = 0.f, *lse_at = kNegInf;
           continue;
         }
-        const float mx = row_max(row, cols);
-        float l = exp_row(row, cols, n, mx);
+        const float mx = row_max(seen, cols);
+        float l = exp_row(seen, cols, n - c0, mx);
+        std::fill(row, seen, 0.f);
         if (vis.ids != nullptr) {  // exp(-inf) is not relied on: hidden keys are set to exactly 0
-          vis.hide(row, b, t, lo, cols, 0.f);
-          l = row_sum(row, cols);
+          vis.hide(seen, b, t, lo + c0, cols, 0.f);
+          l = row_sum(seen, cols);
         }
         inv[r] = 1.f / l, *lse_at = mx + std::log(l);
       }
@@ -316,14 +334,15 @@ int64_t bwd_chunks(const Shape& s) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, const at::Tensor& q_in,
                                                    const at::Tensor& k_in, const at::Tensor& v_in,
                                                    const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
-                                                   double scale_d, const std::optional<at::Tensor>& seg) {
-  check_inputs("cpu_gqa_attention_bwd", q_in, k_in, v_in, causal);
+                                                   double scale_d, const std::optional<at::Tensor>& seg,
+                                                   int64_t window) {
+  check_inputs("cpu_gqa_attention_bwd", q_in, k_in, v_in, causal, window);
   TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "cpu_gqa_attention_bwd: dout and out must have q's shape");
   TORCH_CHECK(dout_in.scalar_type() == at::kFloat && out_in.scalar_type() == at::kFloat &&
                   lse_in.scalar_type() == at::kFloat,
               "cpu_gqa_attention_bwd: dout, out and lse must be float32");
-  const Shape s = shape_of(q_in, k_in, causal);
+  const Shape s = shape_of(q_in, k_in, causal, window);
   const std::optional<at::Tensor> ids = ids_of("cpu_gqa_attention_bwd", seg, q_in, k_in);
   const Visibility vis(s, ids);
   TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == s.B && lse_in.size(1) == s.h && lse_in.size(2) == s.T,
@@ -359,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, co
       const int64_t tile_end = std::min(s.n_tiles, (c + 1) * tiles_per_chunk);
       for (int64_t tile = c * tiles_per_chunk; tile < tile_end; ++tile) {
         const int64_t t0 = tile * s.tq, tq = std::min(s.tq, s.T - t0), m = s.G * tq;
-        const auto [lo, hi] = vis.window(b, t0, t0 + tq);
+        const auto [lo, hi] = vis.keys(b, t0, t0 + tq);
         const int64_t n = std::max<int64_t>(0, hi - lo);
         if (n == 0) {  // no row of the tile sees a key: zero dq rows, nothing for dk/dv
           for (int64_t r = 0; r < m; ++r) {
@@ -382,9 +401,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, co
             std::fill(row, row + n, 0.f);
             continue;
           }
-          const int64_t cols = vis.prefix(t, lo, n);
-          exp_row(row, cols, n, lrow[r]);
-          vis.hide(row, b, t, lo, cols, 0.f);
+          const auto [c0, c1] = vis.columns(t, lo, n);
+          exp_row(row + c0, c1 - c0, n - c0, lrow[r]);
+          std::fill(row, row + c0, 0.f);
+          vis.hide(row + c0, b, t, lo + c0, c1 - c0, 0.f);
         }
         gemm(false, true, m, n, s.dh, 1.f, dos.data(), s.dh, v.row(b, lo, g), v.st, 0.f, dpb.data(), n);
         gemm(true, false, n, s.dh, m, 1.f, pb.data(), n, dos.data(), s.dh, 1.f, dv_acc + lo * ld_acc, ld_acc);

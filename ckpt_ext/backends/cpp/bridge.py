@@ -47,13 +47,13 @@ for _name, _spec in ops.table.OPS.items():
 
 
 @torch.library.register_fake("ckpt_ext::cpu_gqa_attention_fwd")
-def _cpu_gqa_fwd_fake(q, k, v, causal, scale, segment_ids):
+def _cpu_gqa_fwd_fake(q, k, v, causal, scale, segment_ids, window=0):
     b, t, h, dh = q.shape
     return q.new_empty(b, t, h, dh), q.new_empty(b, h, t)  # out (B, T, h, dh), lse (B, h, T)
 
 
 @torch.library.register_fake("ckpt_ext::cpu_gqa_attention_bwd")
-def _cpu_gqa_bwd_fake(dout, q, k, v, out, lse, causal, scale, segment_ids):
+def _cpu_gqa_bwd_fake(dout, q, k, v, out, lse, causal, scale, segment_ids, window=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # dq, dk, dv
 
 

@@ -7,6 +7,8 @@ aten_attention's routes, so every call returns the reference's result. q, k, v a
 (copied only if the last stride is not 1); the mask through its broadcast strides (bool viewed as uint8, no copy).
 segment_ids (B, S) go to the kernels as they are (int32 or int64, made contiguous) with their per-row key ranges
 (ckpt_ext.segments.key_ranges, two (B, S) int32 tensors built on the device without a sync) for tile skipping.
+window w > 0 goes to the kernels as an int (WINDOW flag): they hide keys with |t - s| > w and skip the tiles outside
+the band; no (T, S) mask is built.
 Tiles: ckpt_ext/kernels/flash_attention_tiles.gpu_tiles (one config per kernel and head dim; 16×16 tiles under the
 interpreter).
 """
@@ -67,7 +69,7 @@ def _segments(q, segment_ids):
     return (seg, *segments.key_ranges(seg))
 
 
-def _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids):
+def _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids, window=0):
     """Kernel arguments shared by the three kernels: mask tensor + strides, segment ids + key ranges, shape, dropout,
     constexpr flags."""
     b, t, h, _ = q.shape
@@ -80,24 +82,26 @@ def _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids):
         mask = mask.view(torch.uint8) if kind == 1 else mask
         mstrides = mask.stride()[:3]
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mstrides)
-    drop = (_as_int32(reference.seed_key(seed)), reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p))
+    drop = (_as_int32(reference.seed_key(seed)), reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+            window)  # fmt: skip
     flags = dict(
         CAUSAL=causal,
         MASK_KIND=kind,
         HAS_SEG=segment_ids is not None,
         DROPOUT=dropout_p > 0.0,
         UPCAST=interpreting() or q.dtype == torch.float32,
+        WINDOW=window > 0,
     )
     return (mask, *_segments(q, segment_ids)), strides, (t, s, h, h // k.shape[2], q.shape[-1]), drop, flags
 
 
-def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
-    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids)
+def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):
+    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, segment_ids=segment_ids, window=window)
     if not _covered(q, k, attn_mask):
-        return aten_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids)
+        return aten_attention.gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids, window)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     b, t, h, dh = q.shape
-    masks, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids)
+    masks, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids, window)
     out = torch.empty((b, t, h, dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     tiles, opts = gpu_tiles("gqa_fwd", dh, _arch(q.device), q.dtype)
@@ -107,17 +111,19 @@ def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segmen
     return out, lse
 
 
-def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None):
-    check_gqa_args(q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids)
+def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):
+    check_gqa_args(
+        q, k, v, causal, dropout_p, attn_mask, scale, op="gqa_attention_bwd", segment_ids=segment_ids, window=window
+    )
     if not _covered(q, k, attn_mask) or lse.dtype != torch.float32:
         return aten_attention.gqa_attention_bwd(
-            dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids
+            dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mask, scale, segment_ids, window
         )
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
     b, t, h, dh = q.shape
     s, hk = k.shape[1], k.shape[2]
-    masks, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids)
+    masks, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids, window)
     delta = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     dq = torch.empty((b, t, h, dh), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, s, hk, dh), dtype=k.dtype, device=q.device)
