@@ -127,7 +127,7 @@ def block_backward(dout: Tensor, acts: dict, p: dict, cfg: BlockConfig, shape, a
     del dpr
     extra, lora_qkv = input_grads([(s, dz) for _, s, dz in proj], p, cfg)
     need_y1 = any(f"w_{s}" in want for _, s, _ in proj) or lora_wanted(lora_qkv, want)
-    if post:  # q/k/v read x itself
+    if post or not cfg.spec.attn_norm:  # q/k/v read x itself
         dx = with_input_grad(input_grad([(dz, w) for w, _, dz in proj]), extra) + dres  # (N, d)
         y1 = x
     elif needs is None or "x" in needs or "ln1_w" in want or "ln1_b" in want:

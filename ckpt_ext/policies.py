@@ -139,6 +139,7 @@ def tensor_bytes(
     norm: str = "layernorm",
     mlp: str = "gelu",
     qk_norm: bool = False,
+    attn_norm: bool = True,
 ) -> int:
     """Bytes of one named tensor of the table (0 for a tensor this configuration does not have).
 
@@ -151,8 +152,8 @@ def tensor_bytes(
     q_width, kv_width = n_heads * dh, kv * dh
     sizes = {
         "x": n * d_model * act_bytes,
-        "ln1_stats": n_stats * n * stat_bytes,
-        "ln1_out": n * d_model * act_bytes,
+        "ln1_stats": n_stats * n * stat_bytes if attn_norm else 0,
+        "ln1_out": n * d_model * act_bytes if attn_norm else 0,
         "qkv": n * (q_width + 2 * kv_width) * matmul_bytes,
         "qk_stats": n * (n_heads + kv) * stat_bytes if qk_norm else 0,
         "qk_rope": n * (q_width + kv_width) * matmul_bytes if qk_norm else 0,

@@ -5,7 +5,7 @@ each, which form it takes; nothing else in the package hard-codes a family:
 
     norm       "layernorm" | "rmsnorm"; ``norm_bias`` (LayerNorm β present), ``norm_offset`` (weight used as
                offset + γ, Gemma's 1 + γ), ``eps``; ``placement`` "pre" (x + f(norm(x))) or "post"
-               (norm(x + f(x)), BERT)
+               (norm(x + f(x)), BERT); ``attn_norm`` False: pre-LN without norm1 (ModernBERT's first layer)
     attention  ``n_heads``, ``n_kv_heads`` (GQA; 0 = n_heads), ``head_dim`` (0 = d / n_heads), ``causal``, softmax
                ``scale`` (0 = head_dim^-1/2), ``qk_norm`` (Qwen3's per-head RMSNorm on q, k), ``packed_qkv`` (one
                q|k|v weight or three); RoPE is per call (the model's cos, sin tables)
@@ -49,6 +49,7 @@ class BlockSpec:
     norm_bias: bool = True
     norm_offset: float = 0.0
     placement: str = "pre"
+    attn_norm: bool = True  # pre-LN: False = no norm in front of attention (ModernBERT's first layer)
     mlp: str = "gelu"
     n_kv_heads: int = 0
     head_dim: int = 0
@@ -94,9 +95,10 @@ class BlockSpec:
 
     def param_names(self) -> tuple[str, ...]:
         """The parameters this spec uses, in ALL_PARAM_NAMES order, then its LoRA A and B."""
-        return _param_names(self.norm, self.norm_bias, self.packed_qkv, self.qk_norm, self.gated) + lora.param_names(
-            self.lora
-        )
+        names = _param_names(self.norm, self.norm_bias, self.packed_qkv, self.qk_norm, self.gated)
+        if not self.attn_norm:
+            names = tuple(n for n in names if not n.startswith("ln1_"))
+        return names + lora.param_names(self.lora)
 
     def check(self) -> None:
         """A clear error naming the field for a spec no runtime can run."""
@@ -107,13 +109,16 @@ class BlockSpec:
             raise ValueError(f"n_kv_heads ({self.kv_heads()}) must be positive and divide n_heads ({self.n_heads})")
         if self.eps <= 0.0:
             raise ValueError(f"BlockSpec.eps must be positive, got {self.eps}")
+        if self.placement == "post" and not self.attn_norm:
+            raise ValueError("BlockSpec.attn_norm=False needs placement='pre' (post-LN's norm1 follows attention)")
         if self.placement == "post" and self.qk_norm:
             raise ValueError("BlockSpec: qk_norm with placement='post' is not a form any supported model uses")
         lora.check_specs(self.lora, self.packed_qkv, "swiglu" if self.gated else "gelu")
 
 
 _NUMBER_KINDS = {"n_heads": int, "causal": bool, "eps": float, "norm_bias": bool, "norm_offset": float,
-                 "n_kv_heads": int, "head_dim": int, "qk_norm": bool, "packed_qkv": bool, "scale": float}  # fmt: skip
+                 "attn_norm": bool, "n_kv_heads": int, "head_dim": int, "qk_norm": bool, "packed_qkv": bool,
+                 "scale": float}  # fmt: skip
 
 
 def _param_names(norm: str, norm_bias: bool, packed_qkv: bool, qk_norm: bool, gated: bool) -> tuple[str, ...]:

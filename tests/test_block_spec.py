@@ -5,12 +5,15 @@ TransformerBlock of the same form in float64; post-LN's retained bytes against i
 against what the forward really keeps; bad spec fields raise naming the field.
 """
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
 import ckpt_ext
 from ckpt_ext import FusedCheckpointBlock, TransformerBlock, policies, retained_bytes
-from ckpt_ext.block import init_block_
+from ckpt_ext.block import fused_block, init_block_
 from ckpt_ext.measure import retained_activation_bytes
 from ckpt_ext.save_layout import save_layout
 from ckpt_ext.spec import BlockConfig, BlockSpec
@@ -129,3 +132,34 @@ def test_post_ln_under_torch_compile_matches_eager():
     got = run_step(torch.compile(fused, fullgraph=True), x, grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # compiled keeps h2; eager rebuilds x̂2 from out
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_pre_ln_without_attention_norm(backend):
+    """attn_norm=False (ModernBERT's first layer): q/k/v read x itself; equals the plain block with ln_1 = Identity,
+    every policy, and keeps no norm1 statistics."""
+    blk = _block("layernorm", "geglu", "pre", causal=False)
+    plain = copy.deepcopy(blk)
+    plain.ln_1 = torch.nn.Identity()
+    x = torch.randn(3, 7, 72, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    want = run_step(plain, x, grad)
+    spec = dataclasses.replace(blk.spec(), attn_norm=False)
+    params = {
+        n: t for n, t in FusedCheckpointBlock.from_block(blk).parameter_tensors().items() if n in spec.param_names()
+    }
+    with ckpt_ext.set_backend(backend):
+        for policy in POLICIES:
+            xg = x.clone().requires_grad_(True)
+            blk.zero_grad(set_to_none=True)
+            out = fused_block(xg, params, BlockConfig(spec, policy))
+            out.backward(grad)
+            got = [out.detach(), xg.grad] + [p.grad for n, p in blk.named_parameters() if not n.startswith("ln_1")]
+            assert len(got) == len(want)
+            for name, a, b in zip(["out", "dx", *dict(plain.named_parameters())], got, want):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, n=name, p=policy: f"{p} {n}: {m}")
+            assert not any(name.startswith("ln1") for name, _ in save_layout(spec, policy, False))
+    stats_bytes = 2 * (2 * 8) * 4  # LayerNorm mean and rstd of 2 x 8 tokens, fp32
+    assert retained_bytes("block", 2, 8, 72, 4, 288, attn_norm=False) == retained_bytes("block", 2, 8, 72, 4, 288) - (
+        stats_bytes
+    )

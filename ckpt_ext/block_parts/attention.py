@@ -25,8 +25,9 @@ from .norm import norm_fwd
 def saves(spec, rope: bool) -> dict[str, int]:
     """Tensor count of each name this segment can save (0: not in this form)."""
     qk = 2 if spec.qk_norm else 0
+    n1 = 1 if spec.attn_norm else 0
     qkv = 3 if spec.qk_norm or rope or not spec.packed_qkv else 1
-    return {"ln1_stats": spec.n_stats(), "ln1_out": 1, "qkv": qkv, "qk_stats": qk, "qk_rope": qk, "attn_out": 1,
+    return {"ln1_stats": spec.n_stats() * n1, "ln1_out": n1, "qkv": qkv, "qk_stats": qk, "qk_rope": qk, "attn_out": 1,
             "attn_lse": 1, "h1": 1, "x1": 1}  # fmt: skip
 
 
@@ -102,12 +103,12 @@ def attention_half(x: Tensor, shape, p: dict, cfg, attn_mask, rope_cs=None, attn
     """x (N, d) -> the attention half's tensors (policies.py names). ``attn`` = (attn_out, attn_lse) kept by
     block_keep_attn: then the attention core is not run again. segment_ids (B, T): see ops/attention.py.
 
-    pre-LN: y1 = norm1(x) feeds q/k/v and x1 = x + drop(o Wo + bo). post-LN: x feeds q/k/v, h1 = x + drop(o Wo + bo)
-    and x1 = norm1(h1)."""
+    pre-LN: y1 = norm1(x) (x without attn_norm) feeds q/k/v and x1 = x + drop(o Wo + bo). post-LN: x feeds q/k/v,
+    h1 = x + drop(o Wo + bo) and x1 = norm1(h1)."""
     ac = AutocastState(x.device.type)
     d = x.shape[1]
     post = cfg.spec.placement == "post"
-    if post:
+    if post or not cfg.spec.attn_norm:
         y1, acts = x, {}
     else:
         y1, s1 = norm_fwd(x, p, "ln1", cfg)
