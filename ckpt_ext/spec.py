@@ -8,7 +8,8 @@ each, which form it takes; nothing else in the package hard-codes a family:
                (norm(x + f(x)), BERT); ``attn_norm`` False: pre-LN without norm1 (ModernBERT's first layer)
     attention  ``n_heads``, ``n_kv_heads`` (GQA; 0 = n_heads), ``head_dim`` (0 = d / n_heads), ``causal``, softmax
                ``scale`` (0 = head_dim^-1/2), ``qk_norm`` (Qwen3's per-head RMSNorm on q, k), ``packed_qkv`` (one
-               q|k|v weight or three); RoPE is per call (the model's cos, sin tables)
+               q|k|v weight or three), ``window`` (0 = none; w > 0: query i sees key j only if |i - j| <= w,
+               ModernBERT's local layers); RoPE is per call (the model's cos, sin tables)
     mlp        "gelu" | "gelu_tanh" (fc → act → proj) or the gated "swiglu" (silu(gate)·up) | "geglu"
                (gelu_tanh(gate)·up), then the down projection
     linears    plain, or PEFT LoRA (``lora``: one lora.LoraSpec per adapted linear)
@@ -56,6 +57,7 @@ class BlockSpec:
     qk_norm: bool = False
     packed_qkv: bool = True
     scale: float = 0.0
+    window: int = 0  # sliding window: query i sees key j only if |i - j| <= window (0 = every key)
     lora: tuple = ()
 
     def __post_init__(self):
@@ -109,6 +111,8 @@ class BlockSpec:
             raise ValueError(f"n_kv_heads ({self.kv_heads()}) must be positive and divide n_heads ({self.n_heads})")
         if self.eps <= 0.0:
             raise ValueError(f"BlockSpec.eps must be positive, got {self.eps}")
+        if self.window < 0:
+            raise ValueError(f"BlockSpec.window must be >= 0 (0 = no window), got {self.window}")
         if self.placement == "post" and not self.attn_norm:
             raise ValueError("BlockSpec.attn_norm=False needs placement='pre' (post-LN's norm1 follows attention)")
         if self.placement == "post" and self.qk_norm:
@@ -118,7 +122,7 @@ class BlockSpec:
 
 _NUMBER_KINDS = {"n_heads": int, "causal": bool, "eps": float, "norm_bias": bool, "norm_offset": float,
                  "attn_norm": bool, "n_kv_heads": int, "head_dim": int, "qk_norm": bool, "packed_qkv": bool,
-                 "scale": float}  # fmt: skip
+                 "scale": float, "window": int}  # fmt: skip
 
 
 def _param_names(norm: str, norm_bias: bool, packed_qkv: bool, qk_norm: bool, gated: bool) -> tuple[str, ...]:

@@ -117,7 +117,7 @@ def attention_half(x: Tensor, shape, p: dict, cfg, attn_mask, rope_cs=None, attn
     if attn is None:
         q, k, v = attention_inputs(acts, p, cfg, shape, d, rope_cs, ac)
         o, lse = _ops.gqa_attention_fwd(q, k, v, cfg.spec.causal, cfg.attn_dropout, cfg.seed, attn_mask,
-                                       cfg.spec.softmax_scale(d), segment_ids)  # fmt: skip
+                                       cfg.spec.softmax_scale(d), segment_ids, cfg.spec.window)  # fmt: skip
         attn = (o.view(x.shape[0], -1), lse)  # (N, h·dh), (B, h, T)
     acts["attn_out"], acts["attn_lse"] = attn
     residual = lora_residual(x, acts["attn_out"], p, cfg, "proj", cfg.seed + 1)
@@ -155,7 +155,7 @@ def attention_backward(dpr: Tensor, acts: dict, p: dict, cfg, shape, attn_mask, 
     o = _heads(acts["attn_out"], shape, dh)
     dq, dk, dv = _ops.gqa_attention_bwd(_heads(do, shape, dh).contiguous(), q, k, v, o, acts["attn_lse"],
                                        cfg.spec.causal, cfg.attn_dropout, cfg.seed, attn_mask,
-                                       cfg.spec.softmax_scale(d), segment_ids)  # fmt: skip
+                                       cfg.spec.softmax_scale(d), segment_ids, cfg.spec.window)  # fmt: skip
     del q, k, v, do
     if rope_cs is not None:
         dq, dk = _ops.rope(dq, dk, rope_cs[0], rope_cs[1], True)  # the rotation's adjoint

@@ -1,0 +1,170 @@
+"""Hugging Face ModernBERT adapter (``ModernBertEncoderLayer``; ModernBert{Model, ForMaskedLM,
+ForSequenceClassification, ...}): transformers 4.57.
+
+layer(x) = x1 + Wo(act(input) * gate), input | gate = Wi(mlp_norm(x1)) (halves of one packed Wi),
+       x1 = x + attn.Wo(attention(rope(q), rope(k), v)), q|k|v = Wqkv(attn_norm(x))
+pre-LN LayerNorm (eps norm_eps, bias per norm_bias; layer 0 has no attention norm: BlockSpec.attn_norm=False),
+bidirectional attention, RoPE from the layer's own rotary_emb (θ global_rope_theta on global layers,
+local_rope_theta on local ones), every global_attn_every_n_layers-th layer global and the others a sliding window
+|i - j| <= local_attention // 2 (BlockSpec.window: the kernels apply it per tile, no (T, T) mask), biases per
+attention_bias / mlp_bias. The GeGLU block's activated half is w_gate = Wi.weight[:F] and w_up = Wi.weight[F:]
+(views: Wi.weight gets the gradient); hidden_activation must be the tanh GELU (gelu_pytorch_tanh / gelu_new).
+
+Masks: every layer receives the model's two (B, 1, T, T) additive masks (global and windowed). The fused path reads a
+(B, 1, 1, T) key mask from the global one (its rows must be equal: a key-padding mask) and checks once per forward
+that the windowed one is exactly that key mask within the band; nothing T×T reaches the kernels. Padded query rows
+keep computing, as in Hugging Face. A query row left without any visible key (a batch row of only padding; on local
+layers a padded row farther than the window from every real token) gets uniform weights in Hugging Face's softmax
+and zeros from the kernels, so such a forward runs the original (warned once).
+
+Original forward (warned once): flash_attention_2 (unpadded cu_seqlens path), output_attentions, hooks or
+unsupported submodules (LoRA included), attention_dropout or mlp_dropout > 0 while training (the MLP's dropout sits
+inside the gated product), another hidden_activation, masks that are not of the shape above, no position_ids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..block import fused_block
+from ..spec import BlockConfig, BlockSpec
+from .hf_common import common_fallback, fallback, needs_graph, read_linears
+from .hf_masks import layer_mask
+
+FUSED_ATTENTION = ("eager", "sdpa")
+TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new")
+
+
+class ModernBertAdapter:
+    name = "ModernBERT (ModernBertModel, ModernBertForMaskedLM, ModernBertForSequenceClassification, ...)"
+
+    def layer_classes(self) -> tuple[type, ...]:
+        try:
+            from transformers.models.modernbert.modeling_modernbert import ModernBertEncoderLayer
+        except ImportError:
+            return ()
+        return (ModernBertEncoderLayer,)
+
+    def check(self, layer) -> None:
+        """Raise ValueError naming every config field the fused block does not compute."""
+        cfg, attn = layer.config, layer.attn
+        problems = []
+        if abs(layer.mlp_norm.eps - cfg.norm_eps) > 0 or not isinstance(layer.mlp_norm, torch.nn.LayerNorm):
+            problems.append("mlp_norm is not LayerNorm(norm_eps)")
+        if attn.head_dim % 2:
+            problems.append(f"head_dim={attn.head_dim} is odd (RoPE needs an even head_dim)")
+        if problems:
+            raise ValueError(f"{type(layer).__name__} cannot be fused: " + "; ".join(problems))
+
+    def linears(self, layer) -> dict:
+        return {"qkv": ("attn.Wqkv", layer.attn.Wqkv), "proj": ("attn.Wo", layer.attn.Wo),
+                "fc": ("mlp.Wi", layer.mlp.Wi), "fc2": ("mlp.Wo", layer.mlp.Wo)}  # fmt: skip
+
+    def params(self, layer, lin) -> dict:
+        b = lin.base
+        f = layer.mlp.Wo.in_features
+        wi, bi = b["fc"].weight, b["fc"].bias
+        p = dict(ln2_w=layer.mlp_norm.weight, ln2_b=layer.mlp_norm.bias)
+        if isinstance(layer.attn_norm, torch.nn.LayerNorm):
+            p.update(ln1_w=layer.attn_norm.weight, ln1_b=layer.attn_norm.bias)
+        p.update(w_qkv=b["qkv"].weight, b_qkv=b["qkv"].bias, w_proj=b["proj"].weight, b_proj=b["proj"].bias)
+        p.update(w_gate=wi[:f], w_up=wi[f:], b_gate=None if bi is None else bi[:f], b_up=None if bi is None else bi[f:])
+        p.update(w_fc2=b["fc2"].weight, b_fc2=b["fc2"].bias)
+        return p
+
+    def block_config(self, layer) -> BlockConfig:
+        cfg, attn = layer.config, layer.attn
+        window = attn.local_attention[0] if attn.local_attention != (-1, -1) else 0
+        spec = BlockSpec(cfg.num_attention_heads, False, cfg.norm_eps, norm="layernorm", norm_bias=cfg.norm_bias,
+                         attn_norm=isinstance(layer.attn_norm, torch.nn.LayerNorm), mlp="geglu", packed_qkv=True,
+                         window=window)  # fmt: skip
+        return BlockConfig(spec, layer._ckpt_policy, 0, 0.0, 0.0)
+
+    def forward(self, layer, original, bound: dict):
+        x = bound["hidden_states"]
+        lin = read_linears(layer, self.linears(layer)) if torch.is_grad_enabled() else None
+        if lin is None:
+            return original(*bound["args"], **bound["call_kwargs"])
+        params = self.params(layer, lin)
+        key_mask = self._fusable(layer, bound, params, lin)
+        if key_mask is False:
+            return original(*bound["args"], **bound["call_kwargs"])
+        cos, sin = layer.attn.rotary_emb(x, position_ids=bound["position_ids"])  # (B|1, T, dh) each
+        out = fused_block(x, params, self.block_config(layer), key_mask, (cos, sin))
+        return (out,)
+
+    def _fusable(self, layer, bound: dict, params: dict, lin):
+        """False to run the original forward, else the additive (B, 1, 1, T) key mask (None: nothing masked)."""
+        x = bound["hidden_states"]
+        if not needs_graph(x, params.values()):
+            return False
+        cfg = layer.config
+        if bound.get("output_attentions") or bound["kwargs"].get("output_attentions"):
+            return fallback(layer, "output-attentions", "output_attentions=True (the fused block keeps no weights)")
+        if bound.get("cu_seqlens") is not None or bound.get("max_seqlen") is not None:
+            return fallback(layer, "unpadded", "the unpadded (cu_seqlens) flash_attention_2 path")
+        mask, window_mask = bound.get("attention_mask"), bound.get("sliding_window_mask")
+        if not common_fallback(layer, cfg._attn_implementation, FUSED_ATTENTION, mask, lin):
+            return False
+        if lin.specs:
+            return fallback(layer, "lora", "LoRA adapters (ModernBERT's packed Wi is not split for LoRA)")
+        if cfg.hidden_activation not in TANH_GELUS:
+            return fallback(layer, "activation", f"hidden_activation={cfg.hidden_activation!r} (the fused GeGLU "
+                            f"takes the tanh GELU: {', '.join(TANH_GELUS)})")  # fmt: skip
+        if layer.training and (cfg.attention_dropout > 0.0 or cfg.mlp_dropout > 0.0):
+            return fallback(layer, "dropout", f"attention_dropout={cfg.attention_dropout}, mlp_dropout="
+                            f"{cfg.mlp_dropout} while training (fused: both 0, or eval)")  # fmt: skip
+        if bound.get("position_ids") is None:
+            return fallback(layer, "position-ids", "no position_ids (RoPE needs them)")
+        if not (_is_4d(mask, x) and _is_4d(window_mask, x)):
+            return fallback(layer, "mask-shape", "attention masks other than the model's two (B, 1, T, T) masks")
+        info = layer_mask(mask, x.shape[1], False, layer, x.shape[0])
+        additive = info.key_additive(mask)
+        if additive is False:
+            return fallback(layer, "mask-rows", "a global mask that is not a key-padding mask (its rows differ)")
+        w = cfg.local_attention // 2
+        keep = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+        if additive is not None:
+            keep = additive[:, 0, 0] > torch.finfo(torch.float32).min / 2  # (B, T)
+        if not _window_mask_ok(window_mask, keep, w):
+            return fallback(layer, "window-mask", "a sliding_window_mask that is not the key mask within "
+                            "|i - j| <= local_attention // 2")  # fmt: skip
+        window = layer.attn.local_attention[0] if layer.attn.local_attention != (-1, -1) else 0
+        if _empty_rows(keep, window):
+            return fallback(layer, "empty-rows", "a padding mask that leaves query rows no key within their window "
+                            "(Hugging Face's softmax gives them uniform weights, the fused kernels zeros)")  # fmt: skip
+        return additive
+
+
+def _is_4d(mask, x) -> bool:
+    b, t = x.shape[:2]
+    return isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2:] == (t, t) \
+        and mask.shape[0] in (1, b)  # fmt: skip
+
+
+def _window_mask_ok(window_mask, keep, w: int) -> bool:
+    """Whether sliding_window_mask is exactly keep[b, j] ∧ |i - j| <= w (checked once per mask tensor)."""
+    cached = getattr(window_mask, "_ckpt_window_ok", None)
+    if cached is not None and not torch.compiler.is_compiling():
+        return cached
+    with torch.no_grad():
+        t = keep.shape[1]
+        pos = torch.arange(t, device=keep.device)
+        band = (pos[:, None] - pos[None, :]).abs() <= w  # (T, T), transient
+        expected = keep[:, None, None, :] & band  # (B, 1, T, T)
+        ok = bool(((window_mask > torch.finfo(window_mask.dtype).min / 2) == expected).all())
+    if not torch.compiler.is_compiling():
+        window_mask._ckpt_window_ok = ok
+    return ok
+
+
+def _empty_rows(keep, window: int) -> bool:
+    """Whether some query row sees no kept key (within |i - j| <= window when window > 0): O(B·T)."""
+    with torch.no_grad():
+        if window == 0:
+            return bool((~keep.any(dim=1)).any())
+        t = keep.shape[1]
+        cs = torch.nn.functional.pad(keep.int().cumsum(dim=1), (1, 0))  # (B, T + 1)
+        pos = torch.arange(t, device=keep.device)
+        seen = cs[:, (pos + window + 1).clamp_max(t)] - cs[:, (pos - window).clamp_min(0)]
+        return bool((seen == 0).any())
