@@ -1,7 +1,9 @@
 """ModernBERT through apply_fused_checkpointing (integrations/hf_modernbert.py), CPU, tiny config with T = 160 >
 local_attention = 16 so local (window 8) and global layers differ: loss and every parameter gradient against the
-unconverted model × policy × (no padding, right padding), fp32, dropout 0, with and without norm/attention/MLP
-biases; the fused path ran on every layer; fallbacks warn (gelu activation, long padding leaving rows no key)."""
+unconverted model × policy × (no padding, right padding) × eager/sdpa, fp32, dropout 0, with and without
+norm/attention/MLP biases (MaskedLM; SequenceClassification; ModernBertModel's hidden states); the fused path ran on
+every layer (layer 0 without attention norm included); retained bytes per policy against policies.retained_bytes
+(mlp='geglu'); fallbacks warn and match (erf gelu activation, padding that leaves local rows no key)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,16 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import ModernBertConfig, ModernBertForMaskedLM, ModernBertForSequenceClassification  # noqa: E402
+from transformers import (  # noqa: E402
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    ModernBertForSequenceClassification,
+    ModernBertModel,
+)
 
 from ckpt_ext.integrations.huggingface import apply_fused_checkpointing  # noqa: E402
-from ckpt_ext.policies import POLICIES  # noqa: E402
+from ckpt_ext.measure import retained_activation_bytes  # noqa: E402
+from ckpt_ext.policies import POLICIES, retained_bytes  # noqa: E402
 
 T, B = 160, 2
 
@@ -80,22 +88,67 @@ def test_sequence_classification_matches(fused_calls):
         torch.testing.assert_close(fg[name], g[name], atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("act, pad", [("gelu", 0), ("gelu_pytorch_tanh", 40)])
-def test_unhandled_cases_fall_back_exactly_with_a_warning(act, pad, fused_calls, caplog):
-    """erf GELU (not the fused GeGLU's tanh form); right padding longer than the window (padded rows see no key)."""
-    torch.manual_seed(0)
-    model = ModernBertForMaskedLM(config(False, act=act)).train()
-    fused = copy.deepcopy(model)
-    apply_fused_checkpointing(fused, "ffn")
-    batch_ = batch(pad)
-    loss, g = grads(model, *batch_)
+@pytest.mark.parametrize("act, pad, fused", [("gelu", 0, 0), ("gelu_pytorch_tanh", 40, 2)])
+def test_unhandled_cases_fall_back_with_a_warning(act, pad, fused, fused_calls, monkeypatch, caplog):
+    """erf GELU (not the fused GeGLU's tanh form): every layer runs its original forward; right padding of 40 > the
+    window (8): the local layers' padded rows far from every token see no key (Hugging Face: uniform weights), so the
+    two local layers fall back and the two global ones fuse."""
     from ckpt_ext.integrations import hf_common
 
-    hf_common._WARNED.clear()
-    with caplog.at_level(logging.WARNING):
-        floss, fg = grads(fused, *batch_)
+    monkeypatch.setattr(hf_common, "_WARNED", set())
+    torch.manual_seed(0)
+    model = ModernBertForMaskedLM(config(False, act=act)).train()
+    converted = copy.deepcopy(model)
+    apply_fused_checkpointing(converted, "ffn")
+    batch_ = batch(pad)
+    loss, g = grads(model, *batch_)
+    with caplog.at_level(logging.WARNING, logger="ckpt_ext.integrations"):
+        floss, fg = grads(converted, *batch_)
     assert "runs its original forward" in caplog.text
-    torch.testing.assert_close(floss, loss, atol=1e-6, rtol=1e-6)
+    assert ("hidden_activation" if act == "gelu" else "no key within their window") in caplog.text
+    assert len(fused_calls) == fused
+    exact = dict(atol=0, rtol=0) if fused == 0 else dict(atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(floss, loss, **exact)
     for name in g:
-        torch.testing.assert_close(fg[name], g[name], atol=1e-6, rtol=1e-6)
-    assert len(fused_calls) < 4
+        torch.testing.assert_close(fg[name], g[name], **exact)
+
+
+def test_base_model_hidden_states_match(fused_calls):
+    """ModernBertModel: last_hidden_state (padded positions included: their rows still see real tokens) and the
+    gradients of a loss over every position."""
+    torch.manual_seed(0)
+    model = ModernBertModel(config(True)).train()
+    converted = copy.deepcopy(model)
+    apply_fused_checkpointing(converted, "block_keep_attn")
+    ids, mask, _ = batch(5)
+    outs = []
+    for m in (model, converted):
+        m.zero_grad()
+        h = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        (h * torch.linspace(-1, 1, h.shape[-1])).sum().backward()
+        outs.append((h.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    assert len(fused_calls) == 4
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=2e-5, rtol=1e-4)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, atol=5e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("layer_idx", [0, 1])
+def test_retained_bytes_match_the_table(policy, layer_idx, fused_calls):
+    """A converted layer keeps the policy table's bytes (mlp='geglu'; layer 0 without the attention norm) plus the
+    RoPE tables it builds from its own rotary_emb (cos, sin: (1, T, dh) each)."""
+    torch.manual_seed(0)
+    cfg = config(True)
+    model = ModernBertModel(cfg).train()
+    apply_fused_checkpointing(model, policy)
+    layer = model.layers[layer_idx]
+    x = torch.randn(B, T, cfg.hidden_size, requires_grad=True)
+    global_mask, window_mask = model._update_attention_mask(torch.ones(B, T, dtype=torch.bool), False)
+    pos = torch.arange(T)[None]
+    kept, _ = retained_activation_bytes(layer, x, global_mask, window_mask, pos)
+    assert len(fused_calls) == 1
+    dh = cfg.hidden_size // cfg.num_attention_heads
+    table = retained_bytes(policy, B, T, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
+                           mlp="geglu", attn_norm=layer_idx != 0)  # fmt: skip
+    assert kept == table + 2 * T * dh * 4

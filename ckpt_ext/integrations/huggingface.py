@@ -2,7 +2,8 @@
 
 Finds the transformer layers of every registered family (``FAMILIES``: GPT-2's GPT2Block, ViT's ViTLayer, the Llama
 family's Llama/Mistral/Qwen2/Qwen3 decoder layers, the post-LN encoders' BERT/RoBERTa/XLM-R/ELECTRA layers and
-DistilBERT's TransformerBlock, ModernBERT's ModernBertEncoderLayer) in module order and converts the ``every``-th, 2·``every``-th, ... of them (every=1: all)
+DistilBERT's TransformerBlock, ModernBERT's ModernBertEncoderLayer) in module order and converts the ``every``-th,
+2·``every``-th, ... of them (every=1: all)
 in place, by swapping each layer's class for a ``Fused<Layer>`` subclass (hf_common.py). Parameters, submodules and
 ``state_dict()`` keys do not change, so saving, loading, optimizers, DDP and FSDP2 see the same model. Calling it again
 updates the policy of converted layers (they count as converted). Each family adapter (hf_gpt2.py, hf_vit.py,
@@ -23,8 +24,8 @@ from .hf_bert import BertFamilyAdapter, DistilBertAdapter
 from .hf_common import ContainerRefs, FusedLayerMixin, fused_class, unfused_class
 from .hf_gpt2 import GPT2Adapter
 from .hf_llama import LlamaFamilyAdapter
-from .hf_modernbert import ModernBertAdapter
 from .hf_loss import SUPPORTED_MODEL_TYPES, patch_causal_lm_loss, unpatch_causal_lm_loss
+from .hf_modernbert import ModernBertAdapter
 from .hf_vit import ViTAdapter
 
 FAMILIES = (GPT2Adapter(), ViTAdapter(), LlamaFamilyAdapter(), BertFamilyAdapter(), DistilBertAdapter(),
