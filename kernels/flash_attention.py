@@ -72,7 +72,7 @@ def _masked(s, MASK, mask_offs, qi, kj, sq, sk, T, S, win, CAUSAL: tl.constexpr,
     if HAS_SEG:  # rows of id 0 (padding) are emptied by the forward's epilogue, so one compare suffices here
         hidden = hidden | (sk != sq)
     if WINDOW:
-        hidden = hidden | (kj > qi + win) | (qi > kj + win)
+        hidden = hidden | (tl.abs(kj - qi) > win)
     return tl.where(hidden, float("-inf"), s)
 
 
