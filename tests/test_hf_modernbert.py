@@ -26,6 +26,7 @@ from ckpt_ext.measure import retained_activation_bytes  # noqa: E402
 from ckpt_ext.policies import POLICIES, retained_bytes  # noqa: E402
 
 T, B = 160, 2
+TF5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 def config(bias: bool, impl: str = "eager", act: str = "gelu_pytorch_tanh") -> ModernBertConfig:
@@ -137,18 +138,24 @@ def test_base_model_hidden_states_match(fused_calls):
 @pytest.mark.parametrize("layer_idx", [0, 1])
 def test_retained_bytes_match_the_table(policy, layer_idx, fused_calls):
     """A converted layer keeps the policy table's bytes (mlp='geglu'; layer 0 without the attention norm) plus the
-    RoPE tables it builds from its own rotary_emb (cos, sin: (1, T, dh) each)."""
+    RoPE tables it builds from its own rotary_emb in 4.57 (cos, sin: (1, T, dh) each; 5.x passes them in)."""
     torch.manual_seed(0)
     cfg = config(True)
     model = ModernBertModel(cfg).train()
     apply_fused_checkpointing(model, policy)
     layer = model.layers[layer_idx]
     x = torch.randn(B, T, cfg.hidden_size, requires_grad=True)
-    global_mask, window_mask = model._update_attention_mask(torch.ones(B, T, dtype=torch.bool), False)
     pos = torch.arange(T)[None]
-    kept, _ = retained_activation_bytes(layer, x, global_mask, window_mask, pos)
-    assert len(fused_calls) == 1
     dh = cfg.hidden_size // cfg.num_attention_heads
+    rope_bytes = 2 * T * dh * 4  # 4.57: the layer builds (cos, sin) (1, T, dh) itself and they are saved
+    if TF5:  # the model hands each layer its mask (None: no padding) and (cos, sin)
+        rope = model.rotary_emb(x, pos, layer.attention_type)
+        kept, _ = retained_activation_bytes(layer, x, None, rope)
+        rope_bytes = 0
+    else:
+        global_mask, window_mask = model._update_attention_mask(torch.ones(B, T, dtype=torch.bool), False)
+        kept, _ = retained_activation_bytes(layer, x, global_mask, window_mask, pos)
+    assert len(fused_calls) == 1
     table = retained_bytes(policy, B, T, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
                            mlp="geglu", attn_norm=layer_idx != 0)  # fmt: skip
-    assert kept == table + 2 * T * dh * 4
+    assert kept == table + rope_bytes

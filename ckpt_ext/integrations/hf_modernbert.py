@@ -1,5 +1,5 @@
 """Hugging Face ModernBERT adapter (``ModernBertEncoderLayer``; ModernBert{Model, ForMaskedLM,
-ForSequenceClassification, ...}): transformers 4.57.
+ForSequenceClassification, ...}): transformers 4.57 and 5.x.
 
 layer(x) = x1 + Wo(act(input) * gate), input | gate = Wi(mlp_norm(x1)) (halves of one packed Wi),
        x1 = x + attn.Wo(attention(rope(q), rope(k), v)), q|k|v = Wqkv(attn_norm(x))
@@ -10,9 +10,13 @@ local_rope_theta on local ones), every global_attn_every_n_layers-th layer globa
 attention_bias / mlp_bias. The GeGLU block's activated half is w_gate = Wi.weight[:F] and w_up = Wi.weight[F:]
 (views: Wi.weight gets the gradient); hidden_activation must be the tanh GELU (gelu_pytorch_tanh / gelu_new).
 
-Masks: every layer receives the model's two (B, 1, T, T) additive masks (global and windowed). The fused path reads a
-(B, 1, 1, T) key mask from the global one (its rows must be equal: a key-padding mask) and checks once per forward
-that the windowed one is exactly that key mask within the band; nothing T×T reaches the kernels. Padded query rows
+Masks (4.57): every layer receives the model's two (B, 1, T, T) additive masks (global and windowed). The fused path
+reads a (B, 1, 1, T) key mask from the global one (its rows must be equal: a key-padding mask) and checks once per
+forward that the windowed one is exactly that key mask within the band; nothing T×T reaches the kernels. 5.x passes
+each layer the mask of its type (create_bidirectional_mask / create_bidirectional_sliding_window_mask: None, or 4-D
+bool / additive) and the (cos, sin) of its type: a global layer's mask must be a key mask; a sliding layer's is read
+as keep[b, j] = mask[b, 0, j, j] and checked to be exactly keep ∧ |i - j| <= config.sliding_window (once per mask
+tensor); None means Hugging Face attends to every key (window 0 then, as its sdpa call does). Padded query rows
 keep computing, as in Hugging Face. A query row left without any visible key (a batch row of only padding; on local
 layers a padded row farther than the window from every real token) gets uniform weights in Hugging Face's softmax
 and zeros from the kernels, so such a forward runs the original (warned once).
@@ -23,6 +27,8 @@ inside the gated product), another hidden_activation, masks that are not of the 
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -74,7 +80,8 @@ class ModernBertAdapter:
 
     def block_config(self, layer) -> BlockConfig:
         cfg, attn = layer.config, layer.attn
-        window = attn.local_attention[0] if attn.local_attention != (-1, -1) else 0
+        local = getattr(attn, "local_attention", (-1, -1))  # 4.57; 5.x: the window comes from the layer's mask
+        window = local[0] if local != (-1, -1) else 0
         spec = BlockSpec(cfg.num_attention_heads, False, cfg.norm_eps, norm="layernorm", norm_bias=cfg.norm_bias,
                          attn_norm=isinstance(layer.attn_norm, torch.nn.LayerNorm), mlp="geglu", packed_qkv=True,
                          window=window)  # fmt: skip
@@ -86,6 +93,14 @@ class ModernBertAdapter:
         if lin is None:
             return original(*bound["args"], **bound["call_kwargs"])
         params = self.params(layer, lin)
+        if "position_embeddings" in bound:  # transformers 5.x
+            plan = self._fusable_5x(layer, bound, params, lin)
+            if plan is False:
+                return original(*bound["args"], **bound["call_kwargs"])
+            key_mask, window = plan
+            cfg = self.block_config(layer)
+            cfg = cfg.with_(spec=dataclasses.replace(cfg.spec, window=window))
+            return fused_block(x, params, cfg, key_mask, tuple(bound["position_embeddings"]))
         key_mask = self._fusable(layer, bound, params, lin)
         if key_mask is False:
             return original(*bound["args"], **bound["call_kwargs"])
@@ -93,8 +108,8 @@ class ModernBertAdapter:
         out = fused_block(x, params, self.block_config(layer), key_mask, (cos, sin))
         return (out,)
 
-    def _fusable(self, layer, bound: dict, params: dict, lin):
-        """False to run the original forward, else the additive (B, 1, 1, T) key mask (None: nothing masked)."""
+    def _common(self, layer, bound: dict, params: dict, lin, mask) -> bool:
+        """False (warned once) for what neither version fuses."""
         x = bound["hidden_states"]
         if not needs_graph(x, params.values()):
             return False
@@ -103,7 +118,6 @@ class ModernBertAdapter:
             return fallback(layer, "output-attentions", "output_attentions=True (the fused block keeps no weights)")
         if bound.get("cu_seqlens") is not None or bound.get("max_seqlen") is not None:
             return fallback(layer, "unpadded", "the unpadded (cu_seqlens) flash_attention_2 path")
-        mask, window_mask = bound.get("attention_mask"), bound.get("sliding_window_mask")
         if not common_fallback(layer, cfg._attn_implementation, FUSED_ATTENTION, mask, lin):
             return False
         if lin.specs:
@@ -114,6 +128,55 @@ class ModernBertAdapter:
         if layer.training and (cfg.attention_dropout > 0.0 or cfg.mlp_dropout > 0.0):
             return fallback(layer, "dropout", f"attention_dropout={cfg.attention_dropout}, mlp_dropout="
                             f"{cfg.mlp_dropout} while training (fused: both 0, or eval)")  # fmt: skip
+        return True
+
+    def _fusable_5x(self, layer, bound: dict, params: dict, lin):
+        """False to run the original forward, else (key mask (B, 1, 1, T) additive or None, window)."""
+        x = bound["hidden_states"]
+        mask = bound.get("attention_mask")
+        if not self._common(layer, bound, params, lin, mask):
+            return False
+        if bound.get("position_embeddings") is None:
+            return fallback(layer, "position-embeddings", "no position_embeddings (RoPE needs them)")
+        if mask is None:
+            return None, 0
+        if not _is_4d(mask, x):
+            return fallback(
+                layer, "mask-shape", f"an attention mask of shape {tuple(mask.shape)} (fused: (B, 1, T, T))"
+            )
+        b, t = x.shape[:2]
+        sliding = getattr(layer, "attention_type", "full_attention") == "sliding_attention"
+        if not sliding:
+            additive = layer_mask(mask, t, False, layer, b).key_additive(mask)
+            if additive is False:
+                return fallback(layer, "mask-rows", "a full-attention mask that is not a key-padding mask")
+            keep = torch.ones(b, t, dtype=torch.bool, device=x.device)
+            if additive is not None:
+                keep = additive[:, 0, 0] > torch.finfo(torch.float32).min / 2  # (B, T)
+            window = 0
+        else:
+            window = layer.config.sliding_window
+            keep = _visible(mask.diagonal(dim1=2, dim2=3)[:, 0]).expand(b, t)  # (B, T): key j seen by row j
+            if not _window_mask_ok(mask, keep, window):
+                return fallback(layer, "window-mask", "a sliding-window mask that is not a key mask within "
+                                "|i - j| <= config.sliding_window")  # fmt: skip
+            additive = None
+            if not bool(keep.all()):
+                additive = torch.zeros(b, 1, 1, t, device=x.device).masked_fill_(
+                    ~keep[:, None, None], torch.finfo(torch.float32).min
+                )  # (B, 1, 1, T)
+        if _empty_rows(keep, window):
+            return fallback(layer, "empty-rows", "a padding mask that leaves query rows no key within their window "
+                            "(Hugging Face's softmax gives them uniform weights, the fused kernels zeros)")  # fmt: skip
+        return additive, window
+
+    def _fusable(self, layer, bound: dict, params: dict, lin):
+        """False to run the original forward, else the additive (B, 1, 1, T) key mask (None: nothing masked)."""
+        x = bound["hidden_states"]
+        cfg = layer.config
+        mask, window_mask = bound.get("attention_mask"), bound.get("sliding_window_mask")
+        if not self._common(layer, bound, params, lin, mask):
+            return False
         if bound.get("position_ids") is None:
             return fallback(layer, "position-ids", "no position_ids (RoPE needs them)")
         if not (_is_4d(mask, x) and _is_4d(window_mask, x)):
@@ -142,6 +205,11 @@ def _is_4d(mask, x) -> bool:
         and mask.shape[0] in (1, b)  # fmt: skip
 
 
+def _visible(mask):
+    """Bool: where a bool keep mask is True or an additive mask is above finfo.min / 2."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 def _window_mask_ok(window_mask, keep, w: int) -> bool:
     """Whether sliding_window_mask is exactly keep[b, j] ∧ |i - j| <= w (checked once per mask tensor)."""
     cached = getattr(window_mask, "_ckpt_window_ok", None)
@@ -152,7 +220,7 @@ def _window_mask_ok(window_mask, keep, w: int) -> bool:
         pos = torch.arange(t, device=keep.device)
         band = (pos[:, None] - pos[None, :]).abs() <= w  # (T, T), transient
         expected = keep[:, None, None, :] & band  # (B, 1, T, T)
-        ok = bool(((window_mask > torch.finfo(window_mask.dtype).min / 2) == expected).all())
+        ok = bool((_visible(window_mask) == expected).all())
     if not torch.compiler.is_compiling():
         window_mask._ckpt_window_ok = ok
     return ok
