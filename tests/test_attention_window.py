@@ -137,8 +137,8 @@ def test_cpu_math_route_with_window_mask_and_dropout(t, window, dropout_p):
 
 
 def test_window_routes_never_take_aten_flash():
-    q, k, v = (torch.randn(1, 40, n, DH) for n in (H, HK, HK))
-    ids = make_ids("padding", 1, 40)
+    q, k, v = (torch.randn(2, 40, n, DH) for n in (H, HK, HK))
+    ids = make_ids("padding", 2, 40)
     assert aten_attention._route_gqa(q, k, v, 0.0, None, ids, 4) == "cpu_gqa"
     assert aten_attention._route_gqa(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.0, None, ids, 4) == "cpu_math"
     assert aten_attention._route_gqa(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.0, None, ids, 0) == "cpu_flash"
