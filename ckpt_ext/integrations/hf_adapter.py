@@ -26,7 +26,7 @@ import torch
 from .. import seeds
 from ..block import fused_block
 from ..lora import Linears
-from .hf_common import lora_seeded, needs_graph, read_linears
+from .hf_common import fallback, lora_seeded, needs_graph, read_linears
 
 
 class LayerAdapter:
@@ -122,3 +122,12 @@ def part_linears(parts) -> dict:
     """LoRA target -> (path, module) for a layer reader with attributes q, k, v, o, fc1, fc2 and ``paths`` by target
     (the encoder and ViT readers: separate q/k/v, one MLP input linear)."""
     return {target: (parts.paths[target], getattr(parts, attr)) for target, attr in _PART_LINEARS}
+
+
+def same_residual_dropout(layer, p_attention: float, p_mlp: float) -> bool:
+    """The fused block applies one dropout p to both residual branches: True where the layer's agree (or it is in
+    eval mode), else the layer runs its original forward, said once."""
+    if not layer.training or p_attention == p_mlp:
+        return True
+    return fallback(layer, "dropout", f"different dropout on the residual branches ({p_attention} after the attention, "
+                    f"{p_mlp} after the MLP); eval() or equal probabilities are fused")  # fmt: skip

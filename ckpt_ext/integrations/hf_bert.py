@@ -37,7 +37,14 @@ from __future__ import annotations
 from typing import Optional
 
 from ..spec import BlockConfig, BlockSpec
-from .hf_adapter import LayerAdapter, attentions_requested, call_seed, classes_of, part_linears
+from .hf_adapter import (
+    LayerAdapter,
+    attentions_requested,
+    call_seed,
+    classes_of,
+    part_linears,
+    same_residual_dropout,
+)
 from .hf_common import Linears, common_fallback, fallback, lora_eager_only
 from .hf_masks import layer_mask
 
@@ -159,9 +166,8 @@ class _EncoderAdapter(LayerAdapter):
         mask = _arg(bound, "attention_mask", "attn_mask")
         if not common_fallback(layer, parts.impl, FUSED_ATTENTION, mask, lin) or not lora_eager_only(layer, lin):
             return False
-        if layer.training and parts.p != parts.p_out:
-            return fallback(layer, "dropout", f"different dropout on the residual branches ({parts.p} after the "
-                            f"attention, {parts.p_out} after the MLP); eval() or dropout 0 is fused")  # fmt: skip
+        if not same_residual_dropout(layer, parts.p, parts.p_out):
+            return False
         if mask is None:
             return (None,)
         info = layer_mask(mask, x.shape[1], False, layer, x.shape[0])

@@ -21,8 +21,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..spec import BlockConfig, BlockSpec
-from .hf_adapter import LayerAdapter, attentions_requested, call_seed, first_given
-from .hf_common import Linears, common_fallback, eager_rows_ok, fallback, lora_eager_only, warn_once
+from .hf_adapter import LayerAdapter, attentions_requested, call_seed, first_given, same_residual_dropout
+from .hf_common import Linears, common_fallback, eager_rows_ok, lora_eager_only, warn_once
 from .hf_masks import layer_mask
 
 GELU_FORMS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}  # HF name -> MLP form
@@ -92,9 +92,8 @@ class GPT2Adapter(LayerAdapter):
             return False
         if not lora_eager_only(layer, lin):
             return False
-        if layer.training and layer.attn.resid_dropout.p != layer.mlp.dropout.p:
-            return fallback(layer, "dropout", f"different dropout on the residual branches (attn.resid_dropout.p = "
-                            f"{layer.attn.resid_dropout.p}, mlp.dropout.p = {layer.mlp.dropout.p})")  # fmt: skip
+        if not same_residual_dropout(layer, layer.attn.resid_dropout.p, layer.mlp.dropout.p):
+            return False
         cache = first_given(bound, _CACHE_ARGS)
         if cache is not None:
             if not layer.training or _cached_tokens(cache, layer.attn.layer_idx) > 0:

@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Optional
 
 from ..spec import BlockConfig, BlockSpec
-from .hf_adapter import LayerAdapter, attentions_requested, call_seed, part_linears
-from .hf_common import Linears, common_fallback, eager_rows_ok, fallback, lora_eager_only
+from .hf_adapter import LayerAdapter, attentions_requested, call_seed, part_linears, same_residual_dropout
+from .hf_common import Linears, common_fallback, eager_rows_ok, lora_eager_only
 from .hf_gpt2 import FUSED_ATTENTION, GELU_FORMS
 from .hf_masks import layer_mask
 
@@ -99,9 +99,8 @@ class ViTAdapter(LayerAdapter):
             return False
         if not common_fallback(layer, impl, FUSED_ATTENTION, mask, lin) or not lora_eager_only(layer, lin):
             return False
-        if layer.training and parts.p_out != parts.p:
-            return fallback(layer, "dropout", f"different dropout on the residual branches ({parts.p} after "
-                            f"attention, {parts.p_out} after the MLP)")  # fmt: skip
+        if not same_residual_dropout(layer, parts.p, parts.p_out):
+            return False
         if mask is None:
             return (None,)
         info = layer_mask(mask, x.shape[1], False, layer, x.shape[0])
