@@ -3,9 +3,13 @@
 Input: a PretrainedConfig, a config.json path (or a folder holding one), or a model (its parameters' requires_grad
 then decide what trains). Families (FAMILIES, one entry each; an encoder family such as BERT is one more entry: its
 Auto class, final norm path, norm and MLP form, and whether the model hands its layers a causal mask): GPT-2, Llama,
-Mistral, Qwen2, Qwen3 (causal LMs), ViT (image classification). The model is built on the meta device (no memory, no
-download) to count parameters exactly (GQA, head_dim, SwiGLU width, biases, tied embeddings as the model ties them);
-the first transformer layer (found by the Hugging Face adapters' layer classes) is the template the planner traces.
+Mistral, Qwen2, Qwen3 (causal LMs), ViT (image classification), BERT (BertForMaskedLM: post-LN layers priced with
+policies.POST_LN_POLICIES; the "final norm" is the MLM head's transform (dense, GELU, LayerNorm) before the tied
+decoder, whose logits and loss are priced as the causal LMs' Hugging Face head; the embeddings' LayerNorm keeps its
+input and statistics; no fused head: ckpt_ext's fused loss serves causal LMs only). The model is built on the meta
+device (no memory, no download) to count parameters exactly (GQA, head_dim, SwiGLU width, biases, tied embeddings as
+the model ties them); the first transformer layer (found by the Hugging Face adapters' layer classes) is the
+template the planner traces.
 
 Setup: param_dtype (weights and residual stream), compute_dtype (autocast when it differs; the matmul outputs),
 optimizer state bytes per trainable parameter (adamw: two fp32 moments, 8 B; adamw_8bit 2 B; sgd 0; sgd_momentum 4;
@@ -48,6 +52,9 @@ class Family:
     embed_dropout: Optional[str] = None  # config attribute of the embedding dropout probability
     causal_mask: bool = False  # the model hands its layers a (B, 1, T, T) bool causal mask (transformers 4.57 does)
     fixed_seq: Optional[Callable[[Any], int]] = None  # sequence length set by the config (ViT: patches + 1)
+    placement: str = "pre"  # "pre" or "post" (post-LN encoders): which policy table prices the fused layers
+    fused_head: bool = True  # the fused linear + cross-entropy head applies (causal LMs; not a masked-LM head)
+    embed_norm: Optional[str] = None  # attribute path of a LayerNorm over the embeddings (BERT), else None
 
 
 FAMILIES = (
@@ -59,6 +66,9 @@ FAMILIES = (
            causal_mask=True),
     Family("ViT", ("vit",), "AutoModelForImageClassification", "vit.layernorm", "layernorm", "gelu", False, False,
            embed_dropout="hidden_dropout_prob", fixed_seq=lambda c: (c.image_size // c.patch_size) ** 2 + 1),
+    Family("BERT", ("bert",), "AutoModelForMaskedLM", "cls.predictions.transform", "layernorm", "gelu", False, True,
+           embed_dropout="hidden_dropout_prob", placement="post", fused_head=False,
+           embed_norm="bert.embeddings.LayerNorm"),
 )  # fmt: skip
 
 
@@ -191,6 +201,7 @@ class ModelSpec:
             template.__class__ = original
         self.template = template
         self.norm_module = model.get_submodule(self.family.final_norm)
+        self.embed_norm_module = model.get_submodule(self.family.embed_norm) if self.family.embed_norm else None
         self.n_layers = len(self.layers)
         self.matmul_weights = sum(p.numel() for p in template.parameters() if p.dim() >= 2)  # per layer
         self.d = config.hidden_size
