@@ -51,3 +51,36 @@ def test_post_ln_block_shape_prices_the_post_table():
         assert measured == roofline.retained_memory(policy, D, T, B, H, **kw), policy
     with pytest.raises(ValueError, match="lora"):
         roofline.step_time("eager", D, T, B, H, layer="hf_bert", lora=4)
+
+
+TINY_BLOCK = dict(d_model=24, n_heads=4, d_ff=40, batch=3, seq=5, min_time=0.0, min_rounds=2)
+
+
+def test_hf_bert_layer_has_the_block_weights():
+    from bench import block as bench_block
+
+    blk = bench_block.make_block("bert", 24, 4, None, 40)
+    assert blk.norm_placement == "post" and not blk.causal
+    hf = bench_block.hf_bert_layer(blk)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    torch.testing.assert_close(bench_block._first(hf(x)), blk(x))
+
+
+def test_bench_block_bert_rows():
+    from bench import block as bench_block
+
+    rows = bench_block.run("bert", budgets=(), compiled_policies=(), **TINY_BLOCK)
+    by_name = {r["variant"]: r for r in rows}
+    refs = {"eager block", "torch checkpoint", "HF BertLayer eager", "HF gradient checkpointing"}
+    assert refs <= set(by_name)
+    for policy in bench_block.POLICIES:
+        row = by_name[f"ckpt_ext {policy}"]
+        assert row["kept"] == row["table"], policy  # the post-LN table (the pre-LN one keeps no pre-norm sums)
+        assert row["flops"] >= 1.0
+    assert by_name["HF BertLayer eager"]["flops"] == 1.0 and by_name["HF gradient checkpointing"]["flops"] > 1.0
+    for row in rows:
+        assert set(row["ratios"]) == refs
+    table = bench_block.format_table(rows)
+    assert "× HF eager" in table and "× HF grad ckpt" in table
+    with pytest.raises(ValueError, match="lora"):
+        bench_block.run("bert", budgets=(), compiled_policies=(), lora=4, **TINY_BLOCK)
