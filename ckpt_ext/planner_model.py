@@ -112,8 +112,9 @@ class MemoryModel:
         sp, s = self.spec, self.setup
         n = batch * seq
         base = n * sp.d * s.act + self._norm_bytes(seq, batch)  # the last layer's output, the norm's saved tensors
-        if not sp.family.lm_head:
-            return base + n * sp.d * s.act, base + 2 * n * sp.d * s.act
+        if not sp.family.lm_head:  # a classifier: the final norm's (N, d) output, unless it pools one token
+            out = 0 if sp.family.pooled else n * sp.d * s.act
+            return base + out, base + out + n * sp.d * s.act
         v = sp.vocab
         labels = n * 8
         if head == "fused":

@@ -42,9 +42,9 @@ def test_layer_bytes_are_the_post_ln_table(policy):
         assert post != retained_bytes(policy, B, T, D, HEADS, FF)
 
 
-def _model(cfg, kinds):
+def _model(cfg, kinds, cls=None):
     torch.manual_seed(0)
-    model = transformers.BertForMaskedLM(cfg).train()
+    model = (cls or transformers.BertForMaskedLM)(cfg).train()
     if "checkpoint" in kinds:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in model.modules() if type(m).__name__ == "BertLayer"]
@@ -57,14 +57,14 @@ def _model(cfg, kinds):
     return model
 
 
-def _measure(model, ids, autocast: bool) -> tuple[int, int]:
+def _measure(model, ids, autocast: bool, labels=None) -> tuple[int, int]:
     grads = []
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: grads.append(p.grad))
     live = LiveBytes()
     with live:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model(input_ids=ids, labels=ids)
+            out = model(input_ids=ids, labels=ids if labels is None else labels)
         kept = live.alive()
         out.loss.backward()
     return kept, live.peak(exclude=grads)
@@ -80,6 +80,25 @@ def test_predicted_memory_matches_a_cpu_training_step(autocast):
         pred_kept, pred_peak = memory.step(kinds, "hf", B, T)
         assert abs(pred_kept - kept) <= 0.1 * kept, (label, kept, pred_kept)
         assert abs(pred_peak - peak) <= 0.1 * peak, (label, peak, pred_peak)
+
+
+def test_classifier_entry_matches_a_cpu_training_step():
+    """A config naming BertForSequenceClassification (or such a model) gets the classifier entry: pooler on token 0
+    and a small classifier, no LM head; fp32 step memory within 10% (the model's own bytes, no logits)."""
+    cfg = tiny_bert(architectures=["BertForSequenceClassification"], num_labels=3)
+    spec = ModelSpec(cfg, Setup(param_dtype="fp32", compute_dtype="fp32"))
+    assert spec.family.auto_class == "AutoModelForSequenceClassification" and not spec.family.lm_head
+    model = transformers.BertForSequenceClassification(tiny_bert(num_labels=3))
+    assert ModelSpec(model, Setup()).family.auto_class == "AutoModelForSequenceClassification"  # by its class
+    memory = MemoryModel(spec)
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    for label, kinds in strategies(4):
+        model = _model(cfg, kinds, transformers.BertForSequenceClassification)
+        kept, peak = _measure(model, ids, False, labels=torch.tensor([0, 2]))
+        pred_kept, pred_peak = memory.step(kinds, "hf", B, T)
+        assert abs(pred_kept - kept) <= 0.1 * kept, (label, kept, pred_kept)
+        assert abs(pred_peak - peak) <= 0.1 * peak, (label, peak, pred_peak)
+    assert {r.head for r in plan_model(cfg, seq_len=128, memory_budget="64MiB").rows} == {"-"}
 
 
 def test_plan_rows_and_cli(tmp_path):
