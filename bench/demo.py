@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-batch-answer",
         action="store_true",
-        help="skip the planner's max-batch tables (GPT-2 small, Llama-3.2-1B shape; T=1024, 24 GiB)",
+        help="skip the planner's max-batch tables (GPT-2 small, Llama-3.2-1B at T=1024; BERT-base at T=512)",
     )
     return p
 
