@@ -70,7 +70,8 @@ class MemoryModel:
             kept = retained_bytes(kind, batch, seq, sp.d, sp.n_heads, sp.hidden, act_bytes=s.act, matmul_bytes=s.mm,
                                   stat_bytes=4, n_kv_heads=sp.n_kv, head_dim=sp.head_dim, norm=sp.family.norm,
                                   mlp=sp.family.mlp, qk_norm=sp.family.qk_norm,
-                                  placement=sp.family.placement)  # fmt: skip
+                                  placement=sp.family.placement,
+                                  ln2_from_out=sp.family.placement == "post" and s.act >= 4)  # fmt: skip
         elif kind in ("eager", "checkpoint"):
             kept = self._traced(kind, seq, batch, "retained")
         else:

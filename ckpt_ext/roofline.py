@@ -409,6 +409,7 @@ def retained_memory(variant: str, *args, measured: bool = False, **kwargs) -> in
         size = torch.empty((), dtype=shape.dtype).element_size()
         extra = dict(n_kv_heads=shape.n_kv_heads, norm="rmsnorm", mlp="swiglu") if shape.llama else {}
         extra["placement"] = shape.placement
+        extra["ln2_from_out"] = shape.placement == "post" and size >= 4  # block_parts/norm.invertible: fp32 outputs
         return retained_bytes(variant, shape.batch, shape.seq, shape.d_model, shape.n_heads, shape.hidden,
                               act_bytes=size, matmul_bytes=size, stat_bytes=4, **extra)  # fmt: skip
     return _trace(variant, shape).retained_bytes
