@@ -129,3 +129,16 @@ def test_post_ln_under_torch_compile_matches_eager():
     got = run_step(torch.compile(fused, fullgraph=True), x, grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # compiled keeps h2; eager rebuilds x̂2 from out
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_geglu_block_runs_the_cpp_geglu_kernels(policy):
+    """Under the cpp backend a GeGLU block's forward and backward run the C++ kernel ops (not the reference math)."""
+    blk = _block("rmsnorm", "geglu", "pre", dtype=torch.float32)
+    x = torch.randn(3, 7, 72, requires_grad=True)
+    with ckpt_ext.set_backend("cpp"):
+        fused = FusedCheckpointBlock.from_block(blk, policy)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fused(x).sum().backward()
+    ran = {e.key for e in prof.key_averages()}
+    assert {"ckpt_ext::geglu_fwd_kernel", "ckpt_ext::geglu_bwd_kernel"} <= ran

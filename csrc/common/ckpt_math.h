@@ -8,7 +8,7 @@
 //   tanh form: z = sqrt(2/pi) (u + 0.044715 u^3), s = sigmoid(2 z) = 0.5 (1 + tanh z);  gelu(u) = u * s,
 //              gelu'(u) = s + 2 u s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 u^2)
 // SwiGLU (Llama MLP), s = sigmoid(g):  h = silu(g) u = g s u;  given dh:  dg = dh u s (1 + g (1 - s)),  du = dh g s
-// GeGLU (Gemma / ModernBERT MLP), gelu in the tanh form:  h = gelu(g) u;  given dh:  dg = dh u gelu'(g),  du = dh gelu(g)
+// GeGLU (Gemma / ModernBERT MLP), tanh-form gelu:  h = gelu(g) u;  given dh:  dg = dh u gelu'(g),  du = dh gelu(g)
 #pragma once
 
 #include <cmath>
