@@ -1,10 +1,14 @@
 """``python -m bench.block``: one block, every checkpointing strategy (ours and torch's anchors), one run per family.
 
-Families (``--family gpt2|llama|both``), defaults at issue 14's / issue 11's size, fp32, all cores:
+Families (``--family gpt2|llama|bert|both``; both = gpt2 and llama), defaults at issue 14's / issue 11's size, fp32,
+all cores:
     gpt2   TransformerBlock(d=512, 8 heads, d_ff=2048, LayerNorm + GELU), B=4, T=256
     llama  Llama-form TransformerBlock(d=512, 8 heads, 2 kv heads, d_ff=1408, RMSNorm + SwiGLU + RoPE tables),
            B=4, T=256, beside transformers' own LlamaDecoderLayer (sdpa) with the same weights, eager and with
            Hugging Face's gradient checkpointing (its layer hook, reentrant as gradient_checkpointing_enable sets)
+    bert   post-LN bidirectional TransformerBlock(d=512, 8 heads, d_ff=2048, LayerNorm eps 1e-12 + erf GELU, separate
+           q/k/v), B=4, T=256, beside transformers' own BertLayer (sdpa, dropout 0) with the same weights, eager and
+           with Hugging Face's gradient checkpointing; kept bytes against the post-LN policy table
 ``--lora R`` (PEFT LoRA of rank R on every linear, base weights frozen, as a LoRA fine-tune runs): every row is the
 PEFT-adapted block (the HF layer adapted the same way), the ckpt_ext rows run LoRA inside the op graph; no compiled
 ckpt_ext rows (LoRA under torch.compile runs the plain model).
@@ -56,7 +60,9 @@ BUDGETS = (1.0, 0.5, 0.2, 0.0)
 SIZES = {
     "gpt2": dict(d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch=4, seq=256),
     "llama": dict(d_model=512, n_heads=8, n_kv_heads=2, d_ff=1408, batch=4, seq=256),
+    "bert": dict(d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch=4, seq=256),
 }
+BERT_EPS = 1e-12
 
 
 @dataclass
@@ -72,6 +78,9 @@ def make_block(family: str, d_model: int, n_heads: int, n_kv_heads, d_ff: int) -
     torch.manual_seed(0)
     if family == "llama":
         blk = TransformerBlock(d_model, n_heads, activation="swiglu", n_kv_heads=n_kv_heads, d_ff=d_ff)
+    elif family == "bert":
+        blk = TransformerBlock(d_model, n_heads, d_ff=d_ff, norm_placement="post", causal=False, packed_qkv=False,
+                               eps=BERT_EPS)  # fmt: skip
     else:
         blk = TransformerBlock(d_model, n_heads, d_ff=d_ff)
     init_block_(blk)
@@ -108,6 +117,33 @@ def hf_llama_layer(block: TransformerBlock):
     return layer.train()
 
 
+def hf_bert_layer(block: TransformerBlock):
+    """transformers' BertLayer (sdpa, dropout 0) holding copies of the post-LN ``block``'s weights; None without
+    transformers. Post-LN: the block's ln_1 is BERT's attention.output.LayerNorm, ln_2 its output.LayerNorm."""
+    try:
+        from transformers import BertConfig
+        from transformers.models.bert.modeling_bert import BertLayer
+    except ImportError:
+        return None
+    cfg = BertConfig(hidden_size=block.d_model, intermediate_size=block.hidden, num_attention_heads=block.n_heads,
+                     num_hidden_layers=1, layer_norm_eps=block.eps, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, hidden_act="gelu")  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    layer = BertLayer(cfg)
+    att, a, m = layer.attention, block.attn, block.mlp
+    pairs = [(att.self.query, a.q), (att.self.key, a.k), (att.self.value, a.v), (att.output.dense, a.proj),
+             (att.output.LayerNorm, block.ln_1), (layer.intermediate.dense, m.fc), (layer.output.dense, m.proj),
+             (layer.output.LayerNorm, block.ln_2)]  # fmt: skip
+    with torch.no_grad():
+        for dst, src in pairs:
+            dst.weight.copy_(src.weight)
+            dst.bias.copy_(src.bias)
+    return layer.train()
+
+
+HF_LAYERS = {"llama": hf_llama_layer, "bert": hf_bert_layer}
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -135,7 +171,7 @@ def variants(block: TransformerBlock, kw: dict, hf=None, budgets=BUDGETS, compil
         hf_ckpt = copy.copy(hf)  # shares submodules; only its checkpointing flag differs
         hf_ckpt.gradient_checkpointing = True
         hf_ckpt._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=True)
-        out.append(Variant("HF LlamaDecoderLayer eager", lambda x: _first(hf(x, **kw))))
+        out.append(Variant(f"HF {type(hf).__name__} eager", lambda x: _first(hf(x, **kw))))
         out.append(Variant("HF gradient checkpointing", lambda x: _first(hf_ckpt(x, **kw)), via_checkpoint=True))
     out.append(Variant("torch checkpoint", lambda x: checkpoint(call(block), x, use_reentrant=False),
                        via_checkpoint=True))  # fmt: skip
@@ -173,8 +209,10 @@ def gemm_share(fn, x, g, steps: int = 3) -> float:
 
 def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch=4, seq=256, min_time=2.0,
         min_rounds=7, budgets=BUDGETS, compiled_policies=POLICIES, hf=True, lora=0) -> list[dict]:  # fmt: skip
+    if lora and family not in BLOCK_LORA_TARGETS:
+        raise ValueError(f"lora: not available for --family {family} (choose from {', '.join(BLOCK_LORA_TARGETS)})")
     block = make_block(family, d_model, n_heads, n_kv_heads, d_ff)
-    hf_layer = hf_llama_layer(block) if family == "llama" and hf else None
+    hf_layer = HF_LAYERS[family](block) if family in HF_LAYERS and hf else None
     if lora:
         block = add_peft_lora(block, lora, BLOCK_LORA_TARGETS[family])
         hf_layer = None if hf_layer is None else add_peft_lora(hf_layer, lora, HF_LORA_TARGETS)
@@ -200,14 +238,14 @@ def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch
         predicted = None
         if v.policy is not None:
             shape = dict(n_kv_heads=block.n_kv_heads, head_dim=block.head_dim, norm=block.norm,
-                         mlp="swiglu" if family == "llama" else "gelu")  # fmt: skip
+                         mlp="swiglu" if family == "llama" else "gelu", placement=block.norm_placement)  # fmt: skip
             predicted = policies.retained_bytes(v.policy, batch, seq, d_model, n_heads, block.hidden, **shape)
         flops = None if v.compiled else count_flops(_step, v.fn, x, g)
         rows[v.name] = dict(variant=v.name, kept=kept / in_bytes, how="S" if v.via_checkpoint else "H",
                             table=None if predicted is None else predicted / in_bytes, flops=flops,
                             gemm_share=gemm_share(v.fn, x, g))  # fmt: skip
     times = time_interleaved({v.name: functools.partial(_step, v.fn, x, g) for v in table}, min_time, min_rounds)
-    refs = ["eager block", "torch checkpoint"] + (["HF LlamaDecoderLayer eager", "HF gradient checkpointing"]
+    refs = ["eager block", "torch checkpoint"] + ([f"HF {type(hf_layer).__name__} eager", "HF gradient checkpointing"]
                                                   if hf_layer is not None else [])  # fmt: skip
     eager_flops = rows["eager block"]["flops"]
     for name, row in rows.items():
@@ -220,13 +258,14 @@ def run(family="gpt2", d_model=512, n_heads=8, n_kv_heads=None, d_ff=2048, batch
 
 
 REF_LABELS = {"eager block": "× eager block", "torch checkpoint": "× torch ckpt",
-              "HF LlamaDecoderLayer eager": "× HF eager", "HF gradient checkpointing": "× HF grad ckpt"}  # fmt: skip
+              "HF LlamaDecoderLayer eager": "× HF eager", "HF BertLayer eager": "× HF eager",
+              "HF gradient checkpointing": "× HF grad ckpt"}  # fmt: skip
 
 
 def format_table(rows: list[dict]) -> str:
     refs = list(rows[0]["ratios"])
     head = ["variant", "kept (× input)", "table", "FLOPs (× eager)", "step ms [IQR]", "GEMM ms", "rest ms",
-            *(REF_LABELS[r] for r in refs)]  # fmt: skip
+            *(REF_LABELS.get(r, f"× {r}") for r in refs)]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -277,7 +316,7 @@ def goal_table(rows: list[dict], d_model: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=("gpt2", "llama", "both"), default="both")
+    ap.add_argument("--family", choices=("gpt2", "llama", "bert", "both"), default="both")
     ap.add_argument("--d-model", type=int)
     ap.add_argument("--heads", type=int)
     ap.add_argument("--kv-heads", type=int, help="llama only")

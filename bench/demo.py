@@ -1,15 +1,17 @@
 """``make demo`` / ``python -m bench.demo``: the seed article's "Checkpointing Strategy Comparison" table, measured.
 
-Trains a small byte-level GPT and a Llama-style byte-level model (RMSNorm, SwiGLU, RoPE, GQA; bench.demo_model) on
-the shipped corpus (bench/data/corpus.txt) once per strategy,
+Trains a small byte-level GPT, a Llama-style byte-level model (RMSNorm, SwiGLU, RoPE, GQA) and a BERT-style
+byte-level masked LM (post-LN, bidirectional; training capped at FAMILY_SECONDS) (bench.demo_model) on the shipped
+corpus (bench/data/corpus.txt) once per strategy,
 from the same initial weights and on the same batches, and reports per strategy: activation memory kept by one forward
 (and % saved vs no checkpointing), recompute FLOPs (× one forward), median step time (interleaved round-robin in one
 run, × no checkpointing), tokens/s and the final loss (identical up to rounding: every strategy is exact). With
 ``--device cuda`` it adds the peak memory of a step and the largest batch that fits ``--budget``.
 
-Writes <out>/strategies.md and .png (GPT) and <out>/strategies_llama.md and .png (``--family`` picks; both by
-default), then <out>/batch_answer.md: the planner's largest batch at T=1024 on 24 GiB for GPT-2 small and a
-Llama-3.2-1B-shaped model per strategy, with Hugging Face's and the fused LM head (bench.demo_batch). The default
+Writes <out>/strategies.md and .png (GPT), <out>/strategies_llama.md and .png, <out>/strategies_bert.md and .png
+(``--family`` picks; all by default, "both": GPT and Llama), then <out>/batch_answer.md: the planner's largest batch at
+T=1024 on 24 GiB for GPT-2 small and a Llama-3.2-1B-shaped model per strategy, with Hugging Face's and the fused LM
+head, and <out>/batch_answer_bert.md: the same at T=512 for BERT-base (bench.demo_batch). The default
 size finishes in about 6 minutes on 2 CPU cores (the batch tables add about half a minute).
 """
 
@@ -41,6 +43,9 @@ from .demo_report import Row, plot, table, write_markdown
 from .demo_roofline import describe, modeled_overhead
 
 TITLE = "Checkpointing Strategy Comparison"
+MODEL_NAMES = {"gpt": "byte-level GPT", "llama": "byte-level Llama-style (RMSNorm, SwiGLU, RoPE, GQA)",
+               "bert": "byte-level BERT-style masked LM (post-LN, bidirectional)"}  # fmt: skip
+FAMILY_SECONDS = {"bert": 40.0}  # the third table's training budget, so it adds well under a minute
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}  # fmt: skip
 
@@ -134,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(STRATEGIES),
         help="comma-separated, from: " + ", ".join(STRATEGIES) + " ('none' is always added as the baseline)",
     )
-    p.add_argument("--family", default="both", choices=(*FAMILIES, "both"), help="model family (both: one table each)")
+    p.add_argument("--family", default="all", choices=(*FAMILIES, "both", "all"),
+                   help="model family (all: one table each; both: gpt and llama)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]; cuda adds peak memory and max batch per budget")
     p.add_argument("--budget", type=memory_size, default="24GiB", help="memory budget for the max-batch search (cuda)")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for strategies.md and strategies.png")
@@ -151,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-batch-answer",
         action="store_true",
-        help="skip the planner's max-batch tables (GPT-2 small, Llama-3.2-1B shape; T=1024, 24 GiB)",
+        help="skip the planner's max-batch tables (GPT-2 small, Llama-3.2-1B at T=1024; BERT-base at T=512)",
     )
     return p
 
@@ -211,7 +217,8 @@ def run(args: argparse.Namespace, family: str = "gpt") -> dict:
     bar.set_description("train")
     bar.set_postfix_str("round-robin")
     trainers = {n: measure.Trainer(models[n], args.lr, device) for n in names}
-    deadline = started + args.max_seconds if args.max_seconds > 0 else None
+    seconds_cap = min(args.max_seconds, FAMILY_SECONDS.get(family, math.inf)) if args.max_seconds > 0 else 0
+    deadline = started + seconds_cap if seconds_cap > 0 else None
     losses, seconds = measure.train_round_robin(trainers, batches, on_step=bar.update, deadline=deadline)
     bar.close()
     steps_run = len(losses["none"])
@@ -276,7 +283,9 @@ def notes(args: argparse.Namespace, rows: list[Row], steps: int, elapsed: float,
     elif torch.device(args.device).type == "cpu":
         out.append("On CPU the fused ops run the C++ backend (`auto`); CPU step times need not carry over to a GPU.")
     if steps < args.steps:
-        out.append(f"Training stopped after {steps} of {args.steps} steps: --max-seconds {args.max_seconds:g} reached.")
+        cap = min(args.max_seconds, FAMILY_SECONDS.get(family, math.inf))
+        why = f"--max-seconds {args.max_seconds:g}" if cap == args.max_seconds else f"this table's {cap:g} s budget"
+        out.append(f"Training stopped after {steps} of {args.steps} steps: {why} reached.")
     out.append(f"Total run time {elapsed:.0f} s.")
     return out
 
@@ -285,14 +294,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     """Run the demo for each chosen family; returns the last family's result (with "table"), all under "families"."""
     args = parse_args(argv)
     malloc = malloc_tuning.describe(malloc_tuning.keep_freed_memory())
-    families = FAMILIES if args.family == "both" else (args.family,)
+    families = {"all": FAMILIES, "both": ("gpt", "llama")}.get(args.family, (args.family,))
     results = {}
     for family in families:
         with cpu_threads(args.threads):
             result = run(args, family)
         results[family] = result
         rows = result["rows"]
-        model = "byte-level GPT" if family == "gpt" else "byte-level Llama-style (RMSNorm, SwiGLU, RoPE, GQA)"
+        model = MODEL_NAMES[family]
         shape = f"{args.layers} layers, d={args.d_model}, {args.heads} heads, T={args.seq}, batch {args.batch}"
         md_table = table(rows, cuda=args.device.startswith("cuda"), budget=args.budget)
         note_lines = notes(args, rows, result["steps"], result["elapsed"], family)
@@ -317,6 +326,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
             (args.out / "batch_answer.md").write_text(text, encoding="utf-8")
             sys.stdout.write(f"\n{text}\nwrote {args.out / 'batch_answer.md'}\n")
         result["batch_answer"] = answers
+        encoders = demo_batch.encoder_reports()
+        if encoders:
+            text = demo_batch.encoder_markdown(encoders)
+            (args.out / "batch_answer_bert.md").write_text(text, encoding="utf-8")
+            sys.stdout.write(f"\n{text}\nwrote {args.out / 'batch_answer_bert.md'}\n")
+        result["batch_answer_encoders"] = encoders
     return result
 
 

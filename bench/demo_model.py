@@ -5,8 +5,14 @@ TinyGPT: token embedding (256 bytes) + learned positions -> n_layers Transformer
 LayerNorm -> LM head tied to the embedding.
 TinyLlama: token embedding -> n_layers Llama-form TransformerBlocks (RMSNorm, SwiGLU with d_ff = 8/3·d rounded to 16,
 GQA with half as many kv heads, RoPE tables computed once per forward as Hugging Face does) -> final RMSNorm -> tied
-head. ``make_strategy(base, name)`` deep-copies a model and applies one strategy, so every strategy starts from the
-same weights.
+head.
+TinyBERT: byte-level BERT-style masked LM: token embedding + learned positions -> LayerNorm -> n_layers post-LN,
+bidirectional TransformerBlocks (norm_placement="post", causal=False: BERT's layer form, LayerNorm + GELU) -> head
+tied to the embedding (the last block's output is already normalized). Its loss: 15% of the positions (drawn from a
+generator seeded by the batch's bytes, so every strategy masks the same ones) are replaced by the byte 0 (MASK, absent
+from the corpus) and predicted, cross entropy over those positions.
+``make_strategy(base, name)`` deep-copies a model and applies one strategy, so every strategy starts from the same
+weights.
 
 | strategy        | what it does                                                                         | exact |
 |-----------------|--------------------------------------------------------------------------------------|-------|
@@ -33,7 +39,8 @@ from ckpt_ext.block import RMSNorm, init_block_
 VOCAB = 256
 STRATEGIES = ("none", "ckpt_every_4", "ckpt_every_2", "ckpt_every_1", "fused_pointwise", "fused_ffn",
               "fused_block_keep_attn", "fused_block")  # fmt: skip
-FAMILIES = ("gpt", "llama")
+FAMILIES = ("gpt", "llama", "bert")
+MASK, MASK_RATE = 0, 0.15
 LABELS = {
     "none": "No checkpointing",
     "ckpt_every_4": "torch ckpt, every 4th layer",
@@ -117,10 +124,43 @@ class TinyLlama(TinyGPT):
         return self.ln_f(x) @ self.tok.weight.t()  # (B, T, 256)
 
 
+class TinyBERT(TinyGPT):
+    """Byte-level BERT-style masked LM: (B, T) int64 tokens -> (B, T, 256) logits."""
+
+    def __init__(self, n_layers: int, d_model: int, n_heads: int, max_seq: int):
+        nn.Module.__init__(self)
+        self.max_seq = max_seq
+        self.tok = nn.Embedding(VOCAB, d_model)
+        self.pos = nn.Embedding(max_seq, d_model)
+        self.ln_e = nn.LayerNorm(d_model)
+        self.blocks = nn.ModuleList(TransformerBlock(d_model, n_heads, norm_placement="post", causal=False)
+                                    for _ in range(n_layers))  # fmt: skip
+        for emb in (self.tok, self.pos):
+            nn.init.normal_(emb.weight, std=0.02)
+        for block in self.blocks:
+            init_block_(block, std=0.02, n_layers=n_layers)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = idx.shape[1]
+        x = self.ln_e(self.tok(idx) + self.pos(torch.arange(t, device=idx.device)))  # (B, T, d)
+        for block in self.blocks:
+            x = block(x)
+        return x @ self.tok.weight.t()  # (B, T, 256)
+
+    def loss(self, batch: Tensor) -> Tensor:
+        """Masked-byte cross entropy on the first T bytes of a (B, T + 1) window."""
+        tokens = batch[:, :-1]  # (B, T)
+        gen = torch.Generator().manual_seed(int(tokens.sum()))
+        picked = (torch.rand(tokens.shape, generator=gen) < MASK_RATE).to(tokens.device)  # (B, T) bool
+        picked[:, 0] |= ~picked.any(dim=1)  # at least one position per row
+        logits = self(tokens.masked_fill(picked, MASK))  # (B, T, 256)
+        return F.cross_entropy(logits[picked], tokens[picked])
+
+
 def build(family: str, n_layers: int, d_model: int, n_heads: int, max_seq: int) -> TinyGPT:
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
-    cls = TinyLlama if family == "llama" else TinyGPT
+    cls = {"gpt": TinyGPT, "llama": TinyLlama, "bert": TinyBERT}[family]
     return cls(n_layers, d_model, n_heads, max_seq)
 
 

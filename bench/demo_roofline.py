@@ -3,7 +3,8 @@
 The demo trains toy models (d=256) where every op of the cost model sits at its launch floor, so the column would
 count kernels, not time. It is priced instead at a realistic shape of the same family (PRICED_SHAPES): the GPT form
 at d=2048, 16 heads, T=2048, batch 4 (the seed anchors' large shape) and the Llama form shaped like Llama-3.2-1B
-(d=2048, 32 heads of 64, 8 kv heads, SwiGLU d_ff=8192) at T=2048, batch 2, bf16. The cost model prices one block's
+(d=2048, 32 heads of 64, 8 kv heads, SwiGLU d_ff=8192) at T=2048, batch 2, and the BERT form (post-LN,
+bidirectional) at BERT-base's d=768, 12 heads, T=512, batch 32, bf16. The cost model prices one block's
 training step per checkpointing variant; a model with L blocks of which every k-th is checkpointed costs
 (L/k · t_checkpoint + (L - L/k) · t_eager) / (L · t_eager). Embedding, final norm and head are left out (the same
 for every strategy). Returns None when the model is unavailable.
@@ -19,6 +20,7 @@ FUSED_VARIANTS = {"fused_pointwise": "pointwise", "fused_ffn": "ffn", "fused_blo
 PRICED_SHAPES = {
     "gpt": dict(d_model=2048, seq=2048, batch=4, n_heads=16),
     "llama": dict(d_model=2048, seq=2048, batch=2, n_heads=32, activation="swiglu", n_kv_heads=8, d_ff=8192),
+    "bert": dict(d_model=768, seq=512, batch=32, n_heads=12, placement="post", causal=False),
 }
 
 
@@ -27,6 +29,9 @@ def describe(family: str) -> str:
     if family == "llama":
         return (f"Llama-3.2-1B-shaped block (d={s['d_model']}, {s['n_heads']} heads, {s['n_kv_heads']} kv heads, "
                 f"d_ff={s['d_ff']}) at T={s['seq']}, batch {s['batch']}")  # fmt: skip
+    if family == "bert":
+        return (f"BERT-base-shaped post-LN bidirectional block (d={s['d_model']}, {s['n_heads']} heads) at "
+                f"T={s['seq']}, batch {s['batch']}")  # fmt: skip
     return f"GPT block at d={s['d_model']}, {s['n_heads']} heads, T={s['seq']}, batch {s['batch']}"
 
 

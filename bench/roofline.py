@@ -7,7 +7,11 @@ TransformerBlock, torch.utils.checkpoint (non-reentrant) and reentrant checkpoin
 
 ``--family llama``: transformers' own LlamaDecoderLayer (sdpa) at Llama-3-8B (d=4096, 32/8 heads, d_ff=14336, B=1,
 T=4096) and Llama-3.2-1B-like (d=2048, 16/8 heads, d_ff=8192, B=2, T=2048) shapes: HF eager, torch checkpoint over
-it, torch SAC, and the layer converted by apply_fused_checkpointing per policy. ``--long``: the GPT-2 block at d=2048,
+it, torch SAC, and the layer converted by apply_fused_checkpointing per policy. ``--family bert``: transformers'
+BertLayer (sdpa, post-LN, bidirectional) at BERT-base (d=768, 12 heads, d_ff=3072) and BERT-large (d=1024, 16 heads,
+d_ff=4096), T=512, B=32, with BERT's shipped dropout 0.1 (attention probabilities and both hidden outputs) and
+without: the same rows, against HF eager and Hugging Face's gradient checkpointing (reentrant), and issue 24's target
+(block ≤ +10% over eager). ``--long``: the GPT-2 block at d=2048,
 B=1, T = 2k, 8k, 16k, 32k: block vs block_keep_attn vs torch checkpoint, memory beside time.
 The GPT-2 report ends with issue 12's table: the d=768 block with no attention extras, with attention dropout 0.1
 (GPT-2's default) and with a padding mask, every variant, eager SDPA priced as the fused kernel a GPU runs for it.
@@ -38,6 +42,9 @@ LLAMA_SHAPES = ((4096, 4096, 1, 32, 8, 14336), (2048, 2048, 2, 16, 8, 8192))  # 
 LLAMA_LABELS = {**LABELS, "eager": "HF LlamaDecoderLayer eager (sdpa)", "checkpoint": "torch checkpoint over HF layer",
                 "checkpoint_reentrant": "HF gradient_checkpointing (reentrant)"}  # fmt: skip
 LLAMA_TARGETS = {"pointwise": -0.05, "ffn": 0.06}
+BERT_SHAPES = (("BERT-base", 768, 512, 32, 12, 3072), ("BERT-large", 1024, 512, 32, 16, 4096))  # name, d, T, B, h, d_ff
+BERT_LABELS = {**LLAMA_LABELS, "eager": "HF BertLayer eager (sdpa)"}
+BERT_TARGET = 0.10  # issue 24: block ≤ +10% over eager (modeled)
 LONG_SEQS = (2048, 8192, 16384, 32768)
 ATTENTION_CONDITIONS = (("no dropout, no mask", {}), ("attention dropout 0.1", {"attn_dropout": 0.1}),
                         ("padding mask", {"padding": True}))  # fmt: skip
@@ -144,6 +151,50 @@ def llama_targets(table: list[dict], shapes=LLAMA_SHAPES) -> str:
     return "\n".join(lines)
 
 
+def bert_rows(shapes=BERT_SHAPES, dtype=torch.bfloat16, dropout: float = 0.1) -> list[dict]:
+    """Per variant and shape: modeled ms, overhead vs HF eager and vs HF gradient checkpointing, memory × input."""
+    out = []
+    for variant in roofline.VARIANTS:
+        row = {"variant": variant}
+        for i, (_, d, t, b, h, ff) in enumerate(shapes):
+            kw = dict(dtype=dtype, d_ff=ff, layer="hf_bert", attn_dropout=dropout)
+            trace = roofline.step_trace(variant, d, t, b, h, **kw)
+            eager = roofline.step_time("eager", d, t, b, h, **kw)
+            hf_ckpt = roofline.step_time("checkpoint_reentrant", d, t, b, h, **kw)
+            mem = roofline.retained_memory(variant, d, t, b, h, **kw) / trace.input_bytes
+            row[i] = dict(ms=trace.seconds * 1e3, vs_eager=trace.seconds / eager - 1,
+                          vs_hf_ckpt=trace.seconds / hf_ckpt - 1, hf_ckpt_overhead=hf_ckpt / eager - 1,
+                          retained=mem)  # fmt: skip
+        out.append(row)
+    return out
+
+
+def bert_markdown(table: list[dict], shapes=BERT_SHAPES) -> str:
+    head, rule = "| variant |", "|---|"
+    for name, d, t, b, h, ff in shapes:
+        head += f" {name} (d={d} h={h} F={ff} B={b} T={t}): memory (× input) | ms | vs HF eager | vs HF grad ckpt |"
+        rule += "---|---|---|---|"
+    lines = [head, rule]
+    for row in table:
+        line = f"| {BERT_LABELS[row['variant']]} |"
+        for i in range(len(shapes)):
+            r = row[i]
+            line += f" {r['retained']:.2f} | {r['ms']:.3f} | {_pct(r['vs_eager'])} | {_pct(r['vs_hf_ckpt'])} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def bert_targets(table: list[dict], shapes=BERT_SHAPES) -> str:
+    """Issue 24's target: ckpt_ext block ≤ +10% over HF eager (where HF gradient checkpointing is ~+25%)."""
+    by = {row["variant"]: row for row in table}
+    lines = []
+    for i, (name, *_rest) in enumerate(shapes):
+        block, ckpt = by["block"][i]["vs_eager"], by["block"][i]["hf_ckpt_overhead"]
+        lines.append(f"{name} block: {_pct(block)} vs HF eager, HF gradient checkpointing {_pct(ckpt)} (target ≤ "
+                     f"{_pct(BERT_TARGET)}): {'met' if block <= BERT_TARGET else 'MISSED'}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def long_rows(seqs=LONG_SEQS, d=2048, h=16, b=1, dtype=torch.bfloat16) -> str:
     """Issue 16's table: block vs block_keep_attn vs torch checkpoint at growing T, memory beside overhead."""
     lines = ["| T | " + " | ".join(f"{LABELS[v]}: memory (× input) / vs eager" for v in LONG_VARIANTS[1:]) + " |",
@@ -179,7 +230,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--activation", default="gelu", choices=("gelu", "gelu_tanh"))
-    parser.add_argument("--family", default="gpt2", choices=("gpt2", "llama"))
+    parser.add_argument("--family", default="gpt2", choices=("gpt2", "llama", "bert"))
     parser.add_argument("--long", action="store_true", help="the long-sequence table (block vs block_keep_attn)")
     parser.add_argument(
         "--lora",
@@ -192,6 +243,15 @@ def main(argv=None) -> int:
     if args.long:
         print(f"Long sequences, GPT-2 block d=2048 h=16 B=1, {args.dtype}")
         print(long_rows(dtype=getattr(torch, args.dtype)))
+        return 0
+    if args.family == "bert":
+        for dropout in (0.1, 0.0):
+            table = bert_rows(dtype=getattr(torch, args.dtype), dropout=dropout)
+            print(f"Roofline model: one transformers BertLayer fwd+bwd, {args.dtype}, dropout {dropout:g}")
+            print(bert_markdown(table))
+            print()
+            print(bert_targets(table))
+            print()
         return 0
     if args.family == "llama":
         table = llama_rows(dtype=getattr(torch, args.dtype))

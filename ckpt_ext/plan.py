@@ -3,8 +3,8 @@
     python -m ckpt_ext.plan --d-model 1024 --layers 24 --heads 16 --seq 1024 --batch 32 --gpu-memory 24GiB
     python -m ckpt_ext.plan --config path/to/config.json --seq 1024 --gpu-memory 24GiB [--batch 8]
 
-With ``--config`` (a Hugging Face config.json or its folder; GPT-2, Llama, Mistral, Qwen2, Qwen3, ViT) the table has
-a "max batch" column (the largest batch at --seq; with --batch alone, "max seq": the longest sequence at that batch)
+With ``--config`` (a Hugging Face config.json or its folder; GPT-2, Llama, Mistral, Qwen2, Qwen3, ViT, BERT) the table
+has a "max batch" column (the largest batch at --seq; with --batch alone, "max seq": the longest sequence at that batch)
 per strategy, each with Hugging Face's LM head and with the fused linear + cross-entropy head, beside activation
 bytes, peak and modeled overhead; --param-dtype, --optimizer, --no-master-weights, --lora-rank, --lora-targets and
 --drop-logits describe the training setup (planner_spec.py and planner_model.py state every assumption).

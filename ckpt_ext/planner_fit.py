@@ -4,11 +4,11 @@
   seq_len given, batch not: the largest batch per strategy at that sequence length;
   batch given, seq_len not: the longest sequence per strategy at that batch (up to the config's position limit);
   both: the largest batch at seq_len, and whether the given batch fits.
-Strategies: no checkpointing (Hugging Face's layer), torch.utils.checkpoint on every 4th / 2nd / every layer (the
-layers whose 1-based index is a multiple of k), each ckpt_ext policy on every layer; each with Hugging Face's LM head
-and with the fused linear + cross-entropy head (models without an LM head: one row each). Peak memory is model state
-+ the activation peak of planner_model.MemoryModel.step; both grow monotonically with batch and sequence, so the
-search doubles then bisects. Activations and peak are reported at the answer (at batch or sequence 1 when nothing
+Strategies: no checkpointing (Hugging Face's layer), torch.utils.checkpoint on every 4th / 2nd / every layer (the layers
+whose 1-based index is a multiple of k), each ckpt_ext policy on every layer; each with Hugging Face's LM head and with
+the fused linear + cross-entropy head (models without an LM head, or with a masked-LM head: one row each). Peak memory
+is model state + the activation peak of planner_model.MemoryModel.step; both grow monotonically with batch and sequence,
+so the search doubles then bisects. Activations and peak are reported at the answer (at batch or sequence 1 when nothing
 fits); the overhead is modeled at B·T ≈ 8192 tokens (planner_model.PRICE_TOKENS) relative to no checkpointing with
 Hugging Face's head.
 """
@@ -128,7 +128,7 @@ def plan_model(config, seq_len: Optional[int] = None, batch: Optional[int] = Non
     if seq_len is not None and spec.max_seq is not None and seq_len > spec.max_seq:
         raise ValueError(f"seq_len {seq_len} exceeds the model's {spec.max_seq} positions")
     model, exact = MemoryModel(spec), MemoryModel(spec, exact=True)
-    heads = ("hf", "fused") if spec.family.lm_head else ("-",)
+    heads = (("hf", "fused") if spec.family.fused_head else ("hf",)) if spec.family.lm_head else ("-",)
     mode = "batch" if seq_len is not None else "seq"
     price_seq = seq_len if seq_len is not None else min(spec.max_seq or 2048, 2048)
     base_time = model.seconds(("eager",) * spec.n_layers, "hf", price_seq)
@@ -187,13 +187,21 @@ def format_report(r: ModelReport) -> str:
     pb = price_batch(r.seq_len or min(spec.max_seq or 2048, 2048))
     lines += [
         "",
-        "HF head: Hugging Face's lm_head + ForCausalLMLoss (bf16 logits held by the output + fp32 log-probs, ~6·V "
-        "B/token"
-        " kept); fused: linear + cross-entropy in chunks (fp32 logsumexp, 4 B/token; chunk budget "
-        f"{s.fused_chunk_bytes / 2**20:.0f} MiB)."
-        if spec.family.lm_head
-        else "Classifier head (no LM head).",
+        _head_note(spec),
         f"Overhead: modeled H200 step time (ckpt_ext.roofline on the model's own layer, batch {pb}) vs no checkpointing"
         " with the HF head. Activations exclude weights, gradients and optimizer state; peak includes them.",
     ]
     return "\n".join(lines)
+
+
+def _head_note(spec: ModelSpec) -> str:
+    s = spec.setup
+    if not spec.family.lm_head:
+        return "Classifier head (no LM head)."
+    if not spec.family.fused_head:
+        return ("HF head: Hugging Face's masked-LM head (transform: dense, GELU, LayerNorm; tied decoder) + "
+                "cross-entropy over every position (bf16 logits held by the output + fp32 log-probs, ~6·V B/token "
+                "kept); no fused-head rows (ckpt_ext's fused loss serves causal LMs).")  # fmt: skip
+    return ("HF head: Hugging Face's lm_head + ForCausalLMLoss (bf16 logits held by the output + fp32 log-probs, ~6·V "
+            "B/token kept); fused: linear + cross-entropy in chunks (fp32 logsumexp, 4 B/token; chunk budget "
+            f"{s.fused_chunk_bytes / 2**20:.0f} MiB).")  # fmt: skip

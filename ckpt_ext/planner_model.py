@@ -3,12 +3,13 @@ checkpointing strategy (a kind per layer) and LM head.
 
 Memory (bytes; N = B·T tokens, d width, V vocabulary, act = param dtype bytes, mm = compute dtype bytes):
   layers      per layer its input x (N·d·act) + what its kind keeps: ckpt_ext policies from the policy table
-              (policies.py), Hugging Face's own layer ("eager") and torch.utils.checkpoint traced under fake tensors
-              (planner_trace.py) + LoRA (N·r·mm per adapter; none under torch checkpoint). Traced bytes are affine in
-              the batch and quadratic in T (the (B, 1, T, T) mask), so six small traces give them at any shape;
-              ``exact=True`` traces the shape itself.
+              (policies.py; the post-LN table for post-LN families), Hugging Face's own layer ("eager") and
+              torch.utils.checkpoint traced under fake tensors (planner_trace.py) + LoRA (N·r·mm per adapter; none under
+              torch checkpoint). Traced bytes are affine in the batch and quadratic in T (the (B, 1, T, T) mask), so six
+              small traces give them at any shape; ``exact=True`` traces the shape itself.
   embedding   the embedding dropout's mask (N·d bool) when that dropout is on; the model's (B, 1, T, T) bool mask when
-              torch checkpoint keeps it as an input.
+              torch checkpoint keeps it as an input; an embedding LayerNorm's input (N·d·act) and saved tensors
+              (traced; BERT).
   HF head     final norm (traced) + lm_head's saved input (N·d·mm) + labels (N·8) + the autocast bf16 copy of the
               head weight (V·d·2) + logits (mm·V per token, held by the output when keep_logits) + fp32 log-probs
               (4·V, saved by log_softmax; ``logits.float()`` in ForCausalLMLoss); in backward the loss gradient and the
@@ -68,7 +69,9 @@ class MemoryModel:
         if kind in POLICIES:
             kept = retained_bytes(kind, batch, seq, sp.d, sp.n_heads, sp.hidden, act_bytes=s.act, matmul_bytes=s.mm,
                                   stat_bytes=4, n_kv_heads=sp.n_kv, head_dim=sp.head_dim, norm=sp.family.norm,
-                                  mlp=sp.family.mlp, qk_norm=sp.family.qk_norm)  # fmt: skip
+                                  mlp=sp.family.mlp, qk_norm=sp.family.qk_norm,
+                                  placement=sp.family.placement,
+                                  ln2_from_out=sp.family.placement == "post" and s.act >= 4)  # fmt: skip
         elif kind in ("eager", "checkpoint"):
             kept = self._traced(kind, seq, batch, "retained")
         else:
@@ -84,11 +87,19 @@ class MemoryModel:
 
     # ---- embedding and head
     def embed_bytes(self, kinds: tuple[str, ...], batch: int, seq: int) -> int:
-        """The embedding dropout's mask, and the model's (B, 1, T, T) bool mask when torch checkpoint keeps it as an
-        input of the layers it wraps."""
-        dropout = batch * seq * self.spec.d if self.spec.embed_dropout > 0 else 0
-        mask = batch * seq * seq if self.spec.family.causal_mask and "checkpoint" in kinds else 0
-        return dropout + mask
+        """The embedding dropout's mask, the embeddings' LayerNorm (its input sum and what it saves; BERT), and the
+        model's (B, 1, T, T) bool mask when torch checkpoint keeps it as an input of the layers it wraps."""
+        sp, s = self.spec, self.setup
+        dropout = batch * seq * sp.d if sp.embed_dropout > 0 else 0
+        mask = batch * seq * seq if sp.family.causal_mask and "checkpoint" in kinds else 0
+        norm = 0
+        if sp.embed_norm_module is not None:
+            from .planner_trace import trace_module
+
+            norm = batch * seq * sp.d * s.act + _bilinear_quadratic(
+                lambda b, t: trace_module(sp.embed_norm_module, t, sp.d, s.param_dtype, s.compute_dtype, b), batch, seq
+            )
+        return dropout + mask + norm
 
     def _norm_bytes(self, seq: int, batch: int) -> int:
         from .planner_trace import trace_module
@@ -102,8 +113,9 @@ class MemoryModel:
         sp, s = self.spec, self.setup
         n = batch * seq
         base = n * sp.d * s.act + self._norm_bytes(seq, batch)  # the last layer's output, the norm's saved tensors
-        if not sp.family.lm_head:
-            return base + n * sp.d * s.act, base + 2 * n * sp.d * s.act
+        if not sp.family.lm_head:  # a classifier: the final norm's (N, d) output, unless it pools one token
+            out = 0 if sp.family.pooled else n * sp.d * s.act
+            return base + out, base + out + n * sp.d * s.act
         v = sp.vocab
         labels = n * 8
         if head == "fused":

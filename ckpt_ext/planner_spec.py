@@ -1,11 +1,16 @@
 """What the planner reads from a Hugging Face model: its family, shapes and parameter counts, and the training setup.
 
-Input: a PretrainedConfig, a config.json path (or a folder holding one), or a model (its parameters' requires_grad
-then decide what trains). Families (FAMILIES, one entry each; an encoder family such as BERT is one more entry: its
-Auto class, final norm path, norm and MLP form, and whether the model hands its layers a causal mask): GPT-2, Llama,
-Mistral, Qwen2, Qwen3 (causal LMs), ViT (image classification). The model is built on the meta device (no memory, no
-download) to count parameters exactly (GQA, head_dim, SwiGLU width, biases, tied embeddings as the model ties them);
-the first transformer layer (found by the Hugging Face adapters' layer classes) is the template the planner traces.
+Input: a PretrainedConfig, a config.json path (or a folder holding one), or a model (its parameters' requires_grad then
+decide what trains). Families (FAMILIES, one entry each; an encoder family such as BERT is one more entry: its Auto
+class, final norm path, norm and MLP form, and whether the model hands its layers a causal mask): GPT-2, Llama, Mistral,
+Qwen2, Qwen3 (causal LMs), ViT (image classification), BERT (BertForMaskedLM: post-LN layers priced with
+policies.POST_LN_POLICIES; the "final norm" is the MLM head's transform (dense, GELU, LayerNorm) before the tied
+decoder, whose logits and loss are priced as the causal LMs' Hugging Face head; the embeddings' LayerNorm keeps its
+input and statistics; no fused head: ckpt_ext's fused loss serves causal LMs only; a config whose architectures name
+BertForSequenceClassification gets the classifier entry: pooler and classifier, no LM head). The model is built on the
+meta device (no memory, no download) to count parameters exactly (GQA, head_dim, SwiGLU width, biases, tied embeddings
+as the model ties them); the first transformer layer (found by the Hugging Face adapters' layer classes) is the template
+the planner traces.
 
 Setup: param_dtype (weights and residual stream), compute_dtype (autocast when it differs; the matmul outputs),
 optimizer state bytes per trainable parameter (adamw: two fp32 moments, 8 B; adamw_8bit 2 B; sgd 0; sgd_momentum 4;
@@ -49,6 +54,11 @@ class Family:
     embed_dropout: Optional[str] = None  # config attribute of the embedding dropout probability
     causal_mask: bool = False  # the model hands its layers a (B, 1, T, T) bool causal mask (transformers 4.57 does)
     fixed_seq: Optional[Callable[[Any], int]] = None  # sequence length set by the config (ViT: patches + 1)
+    placement: str = "pre"  # "pre" or "post" (post-LN encoders): which policy table prices the fused layers
+    fused_head: bool = True  # the fused linear + cross-entropy head applies (causal LMs; not a masked-LM head)
+    embed_norm: Optional[str] = None  # attribute path of a LayerNorm over the embeddings (BERT), else None
+    architectures: tuple[str, ...] = ()  # config.architectures this entry is for (empty: any)
+    pooled: bool = False  # a classifier head reading one token of the last layer's output (no (N, d) norm output)
 
 
 FAMILIES = (
@@ -60,6 +70,12 @@ FAMILIES = (
            causal_mask=True),
     Family("ViT", ("vit",), "AutoModelForImageClassification", "vit.layernorm", "layernorm", "gelu", False, False,
            embed_dropout="hidden_dropout_prob", fixed_seq=lambda c: (c.image_size // c.patch_size) ** 2 + 1),
+    Family("BERT", ("bert",), "AutoModelForSequenceClassification", "bert.pooler", "layernorm", "gelu", False, False,
+           embed_dropout="hidden_dropout_prob", placement="post", embed_norm="bert.embeddings.LayerNorm",
+           architectures=("BertForSequenceClassification",), pooled=True),
+    Family("BERT", ("bert",), "AutoModelForMaskedLM", "cls.predictions.transform", "layernorm", "gelu", False, True,
+           embed_dropout="hidden_dropout_prob", placement="post", fused_head=False,
+           embed_norm="bert.embeddings.LayerNorm"),
 )  # fmt: skip
 
 
@@ -118,10 +134,13 @@ class Setup:
         return f"params {self.param_dtype}, {autocast}, {state}{lora}"
 
 
-def family_of(config) -> Family:
+def family_of(config, model: Optional[nn.Module] = None) -> Family:
+    """The FAMILIES entry for ``config`` (an entry naming architectures: one of them in config.architectures or the
+    given model's class name)."""
     model_type = getattr(config, "model_type", None)
+    archs = set(getattr(config, "architectures", None) or ()) | ({type(model).__name__} if model is not None else set())
     for fam in FAMILIES:
-        if model_type in fam.model_types:
+        if model_type in fam.model_types and (not fam.architectures or archs & set(fam.architectures)):
             return fam
     known = ", ".join(t for f in FAMILIES for t in f.model_types)
     raise ValueError(f"config: model_type {model_type!r} is not supported by the planner; supported: {known}")
@@ -172,7 +191,7 @@ class ModelSpec:
         from .integrations.huggingface import FAMILIES as ADAPTERS
 
         config, model = load_config(source)
-        self.family = family_of(config)
+        self.family = family_of(config, model)
         self.config, self.setup = config, setup
         if model is None:
             import transformers
@@ -192,6 +211,7 @@ class ModelSpec:
             template.__class__ = original
         self.template = template
         self.norm_module = model.get_submodule(self.family.final_norm)
+        self.embed_norm_module = model.get_submodule(self.family.embed_norm) if self.family.embed_norm else None
         self.n_layers = len(self.layers)
         self.matmul_weights = sum(p.numel() for p in template.parameters() if p.dim() >= 2)  # per layer
         self.d = config.hidden_size

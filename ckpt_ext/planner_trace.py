@@ -187,8 +187,15 @@ def _trace_layer(template, kind, seq, param_dtype, compute_dtype, rope_dim, caus
 
 
 def _width(layer: nn.Module) -> int:
-    cfg = _config_of(layer)
-    return cfg.hidden_size
+    """The layer's hidden size: its config's, else (layers that keep no config: BertLayer in 4.57) its first
+    LayerNorm's width."""
+    try:
+        return _config_of(layer).hidden_size
+    except ValueError:
+        norm = next((m for m in layer.modules() if isinstance(m, nn.LayerNorm)), None)
+        if norm is None:
+            raise
+        return norm.normalized_shape[-1]
 
 
 def _config_of(layer: nn.Module):

@@ -13,10 +13,12 @@ bf16 matmul and device-to-device copy). The step time is the sum over ops; overh
 Variants: "eager" (the plain layer), "checkpoint" / "checkpoint_reentrant" (torch.utils.checkpoint, use_reentrant
 False / True), "selective" (torch selective checkpointing saving matmul and attention outputs), and the ckpt_ext
 policies "none", "pointwise", "ffn", "block_keep_attn", "block". The layer is ``layer``: "block" (ckpt_ext's
-TransformerBlock: the GPT-2 form, or the Llama form with activation="swiglu", RoPE tables given) or "hf_llama"
-(transformers' own LlamaDecoderLayer, sdpa; the policies convert it with apply_fused_checkpointing). Retained memory:
-bytes of the storages created during forward that are still alive after it (the graph's saved tensors, the block
-output excluded).
+TransformerBlock: the GPT-2 form, or the Llama form with activation="swiglu", RoPE tables given; placement="post",
+causal=False: the BERT form), "hf_llama" (transformers' own LlamaDecoderLayer, sdpa) or "hf_bert" (transformers'
+BertLayer, sdpa, post-LN, bidirectional; attn_dropout sets both its attention-probability and hidden dropout, as
+BERT's config ships them equal); the policies convert the Hugging Face layers with apply_fused_checkpointing.
+Retained memory: bytes of the storages created during forward that are still alive after it (the graph's saved
+tensors, the block output excluded).
 
 Attention conditions (LayerShape.attn_dropout, .padding): probability dropout in training, and a padding mask
 ((B, 1, T, T) bool keep-mask, as transformers builds it for left padding; an input of the step, not retained). Eager
@@ -45,7 +47,7 @@ LAUNCH_S = 3e-6
 
 TORCH_VARIANTS = ("eager", "checkpoint", "checkpoint_reentrant", "selective")
 POLICY_VARIANTS = ("none", "pointwise", "ffn", "block_keep_attn", "block")
-LAYERS = ("block", "hf_llama")
+LAYERS = ("block", "hf_llama", "hf_bert")
 VARIANTS = TORCH_VARIANTS + POLICY_VARIANTS
 FREE_OPS = ("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh",
             "_local_scalar_dense")  # fmt: skip
@@ -244,6 +246,8 @@ class LayerShape:
     attn_dropout: float = 0.0
     padding: bool = False
     lora: int = 0  # PEFT LoRA rank on every linear, base weights frozen (0: none)
+    placement: str = "pre"  # layer="block": "post" is the post-LN (BERT) form
+    causal: bool = True  # layer="block": False for bidirectional attention (encoders)
 
     @property
     def llama(self) -> bool:
@@ -289,10 +293,24 @@ def _make_layer(shape: LayerShape):
         layer = LlamaDecoderLayer(cfg, 0)
         layer = _fake_lora(layer, s.lora, HF_LORA_TARGETS) if s.lora else layer
         return _cast(layer, s.dtype).train(), pe
+    if s.layer == "hf_bert":
+        from transformers import BertConfig
+        from transformers.models.bert.modeling_bert import BertLayer
+
+        cfg = BertConfig(hidden_size=s.d_model, intermediate_size=s.hidden, num_attention_heads=s.n_heads,
+                         num_hidden_layers=1, attention_probs_dropout_prob=s.attn_dropout,
+                         hidden_dropout_prob=s.attn_dropout)  # fmt: skip
+        cfg._attn_implementation = "sdpa"
+        if s.lora:
+            raise ValueError("lora: modeled for layer 'block' and 'hf_llama', not 'hf_bert'")
+        layer = BertLayer(cfg)
+        return _cast(layer, s.dtype).train(), pe
     if s.layer != "block":
         raise ValueError(f"unknown layer {s.layer!r}; choose one of {', '.join(LAYERS)}")
     kw = dict(activation="swiglu", n_kv_heads=s.n_kv_heads) if s.llama else dict(activation=s.activation)
-    block = TransformerBlock(s.d_model, s.n_heads, d_ff=s.hidden, attn_dropout=s.attn_dropout, **kw)
+    if s.placement != "pre":
+        kw["norm_placement"] = s.placement
+    block = TransformerBlock(s.d_model, s.n_heads, d_ff=s.hidden, attn_dropout=s.attn_dropout, causal=s.causal, **kw)
     if s.lora:
         block = _fake_lora(block, s.lora, BLOCK_LORA_TARGETS["llama" if s.llama else "gpt2"])
     return _cast(block, s.dtype).train(), pe
@@ -347,6 +365,7 @@ def _trace(variant: str, shape: LayerShape) -> StepTrace:
         recorder = CostRecorder()
         with _fused_sdpa_pricing(), recorder:
             out = fn(x)
+            out = out[0] if isinstance(out, (tuple, list)) else out  # (B, T, d); BertLayer 4.57 returns a 1-tuple
             retained = recorder.alive_bytes(exclude=(out,))
             recorder.phase = "backward"
             out.backward(grad)
@@ -389,6 +408,8 @@ def retained_memory(variant: str, *args, measured: bool = False, **kwargs) -> in
 
         size = torch.empty((), dtype=shape.dtype).element_size()
         extra = dict(n_kv_heads=shape.n_kv_heads, norm="rmsnorm", mlp="swiglu") if shape.llama else {}
+        extra["placement"] = shape.placement
+        extra["ln2_from_out"] = shape.placement == "post" and size >= 4  # block_parts/norm.invertible: fp32 outputs
         return retained_bytes(variant, shape.batch, shape.seq, shape.d_model, shape.n_heads, shape.hidden,
                               act_bytes=size, matmul_bytes=size, stat_bytes=4, **extra)  # fmt: skip
     return _trace(variant, shape).retained_bytes

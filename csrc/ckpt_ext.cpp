@@ -51,6 +51,8 @@ TORCH_LIBRARY(ckpt_ext, m) {
       "-> (Tensor, Tensor, Tensor)");
   m.def("swiglu_fwd_kernel(Tensor g, Tensor u) -> Tensor");
   m.def("swiglu_bwd_kernel(Tensor dh, Tensor g, Tensor u) -> (Tensor, Tensor)");
+  m.def("geglu_fwd_kernel(Tensor g, Tensor u) -> Tensor");
+  m.def("geglu_bwd_kernel(Tensor dh, Tensor g, Tensor u) -> (Tensor, Tensor)");
   m.def("linear_swiglu_kernel(Tensor x, Tensor w_gate, Tensor? b_gate, Tensor w_up, Tensor? b_up) -> Tensor");
   m.def("swiglu_linear_bwd_kernel(Tensor dy, Tensor w_down, Tensor g, Tensor u) -> (Tensor, Tensor)");
   m.def("swiglu_linear_wgrad_kernel(Tensor dy, Tensor g, Tensor u) -> Tensor");

@@ -1,4 +1,5 @@
-"""The compile lane's jobs for the Llama-family kernels (compile_check imports this; nothing here imports triton).
+"""The compile lane's jobs for the Llama-family kernels and the gated GeGLU (Gemma / ModernBERT) pointwise kernels
+(compile_check imports this; nothing here imports triton).
 
 Each job is (name, jit fn, signature, constexprs, options), as compile_check._jobs yields. 16-bit signatures are bf16
 (the dtype Llama-family models train in) plus the autocast mix (bf16 activations, fp32 norm weight and fp32 RMSNorm
@@ -26,6 +27,7 @@ def _const(**kw) -> dict:
 def llama_jobs(arch: int, all_configs: bool):
     from . import (
         act_linear_wgrad,
+        geglu,
         linear_swiglu,
         reduce,
         rms_norm,
@@ -74,6 +76,12 @@ def llama_jobs(arch: int, all_configs: bool):
                dict(G=p, U=p, H=p, F="i32", stride_g="i32", stride_u="i32", BLOCK="constexpr"), {"BLOCK": 1024},
                {"num_warps": 4})  # fmt: skip
         yield ("swiglu_bwd", swiglu.swiglu_bwd_kernel,
+               dict(DH=p, G=p, U=p, DG=p, DU=p, F="i32", stride_dh="i32", stride_g="i32", stride_u="i32",
+                    BLOCK="constexpr"), {"BLOCK": 1024}, {"num_warps": 4})  # fmt: skip
+        yield ("geglu_fwd", geglu.geglu_fwd_kernel,
+               dict(G=p, U=p, H=p, F="i32", stride_g="i32", stride_u="i32", BLOCK="constexpr"), {"BLOCK": 1024},
+               {"num_warps": 4})  # fmt: skip
+        yield ("geglu_bwd", geglu.geglu_bwd_kernel,
                dict(DH=p, G=p, U=p, DG=p, DU=p, F="i32", stride_dh="i32", stride_g="i32", stride_u="i32",
                     BLOCK="constexpr"), {"BLOCK": 1024}, {"num_warps": 4})  # fmt: skip
         for inverse in (False, True):

@@ -163,3 +163,28 @@ def test_pre_ln_without_attention_norm(backend):
     assert retained_bytes("block", 2, 8, 72, 4, 288, attn_norm=False) == retained_bytes("block", 2, 8, 72, 4, 288) - (
         stats_bytes
     )
+
+
+@pytest.mark.parametrize("name", ["geglu", "swiglu"])
+def test_gated_ops_gradcheck_and_opcheck(name):
+    """The gated pointwise ops (one definition, ops/gated.py): float64 gradcheck of the hand-written backward and
+    torch.library.opcheck of both ops, on the graph ops as registered."""
+    fwd, bwd = getattr(ckpt_ext.ops, f"{name}_fwd"), getattr(ckpt_ext.ops, f"{name}_bwd")
+    g = torch.randn(7, 33, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(7, 33, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fwd, (g, u))
+    torch.library.opcheck(fwd, (g.detach(), u.detach()))
+    torch.library.opcheck(bwd, (torch.randn(7, 33, dtype=torch.float64), g.detach(), u.detach()))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_geglu_block_runs_the_cpp_geglu_kernels(policy):
+    """Under the cpp backend a GeGLU block's forward and backward run the C++ kernel ops (not the reference math)."""
+    blk = _block("rmsnorm", "geglu", "pre", dtype=torch.float32)
+    x = torch.randn(3, 7, 72, requires_grad=True)
+    with ckpt_ext.set_backend("cpp"):
+        fused = FusedCheckpointBlock.from_block(blk, policy)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fused(x).sum().backward()
+    ran = {e.key for e in prof.key_averages()}
+    assert {"ckpt_ext::geglu_fwd_kernel", "ckpt_ext::geglu_bwd_kernel"} <= ran

@@ -1,4 +1,5 @@
-"""The C++ CPU kernels of the Llama-family ops (csrc/cpu: rms_norm, swiglu, rope and the matmul-fused SwiGLU ops)
+"""The C++ CPU kernels of the Llama-family ops (csrc/cpu: rms_norm, swiglu, rope, the matmul-fused SwiGLU ops and the
+gated GeGLU of Gemma / ModernBERT)
 against ckpt_ext.reference: float64 end to end (tight), fp32/bf16 against float64 math within a few times the error of
 the reference run in the same dtype, awkward shapes (d 72/200/1000, N 1/7/33, F odd), strided inputs (transposed
 weights, q/k as views of a packed projection), mixed dtypes (an fp32 RMSNorm weight with bf16 activations, as under
@@ -27,6 +28,8 @@ LLAMA_OPS = [
     "swiglu_linear_wgrad",
     "swiglu_ffn_recompute",
     "rope",
+    "geglu_fwd",
+    "geglu_bwd",
 ]
 
 
@@ -149,6 +152,60 @@ def test_swiglu_mixed_dtypes_and_extremes():
     _check(reference.swiglu_bwd, K.swiglu_bwd_kernel, (dh, g, u.float()), torch.bfloat16)
     _check(reference.swiglu_fwd, K.swiglu_fwd_kernel, (g, u.float()), torch.bfloat16)
     assert all(t.isfinite().all() for t in K.swiglu_bwd_kernel(dh, g, u))
+
+
+# ------------------------------------------------------------------------------------------------------------ GeGLU
+@pytest.mark.parametrize("n", [1, 7, 33])
+@pytest.mark.parametrize("f", [72, 200, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_geglu(n, f, dtype):
+    g, u = _gu(n, f, dtype)
+    dh = torch.randn(n, f).to(dtype)
+    _check(reference.geglu_fwd, K.geglu_fwd_kernel, (g, u), dtype)
+    _check(reference.geglu_bwd, K.geglu_bwd_kernel, (dh, g, u), dtype)
+    _check64(reference.geglu_fwd, K.geglu_fwd_kernel, (g, u))
+    _check64(reference.geglu_bwd, K.geglu_bwd_kernel, (dh, g, u))
+
+
+def test_geglu_is_the_tanh_gelu():
+    """Against torch's own gelu(approximate="tanh") in float64 (not the exact erf GELU: they differ by ~1e-3)."""
+    g, u = (torch.randn(7, 200, dtype=torch.float64) * 3 for _ in range(2))
+    want = torch.nn.functional.gelu(g, approximate="tanh") * u
+    torch.testing.assert_close(K.geglu_fwd_kernel(g, u), want, atol=1e-12, rtol=1e-11)
+    assert (K.geglu_fwd_kernel(g, u) - torch.nn.functional.gelu(g) * u).abs().max() > 1e-4
+
+
+def test_geglu_strided_mixed_dtypes_and_extremes():
+    g, u = _gu(7, 45, torch.bfloat16)
+    g[0, :4] = torch.tensor([-200.0, 200.0, -1e4, 1e4])  # the gate saturates: finite, no NaN
+    dh = torch.randn(45, 7).t()  # float32 upstream gradient, transposed
+    _check(reference.geglu_bwd, K.geglu_bwd_kernel, (dh, g, u.float()), torch.bfloat16)
+    _check(reference.geglu_fwd, K.geglu_fwd_kernel, (g, u.float()), torch.bfloat16)
+    assert K.geglu_bwd_kernel(dh, g, u.float())[1].dtype == torch.float32  # du in u's dtype
+    assert all(t.isfinite().all() for t in K.geglu_bwd_kernel(dh, g, u))
+
+
+def test_geglu_errors_name_the_argument():
+    with pytest.raises(RuntimeError, match="geglu_fwd_kernel: g and u"):
+        K.geglu_fwd_kernel(torch.randn(3, 5), torch.randn(3, 6))
+    with pytest.raises(RuntimeError, match="geglu_bwd_kernel: dh"):
+        K.geglu_bwd_kernel(torch.randn(3, 6), torch.randn(3, 5), torch.randn(3, 5))
+
+
+def test_geglu_graph_ops_on_cpp_backend_run_the_kernels():
+    """Under the cpp backend the dispatch table gives the C++ kernel ops (not the reference fallback), and the graph
+    ops' results are theirs."""
+    g, u = _gu(7, 72, torch.float32)
+    dh = torch.randn(7, 72)
+    with ckpt_ext.set_backend("cpp"):
+        table = ckpt_ext.backend.kernel_table("cpu")
+        assert table["geglu_fwd"] is K.geglu_fwd_kernel.default
+        assert table["geglu_bwd"] is K.geglu_bwd_kernel.default
+        h = K.geglu_fwd(g, u)
+        dg, du = K.geglu_bwd(dh, g, u)
+    torch.testing.assert_close(h, K.geglu_fwd_kernel(g, u), atol=0, rtol=0)
+    torch.testing.assert_close(dg, K.geglu_bwd_kernel(dh, g, u)[0], atol=0, rtol=0)
+    torch.testing.assert_close(du, K.geglu_bwd_kernel(dh, g, u)[1], atol=0, rtol=0)
 
 
 def _weights(f, k, dtype, strided, bias):
@@ -295,6 +352,8 @@ def _samples():
         "swiglu_linear_wgrad": [(x, g, u)],
         "swiglu_ffn_recompute": [(x, rstd, w, wg, bg, wu, bu, x, wd)],
         "rope": [(q, k, cos, sin, False), (q.bfloat16(), k.bfloat16(), cos[:1], sin[:1], True)],
+        "geglu_fwd": [(g, u), (g.bfloat16(), u.bfloat16()), (g.bfloat16(), u)],
+        "geglu_bwd": [(u, g, u), (u.bfloat16(), g.bfloat16(), u.bfloat16()), (u, g.bfloat16(), u)],
     }
 
 

@@ -43,6 +43,7 @@ def test_there_are_cuda_sources():
     names = {os.path.basename(p) for p in CU_FILES}
     expected = {"layer_norm_cuda.cu", "gelu_cuda.cu", "dropout_cuda.cu", "ffn_cuda.cu"}
     expected |= {"rms_norm_cuda.cu", "swiglu_cuda.cu", "rope_cuda.cu"}  # the Llama-family ops
+    expected |= {"geglu_cuda.cu"}  # the GeGLU MLP (Gemma, ModernBERT)
     assert expected <= names
 
 
@@ -62,7 +63,7 @@ CPU_ONLY = {"cpu_gqa_attention_fwd", "cpu_gqa_attention_bwd"}
 def test_every_cpu_kernel_has_a_cuda_kernel_in_the_sources():
     """What `make check-cuda` checks on the built extension, read from the sources so it runs on every machine."""
     cpu, cuda = _impls("cpu/*.cpp"), _impls("cuda/*.cu")
-    assert "rms_norm_bwd_kernel" in cpu and "swiglu_ffn_recompute_kernel" in cpu
+    assert "rms_norm_bwd_kernel" in cpu and "swiglu_ffn_recompute_kernel" in cpu and "geglu_bwd_kernel" in cpu
     assert CPU_ONLY <= cpu and not any(name.endswith("_kernel") for name in CPU_ONLY)
     missing = cpu - cuda - CPU_ONLY
     assert not missing, f"kernel ops with a CPU kernel but no CUDA kernel: {sorted(missing)}"

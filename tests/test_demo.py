@@ -149,7 +149,7 @@ def test_modeled_column_is_priced_at_a_realistic_shape(tiny_run):
         rows = {r.name: r for r in res["rows"]}
         assert rows["fused_block"].modeled_x >= floor, (family, rows["fused_block"].modeled_x, floor)
         assert rows["fused_block"].modeled_x >= rows["fused_ffn"].modeled_x >= rows["fused_pointwise"].modeled_x
-        md = (tiny_run[0] / ("strategies.md" if family == "gpt" else "strategies_llama.md")).read_text("utf-8")
+        md = (tiny_run[0] / ("strategies.md" if family == "gpt" else f"strategies_{family}.md")).read_text("utf-8")
         assert f"T={shape['seq']}" in md and f"d={shape['d_model']}" in md
 
 
@@ -196,3 +196,59 @@ def test_batch_answer_written(tiny_run):
             hf, fused = report.row(name, "hf"), report.row(name, "fused")
             assert fused.answer >= hf.answer, (title, name)
         assert report.row("ckpt_ext block", "fused").answer > report.row("no checkpointing", "hf").answer
+
+
+def test_bert_family_table(tiny_run):
+    """Issue 24: the BERT-style masked LM (post-LN, bidirectional) gets its own table with every strategy, the
+    fused policies ordered by memory, and equal losses (every strategy masks the same bytes)."""
+    out, result = tiny_run
+    md = (out / "strategies_bert.md").read_text(encoding="utf-8")
+    assert "BERT-style masked LM" in md and (out / "strategies_bert.png").exists()
+    bert = result["families"]["bert"]
+    rows = {r.name: r for r in bert["rows"]}
+    assert list(rows) == list(STRATEGIES)
+    kept = [rows[n].act_bytes for n in ("fused_block", "fused_block_keep_attn", "fused_ffn", "fused_pointwise", "none")]
+    assert kept == sorted(kept) and len(set(kept)) == 5
+    assert rows["ckpt_every_1"].act_bytes < rows["none"].act_bytes
+    base = bert["losses"]["none"]
+    for name, losses in bert["losses"].items():
+        assert losses == pytest.approx(base, rel=1e-4), name
+    assert all(math.isfinite(v) for v in base)
+
+
+def test_bert_masks_the_same_bytes_for_every_strategy():
+    import torch
+
+    from bench.demo_model import MASK, build, make_strategy
+
+    torch.manual_seed(0)
+    base = build("bert", 2, 32, 2, 16)
+    batch = torch.randint(1, 256, (3, 17))
+    losses = [make_strategy(base, name).loss(batch) for name in ("none", "ckpt_every_1", "fused_block")]
+    for loss in losses[1:]:
+        torch.testing.assert_close(loss, losses[0])
+    seen = []
+    real = base.forward
+    base.forward = lambda idx: seen.append(idx) or real(idx)
+    base.loss(batch)
+    masked = seen[0] == MASK
+    assert masked.any(dim=1).all() and masked.float().mean() < 0.5  # some, not most, bytes are masked
+    assert (seen[0][~masked] == batch[:, :-1][~masked]).all()
+
+
+def test_bert_batch_answer_written(tiny_run):
+    """Issue 24: the largest batch at T=512 on 24 GiB for BERT-base (bert-base-uncased's config) per strategy, from
+    the planner (post-LN policy table), beside the seed's claim."""
+    out, result = tiny_run
+    md = (out / "batch_answer_bert.md").read_text(encoding="utf-8")
+    assert "24-32" in md and "64-96" in md and "BERT-base" in md
+    ((title, report),) = result["batch_answer_encoders"]
+    spec = report.spec
+    assert (spec.n_layers, spec.d, spec.n_heads, spec.hidden, spec.vocab) == (12, 768, 12, 3072, 30522)
+    assert spec.family.placement == "post" and report.seq_len == 512 and report.budget == 24 * 2**30
+    assert {r.head for r in report.rows} == {"hf"} and len(report.rows) == 9
+    for r in report.rows:
+        assert f"| {r.label} | {r.answer} |" in md
+        assert r.peak_bytes <= report.budget
+    none = report.row("no checkpointing", "hf").answer
+    assert report.row("ckpt_ext block", "hf").answer > report.row("ckpt_ext ffn", "hf").answer > none > 0

@@ -15,7 +15,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import ckpt_ext  # noqa: E402
-from ckpt_ext.integrations import hf_llama  # noqa: E402
 from ckpt_ext.integrations.huggingface import apply_fused_checkpointing  # noqa: E402
 from ckpt_ext.policies import POLICIES  # noqa: E402
 
@@ -168,14 +167,12 @@ def test_structure_unchanged_and_hidden_states():
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
 
 
-def test_inference_paths_fall_back(monkeypatch):
+def test_inference_paths_fall_back(fused_calls):
     """no_grad, generate() and eval with a cache run the original forward: results identical to the unconverted."""
     model = make_model("llama").eval()
     ref = copy.deepcopy(model)
     apply_fused_checkpointing(model, "block")
-    calls = []
-    real = hf_llama.fused_block
-    monkeypatch.setattr(hf_llama, "fused_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = fused_calls
     ids = batch()["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits)

@@ -89,6 +89,8 @@ def llama_sample_calls(requires_grad=False):
         (ops.rms_norm_bwd, (torch.randn(n, d), x.detach(), rstd, w.detach(), torch.randn(n, d), True)),
         (ops.swiglu_fwd, (g, u)),
         (ops.swiglu_bwd, (torch.randn(n, f), g.detach(), u.detach())),
+        (ops.geglu_fwd, (g, u)),
+        (ops.geglu_bwd, (torch.randn(n, f), g.detach(), u.detach())),
         (ops.linear_swiglu, (x.detach(), wg, torch.randn(f), wu, None)),
         (ops.swiglu_linear_bwd, (torch.randn(n, d), wd, g.detach(), u.detach())),
         (ops.swiglu_linear_wgrad, (torch.randn(n, d), g.detach(), u.detach())),
@@ -126,6 +128,7 @@ def test_llama_ops_gradcheck_float64():
     with ckpt_ext.set_backend("reference"):
         assert torch.autograd.gradcheck(lambda x, w: ops.rms_norm_fwd(x, w, 1e-6)[0], (x, w))
         assert torch.autograd.gradcheck(ops.swiglu_fwd, (g, u))
+        assert torch.autograd.gradcheck(ops.geglu_fwd, (g, u))
         for inverse in (False, True):
             assert torch.autograd.gradcheck(lambda q, k, i=inverse: ops.rope(q, k, cos, sin, i), (q, k))
 

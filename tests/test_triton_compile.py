@@ -40,6 +40,8 @@ LLAMA_KERNELS = (
     "swiglu_linear_bwd",
     "swiglu_linear_wgrad",
     "swiglu_ffn_recompute",
+    "geglu_fwd",
+    "geglu_bwd",
 )
 SM90_SHARED_BYTES = 232448  # the opt-in shared memory per block of an H100/H200
 LINE = re.compile(r"^(SPILLS )?(\w+) (\w+) .*regs=(\d+) spills=(\d+) shared=(\d+) ")

@@ -1,4 +1,5 @@
-"""The Llama-family Triton kernels (RMSNorm, SwiGLU, RoPE, the fused SwiGLU GEMMs) against the reference math.
+"""The Llama-family Triton kernels (RMSNorm, SwiGLU, RoPE, the fused SwiGLU GEMMs; GeGLU, the gated MLP of Gemma /
+ModernBERT) against the reference math.
 
 Each launcher runs under TRITON_INTERPRET=1 (conftest) at tiny awkward shapes (rows 1/7/33, width 72/200, batch 1 and
 3) and is compared with ckpt_ext.reference in float64 (truth), within a few times the error of the same reference run
@@ -125,6 +126,43 @@ def test_swiglu_pointwise(K, n, f, dt):
     g, u, dh = (torch.randn(n, f).mul(3).to(dt) for _ in range(3))
     _check(K["swiglu_fwd"](_strided(g), u), reference.swiglu_fwd, g, u)
     _check(K["swiglu_bwd"](dh, g, _strided(u)), reference.swiglu_bwd, dh, g, u)
+
+
+# ------------------------------------------------------------------------------------------------------ GeGLU
+@pytest.fixture()
+def KG(monkeypatch):
+    """The GeGLU launchers, with the reference math hidden from them (no silent fallback)."""
+    from ckpt_ext.backends.triton import geglu_launchers
+
+    monkeypatch.setattr(geglu_launchers, "reference", None)
+    return geglu_launchers.IMPLS
+
+
+@pytest.mark.parametrize("n", [1, 7, 33])
+@pytest.mark.parametrize("f", [72, 200, 1000])
+@pytest.mark.parametrize("dt", [F32, BF16])
+def test_geglu_pointwise(KG, n, f, dt):
+    g, u, dh = (torch.randn(n, f).mul(3).to(dt) for _ in range(3))
+    _check(KG["geglu_fwd"](_strided(g), u), reference.geglu_fwd, g, u)
+    _check(KG["geglu_bwd"](dh, g, _strided(u)), reference.geglu_bwd, dh, g, u)
+
+
+def test_geglu_pointwise_mixed_dtypes_and_extremes(KG):
+    g, u = torch.randn(7, 72).mul(3).to(BF16), torch.randn(7, 72)  # fp32 u beside a bf16 gate
+    g[0, :4] = torch.tensor([-200.0, 200.0, -1e4, 1e4])  # the sigmoid form clamps 2z: finite, no NaN
+    dh = torch.randn(7, 72)
+    _check(KG["geglu_fwd"](g, u), reference.geglu_fwd, g, u)
+    dg, du = KG["geglu_bwd"](dh, g, u)
+    _check((dg, du), reference.geglu_bwd, dh, g, u)
+    assert dg.isfinite().all() and du.isfinite().all()
+
+
+def test_geglu_triton_backend_routes_to_the_launchers():
+    from ckpt_ext.backends import triton as triton_backend
+    from ckpt_ext.backends.triton import geglu_launchers
+
+    impls = triton_backend.impls()
+    assert impls["geglu_fwd"] is geglu_launchers.geglu_fwd and impls["geglu_bwd"] is geglu_launchers.geglu_bwd
 
 
 def _weights(f, k, dt, transposed=False):

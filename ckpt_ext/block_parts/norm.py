@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .dispatch import block_ops as _ops
 
@@ -81,10 +82,11 @@ MIN_GAMMA = 1e-2  # smallest |γ| (relative to max |γ|) for which x̂ = (y - β
 
 def invertible(w: Optional[Tensor], y_dtype: torch.dtype, spec) -> bool:
     """Whether norm2's backward may rebuild x̂ from the output: fp32/fp64 outputs (a bf16 output has 8 bits: x̂ would
-    carry its rounding, amplified by 1/γ) and no |γ| below MIN_GAMMA·max|γ| (reads γ on the host: one sync)."""
+    carry its rounding, amplified by 1/γ) and no |γ| below MIN_GAMMA·max|γ| (reads γ on the host: one sync). γ
+    without values (meta or fake tensors: the planner's and roofline's traces) counts as well-conditioned."""
     if y_dtype not in (torch.float32, torch.float64):
         return False
-    if w is None:
+    if w is None or w.device.type == "meta" or is_fake(w):
         return True
     mag = (w.detach() + spec.norm_offset).abs()
     return bool(mag.min() >= MIN_GAMMA * mag.max()) and bool(mag.max() > 0)

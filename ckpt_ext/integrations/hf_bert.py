@@ -34,23 +34,18 @@ forward takes ``output_attentions``), the tensor in 5.x.
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
-import torch
-
-from .. import seeds
-from ..block import fused_block
 from ..spec import BlockConfig, BlockSpec
-from .hf_common import (
-    Linears,
-    common_fallback,
-    fallback,
-    lora_eager_only,
-    lora_seeded,
-    needs_graph,
-    read_linears,
+from .hf_adapter import (
+    LayerAdapter,
+    attentions_requested,
+    call_seed,
+    classes_of,
+    part_linears,
+    same_residual_dropout,
 )
+from .hf_common import Linears, common_fallback, fallback, lora_eager_only
 from .hf_masks import layer_mask
 
 FUSED_ATTENTION = ("eager", "sdpa")
@@ -106,7 +101,7 @@ class _DistilParts(_Parts):
         self.impl = getattr(att.config, "_attn_implementation", "eager")
 
 
-class _EncoderAdapter:
+class _EncoderAdapter(LayerAdapter):
     """The fused-or-fallback logic shared by the BERT family and DistilBERT (``parts`` reads a layer's modules)."""
 
     parts = _Parts
@@ -131,48 +126,32 @@ class _EncoderAdapter:
         if problems:
             raise ValueError(f"{type(layer).__name__.removeprefix('Fused')} cannot be fused: " + "; ".join(problems))
 
+    def read(self, layer) -> _Parts:
+        return self.parts(layer)
+
     def linears(self, layer, parts: Optional[_Parts] = None) -> dict:
         """LoRA target -> (path in the layer, module) of each linear (a PEFT LoRA layer where one is injected)."""
-        parts = self.parts(layer) if parts is None else parts
-        return {target: (parts.paths[target], getattr(parts, attr))
-                for target, attr in (("q", "q"), ("k", "k"), ("v", "v"), ("proj", "o"), ("fc", "fc1"),
-                                     ("fc2", "fc2"))}  # fmt: skip
+        return part_linears(self.parts(layer) if parts is None else parts)
 
-    def params(self, parts: _Parts, lin: Linears) -> dict:
-        p = dict(ln1_w=parts.ln1.weight, ln1_b=parts.ln1.bias, ln2_w=parts.ln2.weight, ln2_b=parts.ln2.bias)
-        for target, base in lin.base.items():
-            p[f"w_{target}"], p[f"b_{target}"] = base.weight, base.bias
-        p.update(lin.lora_params)
-        return p
+    def norms(self, layer, parts: _Parts) -> dict:
+        return dict(ln1_w=parts.ln1.weight, ln1_b=parts.ln1.bias, ln2_w=parts.ln2.weight, ln2_b=parts.ln2.bias)
+
+    def hidden(self, bound: dict):
+        return _arg(bound, "hidden_states", "x")
 
     def block_config(self, layer, parts: _Parts, specs: tuple = ()) -> BlockConfig:
         p_attn = parts.p_attn if layer.training else 0.0
         p = parts.p_out if layer.training else 0.0  # equal to parts.p whenever training (else the original runs)
-        seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0 or lora_seeded(specs)) else 0
+        seed = call_seed(p, p_attn, specs)
         spec = BlockSpec(parts.n_heads, False, parts.ln1.eps, placement="post", mlp=parts.mlp_form(),
                          packed_qkv=False, lora=specs)  # fmt: skip
         return BlockConfig(spec, layer._ckpt_policy, seed, p_attn, p)
 
-    def forward(self, layer, original, bound: dict):
-        parts = self.parts(layer)
+    def fused_args(self, layer, parts: _Parts, bound: dict, lin: Linears):
+        """False to run the original forward, else (the additive (B, 1, 1, S) key mask or None,)."""
         x = _arg(bound, "hidden_states", "x")
-        lin = read_linears(layer, self.linears(layer, parts)) if torch.is_grad_enabled() else None
-        if lin is None:
-            return original(*bound["args"], **bound["call_kwargs"])
-        params = self.params(parts, lin)
-        mask = self._fusable_mask(layer, parts, bound, params, lin)
-        if mask is False:
-            return original(*bound["args"], **bound["call_kwargs"])
-        out = fused_block(x, params, self.block_config(layer, parts, lin.specs), mask)
-        return (out,) if "output_attentions" in bound else out
-
-    def _fusable_mask(self, layer, parts: _Parts, bound: dict, params: dict, lin: Linears):
-        """False to run the original forward, else the additive (B, 1, 1, S) key mask (None: nothing masked)."""
-        x = _arg(bound, "hidden_states", "x")
-        if not needs_graph(x, params.values()):
-            return False
         extra = bound["kwargs"]
-        if bound.get("output_attentions") or extra.get("output_attentions"):
+        if attentions_requested(bound):
             return fallback(layer, "output-attentions", "output_attentions=True (the fused block keeps no weights)")
         if bound.get("head_mask") is not None or extra.get("head_mask") is not None:
             return fallback(layer, "head-mask", "a head_mask")
@@ -187,11 +166,10 @@ class _EncoderAdapter:
         mask = _arg(bound, "attention_mask", "attn_mask")
         if not common_fallback(layer, parts.impl, FUSED_ATTENTION, mask, lin) or not lora_eager_only(layer, lin):
             return False
-        if layer.training and parts.p != parts.p_out:
-            return fallback(layer, "dropout", f"different dropout on the residual branches ({parts.p} after the "
-                            f"attention, {parts.p_out} after the MLP); eval() or dropout 0 is fused")  # fmt: skip
+        if not same_residual_dropout(layer, parts.p, parts.p_out):
+            return False
         if mask is None:
-            return None
+            return (None,)
         info = layer_mask(mask, x.shape[1], False, layer, x.shape[0])
         additive = info.key_additive(mask)
         if additive is False:
@@ -204,7 +182,7 @@ class _EncoderAdapter:
         if empty:
             return fallback(layer, "mask-empty", "a padding mask that leaves a batch row no key (Hugging Face's "
                             "softmax gives it uniform weights, the fused kernels zeros)")  # fmt: skip
-        return additive
+        return (additive,)
 
 
 def _arg(bound: dict, name: str, name_457: str):
@@ -212,23 +190,12 @@ def _arg(bound: dict, name: str, name_457: str):
     return bound[name_457] if name_457 in bound else bound.get(name)
 
 
-def _classes(pairs) -> tuple[type, ...]:
-    classes = []
-    for family, name in pairs:
-        try:
-            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:
-            continue
-        classes.append(getattr(module, name))
-    return tuple(classes)
-
-
 class BertFamilyAdapter(_EncoderAdapter):
     name = "BERT, RoBERTa, XLM-R, ELECTRA (*Model, *ForMaskedLM, *ForSequenceClassification, *For...)"
     parts = _BertParts
 
     def layer_classes(self) -> tuple[type, ...]:
-        return _classes((("bert", "BertLayer"), ("roberta", "RobertaLayer"), ("xlm_roberta", "XLMRobertaLayer"),
+        return classes_of((("bert", "BertLayer"), ("roberta", "RobertaLayer"), ("xlm_roberta", "XLMRobertaLayer"),
                          ("electra", "ElectraLayer")))  # fmt: skip
 
 
@@ -237,4 +204,4 @@ class DistilBertAdapter(_EncoderAdapter):
     parts = _DistilParts
 
     def layer_classes(self) -> tuple[type, ...]:
-        return _classes((("distilbert", "TransformerBlock"),))
+        return classes_of((("distilbert", "TransformerBlock"),))

@@ -18,23 +18,11 @@ Return value: 4.57 blocks return a tuple (hidden_states,); 5.x blocks return the
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .. import seeds
-from ..block import fused_block
 from ..spec import BlockConfig, BlockSpec
-from .hf_common import (
-    Linears,
-    common_fallback,
-    eager_rows_ok,
-    fallback,
-    lora_eager_only,
-    lora_seeded,
-    needs_graph,
-    read_linears,
-    warn_once,
-)
+from .hf_adapter import LayerAdapter, attentions_requested, call_seed, first_given, same_residual_dropout
+from .hf_common import Linears, common_fallback, eager_rows_ok, lora_eager_only, warn_once
 from .hf_masks import layer_mask
 
 GELU_FORMS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}  # HF name -> MLP form
@@ -42,7 +30,7 @@ FUSED_ATTENTION = ("eager", "sdpa")
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-class GPT2Adapter:
+class GPT2Adapter(LayerAdapter):
     name = "GPT-2 (GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel, GPT2For*)"
 
     def layer_classes(self) -> tuple[type, ...]:
@@ -71,51 +59,30 @@ class GPT2Adapter:
         if problems:
             raise ValueError("GPT2Block cannot be fused: " + "; ".join(problems))
 
-    def linears(self, layer) -> dict:
+    def linears(self, layer, parts=None) -> dict:
         """LoRA target -> (path in the layer, module) of each Conv1D (a PEFT LoRA layer where one is injected)."""
         a, m = layer.attn, layer.mlp
         return {"qkv": ("attn.c_attn", a.c_attn), "proj": ("attn.c_proj", a.c_proj), "fc": ("mlp.c_fc", m.c_fc),
                 "fc2": ("mlp.c_proj", m.c_proj)}  # fmt: skip
 
-    def params(self, layer, lin: Linears) -> dict:
-        """The block's tensors: Conv1D weights as (out, in) views W.t(), LoRA A and B as PEFT holds them."""
-        b = lin.base
-        p = dict(ln1_w=layer.ln_1.weight, ln1_b=layer.ln_1.bias, ln2_w=layer.ln_2.weight, ln2_b=layer.ln_2.bias)
-        for target in ("qkv", "proj", "fc", "fc2"):
-            p[f"w_{target}"], p[f"b_{target}"] = b[target].weight.t(), b[target].bias
-        p.update(lin.lora_params)
-        return p
+    def norms(self, layer, parts) -> dict:
+        return dict(ln1_w=layer.ln_1.weight, ln1_b=layer.ln_1.bias, ln2_w=layer.ln_2.weight, ln2_b=layer.ln_2.bias)
 
-    def block_config(self, layer, specs: tuple = ()) -> BlockConfig:
+    def weight(self, base):
+        return base.weight.t()  # Conv1D holds (in, out): an (out, in) view
+
+    def block_config(self, layer, parts=None, specs: tuple = ()) -> BlockConfig:
         cfg = layer.attn.config
         p_attn = layer.attn.attn_dropout.p if layer.training else 0.0  # the modules' p, as the original forward reads
         p = layer.attn.resid_dropout.p if layer.training else 0.0
-        seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0 or lora_seeded(specs)) else 0
         spec = BlockSpec(layer.attn.num_heads, True, layer.ln_1.eps, mlp=GELU_FORMS[cfg.activation_function],
                          lora=specs)  # fmt: skip
-        return BlockConfig(spec, layer._ckpt_policy, seed, p_attn, p)
+        return BlockConfig(spec, layer._ckpt_policy, call_seed(p, p_attn, specs), p_attn, p)
 
-    def forward(self, layer, original, bound: dict):
+    def fused_args(self, layer, parts, bound: dict, lin: Linears):
+        """False to run the original forward, else (the additive attention mask or None,)."""
         x = bound["hidden_states"]
-        lin = read_linears(layer, self.linears(layer)) if torch.is_grad_enabled() else None
-        if lin is None:
-            return original(*bound["args"], **bound["call_kwargs"])
-        params = self.params(layer, lin)
-        info = self._fusable_mask(layer, bound, params, lin)
-        if info is False:
-            return original(*bound["args"], **bound["call_kwargs"])
-        mask = bound.get("attention_mask")
-        cfg = self.block_config(layer, lin.specs)
-        out = fused_block(x, params, cfg, None if info is None else info.additive(mask))
-        return (out,) if "output_attentions" in bound else out
-
-    def _fusable_mask(self, layer, bound: dict, params: dict, lin: Linears):
-        """False to run the original forward, else the LayerMask of the attention mask (None without one)."""
-        x = bound["hidden_states"]
-        if not needs_graph(x, params.values()):
-            return False
-        extra = bound["kwargs"]
-        if bound.get("output_attentions") or extra.get("output_attentions"):
+        if attentions_requested(bound):
             return False
         if bound.get("head_mask") is not None or bound.get("encoder_hidden_states") is not None:
             return False
@@ -125,20 +92,18 @@ class GPT2Adapter:
             return False
         if not lora_eager_only(layer, lin):
             return False
-        if layer.training and layer.attn.resid_dropout.p != layer.mlp.dropout.p:
-            return fallback(layer, "dropout", f"different dropout on the residual branches (attn.resid_dropout.p = "
-                            f"{layer.attn.resid_dropout.p}, mlp.dropout.p = {layer.mlp.dropout.p})")  # fmt: skip
-        cache = next((bound[k] for k in _CACHE_ARGS if bound.get(k) is not None), None)
-        cache = cache if cache is not None else next((extra[k] for k in _CACHE_ARGS if extra.get(k) is not None), None)
+        if not same_residual_dropout(layer, layer.attn.resid_dropout.p, layer.mlp.dropout.p):
+            return False
+        cache = first_given(bound, _CACHE_ARGS)
         if cache is not None:
             if not layer.training or _cached_tokens(cache, layer.attn.layer_idx) > 0:
                 return False  # eval (e.g. a prefix for generation with grad on) or a filled cache: it must be filled
             warn_once("gpt2-cache", "ckpt_ext: fused GPT-2 blocks do not fill the KV cache while training (as with "
                       "Hugging Face's gradient checkpointing); pass use_cache=False to silence this")  # fmt: skip
         if mask is None:
-            return None
+            return (None,)
         info = layer_mask(mask, x.shape[1], True, layer, x.shape[0])
-        return info if eager_rows_ok(layer, impl, info, mask) else False
+        return (info.additive(mask),) if eager_rows_ok(layer, impl, info, mask) else False
 
 
 def _cached_tokens(cache, layer_idx) -> int:

@@ -23,22 +23,9 @@ Returns what the original returns: the hidden states tensor (4.57, 5.x), a 1-tup
 
 from __future__ import annotations
 
-import torch
-
-from .. import seeds
-from ..block import fused_block
 from ..spec import BlockConfig, BlockSpec
-from .hf_common import (
-    Linears,
-    common_fallback,
-    eager_rows_ok,
-    fallback,
-    lora_eager_only,
-    lora_seeded,
-    needs_graph,
-    read_linears,
-    warn_once,
-)
+from .hf_adapter import LayerAdapter, call_seed, classes_of, first_given
+from .hf_common import Linears, common_fallback, eager_rows_ok, fallback, lora_eager_only, warn_once
 from .hf_gpt2 import _cached_tokens
 from .hf_masks import layer_mask
 
@@ -46,21 +33,12 @@ FUSED_ATTENTION = ("eager", "sdpa")
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # 5.x names it cache
 
 
-class LlamaFamilyAdapter:
+class LlamaFamilyAdapter(LayerAdapter):
     name = "Llama, Mistral, Qwen2, Qwen3 (*Model, *ForCausalLM, *ForSequenceClassification, ...)"
 
     def layer_classes(self) -> tuple[type, ...]:
-        import importlib
-
-        classes = []
-        for family, cls in (("llama", "LlamaDecoderLayer"), ("mistral", "MistralDecoderLayer"),
-                            ("qwen2", "Qwen2DecoderLayer"), ("qwen3", "Qwen3DecoderLayer")):  # fmt: skip
-            try:
-                module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-            except ImportError:
-                continue
-            classes.append(getattr(module, cls))
-        return tuple(classes)
+        return classes_of((("llama", "LlamaDecoderLayer"), ("mistral", "MistralDecoderLayer"),
+                           ("qwen2", "Qwen2DecoderLayer"), ("qwen3", "Qwen3DecoderLayer")))  # fmt: skip
 
     def check(self, layer) -> None:
         """Raise ValueError naming every config field the fused block does not compute."""
@@ -84,7 +62,7 @@ class LlamaFamilyAdapter:
         if problems:
             raise ValueError(f"{type(layer).__name__} cannot be fused: " + "; ".join(problems))
 
-    def linears(self, layer) -> dict:
+    def linears(self, layer, parts=None) -> dict:
         """LoRA target -> (path in the layer, module) of each linear (a PEFT LoRA layer where one is injected)."""
         a, m = layer.self_attn, layer.mlp
         return {"q": ("self_attn.q_proj", a.q_proj), "k": ("self_attn.k_proj", a.k_proj),
@@ -92,52 +70,29 @@ class LlamaFamilyAdapter:
                 "gate": ("mlp.gate_proj", m.gate_proj), "up": ("mlp.up_proj", m.up_proj),
                 "fc2": ("mlp.down_proj", m.down_proj)}  # fmt: skip
 
-    def params(self, layer, lin: Linears) -> dict:
-        a, b = layer.self_attn, lin.base
+    def norms(self, layer, parts) -> dict:
+        a = layer.self_attn
         p = dict(ln1_w=layer.input_layernorm.weight, ln2_w=layer.post_attention_layernorm.weight)
-        for target, name in (("q", "q"), ("k", "k"), ("v", "v"), ("proj", "proj"), ("gate", "gate"), ("up", "up"),
-                             ("fc2", "fc2")):  # fmt: skip
-            p[f"w_{name}"], p[f"b_{name}"] = b[target].weight, b[target].bias
         if hasattr(a, "q_norm"):
             p.update(q_norm_w=a.q_norm.weight, k_norm_w=a.k_norm.weight)
-        p.update(lin.lora_params)
         return p
 
-    def block_config(self, layer, specs: tuple = ()) -> BlockConfig:
+    def block_config(self, layer, parts=None, specs: tuple = ()) -> BlockConfig:
         a = layer.self_attn
         p_attn = a.attention_dropout if layer.training else 0.0
-        seed = seeds.host_seed() if p_attn > 0.0 or lora_seeded(specs) else 0
+        seed = call_seed(0.0, p_attn, specs)
         n_heads = a.config.num_attention_heads
         spec = BlockSpec(n_heads, True, layer.input_layernorm.variance_epsilon, norm="rmsnorm", mlp="swiglu",
                          n_kv_heads=a.config.num_key_value_heads, head_dim=a.head_dim, qk_norm=hasattr(a, "q_norm"),
                          packed_qkv=False, lora=specs)  # fmt: skip
         return BlockConfig(spec, layer._ckpt_policy, seed, p_attn, 0.0)
 
-    def forward(self, layer, original, bound: dict):
-        x = bound["hidden_states"]
-        lin = read_linears(layer, self.linears(layer)) if torch.is_grad_enabled() else None
-        if lin is None:
-            return original(*bound["args"], **bound["call_kwargs"])
-        params = self.params(layer, lin)
-        if not needs_graph(x, params.values()):
-            return original(*bound["args"], **bound["call_kwargs"])
-        mask = bound.get("attention_mask")
-        info = self._fusable_mask(layer, bound, mask, lin)
-        if info is False:
-            return original(*bound["args"], **bound["call_kwargs"])
-        pe = tuple(bound["position_embeddings"])
-        cfg = self.block_config(layer, lin.specs)
-        if info is None:
-            return fused_block(x, params, cfg, None, pe)
-        ids = info.segment_ids(mask)
-        if ids is not None:  # padding / packing as (B, T) ids: no 4-D mask reaches the kernels
-            return fused_block(x, params, cfg, None, pe, ids)
-        return fused_block(x, params, cfg, info.additive(mask), pe)
-
-    def _fusable_mask(self, layer, bound: dict, mask, lin: Linears):
+    def fused_args(self, layer, parts, bound: dict, lin: Linears):
         """False to run the original forward (warned once where it is not an inference or attention-output call),
-        else the LayerMask of ``mask`` (None without a mask)."""
+        else (attn_mask, (cos, sin), segment_ids): padding and packing as (B, T) ids where the mask allows, so no 4-D
+        mask reaches the kernels."""
         x = bound["hidden_states"]
+        mask = bound.get("attention_mask")
         extra = bound["kwargs"]
         if extra.get("output_attentions") or bound.get("position_embeddings") is None:
             return False
@@ -150,16 +105,20 @@ class LlamaFamilyAdapter:
         if window is not None and window < x.shape[1] and not (mask is not None and mask.dim() == 4):
             return fallback(layer, "window", f"a sliding window ({window}) shorter than the sequence without a 4-D "
                             "mask that encodes it")  # fmt: skip
-        cache = next((src[k] for src in (bound, extra) for k in _CACHE_ARGS if src.get(k) is not None), None)
+        cache = first_given(bound, _CACHE_ARGS)
         if cache is not None:
             if not layer.training or _cached_tokens(cache, layer.self_attn.layer_idx) > 0:
                 return False  # serve the cache: the original forward fills it
             warn_once("llama-cache", "ckpt_ext: fused Llama-family layers do not fill the KV cache while training (as "
                       "with Hugging Face's gradient checkpointing); pass use_cache=False to silence this")  # fmt: skip
+        pe = tuple(bound["position_embeddings"])
         if mask is None:
-            return None
+            return None, pe, None
         info = layer_mask(mask, x.shape[1], True, layer, x.shape[0], bound.get("position_ids"))
-        return info if eager_rows_ok(layer, impl, info, mask) else False
+        if not eager_rows_ok(layer, impl, info, mask):
+            return False
+        ids = info.segment_ids(mask)
+        return (None, pe, ids) if ids is not None else (info.additive(mask), pe, None)
 
 
 def _sliding_window(layer):

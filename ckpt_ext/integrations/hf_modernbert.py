@@ -28,93 +28,81 @@ inside the gated product), another hidden_activation, masks that are not of the 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from ..block import fused_block
+from ..lora import Linears
 from ..spec import BlockConfig, BlockSpec
-from .hf_common import common_fallback, fallback, needs_graph, read_linears
+from .hf_adapter import LayerAdapter, attentions_requested, classes_of
+from .hf_common import common_fallback, fallback
 from .hf_masks import layer_mask
 
 FUSED_ATTENTION = ("eager", "sdpa")
 TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new")
 
 
-class ModernBertAdapter:
+class _Call:
+    """Per call: the window the layer's mask asks for (5.x: 0 when the model passed no mask)."""
+
+    def __init__(self, layer):
+        local = getattr(layer.attn, "local_attention", (-1, -1))  # 4.57; 5.x: set by fused_args from the mask
+        self.window = local[0] if local != (-1, -1) else 0
+
+
+class ModernBertAdapter(LayerAdapter):
     name = "ModernBERT (ModernBertModel, ModernBertForMaskedLM, ModernBertForSequenceClassification, ...)"
 
     def layer_classes(self) -> tuple[type, ...]:
-        try:
-            from transformers.models.modernbert.modeling_modernbert import ModernBertEncoderLayer
-        except ImportError:
-            return ()
-        return (ModernBertEncoderLayer,)
+        return classes_of((("modernbert", "ModernBertEncoderLayer"),))
 
     def check(self, layer) -> None:
         """Raise ValueError naming every config field the fused block does not compute."""
         cfg, attn = layer.config, layer.attn
         problems = []
-        if abs(layer.mlp_norm.eps - cfg.norm_eps) > 0 or not isinstance(layer.mlp_norm, torch.nn.LayerNorm):
+        if not isinstance(layer.mlp_norm, torch.nn.LayerNorm) or layer.mlp_norm.eps != cfg.norm_eps:
             problems.append("mlp_norm is not LayerNorm(norm_eps)")
         if attn.head_dim % 2:
             problems.append(f"head_dim={attn.head_dim} is odd (RoPE needs an even head_dim)")
         if problems:
             raise ValueError(f"{type(layer).__name__} cannot be fused: " + "; ".join(problems))
 
-    def linears(self, layer) -> dict:
+    def read(self, layer) -> _Call:
+        return _Call(layer)
+
+    def linears(self, layer, parts=None) -> dict:
         return {"qkv": ("attn.Wqkv", layer.attn.Wqkv), "proj": ("attn.Wo", layer.attn.Wo),
                 "fc": ("mlp.Wi", layer.mlp.Wi), "fc2": ("mlp.Wo", layer.mlp.Wo)}  # fmt: skip
 
-    def params(self, layer, lin) -> dict:
-        b = lin.base
-        f = layer.mlp.Wo.in_features
-        wi, bi = b["fc"].weight, b["fc"].bias
+    def norms(self, layer, parts) -> dict:
         p = dict(ln2_w=layer.mlp_norm.weight, ln2_b=layer.mlp_norm.bias)
         if isinstance(layer.attn_norm, torch.nn.LayerNorm):
             p.update(ln1_w=layer.attn_norm.weight, ln1_b=layer.attn_norm.bias)
-        p.update(w_qkv=b["qkv"].weight, b_qkv=b["qkv"].bias, w_proj=b["proj"].weight, b_proj=b["proj"].bias)
-        p.update(w_gate=wi[:f], w_up=wi[f:], b_gate=None if bi is None else bi[:f], b_up=None if bi is None else bi[f:])
-        p.update(w_fc2=b["fc2"].weight, b_fc2=b["fc2"].bias)
         return p
 
-    def block_config(self, layer) -> BlockConfig:
-        cfg, attn = layer.config, layer.attn
-        local = getattr(attn, "local_attention", (-1, -1))  # 4.57; 5.x: the window comes from the layer's mask
-        window = local[0] if local != (-1, -1) else 0
+    def params(self, layer, parts, lin: Linears) -> dict:
+        """The skeleton's params with the packed Wi as GeGLU's gate (its first, activated half) and up (views)."""
+        p = super().params(layer, parts, lin)
+        wi, bi = p.pop("w_fc"), p.pop("b_fc")
+        f = layer.mlp.Wo.in_features
+        p.update(w_gate=wi[:f], w_up=wi[f:], b_gate=None if bi is None else bi[:f], b_up=None if bi is None else bi[f:])
+        return p
+
+    def block_config(self, layer, parts, specs: tuple = ()) -> BlockConfig:
+        cfg = layer.config
         spec = BlockSpec(cfg.num_attention_heads, False, cfg.norm_eps, norm="layernorm", norm_bias=cfg.norm_bias,
                          attn_norm=isinstance(layer.attn_norm, torch.nn.LayerNorm), mlp="geglu", packed_qkv=True,
-                         window=window)  # fmt: skip
+                         window=parts.window)  # fmt: skip
         return BlockConfig(spec, layer._ckpt_policy, 0, 0.0, 0.0)
 
-    def forward(self, layer, original, bound: dict):
-        x = bound["hidden_states"]
-        lin = read_linears(layer, self.linears(layer)) if torch.is_grad_enabled() else None
-        if lin is None:
-            return original(*bound["args"], **bound["call_kwargs"])
-        params = self.params(layer, lin)
+    def fused_args(self, layer, parts: _Call, bound: dict, lin: Linears):
+        """False to run the original forward, else (key mask (B, 1, 1, T) or None, (cos, sin), None)."""
         if "position_embeddings" in bound:  # transformers 5.x
-            plan = self._fusable_5x(layer, bound, params, lin)
-            if plan is False:
-                return original(*bound["args"], **bound["call_kwargs"])
-            key_mask, window = plan
-            cfg = self.block_config(layer)
-            cfg = cfg.with_(spec=dataclasses.replace(cfg.spec, window=window))
-            return fused_block(x, params, cfg, key_mask, tuple(bound["position_embeddings"]))
-        key_mask = self._fusable(layer, bound, params, lin)
-        if key_mask is False:
-            return original(*bound["args"], **bound["call_kwargs"])
-        cos, sin = layer.attn.rotary_emb(x, position_ids=bound["position_ids"])  # (B|1, T, dh) each
-        out = fused_block(x, params, self.block_config(layer), key_mask, (cos, sin))
-        return (out,)
+            return self._args_5x(layer, parts, bound, lin)
+        return self._args_457(layer, bound, lin)
 
-    def _common(self, layer, bound: dict, params: dict, lin, mask) -> bool:
+    def _common(self, layer, bound: dict, lin: Linears, mask) -> bool:
         """False (warned once) for what neither version fuses."""
-        x = bound["hidden_states"]
-        if not needs_graph(x, params.values()):
-            return False
         cfg = layer.config
-        if bound.get("output_attentions") or bound["kwargs"].get("output_attentions"):
+        if attentions_requested(bound):
             return fallback(layer, "output-attentions", "output_attentions=True (the fused block keeps no weights)")
         if bound.get("cu_seqlens") is not None or bound.get("max_seqlen") is not None:
             return fallback(layer, "unpadded", "the unpadded (cu_seqlens) flash_attention_2 path")
@@ -130,73 +118,71 @@ class ModernBertAdapter:
                             f"{cfg.mlp_dropout} while training (fused: both 0, or eval)")  # fmt: skip
         return True
 
-    def _fusable_5x(self, layer, bound: dict, params: dict, lin):
-        """False to run the original forward, else (key mask (B, 1, 1, T) additive or None, window)."""
+    def _args_457(self, layer, bound: dict, lin: Linears):
+        x = bound["hidden_states"]
+        cfg = layer.config
+        mask, window_mask = bound.get("attention_mask"), bound.get("sliding_window_mask")
+        if not self._common(layer, bound, lin, mask):
+            return False
+        if bound.get("position_ids") is None:
+            return fallback(layer, "position-ids", "no position_ids (RoPE needs them)")
+        if not (_is_4d(mask, x) and _is_4d(window_mask, x)):
+            return fallback(layer, "mask-shape", "attention masks other than the model's two (B, 1, T, T) masks")
+        additive = layer_mask(mask, x.shape[1], False, layer, x.shape[0]).key_additive(mask)
+        if additive is False:
+            return fallback(layer, "mask-rows", "a global mask that is not a key-padding mask (its rows differ)")
+        keep = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+        if additive is not None:
+            keep = additive[:, 0, 0] > torch.finfo(torch.float32).min / 2  # (B, T)
+        if not _window_mask_ok(window_mask, keep, cfg.local_attention // 2):
+            return fallback(layer, "window-mask", "a sliding_window_mask that is not the key mask within "
+                            "|i - j| <= local_attention // 2")  # fmt: skip
+        local = layer.attn.local_attention
+        if _empty_rows(keep, local[0] if local != (-1, -1) else 0):
+            return _empty_rows_fallback(layer)
+        cos, sin = layer.attn.rotary_emb(x, position_ids=bound["position_ids"])  # (B|1, T, dh) each
+        return additive, (cos, sin), None
+
+    def _args_5x(self, layer, parts: _Call, bound: dict, lin: Linears):
         x = bound["hidden_states"]
         mask = bound.get("attention_mask")
-        if not self._common(layer, bound, params, lin, mask):
+        if not self._common(layer, bound, lin, mask):
             return False
-        if bound.get("position_embeddings") is None:
+        rope = bound.get("position_embeddings")
+        if rope is None:
             return fallback(layer, "position-embeddings", "no position_embeddings (RoPE needs them)")
-        if mask is None:
-            return None, 0
+        parts.window = 0
+        if mask is None:  # Hugging Face attends to every key
+            return None, tuple(rope), None
         if not _is_4d(mask, x):
-            return fallback(
-                layer, "mask-shape", f"an attention mask of shape {tuple(mask.shape)} (fused: (B, 1, T, T))"
-            )
+            shape = tuple(mask.shape)
+            return fallback(layer, "mask-shape", f"an attention mask of shape {shape} (fused: (B, 1, T, T))")
         b, t = x.shape[:2]
-        sliding = getattr(layer, "attention_type", "full_attention") == "sliding_attention"
-        if not sliding:
+        if getattr(layer, "attention_type", "full_attention") != "sliding_attention":
             additive = layer_mask(mask, t, False, layer, b).key_additive(mask)
             if additive is False:
                 return fallback(layer, "mask-rows", "a full-attention mask that is not a key-padding mask")
             keep = torch.ones(b, t, dtype=torch.bool, device=x.device)
             if additive is not None:
                 keep = additive[:, 0, 0] > torch.finfo(torch.float32).min / 2  # (B, T)
-            window = 0
         else:
-            window = layer.config.sliding_window
-            keep = _visible(mask.diagonal(dim1=2, dim2=3)[:, 0]).expand(b, t)  # (B, T): key j seen by row j
-            if not _window_mask_ok(mask, keep, window):
+            parts.window = layer.config.sliding_window
+            keep = _visible(mask.diagonal(dim1=2, dim2=3)[:, 0]).expand(b, t)  # (B, T): key j as row j sees it
+            if not _window_mask_ok(mask, keep, parts.window):
                 return fallback(layer, "window-mask", "a sliding-window mask that is not a key mask within "
                                 "|i - j| <= config.sliding_window")  # fmt: skip
             additive = None
             if not bool(keep.all()):
-                additive = torch.zeros(b, 1, 1, t, device=x.device).masked_fill_(
-                    ~keep[:, None, None], torch.finfo(torch.float32).min
-                )  # (B, 1, 1, T)
-        if _empty_rows(keep, window):
-            return fallback(layer, "empty-rows", "a padding mask that leaves query rows no key within their window "
-                            "(Hugging Face's softmax gives them uniform weights, the fused kernels zeros)")  # fmt: skip
-        return additive, window
+                hidden = torch.finfo(torch.float32).min
+                additive = torch.zeros(b, 1, 1, t, device=x.device).masked_fill_(~keep[:, None, None], hidden)
+        if _empty_rows(keep, parts.window):
+            return _empty_rows_fallback(layer)
+        return additive, tuple(rope), None
 
-    def _fusable(self, layer, bound: dict, params: dict, lin):
-        """False to run the original forward, else the additive (B, 1, 1, T) key mask (None: nothing masked)."""
-        x = bound["hidden_states"]
-        cfg = layer.config
-        mask, window_mask = bound.get("attention_mask"), bound.get("sliding_window_mask")
-        if not self._common(layer, bound, params, lin, mask):
-            return False
-        if bound.get("position_ids") is None:
-            return fallback(layer, "position-ids", "no position_ids (RoPE needs them)")
-        if not (_is_4d(mask, x) and _is_4d(window_mask, x)):
-            return fallback(layer, "mask-shape", "attention masks other than the model's two (B, 1, T, T) masks")
-        info = layer_mask(mask, x.shape[1], False, layer, x.shape[0])
-        additive = info.key_additive(mask)
-        if additive is False:
-            return fallback(layer, "mask-rows", "a global mask that is not a key-padding mask (its rows differ)")
-        w = cfg.local_attention // 2
-        keep = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
-        if additive is not None:
-            keep = additive[:, 0, 0] > torch.finfo(torch.float32).min / 2  # (B, T)
-        if not _window_mask_ok(window_mask, keep, w):
-            return fallback(layer, "window-mask", "a sliding_window_mask that is not the key mask within "
-                            "|i - j| <= local_attention // 2")  # fmt: skip
-        window = layer.attn.local_attention[0] if layer.attn.local_attention != (-1, -1) else 0
-        if _empty_rows(keep, window):
-            return fallback(layer, "empty-rows", "a padding mask that leaves query rows no key within their window "
-                            "(Hugging Face's softmax gives them uniform weights, the fused kernels zeros)")  # fmt: skip
-        return additive
+
+def _empty_rows_fallback(layer) -> bool:
+    return fallback(layer, "empty-rows", "a padding mask that leaves query rows no key within their window (Hugging "
+                    "Face's softmax gives them uniform weights, the fused kernels zeros)")  # fmt: skip
 
 
 def _is_4d(mask, x) -> bool:

@@ -15,21 +15,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
-from .. import seeds
-from ..block import fused_block
 from ..spec import BlockConfig, BlockSpec
-from .hf_common import (
-    Linears,
-    common_fallback,
-    eager_rows_ok,
-    fallback,
-    lora_eager_only,
-    lora_seeded,
-    needs_graph,
-    read_linears,
-)
+from .hf_adapter import LayerAdapter, attentions_requested, call_seed, part_linears, same_residual_dropout
+from .hf_common import Linears, common_fallback, eager_rows_ok, lora_eager_only
 from .hf_gpt2 import FUSED_ATTENTION, GELU_FORMS
 from .hf_masks import layer_mask
 
@@ -59,7 +47,7 @@ class _Parts:
             self.p_out = layer.output.dropout.p  # the MLP branch's (the block has one residual p)
 
 
-class ViTAdapter:
+class ViTAdapter(LayerAdapter):
     name = "ViT (ViTModel, ViTForImageClassification, ViTForMaskedImageModeling)"
 
     def layer_classes(self) -> tuple[type, ...]:
@@ -83,63 +71,37 @@ class ViTAdapter:
         if problems:
             raise ValueError("ViTLayer cannot be fused: " + "; ".join(problems))
 
+    def read(self, layer) -> _Parts:
+        return _Parts(layer)
+
     def linears(self, layer, parts: Optional[_Parts] = None) -> dict:
         """LoRA target -> (path in the layer, module) of each linear, 4.57 or 5.x names."""
-        parts = _Parts(layer) if parts is None else parts
-        return {target: (parts.paths[target], getattr(parts, attr))
-                for target, attr in (("q", "q"), ("k", "k"), ("v", "v"), ("proj", "o"), ("fc", "fc1"),
-                                     ("fc2", "fc2"))}  # fmt: skip
+        return part_linears(_Parts(layer) if parts is None else parts)
 
-    def params(self, layer, lin: Linears):
-        p = dict(ln1_w=layer.layernorm_before.weight, ln1_b=layer.layernorm_before.bias,
-                 ln2_w=layer.layernorm_after.weight, ln2_b=layer.layernorm_after.bias)  # fmt: skip
-        for target, base in lin.base.items():
-            p[f"w_{target}"], p[f"b_{target}"] = base.weight, base.bias
-        p.update(lin.lora_params)
-        return p
+    def norms(self, layer, parts) -> dict:
+        return dict(ln1_w=layer.layernorm_before.weight, ln1_b=layer.layernorm_before.bias,
+                    ln2_w=layer.layernorm_after.weight, ln2_b=layer.layernorm_after.bias)  # fmt: skip
 
     def block_config(self, layer, parts: _Parts, specs: tuple = ()) -> BlockConfig:
         p_attn = parts.p_attn if layer.training else 0.0
         p = parts.p if layer.training else 0.0
-        seed = seeds.host_seed() if (p > 0.0 or p_attn > 0.0 or lora_seeded(specs)) else 0
+        seed = call_seed(p, p_attn, specs)
         n_heads = parts.config.num_attention_heads
         spec = BlockSpec(n_heads, False, layer.layernorm_before.eps, mlp=GELU_FORMS[parts.config.hidden_act],
                          packed_qkv=False, lora=specs)  # fmt: skip
         return BlockConfig(spec, layer._ckpt_policy, seed, p_attn, p)
 
-    def forward(self, layer, original, bound: dict):
-        x = bound["hidden_states"]
-        parts = _Parts(layer)
-        mask = bound.get("attention_mask")
-        lin = read_linears(layer, self.linears(layer, parts)) if torch.is_grad_enabled() else None
-        if lin is None:
-            return original(*bound["args"], **bound["call_kwargs"])
-        params = self.params(layer, lin)
+    def fused_args(self, layer, parts: _Parts, bound: dict, lin: Linears):
+        """False to run the original forward, else (the additive attention mask or None,)."""
+        x, mask = bound["hidden_states"], bound.get("attention_mask")
         impl = getattr(parts.config, "_attn_implementation", "eager")
-        fusable = (
-            needs_graph(x, params.values())
-            and bound.get("head_mask") is None
-            and not bound.get("output_attentions")
-            and not bound["kwargs"].get("output_attentions")
-            and common_fallback(layer, impl, FUSED_ATTENTION, mask, lin)
-            and lora_eager_only(layer, lin)
-            and (
-                parts.p_out == parts.p
-                or not layer.training
-                or fallback(
-                    layer,
-                    "dropout",
-                    "different dropout on the "
-                    f"residual branches ({parts.p} after attention, {parts.p_out} after the MLP)",
-                )
-            )
-        )
-        info = None
-        if fusable and mask is not None:
-            info = layer_mask(mask, x.shape[1], False, layer, x.shape[0])
-            fusable = eager_rows_ok(layer, impl, info, mask)
-        if not fusable:
-            return original(*bound["args"], **bound["call_kwargs"])
-        out = fused_block(x, params, self.block_config(layer, parts, lin.specs),
-                          None if info is None else info.additive(mask))  # fmt: skip
-        return (out,) if "output_attentions" in bound else out
+        if bound.get("head_mask") is not None or attentions_requested(bound):
+            return False
+        if not common_fallback(layer, impl, FUSED_ATTENTION, mask, lin) or not lora_eager_only(layer, lin):
+            return False
+        if not same_residual_dropout(layer, parts.p, parts.p_out):
+            return False
+        if mask is None:
+            return (None,)
+        info = layer_mask(mask, x.shape[1], False, layer, x.shape[0])
+        return (info.additive(mask),) if eager_rows_ok(layer, impl, info, mask) else False

@@ -10,41 +10,7 @@ the gate/up GEMMs and geglu_fwd instead of one fused recompute kernel. Math: ref
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
 from .. import reference
-from .table import define
+from .gated import define_gated
 
-
-def _check_pair(name: str, a: Tensor, b: Tensor) -> None:
-    torch._check(a.dim() == 2 and a.shape == b.shape, lambda: f"{name}: g and u must be the same (N, F)")
-
-
-def _geglu_fwd_fake(g, u):
-    _check_pair("geglu_fwd", g, u)
-    return g.new_empty(g.shape)
-
-
-geglu_fwd = define(reference.geglu_fwd, fake=_geglu_fwd_fake)
-
-
-def _geglu_bwd_fake(dh, g, u):
-    _check_pair("geglu_bwd", g, u)
-    torch._check(dh.shape == g.shape, lambda: "geglu_bwd: dh must match g")
-    return g.new_empty(g.shape), u.new_empty(u.shape)
-
-
-geglu_bwd = define(reference.geglu_bwd, fake=_geglu_bwd_fake)
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, dh):
-    g, u = ctx.saved_tensors
-    return geglu_bwd(dh.contiguous(), g, u)
-
-
-geglu_fwd.register_autograd(_backward, setup_context=_setup)
+geglu_fwd, geglu_bwd = define_gated(reference.geglu_fwd, reference.geglu_bwd)

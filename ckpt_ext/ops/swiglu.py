@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import reference
 from .ffn import _dy_times_flops
+from .gated import check_pair, define_gated
 from .table import define
 
 
@@ -35,37 +36,7 @@ def _swiglu_ffn_recompute_flops(x1_shape, rstd_shape, nw_shape, w_gate_shape, *a
     return 6 * n * d * w_gate_shape[0]  # gate and up GEMMs redone, dH = dy @ w_down
 
 
-def _check_pair(name: str, a: Tensor, b: Tensor) -> None:
-    torch._check(a.dim() == 2 and a.shape == b.shape, lambda: f"{name}: g and u must be the same (N, F)")
-
-
-def _swiglu_fwd_fake(g, u):
-    _check_pair("swiglu_fwd", g, u)
-    return g.new_empty(g.shape)
-
-
-swiglu_fwd = define(reference.swiglu_fwd, fake=_swiglu_fwd_fake)
-
-
-def _swiglu_bwd_fake(dh, g, u):
-    _check_pair("swiglu_bwd", g, u)
-    torch._check(dh.shape == g.shape, lambda: "swiglu_bwd: dh must match g")
-    return g.new_empty(g.shape), u.new_empty(u.shape)
-
-
-swiglu_bwd = define(reference.swiglu_bwd, fake=_swiglu_bwd_fake)
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, dh):
-    g, u = ctx.saved_tensors
-    return swiglu_bwd(dh.contiguous(), g, u)
-
-
-swiglu_fwd.register_autograd(_backward, setup_context=_setup)
+swiglu_fwd, swiglu_bwd = define_gated(reference.swiglu_fwd, reference.swiglu_bwd)
 
 
 def _check_weights(name: str, k: int, w_gate: Tensor, b_gate, w_up: Tensor, b_up) -> int:
@@ -87,7 +58,7 @@ linear_swiglu = define(reference.linear_swiglu, fake=_linear_swiglu_fake, flops=
 
 
 def _swiglu_linear_bwd_fake(dy, w_down, g, u):
-    _check_pair("swiglu_linear_bwd", g, u)
+    check_pair("swiglu_linear_bwd", g, u)
     n, f = g.shape
     torch._check(dy.dim() == 2 and dy.shape[0] == n, lambda: f"swiglu_linear_bwd: dy must be ({n}, d)")
     torch._check(w_down.shape == (dy.shape[1], f), lambda: f"swiglu_linear_bwd: w_down must be (d, {f})")
@@ -100,7 +71,7 @@ swiglu_linear_bwd = define(
 
 
 def _swiglu_linear_wgrad_fake(dy, g, u):
-    _check_pair("swiglu_linear_wgrad", g, u)
+    check_pair("swiglu_linear_wgrad", g, u)
     torch._check(dy.dim() == 2 and dy.shape[0] == g.shape[0], lambda: "swiglu_linear_wgrad: dy must be (N, d)")
     return dy.new_empty((dy.shape[1], g.shape[1]))
 

@@ -8,6 +8,7 @@
 //   tanh form: z = sqrt(2/pi) (u + 0.044715 u^3), s = sigmoid(2 z) = 0.5 (1 + tanh z);  gelu(u) = u * s,
 //              gelu'(u) = s + 2 u s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 u^2)
 // SwiGLU (Llama MLP), s = sigmoid(g):  h = silu(g) u = g s u;  given dh:  dg = dh u s (1 + g (1 - s)),  du = dh g s
+// GeGLU (Gemma / ModernBERT MLP), tanh-form gelu:  h = gelu(g) u;  given dh:  dg = dh u gelu'(g),  du = dh gelu(g)
 #pragma once
 
 #include <cmath>
@@ -134,6 +135,22 @@ CKPT_HD acc_t swiglu_and_grad(acc_t dh, acc_t g, acc_t u, acc_t* dg, acc_t* du) 
   *du = dh * gs;
   *dg = dh * u * (s + gs * (acc_t(1) - s));
   return gs * u;
+}
+
+// h = gelu_tanh(g) u.
+template <typename acc_t>
+CKPT_HD acc_t geglu(acc_t g, acc_t u) {
+  return gelu<acc_t>(g, true) * u;
+}
+
+// (dg, du) of h = gelu_tanh(g) u given dh, in *dg and *du (one exp for gelu and gelu'); returns h.
+template <typename acc_t>
+CKPT_HD acc_t geglu_and_grad(acc_t dh, acc_t g, acc_t u, acc_t* dg, acc_t* du) {
+  acc_t grad;
+  const acc_t a = gelu_and_grad<acc_t>(g, true, &grad);
+  *du = dh * a;
+  *dg = dh * u * grad;
+  return a * u;
 }
 
 }  // namespace math
