@@ -47,7 +47,7 @@ from .policies import get_policy
 from .spec import GATE_ACTIVATIONS, GELU_FORM, MLPS, NORMS, PLACEMENTS
 
 ACTIVATIONS = MLPS  # the MLP forms (spec.py): "gelu", "gelu_tanh", "swiglu", "geglu"
-_GATE_FNS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+_GATE_FNS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "gelu": F.gelu}
 
 
 class RMSNorm(nn.Module):

@@ -162,7 +162,7 @@ def tensor_bytes(
         "x1": n * d_model * act_bytes,
         "ln2_stats": n_stats * n * stat_bytes,
         "ln2_out": n * d_model * act_bytes,
-        "fc1_out": (2 if mlp in ("swiglu", "geglu") else 1) * n * hidden * matmul_bytes,
+        "fc1_out": (2 if mlp in ("swiglu", "geglu", "geglu_erf") else 1) * n * hidden * matmul_bytes,
         "act_out": n * hidden * matmul_bytes,
         "h1": n * d_model * act_bytes,
         "h2": n * d_model * act_bytes,

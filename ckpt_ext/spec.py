@@ -11,7 +11,8 @@ each, which form it takes; nothing else in the package hard-codes a family:
                q|k|v weight or three), ``window`` (0 = none; w > 0: query i sees key j only if |i - j| <= w,
                ModernBERT's local layers); RoPE is per call (the model's cos, sin tables)
     mlp        "gelu" | "gelu_tanh" (fc → act → proj) or the gated "swiglu" (silu(gate)·up) | "geglu"
-               (gelu_tanh(gate)·up), then the down projection
+               (gelu_tanh(gate)·up, Gemma) | "geglu_erf" (erf gelu(gate)·up, ModernBERT's default), then the down
+               projection
     linears    plain, or PEFT LoRA (``lora``: one lora.LoraSpec per adapted linear)
 
 ``BlockConfig`` = a spec + what changes from call to call: the recompute policy, the dropout probabilities and the
@@ -30,8 +31,8 @@ from .policies import get_policy
 
 NORMS = ("layernorm", "rmsnorm")
 PLACEMENTS = ("pre", "post")
-MLPS = ("gelu", "gelu_tanh", "swiglu", "geglu")
-GATE_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_tanh"}  # gated MLP kind -> activation of its gate
+MLPS = ("gelu", "gelu_tanh", "swiglu", "geglu", "geglu_erf")
+GATE_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_tanh", "geglu_erf": "gelu"}  # gated MLP kind -> its gate's act
 GELU_FORM = {"gelu": "none", "gelu_tanh": "tanh"}  # GELU MLP kind -> the ops' ``approximate`` argument
 
 # Every parameter name a spec may use, in the one order the block passes them (a spec uses a subset).
@@ -84,7 +85,7 @@ class BlockSpec:
 
     @property
     def approximate(self) -> str:
-        """The GELU form of a GELU MLP ("none" erf, "tanh"); GeGLU's gate is always the tanh form."""
+        """The GELU form of a GELU MLP or GeGLU gate ("none" erf, "tanh")."""
         return GELU_FORM.get(self.mlp, "tanh" if self.mlp == "geglu" else "none")
 
     def n_stats(self) -> int:

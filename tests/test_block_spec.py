@@ -30,6 +30,7 @@ FORMS = [  # (norm, activation, placement): the two historical pairs, the crosse
     ("rmsnorm", "swiglu", "post"),
     ("layernorm", "geglu", "pre"),
     ("rmsnorm", "geglu", "pre"),
+    ("layernorm", "geglu_erf", "pre"),
 ]
 POLICIES = list(policies.POLICIES)
 

@@ -3,7 +3,7 @@ local_attention = 16 so local (window 8) and global layers differ: loss and ever
 unconverted model × policy × (no padding, right padding) × eager/sdpa, fp32, dropout 0, with and without
 norm/attention/MLP biases (MaskedLM; SequenceClassification; ModernBertModel's hidden states); the fused path ran on
 every layer (layer 0 without attention norm included); retained bytes per policy against policies.retained_bytes
-(mlp='geglu'); fallbacks warn and match (erf gelu activation, padding that leaves local rows no key)."""
+(mlp='geglu' / 'geglu_erf'); fallbacks warn and match (a quick_gelu gate, padding that leaves local rows no key)."""
 
 from __future__ import annotations
 
@@ -58,10 +58,11 @@ def grads(model, ids, mask, labels):
 @pytest.mark.parametrize("pad", [0, 5])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_masked_lm_matches_unconverted(policy, bias, pad, impl, fused_calls):
+@pytest.mark.parametrize("impl, act", [("eager", "gelu"), ("sdpa", "gelu_pytorch_tanh")])
+def test_masked_lm_matches_unconverted(policy, bias, pad, impl, act, fused_calls):
+    """hidden_activation: ModernBERT's default erf gelu (MLP form geglu_erf) and the tanh form (geglu)."""
     torch.manual_seed(0)
-    model = ModernBertForMaskedLM(config(bias, impl)).train()
+    model = ModernBertForMaskedLM(config(bias, impl, act)).train()
     fused = copy.deepcopy(model)
     assert apply_fused_checkpointing(fused, policy) == 4
     batch_ = batch(pad)
@@ -89,9 +90,9 @@ def test_sequence_classification_matches(fused_calls):
         torch.testing.assert_close(fg[name], g[name], atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("act, pad, fused", [("gelu", 0, 0), ("gelu_pytorch_tanh", 40, 2)])
+@pytest.mark.parametrize("act, pad, fused", [("quick_gelu", 0, 0), ("gelu_pytorch_tanh", 40, 2)])
 def test_unhandled_cases_fall_back_with_a_warning(act, pad, fused, fused_calls, monkeypatch, caplog):
-    """erf GELU (not the fused GeGLU's tanh form): every layer runs its original forward; right padding of 40 > the
+    """A quick_gelu gate (no fused form): every layer runs its original forward; right padding of 40 > the
     window (8): the local layers' padded rows far from every token see no key (Hugging Face: uniform weights), so the
     two local layers fall back and the two global ones fuse."""
     from ckpt_ext.integrations import hf_common
@@ -106,7 +107,7 @@ def test_unhandled_cases_fall_back_with_a_warning(act, pad, fused, fused_calls, 
     with caplog.at_level(logging.WARNING, logger="ckpt_ext.integrations"):
         floss, fg = grads(converted, *batch_)
     assert "runs its original forward" in caplog.text
-    assert ("hidden_activation" if act == "gelu" else "no key within their window") in caplog.text
+    assert ("hidden_activation" if act == "quick_gelu" else "no key within their window") in caplog.text
     assert len(fused_calls) == fused
     exact = dict(atol=0, rtol=0) if fused == 0 else dict(atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(floss, loss, **exact)

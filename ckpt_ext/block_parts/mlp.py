@@ -3,7 +3,7 @@
 Forms (``BlockSpec.mlp``; H = hidden width, y2 = norm2(x1) (N, d)):
     gelu, gelu_tanh   u = y2 W_fcᵀ + b           a = gelu(u)               (pre-activations: (u,))
     swiglu            g, u = y2 W_gateᵀ, y2 W_upᵀ  a = silu(g) · u          (pre-activations: (g, u))
-    geglu             g, u as swiglu              a = gelu_tanh(g) · u      (Gemma, ModernBERT)
+    geglu             g, u as swiglu              a = gelu_tanh(g) · u      (Gemma; geglu_erf: erf gelu, ModernBERT)
     out = linear_dropout_add(a, W_fc2, b_fc2, x1, p, seed + 2)   (bias, dropout, residual in the GEMM epilogue)
 ``ACTIVATIONS`` holds each form's pointwise forward and backward op; ``FUSED`` the forms with fused kernels:
 the activation in FC1's epilogue (forward without keeping u), the activation' in the down projection's backward
@@ -44,11 +44,24 @@ def _gelu_bwd(da, pre, spec):
     return (_ops.gelu_bwd(da, pre[0], spec.approximate),)
 
 
+def _geglu_erf_fwd(pre, spec):
+    """gelu(g)·u with the erf GELU (ModernBERT's default), from the GELU op: (g, u) (N, H) each -> (N, H)."""
+    g, u = pre
+    return _ops.bias_gelu(g, None, "none") * u
+
+
+def _geglu_erf_bwd(da, pre, spec):
+    """dg = gelu'(g)·(dA·u), du = dA·gelu(g), from the GELU ops."""
+    g, u = pre
+    return _ops.gelu_bwd(da * u, g, "none"), da * _ops.bias_gelu(g, None, "none")
+
+
 ACTIVATIONS = {
     "gelu": Activation(_gelu_fwd, _gelu_bwd),
     "gelu_tanh": Activation(_gelu_fwd, _gelu_bwd),
     "swiglu": Activation(lambda pre, spec: _ops.swiglu_fwd(*pre), lambda da, pre, spec: _ops.swiglu_bwd(da, *pre)),
     "geglu": Activation(lambda pre, spec: _ops.geglu_fwd(*pre), lambda da, pre, spec: _ops.geglu_bwd(da, *pre)),
+    "geglu_erf": Activation(_geglu_erf_fwd, _geglu_erf_bwd),
 }
 FUSED = {"gelu": "layernorm", "gelu_tanh": "layernorm", "swiglu": "rmsnorm"}  # form -> the norm its recompute reads
 

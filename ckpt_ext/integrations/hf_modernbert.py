@@ -8,7 +8,8 @@ bidirectional attention, RoPE from the layer's own rotary_emb (θ global_rope_th
 local_rope_theta on local ones), every global_attn_every_n_layers-th layer global and the others a sliding window
 |i - j| <= local_attention // 2 (BlockSpec.window: the kernels apply it per tile, no (T, T) mask), biases per
 attention_bias / mlp_bias. The GeGLU block's activated half is w_gate = Wi.weight[:F] and w_up = Wi.weight[F:]
-(views: Wi.weight gets the gradient); hidden_activation must be the tanh GELU (gelu_pytorch_tanh / gelu_new).
+(views: Wi.weight gets the gradient); hidden_activation gelu (erf: MLP form geglu_erf, the default) or
+gelu_pytorch_tanh / gelu_new (geglu).
 
 Masks (4.57): every layer receives the model's two (B, 1, T, T) additive masks (global and windowed). The fused path
 reads a (B, 1, 1, T) key mask from the global one (its rows must be equal: a key-padding mask) and checks once per
@@ -37,7 +38,7 @@ from .hf_common import common_fallback, fallback
 from .hf_masks import layer_mask
 
 FUSED_ATTENTION = ("eager", "sdpa")
-TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new")
+GEGLU_FORMS = {"gelu": "geglu_erf", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}  # hidden_activation -> form
 
 
 class _Call:
@@ -89,8 +90,8 @@ class ModernBertAdapter(LayerAdapter):
     def block_config(self, layer, parts, specs: tuple = ()) -> BlockConfig:
         cfg = layer.config
         spec = BlockSpec(cfg.num_attention_heads, False, cfg.norm_eps, norm="layernorm", norm_bias=cfg.norm_bias,
-                         attn_norm=isinstance(layer.attn_norm, torch.nn.LayerNorm), mlp="geglu", packed_qkv=True,
-                         window=parts.window)  # fmt: skip
+                         attn_norm=isinstance(layer.attn_norm, torch.nn.LayerNorm),
+                         mlp=GEGLU_FORMS[cfg.hidden_activation], packed_qkv=True, window=parts.window)  # fmt: skip
         return BlockConfig(spec, layer._ckpt_policy, 0, 0.0, 0.0)
 
     def fused_args(self, layer, parts: _Call, bound: dict, lin: Linears):
@@ -110,9 +111,9 @@ class ModernBertAdapter(LayerAdapter):
             return False
         if lin.specs:
             return fallback(layer, "lora", "LoRA adapters (ModernBERT's packed Wi is not split for LoRA)")
-        if cfg.hidden_activation not in TANH_GELUS:
+        if cfg.hidden_activation not in GEGLU_FORMS:
             return fallback(layer, "activation", f"hidden_activation={cfg.hidden_activation!r} (the fused GeGLU "
-                            f"takes the tanh GELU: {', '.join(TANH_GELUS)})")  # fmt: skip
+                            f"takes {', '.join(GEGLU_FORMS)})")  # fmt: skip
         if layer.training and (cfg.attention_dropout > 0.0 or cfg.mlp_dropout > 0.0):
             return fallback(layer, "dropout", f"attention_dropout={cfg.attention_dropout}, mlp_dropout="
                             f"{cfg.mlp_dropout} while training (fused: both 0, or eval)")  # fmt: skip
