@@ -320,18 +320,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     result = dict(results[families[-1]])
     result["families"] = results
     if not args.no_batch_answer:
-        answers = demo_batch.reports()
-        if answers:
-            text = demo_batch.markdown(answers)
-            (args.out / "batch_answer.md").write_text(text, encoding="utf-8")
-            sys.stdout.write(f"\n{text}\nwrote {args.out / 'batch_answer.md'}\n")
-        result["batch_answer"] = answers
-        encoders = demo_batch.encoder_reports()
-        if encoders:
-            text = demo_batch.encoder_markdown(encoders)
-            (args.out / "batch_answer_bert.md").write_text(text, encoding="utf-8")
-            sys.stdout.write(f"\n{text}\nwrote {args.out / 'batch_answer_bert.md'}\n")
-        result["batch_answer_encoders"] = encoders
+        answer_kinds = (
+            ("batch_answer", "batch_answer.md", demo_batch.reports, demo_batch.markdown),
+            ("batch_answer_encoders", "batch_answer_bert.md", demo_batch.encoder_reports, demo_batch.encoder_markdown),
+        )
+        for key, filename, reports, markdown in answer_kinds:
+            answers = reports()
+            if answers:
+                text = markdown(answers)
+                (args.out / filename).write_text(text, encoding="utf-8")
+                sys.stdout.write(f"\n{text}\nwrote {args.out / filename}\n")
+            result[key] = answers
     return result
 
 

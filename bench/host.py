@@ -36,7 +36,7 @@ from ckpt_ext import FusedCheckpointBlock, TransformerBlock
 from ckpt_ext.backends.cpp import bridge as cpp_bridge
 from ckpt_ext.block import init_block_
 
-from .micro_timing import ratio_text, spread_text, time_interleaved
+from .micro_timing import markdown_table, ratio_text, spread_text, time_interleaved
 
 POLICIES = ("none", "pointwise", "ffn", "block_keep_attn", "block")
 BACKENDS = ("cpp", "reference")  # a row label is the backend's name
@@ -160,14 +160,13 @@ def run(family="gpt2", d=64, heads=4, seq=8, batch=1, min_time=3.0, threads=1) -
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [
-        "| variant | µs / step [IQR] | aten ops | ckpt_ext ops | × eager | × torch ckpt |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        aten, ckpt = ("—" if n is None else n for n in (r["aten_ops"], r["ckpt_ops"]))
-        lines.append(f"| {r['variant']} | {r['step']} | {aten} | {ckpt} | {r['vs_eager']} | {r['vs_ckpt']} |")
-    return "\n".join(lines)
+    header = ("variant", "µs / step [IQR]", "aten ops", "ckpt_ext ops", "× eager", "× torch ckpt")
+    cells = [
+        (r["variant"], r["step"], *("—" if n is None else n for n in (r["aten_ops"], r["ckpt_ops"])), r["vs_eager"],
+         r["vs_ckpt"])
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(header, cells)
 
 
 def main(argv=None) -> int:

@@ -74,11 +74,11 @@ def run(family: str = "gpt2", d: int = 64, heads: int = 4, seq: int = 8, batch: 
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| variant | µs / step [IQR], launches stubbed | Triton launches / step | × eager |", "|---|---|---|---|"]
-    for r in rows:
-        launches = "" if r["variant"] == "TransformerBlock" else str(r["launches"])
-        lines.append(f"| {r['variant']} | {r['step']} | {launches} | {r['vs_eager']} |")
-    return "\n".join(lines)
+    from .micro_timing import markdown_table
+
+    header = ("variant", "µs / step [IQR], launches stubbed", "Triton launches / step", "× eager")
+    launches = ["" if r["variant"] == "TransformerBlock" else str(r["launches"]) for r in rows]
+    return markdown_table(header, [(r["variant"], r["step"], n, r["vs_eager"]) for r, n in zip(rows, launches)])
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,7 @@ CPU, several variants (``time_interleaved``): round-robin, one sample of every v
 each round), so a load change on a shared machine hits every variant alike; a sample is ``number`` calls, chosen so
 a sample lasts >= ``sample_s``. Comparisons use the per-round ratios of two variants (paired samples): median and
 interquartile range. ``ratio_text`` prints the median ratio only when the IQR is smaller than its distance from 1
-(the difference it reports), else "noisy".
+(the difference it reports), else "noisy". ``markdown_table`` prints the benchmarks' result tables.
 Roofline: max(FLOPs / 788 TFLOP/s, bytes / 4.3 TB/s) + 3 µs on an H200, priced by ckpt_ext.roofline.price (the
 project's cost model) when it is importable, else by the same formula here.
 """
@@ -143,3 +143,10 @@ def spread_text(t: Timing, scale: float = 1e3) -> str:
     """ "median [q25-q75]" in ms (scale 1e3)."""
     lo, hi = t.iqr
     return f"{t.median * scale:.3f} [{lo * scale:.3f}-{hi * scale:.3f}]"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table: the header line, its separator line, one line per row (each cell printed with str)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""The compile lane's jobs for the Llama-family kernels and the gated GeGLU (Gemma / ModernBERT) pointwise kernels
-(compile_check imports this; nothing here imports triton).
+"""The compile lane's jobs for the Llama-family kernels and the gated-MLP pointwise kernels (SwiGLU; GeGLU of Gemma /
+ModernBERT) (compile_check imports this; nothing here imports triton).
 
 Each job is (name, jit fn, signature, constexprs, options), as compile_check._jobs yields. 16-bit signatures are bf16
 (the dtype Llama-family models train in) plus the autocast mix (bf16 activations, fp32 norm weight and fp32 RMSNorm
@@ -27,12 +27,11 @@ def _const(**kw) -> dict:
 def llama_jobs(arch: int, all_configs: bool):
     from . import (
         act_linear_wgrad,
-        geglu,
+        gated,
         linear_swiglu,
         reduce,
         rms_norm,
         rope,
-        swiglu,
         swiglu_ffn_recompute,
         swiglu_pointwise,
     )
@@ -72,18 +71,14 @@ def llama_jobs(arch: int, all_configs: bool):
         yield ("column_sums", reduce.column_sums_kernel,
                dict(PART_A=f32, OUT_A=pw, PART_B=f32, OUT_B=pw, P="i32", d="i32", **_const(**sums)), sums,
                {"num_warps": 4})  # fmt: skip
-        yield ("swiglu_fwd", swiglu.swiglu_fwd_kernel,
-               dict(G=p, U=p, H=p, F="i32", stride_g="i32", stride_u="i32", BLOCK="constexpr"), {"BLOCK": 1024},
-               {"num_warps": 4})  # fmt: skip
-        yield ("swiglu_bwd", swiglu.swiglu_bwd_kernel,
-               dict(DH=p, G=p, U=p, DG=p, DU=p, F="i32", stride_dh="i32", stride_g="i32", stride_u="i32",
-                    BLOCK="constexpr"), {"BLOCK": 1024}, {"num_warps": 4})  # fmt: skip
-        yield ("geglu_fwd", geglu.geglu_fwd_kernel,
-               dict(G=p, U=p, H=p, F="i32", stride_g="i32", stride_u="i32", BLOCK="constexpr"), {"BLOCK": 1024},
-               {"num_warps": 4})  # fmt: skip
-        yield ("geglu_bwd", geglu.geglu_bwd_kernel,
-               dict(DH=p, G=p, U=p, DG=p, DU=p, F="i32", stride_dh="i32", stride_g="i32", stride_u="i32",
-                    BLOCK="constexpr"), {"BLOCK": 1024}, {"num_warps": 4})  # fmt: skip
+        for op, gate in (("swiglu", gated.SILU.value), ("geglu", gated.GELU_TANH.value)):
+            pw_const = {"GATE": gate, "BLOCK": 1024}
+            yield (f"{op}_fwd", gated.gated_fwd_kernel,
+                   dict(G=p, U=p, H=p, F="i32", stride_g="i32", stride_u="i32", **_const(**pw_const)), pw_const,
+                   {"num_warps": 4})  # fmt: skip
+            yield (f"{op}_bwd", gated.gated_bwd_kernel,
+                   dict(DH=p, G=p, U=p, DG=p, DU=p, F="i32", stride_dh="i32", stride_g="i32", stride_u="i32",
+                        **_const(**pw_const)), pw_const, {"num_warps": 4})  # fmt: skip
         for inverse in (False, True):
             rc = {"INVERSE": inverse, "BLOCK_H": 32, "BLOCK_HALF": 64}
             yield ("rope", rope.rope_kernel,

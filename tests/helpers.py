@@ -46,3 +46,20 @@ def assert_within_torch_error(ours, torch_same_dtype, ref64, factor=3.0, atol=1e
             a.double(), r, rtol=0.0, atol=factor * torch_err + atol,
             msg=lambda m, i=i, e=torch_err: f"{names[i] if names else i}: {m} (torch's own error {e:.3g})",
         )  # fmt: skip
+
+
+def apply_layer_kinds(model, layer_classes, kinds):
+    """A Hugging Face model with one strategy per layer (the layers whose class name is in layer_classes, in order):
+    "eager", "checkpoint" (Hugging Face's non-reentrant gradient checkpointing) or a ckpt_ext policy name."""
+    from ckpt_ext.integrations.huggingface import apply_fused_checkpointing
+
+    if "checkpoint" in kinds:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    assert len(layers) == len(kinds)
+    for layer, kind in zip(layers, kinds):
+        if kind != "checkpoint":
+            layer.gradient_checkpointing = False
+        if kind not in ("eager", "checkpoint"):
+            apply_fused_checkpointing(layer, policy=kind)
+    return model

@@ -129,42 +129,44 @@ def test_rms_norm_errors_name_the_argument():
         K.rms_norm_bwd_kernel(x, x, torch.ones(4), w, torch.ones(4, 9), False)
 
 
-# ----------------------------------------------------------------------------------------------------------- SwiGLU
+# ------------------------------------------------------------------------------------------ SwiGLU and GeGLU
+# One gated implementation serves both (csrc/cpu/gated_cpu.cpp): h = gate(g) u, gate = silu / tanh-form gelu.
+GATED = ["swiglu", "geglu"]
+
+
 def _gu(n, f, dtype):
     return (torch.randn(n, f) * 3).to(dtype), torch.randn(n, f).to(dtype)
 
 
-@pytest.mark.parametrize("n, f", [(1, 37), (7, 101), (33, 256)])
+def _gated(op):
+    """(reference fwd, reference bwd, kernel fwd, kernel bwd) of op "swiglu" or "geglu"."""
+    refs = getattr(reference, f"{op}_fwd"), getattr(reference, f"{op}_bwd")
+    return (*refs, getattr(K, f"{op}_fwd_kernel"), getattr(K, f"{op}_bwd_kernel"))
+
+
+@pytest.mark.parametrize("op", GATED)
+@pytest.mark.parametrize("n, f", [(1, 37), (7, 101), (33, 256), (1, 72), (7, 200), (33, 1000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu(n, f, dtype):
+def test_gated(op, n, f, dtype):
+    ref_fwd, ref_bwd, fwd, bwd = _gated(op)
     g, u = _gu(n, f, dtype)
     dh = torch.randn(n, f).to(dtype)
-    _check(reference.swiglu_fwd, K.swiglu_fwd_kernel, (g, u), dtype)
-    _check(reference.swiglu_bwd, K.swiglu_bwd_kernel, (dh, g, u), dtype)
-    _check64(reference.swiglu_fwd, K.swiglu_fwd_kernel, (g, u))
-    _check64(reference.swiglu_bwd, K.swiglu_bwd_kernel, (dh, g, u))
+    _check(ref_fwd, fwd, (g, u), dtype)
+    _check(ref_bwd, bwd, (dh, g, u), dtype)
+    _check64(ref_fwd, fwd, (g, u))
+    _check64(ref_bwd, bwd, (dh, g, u))
 
 
-def test_swiglu_mixed_dtypes_and_extremes():
+@pytest.mark.parametrize("op", GATED)
+def test_gated_strided_mixed_dtypes_and_extremes(op):
+    ref_fwd, ref_bwd, fwd, bwd = _gated(op)
     g, u = _gu(7, 45, torch.bfloat16)
-    g[0, :4] = torch.tensor([-200.0, 200.0, -1e4, 1e4])  # sigmoid saturates: finite, no NaN
-    dh = torch.randn(7, 45)  # float32 upstream gradient
-    _check(reference.swiglu_bwd, K.swiglu_bwd_kernel, (dh, g, u.float()), torch.bfloat16)
-    _check(reference.swiglu_fwd, K.swiglu_fwd_kernel, (g, u.float()), torch.bfloat16)
-    assert all(t.isfinite().all() for t in K.swiglu_bwd_kernel(dh, g, u))
-
-
-# ------------------------------------------------------------------------------------------------------------ GeGLU
-@pytest.mark.parametrize("n", [1, 7, 33])
-@pytest.mark.parametrize("f", [72, 200, 1000])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_geglu(n, f, dtype):
-    g, u = _gu(n, f, dtype)
-    dh = torch.randn(n, f).to(dtype)
-    _check(reference.geglu_fwd, K.geglu_fwd_kernel, (g, u), dtype)
-    _check(reference.geglu_bwd, K.geglu_bwd_kernel, (dh, g, u), dtype)
-    _check64(reference.geglu_fwd, K.geglu_fwd_kernel, (g, u))
-    _check64(reference.geglu_bwd, K.geglu_bwd_kernel, (dh, g, u))
+    g[0, :4] = torch.tensor([-200.0, 200.0, -1e4, 1e4])  # the gate saturates: finite, no NaN
+    dh = torch.randn(45, 7).t()  # float32 upstream gradient, transposed
+    _check(ref_bwd, bwd, (dh, g, u.float()), torch.bfloat16)
+    _check(ref_fwd, fwd, (g, u.float()), torch.bfloat16)
+    assert bwd(dh, g, u.float())[1].dtype == torch.float32  # du in u's dtype
+    assert all(t.isfinite().all() for t in bwd(dh, g, u))
 
 
 def test_geglu_is_the_tanh_gelu():
@@ -173,16 +175,6 @@ def test_geglu_is_the_tanh_gelu():
     want = torch.nn.functional.gelu(g, approximate="tanh") * u
     torch.testing.assert_close(K.geglu_fwd_kernel(g, u), want, atol=1e-12, rtol=1e-11)
     assert (K.geglu_fwd_kernel(g, u) - torch.nn.functional.gelu(g) * u).abs().max() > 1e-4
-
-
-def test_geglu_strided_mixed_dtypes_and_extremes():
-    g, u = _gu(7, 45, torch.bfloat16)
-    g[0, :4] = torch.tensor([-200.0, 200.0, -1e4, 1e4])  # the gate saturates: finite, no NaN
-    dh = torch.randn(45, 7).t()  # float32 upstream gradient, transposed
-    _check(reference.geglu_bwd, K.geglu_bwd_kernel, (dh, g, u.float()), torch.bfloat16)
-    _check(reference.geglu_fwd, K.geglu_fwd_kernel, (g, u.float()), torch.bfloat16)
-    assert K.geglu_bwd_kernel(dh, g, u.float())[1].dtype == torch.float32  # du in u's dtype
-    assert all(t.isfinite().all() for t in K.geglu_bwd_kernel(dh, g, u))
 
 
 def test_geglu_errors_name_the_argument():

@@ -43,7 +43,7 @@ def test_there_are_cuda_sources():
     names = {os.path.basename(p) for p in CU_FILES}
     expected = {"layer_norm_cuda.cu", "gelu_cuda.cu", "dropout_cuda.cu", "ffn_cuda.cu"}
     expected |= {"rms_norm_cuda.cu", "swiglu_cuda.cu", "rope_cuda.cu"}  # the Llama-family ops
-    expected |= {"geglu_cuda.cu"}  # the GeGLU MLP (Gemma, ModernBERT)
+    expected |= {"gated_cuda.cu"}  # the plain SwiGLU and GeGLU (Gemma, ModernBERT) pointwise ops
     assert expected <= names
 
 

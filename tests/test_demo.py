@@ -117,18 +117,22 @@ def test_pareto_front():
     assert pareto_front(pts) == [0, 1, 3]
 
 
-def test_llama_family_table(tiny_run):
-    """The Llama-style model gets its own table: every strategy, memory ordered by policy, equal losses."""
+@pytest.mark.parametrize("family, title", [("llama", "Llama-style"), ("bert", "BERT-style masked LM")])
+def test_family_table(tiny_run, family, title):
+    """Each model family gets its own table (issue 24 for the BERT-style masked LM, post-LN and bidirectional): every
+    strategy, the fused policies ordered by memory, checkpointing every layer below none, and equal losses (every
+    strategy sees the same bytes, masks included)."""
     out, result = tiny_run
-    md = (out / "strategies_llama.md").read_text(encoding="utf-8")
-    assert "Llama-style" in md and (out / "strategies_llama.png").exists()
-    llama = result["families"]["llama"]
-    rows = {r.name: r for r in llama["rows"]}
+    md = (out / f"strategies_{family}.md").read_text(encoding="utf-8")
+    assert title in md and (out / f"strategies_{family}.png").exists()
+    fam = result["families"][family]
+    rows = {r.name: r for r in fam["rows"]}
     assert list(rows) == list(STRATEGIES)
     kept = [rows[n].act_bytes for n in ("fused_block", "fused_block_keep_attn", "fused_ffn", "fused_pointwise", "none")]
     assert kept == sorted(kept) and len(set(kept)) == 5
-    base = llama["losses"]["none"]
-    for name, losses in llama["losses"].items():
+    assert rows["ckpt_every_1"].act_bytes < rows["none"].act_bytes
+    base = fam["losses"]["none"]
+    for name, losses in fam["losses"].items():
         assert losses == pytest.approx(base, rel=1e-4), name
 
 
@@ -196,24 +200,6 @@ def test_batch_answer_written(tiny_run):
             hf, fused = report.row(name, "hf"), report.row(name, "fused")
             assert fused.answer >= hf.answer, (title, name)
         assert report.row("ckpt_ext block", "fused").answer > report.row("no checkpointing", "hf").answer
-
-
-def test_bert_family_table(tiny_run):
-    """Issue 24: the BERT-style masked LM (post-LN, bidirectional) gets its own table with every strategy, the
-    fused policies ordered by memory, and equal losses (every strategy masks the same bytes)."""
-    out, result = tiny_run
-    md = (out / "strategies_bert.md").read_text(encoding="utf-8")
-    assert "BERT-style masked LM" in md and (out / "strategies_bert.png").exists()
-    bert = result["families"]["bert"]
-    rows = {r.name: r for r in bert["rows"]}
-    assert list(rows) == list(STRATEGIES)
-    kept = [rows[n].act_bytes for n in ("fused_block", "fused_block_keep_attn", "fused_ffn", "fused_pointwise", "none")]
-    assert kept == sorted(kept) and len(set(kept)) == 5
-    assert rows["ckpt_every_1"].act_bytes < rows["none"].act_bytes
-    base = bert["losses"]["none"]
-    for name, losses in bert["losses"].items():
-        assert losses == pytest.approx(base, rel=1e-4), name
-    assert all(math.isfinite(v) for v in base)
 
 
 def test_bert_masks_the_same_bytes_for_every_strategy():

@@ -14,12 +14,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from ckpt_ext.integrations.huggingface import apply_fused_checkpointing  # noqa: E402
 from ckpt_ext.planner_fit import plan_model, strategies  # noqa: E402
 from ckpt_ext.planner_model import MemoryModel  # noqa: E402
 from ckpt_ext.planner_spec import ModelSpec, Setup  # noqa: E402
 from ckpt_ext.planner_trace import LiveBytes, trace_layer  # noqa: E402
 from ckpt_ext.policies import POLICIES, retained_bytes  # noqa: E402
+
+from helpers import apply_layer_kinds  # noqa: E402
 
 B, T, V, D, HEADS, FF = 2, 64, 512, 64, 4, 256
 
@@ -44,17 +45,7 @@ def test_layer_bytes_are_the_post_ln_table(policy):
 
 def _model(cfg, kinds, cls=None):
     torch.manual_seed(0)
-    model = (cls or transformers.BertForMaskedLM)(cfg).train()
-    if "checkpoint" in kinds:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in model.modules() if type(m).__name__ == "BertLayer"]
-    assert len(layers) == len(kinds)
-    for layer, kind in zip(layers, kinds):
-        if kind != "checkpoint":
-            layer.gradient_checkpointing = False
-        if kind not in ("eager", "checkpoint"):
-            apply_fused_checkpointing(layer, policy=kind)
-    return model
+    return apply_layer_kinds((cls or transformers.BertForMaskedLM)(cfg).train(), ("BertLayer",), kinds)
 
 
 def _measure(model, ids, autocast: bool, labels=None) -> tuple[int, int]:

@@ -22,11 +22,12 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from ckpt_ext import planner  # noqa: E402
-from ckpt_ext.integrations.huggingface import apply_fused_checkpointing  # noqa: E402
 from ckpt_ext.planner_fit import plan_model, strategies  # noqa: E402
 from ckpt_ext.planner_model import MemoryModel  # noqa: E402
 from ckpt_ext.planner_spec import ModelSpec, Setup  # noqa: E402
 from ckpt_ext.planner_trace import LiveBytes, trace_layer  # noqa: E402
+
+from helpers import apply_layer_kinds  # noqa: E402
 
 B, T, V = 2, 64, 512
 CONFIGS = {
@@ -41,17 +42,7 @@ LAYER_CLASSES = ("GPT2Block", "LlamaDecoderLayer")
 
 def _model(cfg, kinds):
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).train()
-    if "checkpoint" in kinds:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in model.modules() if type(m).__name__ in LAYER_CLASSES]
-    assert len(layers) == len(kinds)
-    for layer, kind in zip(layers, kinds):
-        if kind != "checkpoint":
-            layer.gradient_checkpointing = False
-        if kind not in ("eager", "checkpoint"):
-            apply_fused_checkpointing(layer, policy=kind)
-    return model
+    return apply_layer_kinds(transformers.AutoModelForCausalLM.from_config(cfg).train(), LAYER_CLASSES, kinds)
 
 
 def measure_step(model, ids, autocast: bool) -> tuple[int, int]:

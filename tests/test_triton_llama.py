@@ -120,22 +120,21 @@ def test_rms_norm_per_head(K):
     _check((y, rstd), reference.rms_norm_fwd, q.view(-1, 16), w, 1e-6)
 
 
-# ----------------------------------------------------------------------------------------------------- SwiGLU
-@pytest.mark.parametrize("n,f,dt", [(1, 72, F32), (7, 200, F32), (33, 72, BF16)])
-def test_swiglu_pointwise(K, n, f, dt):
-    g, u, dh = (torch.randn(n, f).mul(3).to(dt) for _ in range(3))
-    _check(K["swiglu_fwd"](_strided(g), u), reference.swiglu_fwd, g, u)
-    _check(K["swiglu_bwd"](dh, g, _strided(u)), reference.swiglu_bwd, dh, g, u)
-
-
-# ------------------------------------------------------------------------------------------------------ GeGLU
+# ---------------------------------------------------------------------------------------- SwiGLU and GeGLU
 @pytest.fixture()
 def KG(monkeypatch):
-    """The GeGLU launchers, with the reference math hidden from them (no silent fallback)."""
-    from ckpt_ext.backends.triton import geglu_launchers
+    """The gated-MLP pointwise launchers (SwiGLU, GeGLU), with the reference math hidden from them."""
+    from ckpt_ext.backends.triton import gated_launchers
 
-    monkeypatch.setattr(geglu_launchers, "reference", None)
-    return geglu_launchers.IMPLS
+    monkeypatch.setattr(gated_launchers, "reference", None)
+    return gated_launchers.IMPLS
+
+
+@pytest.mark.parametrize("n,f,dt", [(1, 72, F32), (7, 200, F32), (33, 72, BF16)])
+def test_swiglu_pointwise(KG, n, f, dt):
+    g, u, dh = (torch.randn(n, f).mul(3).to(dt) for _ in range(3))
+    _check(KG["swiglu_fwd"](_strided(g), u), reference.swiglu_fwd, g, u)
+    _check(KG["swiglu_bwd"](dh, g, _strided(u)), reference.swiglu_bwd, dh, g, u)
 
 
 @pytest.mark.parametrize("n", [1, 7, 33])
@@ -157,12 +156,13 @@ def test_geglu_pointwise_mixed_dtypes_and_extremes(KG):
     assert dg.isfinite().all() and du.isfinite().all()
 
 
-def test_geglu_triton_backend_routes_to_the_launchers():
+def test_gated_triton_backend_routes_to_the_launchers():
     from ckpt_ext.backends import triton as triton_backend
-    from ckpt_ext.backends.triton import geglu_launchers
+    from ckpt_ext.backends.triton import gated_launchers
 
     impls = triton_backend.impls()
-    assert impls["geglu_fwd"] is geglu_launchers.geglu_fwd and impls["geglu_bwd"] is geglu_launchers.geglu_bwd
+    for op in ("swiglu_fwd", "swiglu_bwd", "geglu_fwd", "geglu_bwd"):
+        assert impls[op] is gated_launchers.IMPLS[op]
 
 
 def _weights(f, k, dt, transposed=False):

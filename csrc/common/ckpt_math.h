@@ -122,32 +122,43 @@ CKPT_HD acc_t sigmoid(acc_t g) {
   return acc_t(1) / (acc_t(1) + exp_(-g));
 }
 
-// h = silu(g) u.
-template <typename acc_t>
-CKPT_HD acc_t swiglu(acc_t g, acc_t u) {
-  return g * sigmoid(g) * u;
+// The gates of the gated MLPs, h = gate(g) u: value(g) = gate(g); value_and_grad(g, &grad) = gate(g), gate'(g) in
+// *grad. silu (SwiGLU, Llama): a = g s, s = sigmoid(g), a' = s + g s (1 - s). gelu_tanh (GeGLU, Gemma / ModernBERT).
+struct SiluGate {
+  template <typename acc_t>
+  static CKPT_HD acc_t value(acc_t g) {
+    return g * sigmoid(g);
+  }
+  template <typename acc_t>
+  static CKPT_HD acc_t value_and_grad(acc_t g, acc_t* grad) {
+    const acc_t s = sigmoid(g), gs = g * s;
+    *grad = s + gs * (acc_t(1) - s);
+    return gs;
+  }
+};
+
+struct GeluTanhGate {
+  template <typename acc_t>
+  static CKPT_HD acc_t value(acc_t g) {
+    return gelu<acc_t>(g, true);
+  }
+  template <typename acc_t>
+  static CKPT_HD acc_t value_and_grad(acc_t g, acc_t* grad) {
+    return gelu_and_grad<acc_t>(g, true, grad);  // one exp for gelu and gelu'
+  }
+};
+
+// h = gate(g) u.
+template <typename Gate, typename acc_t>
+CKPT_HD acc_t gated(acc_t g, acc_t u) {
+  return Gate::template value<acc_t>(g) * u;
 }
 
-// (dg, du) of h = silu(g) u given dh, in *dg and *du; returns h (the fused recompute epilogue writes all three).
-template <typename acc_t>
-CKPT_HD acc_t swiglu_and_grad(acc_t dh, acc_t g, acc_t u, acc_t* dg, acc_t* du) {
-  const acc_t s = sigmoid(g), gs = g * s;
-  *du = dh * gs;
-  *dg = dh * u * (s + gs * (acc_t(1) - s));
-  return gs * u;
-}
-
-// h = gelu_tanh(g) u.
-template <typename acc_t>
-CKPT_HD acc_t geglu(acc_t g, acc_t u) {
-  return gelu<acc_t>(g, true) * u;
-}
-
-// (dg, du) of h = gelu_tanh(g) u given dh, in *dg and *du (one exp for gelu and gelu'); returns h.
-template <typename acc_t>
-CKPT_HD acc_t geglu_and_grad(acc_t dh, acc_t g, acc_t u, acc_t* dg, acc_t* du) {
+// (dg, du) of h = gate(g) u given dh, in *dg and *du; returns h (the fused recompute epilogue writes all three).
+template <typename Gate, typename acc_t>
+CKPT_HD acc_t gated_and_grad(acc_t dh, acc_t g, acc_t u, acc_t* dg, acc_t* du) {
   acc_t grad;
-  const acc_t a = gelu_and_grad<acc_t>(g, true, &grad);
+  const acc_t a = Gate::template value_and_grad<acc_t>(g, &grad);
   *du = dh * a;
   *dg = dh * u * grad;
   return a * u;

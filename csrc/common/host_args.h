@@ -4,7 +4,8 @@
 //   acc_dtype(dtype)           float64 stays float64; every other floating dtype computes in float32
 //   acc_type<T>                the same as a C++ type: double for double, float for every other storage type
 //   check_dropout_add(...)     p in [0, 1), residual shaped like x -> {has residual, output dtype}
-//   dropout_add_buffers(...)   the checks above, x / residual contiguous in the output dtype, the output allocated
+//   dropout_add_buffers(...)   the checks above, x / residual contiguous in the output dtype, the output allocated,
+//                              the mask hash's key / threshold and the scale (data<T>(): the three pointers)
 //   check_tile_dropout(...)    x a contiguous fp32/fp64 (B, G, R, N) tile inside (B, heads, seq_q, seq_k) -> its sizes
 //   check_layer_norm_bwd(...)  dy/x (N, d), mean/rstd (N,), weight/bias (d,), dresidual (N, d) -> has dresidual
 //   parse_approximate(s)       "none" (erf GELU) -> false, "tanh" -> true, anything else an error
@@ -22,6 +23,8 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+
+#include "ckpt_math.h"
 
 namespace ckpt_ext {
 namespace host {
@@ -47,17 +50,37 @@ inline DropoutAddArgs check_dropout_add(const at::Tensor& x, const std::optional
   return {has_res, has_res ? at::result_type(x, *residual) : x.scalar_type()};
 }
 
-// dropout_add_kernel's operands on either device: x and residual contiguous in the output dtype, the fresh output.
+// dropout_add_kernel's data pointers in T = the output dtype (res: nullptr without a residual).
+template <typename T>
+struct DropoutAddPtrs {
+  const T* x;
+  const T* res;
+  T* out;
+};
+
+// dropout_add_kernel's operands on either device: x and residual contiguous in the output dtype, the fresh output, and
+// the mask hash's key and threshold (ckpt_math.h); drop = p > 0, scale = 1 / (1 - p) (1 without dropout).
 struct DropoutAddBuffers {
   DropoutAddArgs args;
   at::Tensor xc, rc, out;  // rc undefined without a residual
+  uint32_t key, threshold;
+  bool drop;
+  double scale;
+
+  template <typename T>
+  DropoutAddPtrs<T> data() const {
+    return {xc.const_data_ptr<T>(), args.has_residual ? rc.const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>()};
+  }
 };
 
-inline DropoutAddBuffers dropout_add_buffers(const at::Tensor& x, const std::optional<at::Tensor>& residual, double p) {
+inline DropoutAddBuffers dropout_add_buffers(const at::Tensor& x, const std::optional<at::Tensor>& residual, double p,
+                                             int64_t seed) {
   const DropoutAddArgs args = check_dropout_add(x, residual, p);
   const at::Tensor xc = as_contig(x, args.out_dtype);
   const at::Tensor rc = args.has_residual ? as_contig(*residual, args.out_dtype) : at::Tensor();
-  return {args, xc, rc, at::empty(x.sizes(), xc.options())};
+  const bool drop = p > 0.0;
+  return {args, xc, rc, at::empty(x.sizes(), xc.options()), math::seed_key(seed), math::dropout_threshold(p), drop,
+          drop ? 1.0 / (1.0 - p) : 1.0};
 }
 
 struct TileDropoutArgs {

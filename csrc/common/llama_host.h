@@ -1,9 +1,10 @@
-// Host side of the Llama-family kernel ops (RMSNorm, SwiGLU, RoPE and the matmul-fused SwiGLU ops), shared by the
-// CPU (csrc/cpu/rms_norm_cpu.cpp, swiglu_cpu.cpp, swiglu_ffn_cpu.cpp, rope_cpu.cpp) and CUDA (csrc/cuda/rms_norm_cuda.cu,
-// swiglu_cuda.cu, rope_cuda.cu) kernels, so both backends check arguments and pick dtypes identically (contract:
-// ckpt_ext/ops/rms_norm.py, swiglu.py, rope.py; math: ckpt_ext/reference.py). Host code only.
+// Host side of the Llama-family kernel ops (RMSNorm, SwiGLU / GeGLU, RoPE and the matmul-fused SwiGLU ops), shared
+// by the CPU (csrc/cpu/rms_norm_cpu.cpp, gated_cpu.cpp, swiglu_ffn_cpu.cpp, rope_cpu.cpp) and CUDA
+// (csrc/cuda/rms_norm_cuda.cu, gated_cuda.cu, swiglu_cuda.cu, rope_cuda.cu) kernels, so both backends check arguments
+// and pick dtypes identically (contract: ckpt_ext/ops/rms_norm.py, swiglu.py, geglu.py, rope.py; math:
+// ckpt_ext/reference.py). Host code only. SwigluOp / GegluOp: the gated ops' gate (ckpt_math.h) and names.
 //
-//   check_rms_norm_fwd / check_rms_norm_bwd / check_swiglu / check_rope / check_linear_swiglu /
+//   check_rms_norm_fwd / check_rms_norm_bwd / check_swiglu / check_gated_bwd / check_rope / check_linear_swiglu /
 //   check_swiglu_linear_bwd / check_swiglu_linear_wgrad / check_swiglu_ffn_recompute
 //                          shapes of each op; every error names the argument
 //   same_or_acc(t, dt)     t contiguous in dt when it has dt, else in acc_dtype(dt) (an exact widening for the dtypes
@@ -63,6 +64,27 @@ inline bool check_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const 
 inline void check_swiglu(const char* op, const at::Tensor& g, const at::Tensor& u) {
   TORCH_CHECK(g.dim() == 2 && g.sizes() == u.sizes(), op, ": g and u must be the same (N, F), got g ", g.sizes(),
               " u ", u.sizes());
+}
+
+// The gated pointwise ops on either device (csrc/cpu/gated_cpu.cpp, csrc/cuda/gated_cuda.cu), h = gate(g) u: the gate
+// (ckpt_math.h) and the op names that errors quote.
+struct SwigluOp {
+  using Gate = math::SiluGate;
+  static constexpr const char* kFwd = "swiglu_fwd_kernel";
+  static constexpr const char* kBwd = "swiglu_bwd_kernel";
+};
+
+struct GegluOp {
+  using Gate = math::GeluTanhGate;
+  static constexpr const char* kFwd = "geglu_fwd_kernel";
+  static constexpr const char* kBwd = "geglu_bwd_kernel";
+};
+
+// The shapes of Op's backward: g, u the same (N, F), dh like g.
+template <typename Op>
+void check_gated_bwd(const at::Tensor& dh, const at::Tensor& g, const at::Tensor& u) {
+  check_swiglu(Op::kBwd, g, u);
+  TORCH_CHECK(dh.sizes() == g.sizes(), Op::kBwd, ": dh must be (N, F) like g, got ", dh.sizes());
 }
 
 struct RopeDims {

@@ -54,25 +54,18 @@ void dropout_add_range(const T* x, const T* res, T* out, int64_t start, int64_t 
 }
 
 at::Tensor dropout_add_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual, double p, int64_t seed) {
-  const host::DropoutAddBuffers buf = host::dropout_add_buffers(x, residual, p);
-  const bool has_res = buf.args.has_residual;
-  const at::Tensor &xc = buf.xc, &rc = buf.rc, &out = buf.out;
+  const host::DropoutAddBuffers buf = host::dropout_add_buffers(x, residual, p, seed);
   const int64_t numel = x.numel();
-  if (numel == 0) return out;
-  const uint32_t key = math::seed_key(seed), thr = math::dropout_threshold(p);
-  const bool drop = p > 0.0;
+  if (numel == 0) return buf.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buf.args.out_dtype, "dropout_add_kernel", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const acc_t scale = drop ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(1);
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-    const scalar_t* rp = has_res ? rc.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const host::DropoutAddPtrs<scalar_t> ptr = buf.data<scalar_t>();
+    const auto scale = static_cast<acc_type<scalar_t>>(buf.scale);
     at::parallel_for(0, numel, 1 << 15, [&](int64_t begin, int64_t end) {
-      dropout_add_range<scalar_t>(xp + begin, rp ? rp + begin : nullptr, op + begin, begin, end - begin, key, thr,
-                                  drop, scale);
+      dropout_add_range<scalar_t>(ptr.x + begin, ptr.res ? ptr.res + begin : nullptr, ptr.out + begin, begin,
+                                  end - begin, buf.key, buf.threshold, buf.drop, scale);
     });
   });
-  return out;
+  return buf.out;
 }
 
 void attention_tile_dropout_cpu(const at::Tensor& x, int64_t heads, int64_t seq_q, int64_t seq_k, int64_t head0,

@@ -1,6 +1,6 @@
 // The matmul-fused SwiGLU ops on CPU (reference.linear_swiglu / swiglu_linear_bwd / swiglu_linear_wgrad /
 // swiglu_ffn_recompute). CPU GEMMs have no epilogue hook, so each op is at::mm GEMMs (MKL) plus ONE vectorized
-// row-parallel pass (swiglu_rows.h) that does all the pointwise work around them.
+// row-parallel pass (gated_rows.h) that does all the pointwise work around them.
 //
 // GEMMs whose result the contract keeps in fp32 (g, u, dH: "never rounded") run on operands widened exactly to
 // acc_t = fp32 (fp64 for fp64) and return acc_t (host::mm_acc); on CPUs without bf16 dot units this is also the
@@ -29,7 +29,7 @@
 #include <tuple>
 
 #include "../common/llama_host.h"
-#include "swiglu_rows.h"
+#include "gated_rows.h"
 #include "vec_io.h"
 
 namespace ckpt_ext {
@@ -37,6 +37,7 @@ namespace cpu {
 namespace {
 
 using host::mm_acc;
+using Silu = math::SiluGate;
 
 at::Tensor bias_or_none(const std::optional<at::Tensor>& b, at::ScalarType acc) {
   return host::defined(b) ? as_contig(*b, acc) : at::Tensor();
@@ -74,7 +75,8 @@ at::Tensor linear_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, cons
     scalar_t* hp = h.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, row_grain(f), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        swiglu_fwd_range<scalar_t, acc_t, acc_t, scalar_t>(gp + i * 2 * f, gp + i * 2 * f + f, bgp, bup, hp + i * f, f);
+        gated_fwd_range<Silu, scalar_t, acc_t, acc_t, scalar_t>(gp + i * 2 * f, gp + i * 2 * f + f, bgp, bup,
+                                                                hp + i * f, f);
       }
     });
   });
@@ -99,8 +101,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_linear_bwd_cpu(const at::Tensor& dy, c
       using U = std::remove_cv_t<std::remove_pointer_t<decltype(up)>>;
       U* dup = du.mutable_data_ptr<U>();
       at::parallel_for(0, numel, 1 << 14, [&](int64_t begin, int64_t end) {
-        swiglu_bwd_range<acc_t, scalar_t, U, scalar_t, U>(dhp + begin, gp + begin, up + begin, nullptr, nullptr,
-                                                          dgp + begin, dup + begin, nullptr, end - begin);
+        gated_bwd_range<Silu, acc_t, scalar_t, U, scalar_t, U>(dhp + begin, gp + begin, up + begin, nullptr, nullptr,
+                                                               dgp + begin, dup + begin, nullptr, end - begin);
       });
     };
     uc.scalar_type() == dt ? run(uc.const_data_ptr<scalar_t>()) : run(uc.const_data_ptr<acc_t>());
@@ -121,8 +123,8 @@ at::Tensor swiglu_linear_wgrad_cpu(const at::Tensor& dy, const at::Tensor& g, co
     auto run = [&](const auto* up) {
       using U = std::remove_cv_t<std::remove_pointer_t<decltype(up)>>;
       at::parallel_for(0, numel, 1 << 14, [&](int64_t begin, int64_t end) {
-        swiglu_fwd_range<scalar_t, scalar_t, U, acc_t>(gp + begin, up + begin, nullptr, nullptr, hp + begin,
-                                                       end - begin);
+        gated_fwd_range<Silu, scalar_t, scalar_t, U, acc_t>(gp + begin, up + begin, nullptr, nullptr, hp + begin,
+                                                            end - begin);
       });
     };
     uc.scalar_type() == dt ? run(uc.const_data_ptr<scalar_t>()) : run(uc.const_data_ptr<acc_t>());
@@ -200,8 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_ffn_recompute_cpu(
     at::parallel_for(0, n, row_grain(f), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const acc_t* gr = gp + i * 2 * f;
-        swiglu_bwd_range<acc_t, acc_t, acc_t, scalar_t, scalar_t>(dhp + i * f, gr, gr + f, bgp, bup, dgp + i * f,
-                                                                  dup + i * f, hp + i * f, f);
+        gated_bwd_range<Silu, acc_t, acc_t, acc_t, scalar_t, scalar_t>(dhp + i * f, gr, gr + f, bgp, bup, dgp + i * f,
+                                                                       dup + i * f, hp + i * f, f);
       }
     });
   });

@@ -2,9 +2,9 @@
 //
 // Pack<T, V>: V elements of T loaded/stored with one 16-byte access (V = 16 / sizeof(T)) when the row stream is
 // 16-byte aligned and its length a multiple of V; V = 1 otherwise. acc_t = float (double for float64 tensors).
-// Norm backward plumbing (layer_norm_cuda.cu, rms_norm_cuda.cu): norm_grads (dy / dresidual in x's dtype or both in
-// acc_t), norm_bwd_blocks / norm_bwd_threads (grid, block, per-thread register partials), sum_partials (the
-// deterministic column sums of the blocks' partial rows).
+// Norm plumbing (layer_norm_cuda.cu, rms_norm_cuda.cu): row_rstd (the forward's block-wide 1 / std of one row),
+// norm_grads (dy / dresidual in x's dtype or both in acc_t), norm_bwd_blocks / norm_bwd_threads (grid, block,
+// per-thread register partials), sum_partials (the deterministic column sums of the blocks' partial rows).
 #pragma once
 
 // Not <ATen/ATen.h>: it pulls the declarations of every ATen op (ATen/Functions.h) into each .cu file, the bulk of
@@ -91,6 +91,24 @@ __device__ __forceinline__ void block_sum2(acc_t& a, acc_t& b) {
   b = lane < warps ? sb[lane] : acc_t(0);
   a = warp_sum(a);
   b = warp_sum(b);
+}
+
+// 1 / sqrt(mean over the row of (x - mu)^2 + eps) for one block's row xr of d values read in packs of V: the rstd of
+// LayerNorm (mu = the row mean) and RMSNorm (mu = 0). Block-wide (block_sum2); every thread gets the result.
+template <typename T, int V, typename acc_t>
+__device__ __forceinline__ acc_t row_rstd(const T* xr, int64_t d, acc_t mu, double eps) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * V;
+  acc_t sq = 0, unused = 0;
+  for (int64_t j = threadIdx.x * V; j < d; j += step) {
+    const Pack<T, V> p = load_pack<T, V>(xr + j);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const acc_t c = static_cast<acc_t>(p.v[k]) - mu;
+      sq += c * c;
+    }
+  }
+  block_sum2(sq, unused);
+  return acc_t(1) / sqrt(sq / static_cast<acc_t>(d) + static_cast<acc_t>(eps));
 }
 
 // Blocks of `threads` for a grid-stride loop over `packs` items: one item per thread, at most 65536 blocks.

@@ -41,32 +41,28 @@ __global__ void dropout_add_kernel(const T* __restrict__ x, const T* __restrict_
 
 at::Tensor dropout_add_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, double p, int64_t seed) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const host::DropoutAddBuffers buf = host::dropout_add_buffers(x, residual, p);
-  const bool has_res = buf.args.has_residual;
-  const at::Tensor &xc = buf.xc, &rc = buf.rc, &out = buf.out;
+  const host::DropoutAddBuffers buf = host::dropout_add_buffers(x, residual, p, seed);
   const int64_t numel = x.numel();
-  if (numel == 0) return out;
-  const uint32_t key = math::seed_key(seed), thr = math::dropout_threshold(p);
-  const bool drop = p > 0.0;
+  if (numel == 0) return buf.out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buf.args.out_dtype, "dropout_add_kernel", [&] {
-    using acc_t = acc_type<scalar_t>;
     constexpr int V = kPack<scalar_t>;
-    const acc_t scale = drop ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(1);
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-    const scalar_t* rp = has_res ? rc.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const int v = packable<scalar_t>(numel, {xp, rp, op}) ? V : 1;
+    const host::DropoutAddPtrs<scalar_t> ptr = buf.data<scalar_t>();
+    const auto scale = static_cast<acc_type<scalar_t>>(buf.scale);
+    const int v = packable<scalar_t>(numel, {ptr.x, ptr.res, ptr.out}) ? V : 1;
     const int64_t blocks = std::min<int64_t>((numel / v + kThreads - 1) / kThreads, 65536);
     const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, blocks));
+    const uint32_t key = buf.key, thr = buf.threshold;
     if (v == V) {
-      dropout_add_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(xp, rp, op, numel, key, thr, drop, scale);
+      dropout_add_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(ptr.x, ptr.res, ptr.out, numel, key, thr, buf.drop,
+                                                                     scale);
     } else {
-      dropout_add_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(xp, rp, op, numel, key, thr, drop, scale);
+      dropout_add_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(ptr.x, ptr.res, ptr.out, numel, key, thr, buf.drop,
+                                                                     scale);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return buf.out;
 }
 
 template <typename T>

@@ -35,18 +35,7 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const acc_type<T>
   }
   block_sum2(sum, unused);
   const acc_t mu = sum / static_cast<acc_t>(d);
-  acc_t sq = 0;
-  unused = 0;
-  for (int64_t j = threadIdx.x * V; j < d; j += step) {
-    const Pack<T, V> p = load_pack<T, V>(xr + j);
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const acc_t c = static_cast<acc_t>(p.v[k]) - mu;
-      sq += c * c;
-    }
-  }
-  block_sum2(sq, unused);
-  const acc_t r = acc_t(1) / sqrt(sq / static_cast<acc_t>(d) + static_cast<acc_t>(eps));
+  const acc_t r = row_rstd<T, V>(xr, d, mu, eps);
   for (int64_t j = threadIdx.x * V; j < d; j += step) {
     const Pack<T, V> p = load_pack<T, V>(xr + j);
     Pack<T, V> out;

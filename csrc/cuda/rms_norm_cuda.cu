@@ -30,14 +30,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t row = blockIdx.x;
   const T* xr = x + row * d;
   const int64_t step = static_cast<int64_t>(blockDim.x) * V;
-  acc_t sq = 0, unused = 0;
-  for (int64_t j = threadIdx.x * V; j < d; j += step) {
-    const Pack<T, V> p = load_pack<T, V>(xr + j);
-#pragma unroll
-    for (int k = 0; k < V; ++k) sq += static_cast<acc_t>(p.v[k]) * static_cast<acc_t>(p.v[k]);
-  }
-  block_sum2(sq, unused);
-  const acc_t r = acc_t(1) / sqrt(sq / static_cast<acc_t>(d) + static_cast<acc_t>(eps));
+  const acc_t r = row_rstd<T, V>(xr, d, acc_t(0), eps);
   for (int64_t j = threadIdx.x * V; j < d; j += step) {
     const Pack<T, V> p = load_pack<T, V>(xr + j);
     Pack<T, V> out;

@@ -1,5 +1,6 @@
-// SwiGLU on CUDA, plain and fused with the matmuls around it (reference.swiglu_fwd / swiglu_bwd / linear_swiglu /
-// swiglu_linear_bwd / swiglu_linear_wgrad / swiglu_ffn_recompute). Math: csrc/common/ckpt_math.h (fp32, fp64 for fp64).
+// SwiGLU on CUDA fused with the matmuls around it (reference.linear_swiglu / swiglu_linear_bwd / swiglu_linear_wgrad /
+// swiglu_ffn_recompute); the plain swiglu_fwd/bwd_kernel are gated_cuda.cu's. Math: csrc/common/ckpt_math.h
+// (math::gated / gated_and_grad on math::SiluGate; fp32, fp64 for fp64).
 //
 // The matmul-fused ops are aten GEMMs (cuBLAS) plus ONE fused pointwise kernel, not GEMM epilogues: g, u and dH come
 // from host::mm_acc (csrc/common/llama_host.h: cuBLAS with an fp32 output for 16-bit operands, so they are never
@@ -10,8 +11,7 @@
 //   swiglu_ffn_recompute n = the RMSNorm output (rms_apply_kernel, in dy.dtype), g, u = n w_*ᵀ, dH = dy w_down
 //                                                                -> h, dg, du                            in dy.dtype
 // swiglu_rows_kernel runs over (rows, F) with rows on blockIdx.y and columns on x (grid-stride both): the bias index
-// is the column, no per-element i % F. The plain ops run flat grid-stride loops in 16-byte packs when g, u (and dh)
-// share one dtype; mixed dtypes are widened to acc_t first and the outputs cast once. Outputs are fresh tensors.
+// is the column, no per-element i % F. Outputs are fresh tensors.
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
@@ -25,6 +25,9 @@
 
 namespace ckpt_ext {
 namespace cuda {
+
+at::Tensor swiglu_fwd_cuda(const at::Tensor& g, const at::Tensor& u);  // gated_cuda.cu: swiglu_fwd_kernel
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -32,44 +35,6 @@ constexpr int kThreads = 256;
 inline dim3 rows_grid(int64_t rows, int64_t f) {
   const int64_t gx = std::max<int64_t>(1, std::min<int64_t>((f + kThreads - 1) / kThreads, 1024));
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, 65535))));
-}
-
-// h = silu(g) u over numel values in packs of V.
-template <typename T, int V>
-__global__ void swiglu_fwd_kernel(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ h, int64_t numel) {
-  using acc_t = acc_type<T>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * V;
-  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel; i += stride) {
-    const Pack<T, V> gp = load_pack<T, V>(g + i), up = load_pack<T, V>(u + i);
-    Pack<T, V> o;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      o.v[k] = static_cast<T>(math::swiglu<acc_t>(static_cast<acc_t>(gp.v[k]), static_cast<acc_t>(up.v[k])));
-    }
-    store_pack<T, V>(h + i, o);
-  }
-}
-
-// dg, du of h = silu(g) u given dh, over numel values in packs of V.
-template <typename T, int V>
-__global__ void swiglu_bwd_kernel(const T* __restrict__ dh, const T* __restrict__ g, const T* __restrict__ u,
-                                  T* __restrict__ dg, T* __restrict__ du, int64_t numel) {
-  using acc_t = acc_type<T>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * V;
-  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel; i += stride) {
-    const Pack<T, V> dp = load_pack<T, V>(dh + i), gp = load_pack<T, V>(g + i), up = load_pack<T, V>(u + i);
-    Pack<T, V> dgo, duo;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      acc_t dgv, duv;
-      math::swiglu_and_grad<acc_t>(static_cast<acc_t>(dp.v[k]), static_cast<acc_t>(gp.v[k]),
-                                   static_cast<acc_t>(up.v[k]), &dgv, &duv);
-      dgo.v[k] = static_cast<T>(dgv);
-      duo.v[k] = static_cast<T>(duv);
-    }
-    store_pack<T, V>(dg + i, dgo);
-    store_pack<T, V>(du + i, duo);
-  }
 }
 
 // Over (rows, f): g, u (row stride f, storage G) plus the optional acc_t biases; with dh (acc_t, or nullptr for the
@@ -87,11 +52,11 @@ __global__ void swiglu_rows_kernel(const acc_type<T>* __restrict__ dh, const G* 
       const acc_t gv = static_cast<acc_t>(g[i]) + (bg ? bg[j] : acc_t(0));
       const acc_t uv = static_cast<acc_t>(u[i]) + (bu ? bu[j] : acc_t(0));
       if (dh == nullptr) {
-        h[i] = static_cast<T>(math::swiglu<acc_t>(gv, uv));
+        h[i] = static_cast<T>(math::gated<math::SiluGate, acc_t>(gv, uv));
         continue;
       }
       acc_t dgv, duv;
-      const acc_t hv = math::swiglu_and_grad<acc_t>(dh[i], gv, uv, &dgv, &duv);
+      const acc_t hv = math::gated_and_grad<math::SiluGate, acc_t>(dh[i], gv, uv, &dgv, &duv);
       dg[i] = static_cast<T>(dgv);
       du[i] = static_cast<T>(duv);
       if (h != nullptr) h[i] = static_cast<T>(hv);
@@ -147,60 +112,6 @@ void launch_rows(const at::Tensor& dh, const G* g, const G* u, const at::Tensor&
   swiglu_rows_kernel<T, G><<<rows_grid(rows, f), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       ptr_or_null<acc_t>(dh), g, u, ptr_or_null<acc_t>(bg), ptr_or_null<acc_t>(bu), h, dg, du, rows, f);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor swiglu_fwd_cuda(const at::Tensor& g, const at::Tensor& u) {
-  host::check_swiglu("swiglu_fwd_kernel", g, u);
-  const c10::cuda::CUDAGuard guard(g.device());
-  const auto dt = g.scalar_type(), ct = u.scalar_type() == dt ? dt : acc_dtype(dt);
-  const at::Tensor gc = as_contig(g, ct), uc = as_contig(u, ct);
-  at::Tensor h = at::empty(g.sizes(), gc.options());
-  const int64_t numel = g.numel();
-  if (numel > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ct, "swiglu_fwd_kernel", [&] {
-      constexpr int V = kPack<scalar_t>;
-      const scalar_t *gp = gc.const_data_ptr<scalar_t>(), *up = uc.const_data_ptr<scalar_t>();
-      scalar_t* hp = h.mutable_data_ptr<scalar_t>();
-      const auto stream = c10::cuda::getCurrentCUDAStream();
-      if (packable<scalar_t>(numel, {gp, up, hp})) {
-        swiglu_fwd_kernel<scalar_t, V><<<flat_grid(numel / V, kThreads), kThreads, 0, stream>>>(gp, up, hp, numel);
-      } else {
-        swiglu_fwd_kernel<scalar_t, 1><<<flat_grid(numel, kThreads), kThreads, 0, stream>>>(gp, up, hp, numel);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return h.scalar_type() == dt ? h : h.to(dt);
-}
-
-std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& dh, const at::Tensor& g, const at::Tensor& u) {
-  host::check_swiglu("swiglu_bwd_kernel", g, u);
-  TORCH_CHECK(dh.sizes() == g.sizes(), "swiglu_bwd_kernel: dh must be (N, F) like g, got ", dh.sizes());
-  const c10::cuda::CUDAGuard guard(g.device());
-  const auto dt = g.scalar_type();
-  const bool same = u.scalar_type() == dt && dh.scalar_type() == dt;
-  const auto ct = same ? dt : acc_dtype(dt);
-  const at::Tensor gc = as_contig(g, ct), uc = as_contig(u, ct), dhc = as_contig(dh, ct);
-  at::Tensor dg = at::empty(g.sizes(), gc.options()), du = at::empty(g.sizes(), gc.options());
-  const int64_t numel = g.numel();
-  if (numel > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ct, "swiglu_bwd_kernel", [&] {
-      constexpr int V = kPack<scalar_t>;
-      const scalar_t *gp = gc.const_data_ptr<scalar_t>(), *up = uc.const_data_ptr<scalar_t>();
-      const scalar_t* dp = dhc.const_data_ptr<scalar_t>();
-      scalar_t *dgp = dg.mutable_data_ptr<scalar_t>(), *dup = du.mutable_data_ptr<scalar_t>();
-      const auto stream = c10::cuda::getCurrentCUDAStream();
-      if (packable<scalar_t>(numel, {gp, up, dp, dgp, dup})) {
-        swiglu_bwd_kernel<scalar_t, V><<<flat_grid(numel / V, kThreads), kThreads, 0, stream>>>(dp, gp, up, dgp, dup,
-                                                                                                 numel);
-      } else {
-        swiglu_bwd_kernel<scalar_t, 1><<<flat_grid(numel, kThreads), kThreads, 0, stream>>>(dp, gp, up, dgp, dup,
-                                                                                             numel);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return {dg.scalar_type() == dt ? dg : dg.to(dt), du.scalar_type() == u.scalar_type() ? du : du.to(u.scalar_type())};
 }
 
 at::Tensor linear_swiglu_cuda(const at::Tensor& x, const at::Tensor& w_gate, const std::optional<at::Tensor>& b_gate,
@@ -290,8 +201,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_ffn_recompute_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ckpt_ext, CUDA, m) {
-  m.impl("swiglu_fwd_kernel", &swiglu_fwd_cuda);
-  m.impl("swiglu_bwd_kernel", &swiglu_bwd_cuda);
   m.impl("linear_swiglu_kernel", &linear_swiglu_cuda);
   m.impl("swiglu_linear_bwd_kernel", &swiglu_linear_bwd_cuda);
   m.impl("swiglu_linear_wgrad_kernel", &swiglu_linear_wgrad_cuda);

@@ -1,8 +1,8 @@
 """The ``triton`` backend: the Triton kernels of ckpt_ext.kernels behind launchers with the graph ops' signatures.
 
 launchers.py        LayerNorm, GELU, dropout and the GELU-MLP matmuls      launch_utils.py  coverage, views, grids
-llama_launchers.py  RMSNorm, SwiGLU, RoPE and the SwiGLU-MLP matmuls
-geglu_launchers.py  GeGLU pointwise (the Gemma / ModernBERT MLP)
+llama_launchers.py  RMSNorm, RoPE and the SwiGLU-MLP matmuls
+gated_launchers.py  SwiGLU and GeGLU pointwise (the Llama, Gemma / ModernBERT MLPs)
 attention.py        flash attention (grouped-query and packed qkv)         lm_head.py       linear + cross-entropy
 Each launcher checks what its kernel covers and runs the reference math (or aten_attention's routes) otherwise, so
 every call returns the reference's result. Importing this module imports nothing; ``impls()`` imports triton.
@@ -42,6 +42,6 @@ def unavailable(device_type: Optional[str] = None) -> Optional[str]:
 
 @functools.cache
 def impls() -> dict[str, Callable]:
-    from . import attention, geglu_launchers, launchers, llama_launchers, lm_head
+    from . import attention, gated_launchers, launchers, llama_launchers, lm_head
 
-    return {**launchers.IMPLS, **llama_launchers.IMPLS, **geglu_launchers.IMPLS, **attention.IMPLS, **lm_head.IMPLS}
+    return {**launchers.IMPLS, **llama_launchers.IMPLS, **gated_launchers.IMPLS, **attention.IMPLS, **lm_head.IMPLS}

@@ -5,8 +5,9 @@ Each launcher views its inputs as 2-D or flat, copies only what a kernel cannot 
 column stride on activations; weights are always read through their strides), allocates fresh outputs (never
 aliases an input), picks the grid and launches. Inputs the kernels do not cover (float64, empty tensors, more than
 2³² dropout elements) run the reference math, so every call returns the reference's result.
-The Llama-family ops (RMSNorm, SwiGLU, RoPE) are in llama_launchers.py (the backend merges the tables); the norm
-backwards and ffn_recompute reduce their fp32 partials with a second small launch (launch_utils.column_sums).
+The Llama-family ops (RMSNorm, RoPE) are in llama_launchers.py, SwiGLU / GeGLU in gated_launchers.py (the backend
+merges the tables); the norm backwards and ffn_recompute reduce their fp32 partials with a second small launch
+(launch_utils.column_sums).
 Importing this module imports triton; the backend imports it only when asked for a kernel (backends/triton).
 """
 

@@ -1,11 +1,11 @@
-"""Launchers of the Llama-family graph ops (RMSNorm, SwiGLU, RoPE and the fused SwiGLU matmuls); the backend merges
-IMPLS with launchers.IMPLS. Same rules as launchers.py: the graph op's exact signature and output dtypes (the op
-contract, ckpt_ext.reference), inputs read through their strides where the kernel can, fresh contiguous outputs, and the
-reference math for what the kernels do not cover (float64, empty tensors, shapes the reference rejects).
+"""Launchers of the Llama-family graph ops (RMSNorm, RoPE and the fused SwiGLU matmuls; the pointwise SwiGLU is in
+gated_launchers.py); the backend merges IMPLS with launchers.IMPLS. Same rules as launchers.py: the graph op's exact
+signature and output dtypes (the op contract, ckpt_ext.reference), inputs read through their strides where the kernel
+can, fresh contiguous outputs, and the reference math for what the kernels do not cover (float64, empty tensors, shapes
+the reference rejects).
 
 rms_norm_fwd         one launch: y, rstd
 rms_norm_bwd         two launches: the row kernel (dx, y, fp32 dweight partials) and column_sums (dweight)
-swiglu_fwd/bwd       one launch each, (rows, column blocks) grid
 rope                 one launch rotates q and k (grid = B·T positions)
 linear_swiglu, swiglu_linear_bwd, swiglu_linear_wgrad, swiglu_ffn_recompute   one GEMM launch each
 """
@@ -19,7 +19,6 @@ from ...kernels.act_linear_wgrad import act_linear_wgrad_autotuned
 from ...kernels.linear_swiglu import linear_swiglu_autotuned
 from ...kernels.rms_norm import rms_norm_bwd_kernel, rms_norm_fwd_kernel
 from ...kernels.rope import rope_kernel
-from ...kernels.swiglu import swiglu_bwd_kernel, swiglu_fwd_kernel
 from ...kernels.swiglu_ffn_recompute import swiglu_ffn_recompute_autotuned
 from ...kernels.swiglu_pointwise import swiglu_linear_bwd_autotuned
 from .launch_utils import bwd_programs, cdiv, column_sums, covered, matmul_grid, next_pow2, row_warps, rows, upcast
@@ -68,35 +67,6 @@ def rms_norm_bwd(dy, x, rstd, weight, dresidual, emit_y):
         num_warps=row_warps(block_d),
     )  # fmt: skip
     return dx, column_sums(dw_part, weight.dtype), y
-
-
-# ----------------------------------------------------------------------------------------------------- SwiGLU
-def _pointwise_grid(n: int, f: int):
-    block = min(next_pow2(f), 1024)
-    return (n, cdiv(f, block)), block
-
-
-def swiglu_fwd(g, u):
-    if not covered(g, u) or g.dim() != 2 or u.shape != g.shape:
-        return reference.swiglu_fwd(g, u)
-    g, u = rows(g), rows(u)
-    n, f = g.shape
-    h = torch.empty((n, f), dtype=g.dtype, device=g.device)
-    grid, block = _pointwise_grid(n, f)
-    swiglu_fwd_kernel[grid](g, u, h, f, g.stride(0), u.stride(0), BLOCK=block)
-    return h
-
-
-def swiglu_bwd(dh, g, u):
-    if not covered(dh, g, u) or g.dim() != 2 or u.shape != g.shape or dh.shape != g.shape:
-        return reference.swiglu_bwd(dh, g, u)
-    dh, g, u = rows(dh), rows(g), rows(u)
-    n, f = g.shape
-    dg = torch.empty((n, f), dtype=g.dtype, device=g.device)
-    du = torch.empty((n, f), dtype=u.dtype, device=u.device)
-    grid, block = _pointwise_grid(n, f)
-    swiglu_bwd_kernel[grid](dh, g, u, dg, du, f, dh.stride(0), g.stride(0), u.stride(0), BLOCK=block)
-    return dg, du
 
 
 # ------------------------------------------------------------------------------------------------------- RoPE
@@ -199,8 +169,6 @@ def swiglu_ffn_recompute(x1, rstd, norm_weight, w_gate, b_gate, w_up, b_up, dy, 
 IMPLS = {
     "rms_norm_fwd": rms_norm_fwd,
     "rms_norm_bwd": rms_norm_bwd,
-    "swiglu_fwd": swiglu_fwd,
-    "swiglu_bwd": swiglu_bwd,
     "rope": rope,
     "linear_swiglu": linear_swiglu,
     "swiglu_linear_bwd": swiglu_linear_bwd,

@@ -1,17 +1,19 @@
-// SwiGLU forward and backward on CPU (reference.swiglu_fwd / swiglu_bwd), fp32 math (fp64 for fp64 g).
+// The gated-MLP pointwise ops on CPU, h = gate(g) u: SwiGLU (gate = silu, reference.swiglu_fwd / swiglu_bwd, Llama)
+// and GeGLU (gate = tanh-form gelu, reference.geglu_fwd / geglu_bwd, Gemma / ModernBERT). fp32 math (fp64 for fp64 g).
 //
-// swiglu_fwd_kernel(g (N, F), u (N, F))      -> h = silu(g) u (N, F) in g.dtype
-// swiglu_bwd_kernel(dh (N, F), g, u)          -> dg = dh u silu'(g) in g.dtype, du = dh silu(g) in u.dtype
-// One flat pass over the contiguous tensors (swiglu_rows.h), at::parallel_for over fixed-size chunks. Operands in
-// g's dtype T are read as they are, any other dtype is widened once to acc_t; du is written as u's dtype when that is
-// T, else as acc_t and cast once. Outputs are always fresh tensors.
+// {swiglu,geglu}_fwd_kernel(g (N, F), u (N, F))  -> h = gate(g) u (N, F) in g.dtype
+// {swiglu,geglu}_bwd_kernel(dh (N, F), g, u)      -> dg = dh u gate'(g) in g.dtype, du = dh gate(g) in u.dtype
+// One implementation templated on the op (host::SwigluOp / GegluOp, llama_host.h: its gate, math::SiluGate /
+// GeluTanhGate, and its names): one flat pass over the contiguous tensors (gated_rows.h), at::parallel_for over
+// fixed-size chunks. Operands in g's dtype T are read as they are, any other dtype is widened once to acc_t; du is
+// written as u's dtype when that is T, else as acc_t and cast once. Outputs are always fresh tensors.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "../common/llama_host.h"
-#include "swiglu_rows.h"
+#include "gated_rows.h"
 #include "vec_io.h"
 
 namespace ckpt_ext {
@@ -20,21 +22,23 @@ namespace {
 
 constexpr int64_t kFlatGrain = 1 << 14;
 
-at::Tensor swiglu_fwd_cpu(const at::Tensor& g, const at::Tensor& u) {
-  host::check_swiglu("swiglu_fwd_kernel", g, u);
+template <typename Op>
+at::Tensor gated_fwd(const at::Tensor& g, const at::Tensor& u) {
+  using Gate = typename Op::Gate;
+  host::check_swiglu(Op::kFwd, g, u);
   const auto dt = g.scalar_type();
   const at::Tensor gc = g.contiguous(), uc = host::same_or_acc(u, dt);
   at::Tensor h = at::empty(g.sizes(), gc.options());
   const int64_t numel = g.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "swiglu_fwd_kernel", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, Op::kFwd, [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
     scalar_t* hp = h.mutable_data_ptr<scalar_t>();
     auto run = [&](const auto* up) {
       using U = std::remove_cv_t<std::remove_pointer_t<decltype(up)>>;
       at::parallel_for(0, numel, kFlatGrain, [&](int64_t begin, int64_t end) {
-        swiglu_fwd_range<scalar_t, scalar_t, U, scalar_t>(gp + begin, up + begin, nullptr, nullptr, hp + begin,
-                                                          end - begin);
+        gated_fwd_range<Gate, scalar_t, scalar_t, U, scalar_t>(gp + begin, up + begin, nullptr, nullptr, hp + begin,
+                                                               end - begin);
       });
     };
     uc.scalar_type() == dt ? run(uc.const_data_ptr<scalar_t>()) : run(uc.const_data_ptr<acc_t>());
@@ -42,15 +46,16 @@ at::Tensor swiglu_fwd_cpu(const at::Tensor& g, const at::Tensor& u) {
   return h;
 }
 
-std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dh, const at::Tensor& g, const at::Tensor& u) {
-  host::check_swiglu("swiglu_bwd_kernel", g, u);
-  TORCH_CHECK(dh.sizes() == g.sizes(), "swiglu_bwd_kernel: dh must be (N, F) like g, got ", dh.sizes());
+template <typename Op>
+std::tuple<at::Tensor, at::Tensor> gated_bwd(const at::Tensor& dh, const at::Tensor& g, const at::Tensor& u) {
+  using Gate = typename Op::Gate;
+  host::check_gated_bwd<Op>(dh, g, u);
   const auto dt = g.scalar_type();
   const at::Tensor gc = g.contiguous(), uc = host::same_or_acc(u, dt), dhc = host::same_or_acc(dh, dt);
   at::Tensor dg = at::empty(g.sizes(), gc.options());
   at::Tensor du = at::empty(u.sizes(), gc.options().dtype(uc.scalar_type()));  // u's dtype when it is T, else acc_t
   const int64_t numel = g.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "swiglu_bwd_kernel", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, Op::kBwd, [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
     scalar_t* dgp = dg.mutable_data_ptr<scalar_t>();
@@ -59,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dh, const at
       using U = std::remove_cv_t<std::remove_pointer_t<decltype(up)>>;
       U* dup = du.mutable_data_ptr<U>();
       at::parallel_for(0, numel, kFlatGrain, [&](int64_t begin, int64_t end) {
-        swiglu_bwd_range<D, scalar_t, U, scalar_t, U>(dhp + begin, gp + begin, up + begin, nullptr, nullptr,
-                                                      dgp + begin, dup + begin, nullptr, end - begin);
+        gated_bwd_range<Gate, D, scalar_t, U, scalar_t, U>(dhp + begin, gp + begin, up + begin, nullptr, nullptr,
+                                                           dgp + begin, dup + begin, nullptr, end - begin);
       });
     };
     auto with_u = [&](const auto* dhp) {
@@ -74,8 +79,10 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dh, const at
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ckpt_ext, CPU, m) {
-  m.impl("swiglu_fwd_kernel", &swiglu_fwd_cpu);
-  m.impl("swiglu_bwd_kernel", &swiglu_bwd_cpu);
+  m.impl("swiglu_fwd_kernel", &gated_fwd<host::SwigluOp>);
+  m.impl("swiglu_bwd_kernel", &gated_bwd<host::SwigluOp>);
+  m.impl("geglu_fwd_kernel", &gated_fwd<host::GegluOp>);
+  m.impl("geglu_bwd_kernel", &gated_bwd<host::GegluOp>);
 }
 
 }  // namespace cpu
