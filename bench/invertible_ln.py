@@ -21,7 +21,8 @@ from ckpt_ext.block import init_block_
 from ckpt_ext.block_parts.norm import MIN_GAMMA
 
 
-def _block(ratio: float, d: int, heads: int) -> TransformerBlock:
+def post_block(ratio: float, d: int, heads: int) -> TransformerBlock:
+    """A post-LN block whose norm2 γ spans [ratio, 1] in magnitude (log-spaced, random signs), β ~ N(1, 0.5)."""
     torch.manual_seed(0)
     blk = TransformerBlock(d, heads, norm_placement="post", causal=False)
     init_block_(blk, std=0.2)
@@ -45,7 +46,7 @@ def _max_rel(got, ref) -> float:
 
 def measure(ratio: float, d: int = 256, heads: int = 4, batch: int = 4, seq: int = 64) -> tuple[float, float]:
     """(error of the forced rebuild, error of torch's fp32 block), each the max relative error over all outputs."""
-    blk = _block(ratio, d, heads)
+    blk = post_block(ratio, d, heads)
     x, grad = torch.randn(batch, seq, d), torch.randn(batch, seq, d)
     ref = _step(copy.deepcopy(blk).double(), x.double(), grad.double())
     torch_err = _max_rel(_step(copy.deepcopy(blk), x, grad), ref)

@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 
-from ckpt_ext import FusedCheckpointBlock, TransformerBlock
-from ckpt_ext.block import init_block_
+from bench.invertible_ln import post_block
+from ckpt_ext import FusedCheckpointBlock
 from ckpt_ext.block_parts.norm import MIN_GAMMA, invertible
 from ckpt_ext.measure import retained_activation_bytes
 from ckpt_ext.policies import retained_bytes
@@ -23,15 +23,7 @@ B, T, D, H = 2, 9, 72, 4
 
 
 def _post_block(gamma_min_ratio: float, dtype=torch.float32):
-    """A post-LN block whose norm2 γ spans [gamma_min_ratio, 1] in magnitude (log-spaced, random signs), β ~ 1."""
-    torch.manual_seed(0)
-    blk = TransformerBlock(D, H, norm_placement="post", causal=False)
-    init_block_(blk, std=0.2)
-    with torch.no_grad():
-        mags = torch.logspace(0, torch.log10(torch.tensor(gamma_min_ratio)).item(), D)
-        blk.ln_2.weight.copy_(mags[torch.randperm(D)] * torch.sign(torch.randn(D)))
-        blk.ln_2.bias.normal_(1.0, 0.5)  # |β| >> |γ x̂| where γ is small: the cancellation in out - β
-    return blk.to(dtype)
+    return post_block(gamma_min_ratio, D, H).to(dtype)
 
 
 def _errors(blk, policy: str):

@@ -26,7 +26,7 @@ import torch
 from .. import seeds
 from ..block import fused_block
 from ..lora import Linears
-from .hf_common import fallback, lora_seeded, needs_graph, read_linears
+from .hf_common import common_fallback, fallback, lora_eager_only, lora_seeded, needs_graph, read_linears
 
 
 class LayerAdapter:
@@ -131,3 +131,16 @@ def same_residual_dropout(layer, p_attention: float, p_mlp: float) -> bool:
         return True
     return fallback(layer, "dropout", f"different dropout on the residual branches ({p_attention} after the attention, "
                     f"{p_mlp} after the MLP); eval() or equal probabilities are fused")  # fmt: skip
+
+
+FUSED_ATTENTION = ("eager", "sdpa")  # attention implementations whose math the fused kernels reproduce
+
+
+def layer_fusable(layer, impl: str, mask, lin: Linears, dropouts: Optional[tuple[float, float]] = None) -> bool:
+    """The checks every family makes before its own: the attention implementation, the mask's type and the layer's
+    submodules and hooks (hf_common.common_fallback), LoRA only in eager mode, and — given (p after attention, p after
+    the MLP) — one residual dropout. False where the original forward must run (said once where it is a training
+    call)."""
+    if not common_fallback(layer, impl, FUSED_ATTENTION, mask, lin) or not lora_eager_only(layer, lin):
+        return False
+    return dropouts is None or same_residual_dropout(layer, *dropouts)

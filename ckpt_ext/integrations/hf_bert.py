@@ -42,13 +42,12 @@ from .hf_adapter import (
     attentions_requested,
     call_seed,
     classes_of,
+    layer_fusable,
     part_linears,
-    same_residual_dropout,
 )
-from .hf_common import Linears, common_fallback, fallback, lora_eager_only
+from .hf_common import Linears, fallback
 from .hf_masks import layer_mask
 
-FUSED_ATTENTION = ("eager", "sdpa")
 # transformers.activations class -> MLP form (GELUActivation: erf, also its python form; the rest: the tanh form)
 _ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
                 "PytorchGELUTanh": "gelu_tanh"}  # fmt: skip
@@ -164,9 +163,7 @@ class _EncoderAdapter(LayerAdapter):
             return fallback(layer, f"position-{position}", f"position_embedding_type={position!r} (relative "
                             "position scores are not fused; 'absolute' is)")  # fmt: skip
         mask = _arg(bound, "attention_mask", "attn_mask")
-        if not common_fallback(layer, parts.impl, FUSED_ATTENTION, mask, lin) or not lora_eager_only(layer, lin):
-            return False
-        if not same_residual_dropout(layer, parts.p, parts.p_out):
+        if not layer_fusable(layer, parts.impl, mask, lin, (parts.p, parts.p_out)):
             return False
         if mask is None:
             return (None,)

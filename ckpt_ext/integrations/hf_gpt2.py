@@ -21,12 +21,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..spec import BlockConfig, BlockSpec
-from .hf_adapter import LayerAdapter, attentions_requested, call_seed, first_given, same_residual_dropout
-from .hf_common import Linears, common_fallback, eager_rows_ok, lora_eager_only, warn_once
+from .hf_adapter import LayerAdapter, attentions_requested, call_seed, first_given, layer_fusable
+from .hf_common import Linears, eager_rows_ok, warn_once
 from .hf_masks import layer_mask
 
 GELU_FORMS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}  # HF name -> MLP form
-FUSED_ATTENTION = ("eager", "sdpa")
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
@@ -88,11 +87,7 @@ class GPT2Adapter(LayerAdapter):
             return False
         mask = bound.get("attention_mask")
         impl = getattr(layer.attn.config, "_attn_implementation", "eager")
-        if not common_fallback(layer, impl, FUSED_ATTENTION, mask, lin):
-            return False
-        if not lora_eager_only(layer, lin):
-            return False
-        if not same_residual_dropout(layer, layer.attn.resid_dropout.p, layer.mlp.dropout.p):
+        if not layer_fusable(layer, impl, mask, lin, (layer.attn.resid_dropout.p, layer.mlp.dropout.p)):
             return False
         cache = first_given(bound, _CACHE_ARGS)
         if cache is not None:

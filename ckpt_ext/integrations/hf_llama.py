@@ -24,12 +24,11 @@ Returns what the original returns: the hidden states tensor (4.57, 5.x), a 1-tup
 from __future__ import annotations
 
 from ..spec import BlockConfig, BlockSpec
-from .hf_adapter import LayerAdapter, call_seed, classes_of, first_given
-from .hf_common import Linears, common_fallback, eager_rows_ok, fallback, lora_eager_only, warn_once
+from .hf_adapter import LayerAdapter, call_seed, classes_of, first_given, layer_fusable
+from .hf_common import Linears, eager_rows_ok, fallback, warn_once
 from .hf_gpt2 import _cached_tokens
 from .hf_masks import layer_mask
 
-FUSED_ATTENTION = ("eager", "sdpa")
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # 5.x names it cache
 
 
@@ -97,9 +96,7 @@ class LlamaFamilyAdapter(LayerAdapter):
         if extra.get("output_attentions") or bound.get("position_embeddings") is None:
             return False
         impl = getattr(layer.self_attn.config, "_attn_implementation", "eager")
-        if not common_fallback(layer, impl, FUSED_ATTENTION, mask, lin):
-            return False
-        if not lora_eager_only(layer, lin):
+        if not layer_fusable(layer, impl, mask, lin):
             return False
         window = _sliding_window(layer)
         if window is not None and window < x.shape[1] and not (mask is not None and mask.dim() == 4):

@@ -33,11 +33,10 @@ import torch
 
 from ..lora import Linears
 from ..spec import BlockConfig, BlockSpec
-from .hf_adapter import LayerAdapter, attentions_requested, classes_of
+from .hf_adapter import FUSED_ATTENTION, LayerAdapter, attentions_requested, classes_of
 from .hf_common import common_fallback, fallback
 from .hf_masks import layer_mask
 
-FUSED_ATTENTION = ("eager", "sdpa")
 GEGLU_FORMS = {"gelu": "geglu_erf", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}  # hidden_activation -> form
 
 

@@ -16,9 +16,15 @@ from __future__ import annotations
 from typing import Optional
 
 from ..spec import BlockConfig, BlockSpec
-from .hf_adapter import LayerAdapter, attentions_requested, call_seed, part_linears, same_residual_dropout
-from .hf_common import Linears, common_fallback, eager_rows_ok, lora_eager_only
-from .hf_gpt2 import FUSED_ATTENTION, GELU_FORMS
+from .hf_adapter import (
+    LayerAdapter,
+    attentions_requested,
+    call_seed,
+    layer_fusable,
+    part_linears,
+)
+from .hf_common import Linears, eager_rows_ok
+from .hf_gpt2 import GELU_FORMS
 from .hf_masks import layer_mask
 
 
@@ -97,9 +103,7 @@ class ViTAdapter(LayerAdapter):
         impl = getattr(parts.config, "_attn_implementation", "eager")
         if bound.get("head_mask") is not None or attentions_requested(bound):
             return False
-        if not common_fallback(layer, impl, FUSED_ATTENTION, mask, lin) or not lora_eager_only(layer, lin):
-            return False
-        if not same_residual_dropout(layer, parts.p, parts.p_out):
+        if not layer_fusable(layer, impl, mask, lin, (parts.p, parts.p_out)):
             return False
         if mask is None:
             return (None,)

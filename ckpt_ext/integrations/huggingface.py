@@ -28,8 +28,14 @@ from .hf_loss import SUPPORTED_MODEL_TYPES, patch_causal_lm_loss, unpatch_causal
 from .hf_modernbert import ModernBertAdapter
 from .hf_vit import ViTAdapter
 
-FAMILIES = (GPT2Adapter(), ViTAdapter(), LlamaFamilyAdapter(), BertFamilyAdapter(), DistilBertAdapter(),
-            ModernBertAdapter())
+FAMILIES = (
+    GPT2Adapter(),
+    ViTAdapter(),
+    LlamaFamilyAdapter(),
+    BertFamilyAdapter(),
+    DistilBertAdapter(),
+    ModernBertAdapter(),
+)
 
 
 def supported() -> str:
