@@ -213,8 +213,8 @@ def test_bad_input_names_the_argument():
         TransformerBlock(64.0, 8)
     with pytest.raises(ValueError, match="mlp_ratio"):
         TransformerBlock(64, 8, mlp_ratio=0)
-    with pytest.raises(ValueError, match="norm"):
-        TransformerBlock(64, 8, activation="swiglu", norm="layernorm")
+    with pytest.raises(ValueError, match="norm"):  # any norm pairs with any MLP form now (tests/test_block_spec.py)
+        TransformerBlock(64, 8, activation="swiglu", norm="batchnorm")
     blk = FusedCheckpointBlock(64, 8, activation="swiglu", n_kv_heads=2)
     x = torch.randn(2, 5, 64)
     with pytest.raises(ValueError, match="position_embeddings cos"):
