@@ -42,7 +42,8 @@ test-slow: install
 # distribution it imports (which the top-level kernels/ folder must not shadow when run from the repo root).
 VENV5 ?= .venv-tf5
 TF5   ?= transformers>=5,<6
-HF_TESTS := tests/test_hf.py tests/test_hf_llama.py tests/test_hf_regressions.py tests/test_hf_lora.py tests/test_attention_segments.py
+HF_TESTS := tests/test_hf.py tests/test_hf_llama.py tests/test_hf_regressions.py tests/test_hf_lora.py tests/test_attention_segments.py \
+            tests/test_hf_encoders.py tests/test_hf_modernbert.py
 
 $(VENV5)/.deps-stamp:
 	$(PY) -m venv $(VENV5)

@@ -163,6 +163,15 @@ def test_eval_no_grad_output_attentions_fall_back(fused_calls, caplog):
     with torch.no_grad():
         torch.testing.assert_close(loss_of(fused, inputs), loss_of(ref, inputs), rtol=0, atol=0)
     assert fused_calls == []
+    fused.eval()  # eval with grad: fused, dropout off
+    ref.eval()
+    torch.testing.assert_close(step(fused, inputs)[0], step(ref, inputs)[0], rtol=1e-5, atol=1e-6)
+    assert len(fused_calls) == LAYERS
+    fused_calls.clear()
+    fused.train()
+    ref.train()
+    # after this, transformers 5.x keeps its output recorders hooked on attention.self: the layers then run their
+    # original forward (warned), which is why the eval check above comes first
     with caplog.at_level(logging.WARNING, logger="ckpt_ext.integrations"):
         out = fused(**inputs, output_attentions=True)
         out_ref = ref(**inputs, output_attentions=True)
@@ -173,10 +182,6 @@ def test_eval_no_grad_output_attentions_fall_back(fused_calls, caplog):
         out = fused(**inputs, head_mask=head_mask).logits
     assert fused_calls == []
     torch.testing.assert_close(out, ref(**inputs, head_mask=head_mask).logits, rtol=0, atol=0)
-    fused.eval()  # eval with grad: fused, dropout off
-    ref.eval()
-    torch.testing.assert_close(step(fused, inputs)[0], step(ref, inputs)[0], rtol=1e-5, atol=1e-6)
-    assert len(fused_calls) == LAYERS
 
 
 def test_relative_positions_fall_back_with_a_warning(fused_calls, caplog):
@@ -185,9 +190,13 @@ def test_relative_positions_fall_back_with_a_warning(fused_calls, caplog):
     inputs = batch("bert", "right")
     with caplog.at_level(logging.WARNING, logger="ckpt_ext.integrations"):
         loss, grads = step(fused, inputs)
+    loss_ref, grads_ref = step(ref, inputs)
+    if int(transformers.__version__.split(".")[0]) >= 5:  # 5.x dropped relative positions: the field is ignored
+        assert len(fused_calls) == LAYERS
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+        return
     assert fused_calls == []
     assert "position_embedding_type='relative_key'" in caplog.text
-    loss_ref, grads_ref = step(ref, inputs)
     torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
 
 
