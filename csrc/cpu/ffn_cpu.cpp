@@ -66,35 +66,34 @@ void ln_apply_rows(const X* x, const acc_type<T>* mean, const acc_type<T>* rstd,
 template <typename T, bool kTanh>
 void ffn_epilogue_row(T* ua, const acc_type<T>* b1, T* dd, acc_type<T>* colsum, int64_t h) {
   using acc_t = acc_type<T>;
-  int64_t j = 0;
-  if constexpr (kVectorized<T>) {
-    for (; j + 2 * kW <= h; j += 2 * kW) {
-      Vec u0, u1, d0, d1;
-      load2_f(ua + j, u0, u1);
-      load2_f(dd + j, d0, d1);
-      const auto [a0, g0] = gelu_and_grad_vec<kTanh, T>(u0 + Vec::loadu(b1 + j));
-      const auto [a1, g1] = gelu_and_grad_vec<kTanh, T>(u1 + Vec::loadu(b1 + j + kW));
-      const Vec du0 = g0 * d0, du1 = g1 * d1;
-      store2_f(ua + j, a0, a1);
-      store2_f(dd + j, du0, du1);
-      (Vec::loadu(colsum + j) + du0).store(colsum + j);
-      (Vec::loadu(colsum + j + kW) + du1).store(colsum + j + kW);
-    }
-    for (; j + kW <= h; j += kW) {
-      const auto [a, g] = gelu_and_grad_vec<kTanh, T>(load_f(ua + j) + Vec::loadu(b1 + j));
-      const Vec du = g * load_f(dd + j);
-      store_f(ua + j, a);
-      store_f(dd + j, du);
-      (Vec::loadu(colsum + j) + du).store(colsum + j);
-    }
-  }
-  for (; j < h; ++j) {
-    const acc_t u = static_cast<acc_t>(ua[j]) + b1[j];
-    const acc_t du = math::gelu_grad<acc_t>(u, kTanh) * static_cast<acc_t>(dd[j]);
-    ua[j] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
-    dd[j] = static_cast<T>(du);
-    colsum[j] += du;
-  }
+  for_vec_steps<T>(
+      h,
+      [&](auto j) {
+        Vec u0, u1, d0, d1;
+        load2_f(ua + j, u0, u1);
+        load2_f(dd + j, d0, d1);
+        const auto [a0, g0] = gelu_and_grad_vec<kTanh, T>(u0 + Vec::loadu(b1 + j));
+        const auto [a1, g1] = gelu_and_grad_vec<kTanh, T>(u1 + Vec::loadu(b1 + j + kW));
+        const Vec du0 = g0 * d0, du1 = g1 * d1;
+        store2_f(ua + j, a0, a1);
+        store2_f(dd + j, du0, du1);
+        (Vec::loadu(colsum + j) + du0).store(colsum + j);
+        (Vec::loadu(colsum + j + kW) + du1).store(colsum + j + kW);
+      },
+      [&](auto j) {
+        const auto [a, g] = gelu_and_grad_vec<kTanh, T>(load_f(ua + j) + Vec::loadu(b1 + j));
+        const Vec du = g * load_f(dd + j);
+        store_f(ua + j, a);
+        store_f(dd + j, du);
+        (Vec::loadu(colsum + j) + du).store(colsum + j);
+      },
+      [&](int64_t j) {
+        const acc_t u = static_cast<acc_t>(ua[j]) + b1[j];
+        const acc_t du = math::gelu_grad<acc_t>(u, kTanh) * static_cast<acc_t>(dd[j]);
+        ua[j] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
+        dd[j] = static_cast<T>(du);
+        colsum[j] += du;
+      });
 }
 
 using host::with_form;

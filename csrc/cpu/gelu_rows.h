@@ -14,45 +14,43 @@ namespace cpu {
 template <typename T, typename M, bool kTanh>
 void gelu_bwd_range(const M* m, const T* u, T* out, int64_t len) {
   using acc_t = acc_type<T>;
-  int64_t j = 0;
-  if constexpr (kVectorized<T>) {
-    for (; j + 2 * kW <= len; j += 2 * kW) {
-      Vec u0, u1, m0, m1;
-      load2_f(u + j, u0, u1);
-      load2_f(m + j, m0, m1);
-      store2_f(out + j, m0 * gelu_grad_vec<kTanh, T>(u0), m1 * gelu_grad_vec<kTanh, T>(u1));
-    }
-    for (; j + kW <= len; j += kW) store_f(out + j, load_f(m + j) * gelu_grad_vec<kTanh, T>(load_f(u + j)));
-  }
-  for (; j < len; ++j) {
-    out[j] = static_cast<T>(static_cast<acc_t>(m[j]) * math::gelu_grad<acc_t>(static_cast<acc_t>(u[j]), kTanh));
-  }
+  for_vec_steps<T>(
+      len,
+      [&](auto j) {
+        Vec u0, u1, m0, m1;
+        load2_f(u + j, u0, u1);
+        load2_f(m + j, m0, m1);
+        store2_f(out + j, m0 * gelu_grad_vec<kTanh, T>(u0), m1 * gelu_grad_vec<kTanh, T>(u1));
+      },
+      [&](auto j) { store_f(out + j, load_f(m + j) * gelu_grad_vec<kTanh, T>(load_f(u + j))); },
+      [&](int64_t j) {
+        out[j] = static_cast<T>(static_cast<acc_t>(m[j]) * math::gelu_grad<acc_t>(static_cast<acc_t>(u[j]), kTanh));
+      });
 }
 
 // out[j] = gelu(m[j] + b[j]) for j < len (b may be nullptr); out may be m itself (in place). M is T or acc_t.
 template <typename T, typename M, bool kTanh>
 void bias_gelu_range(const M* m, const acc_type<T>* b, T* out, int64_t len) {
   using acc_t = acc_type<T>;
-  int64_t j = 0;
-  if constexpr (kVectorized<T>) {
-    for (; j + 2 * kW <= len; j += 2 * kW) {
-      Vec u0, u1;
-      load2_f(m + j, u0, u1);
-      if (b != nullptr) {
-        u0 += Vec::loadu(b + j);
-        u1 += Vec::loadu(b + j + kW);
-      }
-      store2_f(out + j, gelu_vec<kTanh, T>(u0), gelu_vec<kTanh, T>(u1));
-    }
-    for (; j + kW <= len; j += kW) {
-      const Vec u = b != nullptr ? load_f(m + j) + Vec::loadu(b + j) : load_f(m + j);
-      store_f(out + j, gelu_vec<kTanh, T>(u));
-    }
-  }
-  for (; j < len; ++j) {
-    const acc_t u = static_cast<acc_t>(m[j]) + (b != nullptr ? b[j] : acc_t(0));
-    out[j] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
-  }
+  for_vec_steps<T>(
+      len,
+      [&](auto j) {
+        Vec u0, u1;
+        load2_f(m + j, u0, u1);
+        if (b != nullptr) {
+          u0 += Vec::loadu(b + j);
+          u1 += Vec::loadu(b + j + kW);
+        }
+        store2_f(out + j, gelu_vec<kTanh, T>(u0), gelu_vec<kTanh, T>(u1));
+      },
+      [&](auto j) {
+        const Vec u = b != nullptr ? load_f(m + j) + Vec::loadu(b + j) : load_f(m + j);
+        store_f(out + j, gelu_vec<kTanh, T>(u));
+      },
+      [&](int64_t j) {
+        const acc_t u = static_cast<acc_t>(m[j]) + (b != nullptr ? b[j] : acc_t(0));
+        out[j] = static_cast<T>(math::gelu<acc_t>(u, kTanh));
+      });
 }
 
 }  // namespace cpu

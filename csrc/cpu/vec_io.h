@@ -132,6 +132,19 @@ inline acc_t round_as(acc_t v, at::ScalarType st) {
   }
 }
 
+// The row loop every vectorized kernel runs over a contiguous run of len values: step2(j) covers j..j+2kW (the hot
+// width), step1(j) j..j+kW, tail(j) one value (all of them for types without a vector path, e.g. fp64). Pass the
+// vector steps as generic lambdas ([&](auto j) {...}): their bodies are then instantiated only where called.
+template <typename T, typename Step2, typename Step1, typename Tail>
+inline void for_vec_steps(int64_t len, Step2&& step2, Step1&& step1, Tail&& tail) {
+  int64_t j = 0;
+  if constexpr (kVectorized<T>) {
+    for (; j + 2 * kW <= len; j += 2 * kW) step2(j);
+    for (; j + kW <= len; j += kW) step1(j);
+  }
+  for (; j < len; ++j) tail(j);
+}
+
 // Horizontal sum of a Vectorized<float> (fixed lane order: deterministic).
 inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
