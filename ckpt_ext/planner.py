@@ -48,6 +48,8 @@ DTYPES = {
 }
 TORCH_KINDS = ("eager", "checkpoint")
 ORDER = ("checkpoint", "block", "block_keep_attn", "ffn", "pointwise", "none", "eager")  # heaviest checkpointing first
+
+
 @dataclass(frozen=True)
 class Shape:
     d_model: int

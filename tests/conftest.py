@@ -16,7 +16,7 @@ def _seed_and_reference_determinism():
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts Hugging Face layer calls that took the fused path (every adapter runs it through hf_adapter's skeleton)."""
+    """Counts Hugging Face layer calls that took the fused path (every adapter runs through hf_adapter's skeleton)."""
     from ckpt_ext.integrations import hf_adapter
 
     calls = []

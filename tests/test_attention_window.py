@@ -221,5 +221,4 @@ def test_gradcheck_float64_with_window():
     ],
 )
 def test_triton_window_matches_band_masked_reference(t, window, causal, ids_kind, dtype, dropout_p):
-    pytest.importorskip("triton")
     check_window("triton", 2, t, window, causal, ids_kind, dtype, dropout_p)

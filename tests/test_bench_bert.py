@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # noqa: E402, F401  (make test installs it: missing, this file fails)
 
 from ckpt_ext import roofline
 from ckpt_ext.policies import POLICIES, retained_bytes
-
-pytest.importorskip("transformers")
 
 D, T, B, H, FF = 64, 32, 2, 4, 256
 
@@ -45,7 +44,14 @@ def test_post_ln_block_shape_prices_the_post_table():
     kw = dict(placement="post", causal=False, dtype=torch.float32)
     for policy in POLICIES:
         assert roofline.retained_memory(policy, D, T, B, H, **kw) == retained_bytes(
-            policy, B, T, D, H, 4 * D, placement="post", ln2_from_out=True  # fp32: x̂2 rebuilt from the output
+            policy,
+            B,
+            T,
+            D,
+            H,
+            4 * D,
+            placement="post",
+            ln2_from_out=True,  # fp32: x̂2 rebuilt from the output
         )
         measured = roofline.retained_memory(policy, D, T, B, H, measured=True, **kw)
         assert measured == roofline.retained_memory(policy, D, T, B, H, **kw), policy

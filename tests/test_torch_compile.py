@@ -195,7 +195,8 @@ def test_reduce_overhead_mode_on_a_converted_hf_llama(device, fused_calls):
     """A tiny Hugging Face Llama converted by apply_fused_checkpointing, under torch.compile(mode="reduce-overhead"):
     loss and every parameter gradient equal to the converted model run eagerly, on three steps; both layers take the
     fused path in the compiled model too."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from ckpt_ext.integrations.huggingface import apply_fused_checkpointing
 
     torch._dynamo.reset()
