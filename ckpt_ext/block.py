@@ -248,10 +248,6 @@ class TransformerBlock(nn.Module):
                          head_dim=self.head_dim, qk_norm=self.qk_norm, packed_qkv=self.packed_qkv,
                          lora=lora_specs)  # fmt: skip
 
-    @property
-    def llama(self) -> bool:
-        return self.norm == "rmsnorm"
-
     def _check_input(self, x: Tensor, attn_mask: Optional[Tensor], position_embeddings, segment_ids=None) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
