@@ -11,9 +11,10 @@ attn.v (n_kv_heads kv heads, GQA without repeated k/v), optional per-head attn.q
 hidden = d_ff, or int(mlp_ratio * d_model). Parameter names are the same in both classes, so state_dicts load both
 ways and ``FusedCheckpointBlock.from_block`` shares a block's parameters without copying them.
 ``forward(x, attn_mask=None, position_embeddings=None, segment_ids=None)`` in both: segment_ids (B, T) int32/int64
-(ckpt_ext/segments.py; 0 = padding, equal ids = one packed sequence) hide every key outside the row's segment, on
-top of attn_mask. The fused block hands them to the attention ops as they are (no (B, 1, T, T) mask is built); the
-plain block turns them into the equivalent bool mask for SDPA.
+(ckpt_ext/segments.py; 0 = padding, equal ids = one packed sequence, -s = a padded key whose row still sees sequence s,
+as an encoder's key mask) hide every key outside the row's segment, on top of attn_mask. The fused block hands them to
+the attention ops as they are (no (B, 1, T, T) mask is built); the plain block turns them into the equivalent bool mask
+for SDPA.
 """
 
 from __future__ import annotations

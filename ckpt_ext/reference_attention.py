@@ -22,11 +22,12 @@ Backward (P rebuilt from lse; empty rows have lse = -inf, so P = 0 and their gra
 Compute in fp32 (fp64 for fp64 inputs); out (B, T, h, dh) in q.dtype, lse (B, h, T) in the compute dtype, dq/dk/dv
 in q/k/v's dtypes, all fresh contiguous tensors. ``check_gqa_args`` is the argument check every backend runs.
 
-segment_ids (B, S) int32/int64, optional (needs T == S): query row t sees key s iff seg[b, s] != 0 and
-seg[b, t] == seg[b, s] (0 = padding; ckpt_ext/segments.py builds them from lengths, keep masks, cu_seqlens or
-position ids). The reference applies them as their (B, 1, T, S) bool visibility (segments.visibility), on top of
-attn_mask when both are given (a key must pass both). Dropout indices do not depend on the mask, so the hash mask is
-the same whether visibility comes from segment_ids or from the equivalent bool attn_mask.
+segment_ids (B, S) int32/int64, optional (needs T == S): query row t sees key s iff seg[b, s] > 0 and |seg[b, t]| ==
+seg[b, s] (0 = padding; -s = a padded key of sequence s whose row still sees sequence s, an encoder's key mask;
+ckpt_ext/segments.py builds them from lengths, keep / key masks, cu_seqlens or position ids). The reference applies them
+as their (B, 1, T, S) bool visibility (segments.visibility), on top of attn_mask when both are given (a key must pass
+both). Dropout indices do not depend on the mask, so the hash mask is the same whether visibility comes from segment_ids
+or from the equivalent bool attn_mask.
 
 window (int >= 0, the last argument; 0 = none): query t sees key s only if |t - s| <= window, on top of causal,
 attn_mask and segment_ids (ModernBERT's local layers: window = local_attention // 2, bidirectional). Kernels apply it

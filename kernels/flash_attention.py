@@ -19,15 +19,16 @@ last stride), G = h // hk query heads per kv head; nothing (B, h, T, S)-sized is
   dv += dropout(P)ᵀ dO, dk += dSᵀ q; dk = scale · dk. The group sum happens in registers: no atomics, deterministic.
 Segment ids (HAS_SEG; key padding and packed sequences, ckpt_ext/segments.py): SEG (B, S) int32/int64 contiguous
 (T == S). Each program loads its query tile's ids (BLOCK_M,) once and each key tile's ids (BLOCK_N,) with the keys;
-a key is hidden where its id differs from the row's (no mask tensor is read), and the forward's epilogue empties the
-rows of id 0 (out = 0, lse = -inf), which is what keeps keys of id 0 unseen: a row sees a key only if both ids are
-equal and nonzero. Backward needs no id-0 test: those rows have lse = -inf, so P = 0. Tile skipping uses per-row key
-ranges computed on the host (segments.key_ranges: the row's own run of ids when every segment of that batch row is
-contiguous, else the whole row; both non-decreasing): the forward and dq kernels loop over key tiles from
-RSTART[first row] to REND[last row] only, the dk/dv kernel over query tiles from RSTART[first key] to REND[last key]
-(T == S makes the ranges symmetric), so a packed batch costs about Σ len_i² instead of T². The forward and dq loops
-count from 0 and offset by lo (a loop starting at a runtime lo cost up to 40 more registers and spilled at head dim
-256).
+a key is hidden where its id differs from the row's |id| (no mask tensor is read): negative key ids (an encoder's
+padded keys, whose rows still see their sequence) are never equal to an |id|. The forward's epilogue empties the rows
+of id 0 (out = 0, lse = -inf), which is what keeps keys of id 0 unseen: a row sees a key only if the key's id is
+positive and equals the row's |id|. Backward needs no id-0 test: those rows have lse = -inf, so P = 0. Tile skipping
+uses ranges computed on the host (segments.key_ranges / query_ranges, both non-decreasing, exact for contiguous
+sequences, else the whole row): the forward and dq kernels loop over key tiles from RSTART[first row] to REND[last
+row] only (the launcher passes key_ranges), the dk/dv kernel over query tiles from RSTART[first key] to REND[last key]
+(the launcher passes query_ranges there), so a packed batch costs about Σ len_i² instead of T² and an encoder's
+trailing padded key tiles are skipped. The forward and dq loops count from 0 and offset by lo (a loop starting at a
+runtime lo cost up to 40 more registers and spilled at head dim 256).
 Sliding window (WINDOW, runtime ``window`` = w > 0, T == S): query t sees key s only if |t - s| <= w, on top of the
 rest: scores outside the band are -inf, and the tile loops shrink to the band: the forward and dq kernels run key tiles
 from max(0, first row - w) (rounded down to BLOCK_N) to last row + w, the dk/dv kernel query tiles from
@@ -69,8 +70,8 @@ def _masked(s, MASK, mask_offs, qi, kj, sq, sk, T, S, win, CAUSAL: tl.constexpr,
     hidden = kj >= S
     if CAUSAL:
         hidden = hidden | (kj > qi)
-    if HAS_SEG:  # rows of id 0 (padding) are emptied by the forward's epilogue, so one compare suffices here
-        hidden = hidden | (sk != sq)
+    if HAS_SEG:  # key id > 0 and |row id| equal to it; rows of id 0 are emptied by the forward's epilogue, so this
+        hidden = hidden | (sk != tl.abs(sq))  # one compare suffices (a negative key id never equals |row id|)
     if WINDOW:
         hidden = hidden | (tl.abs(kj - qi) > win)
     return tl.where(hidden, float("-inf"), s)

@@ -16,10 +16,11 @@ def _seed_and_reference_determinism():
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts Hugging Face layer calls that took the fused path (every adapter runs through hf_adapter's skeleton)."""
+    """Hugging Face layer calls that took the fused path (every adapter runs through hf_adapter's skeleton), each as
+    the positional arguments it handed fused_block: (x, params, config, attn_mask, position_embeddings, segment_ids)."""
     from ckpt_ext.integrations import hf_adapter
 
     calls = []
     real = hf_adapter.fused_block
-    monkeypatch.setattr(hf_adapter, "fused_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(hf_adapter, "fused_block", lambda *a, **k: calls.append(a) or real(*a, **k))
     return calls

@@ -5,7 +5,8 @@
 - ops.gqa_attention_fwd/_bwd with segment_ids (reference, cpp, triton under the interpreter) against the float64
   reference fed the equivalent bool mask (segments.visibility): out, lse, dq, dk, dv, × causal × GQA ratio 1/2/h ×
   dropout 0 and 0.2 (the hash dropout must be identical: its index does not depend on the mask) × T 1/7/33/70 ×
-  padding (empty rows: zeros, lse = -inf, zero grads), packed, and non-contiguous ids (no tile skipping possible);
+  padding (empty rows: zeros, lse = -inf, zero grads), packed, non-contiguous ids (no tile skipping possible), an
+  encoder's key mask (negative ids: padded rows still attend) alone and inside packed sequences;
   also segment_ids combined with an additive finfo.min attn_mask.
 - opcheck with segment_ids; bad segment_ids raise naming the argument.
 - No allocation reaches an fp32 (B, h, T, T) tensor at T = 128 with segment_ids (reference, cpp).
@@ -44,6 +45,20 @@ def make_ids(kind: str, b: int, t: int) -> torch.Tensor:
             cu = torch.cat([torch.zeros(1, dtype=torch.int64), cuts])
             rows.append(segments.from_cu_seqlens(cu, t))
         return torch.cat(rows)
+    if kind == "key_padding":  # an encoder's key mask (padded rows still attend): left in row 0, right in row 2
+        keep = torch.ones(b, t, dtype=torch.bool)
+        keep[0, : t // 2] = False
+        if b > 2:
+            keep[2, t - t // 3 :] = False
+        return segments.from_key_mask(keep)
+    if kind == "key_packed":  # packed sequences with random padded (negative) tokens, then trailing 0 padding
+        ids = make_ids("packed", b, t)
+        padded = torch.rand(b, t, generator=g) < 0.3
+        last = torch.ones_like(padded)  # each sequence's last token stays a key
+        last[:, :-1] = ids[:, 1:] != ids[:, :-1]
+        return torch.where(padded & ~last & (ids > 0), -ids, ids)
+    if kind == "signed":  # ids of both signs repeating non-contiguously (no tile skipping)
+        return torch.randint(-2, 3, (b, t), generator=g, dtype=torch.int32)
     return torch.randint(0, 3, (b, t), generator=g, dtype=torch.int32)  # "scattered": ids repeat non-contiguously
 
 
@@ -121,21 +136,35 @@ def test_from_position_ids():
         segments.from_position_ids(pos[0])
 
 
-@pytest.mark.parametrize("kind", ["padding", "packed", "scattered"])
-def test_key_ranges_bound_every_visible_key(kind):
+@pytest.mark.parametrize("kind", ["padding", "packed", "scattered", "key_padding", "key_packed", "signed"])
+def test_tile_ranges_bound_every_visible_key(kind):
+    """key_ranges bound the keys each row sees, query_ranges the rows that see each key; both non-decreasing, and
+    exact (nothing inside a range is hidden) when every sequence's keys are one contiguous run."""
     ids = make_ids(kind, 3, 33)
-    start, end = segments.key_ranges(ids)
-    vis = segments.visibility(ids)[:, 0]  # (B, T, S)
+    vis = segments.visibility(ids)[:, 0]  # (B, T, S): row, key
     cols = torch.arange(33)
-    inside = (cols[None, None, :] >= start[..., None]) & (cols[None, None, :] <= end[..., None])
-    assert not (vis & ~inside).any()
-    assert (start[:, 1:] >= start[:, :-1]).all() and (end[:, 1:] >= end[:, :-1]).all()
-    if kind != "scattered":  # contiguous segments: the range is exactly the row's segment (or its padding run)
-        assert (inside.sum(-1) == (ids[:, :, None] == ids[:, None, :]).sum(-1)).all()
+    for (start, end), seen in ((segments.key_ranges(ids), vis), (segments.query_ranges(ids), vis.transpose(1, 2))):
+        inside = (cols[None, None, :] >= start[..., None]) & (cols[None, None, :] <= end[..., None])
+        assert not (seen & ~inside).any()
+        assert (start[:, 1:] >= start[:, :-1]).all() and (end[:, 1:] >= end[:, :-1]).all()
+        if kind in ("padding", "packed", "key_padding"):
+            assert (inside.sum(-1) == seen.sum(-1)).all()
+
+
+def test_key_mask_ids_skip_padded_key_tiles():
+    """An encoder's right padding: the padded rows see the real keys, the padded keys are seen by no row (an empty
+    query range: the dk/dv kernel skips their tiles)."""
+    ids = segments.from_key_mask(torch.tensor([[1, 1, 1, 0, 0]]))
+    assert ids.tolist() == [[1, 1, 1, -1, -1]]
+    assert [r.tolist() for r in segments.key_ranges(ids)] == [[[0] * 5], [[2] * 5]]
+    start, end = segments.query_ranges(ids)
+    assert start.tolist() == [[0, 0, 0, 5, 5]] and end.tolist() == [[4] * 5]
+    assert segments.visibility(ids)[0, 0].tolist() == [[True] * 3 + [False] * 2] * 5
 
 
 # ------------------------------------------------------------------------------------------------ ops
-CASES = [("padding", 3, 7), ("packed", 3, 33), ("scattered", 3, 20), ("padding", 1, 1), ("packed", 1, 70)]
+CASES = [("padding", 3, 7), ("packed", 3, 33), ("scattered", 3, 20), ("padding", 1, 1), ("packed", 1, 70),
+         ("key_padding", 3, 33), ("key_packed", 2, 40), ("signed", 1, 17)]  # fmt: skip
 
 
 def _op_cases():
@@ -321,9 +350,9 @@ def test_compiled_block_takes_segment_ids(policy):
 # ------------------------------------------------------------------------------------------------ Hugging Face
 @pytest.mark.parametrize("layout", ["left", "packed", "packed_left", "right"])
 def test_hf_llama_padding_and_packing_take_the_segment_path(monkeypatch, layout):
-    """Left padding and packed sequences (position_ids restarting) reach the attention op as segment ids, no 4-D
-    mask, with the unpatched model's loss and gradients; right padding (Hugging Face lets its pad rows see real keys,
-    which ids cannot say) keeps the 4-D mask, also exact."""
+    """Left padding, right padding and packed sequences (position_ids restarting) reach the attention op as segment
+    ids, no 4-D mask, with the unpatched model's loss and gradients; right padding as key ids (1 / -1: Hugging Face
+    lets its pad rows see the real keys before them)."""
     pytest.importorskip("transformers")
     from test_hf_llama import assert_parity, batch, make_model
 
@@ -344,11 +373,10 @@ def test_hf_llama_padding_and_packing_take_the_segment_path(monkeypatch, layout)
     monkeypatch.setattr(backend_module, "_tables", {})  # resolve afresh through the spy
     assert_parity(make_model("llama", kv=2), inputs, "block")
     assert seen
-    if layout == "right":
-        assert all(ids is None and mask is not None for mask, ids in seen)
-        return
     assert all(mask is None and ids is not None for mask, ids in seen)
     ids = seen[0][1]
+    if layout == "right":
+        assert ids.tolist() == [[1] * 6 + [-1] * 3, [1] * 9]
     if layout in ("left", "packed_left"):  # with a 2-D padding mask 4.57 does not pack: padding alone
         assert ids.tolist() == [[0, 0, 0] + [1] * 6, [0] + [1] * 8]
     if layout == "packed":

@@ -186,6 +186,22 @@ def test_window_changes_the_result():
     assert (full - local).abs().max() > 1e-3
 
 
+def test_flop_count_follows_the_band():
+    """FlopCounterMode counts a windowed layer's scores per row over its band (2w + 1 keys), not all T."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t, w = 64, 4
+    q, k, v = (torch.randn(1, t, n, DH, requires_grad=True) for n in (H, HK, HK))
+    counts = []
+    for window in (0, w):
+        with FlopCounterMode(display=False) as counter:
+            out, _ = ops.gqa_attention_fwd(q, k, v, False, 0.0, 0, None, SCALE, None, window)
+            out.backward(torch.ones_like(out))
+        counts.append(counter.get_total_flops())
+    assert counts[0] == 14 * H * t * t * DH  # forward 4·h·T·S·dh, backward 10·h·T·S·dh
+    assert counts[1] == 14 * H * t * (2 * w + 1) * DH
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_opcheck_with_window(backend):
     q, k, v = (torch.randn(2, 9, n, DH, requires_grad=True) for n in (H, HK, HK))

@@ -5,7 +5,8 @@ Tiny models built from configs (hidden 64, 2 layers, no downloads). fp32, dropou
 agree for every policy × padding (none, right, all but one token) × token_type_ids, eager and SDPA attention; with
 dropout the same seed replays the same run; eval, no_grad, output_attentions, head_mask, relative positions and
 DistilBERT's FFN-only dropout run the original forward; bf16 autocast stays within a few times Hugging Face's own
-bf16 error; torch.compile(fullgraph=True) of a converted BERT equals eager.
+bf16 error; the padding mask reaches the kernels as (B, T) key ids; torch.compile(fullgraph=True) of a converted BERT
+with and without a padding mask equals eager, and a batch row of only padding raises there (eager: original forward).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import torch
 import transformers  # noqa: E402  (make test installs it: missing, this file fails)
 
+from ckpt_ext.integrations import hf_common
 from ckpt_ext.integrations.huggingface import apply_fused_checkpointing, remove_fused_checkpointing  # noqa: E402
 from ckpt_ext.policies import POST_LN_POLICIES  # noqa: E402
 
@@ -169,8 +171,7 @@ def test_eval_no_grad_output_attentions_fall_back(fused_calls, caplog):
     fused_calls.clear()
     fused.train()
     ref.train()
-    # after this, transformers 5.x keeps its output recorders hooked on attention.self: the layers then run their
-    # original forward (warned), which is why the eval check above comes first
+    # after this, transformers 5.x keeps its output recorders hooked on attention.self (idle in later calls)
     with caplog.at_level(logging.WARNING, logger="ckpt_ext.integrations"):
         out = fused(**inputs, output_attentions=True)
         out_ref = ref(**inputs, output_attentions=True)
@@ -181,6 +182,17 @@ def test_eval_no_grad_output_attentions_fall_back(fused_calls, caplog):
         out = fused(**inputs, head_mask=head_mask).logits
     assert fused_calls == []
     torch.testing.assert_close(out, ref(**inputs, head_mask=head_mask).logits, rtol=0, atol=0)
+    # later calls fuse again: 5.x's recorders left on the submodules are idle; output_hidden_states records the
+    # layers' own outputs, which the fused layers still return
+    (loss, grads), (loss_ref, grads_ref) = step(fused, inputs), step(ref, inputs)
+    assert len(fused_calls) == LAYERS
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, grads_ref)
+    fused_calls.clear()
+    out, out_ref = fused(**inputs, output_hidden_states=True), ref(**inputs, output_hidden_states=True)
+    assert len(fused_calls) == LAYERS and len(out.hidden_states) == LAYERS + 1
+    for h, h_ref in zip(out.hidden_states, out_ref.hidden_states):
+        torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_relative_positions_fall_back_with_a_warning(fused_calls, caplog):
@@ -266,16 +278,48 @@ def test_bf16_autocast_close_to_hugging_face(fused_calls):
         assert ours <= 3 * theirs + 2e-2, f"{name}: {ours:.3f} vs HF bf16 {theirs:.3f}"
 
 
-def test_fullgraph_compile_matches_eager(fused_calls):
-    """torch.compile(fullgraph=True) of a converted BERT encoder stack (no mask: under torch.compile the padding mask
-    cannot be read, so a masked model runs its original forward) equals the eager converted and unconverted stacks."""
-    torch._dynamo.reset()
-    ref = make("bert", impl="sdpa")
-    model = fused_copy(ref)
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_padding_reaches_the_kernels_as_key_ids(family, impl, fused_calls):
+    """The padding mask reaches fused_block as (B, T) int32 key ids (1 kept, -1 padded), never as a mask tensor."""
+    model = fused_copy(make(family, impl=impl))
+    inputs = batch(family, "right")
+    loss_of(model, inputs).backward()
+    expected = torch.where(inputs["attention_mask"] > 0, 1, -1).int()
+    assert len(fused_calls) == LAYERS
+    for call in fused_calls:
+        attn_mask, segment_ids = call[3], call[5]
+        assert attn_mask is None
+        assert segment_ids.dtype == torch.int32 and torch.equal(segment_ids, expected)
+
+
+def _compile_inputs(impl: str, padding):
+    """The encoder's hidden states and the 4-D mask BertModel builds for ``impl`` from a 2-D padding mask."""
+    from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask, _prepare_4d_attention_mask_for_sdpa
+
     x = torch.randn(3, T, D)
+    if padding is None:
+        return x, None
+    keep = torch.ones(3, T, dtype=torch.long)
+    keep[1, 6:] = 0
+    if padding == "empty-row":
+        keep[2] = 0
+    build = _prepare_4d_attention_mask_for_sdpa if impl == "sdpa" else _prepare_4d_attention_mask
+    return x, build(keep, torch.float32, tgt_len=T)
+
+
+@pytest.mark.parametrize("impl, padding", [("sdpa", None), ("sdpa", "right"), ("eager", "right")])
+def test_fullgraph_compile_matches_eager(impl, padding, fused_calls):
+    """torch.compile(fullgraph=True) of a converted BERT encoder stack, with and without a padding mask (as eager
+    BERT's (B, 1, 1, T) and SDPA's materialized (B, 1, T, T) masks), equals the eager converted and unconverted
+    stacks: the mask checks are device assertions there, so nothing breaks the graph."""
+    torch._dynamo.reset()
+    ref = make("bert", impl=impl)
+    model = fused_copy(ref)
+    x, mask = _compile_inputs(impl, padding)
 
     def loss_fn(m):
-        return m.bert.encoder(x).last_hidden_state.sin().mean()
+        return m.bert.encoder(x, attention_mask=mask).last_hidden_state.sin().mean()
 
     def run(fn, m):
         m.zero_grad(set_to_none=True)
@@ -290,4 +334,23 @@ def test_fullgraph_compile_matches_eager(fused_calls):
     for expected in (eager, unconverted):
         torch.testing.assert_close(compiled[0], expected[0], rtol=1e-5, atol=1e-6)
         assert_grads_close(compiled[1], expected[1])
+    torch._dynamo.reset()
+
+
+def test_compiled_batch_row_of_only_padding_raises(fused_calls, caplog, monkeypatch):
+    """A batch row with no kept token: eager runs the original forward (Hugging Face gives it uniform weights, the
+    kernels zeros), warned; compiled, where the mask cannot be read, the device assertion raises naming the case."""
+    torch._dynamo.reset()
+    ref = make("bert", impl="sdpa")
+    model = fused_copy(ref)
+    x, mask = _compile_inputs("sdpa", "empty-row")
+    monkeypatch.setattr(hf_common, "_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="ckpt_ext.integrations"):
+        out = model.bert.encoder(x, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, ref.bert.encoder(x, attention_mask=mask).last_hidden_state)
+    assert fused_calls == [] and "leaves a batch row no key" in caplog.text
+    compiled = torch.compile(lambda: model.bert.encoder(x, attention_mask=mask).last_hidden_state, fullgraph=True,
+                             backend="aot_eager")  # fmt: skip
+    with pytest.raises(RuntimeError, match="leaves a batch row no key"):
+        compiled()
     torch._dynamo.reset()

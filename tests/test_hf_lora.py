@@ -1,8 +1,9 @@
 """PEFT LoRA on converted Hugging Face models: the fused layers run LoRA inside the op graph and match the unconverted
-PEFT model (loss, every LoRA A/B gradient, base gradients None), in both conversion orders, for Llama, Mistral,
-Qwen2, Qwen3, GPT-2 and ViT, every policy, q,v and all-linear targets, with padding and packing; lora_dropout replays
-its masks; adapters disabled / switched / merged behave as PEFT's; a LoRA step's FLOPs stay at or below the
-unconverted model's; Trainer with gradient_checkpointing=True trains the same loss curve for 20 steps."""
+PEFT model (loss, every LoRA A/B gradient, base gradients None), in both conversion orders, for Llama, Mistral, Qwen2,
+Qwen3, GPT-2, ViT and the encoders (BERT, DistilBERT, ModernBERT), every policy, q,v and all-linear targets, with
+padding and packing; lora_dropout replays its masks; adapters disabled / switched / merged behave as PEFT's; a LoRA
+step's FLOPs stay at or below the unconverted model's; Trainer with gradient_checkpointing=True trains the same loss
+curve for 20 steps."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from test_hf_llama import make_model
 from test_lora_block import matmul_flops
 
 from ckpt_ext.integrations.huggingface import apply_fused_checkpointing
-from ckpt_ext.policies import POLICIES
+from ckpt_ext.policies import POLICIES, POST_LN_POLICIES
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -23,7 +24,11 @@ TARGETS = {
     "llama": {"qv": ["q_proj", "v_proj"], "all": "all-linear"},
     "gpt2": {"qv": ["c_attn"], "all": ["c_attn", "c_proj", "c_fc"]},
     "vit": {"qv": ["query", "value"], "all": ["query", "key", "value", "dense"]},
+    "bert": {"qv": ["query", "value"], "all": ["query", "key", "value", "dense"]},
+    "distilbert": {"qv": ["q_lin", "v_lin"], "all": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]},
+    "modernbert": {"qv": ["Wqkv"], "all": ["Wqkv", "Wo", "Wi"]},
 }
+ENCODERS = ("bert", "distilbert", "modernbert")
 if int(transformers.__version__.split(".")[0]) >= 5:  # 5.x renamed ViT's linears
     TARGETS["vit"] = {"qv": ["q_proj", "v_proj"], "all": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]}
 LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -49,6 +54,22 @@ def _base(family: str, p: float = 0.0):
         )
         cfg._attn_implementation = "sdpa"  # fmt: skip
         return transformers.GPT2LMHeadModel(cfg).train()
+    if family == "bert":
+        cfg = transformers.BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=96, hidden_dropout_prob=p, attention_probs_dropout_prob=p,
+                                      max_position_embeddings=32, attn_implementation="sdpa")  # fmt: skip
+        return transformers.BertForMaskedLM(cfg).train()
+    if family == "distilbert":
+        cfg = transformers.DistilBertConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, hidden_dim=96, dropout=p,
+                                            attention_dropout=p, max_position_embeddings=32)  # fmt: skip
+        return transformers.DistilBertForMaskedLM(cfg).train()
+    if family == "modernbert":
+        cfg = transformers.ModernBertConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, local_attention=8, global_attn_every_n_layers=2,
+                                            attention_dropout=p, mlp_dropout=p, embedding_dropout=0.0, pad_token_id=0,
+                                            max_position_embeddings=64, reference_compile=False,
+                                            attn_implementation="sdpa")  # fmt: skip
+        return transformers.ModernBertForMaskedLM(cfg).train()
     cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=p,
                                  attention_probs_dropout_prob=p, num_labels=5)  # fmt: skip
@@ -149,6 +170,20 @@ def test_lora_padding_and_packing(family, policy):
     ref, fused = models(family, "all", policy, "after")
     assert_same_step(ref, fused, inputs(family, padding=True))
     assert_same_step(ref, fused, inputs(family, packed=True))
+
+
+@pytest.mark.parametrize("policy", list(POST_LN_POLICIES))
+@pytest.mark.parametrize("family", ENCODERS)
+def test_lora_encoders_every_policy_with_padding(family, policy, fused_calls):
+    """BERT, DistilBERT (post-LN) and ModernBERT (pre-LN, GeGLU from one Wi, LoRA on the packed Wqkv and Wi): every
+    linear adapted, left-padded batch (the key ids path) and no padding, both conversion orders; the fused path ran on
+    every layer."""
+    order = ("after", "before")[list(POST_LN_POLICIES).index(policy) % 2]
+    ref, fused = models(family, "all", policy, order)
+    for padding in (False, True):
+        fused_calls.clear()
+        assert_same_step(ref, fused, inputs(family, padding=padding))
+        assert len(fused_calls) == 2
 
 
 def test_lora_rslora_and_bias_modes():

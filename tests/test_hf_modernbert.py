@@ -74,6 +74,19 @@ def test_masked_lm_matches_unconverted(policy, bias, pad, impl, act, fused_calls
         torch.testing.assert_close(fg[name], g[name], atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_padding_reaches_the_kernels_as_key_ids_and_a_window(fused_calls):
+    """Right padding reaches fused_block as (B, T) int32 key ids (1 kept, -1 padded) and the local layers' window as
+    BlockSpec.window; no mask tensor (global or windowed) reaches it."""
+    model = ModernBertForMaskedLM(config(False)).train()
+    apply_fused_checkpointing(model, "block")
+    ids, mask, labels = batch(5)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    expected = torch.where(mask > 0, 1, -1).int()
+    assert [call[2].spec.window for call in fused_calls] == [0, 8, 8, 0]  # every 3rd layer global, from layer 0
+    for call in fused_calls:
+        assert call[3] is None and call[5].dtype == torch.int32 and torch.equal(call[5], expected)
+
+
 def test_sequence_classification_matches(fused_calls):
     torch.manual_seed(0)
     model = ModernBertForSequenceClassification(config(True)).train()

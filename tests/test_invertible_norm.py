@@ -72,3 +72,24 @@ def test_bf16_outputs_are_not_rebuilt():
     assert not invertible(torch.ones(D), torch.bfloat16, BlockSpec(H))
     assert invertible(torch.ones(D), torch.float32, BlockSpec(H))
     assert not invertible(torch.tensor([1.0, 0.0]), torch.float32, BlockSpec(H))
+
+
+def test_the_gamma_check_is_cached_until_gamma_changes(monkeypatch):
+    """invertible reads γ once per weight version: repeated calls reuse the answer (no host sync), an optimizer step
+    or an in-place write (version bump) is seen at the next call."""
+    spec = BlockSpec(4, False, 1e-12, placement="post")
+    w = torch.nn.Parameter(torch.ones(16))
+    assert invertible(w, torch.float32, spec)
+    reads = []
+    real_abs = torch.Tensor.abs
+    monkeypatch.setattr(torch.Tensor, "abs", lambda self: reads.append(1) or real_abs(self))
+    assert invertible(w, torch.float32, spec) and reads == []  # cached
+    with torch.no_grad():
+        w[3] = MIN_GAMMA / 10
+    assert not invertible(w, torch.float32, spec) and len(reads) == 1
+    w.grad = torch.zeros(16)
+    w.grad[3] = -1.0
+    torch.optim.SGD([w], lr=1.0).step()  # γ[3] back to about 1
+    assert invertible(w, torch.float32, spec) and len(reads) == 2
+    offset = BlockSpec(4, False, 1e-12, placement="post", norm_offset=1.0)  # another spec offset: another answer
+    assert invertible(w, torch.float32, offset) and len(reads) == 3

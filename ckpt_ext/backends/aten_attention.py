@@ -279,7 +279,7 @@ def _tile_scores(q, k, j, g, t0, t1, lo, hi, causal, m4, scale, cdt, seg=None, w
             s.masked_fill_(~mt, float("-inf"))
     if seg is not None:
         rows, keys = seg[:, t0:t1, None], seg[:, None, lo:hi]  # (B, tq, 1), (B, 1, n)
-        s.masked_fill_(((keys == 0) | (rows != keys))[:, None], float("-inf"))  # (B, 1, tq, n)
+        s.masked_fill_(((keys <= 0) | (rows.abs() != keys))[:, None], float("-inf"))  # (B, 1, tq, n)
     if causal:  # the diagonal block, keys t0:t1
         above = torch.ones(tq, tq, dtype=torch.bool, device=s.device).triu_(1)
         s[..., t0 - lo : t1 - lo].masked_fill_(above, float("-inf"))

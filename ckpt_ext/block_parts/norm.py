@@ -82,11 +82,20 @@ MIN_GAMMA = 1e-2  # smallest |γ| (relative to max |γ|) for which x̂ = (y - β
 
 def invertible(w: Optional[Tensor], y_dtype: torch.dtype, spec) -> bool:
     """Whether norm2's backward may rebuild x̂ from the output: fp32/fp64 outputs (a bf16 output has 8 bits: x̂ would
-    carry its rounding, amplified by 1/γ) and no |γ| below MIN_GAMMA·max|γ| (reads γ on the host: one sync). γ
-    without values (meta or fake tensors: the planner's and roofline's traces) counts as well-conditioned."""
+    carry its rounding, amplified by 1/γ) and no |γ| below MIN_GAMMA·max|γ|. γ without values (meta or fake tensors:
+    the planner's and roofline's traces) counts as well-conditioned. Reading γ costs one host sync, so the answer is
+    cached on γ's tensor, keyed on its version counter (bumped by every in-place update: optimizer steps,
+    load_state_dict), storage, dtype and the spec's offset: one sync per layer per weight update, none for repeated
+    calls between updates. A write through ``.data`` bumps no version and is not seen."""
     if y_dtype not in (torch.float32, torch.float64):
         return False
     if w is None or w.device.type == "meta" or is_fake(w):
         return True
+    key = (w._version, w.untyped_storage().data_ptr(), w.storage_offset(), w.dtype, spec.norm_offset)
+    cached = getattr(w, "_ckpt_invertible", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     mag = (w.detach() + spec.norm_offset).abs()
-    return bool(mag.min() >= MIN_GAMMA * mag.max()) and bool(mag.max() > 0)
+    ok = bool(mag.min() >= MIN_GAMMA * mag.max()) and bool(mag.max() > 0)
+    w._ckpt_invertible = (key, ok)  # lives as long as γ
+    return ok

@@ -16,12 +16,14 @@ Dropout: the fused block applies one p to both residual branches. BERT's two (at
 the same config field; DistilBERT drops only the FFN output (the attention output enters sa_layer_norm undropped), so a
 DistilBERT block training with ``dropout`` > 0 runs its original forward (warned once); eval or dropout 0 is fused.
 
-Masks (the key-padding mask, one per model forward, converted once: hf_masks.LayerMask.key_additive): BERT eager gets
-an additive (B, 1, 1, S) mask, SDPA None or a (B, 1, T, S) mask expanded from the 2-D padding mask, DistilBERT eager
-the raw (B, S) mask; all reach the block as one additive (B, 1, 1, S) key mask (padded query rows still attend to the
-real keys, as Hugging Face computes them). A 4-D mask whose query rows differ, one torch.compile does not let us read,
-or a batch row without any key (Hugging Face's finfo.min softmax gives it uniform weights, the fused kernels zeros)
-runs the original forward.
+Masks (the key-padding mask, one per model forward, converted once: hf_masks.LayerMask.key_ids): BERT eager gets an
+additive (B, 1, 1, S) mask, SDPA None or a (B, 1, T, S) mask expanded from the 2-D padding mask (5.x: also a bool
+one), DistilBERT eager the raw (B, S) mask; all reach the kernels as (B, T) int32 key ids, 1 kept / -1 padded
+(segments.from_key_mask): padded query rows still attend to the real keys, as Hugging Face computes them, and key
+tiles of only padding are skipped; no mask tensor reaches the kernels. A 4-D mask whose query rows differ, an
+additive bias, or a batch row without any key (Hugging Face's finfo.min softmax gives it uniform weights, the fused
+kernels zeros) runs the original forward; under torch.compile, where the mask's values cannot be read, those three
+checks are device assertions instead (a RuntimeError naming the case, never a different number, no graph break).
 
 Original forward, warned once with the reason: relative position embeddings (``position_embedding_type`` other than
 "absolute"), ``head_mask``, ``output_attentions``, a KV cache, different dropout on the two residual branches, an
@@ -46,7 +48,7 @@ from .hf_adapter import (
     part_linears,
 )
 from .hf_common import Linears, fallback
-from .hf_masks import layer_mask
+from .hf_masks import KEY_MASK_CHECKS, layer_mask
 
 # transformers.activations class -> MLP form (GELUActivation: erf, also its python form; the rest: the tanh form)
 _ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
@@ -147,7 +149,8 @@ class _EncoderAdapter(LayerAdapter):
         return BlockConfig(spec, layer._ckpt_policy, seed, p_attn, p)
 
     def fused_args(self, layer, parts: _Parts, bound: dict, lin: Linears):
-        """False to run the original forward, else (the additive (B, 1, 1, S) key mask or None,)."""
+        """False to run the original forward, else (None, None, (B, T) int32 key ids or None): attn_mask,
+        position_embeddings, segment_ids."""
         x = _arg(bound, "hidden_states", "x")
         extra = bound["kwargs"]
         if attentions_requested(bound):
@@ -167,19 +170,10 @@ class _EncoderAdapter(LayerAdapter):
             return False
         if mask is None:
             return (None,)
-        info = layer_mask(mask, x.shape[1], False, layer, x.shape[0])
-        additive = info.key_additive(mask)
-        if additive is False:
-            return fallback(layer, "mask-rows", "a 4-D attention mask that is not a key-padding mask (its query rows "
-                            "differ) or that torch.compile does not let us read")  # fmt: skip
-        empty = info.empty_rows(mask)
-        if empty is None and additive is not None:
-            return fallback(layer, "mask-compile", "a padding mask under torch.compile (a batch row without any key "
-                            "cannot be ruled out)")  # fmt: skip
-        if empty:
-            return fallback(layer, "mask-empty", "a padding mask that leaves a batch row no key (Hugging Face's "
-                            "softmax gives it uniform weights, the fused kernels zeros)")  # fmt: skip
-        return (additive,)
+        key = layer_mask(mask, x.shape[1], False, layer, x.shape[0]).key_ids(mask)
+        if key.failed is not None:
+            return fallback(layer, key.failed, KEY_MASK_CHECKS[key.failed])
+        return None, None, key.ids
 
 
 def _arg(bound: dict, name: str, name_457: str):

@@ -15,8 +15,11 @@ incorrectly: a type other than a plain ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.D
 ``Conv1D`` / an activation from ``transformers.activations`` / a class of the layer's own modeling file (so PEFT LoRA
 and DoRA layers, quantized linears, other tuners, ``modules_to_save`` wrappers, custom wrappers and class-level
 replacements such as Liger's norms all count), forward/backward hooks or pre-hooks, or a forward replaced on the
-instance (accelerate's offload hooks, HF's output recorders); global module hooks count too. The adapter then runs the
-original forward and ``warn_once`` names the module and the reason. ~1 µs per submodule.
+instance (accelerate's offload hooks, HF 4.57's output recorders); global module hooks count too. The adapter then
+runs the original forward and ``warn_once`` names the module and the reason. ~1 µs per submodule. One exception:
+transformers 5.x's output-capturing forward hooks (installed at the first output_attentions / output_hidden_states
+call and left in place for the model's life) are skipped when idle, i.e. when the call's collector does not ask for
+their key (a later call without output_attentions); while they record, they count as any hook does.
 
 Hugging Face's ``gradient_checkpointing_enable()``: a converted layer's ``gradient_checkpointing`` always reads False
 (HF would wrap the fused block in torch.utils.checkpoint and recompute it twice); setting it True logs once that
@@ -185,13 +188,30 @@ def unsupported_submodule(layer: nn.Module, linear_paths: frozenset = frozenset(
             if not (cls in _PLAIN or cls.__module__ in (origin, "transformers.activations") or _is_conv1d(cls)):
                 return f"{path} is a {cls.__module__}.{cls.__qualname__}, not a plain nn.Linear / Conv1D / norm"
             for attr, what in _HOOKS:
-                if getattr(child, attr):
+                hooks = getattr(child, attr)
+                if hooks and not (attr == "_forward_hooks" and all(map(_idle_output_recorder, hooks.values()))):
                     return f"{path} has {what}"
             own = child.__dict__.get("forward")
             if own is not None and getattr(own, "__func__", None) is not cls.forward:
                 return f"{path} has its forward replaced on the instance"
             stack.append((path + ".", child))
     return None
+
+
+def _idle_output_recorder(hook) -> bool:
+    """Whether ``hook`` is transformers 5.x's output-capturing forward hook and records nothing in this call: the
+    active collector is None or lacks the hook's key (e.g. 'attentions' when output_attentions is off)."""
+    if getattr(hook, "__module__", None) != "transformers.utils.output_capturing":
+        return False
+    if getattr(hook, "__name__", None) != "output_capturing_hook":
+        return False
+    cells = dict(zip(hook.__code__.co_freevars, hook.__closure__ or ()))
+    if "key" not in cells:
+        return False
+    from transformers.utils.output_capturing import _active_collector
+
+    collected = _active_collector.get()
+    return collected is None or cells["key"].cell_contents not in collected
 
 
 def _lora_layer_problem(path: str, child: nn.Module) -> Optional[str]:

@@ -6,18 +6,24 @@ transformers builds for eager and SDPA (columns beyond T are cut: HF may size th
 
 - ``additive(mask)``: one additive float32 mask broadcastable to (B, 1, T, T) with ``finfo(float32).min`` at masked
   positions, or None when it masks nothing beyond causality (``causal``), so the unmasked kernels run.
-- ``segment_ids(mask)``: for a causal layer whose 4-D mask is exactly causal ∧ key-keep ∧ same-segment (left padding
-  and/or packed sequences, as transformers 4.57 builds them), (B, T) int32 segment ids: keep is the mask's diagonal,
-  segments come from ``position_ids`` (a new one wherever the position does not grow by 1, as Hugging Face detects
-  packing; arange when None), or, when that candidate does not match, keep alone (one segment per row: 4.57 skips
-  packing detection when a 2-D padding mask is given). A mask of batch 1 and ids of batch 1 are expanded to the
-  input's batch. The candidate's (B, 1, T, T) visibility must equal the given mask on every row and a float mask must be
-  0 wherever it keeps a key (no bias), else None (the 4-D path). So right padding, whose padded query rows Hugging Face
-  lets see the real keys before them (ids give such rows none), keeps the 4-D mask: exactness first.
-- ``key_additive(mask)``: for a bidirectional layer (the encoders), the mask as one additive float32 (B|1, 1, 1, T)
-  key mask (None when it masks nothing), or False when it is not a key mask: a 4-D mask whose query rows differ
-  (SDPA's (B, 1, T, T) expansion of a 2-D padding mask has equal rows; it is read once per forward), or, under
-  torch.compile, a 4-D mask with T materialized query rows (its rows cannot be compared there).
+- ``segment_ids(mask)``: for a causal layer whose 4-D mask is exactly causal ∧ key-keep ∧ same-segment (left or
+  right padding and/or packed sequences, as transformers 4.57 builds them), (B, T) int32 segment ids: keep is the
+  mask's diagonal, segments come from ``position_ids`` (a new one wherever the position does not grow by 1, as Hugging
+  Face detects packing; arange when None), or, when that candidate does not match, keep alone (one segment per row:
+  4.57 skips packing detection when a 2-D padding mask is given) with padded rows seeing nothing (ids 1 / 0: left
+  padding) or, failing that, seeing the kept keys before them (ids 1 / -1, segments.from_key_mask: right padding, whose
+  padded query rows Hugging Face lets attend). A mask of batch 1 and ids of batch 1 are expanded to the input's batch.
+  The candidate's (B, 1, T, T) visibility must equal the given mask on every row and a float mask must be 0 wherever
+  it keeps a key (no bias), else None (the 4-D path): exactness first.
+- ``key_ids(mask)``: for a bidirectional layer (the encoders), the key-padding mask as (B, T) int32 key ids
+  (segments.from_key_mask: 1 kept, -1 padded: the kernels hide the padded keys, padded query rows still attend to the
+  kept ones, as Hugging Face computes them, and key tiles of only padding are skipped), with the checks that make
+  them exact (``KEY_MASK_CHECKS``): every query row of a 4-D mask equal to its first, a float mask 0 wherever it keeps
+  a key (no bias), and every batch row keeping some key (Hugging Face's finfo.min softmax gives a row of only padding
+  uniform weights; the kernels give zeros). Returns ``KeyIds(ids, failed)``: ids None when nothing is masked; failed
+  the first check that does not hold (eager: the layer runs its original forward). Under torch.compile the mask
+  cannot be read, so the ids are always built and each check becomes a device assertion (torch._assert_async: a
+  clear RuntimeError instead of a wrong number, and no graph break).
 - ``empty_rows(mask)``: True when some query row sees no key at all (left padding). The fused kernels give such rows
   zeros, as SDPA does; eager attention gives them a uniform softmax (its mask is finfo.min, not -inf), so an eager
   layer must run its original forward for such a mask.
@@ -34,7 +40,7 @@ float mask, ``segment_ids`` None, ``empty_rows`` None (unknown), so the traced r
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -43,6 +49,31 @@ from .. import segments
 
 _UNSET = object()
 
+# check name -> what the mask is when the check fails (the fallback warning and the compiled assertion's message)
+KEY_MASK_CHECKS = {
+    "mask-rows": "a 4-D attention mask that is not a key-padding mask (its query rows differ)",
+    "mask-bias": "an additive attention mask with values other than 0 and its minimum (a bias, not padding)",
+    "mask-empty": "a padding mask that leaves a batch row no key (Hugging Face's softmax gives it uniform weights, "
+    "the fused kernels zeros)",
+}
+
+
+class KeyIds(NamedTuple):
+    """An encoder mask as key ids (see ``LayerMask.key_ids``): ids (B, T) int32 or None, failed a KEY_MASK_CHECKS
+    name or None."""
+
+    ids: Optional[Tensor]
+    failed: Optional[str]
+
+
+def holds(ok: Tensor, message: str) -> Optional[bool]:
+    """A 0-dim bool check on mask values: under torch.compile a device assertion (raises RuntimeError with ``message``
+    when it fails at run time; returns True), else its value."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, f"ckpt_ext: the fused layer met {message}; run it without torch.compile")
+        return True
+    return bool(ok)
+
 
 class LayerMask:
     """The conversions of one Hugging Face mask for one model forward (see the module docstring)."""
@@ -50,7 +81,7 @@ class LayerMask:
     def __init__(self, seq: int, causal: bool, batch: int, position_ids: Optional[Tensor], cached: bool):
         self.seq, self.causal, self.batch, self.position_ids, self.cached = seq, causal, batch, position_ids, cached
         self.users: set[int] = set()  # id() of the layers that took this entry in the current forward
-        self._additive = self._segments = self._empty = self._key = _UNSET
+        self._additive = self._segments = self._empty = self._key_ids = _UNSET
 
     def matches(self, seq: int, causal: bool, batch: int, position_ids: Optional[Tensor]) -> bool:
         return (self.seq, self.causal, self.batch) == (seq, causal, batch) and self.position_ids is position_ids
@@ -68,10 +99,10 @@ class LayerMask:
             self._segments = _build_segments(mask, pos, self.seq, self.batch) if ok else None
         return self._segments
 
-    def key_additive(self, mask: Tensor):
-        if self._key is _UNSET:
-            self._key = _build_key_additive(mask, self.seq, self.cached)
-        return self._key
+    def key_ids(self, mask: Tensor) -> KeyIds:
+        if self._key_ids is _UNSET:
+            self._key_ids = _build_key_ids(mask, self.seq, self.batch, self.cached)
+        return self._key_ids
 
     def empty_rows(self, mask: Tensor) -> Optional[bool]:
         if self._empty is _UNSET:
@@ -120,15 +151,23 @@ def _build_additive(mask: Tensor, seq: int, causal: bool, check: bool) -> Option
         return additive
 
 
-def _build_key_additive(mask: Tensor, seq: int, cached: bool):
+def _build_key_ids(mask: Tensor, seq: int, batch: int, cached: bool) -> KeyIds:
     with torch.no_grad():
-        rows = mask
-        if mask.dim() == 4 and mask.shape[2] != 1:
-            rows = mask[:, :, :1]  # (B|1, 1|h, 1, T_kv)
-            if mask.stride(2) != 0:  # materialized rows: a key mask only if they are all equal
-                if not cached or not bool((mask[:, :, :seq] == rows).all()):
-                    return False
-        return _build_additive(rows, seq, False, check=cached)
+        m = mask[:, None, None, :seq] != 0 if mask.dim() == 2 else mask[..., :seq]  # (B|1, 1|h, T|1, T)
+        first = m[:, :, :1]  # (B|1, 1|h, 1, T): the keys the first query row keeps
+        keep = _keep(first, seq)
+        checks = {"mask-empty": keep.any(dim=-1).all()}
+        if m.dim() == 4 and (m.shape[1] != 1 or (m.shape[2] != 1 and m.stride(2) != 0)):
+            checks["mask-rows"] = (m == first[:, :1]).all()  # every head and query row as the first
+        if m.dtype != torch.bool and mask.dim() == 4:
+            checks["mask-bias"] = (first.masked_fill(~keep, 0) == 0).all()
+        for name in ("mask-rows", "mask-bias", "mask-empty"):
+            if name in checks and not holds(checks[name], KEY_MASK_CHECKS[name]):
+                return KeyIds(None, name)
+        if cached and bool(keep.all()):
+            return KeyIds(None, None)
+        ids = torch.where(keep[:, 0, 0], 1, -1).to(torch.int32)  # (B|1, T): segments.from_key_mask's 1 / -1
+        return KeyIds(ids.expand(batch, seq).contiguous(), None)
 
 
 def _has_empty_rows(mask: Tensor, seq: int, causal: bool) -> bool:
@@ -150,7 +189,9 @@ def _build_segments(mask: Tensor, position_ids: Optional[Tensor], seq: int, batc
             position_ids = torch.arange(seq, device=mask.device)[None]
         causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
         packed = segments.from_position_ids(position_ids.expand(batch, seq), keep)  # (B, T) int32
-        for ids in (packed, segments.from_keep_mask(keep)):  # packing, else padding alone (a 2-D mask turns
-            if bool((segments.visibility(ids) & causal == visible).all()):  # 4.57's packing detection off)
+        # packing, else padding alone (a 2-D mask turns 4.57's packing detection off): padded rows seeing nothing
+        # (left padding), else seeing the kept keys before them (right padding, as Hugging Face builds it)
+        for ids in (packed, segments.from_keep_mask(keep), segments.from_key_mask(keep)):
+            if bool((segments.visibility(ids) & causal == visible).all()):
                 return ids
         return None

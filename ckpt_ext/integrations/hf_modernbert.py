@@ -9,33 +9,38 @@ local_rope_theta on local ones), every global_attn_every_n_layers-th layer globa
 |i - j| <= local_attention // 2 (BlockSpec.window: the kernels apply it per tile, no (T, T) mask), biases per
 attention_bias / mlp_bias. The GeGLU block's activated half is w_gate = Wi.weight[:F] and w_up = Wi.weight[F:]
 (views: Wi.weight gets the gradient); hidden_activation gelu (erf: MLP form geglu_erf, the default) or
-gelu_pytorch_tanh / gelu_new (geglu).
+gelu_pytorch_tanh / gelu_new (geglu). PEFT LoRA on Wqkv, attn.Wo, mlp.Wo and Wi: Wi's adapter becomes the gate and up
+adapters, sharing A (its gradient sums both) with B split by rows, exactly PEFT's update on the packed output.
 
 Masks (4.57): every layer receives the model's two (B, 1, T, T) additive masks (global and windowed). The fused path
-reads a (B, 1, 1, T) key mask from the global one (its rows must be equal: a key-padding mask) and checks once per
-forward that the windowed one is exactly that key mask within the band; nothing T×T reaches the kernels. 5.x passes
-each layer the mask of its type (create_bidirectional_mask / create_bidirectional_sliding_window_mask: None, or 4-D
-bool / additive) and the (cos, sin) of its type: a global layer's mask must be a key mask; a sliding layer's is read
-as keep[b, j] = mask[b, 0, j, j] and checked to be exactly keep ∧ |i - j| <= config.sliding_window (once per mask
-tensor); None means Hugging Face attends to every key (window 0 then, as its sdpa call does). Padded query rows
-keep computing, as in Hugging Face. A query row left without any visible key (a batch row of only padding; on local
-layers a padded row farther than the window from every real token) gets uniform weights in Hugging Face's softmax
-and zeros from the kernels, so such a forward runs the original (warned once).
+reads the key-padding mask from the global one (hf_masks.LayerMask.key_ids: its rows must be equal, no bias) and
+checks once per forward that the windowed one is exactly that key mask within the band. 5.x passes each layer the
+mask of its type (create_bidirectional_mask / create_bidirectional_sliding_window_mask: None, or 4-D bool / additive)
+and the (cos, sin) of its type: a global layer's mask must be a key mask; a sliding layer's is read as
+keep[b, j] = mask[b, 0, j, j] and checked to be exactly keep ∧ |i - j| <= config.sliding_window (once per mask
+tensor); None means Hugging Face attends to every key (window 0 then, as its sdpa call does). The kernels get (B, T)
+int32 key ids (1 kept, -1 padded: padded query rows keep computing, as in Hugging Face) plus the window, and skip
+key tiles outside both; nothing T×T reaches them. A query row left without any visible key (a batch row of only
+padding; on local layers a padded row farther than the window from every real token) gets uniform weights in Hugging
+Face's softmax and zeros from the kernels, so such a forward runs the original (warned once). Under torch.compile
+these mask checks are device assertions (a RuntimeError naming the case, no graph break).
 
-Original forward (warned once): flash_attention_2 (unpadded cu_seqlens path), output_attentions, hooks or
-unsupported submodules (LoRA included), attention_dropout or mlp_dropout > 0 while training (the MLP's dropout sits
-inside the gated product), another hidden_activation, masks that are not of the shape above, no position_ids.
+Original forward (warned once): flash_attention_2 (unpadded cu_seqlens path), output_attentions, hooks or unsupported
+submodules, LoRA under torch.compile or with lora_dropout on Wi, attention_dropout or mlp_dropout > 0 while training
+(the MLP's dropout sits inside the gated product), another hidden_activation, masks that are not of the shape above, no
+position_ids.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..lora import Linears
+from .. import seeds
+from ..lora import Linears, LoraSpec
 from ..spec import BlockConfig, BlockSpec
 from .hf_adapter import FUSED_ATTENTION, LayerAdapter, attentions_requested, classes_of
-from .hf_common import common_fallback, fallback
-from .hf_masks import layer_mask
+from .hf_common import common_fallback, fallback, lora_eager_only, lora_seeded
+from .hf_masks import KEY_MASK_CHECKS, holds, layer_mask
 
 GEGLU_FORMS = {"gelu": "geglu_erf", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}  # hidden_activation -> form
 
@@ -79,22 +84,29 @@ class ModernBertAdapter(LayerAdapter):
         return p
 
     def params(self, layer, parts, lin: Linears) -> dict:
-        """The skeleton's params with the packed Wi as GeGLU's gate (its first, activated half) and up (views)."""
+        """The skeleton's params with the packed Wi as GeGLU's gate (its first, activated half) and up (views); a
+        LoRA on Wi likewise: A shared by both halves (its gradient is the sum of theirs), B split by rows."""
         p = super().params(layer, parts, lin)
         wi, bi = p.pop("w_fc"), p.pop("b_fc")
         f = layer.mlp.Wo.in_features
         p.update(w_gate=wi[:f], w_up=wi[f:], b_gate=None if bi is None else bi[:f], b_up=None if bi is None else bi[f:])
+        if "lora_a_fc" in p:
+            a, b = p.pop("lora_a_fc"), p.pop("lora_b_fc")
+            p.update(lora_a_gate=a, lora_b_gate=b[:f], lora_a_up=a, lora_b_up=b[f:])
         return p
 
     def block_config(self, layer, parts, specs: tuple = ()) -> BlockConfig:
         cfg = layer.config
+        specs = tuple(x for s in specs for x in (_split_wi(s) if s.target == "fc" else (s,)))
         spec = BlockSpec(cfg.num_attention_heads, False, cfg.norm_eps, norm="layernorm", norm_bias=cfg.norm_bias,
                          attn_norm=isinstance(layer.attn_norm, torch.nn.LayerNorm),
-                         mlp=GEGLU_FORMS[cfg.hidden_activation], packed_qkv=True, window=parts.window)  # fmt: skip
-        return BlockConfig(spec, layer._ckpt_policy, 0, 0.0, 0.0)
+                         mlp=GEGLU_FORMS[cfg.hidden_activation], packed_qkv=True, window=parts.window,
+                         lora=specs)  # fmt: skip
+        seed = seeds.host_seed() if lora_seeded(specs) else 0
+        return BlockConfig(spec, layer._ckpt_policy, seed, 0.0, 0.0)
 
     def fused_args(self, layer, parts: _Call, bound: dict, lin: Linears):
-        """False to run the original forward, else (key mask (B, 1, 1, T) or None, (cos, sin), None)."""
+        """False to run the original forward, else (None, (cos, sin), (B, T) int32 key ids or None)."""
         if "position_embeddings" in bound:  # transformers 5.x
             return self._args_5x(layer, parts, bound, lin)
         return self._args_457(layer, bound, lin)
@@ -108,8 +120,11 @@ class ModernBertAdapter(LayerAdapter):
             return fallback(layer, "unpadded", "the unpadded (cu_seqlens) flash_attention_2 path")
         if not common_fallback(layer, cfg._attn_implementation, FUSED_ATTENTION, mask, lin):
             return False
-        if lin.specs:
-            return fallback(layer, "lora", "LoRA adapters (ModernBERT's packed Wi is not split for LoRA)")
+        if not lora_eager_only(layer, lin):
+            return False
+        if any(spec.target == "fc" and spec.dropout > 0.0 for spec in lin.specs):
+            return fallback(layer, "lora-wi-dropout", "lora_dropout on mlp.Wi while training (PEFT drops Wi's input "
+                            "once for both GeGLU halves; the fused halves would draw a mask each)")  # fmt: skip
         if cfg.hidden_activation not in GEGLU_FORMS:
             return fallback(layer, "activation", f"hidden_activation={cfg.hidden_activation!r} (the fused GeGLU "
                             f"takes {', '.join(GEGLU_FORMS)})")  # fmt: skip
@@ -120,7 +135,6 @@ class ModernBertAdapter(LayerAdapter):
 
     def _args_457(self, layer, bound: dict, lin: Linears):
         x = bound["hidden_states"]
-        cfg = layer.config
         mask, window_mask = bound.get("attention_mask"), bound.get("sliding_window_mask")
         if not self._common(layer, bound, lin, mask):
             return False
@@ -128,20 +142,18 @@ class ModernBertAdapter(LayerAdapter):
             return fallback(layer, "position-ids", "no position_ids (RoPE needs them)")
         if not (_is_4d(mask, x) and _is_4d(window_mask, x)):
             return fallback(layer, "mask-shape", "attention masks other than the model's two (B, 1, T, T) masks")
-        additive = layer_mask(mask, x.shape[1], False, layer, x.shape[0]).key_additive(mask)
-        if additive is False:
-            return fallback(layer, "mask-rows", "a global mask that is not a key-padding mask (its rows differ)")
-        keep = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
-        if additive is not None:
-            keep = additive[:, 0, 0] > torch.finfo(torch.float32).min / 2  # (B, T)
-        if not _window_mask_ok(window_mask, keep, cfg.local_attention // 2):
-            return fallback(layer, "window-mask", "a sliding_window_mask that is not the key mask within "
-                            "|i - j| <= local_attention // 2")  # fmt: skip
+        key = layer_mask(mask, x.shape[1], False, layer, x.shape[0]).key_ids(mask)
+        if key.failed is not None:
+            return fallback(layer, key.failed, KEY_MASK_CHECKS[key.failed])
+        keep = _keep_of(key.ids, x)
+        half = layer.config.local_attention // 2
+        if not holds(_window_mask_ok(window_mask, keep, half), _WINDOW_MASK.format(w="local_attention // 2")):
+            return fallback(layer, "window-mask", _WINDOW_MASK.format(w="local_attention // 2"))
         local = layer.attn.local_attention
-        if _empty_rows(keep, local[0] if local != (-1, -1) else 0):
-            return _empty_rows_fallback(layer)
+        if not holds(_no_empty_rows(keep, local[0] if local != (-1, -1) else 0), _EMPTY_ROWS):
+            return fallback(layer, "empty-rows", _EMPTY_ROWS)
         cos, sin = layer.attn.rotary_emb(x, position_ids=bound["position_ids"])  # (B|1, T, dh) each
-        return additive, (cos, sin), None
+        return None, (cos, sin), key.ids
 
     def _args_5x(self, layer, parts: _Call, bound: dict, lin: Linears):
         x = bound["hidden_states"]
@@ -159,30 +171,36 @@ class ModernBertAdapter(LayerAdapter):
             return fallback(layer, "mask-shape", f"an attention mask of shape {shape} (fused: (B, 1, T, T))")
         b, t = x.shape[:2]
         if getattr(layer, "attention_type", "full_attention") != "sliding_attention":
-            additive = layer_mask(mask, t, False, layer, b).key_additive(mask)
-            if additive is False:
-                return fallback(layer, "mask-rows", "a full-attention mask that is not a key-padding mask")
-            keep = torch.ones(b, t, dtype=torch.bool, device=x.device)
-            if additive is not None:
-                keep = additive[:, 0, 0] > torch.finfo(torch.float32).min / 2  # (B, T)
+            key = layer_mask(mask, t, False, layer, b).key_ids(mask)
+            if key.failed is not None:
+                return fallback(layer, key.failed, KEY_MASK_CHECKS[key.failed])
+            ids, keep = key.ids, _keep_of(key.ids, x)
         else:
             parts.window = layer.config.sliding_window
             keep = _visible(mask.diagonal(dim1=2, dim2=3)[:, 0]).expand(b, t)  # (B, T): key j as row j sees it
-            if not _window_mask_ok(mask, keep, parts.window):
-                return fallback(layer, "window-mask", "a sliding-window mask that is not a key mask within "
-                                "|i - j| <= config.sliding_window")  # fmt: skip
-            additive = None
-            if not bool(keep.all()):
-                hidden = torch.finfo(torch.float32).min
-                additive = torch.zeros(b, 1, 1, t, device=x.device).masked_fill_(~keep[:, None, None], hidden)
-        if _empty_rows(keep, parts.window):
-            return _empty_rows_fallback(layer)
-        return additive, tuple(rope), None
+            if not holds(_window_mask_ok(mask, keep, parts.window), _WINDOW_MASK.format(w="config.sliding_window")):
+                return fallback(layer, "window-mask", _WINDOW_MASK.format(w="config.sliding_window"))
+            ids = torch.where(keep, 1, -1).to(torch.int32)  # segments.from_key_mask's 1 / -1
+        if not holds(_no_empty_rows(keep, parts.window), _EMPTY_ROWS):
+            return fallback(layer, "empty-rows", _EMPTY_ROWS)
+        return None, tuple(rope), ids
 
 
-def _empty_rows_fallback(layer) -> bool:
-    return fallback(layer, "empty-rows", "a padding mask that leaves query rows no key within their window (Hugging "
-                    "Face's softmax gives them uniform weights, the fused kernels zeros)")  # fmt: skip
+_WINDOW_MASK = "a sliding-window mask that is not a key mask within |i - j| <= {w}"
+_EMPTY_ROWS = ("a padding mask that leaves query rows no key within their window (Hugging Face's softmax gives them "
+               "uniform weights, the fused kernels zeros)")  # fmt: skip
+
+
+def _split_wi(spec: LoraSpec) -> tuple[LoraSpec, LoraSpec]:
+    """A LoRA on the packed Wi as the GeGLU block's gate and up adapters (same rank and scaling; no dropout)."""
+    return LoraSpec("gate", spec.rank, spec.scaling), LoraSpec("up", spec.rank, spec.scaling)
+
+
+def _keep_of(ids, x):
+    """(B, T) bool: the keys key ids keep (all, for None)."""
+    if ids is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return ids > 0
 
 
 def _is_4d(mask, x) -> bool:
@@ -196,8 +214,9 @@ def _visible(mask):
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
-def _window_mask_ok(window_mask, keep, w: int) -> bool:
-    """Whether sliding_window_mask is exactly keep[b, j] ∧ |i - j| <= w (checked once per mask tensor)."""
+def _window_mask_ok(window_mask, keep, w: int):
+    """0-dim bool: whether sliding_window_mask is exactly keep[b, j] ∧ |i - j| <= w (computed once per mask tensor
+    outside torch.compile)."""
     cached = getattr(window_mask, "_ckpt_window_ok", None)
     if cached is not None and not torch.compiler.is_compiling():
         return cached
@@ -206,19 +225,20 @@ def _window_mask_ok(window_mask, keep, w: int) -> bool:
         pos = torch.arange(t, device=keep.device)
         band = (pos[:, None] - pos[None, :]).abs() <= w  # (T, T), transient
         expected = keep[:, None, None, :] & band  # (B, 1, T, T)
-        ok = bool((_visible(window_mask) == expected).all())
+        ok = (_visible(window_mask) == expected).all()
     if not torch.compiler.is_compiling():
+        ok = torch.tensor(bool(ok))
         window_mask._ckpt_window_ok = ok
     return ok
 
 
-def _empty_rows(keep, window: int) -> bool:
-    """Whether some query row sees no kept key (within |i - j| <= window when window > 0): O(B·T)."""
+def _no_empty_rows(keep, window: int):
+    """0-dim bool: whether every query row sees a kept key (within |i - j| <= window when window > 0): O(B·T)."""
     with torch.no_grad():
         if window == 0:
-            return bool((~keep.any(dim=1)).any())
+            return keep.any(dim=1).all()
         t = keep.shape[1]
         cs = torch.nn.functional.pad(keep.int().cumsum(dim=1), (1, 0))  # (B, T + 1)
         pos = torch.arange(t, device=keep.device)
         seen = cs[:, (pos + window + 1).clamp_max(t)] - cs[:, (pos - window).clamp_min(0)]
-        return bool((seen == 0).any())
+        return (seen > 0).all()

@@ -9,8 +9,9 @@ window (int >= 0, T == S when > 0): query t sees key s only if |t - s| <= window
 attn_mask and segment_ids: a sliding window the kernels apply per tile (key tiles outside it are skipped), never a
 (T, S) mask.
 segment_ids (B, S) int32/int64 (T == S): key padding and packed sequences without a 4-D mask; row t sees key s iff
-seg[b, s] != 0 and seg[b, t] == seg[b, s] (ckpt_ext/segments.py converts lengths, keep masks, cu_seqlens and position
-ids). It combines with attn_mask (a key must pass both) and, being integer, never takes a gradient.
+seg[b, s] > 0 and |seg[b, t]| == seg[b, s] (0: padding; negative: an encoder's padded key, its row still attending;
+ckpt_ext/segments.py converts lengths, keep and key masks, cu_seqlens and position ids). It combines with attn_mask (a
+key must pass both) and, being integer, never takes a gradient.
 Query head i reads kv head i // (h // hk); dk/dv sum over the heads of a group. Math, masks, the empty-row rule and
 the dropout index: ckpt_ext/reference_attention.py. q, k, v may be strided views with unit last stride (GPT-2 passes
 views of its packed qkv). Integer masks raise TypeError; a mask that requires grad raises ValueError when autograd
@@ -83,14 +84,22 @@ attention_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------------------------------------ grouped-query
+def _keys_per_row(s: int, args: tuple, kwargs: dict, window_at: int) -> int:
+    """Keys each query row is scored against: all S, or the band's 2w + 1 with a sliding window w (the kernels skip
+    the key tiles outside it; causality is not subtracted, as torch counts SDPA)."""
+    window = kwargs.get("window", args[window_at] if len(args) > window_at else 0)
+    return min(s, 2 * window + 1) if window else s
+
+
 def _gqa_fwd_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     b, t, h, dh = q_shape
-    return 4 * b * h * t * k_shape[1] * dh
+    return 4 * b * h * t * _keys_per_row(k_shape[1], args, kwargs, 7) * dh  # args: v, causal, ..., segment_ids, window
 
 
 def _gqa_bwd_flops(dout_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     b, t, h, dh = q_shape
-    return 10 * b * h * t * k_shape[1] * dh  # as attention_bwd: dV, dP, dQ, dK and the rebuilt scores
+    keys = _keys_per_row(k_shape[1], args, kwargs, 9)  # args: v, out, lse, causal, ..., segment_ids, window
+    return 10 * b * h * t * keys * dh  # as attention_bwd: dV, dP, dQ, dK and the rebuilt scores
 
 
 def _gqa_fwd_check(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):

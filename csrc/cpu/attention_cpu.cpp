@@ -3,7 +3,7 @@
 //
 // q (B, T, h, dh), k/v (B, S, hk, dh), h % hk == 0, G = h / hk query heads per kv head, last dim contiguous;
 // causal needs S == T (query t sees keys j <= t). scale multiplies q kᵀ. segment_ids (B, S) int32/int64, optional, needs
-// S == T: query t sees key j iff ids[j] != 0 and ids[t] == ids[j] (ckpt_ext/segments.py); a row that sees no key gets
+// S == T: query t sees key j iff ids[j] > 0 and |ids[t]| == ids[j] (ckpt_ext/segments.py); a row that sees no key gets
 // out = 0, lse = -inf and zero gradients (reference_attention's empty-row rule). window w >= 0 (0 = none; w > 0 needs
 // S == T): query t sees key j only if |t - j| <= w as well (a sliding window, on top of causal and the ids).
 // fwd -> out (B, T, h, dh) fp32 contiguous, lse (B, h, T) fp32 (natural log of each row's softmax denominator)
@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <unordered_map>
@@ -85,11 +86,11 @@ struct Shape {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Which keys the rows see: causality and the segment ids (ids (B, S) int64, or null), and per batch row the first and
-// last key of every id (span).
+// last key of every positive id (span; a row of id -s looks up s, one of id 0 finds nothing).
 struct Visibility {
   const Shape& s;
   const int64_t* ids = nullptr;
-  std::vector<std::unordered_map<int64_t, std::pair<int64_t, int64_t>>> span;  // per batch: id -> (first, last key)
+  std::vector<std::unordered_map<int64_t, std::pair<int64_t, int64_t>>> span;  // per batch: id > 0 -> (first, last key)
 
   Visibility(const Shape& shape, const std::optional<at::Tensor>& seg) : s(shape) {
     if (!seg.has_value()) {
@@ -100,7 +101,7 @@ struct Visibility {
     for (int64_t b = 0; b < s.B; ++b) {
       for (int64_t j = 0; j < s.S; ++j) {
         const int64_t id = ids[b * s.S + j];
-        if (id != 0) {
+        if (id > 0) {
           span[b].try_emplace(id, j, j).first->second.second = j;
         }
       }
@@ -116,7 +117,7 @@ struct Visibility {
     if (ids != nullptr) {
       int64_t first = s.S, last = -1;
       for (int64_t t = t0; t < t1; ++t) {
-        const auto it = span[b].find(ids[b * s.S + t]);
+        const auto it = span[b].find(std::abs(ids[b * s.S + t]));
         if (it != span[b].end()) {
           first = std::min(first, it->second.first), last = std::max(last, it->second.second);
         }
@@ -136,17 +137,17 @@ struct Visibility {
     return {c0, std::max(c0, c1)};
   }
 
-  // Sets row[c] = value for every column c < cols whose key lo + c carries another id than query t (all, if t's id is
-  // 0); returns whether any column of the prefix stays visible.
+  // Sets row[c] = value for every column c < cols whose key lo + c does not carry query t's |id| as a positive id
+  // (all, if t's id is 0); returns whether any column of the prefix stays visible.
   bool hide(float* row, int64_t b, int64_t t, int64_t lo, int64_t cols, float value) const {
     if (ids == nullptr) {
       return cols > 0;
     }
     const int64_t* kid = ids + b * s.S + lo;
-    const int64_t id = ids[b * s.S + t];
+    const int64_t id = std::abs(ids[b * s.S + t]);
     bool any = false;
     for (int64_t c = 0; c < cols; ++c) {
-      const bool same = id != 0 && kid[c] == id;
+      const bool same = id != 0 && kid[c] == id;  // kid[c] == |id| > 0: a negative key id never matches
       row[c] = same ? row[c] : value;
       any = any || same;
     }

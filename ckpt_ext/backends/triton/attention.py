@@ -5,8 +5,9 @@ Every mask and dropout case runs the flash kernels (on CUDA and under TRITON_INT
 (float64, head dim > 256, an empty T or S, an integer-free but non-kernel mask dtype such as float64) run
 aten_attention's routes, so every call returns the reference's result. q, k, v are read through their strides
 (copied only if the last stride is not 1); the mask through its broadcast strides (bool viewed as uint8, no copy).
-segment_ids (B, S) go to the kernels as they are (int32 or int64, made contiguous) with their per-row key ranges
-(ckpt_ext.segments.key_ranges, two (B, S) int32 tensors built on the device without a sync) for tile skipping.
+segment_ids (B, S) go to the kernels as they are (int32 or int64, made contiguous) with their ranges for tile
+skipping (ckpt_ext.segments.key_ranges for the forward and dq kernels, query_ranges for the dk/dv kernel: (B, S)
+int32 pairs built on the device without a sync).
 window w > 0 goes to the kernels as an int (WINDOW flag): they hide keys with |t - s| > w and skip the tiles outside
 the band; no (T, S) mask is built.
 Tiles: ckpt_ext/kernels/flash_attention_tiles.gpu_tiles (one config per kernel and head dim; 16×16 tiles under the
@@ -62,11 +63,12 @@ def _as_int32(v: int) -> int:
 
 
 def _segments(q, segment_ids):
-    """(SEG, RSTART, REND) kernel arguments: the ids and their key ranges, or q three times (unread) without ids."""
+    """(SEG, (RSTART, REND) of the rows, (RSTART, REND) of the keys): the ids, their key ranges for the forward and dq
+    kernels and their query ranges for the dk/dv kernel; q in every slot (unread) without ids."""
     if segment_ids is None:
-        return q, q, q
+        return q, (q, q), (q, q)
     seg = segment_ids.contiguous()
-    return (seg, *segments.key_ranges(seg))
+    return seg, segments.key_ranges(seg), segments.query_ranges(seg)
 
 
 def _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids, window=0):
@@ -92,7 +94,9 @@ def _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids, window=0):
         UPCAST=interpreting() or q.dtype == torch.float32,
         WINDOW=window > 0,
     )
-    return (mask, *_segments(q, segment_ids)), strides, (t, s, h, h // k.shape[2], q.shape[-1]), drop, flags
+    seg, row_ranges, key_ranges = _segments(q, segment_ids)
+    masks = {"rows": (mask, seg, *row_ranges), "keys": (mask, seg, *key_ranges)}
+    return masks, strides, (t, s, h, h // k.shape[2], q.shape[-1]), drop, flags
 
 
 def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):
@@ -106,7 +110,7 @@ def gqa_attention_fwd(q, k, v, causal, dropout_p, seed, attn_mask, scale, segmen
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     tiles, opts = gpu_tiles("gqa_fwd", dh, _arch(q.device), q.dtype)
     grid = (cdiv(t, tiles["BLOCK_M"]), b * h)
-    gqa_fwd_kernel[grid](q, k, v, *masks, out, lse, *strides, *shape, scale, empty_threshold(attn_mask), *drop,
+    gqa_fwd_kernel[grid](q, k, v, *masks["rows"], out, lse, *strides, *shape, scale, empty_threshold(attn_mask), *drop,
                          **flags, **tiles, **opts)  # fmt: skip
     return out, lse
 
@@ -130,11 +134,11 @@ def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mas
     dv = torch.empty((b, s, hk, dh), dtype=v.dtype, device=q.device)
     tiles, opts = gpu_tiles("gqa_bwd_dq", dh, _arch(q.device), q.dtype)
     gqa_bwd_dq_kernel[(cdiv(t, tiles["BLOCK_M"]), b * h)](
-        dout, q, k, v, out, lse, delta, dq, *masks, *strides, *shape, scale, *drop, **flags, **tiles, **opts
+        dout, q, k, v, out, lse, delta, dq, *masks["rows"], *strides, *shape, scale, *drop, **flags, **tiles, **opts
     )
     tiles, opts = gpu_tiles("gqa_bwd_dkdv", dh, _arch(q.device), q.dtype)
     gqa_bwd_dkdv_kernel[(cdiv(s, tiles["BLOCK_N"]), b * hk)](
-        dout, q, k, v, lse, delta, dk, dv, *masks, *strides, *shape, scale, *drop, **flags, **tiles, **opts
+        dout, q, k, v, lse, delta, dk, dv, *masks["keys"], *strides, *shape, scale, *drop, **flags, **tiles, **opts
     )
     return dq, dk, dv
 
