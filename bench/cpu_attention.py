@@ -6,7 +6,10 @@ kernel (what SDPA and torch.utils.checkpoint run on CPU), forward and backward, 
 Shapes (B, T, h, hk, dh, causal, packed): the Llama bench.block layer (4, 256, 8, 2, 64), its MHA twin (GPT-2 form), a
 longer sequence (1, 1024, 8, 2, 64), the same 1024 tokens packed as 4 sequences of 256 (segment ids: aten's kernel
 gets them as the additive (B, 1, T, S) -inf mask the cpu_flash route would build, ours reads the ids and skips the
-other sequences' keys) and a non-causal ViT-like one. Each round times every variant once in turn (interleaved);
+other sequences' keys), a non-causal ViT-like one and a BERT-base-like encoder batch (8, 256, 12, 12, 64) with right
+padding (kept lengths T, 3T/4, T/2, T/4 per four rows; packed = "pad"): aten's kernel gets the additive (B, 1, 1, S)
+key mask the encoder adapters handed over before key ids, ours the key ids (1 kept, -1 padded: padded rows still
+attend) and skips the padded key tiles. Each round times every variant once in turn (interleaved);
 medians over rounds, the ratio aten / ours (> 1: ours faster) and the useful GFLOP/s (causal: half the score matrix).
 Both kernels get the same (B, T, h, dh) tensors; aten's reads them as (B, h, T, dh) transposed views, as the
 cpu_flash route does, and its outputs are made contiguous in (B, T, h, dh) (the layout the block consumes).
@@ -23,12 +26,19 @@ from .malloc_tuning import describe, keep_freed_memory
 from .micro_timing import summarize
 
 SHAPES = [(4, 256, 8, 2, 64, True, 1), (4, 256, 8, 8, 64, True, 1), (1, 1024, 8, 2, 64, True, 1),
-          (1, 1024, 8, 2, 64, True, 4), (8, 197, 12, 12, 64, False, 1)]  # fmt: skip
+          (1, 1024, 8, 2, 64, True, 4), (8, 197, 12, 12, 64, False, 1), (8, 256, 12, 12, 64, False, "pad")]  # fmt: skip
+PAD_FRACTIONS = (1.0, 0.75, 0.5, 0.25)  # kept share of T per batch row, cycled (the "pad" layout)
+
+
+def _kept_lengths(b: int, t: int) -> list[int]:
+    return [int(t * PAD_FRACTIONS[i % len(PAD_FRACTIONS)]) for i in range(b)]
 
 
 def _attention_flops(b, t, h, dh, causal, packed) -> int:
-    """Useful forward matmul FLOPs (q kᵀ and p v) of ``packed`` equal sequences per row; backward is 2x this. Causal
-    counts the lower triangle only."""
+    """Useful forward matmul FLOPs (q kᵀ and p v) of ``packed`` equal sequences per row (or, "pad", every query row
+    against its row's kept keys); backward is 2x this. Causal counts the lower triangle only."""
+    if packed == "pad":
+        return 4 * h * dh * t * sum(_kept_lengths(b, t))
     n = t // packed
     pairs = n * (n + 1) // 2 if causal else n * n
     return 4 * b * h * packed * pairs * dh
@@ -42,7 +52,11 @@ def _variants(b, t, h, hk, dh, causal, packed):
     dout, scale = torch.randn(b, t, h, dh), dh**-0.5
     ids = None
     mask = None
-    if packed > 1:
+    if packed == "pad":
+        keep = torch.arange(t)[None, :] < torch.tensor(_kept_lengths(b, t))[:, None]  # (B, T)
+        ids = segments.from_key_mask(keep)  # (B, T): 1 kept, -1 padded
+        mask = torch.zeros(b, 1, 1, t).masked_fill_(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    elif packed > 1:
         ids = (torch.arange(t) // (t // packed) + 1).to(torch.int32).expand(b, t).contiguous()  # (B, T)
         mask = torch.zeros(b, 1, t, t).masked_fill_(~segments.visibility(ids), float("-inf"))  # (B, 1, T, S)
     tr = lambda x: x.transpose(1, 2)  # noqa: E731

@@ -70,8 +70,8 @@ def _masked(s, MASK, mask_offs, qi, kj, sq, sk, T, S, win, CAUSAL: tl.constexpr,
     hidden = kj >= S
     if CAUSAL:
         hidden = hidden | (kj > qi)
-    if HAS_SEG:  # key id > 0 and |row id| equal to it; rows of id 0 are emptied by the forward's epilogue, so this
-        hidden = hidden | (sk != tl.abs(sq))  # one compare suffices (a negative key id never equals |row id|)
+    if HAS_SEG:  # sq holds |row id| (_row_ids): a negative key id never equals it, and rows of id 0 are emptied by
+        hidden = hidden | (sk != sq)  # the forward's epilogue, so one compare suffices here
     if WINDOW:
         hidden = hidden | (tl.abs(kj - qi) > win)
     return tl.where(hidden, float("-inf"), s)
@@ -96,6 +96,15 @@ def _ids(SEG, b, offs, n, HAS_SEG: tl.constexpr):
     if HAS_SEG:
         return tl.load(SEG + b.to(tl.int64) * n + offs, mask=offs < n, other=0)
     return offs
+
+
+@triton.jit
+def _row_ids(SEG, b, offs, n, HAS_SEG: tl.constexpr):
+    """|segment id| of query rows offs (loaded once per query tile, so the score tiles compare without an abs)."""
+    ids = _ids(SEG, b, offs, n, HAS_SEG)
+    if HAS_SEG:
+        ids = tl.abs(ids)
+    return ids
 
 
 @triton.jit
@@ -207,7 +216,7 @@ def gqa_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    sq = _ids(SEG, b, offs_m, T, HAS_SEG)
+    sq = _row_ids(SEG, b, offs_m, T, HAS_SEG)
     lo, hi = _key_bounds(RSTART, REND, b, pid_m, T, S, win, CAUSAL, HAS_SEG, WINDOW, BLOCK_M, BLOCK_N)
     for n0 in range(0, hi - lo, BLOCK_N):
         offs_n = lo + n0 + tl.arange(0, BLOCK_N)
@@ -265,7 +274,7 @@ def gqa_bwd_dq_kernel(
     lse, no_key = _row_lse(LSE, lse_ptrs, offs_m, T)
     k_base, v_base, mask_rows, row_flat = _query_bases(b, i, j, offs_m, skb, skh, svb, svh, smb, smh, smt, T, S, H)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    sq = _ids(SEG, b, offs_m, T, HAS_SEG)
+    sq = _row_ids(SEG, b, offs_m, T, HAS_SEG)
     lo, hi = _key_bounds(RSTART, REND, b, pid_m, T, S, win, CAUSAL, HAS_SEG, WINDOW, BLOCK_M, BLOCK_N)
     for n0 in range(0, hi - lo, BLOCK_N):
         offs_n = lo + n0 + tl.arange(0, BLOCK_N)
@@ -323,7 +332,7 @@ def gqa_bwd_dkdv_kernel(
         flat_base = (b.to(tl.int64) * H + i) * T
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            sq = _ids(SEG, b, offs_m, T, HAS_SEG)
+            sq = _row_ids(SEG, b, offs_m, T, HAS_SEG)
             q = _tile(Q, q_base, offs_m, sqt, T, offs_d, dh, UPCAST)
             do = _tile(DO, row_base, offs_m, H * dh, T, offs_d, dh, UPCAST)
             lse_ptrs = (b.to(tl.int64) * H + i) * T + offs_m

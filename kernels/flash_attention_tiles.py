@@ -17,7 +17,8 @@ from .matmul_configs import interpreting
 # the loop) spilled 8-576 bytes, so dk/dv takes 32 query rows per step at head dim 128 and 1 pipeline stage.
 # fp32 operands (ieee dots on FMA units, operand slices in registers) take 32×32 tiles and 16-row dk/dv steps: 64×32
 # forward tiles and 32-row dk/dv steps spilled 8-15,184 bytes (ptxas sometimes settles at 32-80 registers plus stack
-# there; .maxnreg 255 made other configs spill instead, so no register limit is set).
+# there; .maxnreg 255 made other configs spill instead, so no register limit is set). The fp32 forward at head dim
+# 16 takes 1 stage: with 2 it spilled 8 bytes at 96 registers once the row ids took their |id| (negative key ids).
 SM90_TILES = {
     ("gqa_fwd", False): {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3),
                          256: (64, 32, 8, 2)},
@@ -25,7 +26,7 @@ SM90_TILES = {
                             256: (64, 32, 8, 2)},
     ("gqa_bwd_dkdv", False): {16: (64, 64, 8, 1), 32: (64, 64, 8, 1), 64: (64, 64, 8, 1), 128: (32, 64, 8, 1),
                               256: (32, 32, 8, 1)},
-    ("gqa_fwd", True): {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2),
+    ("gqa_fwd", True): {16: (32, 32, 4, 1), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2),
                         256: (32, 32, 8, 2)},
     ("gqa_bwd_dq", True): {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 8, 2),
                            256: (32, 32, 8, 2)},
