@@ -19,23 +19,9 @@ import ckpt_ext
 from ckpt_ext import roofline
 from ckpt_ext.block import init_block_
 
-from .gpu_common import cli_main, time_ms
+from .gpu_common import cli_main, memory, time_ms
 
 MiB = 2**20
-
-
-def _memory(fn, x, grad, device: str) -> tuple[int, int]:
-    """(peak bytes over one step, bytes kept after forward), both above what was allocated before the step."""
-    if device != "cuda":
-        return 0, 0
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn(x)
-    kept = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
-    out.backward(grad)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base, kept
 
 
 def run(device: str) -> list[dict]:
@@ -55,7 +41,7 @@ def run(device: str) -> list[dict]:
             with ckpt_ext.set_backend("triton"):
                 step = lambda: fn(x).backward(grad)  # noqa: B023 (used within this iteration only)
                 times[variant] = time_ms(step, device)
-                peak, kept = _memory(fn, x, grad, device)
+                peak, kept = memory(fn, x, grad, device)
             block.zero_grad(set_to_none=True)
             x.grad = None
             rows.append(dict(shape=f"d={d} T={t} B={b} h={h}", variant=variant, step_ms=times[variant],

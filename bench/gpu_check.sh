@@ -4,6 +4,7 @@
 #   3. each Triton kernel vs torch eager (GB/s, TFLOP/s, % of ceilings)   4. the block per variant, side by side
 #   5. a Llama-3-8B-shaped transformers LlamaDecoderLayer per variant (HF eager, torch checkpoint, HF gradient
 #      checkpointing, Liger-Kernel if installed, ckpt_ext policies, compile reduce-overhead): parity, ms, peak memory
+#   6. a BERT-base transformers BertLayer on a right-padded B=32, T=512 batch per variant (the same columns)
 #   The CUDA lane includes tests/test_cuda_backend.py: the csrc/cuda kernels (backend "cuda") against the reference.
 # Results (CSV + markdown, logs) go to $OUT if set, else bench/results/. Every stage has a timeout; a failing stage
 # is recorded in summary.md and the script goes on, exiting non-zero at the end if any stage failed.
@@ -91,8 +92,9 @@ stage gpu_kernels 75 "$PY" -m bench.gpu_kernels --device cuda
 stage gpu_block 75 "$PY" -m bench.gpu_block --device cuda
 stage gpu_attention 60 "$PY" -m bench.gpu_attention --device cuda
 stage gpu_llama 120 "$PY" -m bench.gpu_llama --device cuda
+stage gpu_bert 90 "$PY" -m bench.gpu_bert --device cuda
 
-for part in gpu_kernels gpu_block gpu_attention gpu_llama; do
+for part in gpu_kernels gpu_block gpu_attention gpu_llama gpu_bert; do
   if [ -f "$OUT/$part.md" ]; then
     { echo; cat "$OUT/$part.md"; } >> "$SUMMARY"
   fi

@@ -43,6 +43,50 @@ def time_ms(fn: Callable[[], object], device: str, reps: int = 5) -> float:
     return statistics.median(samples)
 
 
+def memory(fn, x, grad, device: str) -> tuple[int, int]:
+    """(peak bytes over one step, bytes kept after forward), both above what was allocated before the step (CUDA;
+    0, 0 elsewhere)."""
+    if device != "cuda":
+        return 0, 0
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn(x)
+    kept = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+    out.backward(grad)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, kept
+
+
+def step_grads(fn, x, grad, params) -> list:
+    """[output, dx, d(each param)] of one step of ``fn`` from a fresh leaf copy of ``x``."""
+    x = x.detach().requires_grad_(True)
+    for p in params:
+        p.grad = None
+    out = fn(x)
+    out.backward(grad)
+    return [out.detach(), x.grad] + [p.grad for p in params]
+
+
+def compare_variants(variants: dict, x, grad, params, ref: list, device: str, baselines: dict) -> list[dict]:
+    """One row per variant (name -> x -> output, all sharing ``params``): max |Δ| of the output and every gradient
+    against ``ref`` (step_grads of an fp32 copy), step ms, peak and kept MiB, and step_ms / step_ms of each baseline
+    (column -> variant name)."""
+    rows, times = [], {}
+    for name, fn in variants.items():
+        got = step_grads(fn, x, grad, params)
+        err = max(float((a.float() - r).abs().max()) for a, r in zip(got, ref) if a is not None)
+        xr = x.detach().requires_grad_(True)
+        times[name] = time_ms(lambda fn=fn, xr=xr: fn(xr).backward(grad), device)
+        peak, kept = memory(fn, xr, grad, device)
+        rows.append(dict(variant=name, max_abs_err=err, step_ms=times[name], peak_mib=peak / 2**20,
+                         kept_mib=kept / 2**20))  # fmt: skip
+    for row in rows:
+        for column, base in baselines.items():
+            row[column] = row["step_ms"] / times[base]
+    return rows
+
+
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu (plumbing smoke run, timings meaningless)"
 

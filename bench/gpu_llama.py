@@ -22,10 +22,8 @@ import torch
 import ckpt_ext
 from ckpt_ext.integrations.huggingface import apply_fused_checkpointing
 
-from .gpu_block import _memory
-from .gpu_common import cli_main, out_dir, time_ms
+from .gpu_common import cli_main, compare_variants, out_dir, step_grads
 
-MiB = 2**20
 POLICIES = ("none", "pointwise", "ffn", "block_keep_attn", "block")
 
 
@@ -94,37 +92,18 @@ def _liger_layer(layer, cfg):
             setattr(modeling_llama, k, v)
 
 
-def _grads(fn, x, grad, params):
-    x = x.detach().requires_grad_(True)
-    for p in params:
-        p.grad = None
-    out = fn(x)
-    out.backward(grad)
-    return [out.detach(), x.grad] + [p.grad for p in params]
-
-
 def run(device: str) -> list[dict]:
     s = _shape(device)
     cfg, layer, x, pe = _layer_and_inputs(device, s)
     grad = torch.randn_like(x)
     params = list(layer.parameters())
     ref_layer = copy.deepcopy(layer).float()
-    ref = _grads(lambda x: ref_layer(x, position_embeddings=tuple(c.float() for c in pe)), x.float(), grad.float(),
-                 list(ref_layer.parameters()))  # fmt: skip
+    ref = step_grads(lambda x: ref_layer(x, position_embeddings=tuple(c.float() for c in pe)), x.float(), grad.float(),
+                     list(ref_layer.parameters()))  # fmt: skip
     backend = "triton" if device == "cuda" else "reference"
-    rows, times = [], {}
     with ckpt_ext.set_backend(backend):
-        for name, fn in _variants(layer, cfg, pe).items():
-            xr = x.detach().requires_grad_(True)
-            got = _grads(fn, x, grad, params)
-            err = max(float((a.float() - r).abs().max()) for a, r in zip(got, ref) if a is not None)
-            times[name] = time_ms(lambda fn=fn, xr=xr: fn(xr).backward(grad), device)
-            peak, kept = _memory(fn, xr, grad, device)
-            rows.append(dict(variant=name, max_abs_err=err, step_ms=times[name], peak_mib=peak / MiB,
-                             kept_mib=kept / MiB))  # fmt: skip
-    for row in rows:
-        row["vs_hf_eager"] = row["step_ms"] / times["HF eager"]
-        row["vs_torch_ckpt"] = row["step_ms"] / times["torch checkpoint"]
+        rows = compare_variants(_variants(layer, cfg, pe), x, grad, params, ref, device,
+                                {"vs_hf_eager": "HF eager", "vs_torch_ckpt": "torch checkpoint"})  # fmt: skip
     _plot(rows)
     return rows
 

@@ -90,3 +90,24 @@ def test_bench_block_bert_rows():
     assert "× HF eager" in table and "× HF grad ckpt" in table
     with pytest.raises(ValueError, match="lora"):
         bench_block.run("bert", budgets=(), compiled_policies=(), lora=4, **TINY_BLOCK)
+
+
+def test_gpu_bert_bench_plumbing_on_cpu(tmp_path, monkeypatch, fused_calls):
+    """bench/gpu_bert.py at its tiny CPU shapes (interpreter lane): every variant row runs, the ckpt_ext rows take the
+    fused path (the padding as key ids) and match the HF layer within fp32 error; the CSV and markdown are written."""
+    import csv
+
+    from bench import gpu_bert
+    from ckpt_ext.policies import POST_LN_POLICIES
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu_bert.main(["--device", "cpu"]) == 0
+    with open(tmp_path / "gpu_bert.csv") as f:
+        rows = list(csv.DictReader(f))
+    names = [r["variant"] for r in rows]
+    assert names[:3] == ["HF BertLayer", "torch checkpoint", "HF gradient_checkpointing (reentrant)"]
+    assert names[3:] == [f"ckpt_ext {p}" for p in POST_LN_POLICIES]
+    assert all(float(r["max_abs_err"]) < 1e-4 for r in rows)
+    assert len(fused_calls) >= len(POST_LN_POLICIES)
+    assert all(call[3] is None and call[5].min() == -1 for call in fused_calls)  # the padded batch's key ids
+    assert (tmp_path / "gpu_bert.md").read_text().startswith("## BERT-base BertLayer")

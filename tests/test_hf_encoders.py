@@ -354,3 +354,13 @@ def test_compiled_batch_row_of_only_padding_raises(fused_calls, caplog, monkeypa
     with pytest.raises(RuntimeError, match="leaves a batch row no key"):
         compiled()
     torch._dynamo.reset()
+
+
+def test_deberta_is_refused_clearly():
+    """DeBERTa-v2/v3 (disentangled attention) is out of scope: a TypeError naming the model and the supported
+    families, nothing converted."""
+    cfg = transformers.DebertaV2Config(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64)  # fmt: skip
+    model = transformers.DebertaV2ForMaskedLM(cfg)
+    with pytest.raises(TypeError, match="DebertaV2ForMaskedLM has no supported transformer layers.*BERT, RoBERTa"):
+        apply_fused_checkpointing(model, "block")
