@@ -66,7 +66,7 @@ class KeyIds(NamedTuple):
     failed: Optional[str]
 
 
-def holds(ok: Tensor, message: str) -> Optional[bool]:
+def holds(ok: Tensor, message: str) -> bool:
     """A 0-dim bool check on mask values: under torch.compile a device assertion (raises RuntimeError with ``message``
     when it fails at run time; returns True), else its value."""
     if torch.compiler.is_compiling():

@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import seeds
 from ..lora import Linears, LoraSpec
 from ..spec import BlockConfig, BlockSpec
-from .hf_adapter import FUSED_ATTENTION, LayerAdapter, attentions_requested, classes_of
-from .hf_common import common_fallback, fallback, lora_eager_only, lora_seeded
+from .hf_adapter import FUSED_ATTENTION, LayerAdapter, attentions_requested, call_seed, classes_of
+from .hf_common import common_fallback, fallback, lora_eager_only
 from .hf_masks import KEY_MASK_CHECKS, holds, layer_mask
 
 GEGLU_FORMS = {"gelu": "geglu_erf", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}  # hidden_activation -> form
@@ -102,8 +101,7 @@ class ModernBertAdapter(LayerAdapter):
                          attn_norm=isinstance(layer.attn_norm, torch.nn.LayerNorm),
                          mlp=GEGLU_FORMS[cfg.hidden_activation], packed_qkv=True, window=parts.window,
                          lora=specs)  # fmt: skip
-        seed = seeds.host_seed() if lora_seeded(specs) else 0
-        return BlockConfig(spec, layer._ckpt_policy, seed, 0.0, 0.0)
+        return BlockConfig(spec, layer._ckpt_policy, call_seed(0.0, 0.0, specs), 0.0, 0.0)
 
     def fused_args(self, layer, parts: _Call, bound: dict, lin: Linears):
         """False to run the original forward, else (None, (cos, sin), (B, T) int32 key ids or None)."""
