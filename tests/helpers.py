@@ -63,3 +63,19 @@ def apply_layer_kinds(model, layer_classes, kinds):
         if kind not in ("eager", "checkpoint"):
             apply_fused_checkpointing(layer, policy=kind)
     return model
+
+
+def assert_step_within_bf16_error(step, step_ref, step64, factor=3.0):
+    """A bf16 step (loss, {name: grad}) of ours against Hugging Face's own bf16 step, both measured against the
+    float64 model's: our loss error and each gradient's relative error stay within ``factor`` times Hugging Face's
+    (gradient norms floored at 1e-3 of the largest: key biases have zero gradient in exact math)."""
+    (loss, grads), (loss_ref, grads_ref), (loss64, grads64) = step, step_ref, step64
+    floor = 1e-3 * max(g.norm() for g in grads64.values())
+
+    def rel(g, g64):
+        return ((g.double() - g64).norm() / torch.maximum(g64.norm(), floor)).item()
+
+    assert abs(loss.item() - loss64.item()) <= factor * abs(loss_ref.item() - loss64.item()) + 1e-3
+    for name, g64 in grads64.items():
+        ours, theirs = rel(grads[name], g64), rel(grads_ref[name], g64)
+        assert ours <= factor * theirs + 2e-2, f"{name}: {ours:.3f} vs HF bf16 {theirs:.3f}"
