@@ -220,6 +220,21 @@ def test_int64_ids_and_bf16(backend):
     assert_matches(ours, ref, atol=3e-2)
 
 
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_the_minimum_id_reads_as_padding(backend, dtype):
+    """An id equal to its dtype's minimum has no positive |id| (abs wraps): every backend treats it as padding (its
+    row sees nothing, its key is hidden), as the reference's rule does, instead of a row seeing its own run."""
+    low = torch.iinfo(dtype).min
+    ids = torch.tensor([[low] * 8 + [1] * 8, [1] * 6 + [low] * 4 + [2] * 6], dtype=dtype)
+    q, k, v = make_qkv(2, 16, 2)
+    dout = torch.randn(2, 16, H, DH)
+    ours = run(backend, q, k, v, dout, False, 0.0, None, ids)
+    assert_matches(ours, reference64(q, k, v, dout, False, 0.0, segments.visibility(ids)))
+    out, lse, _ = ours
+    assert (out[0, :8] == 0).all() and torch.isneginf(lse[0, :, :8]).all()
+
+
 def test_bad_segment_ids_raise_naming_the_argument():
     q, k, v = make_qkv(2, 5, 2)
     with pytest.raises(TypeError, match="segment_ids"):

@@ -189,3 +189,20 @@ def test_bf16_autocast_close_to_hugging_face(fused_calls):
         loss, g = grads(fused, *batch_)
     assert len(fused_calls) == 4
     assert_step_within_bf16_error((loss, g), (loss_ref, g_ref), grads(copy.deepcopy(ref).double(), *batch_))
+
+
+def test_window_mask_check_rejects_a_bias():
+    """The sliding-window mask must be exactly the key mask within the band: a float mask carrying a bias where it
+    keeps a key is not (the fused path would drop the bias), nor is one with another band."""
+    from ckpt_ext.integrations.hf_modernbert import _window_mask_ok
+
+    t, w = 6, 1
+    keep = torch.tensor([[True] * 5 + [False]])
+    pos = torch.arange(t)
+    visible = keep[:, None, None, :] & ((pos[:, None] - pos[None, :]).abs() <= w)  # (1, 1, T, T)
+    additive = torch.zeros(1, 1, t, t).masked_fill(~visible, torch.finfo(torch.float32).min)
+    assert bool(_window_mask_ok(additive.clone(), keep, w)) and bool(_window_mask_ok(visible.clone(), keep, w))
+    biased = additive.clone()
+    biased[0, 0, 2, 3] = 0.5
+    assert not bool(_window_mask_ok(biased, keep, w))
+    assert not bool(_window_mask_ok(additive.clone(), keep, w + 1))

@@ -83,19 +83,21 @@ MIN_GAMMA = 1e-2  # smallest |γ| (relative to max |γ|) for which x̂ = (y - β
 def invertible(w: Optional[Tensor], y_dtype: torch.dtype, spec) -> bool:
     """Whether norm2's backward may rebuild x̂ from the output: fp32/fp64 outputs (a bf16 output has 8 bits: x̂ would
     carry its rounding, amplified by 1/γ) and no |γ| below MIN_GAMMA·max|γ|. γ without values (meta or fake tensors:
-    the planner's and roofline's traces) counts as well-conditioned. Reading γ costs one host sync, so the answer is
-    cached on γ's tensor, keyed on its version counter (bumped by every in-place update: optimizer steps,
-    load_state_dict), storage, dtype and the spec's offset: one sync per layer per weight update, none for repeated
-    calls between updates. A write through ``.data`` bumps no version and is not seen."""
+    the planner's and roofline's traces) counts as well-conditioned. Reading γ costs one host sync. For a frozen γ
+    (requires_grad False: PEFT LoRA fine-tuning, inference-mode evaluation) the answer is cached on γ's tensor, keyed
+    on its version counter (in-place writes such as load_state_dict bump it), storage, dtype and the spec's offset. A
+    trainable γ is read at every call: fused optimizers (torch's AdamW(fused=True), the Trainer's default) update
+    parameters without bumping the version counter, so no key would see their steps."""
     if y_dtype not in (torch.float32, torch.float64):
         return False
     if w is None or w.device.type == "meta" or is_fake(w):
         return True
     key = (w._version, w.untyped_storage().data_ptr(), w.storage_offset(), w.dtype, spec.norm_offset)
-    cached = getattr(w, "_ckpt_invertible", None)
+    cached = None if w.requires_grad else getattr(w, "_ckpt_invertible", None)
     if cached is not None and cached[0] == key:
         return cached[1]
     mag = (w.detach() + spec.norm_offset).abs()
     ok = bool(mag.min() >= MIN_GAMMA * mag.max()) and bool(mag.max() > 0)
-    w._ckpt_invertible = (key, ok)  # lives as long as γ
+    if not w.requires_grad:
+        w._ckpt_invertible = (key, ok)  # lives as long as γ
     return ok

@@ -23,7 +23,8 @@ one), DistilBERT eager the raw (B, S) mask; all reach the kernels as (B, T) int3
 tiles of only padding are skipped; no mask tensor reaches the kernels. A 4-D mask whose query rows differ, an
 additive bias, or a batch row without any key (Hugging Face's finfo.min softmax gives it uniform weights, the fused
 kernels zeros) runs the original forward; under torch.compile, where the mask's values cannot be read, those three
-checks are device assertions instead (a RuntimeError naming the case, never a different number, no graph break).
+checks are device assertions instead (an error naming the case, never a different number, no graph break; on CUDA a
+device-side assert: see hf_masks).
 
 Original forward, warned once with the reason: relative position embeddings (``position_embedding_type`` other than
 "absolute"), ``head_mask``, ``output_attentions``, a KV cache, different dropout on the two residual branches, an

@@ -22,8 +22,11 @@ transformers builds for eager and SDPA (columns beyond T are cut: HF may size th
   a key (no bias), and every batch row keeping some key (Hugging Face's finfo.min softmax gives a row of only padding
   uniform weights; the kernels give zeros). Returns ``KeyIds(ids, failed)``: ids None when nothing is masked; failed
   the first check that does not hold (eager: the layer runs its original forward). Under torch.compile the mask
-  cannot be read, so the ids are always built and each check becomes a device assertion (torch._assert_async: a
-  clear RuntimeError instead of a wrong number, and no graph break).
+  cannot be read, so the ids are always built and each check becomes a device assertion (torch._assert_async: an
+  error instead of a wrong number, and no graph break). On CPU that is a RuntimeError carrying the message; on CUDA a
+  device-side assert ("device-side assert triggered"), after which the process's CUDA context is unusable and the job
+  must restart. The only case Hugging Face's own masks can trigger is a batch row with no real token: drop empty
+  examples, or run such batches uncompiled (the eager path runs the original forward for them).
 - ``empty_rows(mask)``: True when some query row sees no key at all (left padding). The fused kernels give such rows
   zeros, as SDPA does; eager attention gives them a uniform softmax (its mask is finfo.min, not -inf), so an eager
   layer must run its original forward for such a mask.
@@ -67,8 +70,8 @@ class KeyIds(NamedTuple):
 
 
 def holds(ok: Tensor, message: str) -> bool:
-    """A 0-dim bool check on mask values: under torch.compile a device assertion (raises RuntimeError with ``message``
-    when it fails at run time; returns True), else its value."""
+    """A 0-dim bool check on mask values: under torch.compile a device assertion (fails at run time with ``message``:
+    a RuntimeError on CPU, a device-side assert on CUDA; returns True), else its value."""
     if torch.compiler.is_compiling():
         torch._assert_async(ok, f"ckpt_ext: the fused layer met {message}; run it without torch.compile")
         return True

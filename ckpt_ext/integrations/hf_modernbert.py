@@ -23,7 +23,8 @@ int32 key ids (1 kept, -1 padded: padded query rows keep computing, as in Huggin
 key tiles outside both; nothing T×T reaches them. A query row left without any visible key (a batch row of only
 padding; on local layers a padded row farther than the window from every real token) gets uniform weights in Hugging
 Face's softmax and zeros from the kernels, so such a forward runs the original (warned once). Under torch.compile
-these mask checks are device assertions (a RuntimeError naming the case, no graph break).
+these mask checks are device assertions (an error naming the case, no graph break; on CUDA a device-side assert:
+see hf_masks).
 
 Original forward (warned once): flash_attention_2 (unpadded cu_seqlens path), output_attentions, hooks or unsupported
 submodules, LoRA under torch.compile or with lora_dropout on Wi, attention_dropout or mlp_dropout > 0 while training
@@ -184,7 +185,7 @@ class ModernBertAdapter(LayerAdapter):
         return None, tuple(rope), ids
 
 
-_WINDOW_MASK = "a sliding-window mask that is not a key mask within |i - j| <= {w}"
+_WINDOW_MASK = "a sliding-window mask that is not a key mask within |i - j| <= {w} (or carries a bias)"
 _EMPTY_ROWS = ("a padding mask that leaves query rows no key within their window (Hugging Face's softmax gives them "
                "uniform weights, the fused kernels zeros)")  # fmt: skip
 
@@ -213,8 +214,8 @@ def _visible(mask):
 
 
 def _window_mask_ok(window_mask, keep, w: int):
-    """0-dim bool: whether sliding_window_mask is exactly keep[b, j] ∧ |i - j| <= w (computed once per mask tensor
-    outside torch.compile)."""
+    """0-dim bool: whether sliding_window_mask is exactly keep[b, j] ∧ |i - j| <= w, with no bias (a float mask is 0
+    wherever it keeps a key; computed once per mask tensor outside torch.compile)."""
     cached = getattr(window_mask, "_ckpt_window_ok", None)
     if cached is not None and not torch.compiler.is_compiling():
         return cached
@@ -224,6 +225,8 @@ def _window_mask_ok(window_mask, keep, w: int):
         band = (pos[:, None] - pos[None, :]).abs() <= w  # (T, T), transient
         expected = keep[:, None, None, :] & band  # (B, 1, T, T)
         ok = (_visible(window_mask) == expected).all()
+        if window_mask.dtype != torch.bool:  # no bias where it keeps a key: 0 there
+            ok = ok & (window_mask.masked_fill(~expected, 0) == 0).all()
     if not torch.compiler.is_compiling():
         ok = torch.tensor(bool(ok))
         window_mask._ckpt_window_ok = ok

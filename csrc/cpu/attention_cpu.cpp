@@ -176,7 +176,8 @@ struct View {
 
 View view_of(const at::Tensor& x) { return View{x.data_ptr<float>(), x.stride(0), x.stride(1), x.stride(2)}; }
 
-// segment_ids as a contiguous (B, S) int64 tensor (checked), or nullopt.
+// segment_ids as a contiguous (B, S) int64 tensor (checked), or nullopt. INT64_MIN reads as 0 (padding: what the rule
+// says of it, as its |id| is no positive id; std::abs of it is undefined).
 std::optional<at::Tensor> ids_of(const char* op, const std::optional<at::Tensor>& seg, const at::Tensor& q,
                                  const at::Tensor& k) {
   if (!seg.has_value()) {
@@ -187,7 +188,8 @@ std::optional<at::Tensor> ids_of(const char* op, const std::optional<at::Tensor>
   TORCH_CHECK(seg->dim() == 2 && seg->size(0) == k.size(0) && seg->size(1) == k.size(1), op,
               ": segment_ids must be (B, S)");
   TORCH_CHECK(q.size(1) == k.size(1), op, ": segment_ids need S == T");
-  return seg->to(at::kLong).contiguous();
+  const at::Tensor ids = seg->to(at::kLong).contiguous();
+  return ids.masked_fill(ids.eq(std::numeric_limits<int64_t>::min()), 0);
 }
 
 void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,

@@ -62,18 +62,20 @@ def _as_int32(v: int) -> int:
     return v - (1 << 32) if v >= (1 << 31) else v
 
 
-def _segments(q, segment_ids):
-    """(SEG, (RSTART, REND) of the rows, (RSTART, REND) of the keys): the ids, their key ranges for the forward and dq
-    kernels and their query ranges for the dk/dv kernel; q in every slot (unread) without ids."""
+def _segments(q, segment_ids, for_keys: bool):
+    """(SEG, RSTART, REND): the ids with their key ranges (forward and dq kernels) or, ``for_keys``, their query ranges
+    (the dk/dv kernel); q in every slot (unread) without ids. An id equal to its dtype's minimum reads as 0 (padding:
+    what the rule says of it, since its |id| is no positive id; tl.abs would wrap it)."""
     if segment_ids is None:
-        return q, (q, q), (q, q)
+        return q, q, q
     seg = segment_ids.contiguous()
-    return seg, segments.key_ranges(seg), segments.query_ranges(seg)
+    seg = seg.masked_fill(seg == torch.iinfo(seg.dtype).min, 0)  # (B, S), no sync
+    return (seg, *(segments.query_ranges(seg) if for_keys else segments.key_ranges(seg)))
 
 
-def _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids, window=0):
-    """Kernel arguments shared by the three kernels: mask tensor + strides, segment ids + key ranges, shape, dropout,
-    constexpr flags."""
+def _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids, window=0, backward=False):
+    """Kernel arguments shared by the three kernels: mask tensor + strides, segment ids + tile ranges (the rows' key
+    ranges; with ``backward`` also the keys' query ranges for the dk/dv kernel), shape, dropout, constexpr flags."""
     b, t, h, _ = q.shape
     s = k.shape[1]
     if attn_mask is None:
@@ -94,8 +96,9 @@ def _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids, window=0):
         UPCAST=interpreting() or q.dtype == torch.float32,
         WINDOW=window > 0,
     )
-    seg, row_ranges, key_ranges = _segments(q, segment_ids)
-    masks = {"rows": (mask, seg, *row_ranges), "keys": (mask, seg, *key_ranges)}
+    masks = {"rows": (mask, *_segments(q, segment_ids, False))}
+    if backward:
+        masks["keys"] = (mask, *_segments(q, segment_ids, True))
     return masks, strides, (t, s, h, h // k.shape[2], q.shape[-1]), drop, flags
 
 
@@ -127,7 +130,7 @@ def gqa_attention_bwd(dout, q, k, v, out, lse, causal, dropout_p, seed, attn_mas
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
     b, t, h, dh = q.shape
     s, hk = k.shape[1], k.shape[2]
-    masks, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids, window)
+    masks, strides, shape, drop, flags = _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids, window, True)
     delta = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     dq = torch.empty((b, t, h, dh), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, s, hk, dh), dtype=k.dtype, device=q.device)
