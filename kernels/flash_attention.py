@@ -318,7 +318,7 @@ def gqa_bwd_dkdv_kernel(
     lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
     hi = T
     sk = _ids(SEG, b, offs_n, S, HAS_SEG)
-    if HAS_SEG:  # the rows that may see keys offs_n: T == S, so the key ranges bound them too
+    if HAS_SEG:  # the rows that may see keys offs_n (the launcher passes segments.query_ranges here)
         seg_lo, hi = _range(RSTART, REND, b, pid_n * BLOCK_N, tl.minimum(S, (pid_n + 1) * BLOCK_N) - 1, S, BLOCK_M)
         lo = tl.maximum(lo, seg_lo)
     if WINDOW:  # the rows within win of keys offs_n

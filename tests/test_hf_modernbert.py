@@ -206,3 +206,22 @@ def test_window_mask_check_rejects_a_bias():
     biased[0, 0, 2, 3] = 0.5
     assert not bool(_window_mask_ok(biased, keep, w))
     assert not bool(_window_mask_ok(additive.clone(), keep, w + 1))
+
+
+def test_mask_checks_run_once_per_forward(fused_calls, monkeypatch):
+    """The band check of the sliding-window mask and the rows-without-a-key check read mask values (a host sync on a
+    GPU): each runs once per forward and window (hf_masks.LayerMask.memo), not once per layer, and again at the next
+    forward."""
+    from ckpt_ext.integrations import hf_modernbert
+
+    calls = {"band": 0, "rows": 0}
+    for name, key in (("_window_mask_ok", "band"), ("_no_empty_rows", "rows")):
+        real = getattr(hf_modernbert, name)
+        monkeypatch.setattr(hf_modernbert, name, lambda *a, real=real, key=key: calls.update({key: calls[key] + 1})
+                            or real(*a))  # fmt: skip
+    model = ModernBertForMaskedLM(config(False)).train()
+    apply_fused_checkpointing(model, "block")
+    for step in (1, 2):
+        grads(model, *batch(5))
+        assert len(fused_calls) == 4 * step
+        assert calls == {"band": step, "rows": 2 * step}  # one band; windows 0 (global) and 8 (local)

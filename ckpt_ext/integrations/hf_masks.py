@@ -27,6 +27,8 @@ transformers builds for eager and SDPA (columns beyond T are cut: HF may size th
   device-side assert ("device-side assert triggered"), after which the process's CUDA context is unusable and the job
   must restart. The only case Hugging Face's own masks can trigger is a batch row with no real token: drop empty
   examples, or run such batches uncompiled (the eager path runs the original forward for them).
+- ``memo(key, build)``: a layer-family check derived from the mask (ModernBERT's window band, its rows without a key
+  in their window), computed once per forward per key.
 - ``empty_rows(mask)``: True when some query row sees no key at all (left padding). The fused kernels give such rows
   zeros, as SDPA does; eager attention gives them a uniform softmax (its mask is finfo.min, not -inf), so an eager
   layer must run its original forward for such a mask.
@@ -85,6 +87,7 @@ class LayerMask:
         self.seq, self.causal, self.batch, self.position_ids, self.cached = seq, causal, batch, position_ids, cached
         self.users: set[int] = set()  # id() of the layers that took this entry in the current forward
         self._additive = self._segments = self._empty = self._key_ids = _UNSET
+        self._memo: dict = {}
 
     def matches(self, seq: int, causal: bool, batch: int, position_ids: Optional[Tensor]) -> bool:
         return (self.seq, self.causal, self.batch) == (seq, causal, batch) and self.position_ids is position_ids
@@ -107,6 +110,15 @@ class LayerMask:
             self._key_ids = _build_key_ids(mask, self.seq, self.batch, self.cached)
         return self._key_ids
 
+    def memo(self, key, build):
+        """``build()`` once per forward for ``key`` (everything else the result depends on must be in ``key`` or fixed
+        within the forward); every call under torch.compile, where nothing is cached."""
+        if not self.cached:
+            return build()
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
     def empty_rows(self, mask: Tensor) -> Optional[bool]:
         if self._empty is _UNSET:
             self._empty = _has_empty_rows(mask, self.seq, self.causal) if self.cached else None
@@ -127,12 +139,17 @@ def layer_mask(mask: Tensor, seq: int, causal: bool, layer, batch: int, position
     return entry
 
 
+def visible(mask: Tensor) -> Tensor:
+    """Bool, same shape: where a bool keep-mask is True or an additive mask is above finfo(dtype).min / 2 (Hugging
+    Face masks with finfo.min, sometimes summed twice)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 def _keep(mask: Tensor, seq: int) -> Tensor:
     """Bool keep-mask broadcastable to (B, 1|h, T, T) (a 2-D mask as (B, 1, 1, T))."""
     if mask.dim() == 2:
         return mask[:, None, None, :seq].bool()
-    m = mask[..., :seq]
-    return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    return visible(mask[..., :seq])
 
 
 def _build_additive(mask: Tensor, seq: int, causal: bool, check: bool) -> Optional[Tensor]:
@@ -184,10 +201,10 @@ def _has_empty_rows(mask: Tensor, seq: int, causal: bool) -> bool:
 def _build_segments(mask: Tensor, position_ids: Optional[Tensor], seq: int, batch: int) -> Optional[Tensor]:
     with torch.no_grad():
         m = mask[..., :seq]  # (B|1, 1, T, T)
-        visible = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-        if m.dtype != torch.bool and not bool((m[visible] == 0).all()):
+        seen = visible(m)
+        if m.dtype != torch.bool and not bool((m[seen] == 0).all()):
             return None  # an additive bias is not a keep-mask
-        keep = visible[:, 0].diagonal(dim1=-2, dim2=-1).expand(batch, seq)  # (B, T): key t is seen by its own row
+        keep = seen[:, 0].diagonal(dim1=-2, dim2=-1).expand(batch, seq)  # (B, T): key t is seen by its own row
         if position_ids is None:
             position_ids = torch.arange(seq, device=mask.device)[None]
         causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
@@ -195,6 +212,6 @@ def _build_segments(mask: Tensor, position_ids: Optional[Tensor], seq: int, batc
         # packing, else padding alone (a 2-D mask turns 4.57's packing detection off): padded rows seeing nothing
         # (left padding), else seeing the kept keys before them (right padding, as Hugging Face builds it)
         for ids in (packed, segments.from_keep_mask(keep), segments.from_key_mask(keep)):
-            if bool((segments.visibility(ids) & causal == visible).all()):
+            if bool((segments.visibility(ids) & causal == seen).all()):
                 return ids
         return None

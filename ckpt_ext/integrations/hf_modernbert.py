@@ -40,7 +40,7 @@ from ..lora import Linears, LoraSpec
 from ..spec import BlockConfig, BlockSpec
 from .hf_adapter import FUSED_ATTENTION, LayerAdapter, attentions_requested, call_seed, classes_of
 from .hf_common import common_fallback, fallback, lora_eager_only
-from .hf_masks import KEY_MASK_CHECKS, holds, layer_mask
+from .hf_masks import KEY_MASK_CHECKS, holds, layer_mask, visible
 
 GEGLU_FORMS = {"gelu": "geglu_erf", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}  # hidden_activation -> form
 
@@ -108,7 +108,7 @@ class ModernBertAdapter(LayerAdapter):
         """False to run the original forward, else (None, (cos, sin), (B, T) int32 key ids or None)."""
         if "position_embeddings" in bound:  # transformers 5.x
             return self._args_5x(layer, parts, bound, lin)
-        return self._args_457(layer, bound, lin)
+        return self._args_457(layer, parts, bound, lin)
 
     def _common(self, layer, bound: dict, lin: Linears, mask) -> bool:
         """False (warned once) for what neither version fuses."""
@@ -132,8 +132,9 @@ class ModernBertAdapter(LayerAdapter):
                             f"{cfg.mlp_dropout} while training (fused: both 0, or eval)")  # fmt: skip
         return True
 
-    def _args_457(self, layer, bound: dict, lin: Linears):
+    def _args_457(self, layer, parts: _Call, bound: dict, lin: Linears):
         x = bound["hidden_states"]
+        b, t = x.shape[:2]
         mask, window_mask = bound.get("attention_mask"), bound.get("sliding_window_mask")
         if not self._common(layer, bound, lin, mask):
             return False
@@ -141,15 +142,17 @@ class ModernBertAdapter(LayerAdapter):
             return fallback(layer, "position-ids", "no position_ids (RoPE needs them)")
         if not (_is_4d(mask, x) and _is_4d(window_mask, x)):
             return fallback(layer, "mask-shape", "attention masks other than the model's two (B, 1, T, T) masks")
-        key = layer_mask(mask, x.shape[1], False, layer, x.shape[0]).key_ids(mask)
+        entry = layer_mask(mask, t, False, layer, b)
+        key = entry.key_ids(mask)
         if key.failed is not None:
             return fallback(layer, key.failed, KEY_MASK_CHECKS[key.failed])
         keep = _keep_of(key.ids, x)
-        half = layer.config.local_attention // 2
-        if not holds(_window_mask_ok(window_mask, keep, half), _WINDOW_MASK.format(w="local_attention // 2")):
-            return fallback(layer, "window-mask", _WINDOW_MASK.format(w="local_attention // 2"))
-        local = layer.attn.local_attention
-        if not holds(_no_empty_rows(keep, local[0] if local != (-1, -1) else 0), _EMPTY_ROWS):
+        half = layer.config.local_attention // 2  # keep is fixed within the forward: the band check is per half
+        band = _WINDOW_MASK.format(w="local_attention // 2")
+        window_entry = layer_mask(window_mask, t, False, layer, b)
+        if not window_entry.memo(("band", half), lambda: holds(_window_mask_ok(window_mask, keep, half), band)):
+            return fallback(layer, "window-mask", band)
+        if not entry.memo(("rows", parts.window), lambda: holds(_no_empty_rows(keep, parts.window), _EMPTY_ROWS)):
             return fallback(layer, "empty-rows", _EMPTY_ROWS)
         cos, sin = layer.attn.rotary_emb(x, position_ids=bound["position_ids"])  # (B|1, T, dh) each
         return None, (cos, sin), key.ids
@@ -169,18 +172,20 @@ class ModernBertAdapter(LayerAdapter):
             shape = tuple(mask.shape)
             return fallback(layer, "mask-shape", f"an attention mask of shape {shape} (fused: (B, 1, T, T))")
         b, t = x.shape[:2]
+        entry = layer_mask(mask, t, False, layer, b)
         if getattr(layer, "attention_type", "full_attention") != "sliding_attention":
-            key = layer_mask(mask, t, False, layer, b).key_ids(mask)
+            key = entry.key_ids(mask)
             if key.failed is not None:
                 return fallback(layer, key.failed, KEY_MASK_CHECKS[key.failed])
             ids, keep = key.ids, _keep_of(key.ids, x)
         else:
             parts.window = layer.config.sliding_window
-            keep = _visible(mask.diagonal(dim1=2, dim2=3)[:, 0]).expand(b, t)  # (B, T): key j as row j sees it
-            if not holds(_window_mask_ok(mask, keep, parts.window), _WINDOW_MASK.format(w="config.sliding_window")):
-                return fallback(layer, "window-mask", _WINDOW_MASK.format(w="config.sliding_window"))
+            keep = visible(mask.diagonal(dim1=2, dim2=3)[:, 0]).expand(b, t)  # (B, T): key j as row j sees it
+            band = _WINDOW_MASK.format(w="config.sliding_window")
+            if not entry.memo(("band", parts.window), lambda: holds(_window_mask_ok(mask, keep, parts.window), band)):
+                return fallback(layer, "window-mask", band)
             ids = torch.where(keep, 1, -1).to(torch.int32)  # segments.from_key_mask's 1 / -1
-        if not holds(_no_empty_rows(keep, parts.window), _EMPTY_ROWS):
+        if not entry.memo(("rows", parts.window), lambda: holds(_no_empty_rows(keep, parts.window), _EMPTY_ROWS)):
             return fallback(layer, "empty-rows", _EMPTY_ROWS)
         return None, tuple(rope), ids
 
@@ -208,28 +213,17 @@ def _is_4d(mask, x) -> bool:
         and mask.shape[0] in (1, b)  # fmt: skip
 
 
-def _visible(mask):
-    """Bool: where a bool keep mask is True or an additive mask is above finfo.min / 2."""
-    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-
-
 def _window_mask_ok(window_mask, keep, w: int):
     """0-dim bool: whether sliding_window_mask is exactly keep[b, j] ∧ |i - j| <= w, with no bias (a float mask is 0
-    wherever it keeps a key; computed once per mask tensor outside torch.compile)."""
-    cached = getattr(window_mask, "_ckpt_window_ok", None)
-    if cached is not None and not torch.compiler.is_compiling():
-        return cached
+    wherever it keeps a key)."""
     with torch.no_grad():
         t = keep.shape[1]
         pos = torch.arange(t, device=keep.device)
         band = (pos[:, None] - pos[None, :]).abs() <= w  # (T, T), transient
         expected = keep[:, None, None, :] & band  # (B, 1, T, T)
-        ok = (_visible(window_mask) == expected).all()
+        ok = (visible(window_mask) == expected).all()
         if window_mask.dtype != torch.bool:  # no bias where it keeps a key: 0 there
             ok = ok & (window_mask.masked_fill(~expected, 0) == 0).all()
-    if not torch.compiler.is_compiling():
-        ok = torch.tensor(bool(ok))
-        window_mask._ckpt_window_ok = ok
     return ok
 
 

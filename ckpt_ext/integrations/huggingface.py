@@ -3,11 +3,10 @@
 Finds the transformer layers of every registered family (``FAMILIES``: GPT-2's GPT2Block, ViT's ViTLayer, the Llama
 family's Llama/Mistral/Qwen2/Qwen3 decoder layers, the post-LN encoders' BERT/RoBERTa/XLM-R/ELECTRA layers and
 DistilBERT's TransformerBlock, ModernBERT's ModernBertEncoderLayer) in module order and converts the ``every``-th,
-2·``every``-th, ... of them (every=1: all)
-in place, by swapping each layer's class for a ``Fused<Layer>`` subclass (hf_common.py). Parameters, submodules and
-``state_dict()`` keys do not change, so saving, loading, optimizers, DDP and FSDP2 see the same model. Calling it again
-updates the policy of converted layers (they count as converted). Each family adapter (hf_gpt2.py, hf_vit.py,
-hf_llama.py, hf_bert.py) provides:
+2·``every``-th, ... of them (every=1: all) in place, by swapping each layer's class for a ``Fused<Layer>`` subclass
+(hf_common.py). Parameters, submodules and ``state_dict()`` keys do not change, so saving, loading, optimizers, DDP and
+FSDP2 see the same model. Calling it again updates the policy of converted layers (they count as converted). Each family
+adapter (hf_gpt2.py, hf_vit.py, hf_llama.py, hf_bert.py, hf_modernbert.py) provides:
 
     layer_classes() -> classes to convert        check(layer) -> raises ValueError for configs it cannot fuse
     forward(layer, original_forward, bound) -> the layer's output (fused, or the original forward)

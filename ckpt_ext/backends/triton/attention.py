@@ -62,15 +62,11 @@ def _as_int32(v: int) -> int:
     return v - (1 << 32) if v >= (1 << 31) else v
 
 
-def _segments(q, segment_ids, for_keys: bool):
-    """(SEG, RSTART, REND): the ids with their key ranges (forward and dq kernels) or, ``for_keys``, their query ranges
-    (the dk/dv kernel); q in every slot (unread) without ids. An id equal to its dtype's minimum reads as 0 (padding:
-    what the rule says of it, since its |id| is no positive id; tl.abs would wrap it)."""
-    if segment_ids is None:
-        return q, q, q
+def _segments(segment_ids):
+    """The ids as the kernels read them: contiguous, an id equal to its dtype's minimum read as 0 (padding: what the
+    rule says of it, since its |id| is no positive id; tl.abs would wrap it)."""
     seg = segment_ids.contiguous()
-    seg = seg.masked_fill(seg == torch.iinfo(seg.dtype).min, 0)  # (B, S), no sync
-    return (seg, *(segments.query_ranges(seg) if for_keys else segments.key_ranges(seg)))
+    return seg.masked_fill(seg == torch.iinfo(seg.dtype).min, 0)  # (B, S), no sync
 
 
 def _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids, window=0, backward=False):
@@ -96,9 +92,14 @@ def _common(q, k, v, causal, dropout_p, seed, attn_mask, segment_ids, window=0, 
         UPCAST=interpreting() or q.dtype == torch.float32,
         WINDOW=window > 0,
     )
-    masks = {"rows": (mask, *_segments(q, segment_ids, False))}
-    if backward:
-        masks["keys"] = (mask, *_segments(q, segment_ids, True))
+    # (MASK, SEG, RSTART, REND) per kernel: the rows' key ranges (forward, dq), the keys' query ranges (dk/dv); q in
+    # the id slots (unread) without ids
+    masks = {"rows": (mask, q, q, q), "keys": (mask, q, q, q)}
+    if segment_ids is not None:
+        seg = _segments(segment_ids)
+        masks["rows"] = (mask, seg, *segments.key_ranges(seg))
+        if backward:
+            masks["keys"] = (mask, seg, *segments.query_ranges(seg))
     return masks, strides, (t, s, h, h // k.shape[2], q.shape[-1]), drop, flags
 
 
