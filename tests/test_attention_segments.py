@@ -259,6 +259,12 @@ def test_opcheck_with_segment_ids(backend, requires_grad):
         dout = torch.randn(b, t, H, DH)
         torch.library.opcheck(ops.gqa_attention_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, True, 0.2, 3,
                                                       None, 0.35, ids))  # fmt: skip
+        keys = make_ids("key_packed", b, t)  # negative ids: an encoder's padded keys
+        torch.library.opcheck(ops.gqa_attention_fwd, (q, k, v, False, 0.2, 3, None, 0.35, keys))
+        out, lse = reference_attention.gqa_attention_fwd(q.detach(), k.detach(), v.detach(), False, 0.2, 3, None,
+                                                         0.35, keys)  # fmt: skip
+        torch.library.opcheck(ops.gqa_attention_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, False, 0.2,
+                                                      3, None, 0.35, keys))  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

@@ -186,8 +186,9 @@ def test_window_changes_the_result():
     assert (full - local).abs().max() > 1e-3
 
 
-def test_flop_count_follows_the_band():
-    """FlopCounterMode counts a windowed layer's scores per row over its band (2w + 1 keys), not all T."""
+def test_flop_count_bounds_every_backend_with_a_window():
+    """FlopCounterMode counts a windowed layer densely (4·h·T·S·dh forward, 10·h·T·S·dh backward): the reference
+    backend computes every score and masks the band, so only the dense count bounds the work of every launcher."""
     from torch.utils.flop_counter import FlopCounterMode
 
     t, w = 64, 4
@@ -198,8 +199,7 @@ def test_flop_count_follows_the_band():
             out, _ = ops.gqa_attention_fwd(q, k, v, False, 0.0, 0, None, SCALE, None, window)
             out.backward(torch.ones_like(out))
         counts.append(counter.get_total_flops())
-    assert counts[0] == 14 * H * t * t * DH  # forward 4·h·T·S·dh, backward 10·h·T·S·dh
-    assert counts[1] == 14 * H * t * (2 * w + 1) * DH
+    assert counts == [14 * H * t * t * DH] * 2
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

@@ -84,22 +84,17 @@ attention_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------------------------------------ grouped-query
-def _keys_per_row(s: int, args: tuple, kwargs: dict, window_at: int) -> int:
-    """Keys each query row is scored against: all S, or the band's 2w + 1 with a sliding window w (the kernels skip
-    the key tiles outside it; causality is not subtracted, as torch counts SDPA)."""
-    window = kwargs.get("window", args[window_at] if len(args) > window_at else 0)
-    return min(s, 2 * window + 1) if window else s
-
-
 def _gqa_fwd_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    """Dense count 4·B·h·T·S·dh: a bound on every backend's work. Causality, segment ids and a sliding window are not
+    subtracted (as torch counts SDPA): the reference backend computes every score and masks it, and the tiled kernels
+    skip tiles by their own tile sizes, so the band's useful work ((2w + 1) / S of this) bounds none of them."""
     b, t, h, dh = q_shape
-    return 4 * b * h * t * _keys_per_row(k_shape[1], args, kwargs, 7) * dh  # args: v, causal, ..., segment_ids, window
+    return 4 * b * h * t * k_shape[1] * dh
 
 
 def _gqa_bwd_flops(dout_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     b, t, h, dh = q_shape
-    keys = _keys_per_row(k_shape[1], args, kwargs, 9)  # args: v, out, lse, causal, ..., segment_ids, window
-    return 10 * b * h * t * keys * dh  # as attention_bwd: dV, dP, dQ, dK and the rebuilt scores
+    return 10 * b * h * t * k_shape[1] * dh  # as attention_bwd: dV, dP, dQ, dK and the rebuilt scores (dense bound)
 
 
 def _gqa_fwd_check(q, k, v, causal, dropout_p, seed, attn_mask, scale, segment_ids=None, window=0):
